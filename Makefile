@@ -1,0 +1,57 @@
+# one2one — `make demo` and `make test` each set up everything they need.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+DATA   ?= data/movielens
+DEMO   ?= .demo
+BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
+
+.PHONY: help venv install build demo test test-debug lint bench clean
+
+help:
+	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
+
+$(VENV)/bin/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Stamp: reinstall when the build inputs change.
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml ranking/_scoring.pyx ranking/_typedefs.pxd proto/one2one/v1/ranking.proto
+	$(PIP) install -q $(BUILD_DEPS)
+	$(PIP) install -q --no-build-isolation -e ".[test,report]"
+	touch $@
+
+venv install: $(VENV)/.installed
+
+build: install
+	$(PY) setup.py -q build_ext --inplace
+
+$(DATA)/events.csv: | install
+	$(PY) -m index_builder fetch-movielens --out $(DATA)
+
+demo: install $(DATA)/events.csv
+	$(PY) -m index_builder build --events $(DATA)/events.csv --items $(DATA)/items.csv \
+	    --users $(DATA)/users.csv --out $(DEMO)/artifacts $(if $(CI),--quiet,)
+	$(PY) -m server.demo --artifacts $(DEMO)/artifacts --items $(DATA)/items.csv
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The kernels again, compiled with bounds checking on (CI runs this once).
+test-debug: install
+	ONE2ONE_CYTHON_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
+	$(PY) -m pytest -q tests/ranking
+	$(PY) setup.py -q build_ext --inplace --force
+
+lint: install
+	$(PY) -m compileall -q ranking server index_builder bench tests
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build $(VENV) $(DEMO) ranking/_scoring.cpp ranking/*.so proto/one2one/v1/*_pb2*.py*
