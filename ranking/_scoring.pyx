@@ -1,0 +1,288 @@
+"""Private compiled kernels: linear scoring fused with masked top-k selection.
+
+Do not import this module outside ``ranking/``; ``ranking.scoring`` validates
+inputs, fixes dtypes and contiguity, and allocates the outputs these entry
+points expect. Compiler directives come from ``setup.py``.
+
+Layers (as in sklearn's ``_loss``):
+
+1. ``_dot``: scalar, ``cdef inline ... noexcept nogil``.
+2. ``_score_topk_loop`` / ``_topk_loop``: loops over typed memoryviews, nogil.
+3. ``score_topk`` / ``topk``: Python-visible entries taking memoryviews and
+   output buffers, releasing the GIL around the loop.
+4. ``ranking.scoring``: the public wrapper.
+
+Selection rule shared by every kernel: a candidate is excluded when its mask
+byte is nonzero (checked before it is scored) or when its score is NaN;
+the rest are ranked by score descending, ties by the lower row index first.
+The top-k is kept in a fixed-size min-heap whose root is the *worst* kept
+element under that order, so only the k kept elements are ever sorted.
+"""
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from ranking._typedefs cimport float32_t, int32_t, int64_t, uint8_t
+
+
+# ---------------------------------------------------------------------------
+# Layer 1: scalars
+# ---------------------------------------------------------------------------
+
+cdef inline float32_t _dot(
+    const float32_t* x,  # IN (f,) one feature row
+    const float32_t* w,  # IN (f,) weights
+    Py_ssize_t f,  # IN number of features
+) noexcept nogil:
+    # Four independent accumulators break the add latency chain (f is small
+    # and only known at run time, so the compiler will not do it for us
+    # without -ffast-math). Summation order therefore differs from NumPy's
+    # BLAS by at most rounding in the last bits.
+    cdef float32_t a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
+    cdef Py_ssize_t j = 0
+    while j + 4 <= f:
+        a0 += x[j] * w[j]
+        a1 += x[j + 1] * w[j + 1]
+        a2 += x[j + 2] * w[j + 2]
+        a3 += x[j + 3] * w[j + 3]
+        j += 4
+    while j < f:
+        a0 += x[j] * w[j]
+        j += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+cdef inline int64_t _monotonic_ns() noexcept nogil:
+    # Same clock as Python's time.monotonic_ns() on Linux.
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + <int64_t>ts.tv_nsec
+
+
+cdef inline bint _worse(
+    float32_t score_a,  # IN
+    int32_t index_a,  # IN
+    float32_t score_b,  # IN
+    int32_t index_b,  # IN
+) noexcept nogil:
+    # Is a ranked after b? Lower score is worse; on a tie the higher index is.
+    return score_a < score_b or (score_a == score_b and index_a > index_b)
+
+
+cdef inline void _sift_down(
+    float32_t* heap_scores,  # IN/OUT (size,) heap keys
+    int32_t* heap_indices,  # IN/OUT (size,) heap payload
+    Py_ssize_t size,  # IN number of live heap entries
+    Py_ssize_t pos,  # IN position whose entry may be out of place
+) noexcept nogil:
+    cdef float32_t s = heap_scores[pos]
+    cdef int32_t idx = heap_indices[pos]
+    cdef Py_ssize_t child
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(heap_scores[child + 1], heap_indices[child + 1],
+                                       heap_scores[child], heap_indices[child]):
+            child += 1
+        if not _worse(heap_scores[child], heap_indices[child], s, idx):
+            break
+        heap_scores[pos] = heap_scores[child]
+        heap_indices[pos] = heap_indices[child]
+        pos = child
+    heap_scores[pos] = s
+    heap_indices[pos] = idx
+
+
+cdef inline void _sift_up(
+    float32_t* heap_scores,  # IN/OUT (pos + 1,) heap keys
+    int32_t* heap_indices,  # IN/OUT (pos + 1,) heap payload
+    Py_ssize_t pos,  # IN position of the newly appended entry
+) noexcept nogil:
+    cdef float32_t s = heap_scores[pos]
+    cdef int32_t idx = heap_indices[pos]
+    cdef Py_ssize_t parent
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if not _worse(s, idx, heap_scores[parent], heap_indices[parent]):
+            break
+        heap_scores[pos] = heap_scores[parent]
+        heap_indices[pos] = heap_indices[parent]
+        pos = parent
+    heap_scores[pos] = s
+    heap_indices[pos] = idx
+
+
+cdef inline void _heap_offer(
+    float32_t* heap_scores,  # IN/OUT (capacity,) heap keys
+    int32_t* heap_indices,  # IN/OUT (capacity,) heap payload
+    Py_ssize_t* size,  # IN/OUT number of live heap entries
+    Py_ssize_t capacity,  # IN k, > 0
+    float32_t s,  # IN candidate score, not NaN
+    int32_t idx,  # IN candidate row, larger than every row already offered
+) noexcept nogil:
+    if size[0] < capacity:
+        heap_scores[size[0]] = s
+        heap_indices[size[0]] = idx
+        _sift_up(heap_scores, heap_indices, size[0])
+        size[0] += 1
+    elif s > heap_scores[0]:
+        # Rows arrive in increasing order, so a tie with the root loses to it:
+        # a strict comparison is the whole tie rule on this path.
+        heap_scores[0] = s
+        heap_indices[0] = idx
+        _sift_down(heap_scores, heap_indices, capacity, 0)
+
+
+cdef inline void _heap_sort_best_first(
+    float32_t* heap_scores,  # IN/OUT (size,) heap in, best-first order out
+    int32_t* heap_indices,  # IN/OUT (size,)
+    Py_ssize_t size,  # IN
+) noexcept nogil:
+    # In-place heapsort of the k kept elements: the root (worst) is moved to
+    # the end each round, so the array ends up best first.
+    cdef Py_ssize_t end
+    cdef float32_t s
+    cdef int32_t idx
+    end = size - 1
+    while end > 0:
+        s = heap_scores[0]
+        idx = heap_indices[0]
+        heap_scores[0] = heap_scores[end]
+        heap_indices[0] = heap_indices[end]
+        heap_scores[end] = s
+        heap_indices[end] = idx
+        _sift_down(heap_scores, heap_indices, end, 0)
+        end -= 1
+
+
+# ---------------------------------------------------------------------------
+# Layer 2: loops over typed memoryviews
+# ---------------------------------------------------------------------------
+
+cdef Py_ssize_t _score_topk_loop(
+    const float32_t[:, ::1] features,  # IN (n, f) one row per candidate
+    const float32_t[::1] weights,  # IN (f,)
+    const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
+    float32_t bias,  # IN added to every score
+    int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
+    Py_ssize_t check_every,  # IN rows between clock reads, >= 1
+    float32_t[::1] out_scores,  # OUT (k,) used as the heap, best first on return
+    int32_t[::1] out_indices,  # OUT (k,) rows matching out_scores
+    Py_ssize_t* n_kept,  # OUT number of valid entries written to out_*
+) noexcept nogil:
+    """Score rows in order, keep the top-k; return how many rows were consumed."""
+    cdef Py_ssize_t n = features.shape[0]
+    cdef Py_ssize_t f = features.shape[1]
+    cdef Py_ssize_t k = out_scores.shape[0]
+    cdef Py_ssize_t i
+    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t next_check = check_every
+    cdef Py_ssize_t n_scored = n
+    cdef bint has_deadline = deadline_ns > 0
+    cdef float32_t s
+    cdef const float32_t* rows = NULL
+    cdef const float32_t* w = NULL
+    cdef float32_t* heap_scores = NULL
+    cdef int32_t* heap_indices = NULL
+
+    n_kept[0] = 0
+    if k == 0 or n == 0:
+        return n
+    # Raw pointers are taken only when the arrays are non-empty so that a
+    # bounds-checked debug build never indexes past a zero-length axis.
+    if f > 0:
+        rows = &features[0, 0]
+        w = &weights[0]
+    heap_scores = &out_scores[0]
+    heap_indices = &out_indices[0]
+
+    for i in range(n):
+        # The first check_every rows are always scored, so even a request
+        # whose budget is already spent gets a (short) answer.
+        if has_deadline and i == next_check:
+            next_check += check_every
+            if _monotonic_ns() >= deadline_ns:
+                n_scored = i
+                break
+        if mask[i]:
+            continue
+        s = bias + _dot(rows + i * f, w, f)
+        if s != s:  # NaN is excluded, never ranked
+            continue
+        _heap_offer(heap_scores, heap_indices, &size, k, s, <int32_t>i)
+
+    _heap_sort_best_first(heap_scores, heap_indices, size)
+    n_kept[0] = size
+    return n_scored
+
+
+cdef Py_ssize_t _topk_loop(
+    const float32_t[::1] scores,  # IN (n,) precomputed scores
+    const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
+    float32_t[::1] out_scores,  # OUT (k,) used as the heap, best first on return
+    int32_t[::1] out_indices,  # OUT (k,) rows matching out_scores
+) noexcept nogil:
+    """Keep the top-k of precomputed scores; return how many were kept."""
+    cdef Py_ssize_t n = scores.shape[0]
+    cdef Py_ssize_t k = out_scores.shape[0]
+    cdef Py_ssize_t i
+    cdef Py_ssize_t size = 0
+    cdef float32_t s
+    cdef float32_t* heap_scores = NULL
+    cdef int32_t* heap_indices = NULL
+
+    if k == 0 or n == 0:
+        return 0
+    heap_scores = &out_scores[0]
+    heap_indices = &out_indices[0]
+    for i in range(n):
+        if mask[i]:
+            continue
+        s = scores[i]
+        if s != s:
+            continue
+        _heap_offer(heap_scores, heap_indices, &size, k, s, <int32_t>i)
+    _heap_sort_best_first(heap_scores, heap_indices, size)
+    return size
+
+
+# ---------------------------------------------------------------------------
+# Layer 3: Python-visible entries (inputs already validated by ranking.scoring)
+# ---------------------------------------------------------------------------
+
+def score_topk(
+    const float32_t[:, ::1] features not None,  # IN (n, f)
+    const float32_t[::1] weights not None,  # IN (f,)
+    const uint8_t[::1] mask not None,  # IN (n,)
+    float32_t bias,  # IN
+    int64_t deadline_ns,  # IN
+    Py_ssize_t check_every,  # IN >= 1
+    float32_t[::1] out_scores not None,  # OUT (k,), k <= n
+    int32_t[::1] out_indices not None,  # OUT (k,)
+):
+    """Fill ``out_*`` with the top-k rows; return ``(n_kept, n_scored)``.
+
+    The GIL is released for the whole scoring and selection loop. Callers
+    must pass shapes that agree (``ranking.scoring.score_topk`` does).
+    """
+    cdef Py_ssize_t n_kept = 0
+    cdef Py_ssize_t n_scored
+    with nogil:
+        n_scored = _score_topk_loop(features, weights, mask, bias, deadline_ns,
+                                    check_every, out_scores, out_indices, &n_kept)
+    return n_kept, n_scored
+
+
+def topk(
+    const float32_t[::1] scores not None,  # IN (n,)
+    const uint8_t[::1] mask not None,  # IN (n,)
+    float32_t[::1] out_scores not None,  # OUT (k,), k <= n
+    int32_t[::1] out_indices not None,  # OUT (k,)
+):
+    """Fill ``out_*`` with the top-k of ``scores``; return ``n_kept``.
+
+    The GIL is released for the selection loop.
+    """
+    cdef Py_ssize_t n_kept
+    with nogil:
+        n_kept = _topk_loop(scores, mask, out_scores, out_indices)
+    return n_kept
