@@ -1,0 +1,1 @@
+"""one2one offline builder: from event logs to a published ranking bundle."""
