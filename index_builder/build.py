@@ -1,0 +1,231 @@
+"""One offline build: read, weight, train, index, evaluate, publish a bundle version."""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from index_builder import io as bio
+from index_builder.config import BuildConfig
+from index_builder.tables import (
+    choose_scheme, consumed_csr, distinct_user_counts, item_categories, item_prices, log_scaled,
+    segment_tables, top_rows,
+)
+from index_builder.train import DAY, confidence_matrix, event_weights, train_als
+from ranking.bundle import BundleWriter
+from ranking.pipeline import FEATURES
+from ranking.retrieval import ann_search
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """Validated input tables and what reading them skipped."""
+
+    events: pa.Table
+    items: pa.Table
+    users: pa.Table | None
+    skipped: dict
+
+
+def read_inputs(events: Path, items: Path, users: Path | None, cfg: BuildConfig) -> Inputs:
+    """Read and validate the three inputs; an InputError names file, row and column."""
+    opts = bio.ReadOptions(on_bad_row=cfg.on_bad_row, max_bad_fraction=cfg.max_bad_fraction)
+    ev, ev_rep = bio.read_events(events, opts)
+    it, it_rep = bio.read_items(items, opts)
+    us, us_rep = bio.read_users(users, opts) if users is not None else (None, None)
+    skipped = {"events": ev_rep.to_dict(), "items": it_rep.to_dict()}
+    if us_rep is not None:
+        skipped["users"] = us_rep.to_dict()
+    return Inputs(ev, it, us, skipped)
+
+
+def build_index(item_factors: np.ndarray, cfg: BuildConfig) -> faiss.Index:
+    """A FAISS inner-product index of the item factors, of the configured factory type."""
+    d = item_factors.shape[1]
+    try:
+        index = faiss.index_factory(d, cfg.index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"index_type {cfg.index_type!r} is not a FAISS index factory string: {exc}") from None
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexHNSW):
+        base.hnsw.efConstruction = cfg.hnsw_ef_construction
+    if not index.is_trained:
+        index.train(item_factors)
+    index.add(item_factors)
+    return index
+
+
+def ann_recall(index: faiss.Index, item_factors: np.ndarray, queries: np.ndarray, k: int, effort: int) -> float:
+    """Mean recall@k of the ANN index against exact inner-product search."""
+    if len(queries) == 0 or k == 0:
+        return float("nan")
+    exact = faiss.IndexFlatIP(item_factors.shape[1])
+    exact.add(item_factors)
+    k = min(k, index.ntotal)
+    _, truth = exact.search(queries, k)
+    _, got = ann_search(index, queries, k, effort)
+    hits = [len(np.intersect1d(t[t >= 0], g[g >= 0])) / max(1, (t >= 0).sum()) for t, g in zip(truth, got)]
+    return float(np.mean(hits))
+
+
+def _iso(ts: int) -> str:
+    return _dt.datetime.fromtimestamp(int(ts), _dt.timezone.utc).isoformat()
+
+
+def build(events: Path, items: Path, users: Path | None, out: Path, cfg: BuildConfig,
+          show_progress: bool = True) -> Path:
+    """Build and publish one bundle version under ``out``.
+
+    Returns
+    -------
+    Path
+        The published version directory (``out/<version>``), now named by ``out/CURRENT``.
+
+    Raises
+    ------
+    index_builder.io.InputError
+        An input file is malformed (names file, row and column). Nothing is published.
+    ValueError
+        The inputs are consistent but unusable (no event matches a catalog item, a bad setting).
+    """
+    from ranking.pipeline import RankerConfig
+
+    t_start = time.perf_counter()
+    steps = tqdm(total=7, desc="build", unit="step", disable=not show_progress)
+    inp = read_inputs(events, items, users, cfg)
+    steps.set_postfix_str("read"); steps.update()
+
+    item_ids = inp.items["item_id"].combine_chunks()
+    ev = inp.events
+    item_idx = pc.index_in(ev["item_id"], value_set=item_ids)
+    unknown_items = int(item_idx.null_count)
+    if unknown_items:
+        keep = pc.is_valid(item_idx)
+        ev = ev.filter(keep)
+        item_idx = item_idx.filter(keep)
+        log.warning("dropped %d events whose item_id is not in %s", unknown_items, items)
+    if ev.num_rows == 0:
+        raise ValueError(f"no event in {events} names an item of {items}: nothing to learn from")
+    event_users = pc.unique(ev["user_id"].combine_chunks()).sort()
+    extra_users = pa.array([], pa.string())
+    if inp.users is not None:
+        file_users = inp.users["user_id"].combine_chunks()
+        extra_users = pc.filter(file_users, pc.invert(pc.is_in(file_users, value_set=event_users)))
+    user_ids = pa.concat_arrays([event_users, extra_users.cast(pa.string())])
+    n_users, n_items = len(user_ids), inp.items.num_rows
+    u = pc.index_in(ev["user_id"], value_set=user_ids).to_numpy(zero_copy_only=False).astype(np.int32)
+    i = item_idx.to_numpy(zero_copy_only=False).astype(np.int32)
+    ts = ev["timestamp"].to_numpy()
+    t_begin, t_end = int(ts.min()), int(ts.max())
+
+    w = event_weights(ev, cfg, t_end)
+    conf = confidence_matrix(u, i, w, n_users, n_items)
+    steps.set_postfix_str("weights"); steps.update()
+
+    user_factors, item_factors = train_als(conf, cfg, show_progress=show_progress)
+    has_history = (np.diff(conf.indptr) > 0).astype(np.uint8)
+    steps.set_postfix_str("als"); steps.update()
+
+    positive = w > 0
+    pop = log_scaled(distinct_user_counts(u[positive], i[positive], n_users, n_items))
+    recent = positive & (ts >= t_end - cfg.recent_days * DAY)
+    recent_pop = log_scaled(distinct_user_counts(u[recent], i[recent], n_users, n_items))
+    sw = cfg.scoring_weights
+    popular = top_rows(sw.get("popularity", 1.0) * pop + sw.get("recent_popularity", 0.0) * recent_pop,
+                       cfg.popular_top_items)
+    is_consumed = pc.is_in(ev["event_type"], value_set=pa.array(cfg.consumed_event_types, pa.string()))
+    cmask = is_consumed.to_numpy(zero_copy_only=False)
+    consumed_indptr, consumed_indices = consumed_csr(u[cmask], i[cmask], n_users, n_items)
+    cat_indptr, cat_ids, cat_names = item_categories(inp.items)
+
+    scheme = choose_scheme(inp.users, cfg)
+    attrs: list[dict[str, str]] = [{} for _ in range(n_users)]
+    if inp.users is not None and scheme.columns:
+        rows = pc.index_in(inp.users["user_id"], value_set=user_ids).to_numpy(zero_copy_only=False)
+        cols = {c: inp.users[c].cast(pa.string()).to_pylist() for c in scheme.columns}
+        for j, r in enumerate(rows):
+            attrs[int(r)] = {c: cols[c][j] for c in scheme.columns if cols[c][j] is not None}
+    pos_matrix = sp.csr_matrix((np.ones(int(positive.sum()), np.float32), (u[positive], i[positive])),
+                               shape=(n_users, n_items))
+    pos_matrix.data[:] = 1.0
+    pos_matrix.sum_duplicates()
+    pos_matrix.data[:] = 1.0
+    seg = segment_tables(scheme, attrs, pos_matrix, cfg)
+    steps.set_postfix_str("tables"); steps.update()
+
+    index = build_index(item_factors, cfg)
+    steps.set_postfix_str("index"); steps.update()
+
+    rng = np.random.default_rng(cfg.random_seed)
+    with_hist = np.flatnonzero(has_history)
+    sample = rng.choice(with_hist, size=min(cfg.eval_users, len(with_hist)), replace=False)
+    rcfg = RankerConfig()
+    recall = ann_recall(index, item_factors, user_factors[sample], min(cfg.eval_candidates, n_items), rcfg.ann_effort)
+    steps.set_postfix_str("evaluate"); steps.update()
+
+    uid_np = np.asarray(user_ids.to_pylist(), dtype=str)
+    iid_np = np.asarray(item_ids.to_pylist(), dtype=str)
+    with BundleWriter(out) as wr:
+        wr.add_array("item_ids", iid_np)
+        wr.add_array("item_order", np.argsort(iid_np, kind="stable").astype(np.int32))
+        wr.add_array("user_ids", uid_np)
+        wr.add_array("user_order", np.argsort(uid_np, kind="stable").astype(np.int32))
+        wr.add_array("item_factors", item_factors)
+        wr.add_array("user_factors", user_factors)
+        wr.add_array("user_has_history", has_history)
+        wr.add_array("user_segment", seg.user_segment)
+        wr.add_array("item_popularity", pop)
+        wr.add_array("item_recent_popularity", recent_pop)
+        wr.add_array("item_price", item_prices(inp.items))
+        wr.add_array("item_cat_indptr", cat_indptr)
+        wr.add_array("item_cat_ids", cat_ids)
+        wr.add_array("category_names", cat_names)
+        wr.add_array("popular_items", popular)
+        wr.add_array("consumed_indptr", consumed_indptr)
+        wr.add_array("consumed_indices", consumed_indices)
+        wr.add_array("segment_keys", seg.keys)
+        wr.add_array("segment_pop_indptr", seg.indptr)
+        wr.add_array("segment_pop_items", seg.items)
+        wr.add_array("segment_pop_scores", seg.scores)
+        faiss.write_index(index, str(wr.path("index.faiss")))
+        pq.write_table(inp.items, wr.path("items.parquet"))
+        manifest = {
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "config": cfg.to_dict(),
+            "inputs": {"events": str(events), "items": str(items), "users": str(users) if users else None},
+            "data_window": {"start": _iso(t_begin), "end": _iso(t_end), "start_unix": t_begin, "end_unix": t_end},
+            "counts": {
+                "events": ev.num_rows, "events_unknown_item": unknown_items,
+                "users": n_users, "users_with_history": int(has_history.sum()),
+                "items": n_items, "items_with_history": int((np.diff(conf.tocsc().indptr) > 0).sum()),
+                "categories": len(cat_names), "segments": len(seg.keys),
+                "consumed_pairs": int(len(consumed_indices)),
+            },
+            "skipped": inp.skipped,
+            "segments": {**seg.scheme.to_dict(), "users_per_segment": seg.users_per_segment},
+            "scoring": {
+                "model": "linear",
+                "features": list(FEATURES),
+                "weights": [float(sw.get(f, 0.0)) for f in FEATURES],
+                "bias": 0.0,
+            },
+            "evaluation": {f"ann_recall_at_{min(cfg.eval_candidates, n_items)}": recall,
+                           "ann_eval_users": int(len(sample))},
+            "build_seconds": round(time.perf_counter() - t_start, 3),
+        }
+        path = wr.publish(manifest)
+    steps.set_postfix_str("published"); steps.update()
+    steps.close()
+    return path
