@@ -1,0 +1,1 @@
+"""one2one server: gRPC transport and operations around the ranking core."""

@@ -1,0 +1,102 @@
+"""The server's one typed configuration, from defaults, a TOML file, the environment and flags."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "ONE2ONE_"
+
+
+@dataclass
+class ServerConfig:
+    """Every server setting with its default; the README's table is generated from these.
+
+    Precedence, lowest first: these defaults, the ``[server]`` table of ``--config``,
+    ``ONE2ONE_<NAME>`` environment variables, command-line flags.
+    """
+
+    artifacts: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
+    max_workers: int = 16
+    max_message_bytes: int = 1 << 20
+    default_budget_ms: float = 50.0
+    max_budget_ms: float = 500.0
+    reply_margin_ms: float = 2.0
+    drain_seconds: float = 10.0
+    reload_interval_seconds: float = 5.0
+    n_candidates: int = 200
+    popular_candidates: int = 50
+    ann_effort: int = 128
+    max_results: int = 100
+    log_level: str = "INFO"
+    ready_file: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
+             flags: Mapping[str, Any] | None = None) -> "ServerConfig":
+        """Build the configuration; raises ValueError naming the bad key and its source."""
+        cfg = cls()
+        if path:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+            cfg._apply(doc.get("server", doc), f"config file {path}")
+        env = os.environ if env is None else env
+        from_env = {f.name: env[ENV_PREFIX + f.name.upper()] for f in dataclasses.fields(cls)
+                    if ENV_PREFIX + f.name.upper() in env}
+        cfg._apply(from_env, "environment", parse_strings=True)
+        cfg._apply({k: v for k, v in (flags or {}).items() if v is not None}, "command line")
+        cfg.validate()
+        return cfg
+
+    def _apply(self, values: Mapping[str, Any], source: str, parse_strings: bool = False) -> None:
+        known = {f.name for f in dataclasses.fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown server setting {key!r} in {source}; known: {', '.join(sorted(known))}")
+            default = getattr(type(self)(), key)
+            try:
+                if isinstance(default, bool):
+                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    value = int(value)
+                elif isinstance(default, float):
+                    value = float(value)
+                else:
+                    value = str(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"server setting {key!r} from {source} must be {type(default).__name__}, "
+                                 f"got {value!r}") from None
+            setattr(self, key, value)
+
+    def validate(self) -> None:
+        problems = []
+        if not self.artifacts:
+            problems.append("artifacts is required (--artifacts DIR or ONE2ONE_ARTIFACTS)")
+        if not 0 <= self.port < 65536:
+            problems.append(f"port {self.port} is out of range")
+        if not -1 <= self.metrics_port < 65536:
+            problems.append(f"metrics_port {self.metrics_port} is out of range (-1 disables metrics)")
+        if self.default_budget_ms <= 0 or self.max_budget_ms <= 0:
+            problems.append("default_budget_ms and max_budget_ms must be > 0")
+        if self.max_workers < 1:
+            problems.append("max_workers must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def ranker_config(self):
+        from ranking.pipeline import RankerConfig
+        from ranking.query import QueryLimits
+
+        return RankerConfig(
+            n_candidates=self.n_candidates,
+            popular_candidates=self.popular_candidates,
+            ann_effort=self.ann_effort,
+            limits=QueryLimits(max_results=self.max_results),
+        )

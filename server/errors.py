@@ -1,0 +1,46 @@
+"""The one place where domain errors become gRPC status codes."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ranking.errors import BundleError, DeadlineExceeded, InvalidRequest, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+_CODES = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (BundleError, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+
+
+def to_status(exc: Exception) -> grpc.Status:
+    """The gRPC status for a domain error; INVALID_ARGUMENT carries BadRequest field violations."""
+    code = next((c for t, c in _CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+    message = str(exc) if code != grpc.StatusCode.INTERNAL else "internal error"
+    details = []
+    if isinstance(exc, InvalidRequest):
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations
+        ])
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    return rpc_status.to_status(status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=details))
+
+
+def abort(context: grpc.ServicerContext, exc: Exception):
+    """End the RPC with the status ``exc`` maps to (never returns)."""
+    status = to_status(exc)
+    if status.code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=exc)
+    context.abort_with_status(status)

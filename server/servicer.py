@@ -1,0 +1,95 @@
+"""RankingService: proto <-> domain translation around the ranking core, nothing more."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from one2one.v1 import ranking_pb2, ranking_pb2_grpc
+from ranking.budget import Budget, effective_budget_ms
+from ranking.errors import RankingError
+from ranking.pipeline import RankResult
+from ranking.query import RankQuery
+from server import errors, metrics
+from server.config import ServerConfig
+from server.model_manager import ModelManager
+
+log = logging.getLogger(__name__)
+
+
+def query_from_proto(req: ranking_pb2.RankRequest) -> RankQuery:
+    """The domain query of a RankRequest (no validation; the pipeline validates)."""
+    ctx = req.context
+    return RankQuery(
+        user_id=req.user_id,
+        num_results=req.num_results,
+        event_time=ctx.event_time.ToSeconds() if ctx.HasField("event_time") else None,
+        channel=ctx.channel,
+        device=ctx.device,
+        region=ctx.region,
+        session_item_ids=list(ctx.session_item_ids),
+        attributes=dict(ctx.attributes),
+        candidate_item_ids=list(req.candidate_item_ids),
+        exclude_item_ids=list(req.exclude_item_ids),
+        include_categories=list(req.filter.include_categories),
+        exclude_categories=list(req.filter.exclude_categories),
+        min_price=req.filter.min_price,
+        max_price=req.filter.max_price,
+        budget_ms=req.budget_ms,
+        explain=req.explain,
+    )
+
+
+def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.RankResponse:
+    """The RankResponse for a pipeline result."""
+    items = []
+    for i, (item_id, score) in enumerate(zip(result.item_ids, result.scores)):
+        item = ranking_pb2.RankedItem(item_id=item_id, score=score)
+        if result.contributions is not None:
+            item.contributions.update(result.contributions[i])
+        items.append(item)
+    return ranking_pb2.RankResponse(
+        items=items,
+        request_id=request_id,
+        model_version=result.model_version,
+        strategy=int(result.rung),
+        degraded=result.degraded,
+        degraded_stages=result.degraded_stages,
+        fallback_reason=result.fallback_reason,
+    )
+
+
+def observe(result: RankResult) -> None:
+    """Record a served ranking in the metrics."""
+    metrics.RANK_RESPONSES.labels(result.rung.name).inc()
+    if result.fallback_reason:
+        metrics.RANK_FALLBACKS.labels(result.fallback_reason).inc()
+    for stage in result.degraded_stages:
+        metrics.RANK_DEGRADED.labels(stage).inc()
+    if not result.item_ids:
+        metrics.RANK_EMPTY.inc()
+    metrics.RANK_CANDIDATES.observe(result.n_candidates)
+    for stage, seconds in result.stage_seconds.items():
+        metrics.STAGE_DURATION.labels(stage).observe(seconds)
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Thin servicer: translate, call the ranker, translate back; errors map in one place."""
+
+    def __init__(self, models: ModelManager, config: ServerConfig):
+        self.models = models
+        self.config = config
+
+    def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
+        request_id = uuid.uuid4().hex
+        try:
+            ranker = self.models.current()
+            budget_ms = effective_budget_ms(
+                request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
+                context.time_remaining(), self.config.reply_margin_ms)
+            result = ranker.rank(query_from_proto(request), Budget.start(max(budget_ms, 0.0)))
+        except RankingError as exc:
+            errors.abort(context, exc)
+        observe(result)
+        return response_from_result(result, request_id)
