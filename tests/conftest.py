@@ -9,7 +9,7 @@ from index_builder.build import build
 from index_builder.config import BuildConfig
 from index_builder.synthetic import make_shop, write_shop
 
-SMALL_BUILD = {"factors": 16, "iterations": 12, "eval_users": 200}
+from tests_support import SMALL_BUILD
 
 
 @pytest.fixture(scope="session")
