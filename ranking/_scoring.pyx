@@ -162,6 +162,7 @@ cdef Py_ssize_t _score_topk_loop(
     const float32_t[:, ::1] features,  # IN (n, f) one row per candidate
     const float32_t[::1] weights,  # IN (f,)
     const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
+    const float32_t[::1] offsets,  # IN (n,) added to each row's score (rules, real-time signals)
     float32_t bias,  # IN added to every score
     int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
     Py_ssize_t check_every,  # IN rows between clock reads, >= 1
@@ -205,7 +206,7 @@ cdef Py_ssize_t _score_topk_loop(
                 break
         if mask[i]:
             continue
-        s = bias + _dot(rows + i * f, w, f)
+        s = bias + _dot(rows + i * f, w, f) + offsets[i]
         if s != s:  # NaN is excluded, never ranked
             continue
         _heap_offer(heap_scores, heap_indices, &size, k, s, <int32_t>i)
@@ -253,6 +254,7 @@ def score_topk(
     const float32_t[:, ::1] features not None,  # IN (n, f)
     const float32_t[::1] weights not None,  # IN (f,)
     const uint8_t[::1] mask not None,  # IN (n,)
+    const float32_t[::1] offsets not None,  # IN (n,)
     float32_t bias,  # IN
     int64_t deadline_ns,  # IN
     Py_ssize_t check_every,  # IN >= 1
@@ -267,7 +269,7 @@ def score_topk(
     cdef Py_ssize_t n_kept = 0
     cdef Py_ssize_t n_scored
     with nogil:
-        n_scored = _score_topk_loop(features, weights, mask, bias, deadline_ns,
+        n_scored = _score_topk_loop(features, weights, mask, offsets, bias, deadline_ns,
                                     check_every, out_scores, out_indices, &n_kept)
     return n_kept, n_scored
 

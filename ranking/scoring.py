@@ -114,12 +114,13 @@ def score_topk(
     k: int,
     *,
     bias: float = 0.0,
+    offsets=None,
     deadline_ns: int = 0,
     check_every: int = 32,
 ) -> TopK:
     """Score candidates linearly and return the k best, stopping at a deadline.
 
-    ``score_i = bias + sum_j features[i, j] * weights[j]`` in float32. Rows are
+    ``score_i = bias + sum_j features[i, j] * weights[j] + offsets[i]`` in float32. Rows are
     visited in order (retrieval order, best-retrieved first), so when the
     deadline stops the loop the rows already scored -- a prefix -- still
     compete for the top-k. The GIL is released for the whole loop.
@@ -139,6 +140,9 @@ def score_topk(
         are unmasked, non-NaN and scored.
     bias : float, default 0.0
         Added to every score; must be finite.
+    offsets : array_like, shape (n,), or None
+        Added to each row's score after the model: business rules and real-time
+        signals that are not learned features. ``None`` adds nothing.
     deadline_ns : int, default 0
         Absolute ``CLOCK_MONOTONIC`` time in nanoseconds (the clock of
         ``time.monotonic_ns()``); ``0`` means no deadline.
@@ -175,6 +179,12 @@ def score_topk(
                                       or not isinstance(bias, numbers.Real))
             or not abs(float(bias)) <= _FLOAT32_MAX):
         raise ValueError(f"bias must be a finite real number within float32 range, got {bias!r}")
+    if offsets is None:
+        offsets = np.zeros(n, dtype=np.float32)
+    else:
+        offsets = _as_float32("offsets", offsets, 1)
+        if offsets.shape[0] != n:
+            raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
     deadline_ns = _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX)
     check_every = _as_int("check_every", check_every, 1, _INT64_MAX)
 
@@ -182,7 +192,7 @@ def score_topk(
     if k == 0 or n == 0:
         return TopK(out_indices, out_scores, n)
     n_kept, n_scored = _scoring.score_topk(
-        features, weights, mask, float(bias), deadline_ns, check_every,
+        features, weights, mask, offsets, float(bias), deadline_ns, check_every,
         out_scores, out_indices,
     )
     return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored))

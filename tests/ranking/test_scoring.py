@@ -411,3 +411,19 @@ def test_linear_contributions_rejects_mismatched_weights():
         linear_contributions(np.ones((2, 3), np.float32), np.ones(2, np.float32))
     with pytest.raises(ValueError, match="features_rows must be 2-dimensional"):
         linear_contributions(np.ones(3, np.float32), np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_offsets_are_added_after_the_model(seed):
+    rng = np.random.default_rng(100 + seed)
+    n, f, k = 300, 6, 12
+    features = rng.integers(-8, 8, (n, f)).astype(np.float32) / 16
+    weights = rng.integers(-8, 8, f).astype(np.float32) / 16
+    offsets = rng.integers(-16, 16, n).astype(np.float32) / 16
+    mask = rng.random(n) < 0.2
+    got = score_topk(features, weights, mask, k, bias=0.5, offsets=offsets)
+    want_idx, want_scores = ref_select(ref_scores(features, weights, 0.5) + offsets, mask, k)
+    np.testing.assert_array_equal(got.indices, want_idx)
+    np.testing.assert_array_equal(got.scores, want_scores)
+    with pytest.raises(ValueError, match="offsets must have shape"):
+        score_topk(features, weights, mask, k, offsets=offsets[:-1])
