@@ -1,7 +1,6 @@
 """Server assembly and lifecycle: create_server, serve (health, metrics, reload, drain), main."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -27,7 +26,8 @@ log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 
 
-def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(config: ServerConfig, models: ModelManager,
+                  reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the ranking, health and reflection services, bound but not started.
 
     Health starts NOT_SERVING; :func:`serve` turns it SERVING once a bundle is loaded.
@@ -40,7 +40,8 @@ def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Serv
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Worker processes share one port; a lone server refuses to share it by mistake.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rank"),
@@ -66,14 +67,19 @@ def _set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain in-flight requests and return the exit code."""
+def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT, then drain in-flight requests and return the exit code.
+
+    ``preloaded`` (a RankingModel loaded before a fork), ``reuse_port`` and
+    ``on_ready`` (called with the bound port once listening) serve the worker
+    processes of :mod:`server.workers`.
+    """
     import faiss
 
     # One OpenMP thread per query on the request path: requests, not threads, use the cores.
     faiss.omp_set_num_threads(1)
-    models = ModelManager(config.artifacts, config.ranker_config())
-    server, port, health_servicer = create_server(config, models)
+    models = ModelManager(config.artifacts, config.ranker_config(), preloaded=preloaded)
+    server, port, health_servicer = create_server(config, models, reuse_port=reuse_port)
     metrics_port = None
     if config.metrics_port >= 0:
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
@@ -81,6 +87,8 @@ def serve(config: ServerConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    # A worker process starts with these blocked (server.workers); deliver any held now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     server.start()
     log.info("listening", extra={"grpc_port": port, "metrics_port": metrics_port, "artifacts": config.artifacts})
 
@@ -92,6 +100,8 @@ def serve(config: ServerConfig) -> int:
     if not models.loaded:
         log.warning("no servable bundle yet; health stays NOT_SERVING and loading is retried",
                     extra={"artifacts": config.artifacts})
+    if on_ready is not None:
+        on_ready(port)
     if config.ready_file:
         tmp = Path(config.ready_file + ".tmp")
         tmp.write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
@@ -109,26 +119,10 @@ def serve(config: ServerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server", description="Serve the CURRENT one2one bundle over gRPC.")
-    p.add_argument("--artifacts", help="artifacts directory holding the versions and CURRENT")
-    p.add_argument("--port", type=int, help="gRPC port (0 picks a free one)")
-    p.add_argument("--host", help="address to bind")
-    p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (-1: off)")
-    p.add_argument("--config", help="TOML file with a [server] table")
-    p.add_argument("--ready-file", dest="ready_file", help="write {grpc_port, metrics_port, pid} here once listening")
-    args = p.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
-    try:
-        config = ServerConfig.load(args.config, flags=flags)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logs.setup(config.log_level)
-    try:
-        return serve(config)
-    except OSError as exc:
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
+    """``python -m server``: see :mod:`server.workers` for the process model."""
+    from server.workers import main as workers_main
+
+    return workers_main(argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ class ServerConfig:
     max_results: int = 100
     log_level: str = "INFO"
     ready_file: str = ""
+    workers: int = 0
+    ann_batch_size: int = 1
+    ann_batch_wait_us: float = 300.0
+    debug_delay_us_per_candidate: str = ""
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -87,8 +91,35 @@ class ServerConfig:
             problems.append("default_budget_ms and max_budget_ms must be > 0")
         if self.max_workers < 1:
             problems.append("max_workers must be >= 1")
+        if self.workers < 0:
+            problems.append(f"workers {self.workers} must be >= 0 (0: one per core)")
+        if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:
+            problems.append("ann_batch_size must be >= 1 and ann_batch_wait_us >= 0")
+        try:
+            self.debug_delays()
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def n_workers(self) -> int:
+        """Worker processes to run: ``workers``, or one per core when 0."""
+        return self.workers or (os.cpu_count() or 1)
+
+    def debug_delays(self) -> dict[str, float]:
+        """``debug_delay_us_per_candidate`` parsed: "retrieve:100,features:50" (test/debug only)."""
+        out: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in self.debug_delay_us_per_candidate.split(","))):
+            stage, sep, value = part.partition(":")
+            try:
+                if not sep or stage not in ("retrieve", "features"):
+                    raise ValueError
+                out[stage] = float(value)
+            except ValueError:
+                raise ValueError(f"debug_delay_us_per_candidate entry {part!r} must be "
+                                 "retrieve:<us> or features:<us>") from None
+        return out
 
     def ranker_config(self):
         from ranking.pipeline import RankerConfig
@@ -99,4 +130,7 @@ class ServerConfig:
             popular_candidates=self.popular_candidates,
             ann_effort=self.ann_effort,
             limits=QueryLimits(max_results=self.max_results),
+            debug_delay_us_per_candidate=self.debug_delays(),
+            ann_batch_size=self.ann_batch_size,
+            ann_batch_wait_us=self.ann_batch_wait_us,
         )

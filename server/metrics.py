@@ -1,4 +1,9 @@
-"""Every Prometheus metric of the server, in one place (names: one2one_<noun>_<unit>[_total])."""
+"""Every Prometheus metric of the server, in one place (names: one2one_<noun>_<unit>[_total]).
+
+Gauges name their multiprocess mode: with several worker processes the supervisor
+aggregates the workers' files, and "livemin" on one2one_serving reads 1 only while
+every live worker serves.
+"""
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,14 +31,14 @@ RANK_CANDIDATES = Histogram(
     "one2one_rank_candidates", "Candidates retrieved per Rank request.",
     buckets=(0, 10, 50, 100, 200, 400, 800, 1600, 3200, 10000))
 BUNDLE_INFO = Gauge(
-    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"])
+    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"], multiprocess_mode="livemax")
 BUNDLE_BUILD_TIME = Gauge(
-    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.")
+    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.", multiprocess_mode="livemax")
 BUNDLE_LOAD_TIME = Gauge(
-    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.")
+    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.", multiprocess_mode="livemax")
 BUNDLE_LOAD_DURATION = Gauge(
-    "one2one_bundle_load_duration_seconds", "How long loading and verifying the served bundle took.")
+    "one2one_bundle_load_duration_seconds", "How long loading and verifying the served bundle took.", multiprocess_mode="livemax")
 BUNDLE_LOAD_FAILURES = Counter(
     "one2one_bundle_load_failures", "Bundles refused because they were missing, corrupt or incompatible.")
 SERVING = Gauge(
-    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.")
+    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.", multiprocess_mode="livemin")

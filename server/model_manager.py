@@ -23,9 +23,12 @@ class ModelManager:
     bundle is swapped in meanwhile.
     """
 
-    def __init__(self, artifacts: Path | str, ranker_config: RankerConfig):
+    def __init__(self, artifacts: Path | str, ranker_config: RankerConfig,
+                 preloaded: RankingModel | None = None):
         self.artifacts = Path(artifacts)
         self.ranker_config = ranker_config
+        # A model the supervisor loaded before forking: its pages are shared copy-on-write.
+        self._preloaded = preloaded
         self._ranker: Ranker | None = None
         self._lock = threading.Lock()
 
@@ -55,7 +58,11 @@ class ModelManager:
                 if self._ranker is not None and self._ranker.model.bundle.path == path:
                     return False
                 t0 = time.perf_counter()
-                ranker = Ranker(RankingModel(path, verify=True), self.ranker_config)
+                pre, self._preloaded = self._preloaded, None
+                model = pre if pre is not None and pre.bundle.path == path else RankingModel(path, verify=True)
+                ranker = Ranker(model, self.ranker_config)
+                # Off the request path: touch the index and learn stage costs before the swap.
+                ranker.warm()
                 load_s = time.perf_counter() - t0
             except (BundleError, OSError, ValueError, RuntimeError) as exc:
                 metrics.BUNDLE_LOAD_FAILURES.inc()
