@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Stamp: reinstall when the build inputs change.
-$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml ranking/_scoring.pyx ranking/_typedefs.pxd proto/one2one/v1/ranking.proto
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml ranking/_scoring.pyx ranking/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
 	$(PIP) install -q $(BUILD_DEPS)
 	$(PIP) install -q --no-build-isolation -e ".[test,report]"
 	touch $@

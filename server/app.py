@@ -1,4 +1,12 @@
-"""Server assembly and lifecycle: create_server, serve (health, metrics, reload, drain), main."""
+"""Server assembly and lifecycle: create_server, serve (health, metrics, hot reload, drain), main.
+
+Lifecycle, in order: bind and start; health NOT_SERVING until a bundle is loaded;
+the loop reloads when ``CURRENT`` changes (polled every ``reload_interval_seconds``),
+on SIGHUP, or on ``AdminService.ReloadBundle``, always off the request path; SIGTERM
+or SIGINT turns health NOT_SERVING, keeps serving for ``drain_notice_seconds`` so
+load balancers move away, stops accepting, lets in-flight requests finish for up to
+``drain_seconds`` and returns 0.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -16,8 +25,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from one2one.v1 import ranking_pb2, ranking_pb2_grpc
+from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from server import logs, metrics
+from server.admin import AdminServicer
 from server.config import ServerConfig
 from server.interceptors import MetricsInterceptor
 from server.model_manager import ModelManager
@@ -25,6 +35,7 @@ from server.servicer import RankingServicer
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
 def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -52,8 +63,10 @@ def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Serv
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(models, on_loaded=lambda: _set_serving(health_servicer, True)), server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
@@ -64,6 +77,28 @@ def _set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, status)
+
+
+def _in_flight() -> int:
+    return int(sum(s.value for fam in metrics.RPC_IN_FLIGHT.collect() for s in fam.samples))
+
+
+def drain(server: grpc.Server, health_servicer: health.HealthServicer, config: ServerConfig) -> None:
+    """Health NOT_SERVING, a notice period still serving, stop accepting, wait for in-flight calls.
+
+    Calls still running after ``drain_seconds`` are cancelled; the process exits 0 either way,
+    because a drain that hit its deadline is an orderly shutdown, not a crash.
+    """
+    log.info("draining", extra={"notice_seconds": config.drain_notice_seconds,
+                                "grace_seconds": config.drain_seconds, "in_flight": _in_flight()})
+    metrics.SERVING.set(0)
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
+    if config.drain_notice_seconds > 0:
+        threading.Event().wait(config.drain_notice_seconds)
+    done = server.stop(grace=config.drain_seconds)
+    t0 = time.monotonic()
+    done.wait()
+    log.info("stopped", extra={"drain_seconds": round(time.monotonic() - t0, 3), "in_flight": _in_flight()})
 
 
 def serve(config: ServerConfig) -> int:
@@ -78,17 +113,28 @@ def serve(config: ServerConfig) -> int:
     if config.metrics_port >= 0:
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
         metrics_port = httpd.server_port
-    stop = threading.Event()
+    # Signal handlers only set flags; the loop below does the work on the main thread.
+    wake, stop, reload_requested = threading.Event(), threading.Event(), threading.Event()
+
+    def on_stop(signum, frame):
+        stop.set()
+        wake.set()
+
+    def on_reload(signum, frame):
+        reload_requested.set()
+        wake.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
     server.start()
     log.info("listening", extra={"grpc_port": port, "metrics_port": metrics_port, "artifacts": config.artifacts})
 
-    def load() -> None:
-        if models.load_current():
+    def load(trigger: str, force: bool = False) -> None:
+        if models.reload(trigger, force).result == "loaded":
             _set_serving(health_servicer, True)
 
-    load()
+    load("startup")
     if not models.loaded:
         log.warning("no servable bundle yet; health stays NOT_SERVING and loading is retried",
                     extra={"artifacts": config.artifacts})
@@ -97,14 +143,19 @@ def serve(config: ServerConfig) -> int:
         tmp.write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
         os.replace(tmp, config.ready_file)
 
-    while not stop.wait(config.reload_interval_seconds if config.reload_interval_seconds > 0 else None):
-        load()
+    interval = config.reload_interval_seconds if config.reload_interval_seconds > 0 else None
+    while not stop.is_set():
+        wake.wait(interval)
+        wake.clear()
+        if stop.is_set():
+            break
+        if reload_requested.is_set():
+            reload_requested.clear()
+            load("signal", force=True)
+        else:
+            load("poll")
 
-    log.info("draining", extra={"grace_seconds": config.drain_seconds})
-    health_servicer.enter_graceful_shutdown()
-    metrics.SERVING.set(0)
-    server.stop(grace=config.drain_seconds).wait()
-    log.info("stopped")
+    drain(server, health_servicer, config)
     return 0
 
 
