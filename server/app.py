@@ -107,6 +107,7 @@ def serve(config: ServerConfig) -> int:
 
     # One OpenMP thread per query on the request path: requests, not threads, use the cores.
     faiss.omp_set_num_threads(1)
+    metrics.set_config(config)
     models = ModelManager(config.artifacts, config.ranker_config())
     server, port, health_servicer = create_server(config, models)
     metrics_port = None

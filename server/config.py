@@ -32,6 +32,7 @@ class ServerConfig:
     drain_seconds: float = 10.0
     drain_notice_seconds: float = 0.0
     reload_interval_seconds: float = 5.0
+    bundle_max_age_hours: float = 48.0
     n_candidates: int = 200
     popular_candidates: int = 50
     ann_effort: int = 128

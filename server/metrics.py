@@ -85,6 +85,11 @@ BUNDLE_RELOADS = Counter(
 BUNDLE_REFUSED = Gauge(
     "one2one_bundle_refused", "1 while CURRENT names a bundle that was refused (the old one keeps "
     "serving), else 0.")
+BUNDLE_MAX_AGE = Gauge(
+    "one2one_bundle_max_age_seconds", "The configured age (bundle_max_age_hours) after which the served "
+    "bundle counts as stale; the stale-bundle alert compares against it.")
+RANK_BUDGET = Gauge(
+    "one2one_rank_budget_seconds", "The configured Rank budgets (kind: default, max), for dashboards.", ["kind"])
 SERVING = Gauge(
     "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.")
 
@@ -109,5 +114,12 @@ def init_label_sets() -> None:
 
 
 init_label_sets()
+
+
+def set_config(config: ServerConfig) -> None:
+    """Export the settings dashboards and alerts compare against."""
+    RANK_BUDGET.labels("default").set(config.default_budget_ms / 1000.0)
+    RANK_BUDGET.labels("max").set(config.max_budget_ms / 1000.0)
+    BUNDLE_MAX_AGE.set(config.bundle_max_age_hours * 3600.0)
 
 # -- Appended by other areas of the server (keep each block commented with its owner) --

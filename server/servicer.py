@@ -88,14 +88,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         with logs.request_context(request_id):
             try:
                 ranker = self.models.current()
-                if self.config.debug_rank_delay_ms > 0:
-                    # Test/debug only (default 0): holds a request in flight on purpose, so the
-                    # drain and hot-reload tests can catch one at a known moment.
-                    time.sleep(self.config.debug_rank_delay_ms / 1000.0)
                 budget_ms = effective_budget_ms(
                     request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
                     context.time_remaining(), self.config.reply_margin_ms)
-                result = ranker.rank(query_from_proto(request), Budget.start(max(budget_ms, 0.0)))
+                budget = Budget.start(max(budget_ms, 0.0))
+                if self.config.debug_rank_delay_ms > 0:
+                    # Test/debug only (default 0): a slow dependency eating the budget, so the
+                    # drain test can hold a request in flight and the alert tests can make
+                    # Rank slow and degraded on purpose.
+                    time.sleep(self.config.debug_rank_delay_ms / 1000.0)
+                result = ranker.rank(query_from_proto(request), budget)
             except RankingError as exc:
                 log.debug("rank refused", extra={"error": str(exc)})
                 errors.abort(context, exc)
