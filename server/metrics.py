@@ -9,9 +9,13 @@ collectors on the same registry.
 """
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from server.config import ServerConfig
+
+# The *_created series double every counter and histogram for a timestamp no
+# dashboard or rule here reads.
+disable_created_metrics()
 
 # The stages of a Rank, in pipeline order; "respond" is the servicer building the reply.
 STAGES = ("resolve", "retrieve", "features", "score", "respond")
