@@ -17,6 +17,7 @@ import pytest
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
+from ranking.bundle import MANIFEST, set_current
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -35,6 +36,40 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def publish_copy(src: Path, root: Path, version: str, mutate=None) -> Path:
+    """Publish a copy of version directory ``src`` under ``root`` as ``version``, the way the
+    builder does: write under a hidden name, rename into place, then swap CURRENT."""
+    tmp = root / f".tmp-{version}"
+    shutil.copytree(src, tmp)
+    manifest = json.loads((tmp / MANIFEST).read_text())
+    manifest["version"] = version
+    (tmp / MANIFEST).write_text(json.dumps(manifest))
+    if mutate:
+        mutate(tmp)
+    os.rename(tmp, root / version)
+    set_current(root, version)
+    return root / version
+
+
+def corrupt_an_array(path: Path) -> None:
+    target = path / "item_popularity.npy"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(data)
+
+
+def future_schema(path: Path) -> None:
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["schema_version"] = 999
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def write_config(path: Path, **settings) -> list[str]:
+    lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return ["--config", str(path)]
 
 
 def free_port() -> int:
@@ -86,6 +121,7 @@ class Prometheus:
         binary = require_tool("prometheus")
         self.port = free_port()
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         jobs = [{"job_name": job, "scrape_interval": "1s", "scrape_timeout": "900ms",
                  "static_configs": [{"targets": addrs}]} for job, addrs in targets.items()]
         config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -118,6 +154,14 @@ class Prometheus:
             body = exc.read()
         return json.loads(body)
 
+    def wait_targets_up(self, n: int, timeout: float = 60.0) -> None:
+        """Wait for ``n`` targets to have been scraped successfully (Prometheus applies new
+        targets a few seconds after it starts)."""
+        def up():
+            targets = self.api("targets")["data"]["activeTargets"]
+            return len(targets) == n and all(t["health"] == "up" for t in targets)
+        wait_for(up, timeout, f"{n} scrape targets to be up", every=0.25)
+
     def query(self, expr: str) -> dict:
         """``/api/v1/query`` at now: ``{"status", "data"|"error", ...}``."""
         return self.api("query", query=expr)
@@ -144,16 +188,19 @@ class RankLoad:
         Sent round-robin.
     threads : int
         Concurrent clients.
+    pause : float
+        Seconds each client waits between calls (0: none).
     max_requests : int
         Hard cap on the number of calls, so a test's load is bounded whatever happens.
     """
 
     def __init__(self, target: str, requests: list[pb.RankRequest], threads: int = 3,
-                 max_requests: int = 20000, timeout: float = 10.0):
+                 max_requests: int = 20000, timeout: float = 10.0, pause: float = 0.0):
         self.channel = grpc.insecure_channel(target)
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.requests = requests
         self.timeout = timeout
+        self.pause = pause
         self.max_requests = max_requests
         self.lock = threading.Lock()
         self.sent = 0
@@ -181,6 +228,8 @@ class RankLoad:
                 code, version = exc.code().name, ""
             with self.lock:
                 self.outcomes.append((t0, time.monotonic() - t0, code, version))
+            if self.pause:
+                self._stop.wait(self.pause)
 
     def __enter__(self) -> "RankLoad":
         for t in self._threads:

@@ -19,46 +19,13 @@ from index_builder.config import BuildConfig
 from one2one.v1 import admin_pb2, admin_pb2_grpc
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
-from ops_tools import RankLoad, percentile, sample, scrape, wait_for
-from ranking.bundle import MANIFEST, resolve_current, set_current
+from ops_tools import (RankLoad, corrupt_an_array, future_schema, percentile, publish_copy, sample, scrape,
+                       wait_for, write_config)
+from ranking.bundle import resolve_current, set_current
 from server.demo import start_server, wait_serving
 from tests_support import SMALL_BUILD
 
 RANK = 'method="one2one.v1.RankingService/Rank"'
-
-
-def publish_copy(src: Path, root: Path, version: str, mutate=None) -> Path:
-    """Publish a copy of version directory ``src`` under ``root`` as ``version``, the way the
-    builder does: write under a hidden name, rename into place, then swap CURRENT."""
-    tmp = root / f".tmp-{version}"
-    shutil.copytree(src, tmp)
-    manifest = json.loads((tmp / MANIFEST).read_text())
-    manifest["version"] = version
-    (tmp / MANIFEST).write_text(json.dumps(manifest))
-    if mutate:
-        mutate(tmp)
-    os.rename(tmp, root / version)
-    set_current(root, version)
-    return root / version
-
-
-def corrupt_an_array(path: Path) -> None:
-    target = path / "item_popularity.npy"
-    data = bytearray(target.read_bytes())
-    data[-1] ^= 0xFF
-    target.write_bytes(data)
-
-
-def future_schema(path: Path) -> None:
-    manifest = json.loads((path / MANIFEST).read_text())
-    manifest["schema_version"] = 999
-    (path / MANIFEST).write_text(json.dumps(manifest))
-
-
-def write_config(path: Path, **settings) -> list[str]:
-    lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return ["--config", str(path)]
 
 
 def health_status(channel: grpc.Channel) -> int:
