@@ -36,6 +36,10 @@ from server.servicer import RankingServicer
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# Health service name for liveness probes: SERVING while the process answers at all, even
+# before its first bundle, so an orchestrator restarts hung processes, not waiting ones.
+# "" and RankingService say whether Rank can answer (readiness).
+LIVENESS_SERVICE = "liveness"
 
 
 def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -63,6 +67,7 @@ def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Serv
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(models, on_loaded=lambda: _set_serving(health_servicer, True)), server)
     reflection.enable_server_reflection(

@@ -22,14 +22,15 @@ from one2one.v1 import ranking_pb2_grpc
 from ops_tools import (RankLoad, corrupt_an_array, future_schema, percentile, publish_copy, sample, scrape,
                        wait_for, write_config)
 from ranking.bundle import resolve_current, set_current
+from server.app import LIVENESS_SERVICE
 from server.demo import start_server, wait_serving
 from tests_support import SMALL_BUILD
 
 RANK = 'method="one2one.v1.RankingService/Rank"'
 
 
-def health_status(channel: grpc.Channel) -> int:
-    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def stop(proc) -> int:
@@ -68,6 +69,9 @@ def test_health_serving_only_once_a_bundle_is_loaded(bundle_path, tmp_path):
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     try:
         assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(channel, "one2one.v1.RankingService") == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Alive though not ready: a liveness probe must not restart a server waiting for its bundle.
+        assert health_status(channel, LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as err:
             ranking_pb2_grpc.RankingServiceStub(channel).Rank(pb.RankRequest(user_id="u1"), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
