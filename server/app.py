@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -40,6 +39,9 @@ ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_
 # before its first bundle, so an orchestrator restarts hung processes, not waiting ones.
 # "" and RankingService say whether Rank can answer (readiness).
 LIVENESS_SERVICE = "liveness"
+# How often the serve loop looks at its signal flags: the delay before a SIGTERM or
+# SIGHUP is acted on.
+_TICK_SECONDS = 0.05
 
 
 def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -99,7 +101,7 @@ def drain(server: grpc.Server, health_servicer: health.HealthServicer, config: S
     metrics.SERVING.set(0)
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
     if config.drain_notice_seconds > 0:
-        threading.Event().wait(config.drain_notice_seconds)
+        time.sleep(config.drain_notice_seconds)
     done = server.stop(grace=config.drain_seconds)
     t0 = time.monotonic()
     done.wait()
@@ -119,16 +121,17 @@ def serve(config: ServerConfig) -> int:
     if config.metrics_port >= 0:
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
         metrics_port = httpd.server_port
-    # Signal handlers only set flags; the loop below does the work on the main thread.
-    wake, stop, reload_requested = threading.Event(), threading.Event(), threading.Event()
+    # Signal handlers only set plain flags, which the loop below reads every tick. They
+    # must not take a lock: a handler runs on the main thread between bytecodes, and
+    # setting a threading.Event while the main thread holds that Event's lock (inside
+    # its wait) can deadlock the loop (a SIGHUP was once never acted on, under load).
+    flags = {"stop": False, "reload": False}
 
     def on_stop(signum, frame):
-        stop.set()
-        wake.set()
+        flags["stop"] = True
 
     def on_reload(signum, frame):
-        reload_requested.set()
-        wake.set()
+        flags["reload"] = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_stop)
@@ -149,17 +152,18 @@ def serve(config: ServerConfig) -> int:
         tmp.write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
         os.replace(tmp, config.ready_file)
 
-    interval = config.reload_interval_seconds if config.reload_interval_seconds > 0 else None
-    while not stop.is_set():
-        wake.wait(interval)
-        wake.clear()
-        if stop.is_set():
+    interval = config.reload_interval_seconds
+    next_poll = time.monotonic() + interval
+    while not flags["stop"]:
+        time.sleep(_TICK_SECONDS)
+        if flags["stop"]:
             break
-        if reload_requested.is_set():
-            reload_requested.clear()
+        if flags["reload"]:
+            flags["reload"] = False
             load("signal", force=True)
-        else:
+        elif interval > 0 and time.monotonic() >= next_poll:
             load("poll")
+            next_poll = time.monotonic() + interval
 
     drain(server, health_servicer, config)
     return 0

@@ -228,9 +228,9 @@ def test_sighup_and_admin_reload_without_polling(own_artifacts, bundle_path, tmp
 
 
 def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifacts, tmp_path):
-    # debug_rank_delay_ms holds every Rank for 4 s (test-only setting, off by default);
-    # the 3 s notice keeps accepting while health already says NOT_SERVING.
-    cfg = write_config(tmp_path / "server.toml", debug_rank_delay_ms=4000, drain_notice_seconds=3.0,
+    # debug_rank_delay_ms holds every Rank for 8 s (test-only setting, off by default);
+    # the 5 s notice keeps accepting while health already says NOT_SERVING.
+    cfg = write_config(tmp_path / "server.toml", debug_rank_delay_ms=8000, drain_notice_seconds=5.0,
                        drain_seconds=20.0)
     proc, ready = start_server(own_artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
@@ -251,7 +251,7 @@ def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifa
         wait_for(lambda: sample(scrape(port), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1, 30,
                  "the slow request to be in flight")
         proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 2.5,
+        wait_for(lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 4.5,
                  "health NOT_SERVING after SIGTERM", every=0.05)
         caller.join(timeout=60)
         assert proc.wait(timeout=60) == 0
