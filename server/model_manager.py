@@ -128,7 +128,10 @@ class ModelManager:
         """
         with self._lock:
             outcome = self._reload_locked(trigger, force)
-            self.last_outcome = outcome
+            # A poll that finds nothing new is not an attempt worth reporting: it would
+            # hide the last refusal from GetStatus a few seconds later.
+            if trigger != "poll" or outcome.result in ("loaded", "refused"):
+                self.last_outcome = outcome
             return outcome
 
     def _reload_locked(self, trigger: str, force: bool) -> ReloadOutcome:

@@ -267,3 +267,31 @@ def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifa
     assert draining["in_flight"] >= 1
     stopped = next(d for d in lines if d.get("msg") == "stopped")
     assert stopped["in_flight"] == 0
+
+
+def test_a_request_in_flight_during_a_swap_finishes_on_the_old_bundle(own_artifacts, bundle_path, tmp_path):
+    # Every Rank takes the ranker, then waits 2 s (test-only setting) before ranking with it.
+    cfg = write_config(tmp_path / "server.toml", reload_interval_seconds=0, debug_rank_delay_ms=2000)
+    proc, ready = start_server(own_artifacts, tmp_path, cfg)
+    channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
+    stub = ranking_pb2_grpc.RankingServiceStub(channel)
+    result: dict = {}
+    try:
+        wait_serving(channel)
+        caller = threading.Thread(target=lambda: result.update(
+            old=stub.Rank(pb.RankRequest(user_id="u8", budget_ms=500), timeout=60)))
+        caller.start()
+        wait_for(lambda: sample(scrape(ready["metrics_port"]), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1,
+                 30, "the request to be in flight")
+        publish_copy(bundle_path, own_artifacts, "v-next")
+        answer = admin_pb2_grpc.AdminServiceStub(channel).ReloadBundle(admin_pb2.ReloadBundleRequest(), timeout=60)
+        assert answer.result == admin_pb2.LOADED
+        in_flight_at_swap = sample(scrape(ready["metrics_port"]), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0)
+        caller.join(timeout=60)
+        new = stub.Rank(pb.RankRequest(user_id="u8", budget_ms=500), timeout=60)
+    finally:
+        channel.close()
+        assert stop(proc) == 0
+    assert in_flight_at_swap == 1, "the swap must happen while the first request is still in flight"
+    assert result["old"].model_version == "v-first" and len(result["old"].items) == 10
+    assert new.model_version == "v-next"
