@@ -145,8 +145,8 @@ def serve(config: ServerConfig) -> int:
 
     load("startup")
     if not models.loaded:
-        log.warning("no servable bundle yet; health stays NOT_SERVING and loading is retried",
-                    extra={"artifacts": config.artifacts})
+        log.warning("no servable bundle yet; health stays NOT_SERVING until a poll, SIGHUP or "
+                    "ReloadBundle loads one", extra={"artifacts": config.artifacts})
     if config.ready_file:
         tmp = Path(config.ready_file + ".tmp")
         tmp.write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
