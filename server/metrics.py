@@ -5,7 +5,9 @@ names), ``stage`` (:data:`STAGES`), ``strategy`` (the rungs), ``reason`` (fallba
 reasons of the ladder, or :data:`LOAD_FAILURE_REASONS`), ``result`` and ``trigger``
 of reloads, and ``version`` on the single info series of the bundle being served.
 The ``process_*`` and ``python_*`` series come from prometheus_client's default
-collectors on the same registry.
+collectors on the same registry. Gauges name their multiprocess mode, for when several
+worker processes write their metrics to one directory: "livemin" on one2one_serving
+reads 1 only while every live worker serves, "livesum" adds in-flight requests up.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ RPC_DURATION = Histogram(
     "one2one_rpc_duration_seconds", "Server-side gRPC handling time, by method.", ["method"],
     buckets=LATENCY_BUCKETS)
 RPC_IN_FLIGHT = Gauge(
-    "one2one_rpc_in_flight_requests", "gRPC requests being handled right now, by method.", ["method"])
+    "one2one_rpc_in_flight_requests", "gRPC requests being handled right now, by method.", ["method"],
+    multiprocess_mode="livesum")
 
 # -- Rank: where the time goes and what was served -----------------------------------
 STAGE_DURATION = Histogram(
@@ -73,13 +76,15 @@ RANK_SCORED = Histogram(
 
 # -- The bundle being served and its reloads -------------------------------------------
 BUNDLE_INFO = Gauge(
-    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"])
+    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"],
+    multiprocess_mode="livemax")
 BUNDLE_BUILD_TIME = Gauge(
-    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.")
+    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.", multiprocess_mode="livemax")
 BUNDLE_LOAD_TIME = Gauge(
-    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.")
+    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.", multiprocess_mode="livemax")
 BUNDLE_LOAD_DURATION = Gauge(
-    "one2one_bundle_load_duration_seconds", "How long loading, verifying and warming the served bundle took.")
+    "one2one_bundle_load_duration_seconds", "How long loading, verifying and warming the served bundle took.",
+    multiprocess_mode="livemax")
 BUNDLE_LOAD_FAILURES = Counter(
     "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).",
     ["reason"])
@@ -88,14 +93,15 @@ BUNDLE_RELOADS = Counter(
     "(loaded, refused).", ["trigger", "result"])
 BUNDLE_REFUSED = Gauge(
     "one2one_bundle_refused", "1 while CURRENT names a bundle that was refused (the old one keeps "
-    "serving), else 0.")
+    "serving), else 0.", multiprocess_mode="livemax")
 BUNDLE_MAX_AGE = Gauge(
     "one2one_bundle_max_age_seconds", "The configured age (bundle_max_age_hours) after which the served "
-    "bundle counts as stale; the stale-bundle alert compares against it.")
+    "bundle counts as stale; the stale-bundle alert compares against it.", multiprocess_mode="livemax")
 RANK_BUDGET = Gauge(
-    "one2one_rank_budget_seconds", "The configured Rank budgets (kind: default, max), for dashboards.", ["kind"])
+    "one2one_rank_budget_seconds", "The configured Rank budgets (kind: default, max), for dashboards.", ["kind"],
+    multiprocess_mode="livemax")
 SERVING = Gauge(
-    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.")
+    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.", multiprocess_mode="livemin")
 
 
 def init_label_sets() -> None:

@@ -218,6 +218,9 @@ class ModelManager:
     def _publish_metrics(self, ranker: Ranker, old: Ranker | None, seconds: float, trigger: str) -> None:
         m = ranker.model
         if old is not None and old.model.version != m.version:
+            # Zero first: with multiprocess metrics remove() leaves the value in the
+            # process's file, where it would keep reading 1.
+            metrics.BUNDLE_INFO.labels(old.model.version).set(0)
             metrics.BUNDLE_INFO.remove(old.model.version)
         metrics.BUNDLE_INFO.labels(m.version).set(1)
         created = m.manifest.get("created_at")

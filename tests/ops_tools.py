@@ -72,6 +72,26 @@ def write_config(path: Path, **settings) -> list[str]:
     return ["--config", str(path)]
 
 
+def start_one_process(artifacts: Path, workdir: Path, extra: list[str] | None = None):
+    """``server.demo.start_server`` pinned to one serving process (``ONE2ONE_WORKERS=1``).
+
+    These tests assert exact per-process counts (one reload, one refusal) and call the
+    admin RPC of the one process that reloads; a build without worker processes ignores
+    the variable (unknown ONE2ONE_* names are not settings).
+    """
+    from server.demo import start_server
+
+    saved = os.environ.get("ONE2ONE_WORKERS")
+    os.environ["ONE2ONE_WORKERS"] = "1"
+    try:
+        return start_server(artifacts, workdir, extra)
+    finally:
+        if saved is None:
+            del os.environ["ONE2ONE_WORKERS"]
+        else:
+            os.environ["ONE2ONE_WORKERS"] = saved
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

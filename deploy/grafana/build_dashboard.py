@@ -131,7 +131,7 @@ ROWS: list[tuple[str, list[dict]]] = [
             (f"time() - (one2one_bundle_build_timestamp_seconds{{{J}}} > 0)", "{{instance}}"),
             (f"max(one2one_bundle_max_age_seconds{{{J}}})", "stale after")], "s",
             description="Since the served bundle was built; the stale-bundle alert fires past bundle_max_age_hours."),
-        panel("Instances per bundle version", [(f"count by (version) (one2one_bundle_info{{{J}}})", "{{version}}")],
+        panel("Instances per bundle version", [(f"count by (version) (one2one_bundle_info{{{J}}} == 1)", "{{version}}")],
               description="During a rollout two versions show; afterwards one."),
         panel("Serving instances and refused bundles", [
             (f"sum(one2one_serving{{{J}}})", "serving"),

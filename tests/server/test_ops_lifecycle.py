@@ -20,10 +20,10 @@ from one2one.v1 import admin_pb2, admin_pb2_grpc
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
 from ops_tools import (RankLoad, corrupt_an_array, future_schema, percentile, publish_copy, sample, scrape,
-                       wait_for, write_config)
+                       start_one_process, wait_for, write_config)
 from ranking.bundle import resolve_current, set_current
 from server.app import LIVENESS_SERVICE
-from server.demo import start_server, wait_serving
+from server.demo import wait_serving
 from tests_support import SMALL_BUILD
 
 RANK = 'method="one2one.v1.RankingService/Rank"'
@@ -65,7 +65,7 @@ def test_health_serving_only_once_a_bundle_is_loaded(bundle_path, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = write_config(tmp_path / "server.toml", reload_interval_seconds=0.2)
-    proc, ready = start_server(empty, tmp_path, cfg)
+    proc, ready = start_one_process(empty, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     try:
         assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -97,7 +97,7 @@ def test_health_serving_only_once_a_bundle_is_loaded(bundle_path, tmp_path):
 
 def test_hot_reload_under_load_fails_no_request(own_artifacts, second_build, tmp_path):
     cfg = write_config(tmp_path / "server.toml", reload_interval_seconds=0.2)
-    proc, ready = start_server(own_artifacts, tmp_path, cfg)
+    proc, ready = start_one_process(own_artifacts, tmp_path, cfg)
     target = f"127.0.0.1:{ready['grpc_port']}"
     channel = grpc.insecure_channel(target)
     try:
@@ -145,7 +145,7 @@ def test_hot_reload_under_load_fails_no_request(own_artifacts, second_build, tmp
 
 def test_corrupt_and_incompatible_bundles_are_refused_and_the_old_one_keeps_serving(own_artifacts, tmp_path):
     cfg = write_config(tmp_path / "server.toml", reload_interval_seconds=0.2)
-    proc, ready = start_server(own_artifacts, tmp_path, cfg)
+    proc, ready = start_one_process(own_artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
     admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -192,7 +192,7 @@ def test_corrupt_and_incompatible_bundles_are_refused_and_the_old_one_keeps_serv
 
 def test_sighup_and_admin_reload_without_polling(own_artifacts, bundle_path, tmp_path):
     cfg = write_config(tmp_path / "server.toml", reload_interval_seconds=0, log_level="DEBUG")
-    proc, ready = start_server(own_artifacts, tmp_path, cfg)
+    proc, ready = start_one_process(own_artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     admin = admin_pb2_grpc.AdminServiceStub(channel)
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
@@ -232,7 +232,7 @@ def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifa
     # the 5 s notice keeps accepting while health already says NOT_SERVING.
     cfg = write_config(tmp_path / "server.toml", debug_rank_delay_ms=8000, drain_notice_seconds=5.0,
                        drain_seconds=20.0)
-    proc, ready = start_server(own_artifacts, tmp_path, cfg)
+    proc, ready = start_one_process(own_artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
     port = ready["metrics_port"]
@@ -272,7 +272,7 @@ def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifa
 def test_a_request_in_flight_during_a_swap_finishes_on_the_old_bundle(own_artifacts, bundle_path, tmp_path):
     # Every Rank takes the ranker, then waits 2 s (test-only setting) before ranking with it.
     cfg = write_config(tmp_path / "server.toml", reload_interval_seconds=0, debug_rank_delay_ms=2000)
-    proc, ready = start_server(own_artifacts, tmp_path, cfg)
+    proc, ready = start_one_process(own_artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
     result: dict = {}

@@ -9,14 +9,14 @@ import pytest
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
-from ops_tools import require_tool, sample, scrape
+from ops_tools import require_tool, sample, scrape, start_one_process
 from server import metrics
-from server.demo import start_server, wait_serving
+from server.demo import wait_serving
 
 
 @pytest.fixture(scope="module")
 def live(artifacts, tmp_path_factory):
-    proc, ready = start_server(artifacts, tmp_path_factory.mktemp("metrics-server"))
+    proc, ready = start_one_process(artifacts, tmp_path_factory.mktemp("metrics-server"))
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     wait_serving(channel)
     stub = ranking_pb2_grpc.RankingServiceStub(channel)

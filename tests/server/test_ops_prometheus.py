@@ -20,8 +20,8 @@ import yaml
 
 from one2one.v1 import ranking_pb2 as pb
 from ops_tools import (DEPLOY, Prometheus, RankLoad, corrupt_an_array, publish_copy, sample, scrape,
-                       wait_for, write_config)
-from server.demo import start_server, wait_serving
+                       start_one_process, wait_for, write_config)
+from server.demo import wait_serving
 
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "one2one.json"
@@ -83,9 +83,9 @@ def stack(bundle_path, tmp_path_factory):
     prom = None
     loads = []
     try:
-        proc_a, ready_a = start_server(art_a, work / "a", cfg_a)
+        proc_a, ready_a = start_one_process(art_a, work / "a", cfg_a)
         procs.append(proc_a)
-        proc_b, ready_b = start_server(art_b, work / "b")
+        proc_b, ready_b = start_one_process(art_b, work / "b")
         procs.append(proc_b)
         channel = grpc.insecure_channel(f"127.0.0.1:{ready_a['grpc_port']}")
         wait_serving(channel)
