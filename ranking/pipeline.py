@@ -113,11 +113,15 @@ class Ranker:
         self.ann = AnnBatcher(model.index, self.config.ann_batch_size, self.config.ann_batch_wait_us)
 
     def warm(self, n_requests: int = 16) -> None:
-        """Run a few rankings before serving: touches the index pages and seeds the cost model."""
+        """Answer typical requests before serving: faults in the arrays and the index,
+        exercises every rung (a bundle that loads but cannot rank fails here, not on a
+        request) and seeds the cost model the budget planner uses."""
         m = self.model
         users = np.flatnonzero(np.asarray(m.user_has_history[: max(n_requests * 4, 1)]))[:n_requests]
         for row in users:
             self.rank(RankQuery(user_id=str(m.users.ids[row])))
+        if m.n_items:
+            self.rank(RankQuery(session_item_ids=m.items.id_of(np.arange(min(2, m.n_items)))))
         self.rank(RankQuery())
 
     def _debug_delay(self, stage: str, n: int) -> None:

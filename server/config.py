@@ -30,7 +30,9 @@ class ServerConfig:
     max_budget_ms: float = 500.0
     reply_margin_ms: float = 2.0
     drain_seconds: float = 10.0
+    drain_notice_seconds: float = 0.0
     reload_interval_seconds: float = 5.0
+    bundle_max_age_hours: float = 48.0
     n_candidates: int = 200
     popular_candidates: int = 50
     ann_effort: int = 128
@@ -41,6 +43,7 @@ class ServerConfig:
     ann_batch_size: int = 1
     ann_batch_wait_us: float = 300.0
     debug_delay_us_per_candidate: str = ""
+    debug_rank_delay_ms: float = 0.0
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -89,6 +92,10 @@ class ServerConfig:
             problems.append(f"metrics_port {self.metrics_port} is out of range (-1 disables metrics)")
         if self.default_budget_ms <= 0 or self.max_budget_ms <= 0:
             problems.append("default_budget_ms and max_budget_ms must be > 0")
+        if self.drain_seconds < 0 or self.drain_notice_seconds < 0:
+            problems.append("drain_seconds and drain_notice_seconds must be >= 0")
+        if self.debug_rank_delay_ms < 0:
+            problems.append("debug_rank_delay_ms must be >= 0 (0 turns it off)")
         if self.max_workers < 1:
             problems.append("max_workers must be >= 1")
         if self.workers < 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import grpc
@@ -11,7 +12,7 @@ from ranking.budget import Budget, effective_budget_ms
 from ranking.errors import RankingError
 from ranking.pipeline import RankResult
 from ranking.query import RankQuery
-from server import errors, metrics
+from server import errors, logs, metrics
 from server.config import ServerConfig
 from server.model_manager import ModelManager
 
@@ -70,6 +71,7 @@ def observe(result: RankResult) -> None:
     if not result.item_ids:
         metrics.RANK_EMPTY.inc()
     metrics.RANK_CANDIDATES.observe(result.n_candidates)
+    metrics.RANK_SCORED.observe(result.n_scored)
     for stage, seconds in result.stage_seconds.items():
         metrics.STAGE_DURATION.labels(stage).observe(seconds)
 
@@ -83,13 +85,26 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         request_id = uuid.uuid4().hex
-        try:
-            ranker = self.models.current()
-            budget_ms = effective_budget_ms(
-                request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
-                context.time_remaining(), self.config.reply_margin_ms)
-            result = ranker.rank(query_from_proto(request), Budget.start(max(budget_ms, 0.0)))
-        except RankingError as exc:
-            errors.abort(context, exc)
-        observe(result)
-        return response_from_result(result, request_id)
+        with logs.request_context(request_id):
+            try:
+                ranker = self.models.current()
+                budget_ms = effective_budget_ms(
+                    request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
+                    context.time_remaining(), self.config.reply_margin_ms)
+                budget = Budget.start(max(budget_ms, 0.0))
+                if self.config.debug_rank_delay_ms > 0:
+                    # Test/debug only (default 0): a slow dependency eating the budget, so the
+                    # drain test can hold a request in flight and the alert tests can make
+                    # Rank slow and degraded on purpose.
+                    time.sleep(self.config.debug_rank_delay_ms / 1000.0)
+                result = ranker.rank(query_from_proto(request), budget)
+            except RankingError as exc:
+                log.debug("rank refused", extra={"error": str(exc)})
+                errors.abort(context, exc)
+            t0 = time.perf_counter()
+            response = response_from_result(result, request_id)
+            result.stage_seconds["respond"] = time.perf_counter() - t0
+            observe(result)
+            log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
+                                       "model_version": result.model_version, "degraded": result.degraded})
+            return response
