@@ -51,6 +51,42 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+class GroupProcessCollector:
+    """process_* metrics for the supervisor and its workers together.
+
+    In multiprocess mode each worker's own process collector is not exported, so the
+    supervisor reads /proc for the whole group: CPU seconds, resident memory and open
+    file descriptors are summed; start time is the supervisor's, the fd limit the
+    largest.
+    """
+
+    def __init__(self, worker_pids):
+        self.worker_pids = worker_pids
+
+    def collect(self):
+        from prometheus_client import ProcessCollector
+        from prometheus_client.core import Metric
+
+        merged: dict[str, Metric] = {}
+        for pid in [os.getpid(), *self.worker_pids()]:
+            try:
+                families = list(ProcessCollector(pid=lambda p=pid: p, registry=None).collect())
+            except OSError:
+                continue  # a worker that just exited
+            for fam in families:
+                if fam.name not in merged:
+                    merged[fam.name] = fam
+                    continue
+                base = merged[fam.name]
+                for i, sample in enumerate(fam.samples[: len(base.samples)]):
+                    old = base.samples[i]
+                    if fam.name.endswith("start_time_seconds"):
+                        continue
+                    value = max(old.value, sample.value) if fam.name.endswith("max_fds") else old.value + sample.value
+                    base.samples[i] = old._replace(value=value)
+        yield from merged.values()
+
+
 def _write_ready(path: str, doc: dict) -> None:
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps(doc))
@@ -118,6 +154,7 @@ def supervise(config: ServerConfig) -> int:
     if config.metrics_port >= 0:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(GroupProcessCollector(lambda: list(workers)))
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
         metrics_port = httpd.server_port
     log.info("workers started", extra={"grpc_port": port, "metrics_port": metrics_port, "workers": len(workers),

@@ -50,6 +50,10 @@ def test_workers_share_the_port_and_the_metrics_add_up(two_workers):
     text = scrape(ready["metrics_port"])
     assert sample(text, RANK_OK) == sent
     assert sample(text, "one2one_serving") == 1
+    # process_* cover the supervisor and both workers: more than any one of them.
+    rss = {pid: int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+           for pid in [proc.pid, *ready["worker_pids"]]}
+    assert sample(text, "process_resident_memory_bytes") > max(rss.values()) * 1.5
 
 
 def test_a_killed_worker_is_replaced_and_service_continues(two_workers):
