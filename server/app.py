@@ -17,17 +17,20 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
+from ranking.errors import RankingError
 from server import logs, metrics
 from server.config import ServerConfig
 from server.interceptors import MetricsInterceptor
 from server.model_manager import ModelManager
+from server.realtime import Realtime
 from server.servicer import RankingServicer
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 
 
-def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(config: ServerConfig, models: ModelManager,
+                  realtime: "Realtime | None" = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the ranking, health and reflection services, bound but not started.
 
     Health starts NOT_SERVING; :func:`serve` turns it SERVING once a bundle is loaded.
@@ -47,7 +50,7 @@ def create_server(config: ServerConfig, models: ModelManager) -> tuple[grpc.Serv
         interceptors=[MetricsInterceptor()],
         options=options,
     )
-    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(models, config), server)
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(models, config, realtime), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -73,7 +76,10 @@ def serve(config: ServerConfig) -> int:
     # One OpenMP thread per query on the request path: requests, not threads, use the cores.
     faiss.omp_set_num_threads(1)
     models = ModelManager(config.artifacts, config.ranker_config())
-    server, port, health_servicer = create_server(config, models)
+    # Replayed before the port opens, so the first Rank already reflects every logged event.
+    realtime = Realtime(config)
+    realtime.replay()
+    server, port, health_servicer = create_server(config, models, realtime)
     metrics_port = None
     if config.metrics_port >= 0:
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
@@ -104,6 +110,7 @@ def serve(config: ServerConfig) -> int:
     health_servicer.enter_graceful_shutdown()
     metrics.SERVING.set(0)
     server.stop(grace=config.drain_seconds).wait()
+    realtime.close()
     log.info("stopped")
     return 0
 
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.log_level)
     try:
         return serve(config)
-    except OSError as exc:
+    except (OSError, ValueError, RankingError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         return 1
 

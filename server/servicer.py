@@ -1,7 +1,10 @@
 """RankingService: proto <-> domain translation around the ranking core, nothing more."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
+import time
 import uuid
 
 import grpc
@@ -9,11 +12,15 @@ import grpc
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking.budget import Budget, effective_budget_ms
 from ranking.errors import RankingError
+from ranking.events import Event
 from ranking.pipeline import RankResult
 from ranking.query import RankQuery
 from server import errors, metrics
 from server.config import ServerConfig
 from server.model_manager import ModelManager
+
+if TYPE_CHECKING:
+    from server.realtime import Realtime
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +64,21 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
         degraded=result.degraded,
         degraded_stages=result.degraded_stages,
         fallback_reason=result.fallback_reason,
+        applied_rules=result.applied_rules,
     )
+
+
+def events_from_proto(req: ranking_pb2.RecordEventsRequest, now: float) -> list[Event]:
+    """The domain events of a RecordEventsRequest (no validation; ranking.events validates)."""
+    out = []
+    for ev in req.events:
+        ctx = ev.context
+        out.append(Event(
+            user_id=ev.user_id, item_id=ev.item_id, event_type=ev.event_type,
+            timestamp=ev.event_time.ToNanoseconds() / 1e9 if ev.HasField("event_time") else now,
+            value=ev.value, request_id=ev.request_id, channel=ctx.channel, device=ctx.device,
+            region=ctx.region, attributes=dict(ctx.attributes)))
+    return out
 
 
 def observe(result: RankResult) -> None:
@@ -77,9 +98,10 @@ def observe(result: RankResult) -> None:
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Thin servicer: translate, call the ranker, translate back; errors map in one place."""
 
-    def __init__(self, models: ModelManager, config: ServerConfig):
+    def __init__(self, models: ModelManager, config: ServerConfig, realtime: "Realtime | None" = None):
         self.models = models
         self.config = config
+        self.realtime = realtime
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         request_id = uuid.uuid4().hex
@@ -88,8 +110,31 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             budget_ms = effective_budget_ms(
                 request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
                 context.time_remaining(), self.config.reply_margin_ms)
-            result = ranker.rank(query_from_proto(request), Budget.start(max(budget_ms, 0.0)))
+            budget = Budget.start(max(budget_ms, 0.0))
+            q = query_from_proto(request)
+            if self.realtime is None:
+                result = ranker.rank(q, budget)
+            else:
+                overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
+                result = ranker.rank(q, budget, overlay)
         except RankingError as exc:
             errors.abort(context, exc)
         observe(result)
-        return response_from_result(result, request_id)
+        response = response_from_result(result, request_id)
+        if self.realtime is not None:
+            self.realtime.served(request_id, q, assignment, overlay, result)
+            response.experiment, response.arm = assignment.experiment, assignment.arm
+        return response
+
+    def RecordEvents(self, request: ranking_pb2.RecordEventsRequest,
+                     context: grpc.ServicerContext) -> ranking_pb2.RecordEventsResponse:
+        try:
+            if self.realtime is None:
+                from ranking.errors import Unavailable
+
+                raise Unavailable("this server runs without an event log")
+            accepted, rejections = self.realtime.record(events_from_proto(request, time.time()))
+        except RankingError as exc:
+            errors.abort(context, exc)
+        return ranking_pb2.RecordEventsResponse(accepted_count=accepted, rejections=[
+            ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in rejections])
