@@ -49,7 +49,7 @@ class Rule:
 
 
 def _strings(where: str, value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
+    if isinstance(value, (str, bool, int)):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, (str, bool, int)) for v in value):
         raise ValueError(f"{where} must be a string or a list of strings, got {value!r}")
