@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ranking.errors import RankingError
+from ranking.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _MIN_PAYLOAD = 2
 _MAX_PAYLOAD = 16 << 20
 
 
-class EventLogError(RankingError):
+class EventLogError(Unavailable):
     """The event log cannot be written; nothing of the failed append is kept."""
 
 

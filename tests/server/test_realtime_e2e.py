@@ -271,3 +271,21 @@ def test_kill_9_loses_no_accepted_event(artifacts, tmp_path, shop, cat_of):
         assert "one2one_event_log_replayed_records_total" in s.metrics()
     finally:
         s.stop()
+
+
+def test_corrupt_log_stops_the_server_naming_the_segment(artifacts, tmp_path):
+    from ranking.eventlog import EventLog, segments
+
+    log = EventLog(tmp_path / "events", segment_bytes=1024)
+    for i in range(40):
+        log.append([{"kind": "event", "user_id": "u1", "item_id": f"i{i}", "event_type": "view",
+                     "timestamp": time.time(), "value": 0.0}])
+    log.close()
+    first = segments(tmp_path / "events")[0]
+    data = bytearray(first.read_bytes())
+    data[30] ^= 0x20
+    first.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="server exited"):
+        start_server(artifacts, tmp_path, env={"ONE2ONE_EVENT_LOG_DIR": str(tmp_path / "events")})
+    text = (tmp_path / "server.log").read_text()
+    assert first.name in text and "corrupt record" in text
