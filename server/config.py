@@ -38,7 +38,7 @@ class ServerConfig:
     log_level: str = "INFO"
     ready_file: str = ""
     # Real-time events and experiments (RecordEvents, user state, rules, arms).
-    event_log_dir: str = ""  # "": <artifacts>/events
+    event_log_dir: str = ""  # "": <artifacts>-events, next to the artifacts directory
     event_log_fsync: str = "always"
     event_log_fsync_interval_seconds: float = 1.0
     event_log_segment_bytes: int = 64 << 20
@@ -125,7 +125,12 @@ class ServerConfig:
         return tuple(t.strip().lower() for t in self.event_types.split(",") if t.strip())
 
     def event_log_path(self) -> Path:
-        return Path(self.event_log_dir) if self.event_log_dir else Path(self.artifacts) / "events"
+        # Next to the artifacts, not inside: whatever prunes old bundle versions there must
+        # never be able to take the event log with them.
+        if self.event_log_dir:
+            return Path(self.event_log_dir)
+        artifacts = Path(self.artifacts).resolve()
+        return artifacts.parent / f"{artifacts.name}-events"
 
     def ranker_config(self):
         from ranking.pipeline import RankerConfig
