@@ -1,11 +1,10 @@
 """RankingService: proto <-> domain translation around the ranking core, nothing more."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 
