@@ -23,6 +23,7 @@ written in any policy, since written bytes are in the page cache.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -198,6 +199,9 @@ class EventLog:
     ------
     EventLogCorrupt
         The existing log is damaged before its tail (see :func:`read_log`).
+    EventLogError
+        Another process holds the log open for writing (one writer per log: two would
+        race on rollover, and each would serve only the events it recorded itself).
     """
 
     def __init__(self, directory: Path | str, fsync: str = "always", segment_bytes: int = 64 << 20,
@@ -211,6 +215,19 @@ class EventLog:
         self.segment_bytes = segment_bytes
         self.fsync_interval_seconds = fsync_interval_seconds
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lockfile = open(self.directory / "LOCK", "a+")
+        try:
+            fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lockfile.seek(0)
+            holder = self._lockfile.read().strip() or "unknown"
+            self._lockfile.close()
+            raise EventLogError(f"event log {self.directory} is already open for writing by another process "
+                                f"(pid {holder}); give each server its own event_log_dir") from None
+        # The kernel drops the lock when the process dies, kill -9 included; the pid is for the message.
+        self._lockfile.truncate(0)
+        self._lockfile.write(str(os.getpid()))
+        self._lockfile.flush()
         self._lock = threading.Lock()
         self._dirty = False
         self._closed = False
@@ -319,5 +336,8 @@ class EventLog:
         if self.fsync != "never":
             self.sync()
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._fh.close()
+            self._lockfile.close()

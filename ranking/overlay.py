@@ -10,6 +10,7 @@ import numpy as np
 
 from ranking.events import NEGATIVE_EVENT_TYPES, Event
 from ranking.experiments import FULL, Variant
+from ranking.pipeline import rows_match_any
 from ranking.rules import Rule
 from ranking.user_state import Weighting, fold_in
 
@@ -70,8 +71,6 @@ class RankOverlay:
 
     def mask(self, model, cands: np.ndarray) -> np.ndarray:
         """Candidates to exclude: bought in real time, and by exclusion/restriction/suppress rules."""
-        from ranking.pipeline import rows_match_any
-
         mask = np.zeros(len(cands), dtype=bool)
         if len(self.exclude_rows):
             mask |= np.isin(cands, self.exclude_rows)
@@ -93,8 +92,6 @@ class RankOverlay:
             ``offsets`` float32 of len(cands), or None when nothing applies; ``parts`` maps
             ``"realtime_skip"`` and ``"rule:<name>"`` to their per-candidate arrays.
         """
-        from ranking.pipeline import rows_match_any
-
         parts: dict[str, np.ndarray] = {}
         if len(cands) and len(self.negative_rows) and self.variant.use_context:
             cache = model_cache(model)

@@ -20,17 +20,19 @@ from one2one.v1 import ranking_pb2, ranking_pb2_grpc
 
 
 def start_server(artifacts: Path, workdir: Path, extra: list[str] | None = None,
-                 timeout: float = 60.0, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict]:
+                 timeout: float = 60.0, env: dict[str, str] | None = None,
+                 event_log_dir: Path | None = None) -> tuple[subprocess.Popen, dict]:
     """Start ``python -m server`` on free ports; returns the process and its ready-file data.
 
-    ``env`` adds environment variables (e.g. ``ONE2ONE_EVENT_LOG_DIR``) to this process's.
+    The server's event log is ``event_log_dir`` (default ``workdir/events``: every started
+    server gets its own, since one log has one writer); ``env`` adds environment variables.
     """
     ready = workdir / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--artifacts", str(artifacts), "--port", "0",
          "--metrics-port", "0", "--ready-file", str(ready), *(extra or [])],
         stderr=open(workdir / "server.log", "w"),
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "ONE2ONE_EVENT_LOG_DIR": str(event_log_dir or workdir / "events"), **(env or {})},
     )
     deadline = time.monotonic() + timeout
     while not ready.exists():
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     cats = dict(zip(items["item_id"], items.get("category") or [""] * len(items["item_id"])))
 
     with tempfile.TemporaryDirectory() as tmp:
-        # A fresh event log per demo run, so every run starts from the bundle alone.
-        proc, ready = start_server(a.artifacts, Path(tmp), env={"ONE2ONE_EVENT_LOG_DIR": str(Path(tmp) / "events")})
+        # A fresh event log per demo run (in the temporary directory), so every run starts from the bundle alone.
+        proc, ready = start_server(a.artifacts, Path(tmp))
         try:
             channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
             wait_serving(channel)

@@ -151,3 +151,15 @@ def test_modified_since_skips_old_segments_but_never_the_newest(tmp_path):
         os.utime(f, (1_000_000, 1_000_000))
     got = records(tmp_path, modified_since=2_000_000)
     assert got and got == records(tmp_path)[-len(got):] and len(got) < 30
+
+
+def test_one_writer_per_log(tmp_path):
+    import subprocess
+    import sys
+
+    log = EventLog(tmp_path)
+    code = f"from ranking.eventlog import EventLog; EventLog({str(tmp_path)!r})"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
+    log.close()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # free again once closed

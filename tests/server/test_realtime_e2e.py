@@ -48,8 +48,7 @@ class Server:
         self.artifacts, self.workdir = artifacts, workdir
         (workdir / "experiments.toml").write_text(EXPERIMENTS)
         (workdir / "server.toml").write_text(
-            f'[server]\nevent_log_dir = "{workdir / "events"}"\n'
-            f'experiments_file = "{workdir / "experiments.toml"}"\n'
+            f'[server]\nexperiments_file = "{workdir / "experiments.toml"}"\n'
             f'event_log_fsync = "{fsync}"\nreload_interval_seconds = 0\n')
         self.runs = 0
         self.start()
@@ -58,7 +57,7 @@ class Server:
         self.runs += 1
         run_dir = self.workdir / f"run{self.runs}"
         run_dir.mkdir()
-        self.proc, self.ready = start_server(self.artifacts, run_dir,
+        self.proc, self.ready = start_server(self.artifacts, run_dir, event_log_dir=self.workdir / "events",
                                              extra=["--config", str(self.workdir / "server.toml")])
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.ready['grpc_port']}")
         wait_serving(self.channel)
@@ -286,7 +285,7 @@ def test_corrupt_log_stops_the_server_naming_the_segment(artifacts, tmp_path):
     data[30] ^= 0x20
     first.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="server exited"):
-        start_server(artifacts, tmp_path, env={"ONE2ONE_EVENT_LOG_DIR": str(tmp_path / "events")})
+        start_server(artifacts, tmp_path, event_log_dir=tmp_path / "events")
     text = (tmp_path / "server.log").read_text()
     assert first.name in text and "corrupt record" in text
 
