@@ -157,7 +157,8 @@ def build_overlay(model, user_id: str, events: list[Event], now: float, variant:
         return ov
     ov.n_realtime_events = len(evs)
     ov.negative_rows = np.unique(rows[np.isin(types, NEGATIVE_EVENT_TYPES)]).astype(np.int32)
-    weights = np.array([w.weight(e, now) for e in evs], dtype=np.float64)
+    weights = w.weights(types, np.array([e.value for e in evs], dtype=np.float64),
+                        np.array([e.timestamp for e in evs], dtype=np.float64), now)
     uniq, inv = np.unique(rows, return_inverse=True)
     summed = np.zeros(len(uniq))
     np.add.at(summed, inv, weights)

@@ -42,6 +42,19 @@ class Weighting:
             alpha=float(c.get("alpha", 1.0)),
         )
 
+    def weights(self, types: np.ndarray, values: np.ndarray, timestamps: np.ndarray, now: float) -> np.ndarray:
+        """:meth:`weight` for many events at once (float64), one dictionary lookup per distinct type."""
+        uniq, inv = np.unique(types, return_inverse=True)
+        per_type = np.array([self.weight(Event("", "", str(t), now, 1.0), now) for t in uniq], dtype=np.float64)
+        w = per_type[inv]
+        if self.value_event_types:
+            # weight() above used value 1.0; scale by the real value as the builder does.
+            is_value = np.isin(types, self.value_event_types)
+            v = np.where(values > 0, values, self.value_scale / 2)
+            w = np.where(is_value, w * v, w)
+        age_days = np.maximum(now - timestamps, 0.0) / DAY
+        return w * 0.5 ** (age_days / self.half_life_days)
+
     def weight(self, ev: Event, now: float) -> float:
         """The event's weight as the builder computes it (type weight, value scaling, time decay)."""
         w = self.event_weights.get(ev.event_type, self.default_event_weight)

@@ -75,6 +75,11 @@ def serve(config: ServerConfig) -> int:
 
     # One OpenMP thread per query on the request path: requests, not threads, use the cores.
     faiss.omp_set_num_threads(1)
+    # Likewise BLAS: the fold-in's k×k products are tiny, and a BLAS pool per call costs
+    # 20× the work itself once the cores are busy with other requests.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, "blas")
     models = ModelManager(config.artifacts, config.ranker_config())
     # Replayed before the port opens, so the first Rank already reflects every logged event.
     realtime = Realtime(config)

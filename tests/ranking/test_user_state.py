@@ -75,6 +75,9 @@ def test_event_weights_are_the_builders():
     want = event_weights(table, cfg, t_end)
     got = [w.weight(e, t_end) for e in evs]
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    many = w.weights(np.array([e.event_type for e in evs]), np.array([e.value for e in evs]),
+                     np.array([e.timestamp for e in evs]), t_end)
+    np.testing.assert_allclose(many, want, rtol=1e-6)
 
 
 def test_store_expires_by_ttl_and_evicts_least_recent_users():
