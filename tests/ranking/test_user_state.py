@@ -105,3 +105,19 @@ def test_overlay_excludes_purchases_and_skips_what_the_bundle_already_has(bundle
     assert ov.user_vector is not None and ov.n_realtime_events == 2
     prior = np.asarray(model.user_factors[model.users.row("u3")])
     assert not np.allclose(ov.user_vector, prior)
+
+
+def test_large_catalog_gram_is_computed_in_the_background(bundle_path, monkeypatch):
+    import ranking.overlay as overlay
+
+    monkeypatch.setattr(overlay, "SYNC_GRAM_LIMIT", 0)
+    model = RankingModel(bundle_path)  # a fresh model object: nothing cached for it yet
+    end = model.manifest["data_window"]["end_unix"]
+    evs = [Event("u3", "i1", "purchase", end + 10, 9.0), Event("u3", "i3", "click", end + 20)]
+    first = build_overlay(model, "u3", evs, end + 30)
+    assert model.items.id_of(first.exclude_rows) == ["i1"]  # purchases never wait for the Gram matrix
+    assert overlay.model_cache(model).ready.wait(timeout=60)
+    later = build_overlay(model, "u3", evs, end + 30)
+    y = np.asarray(model.item_factors, dtype=np.float64)
+    np.testing.assert_allclose(overlay.model_cache(model).yty, y.T @ y, rtol=1e-5, atol=1e-5)
+    assert later.user_vector is not None
