@@ -7,7 +7,7 @@ DATA   ?= data/movielens
 DEMO   ?= .demo
 BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
 
-.PHONY: help venv install build demo test test-debug lint bench clean
+.PHONY: help venv install build demo test test-debug lint bench clean deps-system
 
 help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Stamp: reinstall when the build inputs change.
-$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml ranking/_scoring.pyx ranking/_typedefs.pxd proto/one2one/v1/ranking.proto
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml ranking/_scoring.pyx ranking/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
 	$(PIP) install -q $(BUILD_DEPS)
 	$(PIP) install -q --no-build-isolation -e ".[test,report]"
 	touch $@
@@ -38,7 +38,15 @@ demo: install $(DATA)/events.csv
 	    --users $(DATA)/users.csv --out $(DEMO)/artifacts $(if $(CI),--quiet,)
 	$(PY) -m server.demo --artifacts $(DEMO)/artifacts --items $(DATA)/items.csv
 
-test: install
+# System tools some tests need: Debian's prometheus package (prometheus, promtool).
+# Idempotent; CI runs it before the tests, which then never skip for want of them.
+deps-system:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus; \
+	fi
+
+test: install $(if $(CI),deps-system,)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The kernels again, compiled with bounds checking on (CI runs this once).

@@ -94,7 +94,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pyyaml>=6.0"],
         "report": ["matplotlib>=3.8"],
     },
 )

@@ -69,7 +69,14 @@ def build_index(item_factors: np.ndarray, cfg: BuildConfig) -> faiss.Index:
     if isinstance(base, faiss.IndexHNSW):
         base.hnsw.efConstruction = cfg.hnsw_ef_construction
     if not index.is_trained:
-        index.train(item_factors)
+        # k-means on a sample: 64 points per list is plenty, and all of them would take
+        # minutes at a million items.
+        n_lists = getattr(faiss.extract_index_ivf(index), "nlist", 0) if "IVF" in cfg.index_type else 0
+        train = item_factors
+        if n_lists and len(item_factors) > 64 * n_lists:
+            rng = np.random.default_rng(cfg.random_seed)
+            train = item_factors[rng.choice(len(item_factors), 64 * n_lists, replace=False)]
+        index.train(train)
     index.add(item_factors)
     return index
 

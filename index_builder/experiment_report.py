@@ -18,7 +18,7 @@ from pathlib import Path
 
 from scipy.stats import norm
 
-from ranking.eventlog import read_log
+from ranking.eventlog import read_all
 
 OUTCOMES = ("click", "add_to_cart", "purchase")
 
@@ -74,15 +74,18 @@ def collect(log_dir: Path | str) -> tuple[dict[tuple[str, str], ArmCounts], int]
     arms: dict[tuple[str, str], ArmCounts] = {}
     owner: dict[str, tuple[str, str]] = {}
     unattributed = 0
-    for _, rec in read_log(log_dir):
-        kind = rec.get("kind")
-        if kind == "impression" and rec.get("experiment"):
+    # Two passes: with several writers (worker processes) an event may sit in another
+    # writer's log than the impression it answers, so every impression is known first.
+    for _, rec in read_all(log_dir):
+        if rec.get("kind") == "impression" and rec.get("experiment"):
             key = (rec["experiment"], rec["arm"])
             c = arms.setdefault(key, ArmCounts())
             c.impressions += 1
             c.users.add(rec.get("user_id", ""))
             owner[rec["request_id"]] = key
-        elif kind == "event" and rec.get("request_id") and rec.get("event_type") in OUTCOMES:
+    for _, rec in read_all(log_dir):
+        kind = rec.get("kind")
+        if kind == "event" and rec.get("request_id") and rec.get("event_type") in OUTCOMES:
             key = owner.get(rec["request_id"])
             if key is None:
                 unattributed += 1

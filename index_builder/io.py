@@ -322,13 +322,14 @@ def _read_parquet(path) -> _Raw:
 def _read_eventlog(path) -> _Raw:
     """The events of a server's event log directory (ranking.eventlog), as a raw table that goes
     through the same checks as a file. Rows are numbered by event record, 1-based."""
-    from ranking.eventlog import EventLogCorrupt, read_log, segments
+    from ranking.eventlog import EventLogCorrupt, log_dirs, read_all
 
-    if not segments(Path(path)):
-        raise InputError(path, "is a directory but holds no event log segments (<number>.log)")
+    if not log_dirs(path):
+        raise InputError(path, "is a directory but holds no event log (segments <number>.log, or writer "
+                               "directories w<k>/ holding them)")
     cols: dict[str, list] = {"user_id": [], "item_id": [], "event_type": [], "timestamp": [], "value": []}
     try:
-        for _, rec in read_log(path):
+        for _, rec in read_all(path):
             if rec.get("kind") != "event":
                 continue
             for name in ("user_id", "item_id", "event_type", "timestamp"):

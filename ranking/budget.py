@@ -61,3 +61,61 @@ class Budget:
 
     def expired(self) -> bool:
         return self.deadline_ns != 0 and time.monotonic_ns() >= self.deadline_ns
+
+
+@dataclass
+class RetrievalPlan:
+    """How much candidate work a request can afford: what the planner decided."""
+
+    n_candidates: int
+    effort: int
+    cut: bool  # True when the plan is smaller than the configured one
+
+
+class CostModel:
+    """Learns what a candidate costs and plans a request's work to fit its budget.
+
+    The time spent after resolving a user (retrieve + features + score) is modelled as
+    ``fixed + per_candidate * n``; both terms are exponentially weighted averages of
+    what complete requests took, so the plan follows the machine's current speed.
+    Plain float updates: a lost update under concurrency only delays learning a little.
+
+    Parameters
+    ----------
+    alpha : float
+        Weight of the newest observation.
+    safety : float
+        Fraction of the remaining budget the plan may use; the rest absorbs noise.
+    min_candidates : int
+        Never plan fewer candidates than this (the scoring loop still guards the deadline).
+    """
+
+    def __init__(self, alpha: float = 0.1, safety: float = 0.7, min_candidates: int = 20):
+        self.alpha = alpha
+        self.safety = safety
+        self.min_candidates = min_candidates
+        self.fixed_ms: float | None = None
+        self.per_candidate_ms: float | None = None
+
+    def observe(self, n_candidates: int, fixed_ms: float, variable_ms: float) -> None:
+        """Record one request: ``fixed_ms`` independent of the candidate count, ``variable_ms`` proportional."""
+        per = variable_ms / max(n_candidates, 1)
+        if self.fixed_ms is None or self.per_candidate_ms is None:
+            self.fixed_ms, self.per_candidate_ms = fixed_ms, per
+            return
+        a = self.alpha
+        self.fixed_ms += a * (fixed_ms - self.fixed_ms)
+        self.per_candidate_ms += a * (per - self.per_candidate_ms)
+
+    def plan(self, remaining_ms: float, n_candidates: int, effort: int) -> RetrievalPlan:
+        """Shrink the candidate count (and search effort with it) until the estimate fits."""
+        if self.per_candidate_ms is None or self.fixed_ms is None or remaining_ms == float("inf"):
+            return RetrievalPlan(n_candidates, effort, False)
+        usable = remaining_ms * self.safety - self.fixed_ms
+        need = self.per_candidate_ms * n_candidates
+        if need <= usable:
+            return RetrievalPlan(n_candidates, effort, False)
+        n = int(usable / self.per_candidate_ms) if self.per_candidate_ms > 0 else n_candidates
+        n = max(self.min_candidates, min(n, n_candidates))
+        scaled_effort = max(n, int(effort * n / max(n_candidates, 1)))
+        return RetrievalPlan(n, scaled_effort, True)

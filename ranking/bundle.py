@@ -221,7 +221,10 @@ class Bundle:
         """Load ``<name>.npy``; memory-mapped read-only by default so workers share pages."""
         path = self.file(f"{name}.npy")
         try:
-            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            # A plain ndarray view of the mapping: same shared pages, but indexing it does
+            # not build a np.memmap per call (a tenth of a millisecond per request).
+            return arr.view(np.ndarray) if mmap else arr
         except ValueError as exc:
             raise BundleError(f"{path} cannot be read as a plain array: {exc}") from None
 

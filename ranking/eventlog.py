@@ -87,36 +87,40 @@ def segments(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _SEGMENT_RE.match(p.name))
 
 
-def _scan(path: Path, data: bytes) -> tuple[list[tuple[int, dict]], int, str]:
+def _scan(path: Path, data: bytes, base: int = 0) -> tuple[list[tuple[int, dict]], int, str]:
     """Parse a segment's bytes: (offset, record) pairs, the end of the last good record, and why
-    parsing stopped early ("" when the segment ended cleanly)."""
-    if len(data) < len(MAGIC):
-        return [], 0, f"segment header is {len(data)} bytes, expected {len(MAGIC)}" if data else "empty segment"
-    if data[: len(MAGIC)] != MAGIC:
-        raise EventLogCorrupt(path, 0, "not an event log segment (bad magic)")
-    out, pos, n = [], len(MAGIC), len(data)
+    parsing stopped early ("" when the segment ended cleanly). ``data`` starts at byte ``base``
+    of the file (a tailer reads on from where it stopped; offsets are file offsets)."""
+    if base == 0:
+        if len(data) < len(MAGIC):
+            return [], 0, f"segment header is {len(data)} bytes, expected {len(MAGIC)}" if data else "empty segment"
+        if data[: len(MAGIC)] != MAGIC:
+            raise EventLogCorrupt(path, 0, "not an event log segment (bad magic)")
+        out, pos, n = [], len(MAGIC), len(data)
+    else:
+        out, pos, n = [], 0, len(data)
     while pos < n:
         if n - pos < _HEADER.size:
-            return out, pos, f"{n - pos} trailing bytes, shorter than a record header"
+            return out, base + pos, f"{n - pos} trailing bytes, shorter than a record header"
         length, crc = _HEADER.unpack_from(data, pos)
         if not _MIN_PAYLOAD <= length <= _MAX_PAYLOAD:
-            return out, pos, f"record length {length} is out of range"
+            return out, base + pos, f"record length {length} is out of range"
         end = pos + _HEADER.size + length
         if end > n:
-            return out, pos, f"record of {length} bytes is cut off after {n - pos - _HEADER.size}"
+            return out, base + pos, f"record of {length} bytes is cut off after {n - pos - _HEADER.size}"
         payload = data[pos + _HEADER.size:end]
         if zlib.crc32(payload) != crc:
-            return out, pos, "checksum mismatch"
+            return out, base + pos, "checksum mismatch"
         try:
             rec = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             # The checksum matched, so these are the bytes that were written: a writer bug, not a torn write.
-            raise EventLogCorrupt(path, pos, f"payload is not JSON ({exc})") from None
+            raise EventLogCorrupt(path, base + pos, f"payload is not JSON ({exc})") from None
         if not isinstance(rec, dict):
-            raise EventLogCorrupt(path, pos, "payload is not a JSON object")
-        out.append((pos, rec))
+            raise EventLogCorrupt(path, base + pos, "payload is not a JSON object")
+        out.append((base + pos, rec))
         pos = end
-    return out, pos, ""
+    return out, base + pos, ""
 
 
 def read_log(directory: Path | str, *, repair: bool = False,
@@ -341,3 +345,115 @@ class EventLog:
             self._closed = True
             self._fh.close()
             self._lockfile.close()
+
+
+# -- several writers ------------------------------------------------------------------------
+# A server with several worker processes has several writers. Each takes its own writer
+# directory ``w<k>/`` under the log root (the first whose lock it gets, so a replaced worker
+# takes over the slot of the one that died, torn tail included), and every worker tails the
+# others' directories before each Rank, so an event acknowledged by one worker is in the
+# next ranking whichever worker serves it.
+_WRITER_RE = re.compile(r"^w(\d+)$")
+
+
+def writer_dirs(root: Path | str) -> list[Path]:
+    """The writer directories under a log root, in slot order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _WRITER_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def log_dirs(root: Path | str) -> list[Path]:
+    """Every single-writer log under ``root``: the root itself if it holds segments, then its writers."""
+    root = Path(root)
+    return ([root] if segments(root) else []) + writer_dirs(root)
+
+
+def open_writer(root: Path | str, max_writers: int = 1024, **kwargs) -> EventLog:
+    """An :class:`EventLog` on the first free writer directory ``root/w<k>``.
+
+    Raises
+    ------
+    EventLogError
+        All ``max_writers`` slots are held by live processes.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(max_writers):
+        try:
+            return EventLog(root / f"w{k}", **kwargs)
+        except EventLogError as exc:
+            if "already open for writing" not in str(exc):
+                raise
+    raise EventLogError(f"all {max_writers} writer slots of event log {root} are in use")
+
+
+def read_all(root: Path | str, modified_since: float | None = None) -> Iterator[tuple[Position, dict]]:
+    """Every record of every writer under ``root`` (writer by writer, each in append order)."""
+    for d in log_dirs(root):
+        yield from read_log(d, modified_since=modified_since)
+
+
+class LogTailer:
+    """Reads what other writers appended since the last call, record by record.
+
+    Parameters
+    ----------
+    root : Path
+        The log root.
+    skip : Path, optional
+        A writer directory not to follow (the caller's own: it applies its writes directly).
+
+    Not thread-safe; callers serialise :meth:`poll`.
+    """
+
+    def __init__(self, root: Path | str, skip: Path | None = None):
+        self.root = Path(root)
+        self.skip = Path(skip).resolve() if skip is not None else None
+        # writer dir -> [segment path, offset of the next unread byte]
+        self._pos: dict[Path, list] = {}
+        self._broken: set[Path] = set()
+
+    def poll(self, modified_since: float | None = None, strict: bool = False) -> list[dict]:
+        """The records appended since the last poll (all of them on the first), in order per writer.
+
+        A record still being written is left for the next poll. A damaged record before a
+        writer's tail raises :class:`EventLogCorrupt` when ``strict`` (start-up: serve
+        nothing rather than a silently shortened history); otherwise it stops following
+        that writer, with an error logged (a Rank must not fail on another process's disk).
+        """
+        out: list[dict] = []
+        for d in log_dirs(self.root):
+            rd = d.resolve()
+            if rd == self.skip or rd in self._broken:
+                continue
+            try:
+                self._poll_dir(rd, out, modified_since)
+            except (EventLogCorrupt, OSError) as exc:
+                if strict:
+                    raise
+                self._broken.add(rd)
+                log.error("stopped following an event log writer", extra={"writer": str(rd), "error": str(exc)})
+        return out
+
+    def _poll_dir(self, d: Path, out: list[dict], modified_since: float | None) -> None:
+        files = segments(d)
+        if not files:
+            return
+        seg, offset = self._pos.get(d, (None, 0))
+        todo = files if seg is None else [f for f in files if f.name >= seg.name]
+        for k, path in enumerate(todo):
+            start = offset if (seg is not None and path.name == seg.name) else 0
+            last = k == len(todo) - 1
+            if modified_since is not None and not last and start == 0 and path.stat().st_mtime < modified_since:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(start)
+                data = fh.read()
+            records, good_end, problem = _scan(path, data, start)
+            out.extend(rec for _, rec in records)
+            if problem and not last:
+                raise EventLogCorrupt(path, good_end, problem)
+            self._pos[d] = [path, good_end]

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranking import scoring
-from ranking.budget import Budget
+from ranking.batcher import AnnBatcher
+from ranking.budget import Budget, CostModel
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.model import Csr, RankingModel
 from ranking.query import QueryLimits, RankQuery
-from ranking.retrieval import ann_search, unique_in_order
+from ranking.retrieval import unique_in_order
 
 if TYPE_CHECKING:
     from ranking.overlay import RankOverlay
@@ -40,6 +41,11 @@ class RankerConfig:
     ann_effort: int = 128
     max_consumed_slack: int = 1000
     limits: QueryLimits = field(default_factory=QueryLimits)
+    # Test/debug only, empty in production: microseconds of artificial work per
+    # candidate in a stage ("retrieve", "features"), to prove budget handling.
+    debug_delay_us_per_candidate: dict[str, float] = field(default_factory=dict)
+    ann_batch_size: int = 1
+    ann_batch_wait_us: float = 300.0
 
 
 @dataclass
@@ -109,6 +115,25 @@ class Ranker:
         if missing:
             raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
         self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
+        self.costs = CostModel()
+        self.ann = AnnBatcher(model.index, self.config.ann_batch_size, self.config.ann_batch_wait_us)
+
+    def warm(self, n_requests: int = 16) -> None:
+        """Answer typical requests before serving: faults in the arrays and the index,
+        exercises every rung (a bundle that loads but cannot rank fails here, not on a
+        request) and seeds the cost model the budget planner uses."""
+        m = self.model
+        users = np.flatnonzero(np.asarray(m.user_has_history[: max(n_requests * 4, 1)]))[:n_requests]
+        for row in users:
+            self.rank(RankQuery(user_id=str(m.users.ids[row])))
+        if m.n_items:
+            self.rank(RankQuery(session_item_ids=m.items.id_of(np.arange(min(2, m.n_items)))))
+        self.rank(RankQuery())
+
+    def _debug_delay(self, stage: str, n: int) -> None:
+        us = self.config.debug_delay_us_per_candidate.get(stage)
+        if us:
+            time.sleep(us * n / 1e6)
 
     # -- resolve ---------------------------------------------------------------
     def _segment_for(self, urow: int, attributes: dict[str, str]) -> int:
@@ -154,7 +179,8 @@ class Ranker:
         return Rung.POPULAR, reason, urow, None, -1, session
 
     # -- retrieve --------------------------------------------------------------
-    def _retrieve(self, q: RankQuery, rung: Rung, urow: int, qvec: np.ndarray | None, seg: int) -> np.ndarray:
+    def _retrieve(self, q: RankQuery, rung: Rung, urow: int, qvec: np.ndarray | None, seg: int,
+                  n_candidates: int, effort: int, remaining_ms: float = float("inf")) -> np.ndarray:
         m, cfg = self.model, self.config
         if q.candidate_item_ids:
             return unique_in_order(m.items.lookup(q.candidate_item_ids))
@@ -163,11 +189,10 @@ class Ranker:
             slack = 0
             if urow >= 0:
                 slack = min(int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow]), cfg.max_consumed_slack)
-            _, rows = ann_search(m.index, qvec[None, :], cfg.n_candidates + slack, cfg.ann_effort)
-            pools.append(rows[0])
+            pools.append(self.ann.search(qvec, n_candidates + slack, effort, remaining_ms))
         if seg >= 0:
-            pools.append(m.segment_popular.row(seg)[: cfg.n_candidates])
-        n_pop = cfg.popular_candidates if pools else cfg.n_candidates
+            pools.append(m.segment_popular.row(seg)[:n_candidates])
+        n_pop = min(cfg.popular_candidates, n_candidates) if pools else n_candidates
         pools.append(m.popular_items[:n_pop])
         return unique_in_order(np.concatenate(pools))
 
@@ -263,23 +288,45 @@ class Ranker:
             rung, reason, urow, qvec, seg, session = self._resolve(
                 q, Rung(overlay.variant.max_rung), overlay.user_vector)
         clock.lap("resolve")
-        cands = self._retrieve(q, rung, urow, qvec, seg)
+        # Degradation order when time is short (README, "The request budget"):
+        # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
+        # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");
+        # 3. no scoring at all: candidates in retrieval order ("retrieval_order").
+        plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.config.ann_effort)
+        degraded = ["retrieve"] if plan.cut else []
+        started = time.perf_counter()
+        cands = self._retrieve(q, rung, urow, qvec, seg, plan.n_candidates, plan.effort, budget.remaining_ms())
+        self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
         offsets, offset_parts = None, {}
         if overlay is not None:
             mask |= overlay.mask(m, cands)
             offsets, offset_parts = overlay.offsets(m, cands)
         clock.lap("retrieve")
-        feats = self._features(cands, qvec, seg)
-        clock.lap("features")
-        top = scoring.score_topk(feats, m.weights, mask, k, bias=m.bias, offsets=offsets,
-                                 deadline_ns=budget.deadline_ns)
-        clock.lap("score")
+        feats = None
+        if not budget.expired():
+            feats = self._features(cands, qvec, seg)
+            self._debug_delay("features", len(cands))
+            clock.lap("features")
+        if feats is None or budget.expired():
+            order = np.linspace(1.0, 0.0, len(cands), endpoint=False, dtype=np.float32)
+            if offsets is not None:
+                # Rules and real-time demotions still hold when there is no time to score.
+                order = order + offsets
+            top = scoring.topk(order, mask, k)
+            degraded.append("retrieval_order")
+        else:
+            top = scoring.score_topk(feats, m.weights, mask, k, bias=m.bias, offsets=offsets,
+                                     deadline_ns=budget.deadline_ns)
+            clock.lap("score")
+            if top.n_scored < len(cands):
+                degraded.append("score")
+            else:
+                self.costs.observe(len(cands), 0.0, (time.perf_counter() - started) * 1000.0)
 
-        degraded = ["score"] if top.n_scored < len(cands) else []
         rows = cands[top.indices]
         contributions = None
-        if q.explain:
+        if q.explain and feats is not None:
             contrib = scoring.linear_contributions(feats[top.indices], m.weights)
             contributions = [
                 {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": m.bias}

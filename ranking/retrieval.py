@@ -8,14 +8,14 @@ import numpy as np
 def search_params(index: faiss.Index, k: int, effort: int) -> faiss.SearchParameters | None:
     """Per-query search parameters, so concurrent requests never mutate the shared index.
 
-    ``effort`` is efSearch for HNSW and nprobe for IVF; HNSW needs efSearch >= k to
+    ``effort`` is efSearch for HNSW and nprobe (lists probed) for IVF; HNSW needs efSearch >= k to
     return k results.
     """
     base = faiss.downcast_index(index)
     if isinstance(base, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(efSearch=max(effort, k))
     if isinstance(base, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=max(1, effort // 8))
+        return faiss.SearchParametersIVF(nprobe=max(1, effort))
     return None
 
 

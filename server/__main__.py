@@ -1,6 +1,6 @@
 """Entry point: ``python -m server --artifacts DIR``."""
 import sys
 
-from server.app import main
+from server.workers import main
 
 sys.exit(main())

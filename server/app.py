@@ -1,13 +1,20 @@
-"""Server assembly and lifecycle: create_server, serve (health, metrics, reload, drain), main."""
+"""Server assembly and lifecycle: create_server, serve (health, metrics, hot reload, drain), main.
+
+Lifecycle, in order: bind and start; health NOT_SERVING until a bundle is loaded;
+the loop reloads when ``CURRENT`` changes (polled every ``reload_interval_seconds``),
+on SIGHUP, or on ``AdminService.ReloadBundle``, always off the request path; SIGTERM
+or SIGINT turns health NOT_SERVING, keeps serving for ``drain_notice_seconds`` so
+load balancers move away, stops accepting, lets in-flight requests finish for up to
+``drain_seconds`` and returns 0.
+"""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import signal
 import sys
-import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -16,9 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from one2one.v1 import ranking_pb2, ranking_pb2_grpc
-from ranking.errors import RankingError
+from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from server import logs, metrics
+from server.admin import AdminServicer
 from server.config import ServerConfig
 from server.interceptors import MetricsInterceptor
 from server.model_manager import ModelManager
@@ -27,9 +34,18 @@ from server.servicer import RankingServicer
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+# Health service name for liveness probes: SERVING while the process answers at all, even
+# before its first bundle, so an orchestrator restarts hung processes, not waiting ones.
+# "" and RankingService say whether Rank can answer (readiness).
+LIVENESS_SERVICE = "liveness"
+# How often the serve loop looks at its signal flags: the delay before a SIGTERM or
+# SIGHUP is acted on.
+_TICK_SECONDS = 0.05
 
 
 def create_server(config: ServerConfig, models: ModelManager,
+                  reuse_port: bool = False,
                   realtime: "Realtime | None" = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the ranking, health and reflection services, bound but not started.
 
@@ -43,7 +59,8 @@ def create_server(config: ServerConfig, models: ModelManager,
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Worker processes share one port; a lone server refuses to share it by mistake.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rank"),
@@ -55,8 +72,11 @@ def create_server(config: ServerConfig, models: ModelManager,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(models, on_loaded=lambda: _set_serving(health_servicer, True)), server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
@@ -69,8 +89,35 @@ def _set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain in-flight requests and return the exit code."""
+def _in_flight() -> int:
+    return int(sum(s.value for fam in metrics.RPC_IN_FLIGHT.collect() for s in fam.samples))
+
+
+def drain(server: grpc.Server, health_servicer: health.HealthServicer, config: ServerConfig) -> None:
+    """Health NOT_SERVING, a notice period still serving, stop accepting, wait for in-flight calls.
+
+    Calls still running after ``drain_seconds`` are cancelled; the process exits 0 either way,
+    because a drain that hit its deadline is an orderly shutdown, not a crash.
+    """
+    log.info("draining", extra={"notice_seconds": config.drain_notice_seconds,
+                                "grace_seconds": config.drain_seconds, "in_flight": _in_flight()})
+    metrics.SERVING.set(0)
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
+    if config.drain_notice_seconds > 0:
+        time.sleep(config.drain_notice_seconds)
+    done = server.stop(grace=config.drain_seconds)
+    t0 = time.monotonic()
+    done.wait()
+    log.info("stopped", extra={"drain_seconds": round(time.monotonic() - t0, 3), "in_flight": _in_flight()})
+
+
+def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT, then drain in-flight requests and return the exit code.
+
+    ``preloaded`` (a RankingModel loaded before a fork), ``reuse_port`` and
+    ``on_ready`` (called with the bound port once listening) serve the worker
+    processes of :mod:`server.workers`.
+    """
     import faiss
 
     # One OpenMP thread per query on the request path: requests, not threads, use the cores.
@@ -80,67 +127,74 @@ def serve(config: ServerConfig) -> int:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, "blas")
-    models = ModelManager(config.artifacts, config.ranker_config())
+    metrics.set_config(config)
+    models = ModelManager(config.artifacts, config.ranker_config(), preloaded=preloaded)
     # Replayed before the port opens, so the first Rank already reflects every logged event.
     realtime = Realtime(config)
     realtime.replay()
-    server, port, health_servicer = create_server(config, models, realtime)
+    server, port, health_servicer = create_server(config, models, reuse_port=reuse_port, realtime=realtime)
     metrics_port = None
     if config.metrics_port >= 0:
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
         metrics_port = httpd.server_port
-    stop = threading.Event()
+    # Signal handlers only set plain flags, which the loop below reads every tick. They
+    # must not take a lock: a handler runs on the main thread between bytecodes, and
+    # setting a threading.Event while the main thread holds that Event's lock (inside
+    # its wait) can deadlock the loop (a SIGHUP was once never acted on, under load).
+    flags = {"stop": False, "reload": False}
+
+    def on_stop(signum, frame):
+        flags["stop"] = True
+
+    def on_reload(signum, frame):
+        flags["reload"] = True
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)
+    # A worker process starts with these blocked (server.workers); deliver any held now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     server.start()
     log.info("listening", extra={"grpc_port": port, "metrics_port": metrics_port, "artifacts": config.artifacts})
 
-    def load() -> None:
-        if models.load_current():
+    def load(trigger: str, force: bool = False) -> None:
+        if models.reload(trigger, force).result == "loaded":
             _set_serving(health_servicer, True)
 
-    load()
+    load("startup")
     if not models.loaded:
-        log.warning("no servable bundle yet; health stays NOT_SERVING and loading is retried",
-                    extra={"artifacts": config.artifacts})
+        log.warning("no servable bundle yet; health stays NOT_SERVING until a poll, SIGHUP or "
+                    "ReloadBundle loads one", extra={"artifacts": config.artifacts})
+    if on_ready is not None:
+        on_ready(port)
     if config.ready_file:
         tmp = Path(config.ready_file + ".tmp")
         tmp.write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
         os.replace(tmp, config.ready_file)
 
-    while not stop.wait(config.reload_interval_seconds if config.reload_interval_seconds > 0 else None):
-        load()
+    interval = config.reload_interval_seconds
+    next_poll = time.monotonic() + interval
+    while not flags["stop"]:
+        time.sleep(_TICK_SECONDS)
+        if flags["stop"]:
+            break
+        if flags["reload"]:
+            flags["reload"] = False
+            load("signal", force=True)
+        elif interval > 0 and time.monotonic() >= next_poll:
+            load("poll")
+            next_poll = time.monotonic() + interval
 
-    log.info("draining", extra={"grace_seconds": config.drain_seconds})
-    health_servicer.enter_graceful_shutdown()
-    metrics.SERVING.set(0)
-    server.stop(grace=config.drain_seconds).wait()
+    drain(server, health_servicer, config)
     realtime.close()
-    log.info("stopped")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m server", description="Serve the CURRENT one2one bundle over gRPC.")
-    p.add_argument("--artifacts", help="artifacts directory holding the versions and CURRENT")
-    p.add_argument("--port", type=int, help="gRPC port (0 picks a free one)")
-    p.add_argument("--host", help="address to bind")
-    p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (-1: off)")
-    p.add_argument("--config", help="TOML file with a [server] table")
-    p.add_argument("--ready-file", dest="ready_file", help="write {grpc_port, metrics_port, pid} here once listening")
-    args = p.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "config"}
-    try:
-        config = ServerConfig.load(args.config, flags=flags)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logs.setup(config.log_level)
-    try:
-        return serve(config)
-    except (OSError, ValueError, RankingError) as exc:
-        log.error("cannot start", extra={"error": str(exc)})
-        return 1
+    """``python -m server``: see :mod:`server.workers` for the process model."""
+    from server.workers import main as workers_main
+
+    return workers_main(argv)
 
 
 if __name__ == "__main__":

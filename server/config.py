@@ -30,13 +30,20 @@ class ServerConfig:
     max_budget_ms: float = 500.0
     reply_margin_ms: float = 2.0
     drain_seconds: float = 10.0
+    drain_notice_seconds: float = 0.0
     reload_interval_seconds: float = 5.0
+    bundle_max_age_hours: float = 48.0
     n_candidates: int = 200
     popular_candidates: int = 50
     ann_effort: int = 128
     max_results: int = 100
     log_level: str = "INFO"
     ready_file: str = ""
+    workers: int = 0
+    ann_batch_size: int = 1
+    ann_batch_wait_us: float = 300.0
+    debug_delay_us_per_candidate: str = ""
+    debug_rank_delay_ms: float = 0.0
     # Real-time events and experiments (RecordEvents, user state, rules, arms).
     event_log_dir: str = ""  # "": <artifacts>-events, next to the artifacts directory
     event_log_fsync: str = "always"
@@ -100,8 +107,20 @@ class ServerConfig:
             problems.append(f"metrics_port {self.metrics_port} is out of range (-1 disables metrics)")
         if self.default_budget_ms <= 0 or self.max_budget_ms <= 0:
             problems.append("default_budget_ms and max_budget_ms must be > 0")
+        if self.drain_seconds < 0 or self.drain_notice_seconds < 0:
+            problems.append("drain_seconds and drain_notice_seconds must be >= 0")
+        if self.debug_rank_delay_ms < 0:
+            problems.append("debug_rank_delay_ms must be >= 0 (0 turns it off)")
         if self.max_workers < 1:
             problems.append("max_workers must be >= 1")
+        if self.workers < 0:
+            problems.append(f"workers {self.workers} must be >= 0 (0: one per core)")
+        if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:
+            problems.append("ann_batch_size must be >= 1 and ann_batch_wait_us >= 0")
+        try:
+            self.debug_delays()
+        except ValueError as exc:
+            problems.append(str(exc))
         from ranking.eventlog import FSYNC_POLICIES
 
         if self.event_log_fsync not in FSYNC_POLICIES:
@@ -120,6 +139,25 @@ class ServerConfig:
             problems.append("skip_penalty must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def n_workers(self) -> int:
+        """Worker processes to run: ``workers``, or one per core when 0."""
+        return self.workers or (os.cpu_count() or 1)
+
+    def debug_delays(self) -> dict[str, float]:
+        """``debug_delay_us_per_candidate`` parsed: "retrieve:100,features:50" (test/debug only)."""
+        out: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in self.debug_delay_us_per_candidate.split(","))):
+            stage, sep, value = part.partition(":")
+            try:
+                if not sep or stage not in ("retrieve", "features"):
+                    raise ValueError
+                out[stage] = float(value)
+            except ValueError:
+                raise ValueError(f"debug_delay_us_per_candidate entry {part!r} must be "
+                                 "retrieve:<us> or features:<us>") from None
+        return out
 
     def event_type_list(self) -> tuple[str, ...]:
         return tuple(t.strip().lower() for t in self.event_types.split(",") if t.strip())
@@ -141,4 +179,7 @@ class ServerConfig:
             popular_candidates=self.popular_candidates,
             ann_effort=self.ann_effort,
             limits=QueryLimits(max_results=self.max_results),
+            debug_delay_us_per_candidate=self.debug_delays(),
+            ann_batch_size=self.ann_batch_size,
+            ann_batch_wait_us=self.ann_batch_wait_us,
         )

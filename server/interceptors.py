@@ -1,4 +1,4 @@
-"""Server interceptors: request count and latency by method and status code."""
+"""Server interceptors: request count, latency and in-flight requests by method and status code."""
 from __future__ import annotations
 
 import time
@@ -22,10 +22,12 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return handler
         method = _method_name(handler_call_details.method)
         inner = handler.unary_unary
+        in_flight = metrics.RPC_IN_FLIGHT.labels(method)
 
         def wrapper(request, context):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
+            in_flight.inc()
             try:
                 response = inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
@@ -36,6 +38,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
+                in_flight.dec()
                 metrics.RPC_REQUESTS.labels(method, code.name).inc()
                 metrics.RPC_DURATION.labels(method).observe(time.perf_counter() - start)
 

@@ -1,12 +1,38 @@
-"""Structured JSON logging: one object per line, extra fields included."""
+"""Structured JSON logging: one object per line, extra fields and the request id included."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import sys
 import time
+from typing import Iterator
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+# The id of the request the current thread is handling; every log line written while
+# handling it carries it, so one grep finds everything a request did.
+_REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("one2one_request_id", default="")
+
+
+@contextlib.contextmanager
+def request_context(request_id: str) -> Iterator[None]:
+    """Tag every log line written inside the block with ``request_id``.
+
+    gRPC reuses its worker threads across requests, so the id is reset on the way
+    out rather than left for the next request on the same thread.
+    """
+    token = _REQUEST_ID.set(request_id)
+    try:
+        yield
+    finally:
+        _REQUEST_ID.reset(token)
+
+
+def current_request_id() -> str:
+    """The request id of the block being run, or "" outside any request."""
+    return _REQUEST_ID.get()
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,6 +43,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = _REQUEST_ID.get()
+        if request_id:
+            doc["request_id"] = request_id
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 doc[key] = value

@@ -1,16 +1,62 @@
-"""Every Prometheus metric of the server, in one place (names: one2one_<noun>_<unit>[_total])."""
+"""Every Prometheus metric of the server, in one place (names: one2one_<noun>_<unit>[_total]).
+
+Labels are small fixed sets: ``method`` (the service's RPCs), ``code`` (gRPC status
+names), ``stage`` (:data:`STAGES`), ``strategy`` (the rungs), ``reason`` (fallback
+reasons of the ladder, or :data:`LOAD_FAILURE_REASONS`), ``result`` and ``trigger``
+of reloads, and ``version`` on the single info series of the bundle being served.
+The ``process_*`` and ``python_*`` series come from prometheus_client's default
+collectors on the same registry. Gauges name their multiprocess mode, for when several
+worker processes write their metrics to one directory: "livemin" on one2one_serving
+reads 1 only while every live worker serves, "livesum" adds in-flight requests up.
+"""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-# Latency buckets include the default (50 ms) and maximum (500 ms) request budgets exactly.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+from server.config import ServerConfig
 
+# The *_created series double every counter and histogram for a timestamp no
+# dashboard or rule here reads.
+disable_created_metrics()
+
+# The stages of a Rank, in pipeline order; "respond" is the servicer building the reply.
+STAGES = ("resolve", "retrieve", "features", "score", "respond")
+LOAD_FAILURE_REASONS = ("missing", "corrupt", "incompatible", "warmup")
+RELOAD_TRIGGERS = ("startup", "poll", "signal", "admin")
+
+
+def budget_boundaries_seconds(config: ServerConfig | None = None) -> tuple[float, ...]:
+    """The latency budget boundaries every histogram must have as exact bucket bounds.
+
+    The default budget, the same less the reply margin (the part the pipeline may
+    spend), and the maximum budget, in seconds, from the configuration defaults:
+    "p99 over budget" is then read off a bucket edge, not interpolated across one.
+    """
+    c = config or ServerConfig()
+    ms = {c.default_budget_ms, c.default_budget_ms - c.reply_margin_ms, c.max_budget_ms}
+    return tuple(sorted(round(v / 1000.0, 6) for v in ms if v > 0))
+
+
+def latency_buckets(config: ServerConfig | None = None) -> tuple[float, ...]:
+    """Roughly logarithmic buckets from 0.5 ms to 2.5 s, plus the budget boundaries."""
+    base = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+    return tuple(sorted(set(base) | set(budget_boundaries_seconds(config))))
+
+
+LATENCY_BUCKETS = latency_buckets()
+CANDIDATE_BUCKETS = (0, 10, 50, 100, 200, 400, 800, 1600, 3200, 10000)
+
+# -- RED: every RPC, by method and final status code ----------------------------------
 RPC_REQUESTS = Counter(
     "one2one_rpc_requests", "gRPC requests handled, by method and status code.", ["method", "code"])
 RPC_DURATION = Histogram(
     "one2one_rpc_duration_seconds", "Server-side gRPC handling time, by method.", ["method"],
     buckets=LATENCY_BUCKETS)
+RPC_IN_FLIGHT = Gauge(
+    "one2one_rpc_in_flight_requests", "gRPC requests being handled right now, by method.", ["method"],
+    multiprocess_mode="livesum")
+
+# -- Rank: where the time goes and what was served -----------------------------------
 STAGE_DURATION = Histogram(
     "one2one_rank_stage_duration_seconds", "Time spent in each Rank stage.", ["stage"],
     buckets=LATENCY_BUCKETS)
@@ -23,22 +69,71 @@ RANK_DEGRADED = Counter(
 RANK_EMPTY = Counter(
     "one2one_rank_empty_results", "Rank responses with no item (filters or exclusions left nothing).")
 RANK_CANDIDATES = Histogram(
-    "one2one_rank_candidates", "Candidates retrieved per Rank request.",
-    buckets=(0, 10, 50, 100, 200, 400, 800, 1600, 3200, 10000))
-BUNDLE_INFO = Gauge(
-    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"])
-BUNDLE_BUILD_TIME = Gauge(
-    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.")
-BUNDLE_LOAD_TIME = Gauge(
-    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.")
-BUNDLE_LOAD_DURATION = Gauge(
-    "one2one_bundle_load_duration_seconds", "How long loading and verifying the served bundle took.")
-BUNDLE_LOAD_FAILURES = Counter(
-    "one2one_bundle_load_failures", "Bundles refused because they were missing, corrupt or incompatible.")
-SERVING = Gauge(
-    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.")
+    "one2one_rank_candidates", "Candidates retrieved per Rank request.", buckets=CANDIDATE_BUCKETS)
+RANK_SCORED = Histogram(
+    "one2one_rank_scored_candidates", "Candidates scored per Rank request (fewer than retrieved when "
+    "the budget ran out).", buckets=CANDIDATE_BUCKETS)
 
-# --- Real-time events, context rules and experiments (RecordEvents, user state, arms) -------
+# -- The bundle being served and its reloads -------------------------------------------
+BUNDLE_INFO = Gauge(
+    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"],
+    multiprocess_mode="livemax")
+BUNDLE_BUILD_TIME = Gauge(
+    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.", multiprocess_mode="livemax")
+BUNDLE_LOAD_TIME = Gauge(
+    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.", multiprocess_mode="livemax")
+BUNDLE_LOAD_DURATION = Gauge(
+    "one2one_bundle_load_duration_seconds", "How long loading, verifying and warming the served bundle took.",
+    multiprocess_mode="livemax")
+BUNDLE_LOAD_FAILURES = Counter(
+    "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).",
+    ["reason"])
+BUNDLE_RELOADS = Counter(
+    "one2one_bundle_reloads", "Bundle load attempts, by what triggered them and their result "
+    "(loaded, refused).", ["trigger", "result"])
+BUNDLE_REFUSED = Gauge(
+    "one2one_bundle_refused", "1 while CURRENT names a bundle that was refused (the old one keeps "
+    "serving), else 0.", multiprocess_mode="livemax")
+BUNDLE_MAX_AGE = Gauge(
+    "one2one_bundle_max_age_seconds", "The configured age (bundle_max_age_hours) after which the served "
+    "bundle counts as stale; the stale-bundle alert compares against it.", multiprocess_mode="livemax")
+RANK_BUDGET = Gauge(
+    "one2one_rank_budget_seconds", "The configured Rank budgets (kind: default, max), for dashboards.", ["kind"],
+    multiprocess_mode="livemax")
+SERVING = Gauge(
+    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.", multiprocess_mode="livemin")
+
+
+def init_label_sets() -> None:
+    """Create the fixed label combinations at zero so rates exist before the first event.
+
+    Without this, ``rate(one2one_bundle_load_failures_total[5m])`` has no series until
+    the first failure, and a dashboard or alert cannot tell "none" from "not scraped".
+    """
+    for reason in LOAD_FAILURE_REASONS:
+        BUNDLE_LOAD_FAILURES.labels(reason)
+    for trigger in RELOAD_TRIGGERS:
+        for result in ("loaded", "refused"):
+            BUNDLE_RELOADS.labels(trigger, result)
+    for stage in STAGES:
+        STAGE_DURATION.labels(stage)
+    for stage in ("retrieve", "score"):
+        RANK_DEGRADED.labels(stage)
+    BUNDLE_REFUSED.set(0)
+    SERVING.set(0)
+
+
+init_label_sets()
+
+
+def set_config(config: ServerConfig) -> None:
+    """Export the settings dashboards and alerts compare against."""
+    RANK_BUDGET.labels("default").set(config.default_budget_ms / 1000.0)
+    RANK_BUDGET.labels("max").set(config.max_budget_ms / 1000.0)
+    BUNDLE_MAX_AGE.set(config.bundle_max_age_hours * 3600.0)
+
+# -- Appended by other areas of the server (keep each block commented with its owner) --
+# --- Real-time events, context rules and experiments (owner: server/realtime.py) ---
 # Label values are fixed at startup: event results and types come from the configured event
 # types, rule names and experiment/arm names from the experiments file. Never ids.
 EVENTS_RECORDED = Counter(
@@ -58,7 +153,8 @@ EVENT_LOG_REPLAYED = Counter(
     "one2one_event_log_replayed_records", "Records read back from the event log at startup, by kind.",
     ["kind"])
 USER_STATE_USERS = Gauge(
-    "one2one_user_state_users", "Users with real-time events held in memory.")
+    "one2one_user_state_users", "Users with real-time events held in memory (per worker process).",
+    multiprocess_mode="liveall")
 USER_STATE_EVICTIONS = Counter(
     "one2one_user_state_evictions", "Users evicted from real-time state by the memory bound (LRU).")
 RANK_REALTIME = Counter(

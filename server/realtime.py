@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 from ranking.errors import FieldViolation, InvalidRequest
-from ranking.eventlog import EventLog, EventLogError, read_log
+from ranking.eventlog import EventLogError, LogTailer, open_writer
 from ranking.events import Event, EventLimits, Rejection, validate_batch
 from ranking.experiments import NO_EXPERIMENT, Assignment, Experiments, parse_experiments
 from ranking.overlay import OverlaySettings, RankOverlay, build_overlay
@@ -69,9 +69,13 @@ class Realtime:
         self.settings = OverlaySettings(skip_penalty=config.skip_penalty)
         self._arms: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._arms_lock = threading.Lock()
-        self.log = EventLog(config.event_log_path(), fsync=config.event_log_fsync,
-                            segment_bytes=config.event_log_segment_bytes,
-                            fsync_interval_seconds=config.event_log_fsync_interval_seconds)
+        # One writer directory per process (worker processes each get their own), and a tailer
+        # that brings in what the other processes' writers appended.
+        self.log = open_writer(config.event_log_path(), fsync=config.event_log_fsync,
+                               segment_bytes=config.event_log_segment_bytes,
+                               fsync_interval_seconds=config.event_log_fsync_interval_seconds)
+        self.tailer = LogTailer(config.event_log_path())
+        self._tail_lock = threading.Lock()
         # Fixed label sets: create every series up front so dashboards see zeros, not gaps.
         for exp, arm in self.experiments.arm_names():
             metrics.ARM_IMPRESSIONS.labels(exp, arm)
@@ -83,28 +87,40 @@ class Realtime:
 
     # -- startup -----------------------------------------------------------------
     def replay(self) -> dict[str, int]:
-        """Read the log back into user state and the attribution memory; returns counts by kind."""
+        """Read every writer's log back into user state and the attribution memory (this
+        process's own directory included: it may hold what a crashed predecessor wrote);
+        returns counts by kind."""
         now = time.time()
-        horizon = now - self.config.user_state_ttl_seconds
-        counts = {"event": 0, "impression": 0}
-        batch: list[Event] = []
         # A segment last written before the TTL horizon holds nothing the state would keep.
-        for _, rec in read_log(self.log.directory, modified_since=horizon):
+        with self._tail_lock:
+            counts = self._apply(self.tailer.poll(modified_since=now - self.config.user_state_ttl_seconds,
+                                                     strict=True), now)
+            # From now on this process applies its own writes directly.
+            self.tailer.skip = self.log.directory.resolve()
+        for kind, n in counts.items():
+            metrics.EVENT_LOG_REPLAYED.labels(kind).inc(n)
+        log.info("replayed event log", extra={"directory": str(self.tailer.root), "writer": self.log.directory.name,
+                                              **counts, "users": len(self.state)})
+        return counts
+
+    def catch_up(self) -> None:
+        """Apply what other processes' writers appended since the last call (before each Rank)."""
+        with self._tail_lock:
+            self._apply(self.tailer.poll(), time.time())
+
+    def _apply(self, records: list[dict], now: float) -> dict[str, int]:
+        counts = {"event": 0, "impression": 0}
+        events: list[Event] = []
+        for rec in records:
             kind = rec.get("kind")
             if kind == "event":
-                batch.append(Event.from_record(rec))
-                if len(batch) >= 10_000:
-                    self.state.add(batch, now)
-                    batch.clear()
+                events.append(Event.from_record(rec))
             elif kind == "impression" and rec.get("experiment"):
                 self._remember(rec["request_id"], rec["experiment"], rec["arm"])
             counts[kind] = counts.get(kind, 0) + 1
-        self.state.add(batch, now)
-        for kind, n in counts.items():
-            metrics.EVENT_LOG_REPLAYED.labels(kind).inc(n)
-        metrics.USER_STATE_USERS.set(len(self.state))
-        log.info("replayed event log", extra={"directory": str(self.log.directory), **counts,
-                                              "users": len(self.state)})
+        if events:
+            self.state.add(events, now)
+            metrics.USER_STATE_USERS.set(len(self.state))
         return counts
 
     def close(self) -> None:
@@ -181,6 +197,7 @@ class Realtime:
 
         assignment = self.experiments.assign(q.user_id, q.channel, consumed, variant) \
             if (self.experiments.experiments or variant) else NO_EXPERIMENT
+        self.catch_up()
         now = time.time()
         rules = self.rules.matching(q.channel, q.device, q.region, q.attributes) if self.rules.rules else []
         overlay = build_overlay(model, q.user_id, self.state.events(q.user_id, now), now,

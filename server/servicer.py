@@ -10,11 +10,11 @@ import grpc
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking.budget import Budget, effective_budget_ms
-from ranking.errors import RankingError
+from ranking.errors import RankingError, Unavailable
 from ranking.events import Event
 from ranking.pipeline import RankResult
 from ranking.query import RankQuery
-from server import errors, metrics
+from server import errors, logs, metrics
 from server.config import ServerConfig
 from server.model_manager import ModelManager
 
@@ -90,6 +90,7 @@ def observe(result: RankResult) -> None:
     if not result.item_ids:
         metrics.RANK_EMPTY.inc()
     metrics.RANK_CANDIDATES.observe(result.n_candidates)
+    metrics.RANK_SCORED.observe(result.n_scored)
     for stage, seconds in result.stage_seconds.items():
         metrics.STAGE_DURATION.labels(stage).observe(seconds)
 
@@ -104,36 +105,46 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         request_id = uuid.uuid4().hex
-        try:
-            ranker = self.models.current()
-            budget_ms = effective_budget_ms(
-                request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
-                context.time_remaining(), self.config.reply_margin_ms)
-            budget = Budget.start(max(budget_ms, 0.0))
-            q = query_from_proto(request)
-            if self.realtime is None:
-                result = ranker.rank(q, budget)
-            else:
-                overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
-                result = ranker.rank(q, budget, overlay)
-        except RankingError as exc:
-            errors.abort(context, exc)
-        observe(result)
-        response = response_from_result(result, request_id)
-        if self.realtime is not None:
-            self.realtime.served(request_id, q, assignment, overlay, result)
-            response.experiment, response.arm = assignment.experiment, assignment.arm
-        return response
+        with logs.request_context(request_id):
+            try:
+                ranker = self.models.current()
+                budget_ms = effective_budget_ms(
+                    request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
+                    context.time_remaining(), self.config.reply_margin_ms)
+                budget = Budget.start(max(budget_ms, 0.0))
+                if self.config.debug_rank_delay_ms > 0:
+                    # Test/debug only (default 0): a slow dependency eating the budget, so the
+                    # drain test can hold a request in flight and the alert tests can make
+                    # Rank slow and degraded on purpose.
+                    time.sleep(self.config.debug_rank_delay_ms / 1000.0)
+                q = query_from_proto(request)
+                if self.realtime is None:
+                    result = ranker.rank(q, budget)
+                else:
+                    overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
+                    result = ranker.rank(q, budget, overlay)
+            except RankingError as exc:
+                log.debug("rank refused", extra={"error": str(exc)})
+                errors.abort(context, exc)
+            t0 = time.perf_counter()
+            response = response_from_result(result, request_id)
+            if self.realtime is not None:
+                self.realtime.served(request_id, q, assignment, overlay, result)
+                response.experiment, response.arm = assignment.experiment, assignment.arm
+            result.stage_seconds["respond"] = time.perf_counter() - t0
+            observe(result)
+            log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
+                                       "model_version": result.model_version, "degraded": result.degraded})
+            return response
 
     def RecordEvents(self, request: ranking_pb2.RecordEventsRequest,
                      context: grpc.ServicerContext) -> ranking_pb2.RecordEventsResponse:
         try:
             if self.realtime is None:
-                from ranking.errors import Unavailable
-
                 raise Unavailable("this server runs without an event log")
             accepted, rejections = self.realtime.record(events_from_proto(request, time.time()))
         except RankingError as exc:
+            log.debug("record events refused", extra={"error": str(exc)})
             errors.abort(context, exc)
         return ranking_pb2.RecordEventsResponse(accepted_count=accepted, rejections=[
             ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in rejections])

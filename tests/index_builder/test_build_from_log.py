@@ -43,7 +43,7 @@ def test_bad_event_in_the_log_is_named_by_record(tmp_path):
         read_events(tmp_path / "log")
     assert err.value.row == 2 and err.value.column == "user_id"
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no event log segments"):
+    with pytest.raises(InputError, match="holds no event log"):
         read_events(tmp_path / "empty")
 
 

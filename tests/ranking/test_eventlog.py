@@ -163,3 +163,34 @@ def test_one_writer_per_log(tmp_path):
     assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
     log.close()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # free again once closed
+
+
+def test_writers_take_free_slots_and_a_tailer_follows_the_others(tmp_path):
+    from ranking.eventlog import LogTailer, open_writer, read_all, writer_dirs
+
+    a = open_writer(tmp_path)
+    b = open_writer(tmp_path)
+    assert [a.directory.name, b.directory.name] == ["w0", "w1"]
+    tail_a = LogTailer(tmp_path, skip=a.directory)
+    assert tail_a.poll() == []
+    a.append([{"from": "a", "n": 0}])
+    b.append([{"from": "b", "n": 0}, {"from": "b", "n": 1}])
+    assert tail_a.poll() == [{"from": "b", "n": 0}, {"from": "b", "n": 1}]  # its own writes are not echoed
+    assert tail_a.poll() == []
+    b.segment_bytes = 1024  # roll over: the tailer follows into the next segment
+    for n in range(2, 40):
+        b.append([{"from": "b", "n": n, "pad": "p" * 60}])
+    assert [r["n"] for r in tail_a.poll()] == list(range(2, 40))
+    with open(b.current_segment, "ab") as fh:  # a record being written right now
+        fh.write(encode({"from": "b", "n": 40})[:10])
+    assert tail_a.poll() == []
+    b.close()
+    EventLog(b.directory).close()  # the next owner of the slot truncates the torn record
+    c = open_writer(tmp_path)
+    assert c.directory.name == "w1"  # the free slot is reused
+    c.append([{"from": "c"}])
+    assert tail_a.poll() == [{"from": "c"}]
+    a.close()
+    c.close()
+    assert len(writer_dirs(tmp_path)) == 2
+    assert sorted(r.get("n", -1) for _, r in read_all(tmp_path)) == [-1, 0] + list(range(40))

@@ -1,0 +1,1 @@
+"""Benchmarks and load generators that print figures (not tests)."""

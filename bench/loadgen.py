@@ -1,0 +1,92 @@
+"""A bounded gRPC load generator for Rank, run as its own process, loopback only.
+
+Closed loop: ``concurrency`` in-flight requests over several channels (so SO_REUSEPORT
+spreads connections over the server's workers), until ``requests`` are done or
+``duration`` seconds pass. Prints one JSON object: QPS, latency percentiles, errors,
+degraded responses.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+import numpy as np
+
+from one2one.v1 import ranking_pb2 as pb
+from one2one.v1 import ranking_pb2_grpc
+
+
+def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
+    if len(lat_ms) == 0:
+        return {}
+    p = np.percentile(lat_ms, [50, 90, 99, 99.9])
+    return {"p50_ms": p[0], "p90_ms": p[1], "p99_ms": p[2], "p999_ms": p[3], "max_ms": float(lat_ms.max())}
+
+
+async def run(target: str, concurrency: int, requests: int, duration: float, users: list[str],
+              budget_ms: int, num_results: int, warmup: int) -> dict:
+    if not target.startswith(("127.", "localhost", "[::1]")):
+        raise SystemExit(f"refusing to load {target}: loopback targets only")
+    n_channels = min(concurrency, 8)
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(n_channels)]
+    stubs = [ranking_pb2_grpc.RankingServiceStub(c) for c in channels]
+    reqs = [pb.RankRequest(user_id=u, num_results=num_results, budget_ms=budget_ms) for u in users]
+    for i in range(warmup):
+        await stubs[i % n_channels].Rank(reqs[i % len(reqs)], timeout=10)
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    degraded = 0
+    counter = 0
+    stop_at = time.perf_counter() + duration
+
+    async def worker(w: int) -> None:
+        nonlocal counter, degraded
+        stub = stubs[w % n_channels]
+        while counter < requests and time.perf_counter() < stop_at:
+            i = counter
+            counter += 1
+            t0 = time.perf_counter()
+            try:
+                resp = await stub.Rank(reqs[i % len(reqs)], timeout=10)
+                lat.append((time.perf_counter() - t0) * 1000)
+                degraded += resp.degraded
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    for c in channels:
+        await c.close()
+    arr = np.asarray(lat)
+    return {"concurrency": concurrency, "requests": len(lat), "seconds": elapsed,
+            "qps": len(lat) / elapsed if elapsed > 0 else 0.0, **percentiles(arr),
+            "errors": errors, "degraded": degraded}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    p.add_argument("--target", required=True, help="127.0.0.1:PORT")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=2000, help="upper bound on requests")
+    p.add_argument("--duration", type=float, default=20.0, help="upper bound on seconds")
+    p.add_argument("--users", required=True, help="file with one user id per line")
+    p.add_argument("--budget-ms", type=int, default=0)
+    p.add_argument("--num-results", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=50)
+    a = p.parse_args(argv)
+    users = [u for u in open(a.users).read().split() if u]
+    out = asyncio.run(run(a.target, a.concurrency, a.requests, a.duration, users, a.budget_ms,
+                          a.num_results, a.warmup))
+    json.dump(out, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

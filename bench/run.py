@@ -1,0 +1,310 @@
+"""The serving benchmark: a synthetic shop at scale, the real builder, the real server
+under load, against the bare-gRPC floor and raw FAISS, in one run.
+
+Prints every figure and writes ``<out>/report.json`` and ``<out>/report.md``. All
+traffic stays on 127.0.0.1; every load run is bounded in requests and seconds.
+
+    python -m bench.run                    # the standard run: 1M items x 1M users x 64 dims
+    python -m bench.run --items 20000 --users 20000 --requests 500   # a quick one
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Rss and Pss (shared pages split between the processes mapping them) of one process."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                out[key.lower() + "_kb"] = int(rest.split()[0])
+    return out
+
+
+def start(cmd: list[str], ready: Path, log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, dict, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=open(log, "w"), cwd=ROOT)
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}; see {log}")
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError(f"{cmd[:4]} not ready after {timeout}s; see {log}")
+        time.sleep(0.01)
+    return proc, json.loads(ready.read_text()), time.perf_counter() - t0
+
+
+def wait_serving(port: int, timeout: float = 120.0) -> float:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.perf_counter() - t0 < timeout:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - t0
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+    raise RuntimeError("server never became SERVING")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=60)
+
+
+def loadgen(port: int, users_file: Path, concurrency: int, requests: int, duration: float, budget_ms: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", "--users", str(users_file),
+           "--concurrency", str(concurrency), "--requests", str(requests), "--duration", str(duration),
+           "--budget-ms", str(budget_ms)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=duration + 120)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scrape_stages(metrics_port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    sums, counts = {}, {}
+    for line in text.splitlines():
+        if line.startswith("one2one_rank_stage_duration_seconds_sum{"):
+            stage = line.split('stage="')[1].split('"')[0]
+            sums[stage] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("one2one_rank_stage_duration_seconds_count{"):
+            stage = line.split('stage="')[1].split('"')[0]
+            counts[stage] = float(line.rsplit(" ", 1)[1])
+    return {s: 1000 * sums[s] / counts[s] for s in sums if counts.get(s)}
+
+
+def build_bundle(a, work: Path) -> Path:
+    """Generate the shop and run the real builder, once per parameter set (cached)."""
+    from index_builder.synthetic import make_shop, write_shop
+
+    key = (f"u{a.users}-i{a.items}-c{a.categories}-e{a.events_per_user}-d{a.dim}-{a.index_type}"
+           f"-efc{a.ef_construction}").replace(",", "_")
+    data = work / key
+    art = data / "artifacts"
+    if (art / "CURRENT").exists():
+        print(f"reusing bundle {art}", flush=True)
+        return art
+    t0 = time.perf_counter()
+    shop = make_shop(n_users=a.users, n_items=a.items, n_categories=a.categories,
+                     events_per_user=a.events_per_user, seed=a.seed)
+    paths = write_shop(shop, data, "parquet")
+    print(f"generated {shop.events.num_rows} events in {time.perf_counter() - t0:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "index_builder", "build", "--quiet", "--events", str(paths["events"]),
+           "--items", str(paths["items"]), "--users", str(paths["users"]), "--out", str(art),
+           "--set", f"factors={a.dim}", "--set", f"iterations={a.iterations}",
+           "--set", f'index_type="{a.index_type}"', "--set", "eval_users=500",
+           "--set", f"hnsw_ef_construction={a.ef_construction}"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"built bundle in {time.perf_counter() - t0:.1f}s", flush=True)
+    return art
+
+
+def raw_faiss(art: Path, n_queries: int, k: int, effort: int) -> dict:
+    """In-process FAISS for the same kind of queries: single, batched, and recall vs exact."""
+    import faiss
+
+    from ranking.bundle import resolve_current
+    from ranking.model import RankingModel
+    from ranking.retrieval import ann_search
+
+    faiss.omp_set_num_threads(1)
+    m = RankingModel(resolve_current(art), verify=False)
+    rng = np.random.default_rng(0)
+    users = rng.choice(np.flatnonzero(np.asarray(m.user_has_history)), n_queries, replace=False)
+    q = np.ascontiguousarray(m.user_factors[users], dtype=np.float32)
+    out: dict = {}
+    t0 = time.perf_counter()
+    for i in range(n_queries):
+        ann_search(m.index, q[i:i + 1], k, effort)
+    out["single_query_ms"] = 1000 * (time.perf_counter() - t0) / n_queries
+    for b in (8, 16):
+        t0 = time.perf_counter()
+        for i in range(0, n_queries, b):
+            ann_search(m.index, q[i:i + b], k, effort)
+        out[f"batch{b}_per_query_ms"] = 1000 * (time.perf_counter() - t0) / n_queries
+    exact = faiss.IndexFlatIP(m.item_factors.shape[1])
+    exact.add(np.ascontiguousarray(m.item_factors))
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    _, truth = exact.search(q, k)
+    faiss.omp_set_num_threads(1)
+    _, got = ann_search(m.index, q, k, effort)
+    # Two readings: the overlap of the whole candidate set with the exact top-k, and
+    # how many of the exact top-10 (what a response shows) the candidate set holds.
+    out["recall_at_k"] = float(np.mean([len(np.intersect1d(t, g)) / k for t, g in zip(truth, got)]))
+    out["top10_in_candidates"] = float(np.mean([len(np.intersect1d(t[:10], g)) / 10 for t, g in zip(truth, got)]))
+    out["k"], out["effort"] = k, effort
+    out["index"] = type(faiss.downcast_index(m.index)).__name__
+    users_ids = [str(m.users.ids[u]) for u in rng.choice(np.flatnonzero(np.asarray(m.user_has_history)), 5000)]
+    return out, users_ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=1_000_000)
+    p.add_argument("--users", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--categories", type=int, default=50)
+    p.add_argument("--events-per-user", type=int, default=8)
+    p.add_argument("--iterations", type=int, default=3, help="ALS iterations (serving speed does not depend on them)")
+    p.add_argument("--index-type", default="HNSW32,Flat")
+    p.add_argument("--ef-construction", type=int, default=40)
+    p.add_argument("--effort", type=int, default=200, help="efSearch / nprobe on the request path")
+    p.add_argument("--candidates", type=int, default=200)
+    p.add_argument("--ann-batch-size", type=int, default=8, help="server ann_batch_size (1: no micro-batching)")
+    p.add_argument("--ann-batch-wait-us", type=float, default=300.0)
+    p.add_argument("--workers", type=int, default=0, help="0: one per core")
+    p.add_argument("--concurrency", default="1,4,8,16,32")
+    p.add_argument("--requests", type=int, default=3000, help="per load run, upper bound")
+    p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
+    p.add_argument("--budget-ms", type=int, default=10, help="budget of the budgeted run")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    a = p.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+
+    art = build_bundle(a, a.work)
+    manifest = json.loads(((art / (art / "CURRENT").read_text().strip()) / "manifest.json").read_text())
+    report["build_seconds"] = manifest.get("build_seconds")
+    report["raw_faiss"], users = raw_faiss(art, 500, a.candidates, a.effort)
+    print("raw faiss:", json.dumps(report["raw_faiss"]), flush=True)
+    users_file = a.work / "users.txt"
+    users_file.write_text("\n".join(users))
+
+    tmp = Path(tempfile.mkdtemp(prefix="one2one-bench-"))
+    cfg = tmp / "server.toml"
+    cfg.write_text(f"[server]\nworkers = {a.workers}\nann_effort = {a.effort}\nn_candidates = {a.candidates}\n"
+                   f"ann_batch_size = {a.ann_batch_size}\nann_batch_wait_us = {a.ann_batch_wait_us}\n"
+                   f"log_level = \"WARNING\"\nreload_interval_seconds = 0\n")
+
+    def server(workers: int, tag: str):
+        ready = tmp / f"ready-{tag}.json"
+        cmd = [sys.executable, "-m", "server", "--artifacts", str(art), "--port", "0", "--metrics-port", "0",
+               "--config", str(cfg), "--workers", str(workers), "--ready-file", str(ready)]
+        t0 = time.perf_counter()
+        proc, info, _ = start(cmd, ready, tmp / f"server-{tag}.log")
+        wait_serving(info["grpc_port"])
+        return proc, info, time.perf_counter() - t0
+
+    # Memory: one worker alone, then N workers (Pss splits shared pages fairly).
+    proc1, info1, startup1 = server(1, "one")
+    loadgen(info1["grpc_port"], users_file, 4, 200, 10)
+    mem_one = memory_kb(proc1.pid)
+    stop(proc1)
+    proc, info, startup = server(a.workers, "n")
+    loadgen(info["grpc_port"], users_file, 4, 400, 10)
+    pids = info.get("worker_pids", [])
+    mem_workers = [memory_kb(pid) for pid in pids]
+    mem_sup = memory_kb(proc.pid)
+    report["startup_to_serving_s"] = {"one_worker": startup1, "n_workers": startup}
+    report["memory"] = {
+        "one_worker": mem_one, "workers": mem_workers, "supervisor": mem_sup,
+        "n_workers_pss_over_one_rss": (sum(m["pss_kb"] for m in mem_workers) + mem_sup["pss_kb"]) / mem_one["rss_kb"],
+        "n_workers_rss_over_one_rss": sum(m["rss_kb"] for m in mem_workers) / mem_one["rss_kb"],
+    }
+    print("startup:", report["startup_to_serving_s"], "memory:", {k: v for k, v in report["memory"].items()
+                                                                if k.startswith("n_")}, flush=True)
+    levels = [int(c) for c in a.concurrency.split(",")]
+    report["real"] = []
+    for c in levels:
+        r = loadgen(info["grpc_port"], users_file, c, a.requests, a.duration)
+        report["real"].append(r)
+        print("real", json.dumps(r), flush=True)
+    budgeted = loadgen(info["grpc_port"], users_file, 8, a.requests, a.duration, budget_ms=a.budget_ms)
+    report["budgeted"] = budgeted
+    print("budgeted", json.dumps(budgeted), flush=True)
+    report["stage_mean_ms"] = scrape_stages(info["metrics_port"])
+    stop(proc)
+
+    bready = tmp / "ready-bare.json"
+    bproc, binfo, _ = start([sys.executable, "-m", "bench.bare_server", "--workers",
+                             str(a.workers or os.cpu_count() or 1), "--ready-file", str(bready)],
+                            bready, tmp / "bare.log")
+    report["bare"] = []
+    for c in levels:
+        r = loadgen(binfo["grpc_port"], users_file, c, a.requests, a.duration)
+        report["bare"].append(r)
+        print("bare", json.dumps(r), flush=True)
+    stop(bproc)
+
+    best_real = max(r["qps"] for r in report["real"])
+    best_bare = max(r["qps"] for r in report["bare"])
+    c8 = next((r for r in report["real"] if r["concurrency"] == 8), report["real"][-1])
+    report["summary"] = {
+        "saturation_qps": best_real, "bare_saturation_qps": best_bare,
+        "throughput_ratio_vs_bare": best_real / best_bare,
+        "p99_ms_at_c8": c8["p99_ms"],
+        "budgeted_p999_ms": budgeted["p999_ms"], "budget_ms": a.budget_ms,
+        "budgeted_degraded_ratio": budgeted["degraded"] / max(budgeted["requests"], 1),
+        "ann_recall": report["raw_faiss"]["recall_at_k"],
+        "ann_top10_in_candidates": report["raw_faiss"]["top10_in_candidates"],
+        "startup_s": startup, "memory_ratio_pss": report["memory"]["n_workers_pss_over_one_rss"],
+    }
+    (a.out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    (a.out / "report.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    s = r["summary"]
+    lines = [
+        "# one2one serving benchmark", "",
+        f"{r['params']['items']} items x {r['params']['users']} users x {r['params']['dim']} dims, "
+        f"index {r['params']['index_type']} (effort {r['params']['effort']}), "
+        f"{r['params']['candidates']} candidates, num_results 10, workers {r['params']['workers'] or os.cpu_count()}.", "",
+        "| figure | value | target |", "|---|---|---|",
+        f"| saturation throughput vs bare gRPC | {s['saturation_qps']:.0f} / {s['bare_saturation_qps']:.0f} qps = "
+        f"**{s['throughput_ratio_vs_bare']:.2f}** | >= 0.6 |",
+        f"| p99 at concurrency 8 | **{s['p99_ms_at_c8']:.2f} ms** | <= 5 ms |",
+        f"| p99.9 client latency with budget {s['budget_ms']} ms | **{s['budgeted_p999_ms']:.2f} ms** "
+        f"({100 * s['budgeted_degraded_ratio']:.1f}% degraded) | server-side <= budget + 1 ms |",
+        f"| ANN recall of the candidate set: exact top-10 within the {r['raw_faiss']['k']} candidates | "
+        f"**{s['ann_top10_in_candidates']:.3f}** | >= 0.95 |",
+        f"| ANN set recall@{r['raw_faiss']['k']} (overlap with the exact top-{r['raw_faiss']['k']}) | "
+        f"**{s['ann_recall']:.3f}** | (stricter reading) |",
+        f"| startup to SERVING | **{s['startup_s']:.2f} s** | <= 3 s |",
+        f"| memory of N workers (sum Pss) / one worker (Rss) | **{s['memory_ratio_pss']:.2f}** | <= 1.3 |", "",
+        "## Load", "", "| concurrency | real qps | p50 | p90 | p99 | p99.9 | bare qps | bare p99 |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for real, bare in zip(r["real"], r["bare"]):
+        lines.append(f"| {real['concurrency']} | {real['qps']:.0f} | {real['p50_ms']:.2f} | {real['p90_ms']:.2f} | "
+                     f"{real['p99_ms']:.2f} | {real['p999_ms']:.2f} | {bare['qps']:.0f} | {bare['p99_ms']:.2f} |")
+    rf = r["raw_faiss"]
+    lines += ["", "## In-process FAISS (same queries)", "",
+              f"{rf['index']}: single query {rf['single_query_ms']:.3f} ms; batched per query: "
+              f"8 -> {rf['batch8_per_query_ms']:.3f} ms, 16 -> {rf['batch16_per_query_ms']:.3f} ms.", "",
+              "## Server stages (mean ms)", "",
+              ", ".join(f"{k} {v:.3f}" for k, v in r["stage_mean_ms"].items()), "",
+              "## Memory (kB)", "", "```", json.dumps(r["memory"], indent=1), "```",
+              f"", f"Build: {r['build_seconds']} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""Process model: parse the command line, then serve in-process or supervise forked workers.
+
+With ``workers`` > 1 the supervisor reserves the port, loads the bundle once (no gRPC
+object exists yet), and forks the workers: they share the port through SO_REUSEPORT,
+the bundle's pages copy-on-write (and memory-mapped arrays through the page cache),
+and write their metrics to a multiprocess directory that the supervisor alone serves
+on ``/metrics``, so the counters add up across workers. SIGTERM/SIGINT/SIGHUP are
+forwarded; a worker that dies unexpectedly is replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from server.config import ServerConfig
+
+log = logging.getLogger("server.workers")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def parse_args(argv: list[str] | None) -> ServerConfig:
+    p = argparse.ArgumentParser(prog="python -m server", description="Serve the CURRENT one2one bundle over gRPC.")
+    p.add_argument("--artifacts", help="artifacts directory holding the versions and CURRENT")
+    p.add_argument("--port", type=int, help="gRPC port (0 picks a free one)")
+    p.add_argument("--host", help="address to bind")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int, help="Prometheus /metrics port (-1: off)")
+    p.add_argument("--workers", type=int, help="worker processes (0: one per core)")
+    p.add_argument("--config", help="TOML file with a [server] table")
+    p.add_argument("--ready-file", dest="ready_file", help="write {grpc_port, metrics_port, pid} here once serving")
+    args = p.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config"}
+    return ServerConfig.load(args.config, flags=flags)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) a SO_REUSEPORT socket: fixes the port for every worker, and keeps it ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _write_ready(path: str, doc: dict) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def supervise(config: ServerConfig) -> int:
+    """Fork ``config.n_workers`` workers and run until a stop signal; returns the exit code."""
+    mp_dir = tempfile.mkdtemp(prefix="one2one-metrics-")
+    os.environ[MULTIPROC_ENV] = mp_dir  # before prometheus_client is first imported
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    from ranking.bundle import resolve_current
+    from ranking.errors import BundleError
+    from ranking.model import RankingModel
+    from server import logs
+
+    # server.app (and with it server.metrics) is imported in the workers only: a metric
+    # created in the supervisor would be aggregated as a live process that never serves.
+    logs.setup(config.log_level)
+    reserved = _reserve_port(config.host, config.port)
+    port = reserved.getsockname()[1]
+    worker_config = ServerConfig(**{**vars(config), "port": port, "metrics_port": -1, "ready_file": ""})
+    t0 = time.perf_counter()
+    preloaded = None
+    try:
+        preloaded = RankingModel(resolve_current(config.artifacts), verify=True)
+    except (BundleError, OSError, ValueError, RuntimeError) as exc:
+        # Workers keep retrying on their own; health stays NOT_SERVING until one loads.
+        log.warning("no servable bundle before forking", extra={"error": str(exc)})
+    load_s = time.perf_counter() - t0
+
+    ready_r, ready_w = os.pipe()
+    workers: dict[int, int] = {}  # pid -> slot
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(ready_r)
+            code = 1
+            try:
+                # Held back until serve() has its handlers: a stop during start-up then
+                # drains cleanly instead of killing the worker half-started.
+                signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+                from server import app
+
+                code = app.serve(worker_config, preloaded=preloaded, reuse_port=True,
+                                 on_ready=lambda _port: os.write(ready_w, b"r"))
+            except BaseException:  # a worker must never fall back into the supervisor's code
+                log.exception("worker failed", extra={"slot": slot})
+            finally:
+                os._exit(code)
+        workers[pid] = slot
+
+    for slot in range(config.n_workers):
+        spawn(slot)
+    os.close(ready_w)
+    for _ in range(config.n_workers):
+        if not os.read(ready_r, 1):
+            log.error("a worker exited before listening")
+            break
+    os.close(ready_r)
+
+    metrics_port = None
+    if config.metrics_port >= 0:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
+        metrics_port = httpd.server_port
+    log.info("workers started", extra={"grpc_port": port, "metrics_port": metrics_port, "workers": len(workers),
+                                       "preload_seconds": round(load_s, 3)})
+    if config.ready_file:
+        _write_ready(config.ready_file, {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(),
+                                         "worker_pids": sorted(workers)})
+
+    stopping = False
+    pending: list[int] = []
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wake sigwait-less sleep below
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        pending.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+
+    exit_code = 0
+    while workers:
+        while pending:
+            sig = pending.pop(0)
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+                except ProcessLookupError:
+                    pass
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        slot = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        multiprocess.mark_process_dead(pid)
+        if stopping:
+            exit_code = exit_code or (0 if code == 0 else 1)
+            continue
+        log.error("worker died; replacing it", extra={"pid": pid, "slot": slot, "exit_code": code})
+        spawn(slot)
+    reserved.close()
+    shutil.rmtree(mp_dir, ignore_errors=True)
+    log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if config.n_workers > 1:
+        return supervise(config)
+    from server import app, logs
+
+    logs.setup(config.log_level)
+    from ranking.errors import RankingError
+
+    try:
+        return app.serve(config)
+    except (OSError, ValueError, RankingError) as exc:  # e.g. an unreadable event log or experiments file
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1

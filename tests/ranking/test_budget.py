@@ -1,0 +1,65 @@
+"""The request budget: effective budget, the cost model, and degradation in a fixed order."""
+import time
+
+import pytest
+
+from ranking.budget import Budget, CostModel, effective_budget_ms
+from ranking.model import RankingModel
+from ranking.pipeline import Ranker, RankerConfig
+from ranking.query import RankQuery
+
+
+def test_effective_budget_is_the_smallest_limit():
+    assert effective_budget_ms(0, 50, 500, None, 2) == 50
+    assert effective_budget_ms(30, 50, 500, None, 2) == 30
+    assert effective_budget_ms(900, 50, 500, None, 2) == 500
+    assert effective_budget_ms(30, 50, 500, 0.010, 2) == pytest.approx(8.0)
+    assert effective_budget_ms(0, 50, 500, 0.001, 2) < 0
+
+
+def test_cost_model_plans_fewer_candidates_when_short():
+    cm = CostModel(alpha=1.0, safety=1.0, min_candidates=10)
+    assert not cm.plan(5.0, 200, 128).cut  # nothing learned yet: full plan
+    cm.observe(200, 0.0, 20.0)  # 0.1 ms per candidate
+    full = cm.plan(50.0, 200, 128)
+    assert (full.n_candidates, full.effort, full.cut) == (200, 128, False)
+    short = cm.plan(5.0, 200, 128)
+    assert short.cut and short.n_candidates == 50 and short.effort == 50
+    assert cm.plan(0.1, 200, 128).n_candidates == 10
+
+
+@pytest.fixture(scope="module")
+def slow_ranker(bundle_path):
+    # 100 us per candidate in retrieval and features: 200 candidates cost >= 40 ms.
+    cfg = RankerConfig(debug_delay_us_per_candidate={"retrieve": 100.0, "features": 100.0})
+    r = Ranker(RankingModel(bundle_path), cfg)
+    r.warm(4)
+    return r
+
+
+def timed(ranker, q, budget):
+    t0 = time.perf_counter()
+    res = ranker.rank(q, budget)
+    return res, (time.perf_counter() - t0) * 1000
+
+
+def test_budgeted_request_with_a_slow_stage_returns_in_time_degraded(slow_ranker):
+    res, ms = timed(slow_ranker, RankQuery(user_id="u1"), Budget.start(15.0))
+    assert res.degraded and res.degraded_stages[0] == "retrieve"
+    assert len(res.item_ids) == 10
+    assert res.n_candidates < 150
+    # Budget 15 ms; the planner uses 70% of it. Generous slack for a shared machine.
+    assert ms < 15.0 + 10.0
+
+
+def test_unbudgeted_request_does_not_degrade(slow_ranker):
+    res, ms = timed(slow_ranker, RankQuery(user_id="u1"), Budget.unlimited())
+    assert not res.degraded and res.degraded_stages == []
+    assert res.n_candidates >= 200 and ms >= 40.0
+
+
+def test_no_time_left_answers_in_retrieval_order(slow_ranker):
+    res = slow_ranker.rank(RankQuery(user_id="u1", explain=True), Budget.start(0.0))
+    assert "retrieval_order" in res.degraded_stages
+    assert len(res.item_ids) == 10 and res.contributions is None
+    assert res.scores == sorted(res.scores, reverse=True)

@@ -1,0 +1,51 @@
+"""The request budget over a real server: a slow stage makes budgeted requests degrade, in time."""
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from one2one.v1 import ranking_pb2 as pb
+from one2one.v1 import ranking_pb2_grpc
+from server.demo import start_server, wait_serving
+
+
+@pytest.fixture(scope="module")
+def slow_server(artifacts, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slow")
+    cfg = tmp / "server.toml"
+    cfg.write_text('[server]\nworkers = 1\ndefault_budget_ms = 5000\nmax_budget_ms = 5000\n'
+                   'debug_delay_us_per_candidate = "retrieve:100,features:100"\n')
+    proc, ready = start_server(artifacts, tmp, extra=["--config", str(cfg)])
+    channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
+    wait_serving(channel)
+    yield ready, ranking_pb2_grpc.RankingServiceStub(channel)
+    channel.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_budgeted_request_degrades_and_answers_in_time(slow_server):
+    ready, stub = slow_server
+    t0 = time.perf_counter()
+    resp = stub.Rank(pb.RankRequest(user_id="u1", budget_ms=15), timeout=5)
+    ms = (time.perf_counter() - t0) * 1000
+    assert resp.degraded and resp.degraded_stages[0] == "retrieve"
+    assert len(resp.items) == 10
+    assert ms < 15 + 25  # generous: a shared 2-core machine, plus the gRPC round trip
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=5).read().decode()
+    assert 'one2one_rank_degraded_total{stage="retrieve"}' in text
+
+
+def test_unbudgeted_request_does_not_degrade(slow_server):
+    _, stub = slow_server
+    t0 = time.perf_counter()
+    resp = stub.Rank(pb.RankRequest(user_id="u1"), timeout=10)
+    assert not resp.degraded and list(resp.degraded_stages) == []
+    assert (time.perf_counter() - t0) * 1000 >= 40  # the slow stages really ran in full
+
+
+def test_a_short_grpc_deadline_caps_the_budget(slow_server):
+    _, stub = slow_server
+    resp = stub.Rank(pb.RankRequest(user_id="u1"), timeout=0.03)
+    assert resp.degraded and len(resp.items) == 10
