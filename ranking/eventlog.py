@@ -443,6 +443,8 @@ class LogTailer:
         if not files:
             return
         seg, offset = self._pos.get(d, (None, 0))
+        if seg is not None and files[-1].name == seg.name and seg.stat().st_size == offset:
+            return  # nothing new: the common case before a Rank, one stat instead of a read
         todo = files if seg is None else [f for f in files if f.name >= seg.name]
         for k, path in enumerate(todo):
             start = offset if (seg is not None and path.name == seg.name) else 0
