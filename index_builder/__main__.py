@@ -1,4 +1,4 @@
-"""Command line of the offline builder: ``python -m index_builder {build,fetch-movielens}``."""
+"""Command line of the offline builder: ``python -m index_builder {build,experiment-report,fetch-movielens}``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build and publish a new bundle version; prints its path")
-    b.add_argument("--events", required=True, type=Path, help="events file (.csv or .parquet)")
+    b.add_argument("--events", required=True, type=Path, action="append",
+                   help="events file (.csv or .parquet) or a server's event log directory; "
+                        "repeat to combine sources")
     b.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
     b.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
     b.add_argument("--out", required=True, type=Path, help="artifacts directory (versions + CURRENT)")
@@ -20,6 +22,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one build setting (TOML value syntax), e.g. --set factors=32")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("experiment-report", help="per-arm conversion rates and lift over control from an event log")
+    r.add_argument("--log", required=True, type=Path, help="the server's event log directory")
+    r.add_argument("--experiments", type=Path, help="the server's experiments TOML (for each control arm)")
+    r.add_argument("--control", action="append", default=[], metavar="EXPERIMENT=ARM",
+                   help="the control arm of an experiment (overrides --experiments)")
+    r.add_argument("--experiment", help="only this experiment")
+    r.add_argument("--confidence", type=float, default=0.95, help="confidence of every interval (default 0.95)")
+    r.add_argument("--json", action="store_true", help="JSON instead of text tables")
 
     f = sub.add_parser("fetch-movielens", help="write MovieLens-100K as events/items/users CSV")
     f.add_argument("--out", required=True, type=Path)
@@ -47,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from index_builder.io import InputError
+    from ranking.errors import RankingError
 
     try:
         if args.command == "build":
@@ -54,15 +66,19 @@ def main(argv: list[str] | None = None) -> int:
             from index_builder.config import BuildConfig
 
             cfg = BuildConfig.load(args.config, _overrides(args.set))
-            path = build(args.events, args.items, args.users, args.out, cfg, show_progress=not args.quiet)
+            path = build(args.events if len(args.events) > 1 else args.events[0], args.items, args.users, args.out, cfg, show_progress=not args.quiet)
             print(path)
+        elif args.command == "experiment-report":
+            from index_builder.experiment_report import main as report_main
+
+            print(report_main(args.log, args.control, args.confidence, args.experiment, args.json, args.experiments))
         elif args.command == "fetch-movielens":
             from index_builder.movielens import fetch_movielens
 
             paths = fetch_movielens(args.out, cache_dir=args.cache_dir)
             for name, path in paths.items():
                 print(f"{name}\t{path}")
-    except (InputError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (InputError, ValueError, FileNotFoundError, RuntimeError, RankingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

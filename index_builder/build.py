@@ -39,13 +39,20 @@ class Inputs:
     skipped: dict
 
 
-def read_inputs(events: Path, items: Path, users: Path | None, cfg: BuildConfig) -> Inputs:
-    """Read and validate the three inputs; an InputError names file, row and column."""
+def read_inputs(events: Path | list[Path], items: Path, users: Path | None, cfg: BuildConfig) -> Inputs:
+    """Read and validate the three inputs; an InputError names file, row and column.
+
+    ``events`` may be several sources (files or event log directories), e.g. the history
+    export and the server's log since; their events are concatenated.
+    """
     opts = bio.ReadOptions(on_bad_row=cfg.on_bad_row, max_bad_fraction=cfg.max_bad_fraction)
-    ev, ev_rep = bio.read_events(events, opts)
+    sources = events if isinstance(events, list) else [events]
+    read = [bio.read_events(p, opts) for p in sources]
+    ev = pa.concat_tables([t for t, _ in read])
+    ev_rep = read[0][1].to_dict() if len(read) == 1 else {str(p): r.to_dict() for p, (_, r) in zip(sources, read)}
     it, it_rep = bio.read_items(items, opts)
     us, us_rep = bio.read_users(users, opts) if users is not None else (None, None)
-    skipped = {"events": ev_rep.to_dict(), "items": it_rep.to_dict()}
+    skipped = {"events": ev_rep, "items": it_rep.to_dict()}
     if us_rep is not None:
         skipped["users"] = us_rep.to_dict()
     return Inputs(ev, it, us, skipped)
@@ -91,7 +98,7 @@ def _iso(ts: int) -> str:
     return _dt.datetime.fromtimestamp(int(ts), _dt.timezone.utc).isoformat()
 
 
-def build(events: Path, items: Path, users: Path | None, out: Path, cfg: BuildConfig,
+def build(events: Path | list[Path], items: Path, users: Path | None, out: Path, cfg: BuildConfig,
           show_progress: bool = True) -> Path:
     """Build and publish one bundle version under ``out``.
 
@@ -211,7 +218,7 @@ def build(events: Path, items: Path, users: Path | None, out: Path, cfg: BuildCo
         manifest = {
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "config": cfg.to_dict(),
-            "inputs": {"events": str(events), "items": str(items), "users": str(users) if users else None},
+            "inputs": {"events": [str(p) for p in events] if isinstance(events, list) else str(events), "items": str(items), "users": str(users) if users else None},
             "data_window": {"start": _iso(t_begin), "end": _iso(t_end), "start_unix": t_begin, "end_unix": t_end},
             "counts": {
                 "events": ev.num_rows, "events_unknown_item": unknown_items,

@@ -20,6 +20,7 @@ class BuildConfig:
 
     event_weights: dict[str, float] = field(default_factory=lambda: {
         "view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rating": 6.0, "skip": -1.0,
+        "dislike": -1.0,
     })
     value_event_types: list[str] = field(default_factory=lambda: ["rating"])
     value_scale: float = 5.0

@@ -132,7 +132,8 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     ----------
     path : str or os.PathLike
         A .csv, .csv.gz, .parquet or .pq file with columns user_id, item_id,
-        event_type, timestamp and optionally value.
+        event_type, timestamp and optionally value; or a server's event log
+        directory (its "event" records; rows are numbered by event record).
     options : ReadOptions, optional
         Defaults to ``ReadOptions()``.
 
@@ -298,6 +299,8 @@ class _Raw:
 
 
 def _read_raw(path, options: ReadOptions, noun: str) -> _Raw:
+    if noun == "events" and Path(path).is_dir():
+        return _read_eventlog(path)
     name = Path(path).name.lower()
     if name.endswith((".csv", ".csv.gz")):
         return _read_csv(path, options, noun)
@@ -312,6 +315,37 @@ def _read_parquet(path) -> _Raw:
     except pa.ArrowInvalid as e:
         raise InputError(path, f"cannot read as Parquet: {e}") from e
     _check_header(path, table.column_names)
+    return _Raw(str(path), table, lambda positions: [int(p) + 1 for p in positions], [],
+                lambda: [], np.zeros(table.num_rows, bool))
+
+
+def _read_eventlog(path) -> _Raw:
+    """The events of a server's event log directory (ranking.eventlog), as a raw table that goes
+    through the same checks as a file. Rows are numbered by event record, 1-based."""
+    from ranking.eventlog import EventLogCorrupt, log_dirs, read_all
+
+    if not log_dirs(path):
+        raise InputError(path, "is a directory but holds no event log (segments <number>.log, or writer "
+                               "directories w<k>/ holding them)")
+    cols: dict[str, list] = {"user_id": [], "item_id": [], "event_type": [], "timestamp": [], "value": []}
+    try:
+        for _, rec in read_all(path):
+            if rec.get("kind") != "event":
+                continue
+            for name in ("user_id", "item_id", "event_type", "timestamp"):
+                cols[name].append(rec.get(name))
+            # The API's value defaults to 0, meaning "not given": read it as absent, as a blank CSV cell.
+            value = rec.get("value")
+            cols["value"].append(float(value) if value else None)
+    except EventLogCorrupt as e:
+        raise InputError(path, str(e)) from e
+    if not cols["user_id"]:
+        raise InputError(path, "the event log holds no events")
+    table = pa.table({
+        "user_id": pa.array(cols["user_id"], pa.string()), "item_id": pa.array(cols["item_id"], pa.string()),
+        "event_type": pa.array(cols["event_type"], pa.string()),
+        "timestamp": pa.array(cols["timestamp"], pa.float64()), "value": pa.array(cols["value"], pa.float64()),
+    })
     return _Raw(str(path), table, lambda positions: [int(p) + 1 for p in positions], [],
                 lambda: [], np.zeros(table.num_rows, bool))
 

@@ -1,9 +1,11 @@
 """The Rank pipeline: resolve the user, choose the rung, retrieve, score, apply the rules."""
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +16,9 @@ from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.model import Csr, RankingModel
 from ranking.query import QueryLimits, RankQuery
 from ranking.retrieval import unique_in_order
+
+if TYPE_CHECKING:
+    from ranking.overlay import RankOverlay
 
 FEATURES = ("retrieval", "popularity", "recent_popularity", "segment_popularity")
 
@@ -57,6 +62,7 @@ class RankResult:
     n_candidates: int = 0
     n_scored: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    applied_rules: list[str] = field(default_factory=list)
 
     @property
     def degraded(self) -> bool:
@@ -142,23 +148,33 @@ class Ranker:
                     return int(r)
         return -1
 
-    def _resolve(self, q: RankQuery) -> tuple[Rung, str, int, np.ndarray | None, int, np.ndarray]:
-        """Choose the highest rung that can serve; returns (rung, reason, user row, query vector, segment, session rows)."""
+    def _resolve(self, q: RankQuery, max_rung: Rung = Rung.ONE_TO_ONE,
+                 user_vector: np.ndarray | None = None) -> tuple[Rung, str, int, np.ndarray | None, int, np.ndarray]:
+        """Choose the highest rung that can serve; returns (rung, reason, user row, query vector, segment, session rows).
+
+        ``max_rung`` caps the ladder (an experiment arm); ``user_vector`` is the user's vector
+        re-solved from real-time events, which serves ONE_TO_ONE even for a user the bundle
+        does not know (an anonymous session with events of its own).
+        """
         m = self.model
         urow = m.users.row(q.user_id)
         session = m.items.lookup(q.session_item_ids) if q.session_item_ids else np.zeros(0, np.int32)
         session = session[session >= 0]
-        if urow >= 0 and m.user_has_history[urow]:
+        if max_rung >= Rung.ONE_TO_ONE and user_vector is not None:
+            return Rung.ONE_TO_ONE, "", urow, user_vector, -1, session
+        if urow >= 0 and m.user_has_history[urow] and max_rung >= Rung.ONE_TO_ONE:
             return Rung.ONE_TO_ONE, "", urow, np.asarray(m.user_factors[urow], dtype=np.float32), -1, session
         reason = "no_user_id" if not q.user_id else ("unknown_user" if urow < 0 else "no_history")
-        if len(session):
+        if max_rung < Rung.ONE_TO_ONE and urow >= 0 and m.user_has_history[urow]:
+            reason = "variant"
+        if len(session) and max_rung >= Rung.SESSION:
             vec = np.asarray(m.item_factors[session], dtype=np.float32)
             # Recent items weigh more: the session says what the visitor wants now.
             w = np.linspace(0.5, 1.0, len(session), dtype=np.float32)
             qvec = (vec * w[:, None]).sum(axis=0)
             return Rung.SESSION, reason, urow, qvec, self._segment_for(urow, q.attributes), session
         seg = self._segment_for(urow, q.attributes)
-        if seg >= 0:
+        if seg >= 0 and max_rung >= Rung.SEGMENT:
             return Rung.SEGMENT, reason, urow, None, seg, session
         return Rung.POPULAR, reason, urow, None, -1, session
 
@@ -235,7 +251,7 @@ class Ranker:
         return full[:, self._feature_pos]
 
     # -- rank ------------------------------------------------------------------
-    def rank(self, q: RankQuery, budget: Budget | None = None) -> RankResult:
+    def rank(self, q: RankQuery, budget: Budget | None = None, overlay: "RankOverlay | None" = None) -> RankResult:
         """Rank items for one request.
 
         Parameters
@@ -244,6 +260,9 @@ class Ranker:
             The request in domain form.
         budget : Budget, optional
             The request's deadline; unlimited when not given.
+        overlay : RankOverlay, optional
+            Real-time events, context rules and experiment variant for this request
+            (see :mod:`ranking.overlay`); none when not given.
 
         Returns
         -------
@@ -260,7 +279,14 @@ class Ranker:
         timings: dict[str, float] = {}
         clock = _StageClock(timings)
 
-        rung, reason, urow, qvec, seg, session = self._resolve(q)
+        if overlay is not None and not overlay.variant.use_context:
+            # A variant without context ranks as if the request carried none.
+            q = dataclasses.replace(q, session_item_ids=[], attributes={})
+        if overlay is None:
+            rung, reason, urow, qvec, seg, session = self._resolve(q)
+        else:
+            rung, reason, urow, qvec, seg, session = self._resolve(
+                q, Rung(overlay.variant.max_rung), overlay.user_vector)
         clock.lap("resolve")
         # Degradation order when time is short (README, "The request budget"):
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
@@ -272,6 +298,10 @@ class Ranker:
         cands = self._retrieve(q, rung, urow, qvec, seg, plan.n_candidates, plan.effort, budget.remaining_ms())
         self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
+        offsets, offset_parts = None, {}
+        if overlay is not None:
+            mask |= overlay.mask(m, cands)
+            offsets, offset_parts = overlay.offsets(m, cands)
         clock.lap("retrieve")
         feats = None
         if not budget.expired():
@@ -279,10 +309,15 @@ class Ranker:
             self._debug_delay("features", len(cands))
             clock.lap("features")
         if feats is None or budget.expired():
-            top = scoring.topk(np.linspace(1.0, 0.0, len(cands), endpoint=False, dtype=np.float32), mask, k)
+            order = np.linspace(1.0, 0.0, len(cands), endpoint=False, dtype=np.float32)
+            if offsets is not None:
+                # Rules and real-time demotions still hold when there is no time to score.
+                order = order + offsets
+            top = scoring.topk(order, mask, k)
             degraded.append("retrieval_order")
         else:
-            top = scoring.score_topk(feats, m.weights, mask, k, bias=m.bias, deadline_ns=budget.deadline_ns)
+            top = scoring.score_topk(feats, m.weights, mask, k, bias=m.bias, offsets=offsets,
+                                     deadline_ns=budget.deadline_ns)
             clock.lap("score")
             if top.n_scored < len(cands):
                 degraded.append("score")
@@ -297,6 +332,9 @@ class Ranker:
                 {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": m.bias}
                 for row in contrib
             ]
+            for name, part in offset_parts.items():
+                for c, v in zip(contributions, part[top.indices]):
+                    c[name] = float(v)
         return RankResult(
             item_ids=m.items.id_of(rows),
             scores=[float(s) for s in top.scores],
@@ -308,4 +346,5 @@ class Ranker:
             n_candidates=len(cands),
             n_scored=int(top.n_scored),
             stage_seconds=timings,
+            applied_rules=overlay.applied_rules if overlay is not None else [],
         )

@@ -29,6 +29,7 @@ from server.admin import AdminServicer
 from server.config import ServerConfig
 from server.interceptors import MetricsInterceptor
 from server.model_manager import ModelManager
+from server.realtime import Realtime
 from server.servicer import RankingServicer
 
 log = logging.getLogger("server")
@@ -44,7 +45,8 @@ _TICK_SECONDS = 0.05
 
 
 def create_server(config: ServerConfig, models: ModelManager,
-                  reuse_port: bool = False) -> tuple[grpc.Server, int, health.HealthServicer]:
+                  reuse_port: bool = False,
+                  realtime: "Realtime | None" = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the ranking, health and reflection services, bound but not started.
 
     Health starts NOT_SERVING; :func:`serve` turns it SERVING once a bundle is loaded.
@@ -65,7 +67,7 @@ def create_server(config: ServerConfig, models: ModelManager,
         interceptors=[MetricsInterceptor()],
         options=options,
     )
-    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(models, config), server)
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(models, config, realtime), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -120,9 +122,17 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
 
     # One OpenMP thread per query on the request path: requests, not threads, use the cores.
     faiss.omp_set_num_threads(1)
+    # Likewise BLAS: the fold-in's k×k products are tiny, and a BLAS pool per call costs
+    # 20× the work itself once the cores are busy with other requests.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, "blas")
     metrics.set_config(config)
     models = ModelManager(config.artifacts, config.ranker_config(), preloaded=preloaded)
-    server, port, health_servicer = create_server(config, models, reuse_port=reuse_port)
+    # Replayed before the port opens, so the first Rank already reflects every logged event.
+    realtime = Realtime(config)
+    realtime.replay()
+    server, port, health_servicer = create_server(config, models, reuse_port=reuse_port, realtime=realtime)
     metrics_port = None
     if config.metrics_port >= 0:
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
@@ -176,6 +186,7 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
             next_poll = time.monotonic() + interval
 
     drain(server, health_servicer, config)
+    realtime.close()
     return 0
 
 

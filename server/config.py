@@ -44,6 +44,21 @@ class ServerConfig:
     ann_batch_wait_us: float = 300.0
     debug_delay_us_per_candidate: str = ""
     debug_rank_delay_ms: float = 0.0
+    # Real-time events and experiments (RecordEvents, user state, rules, arms).
+    event_log_dir: str = ""  # "": <artifacts>-events, next to the artifacts directory
+    event_log_fsync: str = "always"
+    event_log_fsync_interval_seconds: float = 1.0
+    event_log_segment_bytes: int = 64 << 20
+    event_types: str = "view,click,add_to_cart,purchase,rating,skip,dislike"
+    max_events_per_batch: int = 1000
+    max_event_future_seconds: float = 300.0
+    user_state_ttl_seconds: float = 7 * 86_400.0
+    user_state_max_users: int = 100_000
+    user_state_max_events: int = 200
+    skip_penalty: float = 1.0
+    experiments_file: str = ""
+    log_all_impressions: bool = False
+    attribution_max_requests: int = 100_000
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -106,6 +121,22 @@ class ServerConfig:
             self.debug_delays()
         except ValueError as exc:
             problems.append(str(exc))
+        from ranking.eventlog import FSYNC_POLICIES
+
+        if self.event_log_fsync not in FSYNC_POLICIES:
+            problems.append(f"event_log_fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.event_log_fsync!r}")
+        if self.event_log_segment_bytes < 1024:
+            problems.append("event_log_segment_bytes must be >= 1024")
+        if not self.event_type_list():
+            problems.append("event_types must name at least one event type")
+        for name in ("max_events_per_batch", "user_state_max_users", "user_state_max_events",
+                     "attribution_max_requests"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1")
+        if self.user_state_ttl_seconds <= 0 or self.event_log_fsync_interval_seconds <= 0:
+            problems.append("user_state_ttl_seconds and event_log_fsync_interval_seconds must be > 0")
+        if self.skip_penalty < 0:
+            problems.append("skip_penalty must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -127,6 +158,17 @@ class ServerConfig:
                 raise ValueError(f"debug_delay_us_per_candidate entry {part!r} must be "
                                  "retrieve:<us> or features:<us>") from None
         return out
+
+    def event_type_list(self) -> tuple[str, ...]:
+        return tuple(t.strip().lower() for t in self.event_types.split(",") if t.strip())
+
+    def event_log_path(self) -> Path:
+        # Next to the artifacts, not inside: whatever prunes old bundle versions there must
+        # never be able to take the event log with them.
+        if self.event_log_dir:
+            return Path(self.event_log_dir)
+        artifacts = Path(self.artifacts).resolve()
+        return artifacts.parent / f"{artifacts.name}-events"
 
     def ranker_config(self):
         from ranking.pipeline import RankerConfig

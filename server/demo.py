@@ -20,13 +20,19 @@ from one2one.v1 import ranking_pb2, ranking_pb2_grpc
 
 
 def start_server(artifacts: Path, workdir: Path, extra: list[str] | None = None,
-                 timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
-    """Start ``python -m server`` on free ports; returns the process and its ready-file data."""
+                 timeout: float = 60.0, env: dict[str, str] | None = None,
+                 event_log_dir: Path | None = None) -> tuple[subprocess.Popen, dict]:
+    """Start ``python -m server`` on free ports; returns the process and its ready-file data.
+
+    The server's event log is ``event_log_dir`` (default ``workdir/events``: every started
+    server gets its own, since one log has one writer); ``env`` adds environment variables.
+    """
     ready = workdir / "ready.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--artifacts", str(artifacts), "--port", "0",
          "--metrics-port", "0", "--ready-file", str(ready), *(extra or [])],
         stderr=open(workdir / "server.log", "w"),
+        env={**os.environ, "ONE2ONE_EVENT_LOG_DIR": str(event_log_dir or workdir / "events"), **(env or {})},
     )
     deadline = time.monotonic() + timeout
     while not ready.exists():
@@ -51,6 +57,28 @@ def wait_serving(channel: grpc.Channel, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def realtime_demo(stub, title: dict, cats: dict) -> None:
+    """RecordEvents changes the next Rank: a purchase disappears, clicks steer a new visitor."""
+    def show(label, resp):
+        print(f"\n== {label}: {ranking_pb2.Strategy.Name(resp.strategy)}")
+        for rank, it in enumerate(resp.items, 1):
+            print(f"  {rank}. {title.get(it.item_id, it.item_id)} ({cats.get(it.item_id, '')})")
+
+    before = stub.Rank(ranking_pb2.RankRequest(user_id="1", num_results=3), timeout=5)
+    bought = before.items[0].item_id
+    stub.RecordEvents(ranking_pb2.RecordEventsRequest(events=[ranking_pb2.Event(
+        user_id="1", item_id=bought, event_type="purchase", value=12.0, request_id=before.request_id)]), timeout=5)
+    show(f"user 1 after buying {title.get(bought, bought)!r} (RecordEvents)",
+         stub.Rank(ranking_pb2.RankRequest(user_id="1", num_results=3), timeout=5))
+    clicks = [ranking_pb2.Event(user_id="visitor-42", item_id=i, event_type="click") for i in ("1", "71", "95", "588")]
+    resp = stub.RecordEvents(ranking_pb2.RecordEventsRequest(events=clicks + [ranking_pb2.Event(
+        user_id="visitor-42", item_id="1", event_type="teleport")]), timeout=5)
+    print(f"\n== RecordEvents: {resp.accepted_count} accepted, rejected: "
+          + "; ".join(f"#{r.index} {r.field}: {r.reason}" for r in resp.rejections))
+    show("anonymous visitor-42 after clicking four children's films",
+         stub.Rank(ranking_pb2.RankRequest(user_id="visitor-42", num_results=5), timeout=5))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__)
     p.add_argument("--artifacts", type=Path, required=True)
@@ -62,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     cats = dict(zip(items["item_id"], items.get("category") or [""] * len(items["item_id"])))
 
     with tempfile.TemporaryDirectory() as tmp:
+        # A fresh event log per demo run (in the temporary directory), so every run starts from the bundle alone.
         proc, ready = start_server(a.artifacts, Path(tmp))
         try:
             channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
@@ -93,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         why = "  [" + ", ".join(f"{k} {v:+.2f}" for k, v in top) + "]"
                     print(f"  {rank}. {title.get(it.item_id, it.item_id)} ({cats.get(it.item_id, '')})"
                           f"  score {it.score:.3f}{why}")
+            realtime_demo(stub, title, cats)
             channel.close()
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -133,3 +133,41 @@ def set_config(config: ServerConfig) -> None:
     BUNDLE_MAX_AGE.set(config.bundle_max_age_hours * 3600.0)
 
 # -- Appended by other areas of the server (keep each block commented with its owner) --
+# --- Real-time events, context rules and experiments (owner: server/realtime.py) ---
+# Label values are fixed at startup: event results and types come from the configured event
+# types, rule names and experiment/arm names from the experiments file. Never ids.
+EVENTS_RECORDED = Counter(
+    "one2one_events_recorded", "Events received by RecordEvents, by result (accepted, rejected).",
+    ["result"])
+EVENTS_REJECTED = Counter(
+    "one2one_events_rejected", "Events rejected by RecordEvents, by the offending field.", ["field"])
+EVENT_LOG_APPEND_DURATION = Histogram(
+    "one2one_event_log_append_duration_seconds",
+    "Time to append a batch to the event log, fsync included under the 'always' policy.",
+    buckets=LATENCY_BUCKETS)
+EVENT_LOG_BYTES = Counter(
+    "one2one_event_log_appended_bytes", "Bytes appended to the event log (events and impressions).")
+EVENT_LOG_IMPRESSIONS_LOST = Counter(
+    "one2one_event_log_impressions_lost", "Rank impressions that could not be written to the event log.")
+EVENT_LOG_REPLAYED = Counter(
+    "one2one_event_log_replayed_records", "Records read back from the event log at startup, by kind.",
+    ["kind"])
+USER_STATE_USERS = Gauge(
+    "one2one_user_state_users", "Users with real-time events held in memory (per worker process).",
+    multiprocess_mode="liveall")
+USER_STATE_EVICTIONS = Counter(
+    "one2one_user_state_evictions", "Users evicted from real-time state by the memory bound (LRU).")
+RANK_REALTIME = Counter(
+    "one2one_rank_realtime", "Rank requests whose user vector was re-solved from real-time events.")
+RULE_APPLICATIONS = Counter(
+    "one2one_rule_applications", "Rank requests restricted by a context rule, by rule.", ["rule"])
+ARM_IMPRESSIONS = Counter(
+    "one2one_experiment_impressions", "Rank responses served in an experiment, by experiment and arm.",
+    ["experiment", "arm"])
+ARM_EVENTS = Counter(
+    "one2one_experiment_events",
+    "Events attributed (by request_id) to an experiment arm, by experiment, arm and event type "
+    "(click, add_to_cart, purchase).", ["experiment", "arm", "event_type"])
+ARM_REVENUE = Counter(
+    "one2one_experiment_revenue", "Purchase value attributed (by request_id) to an experiment arm.",
+    ["experiment", "arm"])

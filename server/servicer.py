@@ -4,17 +4,22 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import grpc
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking.budget import Budget, effective_budget_ms
-from ranking.errors import RankingError
+from ranking.errors import RankingError, Unavailable
+from ranking.events import Event
 from ranking.pipeline import RankResult
 from ranking.query import RankQuery
 from server import errors, logs, metrics
 from server.config import ServerConfig
 from server.model_manager import ModelManager
+
+if TYPE_CHECKING:
+    from server.realtime import Realtime
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,21 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
         degraded=result.degraded,
         degraded_stages=result.degraded_stages,
         fallback_reason=result.fallback_reason,
+        applied_rules=result.applied_rules,
     )
+
+
+def events_from_proto(req: ranking_pb2.RecordEventsRequest, now: float) -> list[Event]:
+    """The domain events of a RecordEventsRequest (no validation; ranking.events validates)."""
+    out = []
+    for ev in req.events:
+        ctx = ev.context
+        out.append(Event(
+            user_id=ev.user_id, item_id=ev.item_id, event_type=ev.event_type,
+            timestamp=ev.event_time.ToNanoseconds() / 1e9 if ev.HasField("event_time") else now,
+            value=ev.value, request_id=ev.request_id, channel=ctx.channel, device=ctx.device,
+            region=ctx.region, attributes=dict(ctx.attributes)))
+    return out
 
 
 def observe(result: RankResult) -> None:
@@ -79,9 +98,10 @@ def observe(result: RankResult) -> None:
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Thin servicer: translate, call the ranker, translate back; errors map in one place."""
 
-    def __init__(self, models: ModelManager, config: ServerConfig):
+    def __init__(self, models: ModelManager, config: ServerConfig, realtime: "Realtime | None" = None):
         self.models = models
         self.config = config
+        self.realtime = realtime
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         request_id = uuid.uuid4().hex
@@ -97,14 +117,34 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     # drain test can hold a request in flight and the alert tests can make
                     # Rank slow and degraded on purpose.
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
-                result = ranker.rank(query_from_proto(request), budget)
+                q = query_from_proto(request)
+                if self.realtime is None:
+                    result = ranker.rank(q, budget)
+                else:
+                    overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
+                    result = ranker.rank(q, budget, overlay)
             except RankingError as exc:
                 log.debug("rank refused", extra={"error": str(exc)})
                 errors.abort(context, exc)
             t0 = time.perf_counter()
             response = response_from_result(result, request_id)
+            if self.realtime is not None:
+                self.realtime.served(request_id, q, assignment, overlay, result)
+                response.experiment, response.arm = assignment.experiment, assignment.arm
             result.stage_seconds["respond"] = time.perf_counter() - t0
             observe(result)
             log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
                                        "model_version": result.model_version, "degraded": result.degraded})
             return response
+
+    def RecordEvents(self, request: ranking_pb2.RecordEventsRequest,
+                     context: grpc.ServicerContext) -> ranking_pb2.RecordEventsResponse:
+        try:
+            if self.realtime is None:
+                raise Unavailable("this server runs without an event log")
+            accepted, rejections = self.realtime.record(events_from_proto(request, time.time()))
+        except RankingError as exc:
+            log.debug("record events refused", extra={"error": str(exc)})
+            errors.abort(context, exc)
+        return ranking_pb2.RecordEventsResponse(accepted_count=accepted, rejections=[
+            ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in rejections])

@@ -217,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     from server import app, logs
 
     logs.setup(config.log_level)
+    from ranking.errors import RankingError
+
     try:
         return app.serve(config)
-    except OSError as exc:
+    except (OSError, ValueError, RankingError) as exc:  # e.g. an unreadable event log or experiments file
         log.error("cannot start", extra={"error": str(exc)})
         return 1

@@ -17,8 +17,8 @@ CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED"
 
 # Series that the experiments and real-time events change adds (RecordEvents, arms);
 # panels using them show "No data" until that change is deployed.
-EXPERIMENT_SERIES = ("one2one_experiment_responses_total", "one2one_experiment_events_total",
-                     "one2one_events_accepted_total", "one2one_events_rejected_total",
+EXPERIMENT_SERIES = ("one2one_experiment_impressions_total", "one2one_experiment_events_total",
+                     "one2one_events_recorded_total", "one2one_events_rejected_total",
                      "one2one_user_state_users")
 
 
@@ -111,17 +111,20 @@ ROWS: list[tuple[str, list[dict]]] = [
             "percentunit"),
     ]),
     ("Experiments and events", [
-        panel("Arm mix", [(f"{rate('one2one_experiment_responses_total', by='arm')}\n/ ignoring (arm) group_left\n"
-                           f"{rate('one2one_experiment_responses_total')}", "{{arm}}")], "percentunit",
-              description="Needs the experiment metrics (one2one_experiment_responses_total{arm})."),
-        panel("Per-arm conversion (purchases per impression)", [
-            (rate("one2one_experiment_events_total", J + ', event_type="purchase"', by="arm") + "\n/\n"
-             + rate("one2one_experiment_events_total", J + ', event_type="impression"', by="arm"), "{{arm}}")],
+        panel("Arm mix", [(f"{rate('one2one_experiment_impressions_total', by='experiment, arm')}\n"
+                           f"/ ignoring (arm) group_left\n"
+                           f"{rate('one2one_experiment_impressions_total', by='experiment')}", "{{experiment}} {{arm}}")],
+              "percentunit",
+              description="Rank responses per arm (one2one_experiment_impressions_total{experiment, arm})."),
+        panel("Per-arm conversion (attributed purchases per impression)", [
+            (rate("one2one_experiment_events_total", J + ', event_type="purchase"', by="experiment, arm") + "\n/\n"
+             + rate("one2one_experiment_impressions_total", by="experiment, arm"), "{{experiment}} {{arm}}")],
             "percentunit",
-            description="Needs the experiment metrics (one2one_experiment_events_total{arm, event_type})."),
+            description="Events carrying a request_id of the arm's responses; intervals and lift: "
+                        "python -m index_builder experiment-report."),
         panel("Events accepted and rejected per second", [
-            (rate("one2one_events_accepted_total"), "accepted"),
-            (rate("one2one_events_rejected_total", by="reason"), "rejected: {{reason}}")], "reqps",
+            (rate("one2one_events_recorded_total", J + ', result="accepted"'), "accepted"),
+            (rate("one2one_events_rejected_total", by="field"), "rejected: {{field}}")], "reqps",
             description="Needs the RecordEvents metrics."),
         panel("Users with real-time state", [(f"sum(one2one_user_state_users{{{J}}})", "users")],
               description="Needs the RecordEvents metrics."),

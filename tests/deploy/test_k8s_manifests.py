@@ -105,5 +105,5 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     assert claim["artifacts"] == dep_claims["artifacts"]
     assert ("PersistentVolumeClaim", claim["artifacts"]) in objects
     assert "ReadWriteMany" in objects[("PersistentVolumeClaim", claim["artifacts"])]["spec"]["accessModes"]
-    for flag in (parsed.events, parsed.items, parsed.users):
+    for flag in (*parsed.events, parsed.items, parsed.users):  # --events may be repeated
         assert str(flag).startswith(mounts["inputs"]["mountPath"] + "/")

@@ -1,0 +1,211 @@
+"""The per-request overlay on a bundle: what real-time events, context rules and the experiment
+variant change about one Rank (query vector, rung cap, mask, score offsets, explain)."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ranking.events import NEGATIVE_EVENT_TYPES, Event
+from ranking.experiments import FULL, Variant
+from ranking.pipeline import rows_match_any
+from ranking.rules import Rule
+from ranking.user_state import Weighting, fold_in
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    """Real-time tuning; every default is written down here once (see the README)."""
+
+    # Score subtracted from a candidate as similar (cosine) as possible to an item the user
+    # skipped or disliked; scaled down with the cosine, nothing below 0.
+    skip_penalty: float = 1.0
+
+
+# Up to this many multiply-adds (items × k²) the Gram matrix is computed on the request that
+# first needs it (tens of ms at most); a larger catalog gets it from a background thread
+# (a million items at k=64 take about a second), and until then its requests are served
+# without the re-solved vector and skip penalties -- purchases are still excluded.
+SYNC_GRAM_LIMIT = 20_000_000
+_GRAM_CHUNK = 65_536
+
+log = logging.getLogger(__name__)
+
+
+class _ModelCache:
+    """Per-model values the fold-in needs, computed once per bundle."""
+
+    def __init__(self, model):
+        self.weighting = Weighting.from_manifest(model.manifest)
+        self.bundle_end = float(model.manifest.get("data_window", {}).get("end_unix", float("-inf")))
+        self.ready = threading.Event()
+        self.yty: np.ndarray | None = None
+        self.inv_norms: np.ndarray | None = None
+
+    def compute(self, item_factors: np.ndarray, version: str) -> None:
+        t0 = time.perf_counter()
+        k = item_factors.shape[1]
+        yty = np.zeros((k, k))
+        # float32 products summed in float64 per chunk: 7× faster than a float64 copy of the
+        # whole matrix, and within 1e-7 of it.
+        for start in range(0, item_factors.shape[0], _GRAM_CHUNK):
+            c = np.asarray(item_factors[start:start + _GRAM_CHUNK], dtype=np.float32)
+            yty += c.T @ c
+        norms = np.linalg.norm(item_factors, axis=1).astype(np.float32)
+        self.inv_norms = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+        self.yty = yty
+        self.ready.set()
+        log.info("fold-in ready", extra={"version": version, "seconds": round(time.perf_counter() - t0, 3)})
+
+
+_caches: "weakref.WeakKeyDictionary[object, _ModelCache]" = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def model_cache(model) -> _ModelCache:
+    """The model's cache; its Gram matrix may still be on its way (see ``SYNC_GRAM_LIMIT``)."""
+    with _caches_lock:
+        c = _caches.get(model)
+        if c is not None:
+            return c
+        c = _caches[model] = _ModelCache(model)
+        n, k = model.item_factors.shape
+        if n * k * k <= SYNC_GRAM_LIMIT:
+            c.compute(model.item_factors, model.version)
+            return c
+    threading.Thread(target=c.compute, args=(model.item_factors, model.version),
+                     name=f"gram-{model.version}", daemon=True).start()
+    return c
+
+
+def category_rows(model, names: tuple[str, ...]) -> np.ndarray:
+    ids = model.category_names.lookup(list(names)) if names else np.zeros(0, np.int32)
+    return ids[ids >= 0]
+
+
+@dataclass
+class RankOverlay:
+    """What a :class:`~ranking.pipeline.Ranker` applies on top of the bundle for one request."""
+
+    variant: Variant = FULL
+    user_vector: np.ndarray | None = None
+    n_realtime_events: int = 0
+    exclude_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    negative_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    rules: list[Rule] = field(default_factory=list)
+    settings: OverlaySettings = field(default_factory=OverlaySettings)
+
+    @property
+    def applied_rules(self) -> list[str]:
+        return [r.name for r in self.rules]
+
+    def mask(self, model, cands: np.ndarray) -> np.ndarray:
+        """Candidates to exclude: bought in real time, and by exclusion/restriction/suppress rules."""
+        mask = np.zeros(len(cands), dtype=bool)
+        if len(self.exclude_rows):
+            mask |= np.isin(cands, self.exclude_rows)
+        for rule in self.rules:
+            if rule.suppress:
+                mask[:] = True
+            if rule.exclude_categories:
+                mask |= rows_match_any(model.item_categories, cands, category_rows(model, rule.exclude_categories))
+            if rule.only_categories:
+                mask |= ~rows_match_any(model.item_categories, cands, category_rows(model, rule.only_categories))
+        return mask
+
+    def offsets(self, model, cands: np.ndarray) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+        """Per-candidate score offsets and, by source, what each added (for explain).
+
+        Returns
+        -------
+        (offsets, parts)
+            ``offsets`` float32 of len(cands), or None when nothing applies; ``parts`` maps
+            ``"realtime_skip"`` and ``"rule:<name>"`` to their per-candidate arrays.
+        """
+        parts: dict[str, np.ndarray] = {}
+        cache = model_cache(model)
+        if len(cands) and len(self.negative_rows) and self.variant.use_context and cache.ready.is_set():
+            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * cache.inv_norms[cands, None]
+            nf = np.asarray(model.item_factors[self.negative_rows], dtype=np.float32) \
+                * cache.inv_norms[self.negative_rows, None]
+            sim = np.clip((cf @ nf.T).max(axis=1), 0.0, 1.0)
+            # The skipped item itself has no factor when the build never saw it; push it down anyway.
+            sim[np.isin(cands, self.negative_rows)] = 1.0
+            parts["realtime_skip"] = (-self.settings.skip_penalty * sim).astype(np.float32)
+        for rule in self.rules:
+            if rule.demote_categories and len(cands):
+                hit = rows_match_any(model.item_categories, cands, category_rows(model, rule.demote_categories))
+                parts[f"rule:{rule.name}"] = np.where(hit, -rule.demote_by, 0.0).astype(np.float32)
+        if not parts:
+            return None, parts
+        return np.sum(list(parts.values()), axis=0, dtype=np.float32), parts
+
+
+def build_overlay(model, user_id: str, events: list[Event], now: float, variant: Variant = FULL,
+                  rules: list[Rule] | None = None, settings: OverlaySettings | None = None) -> RankOverlay:
+    """The overlay of one request from the user's recent events.
+
+    Events at or before the end of the bundle's data window are already in the bundle
+    and are left out. Items the bundle does not know are ignored. Purchases (the bundle's
+    ``consumed_event_types``) are excluded in every variant; the re-solved vector and the
+    skip penalties only where the variant uses context.
+
+    Parameters
+    ----------
+    model : RankingModel
+    user_id : str
+    events : list of Event
+        The user's unexpired events from the :class:`~ranking.user_state.UserStateStore`.
+    now : float
+        Unix seconds (time decay of the events' weights).
+    variant : Variant
+    rules : list of Rule
+        The context rules matching this request.
+    settings : OverlaySettings
+
+    Returns
+    -------
+    RankOverlay
+    """
+    ov = RankOverlay(variant=variant, rules=list(rules or []), settings=settings or OverlaySettings())
+    if not events:
+        return ov
+    cache = model_cache(model)
+    w = cache.weighting
+    events = [e for e in events if e.timestamp > cache.bundle_end]
+    if not events:
+        return ov
+    rows = model.items.lookup([e.item_id for e in events])
+    known = rows >= 0
+    if not known.any():
+        return ov
+    rows = rows[known].astype(np.int64)
+    evs = [e for e, k in zip(events, known) if k]
+    types = np.array([e.event_type for e in evs])
+    ov.exclude_rows = np.unique(rows[np.isin(types, w.consumed_event_types)]).astype(np.int32)
+    if not variant.use_context or not cache.ready.is_set():
+        return ov
+    ov.n_realtime_events = len(evs)
+    ov.negative_rows = np.unique(rows[np.isin(types, NEGATIVE_EVENT_TYPES)]).astype(np.int32)
+    weights = w.weights(types, np.array([e.value for e in evs], dtype=np.float64),
+                        np.array([e.timestamp for e in evs], dtype=np.float64), now)
+    uniq, inv = np.unique(rows, return_inverse=True)
+    summed = np.zeros(len(uniq))
+    np.add.at(summed, inv, weights)
+    nz = summed != 0
+    has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
+    keep = nz & has_factor
+    if not keep.any():
+        return ov
+    urow = model.users.row(user_id)
+    prior = None
+    if urow >= 0 and model.user_has_history[urow]:
+        prior = np.asarray(model.user_factors[urow], dtype=np.float64)
+    vec = fold_in(model.item_factors, cache.yty, uniq[keep], w.alpha * summed[keep], w.regularization, prior)
+    if np.all(np.isfinite(vec)) and np.any(vec != 0):
+        ov.user_vector = vec
+    return ov

@@ -1,0 +1,184 @@
+"""Per-user real-time state: recent events with a TTL and an LRU bound, and the ALS fold-in
+that turns them into this user's vector for the next Rank."""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ranking.events import NEGATIVE_EVENT_TYPES, Event
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How events become ALS confidences: the bundle's own build settings, so that a
+    folded-in vector lives in the same space as the trained ones."""
+
+    event_weights: dict[str, float]
+    value_event_types: tuple[str, ...]
+    value_scale: float
+    default_event_weight: float
+    consumed_event_types: tuple[str, ...]
+    half_life_days: float
+    regularization: float
+    alpha: float
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Weighting":
+        """Read the settings the bundle was built with (``manifest["config"]``)."""
+        c = manifest.get("config", {})
+        return cls(
+            event_weights={k: float(v) for k, v in c.get("event_weights", {}).items()},
+            value_event_types=tuple(c.get("value_event_types", ["rating"])),
+            value_scale=float(c.get("value_scale", 5.0)),
+            default_event_weight=float(c.get("default_event_weight", 1.0)),
+            consumed_event_types=tuple(c.get("consumed_event_types", ["purchase", "rating"])),
+            half_life_days=float(c.get("half_life_days", 120.0)),
+            regularization=float(c.get("regularization", 0.05)),
+            alpha=float(c.get("alpha", 1.0)),
+        )
+
+    def weights(self, types: np.ndarray, values: np.ndarray, timestamps: np.ndarray, now: float) -> np.ndarray:
+        """:meth:`weight` for many events at once (float64), one dictionary lookup per distinct type."""
+        uniq, inv = np.unique(types, return_inverse=True)
+        per_type = np.array([self.weight(Event("", "", str(t), now, 1.0), now) for t in uniq], dtype=np.float64)
+        w = per_type[inv]
+        if self.value_event_types:
+            # weight() above used value 1.0; scale by the real value as the builder does.
+            is_value = np.isin(types, self.value_event_types)
+            v = np.where(values > 0, values, self.value_scale / 2)
+            w = np.where(is_value, w * v, w)
+        age_days = np.maximum(now - timestamps, 0.0) / DAY
+        return w * 0.5 ** (age_days / self.half_life_days)
+
+    def weight(self, ev: Event, now: float) -> float:
+        """The event's weight as the builder computes it (type weight, value scaling, time decay)."""
+        w = self.event_weights.get(ev.event_type, self.default_event_weight)
+        if ev.event_type in NEGATIVE_EVENT_TYPES and ev.event_type not in self.event_weights:
+            # A dislike the build never saw still means "not this": weigh it like a skip.
+            w = self.event_weights.get("skip", -1.0)
+        if ev.event_type in self.value_event_types:
+            value = ev.value if ev.value > 0 else self.value_scale / 2
+            w = w * value / self.value_scale
+        age_days = max(now - ev.timestamp, 0.0) / DAY
+        return float(w * 0.5 ** (age_days / self.half_life_days))
+
+
+def fold_in(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray, confidence: np.ndarray,
+            regularization: float, prior: np.ndarray | None = None) -> np.ndarray:
+    """Solve one user's ALS vector against fixed item factors (implicit-feedback ALS).
+
+    The normal equations are implicit's (Hu, Koren, Volinsky 2008), including its
+    handling of negative confidence (preference 0, weight ``|c|``)::
+
+        (YᵀY + λI + Σᵢ (|cᵢ| - 1) yᵢyᵢᵀ) x = P x₀ + Σ_{cᵢ>0} cᵢ yᵢ,    P = YᵀY + λI
+
+    With ``prior`` x₀ = 0 this is exactly a from-scratch fold-in (what
+    ``implicit``'s ``recalculate_user`` computes). For a user the bundle already
+    knows, x₀ is their trained vector and ``P x₀`` stands in for the right-hand side
+    of their training history (whose confidences the bundle does not keep): the old
+    vector acts as a prior and the new events move it.
+
+    Parameters
+    ----------
+    item_factors : np.ndarray, shape (n_items, k)
+    yty : np.ndarray, shape (k, k)
+        ``item_factors.T @ item_factors`` in float64 (cached per model).
+    rows : np.ndarray of int
+        Item rows, unique.
+    confidence : np.ndarray of float
+        ``alpha × summed weight`` per row; negative for net-negative items.
+    regularization : float
+    prior : np.ndarray, shape (k,), optional
+
+    Returns
+    -------
+    np.ndarray
+        float32 vector of length k.
+    """
+    k = yty.shape[0]
+    p = yty + regularization * np.eye(k)
+    y = np.asarray(item_factors[rows], dtype=np.float64)
+    c = np.asarray(confidence, dtype=np.float64)
+    a = p + (y.T * (np.abs(c) - 1.0)) @ y
+    b = y.T @ np.where(c > 0, c, 0.0)
+    if prior is not None:
+        b = b + p @ np.asarray(prior, dtype=np.float64)
+    return np.linalg.solve(a, b).astype(np.float32)
+
+
+@dataclass
+class UserEvents:
+    """What the store knows about one user: recent events, oldest first."""
+
+    events: collections.deque
+
+
+class UserStateStore:
+    """Recent events per user, bounded by time (TTL) and memory (LRU over users).
+
+    Thread-safe. Events are kept by item id, not bundle row, so they survive a bundle
+    swap. The event log, not this store, is the record: an evicted user's events are
+    still on disk and in the next build.
+
+    Parameters
+    ----------
+    ttl_seconds : float
+        Events older than this (by event time) are dropped.
+    max_users : int
+        Least recently touched users are evicted beyond this many.
+    max_events_per_user : int
+        Only a user's most recent events are kept.
+    """
+
+    def __init__(self, ttl_seconds: float = 7 * DAY, max_users: int = 100_000, max_events_per_user: int = 200):
+        self.ttl_seconds = ttl_seconds
+        self.max_users = max_users
+        self.max_events_per_user = max_events_per_user
+        self._users: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted_users = 0
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def add(self, events: list[Event], now: float) -> int:
+        """Apply events (in order); returns how many were kept (not already expired)."""
+        kept = 0
+        horizon = now - self.ttl_seconds
+        with self._lock:
+            for ev in events:
+                if ev.timestamp < horizon:
+                    continue
+                q = self._users.get(ev.user_id)
+                if q is None:
+                    q = self._users[ev.user_id] = collections.deque(maxlen=self.max_events_per_user)
+                else:
+                    self._users.move_to_end(ev.user_id)
+                q.append(ev)
+                kept += 1
+            while len(self._users) > self.max_users:
+                self._users.popitem(last=False)
+                self.evicted_users += 1
+        return kept
+
+    def events(self, user_id: str, now: float) -> list[Event]:
+        """The user's unexpired events, oldest first (a copy; expired ones are dropped)."""
+        if not user_id:
+            return []
+        horizon = now - self.ttl_seconds
+        with self._lock:
+            q = self._users.get(user_id)
+            if q is None:
+                return []
+            while q and q[0].timestamp < horizon:
+                q.popleft()
+            if not q:
+                del self._users[user_id]
+                return []
+            self._users.move_to_end(user_id)
+            return list(q)
