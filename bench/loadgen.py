@@ -39,6 +39,7 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
     for i in range(warmup):
         await stubs[i % n_channels].Rank(reqs[i % len(reqs)], timeout=10)
     lat: list[float] = []
+    server_ms: list[float] = []
     errors: dict[str, int] = {}
     degraded = 0
     counter = 0
@@ -52,9 +53,13 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
             counter += 1
             t0 = time.perf_counter()
             try:
-                resp = await stub.Rank(reqs[i % len(reqs)], timeout=10)
+                call = stub.Rank(reqs[i % len(reqs)], timeout=10)
+                resp = await call
                 lat.append((time.perf_counter() - t0) * 1000)
                 degraded += resp.degraded
+                for key, value in await call.trailing_metadata() or ():
+                    if key == "one2one-server-ms":
+                        server_ms.append(float(value))
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
@@ -66,7 +71,8 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
     arr = np.asarray(lat)
     return {"concurrency": concurrency, "requests": len(lat), "seconds": elapsed,
             "qps": len(lat) / elapsed if elapsed > 0 else 0.0, **percentiles(arr),
-            "errors": errors, "degraded": degraded}
+            "errors": errors, "degraded": degraded,
+            "server": {k: v for k, v in percentiles(np.asarray(server_ms)).items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

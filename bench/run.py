@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_ratio_vs_bare": best_real / best_bare,
         "p99_ms_at_c8": c8["p99_ms"],
         "budgeted_p999_ms": budgeted["p999_ms"], "budget_ms": a.budget_ms,
+        "budgeted_server_p999_ms": budgeted["server"].get("p999_ms", float("nan")),
         "budgeted_degraded_ratio": budgeted["degraded"] / max(budgeted["requests"], 1),
         "ann_recall": report["raw_faiss"]["recall_at_k"],
         "ann_top10_in_candidates": report["raw_faiss"]["top10_in_candidates"],
@@ -282,8 +283,9 @@ def markdown(r: dict) -> str:
         f"| saturation throughput vs bare gRPC | {s['saturation_qps']:.0f} / {s['bare_saturation_qps']:.0f} qps = "
         f"**{s['throughput_ratio_vs_bare']:.2f}** | >= 0.6 |",
         f"| p99 at concurrency 8 | **{s['p99_ms_at_c8']:.2f} ms** | <= 5 ms |",
-        f"| p99.9 client latency with budget {s['budget_ms']} ms | **{s['budgeted_p999_ms']:.2f} ms** "
-        f"({100 * s['budgeted_degraded_ratio']:.1f}% degraded) | server-side <= budget + 1 ms |",
+        f"| p99.9 server time with budget {s['budget_ms']} ms (client: {s['budgeted_p999_ms']:.2f} ms; "
+        f"{100 * s['budgeted_degraded_ratio']:.1f}% degraded) | **{s['budgeted_server_p999_ms']:.2f} ms** "
+        f"| <= budget + 1 ms |",
         f"| ANN recall of the candidate set: exact top-10 within the {r['raw_faiss']['k']} candidates | "
         f"**{s['ann_top10_in_candidates']:.3f}** | >= 0.95 |",
         f"| ANN set recall@{r['raw_faiss']['k']} (overlap with the exact top-{r['raw_faiss']['k']}) | "

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from server.realtime import Realtime
 
 log = logging.getLogger(__name__)
+SERVER_TIME_KEY = "one2one-server-ms"
 
 
 def query_from_proto(req: ranking_pb2.RankRequest) -> RankQuery:
@@ -104,6 +105,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.realtime = realtime
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
+        started = time.perf_counter()
         request_id = uuid.uuid4().hex
         with logs.request_context(request_id):
             try:
@@ -135,6 +137,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             observe(result)
             log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
                                        "model_version": result.model_version, "degraded": result.degraded})
+            # Server time of this call, for clients and load tests checking the budget.
+            context.set_trailing_metadata(((SERVER_TIME_KEY, f"{(time.perf_counter() - started) * 1000:.3f}"),))
             return response
 
     def RecordEvents(self, request: ranking_pb2.RecordEventsRequest,

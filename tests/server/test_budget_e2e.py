@@ -49,3 +49,14 @@ def test_a_short_grpc_deadline_caps_the_budget(slow_server):
     _, stub = slow_server
     resp = stub.Rank(pb.RankRequest(user_id="u1"), timeout=0.03)
     assert resp.degraded and len(resp.items) == 10
+
+
+def test_server_time_is_reported_in_trailing_metadata(slow_server):
+    _, stub = slow_server
+    t0 = time.perf_counter()
+    resp, call = stub.Rank.with_call(pb.RankRequest(user_id="u1", budget_ms=15), timeout=5)
+    client_ms = (time.perf_counter() - t0) * 1000
+    server_ms = float(dict(call.trailing_metadata())["one2one-server-ms"])
+    assert resp.degraded
+    # The slow stages cost >= 40 ms at full size; within budget the server spent far less.
+    assert 0 < server_ms <= client_ms and server_ms < 15 + 10
