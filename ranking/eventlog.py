@@ -415,6 +415,28 @@ class LogTailer:
         # writer dir -> [segment path, offset of the next unread byte]
         self._pos: dict[Path, list] = {}
         self._broken: set[Path] = set()
+        # The fast path before each Rank: what to stat, and what the stats said when the
+        # last full poll started. A new writer or segment changes a directory's mtime, an
+        # append changes the current segment's size.
+        self._watch: tuple[str, ...] = ()
+        self._quiet_signature: tuple | None = None
+        self._followed: list[Path] = []
+
+    def _signature(self) -> tuple | None:
+        try:
+            return tuple(os.stat(p).st_mtime_ns if i % 2 == 0 else os.stat(p).st_size
+                         for i, p in enumerate(self._watch))
+        except OSError:
+            return None
+
+    def _watch_list(self) -> tuple[str, ...]:
+        # Pairs of (directory, its current segment or itself): the root, then every writer
+        # followed, also those with no segment yet.
+        pairs = [str(self.root), str(self.root)]
+        for d in self._followed:
+            seg = self._pos.get(d, (None, 0))[0]
+            pairs += [str(d), str(seg if seg is not None else d)]
+        return tuple(pairs)
 
     def poll(self, modified_since: float | None = None, strict: bool = False) -> list[dict]:
         """The records appended since the last poll (all of them on the first), in order per writer.
@@ -424,11 +446,26 @@ class LogTailer:
         nothing rather than a silently shortened history); otherwise it stops following
         that writer, with an error logged (a Rank must not fail on another process's disk).
         """
+        if modified_since is None and self._quiet_signature is not None \
+                and self._signature() == self._quiet_signature:
+            return []  # nothing appended, rolled over or added since the last full poll
+        before = self._signature() if self._watch else None
+        watch_before = self._watch
+        out: list[dict] = self._poll_all(modified_since, strict)
+        self._watch = self._watch_list()
+        # Trust the stats taken before this poll only if it followed the same files: an
+        # append during the poll then still differs from them and is read next time.
+        self._quiet_signature = before if self._watch == watch_before else None
+        return out
+
+    def _poll_all(self, modified_since: float | None, strict: bool) -> list[dict]:
         out: list[dict] = []
+        self._followed = []
         for d in log_dirs(self.root):
             rd = d.resolve()
             if rd == self.skip or rd in self._broken:
                 continue
+            self._followed.append(rd)
             try:
                 self._poll_dir(rd, out, modified_since)
             except (EventLogCorrupt, OSError) as exc:

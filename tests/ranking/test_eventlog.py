@@ -194,3 +194,28 @@ def test_writers_take_free_slots_and_a_tailer_follows_the_others(tmp_path):
     c.close()
     assert len(writer_dirs(tmp_path)) == 2
     assert sorted(r.get("n", -1) for _, r in read_all(tmp_path)) == [-1, 0] + list(range(40))
+
+
+def test_quiet_polls_take_the_fast_path_yet_miss_nothing(tmp_path):
+    """The tailer answers a quiet poll from a few stats; appends, rollovers and new writers still show."""
+    from ranking.eventlog import LogTailer, open_writer
+
+    a = open_writer(tmp_path)
+    tail = LogTailer(tmp_path, skip=a.directory)
+    assert tail.poll() == [] and tail.poll() == []
+    b = open_writer(tmp_path)  # a writer that appears after the tailer went quiet
+    assert tail.poll() == []
+    b.append([{"n": 0}])
+    assert tail.poll() == [{"n": 0}]
+    assert tail.poll() == [] and tail._quiet_signature is not None  # quiet again: fast path armed
+    b.segment_bytes = 256
+    got = []
+    for n in range(1, 30):
+        b.append([{"n": n, "pad": "p" * 40}])
+        got += [r["n"] for r in tail.poll()]
+    assert got == list(range(1, 30))
+    c = open_writer(tmp_path)
+    c.append([{"n": "c"}])
+    assert tail.poll() == [{"n": "c"}]
+    for w in (a, b, c):
+        w.close()
