@@ -10,6 +10,7 @@ import numpy as np
 from ranking import scoring
 from ranking.budget import Budget
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
+from ranking.features import FEATURE_NAMES, FeatureTables, Request
 from ranking.model import Csr, RankingModel
 from ranking.query import QueryLimits, RankQuery
 from ranking.retrieval import ann_search, unique_in_order
@@ -34,6 +35,7 @@ class RankerConfig:
     popular_candidates: int = 50
     ann_effort: int = 128
     max_consumed_slack: int = 1000
+    covis_candidates: int = 100
     limits: QueryLimits = field(default_factory=QueryLimits)
 
 
@@ -55,6 +57,18 @@ class RankResult:
     @property
     def degraded(self) -> bool:
         return bool(self.degraded_stages)
+
+
+@dataclass
+class Prepared:
+    """One request up to scoring: the rung, candidate rows, their mask and feature matrix."""
+
+    rung: Rung
+    reason: str
+    urow: int
+    rows: np.ndarray
+    mask: np.ndarray
+    features: np.ndarray
 
 
 def rows_match_any(csr: Csr, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -94,15 +108,32 @@ class Ranker:
         The bundle to serve from; the ranker never mutates it.
     config : RankerConfig
         Pipeline settings.
+    reranker_features : bool
+        Compute the reranker's features even though the bundle scores linearly
+        (the builder does this to collect training rows from a bundle that has no
+        reranker yet).
     """
 
-    def __init__(self, model: RankingModel, config: RankerConfig | None = None):
+    def __init__(self, model: RankingModel, config: RankerConfig | None = None, *,
+                 reranker_features: bool = False):
         self.model = model
         self.config = config or RankerConfig()
-        missing = [f for f in model.feature_names if f not in FEATURES]
-        if missing:
-            raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
-        self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
+        self.scorer = model.scorer
+        self.tables: FeatureTables | None = None
+        if reranker_features:
+            self.tables = FeatureTables(model)
+        if self.scorer.kind == "trees":
+            # The trees index columns by position: the names must be exactly ours, in order.
+            if tuple(model.feature_names) != FEATURE_NAMES:
+                raise BundleError(f"bundle {model.version} was trained on features {model.feature_names}; "
+                                  f"this code computes {list(FEATURE_NAMES)}: rebuild the bundle")
+            self.tables = FeatureTables(model)
+            self._feature_pos = []
+        if self.scorer.kind != "trees":
+            missing = [f for f in model.feature_names if f not in FEATURES]
+            if missing:
+                raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
+            self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
 
     # -- resolve ---------------------------------------------------------------
     def _segment_for(self, urow: int, attributes: dict[str, str]) -> int:
@@ -209,6 +240,36 @@ class Ranker:
                 full[:, 3] = np.where(hit, seg_scores[order][pos], 0.0)
         return full[:, self._feature_pos]
 
+    def _more_candidates(self, q: RankQuery, urow: int, session: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        """Add the reranker's extra sources: neighbours of the user's recent and session items, recent popularity."""
+        if self.tables is None or q.candidate_item_ids:
+            return cands
+        t, cfg = self.tables, self.config
+        sources = np.concatenate([t.user_recent_items(urow) if urow >= 0 else np.zeros(0, np.int32), session])
+        covis, _ = t.covis_from(sources.astype(np.int32))
+        pools = [cands, covis[: cfg.covis_candidates], t.recent_popular_items[: cfg.popular_candidates]]
+        return unique_in_order(np.concatenate(pools).astype(np.int32))
+
+    def prepare(self, q: RankQuery, clock: "_StageClock | None" = None) -> "Prepared":
+        """Resolve, retrieve, mask and compute features: everything before scoring.
+
+        The builder trains the reranker on exactly these rows and features, and the
+        evaluation ranks through :meth:`rank`, so the three share one code path.
+        """
+        clock = clock or _StageClock({})
+        rung, reason, urow, qvec, seg, session = self._resolve(q)
+        clock.lap("resolve")
+        cands = self._retrieve(q, rung, urow, qvec, seg)
+        cands = self._more_candidates(q, urow, session, cands)
+        mask = self._mask(q, rung, urow, cands, session)
+        clock.lap("retrieve")
+        if self.tables is not None:
+            feats = self.tables.assemble(Request(int(rung), urow, qvec, seg, session, q.event_time), cands)
+        else:
+            feats = self._features(cands, qvec, seg)
+        clock.lap("features")
+        return Prepared(rung, reason, urow, cands, mask, feats)
+
     # -- rank ------------------------------------------------------------------
     def rank(self, q: RankQuery, budget: Budget | None = None) -> RankResult:
         """Rank items for one request.
@@ -235,24 +296,19 @@ class Ranker:
         timings: dict[str, float] = {}
         clock = _StageClock(timings)
 
-        rung, reason, urow, qvec, seg, session = self._resolve(q)
-        clock.lap("resolve")
-        cands = self._retrieve(q, rung, urow, qvec, seg)
-        mask = self._mask(q, rung, urow, cands, session)
-        clock.lap("retrieve")
-        feats = self._features(cands, qvec, seg)
-        clock.lap("features")
-        top = scoring.score_topk(feats, m.weights, mask, k, bias=m.bias, deadline_ns=budget.deadline_ns)
+        prep = self.prepare(q, clock)
+        rung, reason, cands, mask, feats = prep.rung, prep.reason, prep.rows, prep.mask, prep.features
+        top = self.scorer.score_topk(feats, mask, k, deadline_ns=budget.deadline_ns)
         clock.lap("score")
 
         degraded = ["score"] if top.n_scored < len(cands) else []
         rows = cands[top.indices]
         contributions = None
         if q.explain:
-            contrib = scoring.linear_contributions(feats[top.indices], m.weights)
+            contrib, bias = self.scorer.contributions(feats[top.indices])
             contributions = [
-                {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": m.bias}
-                for row in contrib
+                {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": float(b)}
+                for row, b in zip(contrib, bias)
             ]
         return RankResult(
             item_ids=m.items.id_of(rows),
