@@ -1,4 +1,4 @@
-"""Command line of the offline builder: ``python -m index_builder {build,fetch-movielens}``."""
+"""Command line of the offline builder: ``python -m index_builder {build,evaluate,fetch-movielens}``."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one build setting (TOML value syntax), e.g. --set factors=32")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("evaluate", help="the ladder report: every rung vs the full pipeline (Markdown + PNG)")
+    e.add_argument("--events", required=True, type=Path, help="events file (.csv or .parquet)")
+    e.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
+    e.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
+    e.add_argument("--out", required=True, type=Path, help="directory for report.md, ladder.json and the plots")
+    e.add_argument("--protocol", action="append", choices=["last_n", "temporal"],
+                   help="protocol to run (repeatable; default both)")
+    e.add_argument("--holdout", type=int, default=10, help="interactions held out per user (last_n)")
+    e.add_argument("--cutoff-quantile", type=float, default=0.8, help="timestamp quantile of the temporal split")
+    e.add_argument("--max-users", type=int, default=0, help="evaluate a sample of test users (0 = all)")
+    e.add_argument("--config", type=Path, help="TOML file overriding build settings")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one build setting")
 
     f = sub.add_parser("fetch-movielens", help="write MovieLens-100K as events/items/users CSV")
     f.add_argument("--out", required=True, type=Path)
@@ -56,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg = BuildConfig.load(args.config, _overrides(args.set))
             path = build(args.events, args.items, args.users, args.out, cfg, show_progress=not args.quiet)
             print(path)
+        elif args.command == "evaluate":
+            from index_builder.config import BuildConfig
+            from index_builder.evaluate import EvalConfig, evaluate
+
+            if args.holdout < 1 or not 0.0 < args.cutoff_quantile < 1.0:
+                raise ValueError("--holdout must be >= 1 and --cutoff-quantile in (0, 1)")
+            ecfg = EvalConfig(protocols=tuple(args.protocol or ("last_n", "temporal")), holdout=args.holdout,
+                              cutoff_quantile=args.cutoff_quantile, max_users=args.max_users,
+                              build=BuildConfig.load(args.config, _overrides(args.set)))
+            evaluate(args.events, args.items, args.users, args.out, ecfg)
+            print(args.out / "report.md")
         elif args.command == "fetch-movielens":
             from index_builder.movielens import fetch_movielens
 
