@@ -59,7 +59,11 @@ class BuildConfig:
     recent_items_per_user: int = 20
     covis_neighbours: int = 50
     covis_shrink: float = 10.0
+    ease_max_items: int = 5000
+    ease_lambda: float = 300.0
     rerank: bool = True
+    rerank_split: str = "temporal"
+    rerank_holdout: int = 10
     rerank_cutoff_quantile: float = 0.8
     rerank_session_share: float = 0.4
     rerank_cold_share: float = 0.15
@@ -115,6 +119,8 @@ class BuildConfig:
             raise ValueError(f"rerank_cutoff_quantile must be in (0, 1), got {self.rerank_cutoff_quantile}")
         if not 0.0 <= self.rerank_session_share <= 1.0 or not 0.0 < self.rerank_valid_share < 1.0:
             raise ValueError("rerank_session_share must be in [0, 1] and rerank_valid_share in (0, 1)")
+        if self.rerank_split not in ("temporal", "last_n"):
+            raise ValueError(f"rerank_split must be 'temporal' or 'last_n', got {self.rerank_split!r}")
         if self.rerank_trees < 1 or self.rerank_leaves < 2:
             raise ValueError("rerank_trees must be >= 1 and rerank_leaves >= 2")
         if self.on_bad_row not in ("error", "skip"):

@@ -154,4 +154,17 @@ def feature_tables(u: np.ndarray, i: np.ndarray, ts: np.ndarray, positive: np.nd
     out["covis_indptr"], out["covis_items"], out["covis_scores"] = covisitation(
         pos, cfg.covis_neighbours, cfg.covis_shrink)
     out["recent_popular_items"] = top_rows(recent_pop, cfg.popular_top_items)
+    out["ease_weights"] = ease(pos, cfg.ease_lambda) if n_items <= cfg.ease_max_items else np.zeros((0, 0), np.float32)
     return out
+
+
+def ease(pos: sp.csr_matrix, lam: float) -> np.ndarray:
+    """EASE item-item weights (Steck 2019): a closed-form linear autoencoder of the user × item matrix."""
+    X = pos.copy()
+    X.data[:] = 1.0
+    G = np.asarray((X.T @ X).todense(), dtype=np.float64)
+    G[np.diag_indices_from(G)] += lam
+    P = np.linalg.inv(G)
+    B = -P / np.diag(P)[None, :]
+    B[np.diag_indices_from(B)] = 0.0
+    return B.astype(np.float32)

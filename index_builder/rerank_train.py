@@ -197,14 +197,16 @@ def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: Build
     from ranking.pipeline import Ranker
     from ranking.reranker import trees_from_lightgbm
 
-    ts = events["timestamp"].to_numpy()
-    cutoff = int(np.quantile(ts, cfg.rerank_cutoff_quantile))
-    earlier = events.filter(pc.less(events["timestamp"], cutoff))
-    later = events.filter(pc.greater_equal(events["timestamp"], cutoff))
-    section = {"cutoff_unix": cutoff, "cutoff_quantile": cfg.rerank_cutoff_quantile,
-               "earlier_events": earlier.num_rows, "later_events": later.num_rows}
-    if earlier.num_rows == 0 or later.num_rows == 0:
-        return RerankOutcome(None, section, "the cutoff leaves no events on one side")
+    from index_builder.evaluate import EvalConfig, EvaluationError, split
+
+    protocol = "temporal" if cfg.rerank_split == "temporal" else "last_n"
+    section = {"split": protocol, "cutoff_quantile": cfg.rerank_cutoff_quantile, "holdout": cfg.rerank_holdout}
+    try:
+        earlier, later = split(events, protocol, EvalConfig(cutoff_quantile=cfg.rerank_cutoff_quantile,
+                                                            holdout=cfg.rerank_holdout, build=cfg))
+    except EvaluationError as exc:
+        return RerankOutcome(None, section, str(exc))
+    section.update({"earlier_events": earlier.num_rows, "later_events": later.num_rows})
     positive_types = {t for t in pc.unique(events["event_type"]).to_pylist()
                       if cfg.event_weights.get(t, cfg.default_event_weight) > 0}
     inner = dataclasses.replace(cfg, rerank=False)

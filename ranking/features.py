@@ -27,6 +27,7 @@ FEATURE_NAMES = (
     "covis_user",           # item-to-item similarity summed over the user's recent items
     "covis_session",        # ... over this session's items
     "session_similarity",   # max cosine between the item and a session item; NaN without a session
+    "ease_score",           # EASE item-item weights summed over the user's and session's items; NaN without
     # item
     "popularity",           # all-time distinct users, log-scaled to [0, 1]
     "popularity_7d",        # log1p(distinct events in the 7 days before the request)
@@ -49,7 +50,14 @@ FEATURE_NAMES = (
     "weekday_item_lift",    # ... on the request's day of week
     "hour_user_share",      # the user's share of own events in the request's hour block; NaN without history
     "rung",                 # the ladder rung that retrieved the candidates (1 popular .. 4 one-to-one)
+    # within-request standing: scores differ in scale from user to user, ranks do not
+    "als_rank",             # rank of als_score among this request's candidates, 0 = best, / n
+    "ease_rank",
+    "covis_user_rank",
+    "popularity_30d_rank",
 )
+RANKED = (("als_rank", "als_score"), ("ease_rank", "ease_score"), ("covis_user_rank", "covis_user"),
+          ("popularity_30d_rank", "popularity_30d"))
 N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
 
@@ -116,6 +124,8 @@ class FeatureTables:
             self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
             self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
             self.recent_popular_items = b.array("recent_popular_items")
+            ease = b.array("ease_weights")
+            self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
         except BundleError as exc:
             raise BundleError(f"{b.path} has no feature tables for the reranker ({exc}); rebuild it") from None
         self.data_end = int(model.manifest["data_window"]["end_unix"])
@@ -138,6 +148,17 @@ class FeatureTables:
         if urow < 0:
             return np.zeros(0, np.int32)
         return np.asarray(self.user_recent.row(urow))
+
+    def history(self, urow: int, session: np.ndarray) -> np.ndarray:
+        """Items the user touched (all time) plus this session's: the input of the EASE score."""
+        own = np.asarray(self.touched.row(urow)) if urow >= 0 else np.zeros(0, np.int32)
+        return np.unique(np.concatenate([own, session]).astype(np.int32))
+
+    def ease_all(self, hist: np.ndarray) -> np.ndarray | None:
+        """EASE scores of every item for a history, or None without weights or history."""
+        if self.ease is None or len(hist) == 0:
+            return None
+        return np.asarray(self.ease[hist], np.float32).sum(axis=0)
 
     def _covis_to(self, sources: np.ndarray, cands: np.ndarray) -> np.ndarray:
         if len(sources) == 0:
@@ -181,6 +202,11 @@ class FeatureTables:
             X[:, c["als_score"]] = np.nan
         X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), cands)
         X[:, c["covis_session"]] = self._covis_to(req.session, cands)
+        hist = self.history(urow, req.session)
+        if self.ease is not None and len(hist):
+            X[:, c["ease_score"]] = np.asarray(self.ease[hist][:, cands], np.float32).sum(axis=0)
+        else:
+            X[:, c["ease_score"]] = np.nan
         if len(req.session):
             f = np.asarray(m.item_factors[cands], np.float32)
             s = np.asarray(m.item_factors[req.session], np.float32)
@@ -193,8 +219,10 @@ class FeatureTables:
             X[:, c["session_similarity"]] = np.nan
 
         X[:, c["popularity"]] = m.item_popularity[cands]
-        c7 = self._window_counts(cands, t, 7)
-        c30 = self._window_counts(cands, t, 30)
+        # The bundle knows nothing after its data end: a later request sees the last windows it has.
+        t_pop = min(t, self.data_end + 1)
+        c7 = self._window_counts(cands, t_pop, 7)
+        c30 = self._window_counts(cands, t_pop, 30)
         X[:, c["popularity_7d"]] = np.log1p(c7)
         X[:, c["popularity_30d"]] = np.log1p(c30)
         X[:, c["trend"]] = np.log((c7 + 1.0) / (c30 * (7.0 / 30.0) + 1.0))
@@ -237,4 +265,13 @@ class FeatureTables:
         X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
         X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
         X[:, c["rung"]] = req.rung
+        for rank_name, source in RANKED:
+            v = X[:, c[source]]
+            if np.isnan(v).all():
+                X[:, c[rank_name]] = np.nan
+                continue
+            order = np.lexsort((np.arange(n), -np.nan_to_num(v, nan=-np.inf)))
+            r = np.empty(n, np.float32)
+            r[order] = np.arange(n, dtype=np.float32) / n
+            X[:, c[rank_name]] = r
         return X

@@ -248,6 +248,10 @@ class Ranker:
         sources = np.concatenate([t.user_recent_items(urow) if urow >= 0 else np.zeros(0, np.int32), session])
         covis, _ = t.covis_from(sources.astype(np.int32))
         pools = [cands, covis[: cfg.covis_candidates], t.recent_popular_items[: cfg.popular_candidates]]
+        ease = t.ease_all(t.history(urow, session))
+        if ease is not None:
+            n = min(cfg.covis_candidates, len(ease))
+            pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
         return unique_in_order(np.concatenate(pools).astype(np.int32))
 
     def prepare(self, q: RankQuery, clock: "_StageClock | None" = None) -> "Prepared":
