@@ -62,7 +62,7 @@ class BuildConfig:
     ease_max_items: int = 5000
     ease_lambda: float = 300.0
     rerank: bool = True
-    rerank_split: str = "temporal"
+    rerank_split: str = "both"
     rerank_holdout: int = 10
     rerank_cutoff_quantile: float = 0.8
     rerank_session_share: float = 0.4
@@ -73,6 +73,7 @@ class BuildConfig:
     rerank_learning_rate: float = 0.05
     rerank_min_data_in_leaf: int = 50
     rerank_valid_share: float = 0.2
+    rerank_bags: int = 5
     rerank_early_stopping: int = 50
 
     eval_users: int = 2000
@@ -119,8 +120,8 @@ class BuildConfig:
             raise ValueError(f"rerank_cutoff_quantile must be in (0, 1), got {self.rerank_cutoff_quantile}")
         if not 0.0 <= self.rerank_session_share <= 1.0 or not 0.0 < self.rerank_valid_share < 1.0:
             raise ValueError("rerank_session_share must be in [0, 1] and rerank_valid_share in (0, 1)")
-        if self.rerank_split not in ("temporal", "last_n"):
-            raise ValueError(f"rerank_split must be 'temporal' or 'last_n', got {self.rerank_split!r}")
+        if self.rerank_split not in ("temporal", "last_n", "both"):
+            raise ValueError(f"rerank_split must be 'temporal', 'last_n' or 'both', got {self.rerank_split!r}")
         if self.rerank_trees < 1 or self.rerank_leaves < 2:
             raise ValueError("rerank_trees must be >= 1 and rerank_leaves >= 2")
         if self.on_bad_row not in ("error", "skip"):

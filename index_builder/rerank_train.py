@@ -130,50 +130,71 @@ def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[
     return TrainingRows(np.concatenate(Xs), np.concatenate(ys), np.asarray(groups, np.int64), who)
 
 
-def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[object, dict]:
-    """Fit LightGBM lambdarank with early stopping on held-out users; return (booster, figures)."""
+def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
+    """Fit ``rerank_bags`` LightGBM lambdarank models, one per fold of users held out.
+
+    Each model is early-stopped on its own held-out fold, and that fold's
+    out-of-fold predictions give the held-out figures, so no reported figure was
+    seen in training. Averaging the models (the exported ensemble) lowers the
+    variance a single small-data fit has.
+
+    Returns
+    -------
+    (boosters, figures)
+        The models, each cut to its best iteration, and JSON-ready figures.
+    """
     import lightgbm as lgb
 
     rng = np.random.default_rng(cfg.random_seed)
     n_groups = len(rows.groups)
-    valid = rng.random(n_groups) < cfg.rerank_valid_share
-    if valid.all() or not valid.any():
-        valid = np.zeros(n_groups, bool)
-        valid[: max(1, n_groups // 5)] = True
+    n_bags = max(1, min(cfg.rerank_bags, n_groups // 2))
+    if n_bags == 1:
+        fold = (rng.random(n_groups) < cfg.rerank_valid_share).astype(np.int64)
+        fold[0] = 1 if not fold.any() else fold[0]
+        held_folds = [1]
+    else:
+        fold = rng.permutation(n_groups) % n_bags
+        held_folds = list(range(n_bags))
     bounds = np.r_[0, np.cumsum(rows.groups)]
-    row_valid = np.repeat(valid, rows.groups)
-    params = {
-        "objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [10],
-        "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
-        "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
-        "lambdarank_truncation_level": 20, "verbose": -1, "seed": cfg.random_seed,
-        "deterministic": True, "num_threads": 2,
-    }
-    dtrain = lgb.Dataset(rows.X[~row_valid], rows.y[~row_valid], group=rows.groups[~valid],
-                         feature_name=list(FEATURE_NAMES), free_raw_data=False)
-    dvalid = lgb.Dataset(rows.X[row_valid], rows.y[row_valid], group=rows.groups[valid], reference=dtrain)
-    booster = lgb.train(params, dtrain, num_boost_round=cfg.rerank_trees, valid_sets=[dvalid],
-                        callbacks=[lgb.early_stopping(cfg.rerank_early_stopping, verbose=False)])
-    # Held-out NDCG@10 over the candidates: the reranker against single features.
-    vg = np.flatnonzero(valid)
-    labels = [rows.y[bounds[g]:bounds[g + 1]] for g in vg]
-    feats = [rows.X[bounds[g]:bounds[g + 1]] for g in vg]
-    pred = [booster.predict(x, num_iteration=booster.best_iteration) for x in feats]
+    row_fold = np.repeat(fold, rows.groups)
+    oof = np.full(len(rows.y), np.nan)
+    boosters = []
+    for b, f in enumerate(held_folds):
+        params = {
+            "objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [10],
+            "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
+            "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
+            "lambdarank_truncation_level": 20, "verbose": -1, "seed": cfg.random_seed + b,
+            "deterministic": True, "num_threads": 2,
+        }
+        tr, va = row_fold != f, row_fold == f
+        dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f],
+                             feature_name=list(FEATURE_NAMES), free_raw_data=False)
+        dvalid = lgb.Dataset(rows.X[va], rows.y[va], group=rows.groups[fold == f], reference=dtrain)
+        booster = lgb.train(params, dtrain, num_boost_round=cfg.rerank_trees, valid_sets=[dvalid],
+                            callbacks=[lgb.early_stopping(cfg.rerank_early_stopping, verbose=False)])
+        booster = _truncated(booster)
+        oof[va] = booster.predict(rows.X[va])
+        boosters.append(booster)
+
+    held = np.flatnonzero(np.isin(fold, held_folds))
+    labels = [rows.y[bounds[g]:bounds[g + 1]] for g in held]
+    feats = [rows.X[bounds[g]:bounds[g + 1]] for g in held]
+    pred = [oof[bounds[g]:bounds[g + 1]] for g in held]
     col = {n: j for j, n in enumerate(FEATURE_NAMES)}
+    gain = sum(b.feature_importance("gain") for b in boosters) / len(boosters)
     figures = {
-        "valid_users": int(len(vg)), "train_users": int(n_groups - len(vg)),
-        "train_rows": int((~row_valid).sum()), "best_iteration": int(booster.best_iteration or cfg.rerank_trees),
-        "valid_ndcg_at_10": {
+        "bags": len(boosters), "held_out_users": int(len(held)), "rows": int(len(rows.y)),
+        "trees_per_bag": [int(b.num_trees()) for b in boosters],
+        "held_out_ndcg_at_10": {
             "reranker": round(ndcg_at(pred, labels, 10), 4),
             **{f"by_{n}": round(ndcg_at([x[:, col[n]] for x in feats], labels, 10), 4)
-               for n in ("als_score", "covis_user", "popularity", "popularity_30d")},
+               for n in ("als_score", "ease_score", "covis_user", "popularity", "popularity_30d")},
             "retrieval_order": round(ndcg_at([-np.arange(len(x), dtype=float) for x in feats], labels, 10), 4),
         },
-        "feature_importance_gain": {
-            n: round(float(v), 2) for n, v in
-            zip(FEATURE_NAMES, booster.feature_importance("gain", iteration=booster.best_iteration))},
+        "feature_importance_gain": {n: round(float(v), 2) for n, v in zip(FEATURE_NAMES, gain)},
     }
-    return booster, figures
+    return boosters, figures
 
 
 def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: BuildConfig) -> RerankOutcome:
@@ -195,35 +216,48 @@ def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: Build
     from index_builder.build import build
     from ranking.model import RankingModel
     from ranking.pipeline import Ranker
-    from ranking.reranker import trees_from_lightgbm
+    from ranking.reranker import concat_trees, trees_from_lightgbm
 
     from index_builder.evaluate import EvalConfig, EvaluationError, split
 
-    protocol = "temporal" if cfg.rerank_split == "temporal" else "last_n"
-    section = {"split": protocol, "cutoff_quantile": cfg.rerank_cutoff_quantile, "holdout": cfg.rerank_holdout}
-    try:
-        earlier, later = split(events, protocol, EvalConfig(cutoff_quantile=cfg.rerank_cutoff_quantile,
-                                                            holdout=cfg.rerank_holdout, build=cfg))
-    except EvaluationError as exc:
-        return RerankOutcome(None, section, str(exc))
-    section.update({"earlier_events": earlier.num_rows, "later_events": later.num_rows})
+    splits = ("temporal", "last_n") if cfg.rerank_split == "both" else (cfg.rerank_split,)
+    section: dict = {"split": cfg.rerank_split, "cutoff_quantile": cfg.rerank_cutoff_quantile,
+                     "holdout": cfg.rerank_holdout}
     positive_types = {t for t in pc.unique(events["event_type"]).to_pylist()
                       if cfg.event_weights.get(t, cfg.default_event_weight) > 0}
     inner = dataclasses.replace(cfg, rerank=False)
-    with tempfile.TemporaryDirectory(prefix="one2one-rerank-") as tmp:
-        path = Path(tmp) / "earlier.parquet"
-        pq.write_table(earlier, path)
-        bundle = build(path, items, users, Path(tmp) / "bundle", inner, show_progress=False)
-        model = RankingModel(bundle, verify=False)
-        ranker = Ranker(model, reranker_features=True)
-        rows = collect_rows(ranker, later, cfg, positive_types, _attributes(users, model, cfg))
+    parts: list[TrainingRows] = []
+    reasons = []
+    for protocol in splits:
+        try:
+            earlier, later = split(events, protocol, EvalConfig(cutoff_quantile=cfg.rerank_cutoff_quantile,
+                                                                holdout=cfg.rerank_holdout, build=cfg))
+        except EvaluationError as exc:
+            reasons.append(str(exc))
+            continue
+        with tempfile.TemporaryDirectory(prefix="one2one-rerank-") as tmp:
+            path = Path(tmp) / "earlier.parquet"
+            pq.write_table(earlier, path)
+            bundle = build(path, items, users, Path(tmp) / "bundle", inner, show_progress=False)
+            model = RankingModel(bundle, verify=False)
+            ranker = Ranker(model, reranker_features=True)
+            rows = collect_rows(ranker, later, cfg, positive_types, _attributes(users, model, cfg))
+        section[protocol] = {"earlier_events": earlier.num_rows, "later_events": later.num_rows,
+                             "groups": int(len(rows.groups))}
+        parts.append(rows)
+    rows = TrainingRows(
+        np.concatenate([p.X for p in parts]) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+        np.concatenate([p.y for p in parts]) if parts else np.zeros(0, np.float32),
+        np.concatenate([p.groups for p in parts]) if parts else np.zeros(0, np.int64),
+        [u for p in parts for u in p.users])
     section["groups"] = int(len(rows.groups))
     if len(rows.groups) < cfg.rerank_min_groups:
-        return RerankOutcome(None, section, f"only {len(rows.groups)} later-window users have a positive among "
-                                            f"their candidates (rerank_min_groups = {cfg.rerank_min_groups})")
-    booster, figures = fit_lambdarank(rows, cfg)
+        why = "; ".join(reasons) or (f"only {len(rows.groups)} later-window users have a positive among their "
+                                     f"candidates (rerank_min_groups = {cfg.rerank_min_groups})")
+        return RerankOutcome(None, section, why)
+    boosters, figures = fit_lambdarank(rows, cfg)
     section.update(figures)
-    trees = trees_from_lightgbm(_truncated(booster))
+    trees = concat_trees([trees_from_lightgbm(b, scale=1.0 / len(boosters)) for b in boosters])
     section["n_trees"] = trees.n_trees
     return RerankOutcome(trees, section)
 

@@ -26,7 +26,7 @@ SCORING_MODELS = ("linear", "trees")
 _MISSING_TYPES = {"None": 0, "Zero": 1, "NaN": 2}
 
 
-def trees_from_lightgbm(booster) -> TreeArrays:
+def trees_from_lightgbm(booster, scale: float = 1.0) -> TreeArrays:
     """Flatten a LightGBM booster's trees into :class:`~ranking.scoring.TreeArrays`.
 
     Nodes are numbered in pre-order across all trees, so every child comes after
@@ -37,6 +37,8 @@ def trees_from_lightgbm(booster) -> TreeArrays:
     ----------
     booster : lightgbm.Booster
         A trained single-output model (regression or lambdarank).
+    scale : float
+        Multiplies every leaf and node value (``1 / n`` to average ``n`` models).
 
     Returns
     -------
@@ -62,7 +64,7 @@ def trees_from_lightgbm(booster) -> TreeArrays:
 
     def visit(node: dict) -> int:
         if "leaf_value" in node or "split_index" not in node:
-            leaf_value.append(float(node.get("leaf_value", 0.0)))
+            leaf_value.append(float(node.get("leaf_value", 0.0)) * scale)
             return ~(len(leaf_value) - 1)
         if node["decision_type"] != "<=":
             raise ValueError(f"split decision {node['decision_type']!r} is not supported (numerical '<=' only)")
@@ -70,7 +72,7 @@ def trees_from_lightgbm(booster) -> TreeArrays:
         feature.append(int(node["split_feature"]))
         threshold.append(float(node["threshold"]))
         flags.append(int(bool(node["default_left"])) | (_MISSING_TYPES[node["missing_type"]] << 1))
-        node_value.append(float(node["internal_value"]))
+        node_value.append(float(node["internal_value"]) * scale)
         left.append(0)
         right.append(0)
         left[me] = visit(node["left_child"])
@@ -81,6 +83,35 @@ def trees_from_lightgbm(booster) -> TreeArrays:
         roots.append(visit(info["tree_structure"]))
     return TreeArrays.checked(roots, feature, threshold, left, right, flags, node_value, leaf_value,
                               n_features)
+
+
+def concat_trees(parts: list[TreeArrays]) -> TreeArrays:
+    """One ensemble whose score is the sum of the parts' scores (node and leaf numbers shifted)."""
+    if not parts:
+        raise ValueError("concat_trees needs at least one ensemble")
+    n_features = parts[0].n_features
+    if any(p.n_features != n_features for p in parts):
+        raise ValueError("every ensemble must read the same number of features")
+    roots, feature, threshold, left, right, flags, node_value, leaf_value = ([] for _ in range(8))
+    n_nodes = n_leaves = 0
+
+    def shift(child: np.ndarray) -> np.ndarray:
+        return np.where(child >= 0, child + n_nodes, ~(~child + n_leaves)).astype(np.int32)
+
+    for p in parts:
+        roots.append(shift(p.roots))
+        left.append(shift(p.left))
+        right.append(shift(p.right))
+        feature.append(p.feature)
+        threshold.append(p.threshold)
+        flags.append(p.flags)
+        node_value.append(p.node_value)
+        leaf_value.append(p.leaf_value)
+        n_nodes += len(p.feature)
+        n_leaves += len(p.leaf_value)
+    cat = np.concatenate
+    return TreeArrays.checked(cat(roots), cat(feature), cat(threshold), cat(left), cat(right), cat(flags),
+                              cat(node_value), cat(leaf_value), n_features)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def test_bundle_serves_the_learned_trees(model):
     training = model.manifest["scoring"]["training"]
     assert training["groups"] >= 20 and training["n_trees"] >= 1
     # Learned, and better than the plain embedding order on held-out users.
-    v = training["valid_ndcg_at_10"]
+    v = training["held_out_ndcg_at_10"]
     assert v["reranker"] > v["retrieval_order"]
 
 

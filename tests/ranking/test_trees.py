@@ -141,3 +141,17 @@ def test_feature_count_mismatch_is_refused():
     trees = TreeArrays.checked([~0], [], [], [], [], [], [], [1.0], n_features=2)
     with pytest.raises(ValueError, match="2 features"):
         score_trees_topk(np.zeros((3, 4), np.float32), trees, None, 2)
+
+
+def test_averaged_ensemble_matches_the_mean_of_predictions():
+    from ranking.reranker import concat_trees
+
+    rng = np.random.default_rng(5)
+    X, y = _data(rng, 500, 6, True)
+    boosters = [_booster(X, y, seed=s, bagging_fraction=0.7, bagging_freq=1) for s in range(3)]
+    trees = concat_trees([trees_from_lightgbm(b, scale=1 / 3) for b in boosters])
+    Xt, _ = _data(np.random.default_rng(6), 300, 6, True)
+    want = np.mean([b.predict(Xt) for b in boosters], axis=0)
+    np.testing.assert_allclose(_all_scores(Xt, trees), want, atol=1e-5)
+    contrib, bias = tree_contributions(Xt[:20], trees)
+    np.testing.assert_allclose(contrib.sum(1) + bias, want[:20], atol=1e-5)
