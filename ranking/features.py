@@ -50,6 +50,7 @@ FEATURE_NAMES = (
     "weekday_item_lift",    # ... on the request's day of week
     "hour_user_share",      # the user's share of own events in the request's hour block; NaN without history
     "rung",                 # the ladder rung that retrieved the candidates (1 popular .. 4 one-to-one)
+    "days_after_data_end",  # request time minus the bundle's last event: how stale the windows are
     # within-request standing: scores differ in scale from user to user, ranks do not
     "als_rank",             # rank of als_score among this request's candidates, 0 = best, / n
     "ease_rank",
@@ -265,6 +266,7 @@ class FeatureTables:
         X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
         X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
         X[:, c["rung"]] = req.rung
+        X[:, c["days_after_data_end"]] = (t - self.data_end) / DAY
         for rank_name, source in RANKED:
             v = X[:, c[source]]
             if np.isnan(v).all():
