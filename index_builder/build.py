@@ -18,6 +18,7 @@ from tqdm import tqdm
 from index_builder import io as bio
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import feature_tables
+from index_builder.profile import data_profile
 from index_builder.tables import (
     choose_scheme, consumed_csr, distinct_user_counts, item_categories, item_prices, log_scaled,
     segment_tables, top_rows,
@@ -102,6 +103,18 @@ def _scoring_section(events: pa.Table, items: Path, users: Path | None, cfg: Bui
     sw = cfg.scoring_weights
     return {"model": "linear", "features": list(FEATURES), "weights": [float(sw.get(f, 0.0)) for f in FEATURES],
             "bias": 0.0, "fallback": fallback}
+
+
+def _ladder_section(events: Path, items: Path, users: Path | None, cfg: BuildConfig) -> dict:
+    """NDCG@10 of every rung under both protocols (``index_builder.evaluate``), or why it was not run."""
+    if not cfg.ladder_report:
+        return {"skipped": "ladder_report = false"}
+    import dataclasses
+
+    from index_builder.evaluate import EvalConfig, ladder_summary, run_all
+
+    inner = dataclasses.replace(cfg, ladder_report=False)
+    return ladder_summary(run_all(events, items, users, EvalConfig(build=inner)))
 
 
 def _iso(ts: int) -> str:
@@ -249,7 +262,9 @@ def build(events: Path, items: Path, users: Path | None, out: Path, cfg: BuildCo
             "segments": {**seg.scheme.to_dict(), "users_per_segment": seg.users_per_segment},
             "scoring": scoring_section,
             "evaluation": {f"ann_recall_at_{min(cfg.eval_candidates, n_items)}": recall,
-                           "ann_eval_users": int(len(sample))},
+                           "ann_eval_users": int(len(sample)),
+                           "ladder": _ladder_section(events, items, users, cfg)},
+            "data_profile": data_profile(ev, inp.items, cfg),
             "build_seconds": round(time.perf_counter() - t_start, 3),
         }
         path = wr.publish(manifest)

@@ -76,6 +76,9 @@ class BuildConfig:
     rerank_bags: int = 5
     rerank_early_stopping: int = 50
 
+    # Run the ladder evaluation (both protocols, every rung) and put its NDCG@10 in the manifest.
+    ladder_report: bool = True
+
     eval_users: int = 2000
     eval_candidates: int = 200
 

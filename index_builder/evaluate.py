@@ -281,13 +281,8 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     return result
 
 
-def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: EvalConfig) -> dict:
-    """Run every protocol and write the ladder report (Markdown, PNG plots, JSON) under ``out``.
-
-    Returns
-    -------
-    dict
-        The figures written to ``out/ladder.json``.
+def run_all(events: Path, items: Path, users: Path | None, ecfg: EvalConfig) -> dict:
+    """Every protocol's figures (no files written); an unrunnable protocol carries an ``error`` message.
 
     Raises
     ------
@@ -296,10 +291,8 @@ def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: Eva
     """
     from index_builder.build import read_inputs
     from index_builder.profile import data_profile
-    from index_builder.report import write_report
 
     inp = read_inputs(events, items, users, ecfg.build)
-    out.mkdir(parents=True, exist_ok=True)
     results: dict = {"inputs": {"events": str(events), "items": str(items), "users": str(users) if users else None},
                      "profile": data_profile(inp.events, inp.items, ecfg.build), "protocols": {}}
     with tempfile.TemporaryDirectory(prefix="one2one-eval-") as tmp:
@@ -313,5 +306,36 @@ def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: Eva
                                                   "error": f"protocol {protocol}: cannot build on the training part: {exc}"}
     results["settings"] = {"ks": list(ecfg.ks), "cutoff_quantile": ecfg.cutoff_quantile, "holdout": ecfg.holdout,
                            "recent_days": ecfg.recent_days, "ease_lambda": ecfg.ease_lambda}
+    return results
+
+
+def ladder_summary(results: dict, k: int = 10) -> dict:
+    """The manifest's compact form: NDCG@k per rung and group for each protocol, or its error."""
+    out = {}
+    for name, p in results["protocols"].items():
+        if "error" in p:
+            out[name] = {"error": p["error"]}
+            continue
+        out[name] = {"test_users": p["group_sizes"], f"ndcg_at_{k}": {
+            g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()}}
+    return out
+
+
+def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: EvalConfig) -> dict:
+    """Run every protocol and write the ladder report (Markdown, PNG plots, JSON) under ``out``.
+
+    Returns
+    -------
+    dict
+        The figures written to ``out/ladder.json``.
+
+    Raises
+    ------
+    index_builder.io.InputError
+        An input file is malformed.
+    """
+    from index_builder.report import write_report
+
+    results = run_all(events, items, users, ecfg)
     write_report(results, out)
     return results

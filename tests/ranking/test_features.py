@@ -99,3 +99,14 @@ def test_linear_bundles_still_load_and_unknown_models_are_refused(shop_files, tm
     manifest.write_text(json.dumps(doc))
     with pytest.raises(BundleError, match="scoring.model is 'forest'"):
         RankingModel(path)
+
+
+def test_every_build_carries_the_ladder_and_the_data_profile(model):
+    ladder = model.manifest["evaluation"]["ladder"]
+    for protocol in ("last_n", "temporal"):
+        ndcg = ladder[protocol]["ndcg_at_10"]["all"]
+        assert set(ndcg) == {"POPULAR", "POPULAR_RECENT", "SEGMENT", "ITEM_TO_ITEM", "ALS", "EASE", "ONE2ONE"}
+        assert all(0.0 <= v <= 1.0 for v in ndcg.values())
+    profile = model.manifest["data_profile"]
+    assert profile["events"] == model.manifest["counts"]["events"]
+    assert 0 < profile["long_tail"]["share_of_events_on_top_20pct_items"] <= 1
