@@ -171,7 +171,10 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     from ranking.pipeline import Ranker
     from ranking.query import RankQuery
 
-    bcfg = ecfg.build
+    import dataclasses
+
+    # The bundle under test is an ordinary build, minus its own (recursive) ladder report.
+    bcfg = dataclasses.replace(ecfg.build, ladder_report=False)
     train, test = split(events, protocol, ecfg)
     path = work / f"{protocol}-train.parquet"
     pq.write_table(train, path)

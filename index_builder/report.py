@@ -37,7 +37,7 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
         if g not in p["groups"]:
             continue
         lines += [f"### {g} users, @{k}", "",
-                  f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} | NDCG lift over the rung above it in this table |",
+                  f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} | NDCG lift over the previous row (the rung below) |",
                   "|---|---|---|---|---|---|---|"]
         prev = None
         for r in p["rungs"]:

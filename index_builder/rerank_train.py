@@ -165,7 +165,7 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
             "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
             "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
             "lambdarank_truncation_level": 20, "verbose": -1, "seed": cfg.random_seed + b,
-            "deterministic": True, "num_threads": 2,
+            "deterministic": True, "num_threads": 1,
         }
         tr, va = row_fold != f, row_fold == f
         dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f],
@@ -225,7 +225,8 @@ def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: Build
                      "holdout": cfg.rerank_holdout}
     positive_types = {t for t in pc.unique(events["event_type"]).to_pylist()
                       if cfg.event_weights.get(t, cfg.default_event_weight) > 0}
-    inner = dataclasses.replace(cfg, rerank=False)
+    # The inner bundle only supplies features: no reranker of its own, no ladder report.
+    inner = dataclasses.replace(cfg, rerank=False, ladder_report=False)
     parts: list[TrainingRows] = []
     reasons = []
     for protocol in splits:
