@@ -1,4 +1,4 @@
-"""Command line of the offline builder: ``python -m index_builder {build,experiment-report,fetch-movielens}``."""
+"""Command line of the offline builder: ``python -m index_builder {build,evaluate,experiment-report,fetch-movielens}``."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +22,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one build setting (TOML value syntax), e.g. --set factors=32")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("evaluate", help="the ladder report: every rung vs the full pipeline (Markdown + PNG)")
+    e.add_argument("--events", required=True, type=Path, help="events file (.csv or .parquet)")
+    e.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
+    e.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
+    e.add_argument("--out", required=True, type=Path, help="directory for report.md, ladder.json and the plots")
+    e.add_argument("--protocol", action="append", choices=["last_n", "temporal"],
+                   help="protocol to run (repeatable; default both)")
+    e.add_argument("--holdout", type=int, default=10, help="interactions held out per user (last_n)")
+    e.add_argument("--cutoff-quantile", type=float, default=0.8, help="timestamp quantile of the temporal split")
+    e.add_argument("--max-users", type=int, default=0, help="evaluate a sample of test users (0 = all)")
+    e.add_argument("--config", type=Path, help="TOML file overriding build settings")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one build setting")
 
     r = sub.add_parser("experiment-report", help="per-arm conversion rates and lift over control from an event log")
     r.add_argument("--log", required=True, type=Path, help="the server's event log directory")
@@ -72,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             from index_builder.experiment_report import main as report_main
 
             print(report_main(args.log, args.control, args.confidence, args.experiment, args.json, args.experiments))
+        elif args.command == "evaluate":
+            from index_builder.config import BuildConfig
+            from index_builder.evaluate import EvalConfig, evaluate
+
+            if args.holdout < 1 or not 0.0 < args.cutoff_quantile < 1.0:
+                raise ValueError("--holdout must be >= 1 and --cutoff-quantile in (0, 1)")
+            ecfg = EvalConfig(protocols=tuple(args.protocol or ("last_n", "temporal")), holdout=args.holdout,
+                              cutoff_quantile=args.cutoff_quantile, max_users=args.max_users,
+                              build=BuildConfig.load(args.config, _overrides(args.set)))
+            evaluate(args.events, args.items, args.users, args.out, ecfg)
+            print(args.out / "report.md")
         elif args.command == "fetch-movielens":
             from index_builder.movielens import fetch_movielens
 

@@ -17,13 +17,17 @@ from tqdm import tqdm
 
 from index_builder import io as bio
 from index_builder.config import BuildConfig
+from index_builder.feature_tables import feature_tables
+from index_builder.profile import data_profile
 from index_builder.tables import (
     choose_scheme, consumed_csr, distinct_user_counts, item_categories, item_prices, log_scaled,
     segment_tables, top_rows,
 )
 from index_builder.train import DAY, confidence_matrix, event_weights, train_als
 from ranking.bundle import BundleWriter
+from ranking.features import FEATURE_NAMES
 from ranking.pipeline import FEATURES
+from ranking.reranker import add_trees
 from ranking.retrieval import ann_search
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,39 @@ def ann_recall(index: faiss.Index, item_factors: np.ndarray, queries: np.ndarray
     _, got = ann_search(index, queries, k, effort)
     hits = [len(np.intersect1d(t[t >= 0], g[g >= 0])) / max(1, (t >= 0).sum()) for t, g in zip(truth, got)]
     return float(np.mean(hits))
+
+
+def _scoring_section(events: pa.Table, items: Path, users: Path | None, cfg: BuildConfig) -> dict:
+    """The manifest's ``scoring`` section: the learned reranker, or the linear fallback and why.
+
+    The tree arrays travel under the private key ``_trees`` until the writer stores them.
+    """
+    if cfg.rerank:
+        from index_builder.rerank_train import train_reranker
+
+        outcome = train_reranker(events, items, users, cfg)
+        if outcome.trees is not None:
+            return {"model": "trees", "features": list(FEATURE_NAMES), "training": outcome.section,
+                    "_trees": outcome.trees}
+        log.warning("no reranker trained (%s); scoring with the linear fallback", outcome.reason)
+        fallback = {"reason": outcome.reason, "training": outcome.section}
+    else:
+        fallback = {"reason": "rerank = false"}
+    sw = cfg.scoring_weights
+    return {"model": "linear", "features": list(FEATURES), "weights": [float(sw.get(f, 0.0)) for f in FEATURES],
+            "bias": 0.0, "fallback": fallback}
+
+
+def _ladder_section(events: Path, items: Path, users: Path | None, cfg: BuildConfig) -> dict:
+    """NDCG@10 of every rung under both protocols (``index_builder.evaluate``), or why it was not run."""
+    if not cfg.ladder_report:
+        return {"skipped": "ladder_report = false"}
+    import dataclasses
+
+    from index_builder.evaluate import EvalConfig, ladder_summary, run_all
+
+    inner = dataclasses.replace(cfg, ladder_report=False)
+    return ladder_summary(run_all(events, items, users, EvalConfig(build=inner)))
 
 
 def _iso(ts: int) -> str:
@@ -179,6 +216,10 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
     seg = segment_tables(scheme, attrs, pos_matrix, cfg)
     steps.set_postfix_str("tables"); steps.update()
 
+    ftables = feature_tables(u, i, ts, positive, cmask, n_users, n_items, cat_indptr, cat_ids, len(cat_names),
+                             item_prices(inp.items), recent_pop, cfg)
+    scoring_section = _scoring_section(ev, items, users, cfg)
+
     index = build_index(item_factors, cfg)
     steps.set_postfix_str("index"); steps.update()
 
@@ -213,6 +254,10 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
         wr.add_array("segment_pop_indptr", seg.indptr)
         wr.add_array("segment_pop_items", seg.items)
         wr.add_array("segment_pop_scores", seg.scores)
+        for name, arr in ftables.items():
+            wr.add_array(name, arr)
+        if scoring_section["model"] == "trees":
+            add_trees(wr, scoring_section.pop("_trees"))
         faiss.write_index(index, str(wr.path("index.faiss")))
         pq.write_table(inp.items, wr.path("items.parquet"))
         manifest = {
@@ -229,14 +274,11 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
             },
             "skipped": inp.skipped,
             "segments": {**seg.scheme.to_dict(), "users_per_segment": seg.users_per_segment},
-            "scoring": {
-                "model": "linear",
-                "features": list(FEATURES),
-                "weights": [float(sw.get(f, 0.0)) for f in FEATURES],
-                "bias": 0.0,
-            },
+            "scoring": scoring_section,
             "evaluation": {f"ann_recall_at_{min(cfg.eval_candidates, n_items)}": recall,
-                           "ann_eval_users": int(len(sample))},
+                           "ann_eval_users": int(len(sample)),
+                           "ladder": _ladder_section(events, items, users, cfg)},
+            "data_profile": data_profile(ev, inp.items, cfg),
             "build_seconds": round(time.perf_counter() - t_start, 3),
         }
         path = wr.publish(manifest)

@@ -53,6 +53,34 @@ class BuildConfig:
         "retrieval": 1.0, "popularity": 0.25, "recent_popularity": 0.1, "segment_popularity": 0.5,
     })
 
+    # Reranker features (ranking.features) and the learned reranker (index_builder.rerank_train).
+    lifecycle_new_events: int = 10
+    lifecycle_established_events: int = 50
+    lifecycle_established_days: float = 90.0
+    recent_items_per_user: int = 20
+    covis_neighbours: int = 50
+    covis_shrink: float = 10.0
+    ease_max_items: int = 5000
+    ease_lambda: float = 300.0
+    rerank: bool = True
+    rerank_split: str = "both"
+    rerank_holdout: int = 10
+    rerank_cutoff_quantile: float = 0.8
+    rerank_session_share: float = 0.4
+    rerank_cold_share: float = 0.15
+    rerank_min_groups: int = 20
+    rerank_max_queries: int = 20_000
+    rerank_trees: int = 300
+    rerank_leaves: int = 31
+    rerank_learning_rate: float = 0.05
+    rerank_min_data_in_leaf: int = 50
+    rerank_valid_share: float = 0.2
+    rerank_bags: int = 5
+    rerank_early_stopping: int = 50
+
+    # Run the ladder evaluation (both protocols, every rung) and put its NDCG@10 in the manifest.
+    ladder_report: bool = True
+
     eval_users: int = 2000
     eval_candidates: int = 200
 
@@ -93,6 +121,14 @@ class BuildConfig:
             raise ValueError("factors and iterations must be >= 1")
         if self.half_life_days <= 0 or self.recent_days <= 0:
             raise ValueError("half_life_days and recent_days must be > 0")
+        if not 0.0 < self.rerank_cutoff_quantile < 1.0:
+            raise ValueError(f"rerank_cutoff_quantile must be in (0, 1), got {self.rerank_cutoff_quantile}")
+        if not 0.0 <= self.rerank_session_share <= 1.0 or not 0.0 < self.rerank_valid_share < 1.0:
+            raise ValueError("rerank_session_share must be in [0, 1] and rerank_valid_share in (0, 1)")
+        if self.rerank_split not in ("temporal", "last_n", "both"):
+            raise ValueError(f"rerank_split must be 'temporal', 'last_n' or 'both', got {self.rerank_split!r}")
+        if self.rerank_trees < 1 or self.rerank_leaves < 2:
+            raise ValueError("rerank_trees must be >= 1 and rerank_leaves >= 2")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 

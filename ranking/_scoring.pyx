@@ -1,4 +1,4 @@
-"""Private compiled kernels: linear scoring fused with masked top-k selection.
+"""Private compiled kernels: linear or tree-ensemble scoring fused with masked top-k selection.
 
 Do not import this module outside ``ranking/``; ``ranking.scoring`` validates
 inputs, fixes dtypes and contiguity, and allocates the outputs these entry
@@ -6,10 +6,12 @@ points expect. Compiler directives come from ``setup.py``.
 
 Layers (as in sklearn's ``_loss``):
 
-1. ``_dot``: scalar, ``cdef inline ... noexcept nogil``.
-2. ``_score_topk_loop`` / ``_topk_loop``: loops over typed memoryviews, nogil.
-3. ``score_topk`` / ``topk``: Python-visible entries taking memoryviews and
-   output buffers, releasing the GIL around the loop.
+1. ``_dot`` / ``_tree_leaf``: scalars, ``cdef inline ... noexcept nogil``.
+2. ``_score_topk_loop`` / ``_score_trees_topk_loop`` / ``_topk_loop`` /
+   ``_tree_contrib_loop``: loops over typed memoryviews, nogil.
+3. ``score_topk`` / ``score_trees_topk`` / ``topk`` / ``tree_contributions``:
+   Python-visible entries taking memoryviews and output buffers, releasing the
+   GIL around the loop.
 4. ``ranking.scoring``: the public wrapper.
 
 Selection rule shared by every kernel: a candidate is excluded when its mask
@@ -18,9 +20,20 @@ the rest are ranked by score descending, ties by the lower row index first.
 The top-k is kept in a fixed-size min-heap whose root is the *worst* kept
 element under that order, so only the k kept elements are ever sorted.
 """
+from libc.math cimport fabs
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from ranking._typedefs cimport float32_t, int32_t, int64_t, uint8_t
+from ranking._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
+
+# Tree node flags (see ranking.reranker): bit 0 = missing values go left;
+# bits 1-2 = LightGBM's missing type (0 none, 1 zero, 2 NaN).
+cdef enum:
+    FLAG_DEFAULT_LEFT = 1
+    MISSING_ZERO = 1
+    MISSING_NAN = 2
+
+# LightGBM's kZeroThreshold: |x| <= this counts as zero for missing_type "Zero".
+cdef float64_t ZERO_THRESHOLD = 1e-35
 
 
 # ---------------------------------------------------------------------------
@@ -48,6 +61,43 @@ cdef inline float32_t _dot(
         a0 += x[j] * w[j]
         j += 1
     return (a0 + a1) + (a2 + a3)
+
+
+cdef inline int32_t _tree_next(
+    const float32_t* x,  # IN (f,) one feature row
+    int32_t node,  # IN a split node, >= 0
+    const int32_t* feature,  # IN (n_nodes,) split feature per node
+    const float64_t* threshold,  # IN (n_nodes,) go left when x <= threshold
+    const int32_t* left,  # IN (n_nodes,) child: >= 0 node, < 0 ~leaf
+    const int32_t* right,  # IN (n_nodes,)
+    const uint8_t* flags,  # IN (n_nodes,) default-left bit and missing type
+) noexcept nogil:
+    # LightGBM's Tree::NumericalDecision, step for step, in double precision
+    # (LightGBM's predict widens float32 inputs to double before comparing).
+    cdef float64_t v = <float64_t>x[feature[node]]
+    cdef uint8_t missing = flags[node] >> 1
+    if missing != MISSING_NAN and v != v:
+        v = 0.0
+    if (missing == MISSING_ZERO and fabs(v) <= ZERO_THRESHOLD) or (missing == MISSING_NAN and v != v):
+        return left[node] if flags[node] & FLAG_DEFAULT_LEFT else right[node]
+    return left[node] if v <= threshold[node] else right[node]
+
+
+cdef inline float64_t _tree_leaf(
+    const float32_t* x,  # IN (f,) one feature row
+    int32_t node,  # IN the tree's root: >= 0 node, < 0 ~leaf
+    const int32_t* feature,  # IN (n_nodes,)
+    const float64_t* threshold,  # IN (n_nodes,)
+    const int32_t* left,  # IN (n_nodes,)
+    const int32_t* right,  # IN (n_nodes,)
+    const uint8_t* flags,  # IN (n_nodes,)
+    const float64_t* leaf_value,  # IN (n_leaves,)
+) noexcept nogil:
+    # Children always have larger node numbers than their parent (checked when
+    # the trees are loaded), so this walk ends.
+    while node >= 0:
+        node = _tree_next(x, node, feature, threshold, left, right, flags)
+    return leaf_value[~node]
 
 
 cdef inline int64_t _monotonic_ns() noexcept nogil:
@@ -216,6 +266,124 @@ cdef Py_ssize_t _score_topk_loop(
     return n_scored
 
 
+cdef Py_ssize_t _score_trees_topk_loop(
+    const float32_t[:, ::1] features,  # IN (n, f) one row per candidate
+    const int32_t[::1] roots,  # IN (n_trees,) root of each tree: >= 0 node, < 0 ~leaf
+    const int32_t[::1] feature,  # IN (n_nodes,) split feature per node, < f
+    const float64_t[::1] threshold,  # IN (n_nodes,)
+    const int32_t[::1] left,  # IN (n_nodes,)
+    const int32_t[::1] right,  # IN (n_nodes,)
+    const uint8_t[::1] flags,  # IN (n_nodes,)
+    const float64_t[::1] leaf_value,  # IN (n_leaves,)
+    const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
+    const float32_t[::1] offsets,  # IN (n,) added to each row's score after the model
+    int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
+    Py_ssize_t check_every,  # IN rows between clock reads, >= 1
+    float32_t[::1] out_scores,  # OUT (k,) used as the heap, best first on return
+    int32_t[::1] out_indices,  # OUT (k,) rows matching out_scores
+    Py_ssize_t* n_kept,  # OUT number of valid entries written to out_*
+) noexcept nogil:
+    """Score rows with the tree ensemble in order, keep the top-k; return rows consumed."""
+    cdef Py_ssize_t n = features.shape[0]
+    cdef Py_ssize_t f = features.shape[1]
+    cdef Py_ssize_t k = out_scores.shape[0]
+    cdef Py_ssize_t n_trees = roots.shape[0]
+    cdef Py_ssize_t i, t
+    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t next_check = check_every
+    cdef Py_ssize_t n_scored = n
+    cdef bint has_deadline = deadline_ns > 0
+    cdef float64_t acc
+    cdef float32_t s
+    cdef const float32_t* rows = NULL
+    cdef const int32_t* p_feature = NULL
+    cdef const float64_t* p_threshold = NULL
+    cdef const int32_t* p_left = NULL
+    cdef const int32_t* p_right = NULL
+    cdef const uint8_t* p_flags = NULL
+    cdef const float64_t* p_leaf = NULL
+    cdef float32_t* heap_scores = NULL
+    cdef int32_t* heap_indices = NULL
+
+    n_kept[0] = 0
+    if k == 0 or n == 0:
+        return n
+    if f > 0:
+        rows = &features[0, 0]
+    if feature.shape[0] > 0:  # an ensemble of single-leaf trees has no nodes
+        p_feature = &feature[0]
+        p_threshold = &threshold[0]
+        p_left = &left[0]
+        p_right = &right[0]
+        p_flags = &flags[0]
+    if leaf_value.shape[0] > 0:
+        p_leaf = &leaf_value[0]
+    heap_scores = &out_scores[0]
+    heap_indices = &out_indices[0]
+
+    for i in range(n):
+        if has_deadline and i == next_check:
+            next_check += check_every
+            if _monotonic_ns() >= deadline_ns:
+                n_scored = i
+                break
+        if mask[i]:
+            continue
+        # Sum in double as LightGBM does; round once at the end.
+        acc = 0.0
+        for t in range(n_trees):
+            acc += _tree_leaf(rows + i * f, roots[t], p_feature, p_threshold, p_left, p_right,
+                              p_flags, p_leaf)
+        s = <float32_t>acc + offsets[i]
+        if s != s:
+            continue
+        _heap_offer(heap_scores, heap_indices, &size, k, s, <int32_t>i)
+
+    _heap_sort_best_first(heap_scores, heap_indices, size)
+    n_kept[0] = size
+    return n_scored
+
+
+cdef void _tree_contrib_loop(
+    const float32_t[:, ::1] features,  # IN (m, f) rows to explain
+    const int32_t[::1] roots,  # IN (n_trees,)
+    const int32_t[::1] feature,  # IN (n_nodes,)
+    const float64_t[::1] threshold,  # IN (n_nodes,)
+    const int32_t[::1] left,  # IN (n_nodes,)
+    const int32_t[::1] right,  # IN (n_nodes,)
+    const uint8_t[::1] flags,  # IN (n_nodes,)
+    const float64_t[::1] node_value,  # IN (n_nodes,) expected output at each split node
+    const float64_t[::1] leaf_value,  # IN (n_leaves,)
+    float64_t[:, ::1] out_contrib,  # OUT (m, f) zero-initialised by the caller
+    float64_t[::1] out_bias,  # OUT (m,) zero-initialised by the caller
+) noexcept nogil:
+    """Saabas path attribution: each split moves the expected output from the
+    parent's value to the child's; that move is credited to the split feature.
+    Per row, ``sum(out_contrib) + out_bias`` telescopes to the sum of leaves."""
+    cdef Py_ssize_t m = features.shape[0]
+    cdef Py_ssize_t f = features.shape[1]
+    cdef Py_ssize_t n_trees = roots.shape[0]
+    cdef Py_ssize_t i, t
+    cdef int32_t node, child
+    cdef float64_t here, there
+    cdef const float32_t* x
+    for i in range(m):
+        x = &features[i, 0] if f > 0 else NULL
+        for t in range(n_trees):
+            node = roots[t]
+            if node < 0:
+                out_bias[i] += leaf_value[~node]
+                continue
+            here = node_value[node]
+            out_bias[i] += here
+            while node >= 0:
+                child = _tree_next(x, node, &feature[0], &threshold[0], &left[0], &right[0], &flags[0])
+                there = node_value[child] if child >= 0 else leaf_value[~child]
+                out_contrib[i, feature[node]] += there - here
+                here = there
+                node = child
+
+
 cdef Py_ssize_t _topk_loop(
     const float32_t[::1] scores,  # IN (n,) precomputed scores
     const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
@@ -288,3 +456,52 @@ def topk(
     with nogil:
         n_kept = _topk_loop(scores, mask, out_scores, out_indices)
     return n_kept
+
+
+def score_trees_topk(
+    const float32_t[:, ::1] features not None,  # IN (n, f)
+    const int32_t[::1] roots not None,  # IN (n_trees,)
+    const int32_t[::1] feature not None,  # IN (n_nodes,)
+    const float64_t[::1] threshold not None,  # IN (n_nodes,)
+    const int32_t[::1] left not None,  # IN (n_nodes,)
+    const int32_t[::1] right not None,  # IN (n_nodes,)
+    const uint8_t[::1] flags not None,  # IN (n_nodes,)
+    const float64_t[::1] leaf_value not None,  # IN (n_leaves,)
+    const uint8_t[::1] mask not None,  # IN (n,)
+    const float32_t[::1] offsets not None,  # IN (n,)
+    int64_t deadline_ns,  # IN
+    Py_ssize_t check_every,  # IN >= 1
+    float32_t[::1] out_scores not None,  # OUT (k,), k <= n
+    int32_t[::1] out_indices not None,  # OUT (k,)
+):
+    """Fill ``out_*`` with the top-k rows under the tree ensemble; return ``(n_kept, n_scored)``.
+
+    The GIL is released for the whole loop. The trees must have been checked by
+    ``ranking.scoring.TreeArrays.checked`` (child order, index ranges).
+    """
+    cdef Py_ssize_t n_kept = 0
+    cdef Py_ssize_t n_scored
+    with nogil:
+        n_scored = _score_trees_topk_loop(features, roots, feature, threshold, left, right, flags,
+                                          leaf_value, mask, offsets, deadline_ns, check_every,
+                                          out_scores, out_indices, &n_kept)
+    return n_kept, n_scored
+
+
+def tree_contributions(
+    const float32_t[:, ::1] features not None,  # IN (m, f)
+    const int32_t[::1] roots not None,  # IN (n_trees,)
+    const int32_t[::1] feature not None,  # IN (n_nodes,)
+    const float64_t[::1] threshold not None,  # IN (n_nodes,)
+    const int32_t[::1] left not None,  # IN (n_nodes,)
+    const int32_t[::1] right not None,  # IN (n_nodes,)
+    const uint8_t[::1] flags not None,  # IN (n_nodes,)
+    const float64_t[::1] node_value not None,  # IN (n_nodes,)
+    const float64_t[::1] leaf_value not None,  # IN (n_leaves,)
+    float64_t[:, ::1] out_contrib not None,  # OUT (m, f), zeros
+    float64_t[::1] out_bias not None,  # OUT (m,), zeros
+):
+    """Accumulate per-feature Saabas contributions and the bias term of each row."""
+    with nogil:
+        _tree_contrib_loop(features, roots, feature, threshold, left, right, flags, node_value,
+                           leaf_value, out_contrib, out_bias)

@@ -11,6 +11,7 @@ import numpy as np
 from ranking.bundle import Bundle
 from ranking.errors import BundleError
 from ranking.ids import IdMap
+from ranking.reranker import load_scorer
 from ranking.segments import SegmentScheme
 
 
@@ -86,10 +87,10 @@ class RankingModel:
         self.segment_popular = Csr(
             b.array("segment_pop_indptr"), b.array("segment_pop_items"), b.array("segment_pop_scores")
         )
-        self.scoring = m["scoring"]
-        self.feature_names: list[str] = list(self.scoring["features"])
-        self.weights = np.asarray(self.scoring["weights"], dtype=np.float32)
-        self.bias = float(self.scoring.get("bias", 0.0))
+        self.scoring = m.get("scoring")
+        # Linear (older bundles) or the learned tree ensemble; anything else is refused here.
+        self.scorer = load_scorer(b)
+        self.feature_names: list[str] = list(self.scorer.feature_names)
         self.index = read_index(b.file("index.faiss"))
         self._check_shapes()
         self.load_seconds = time.perf_counter() - t0
@@ -117,7 +118,6 @@ class RankingModel:
             ("segment_pop_indptr", self.segment_popular.n_rows, len(self.segment_keys)),
             ("index size", self.index.ntotal, n_i),
             ("index dimension", self.index.d, self.item_factors.shape[1]),
-            ("weights", len(self.weights), len(self.feature_names)),
         ]
         bad = [f"{name} is {got}, expected {want}" for name, got, want in checks if got != want]
         if bad:

@@ -23,7 +23,10 @@ class OverlaySettings:
 
     # Score subtracted from a candidate as similar (cosine) as possible to an item the user
     # skipped or disliked; scaled down with the cosine, nothing below 0.
-    skip_penalty: float = 1.0
+    skip_penalty: float = 3.0
+    # Score added to the candidate most similar to an item the user engaged with since the
+    # bundle was built (not to that item itself); the least similar get nothing.
+    interest_boost: float = 2.0
 
 
 # Up to this many multiply-adds (items × k²) the Gram matrix is computed on the request that
@@ -31,6 +34,7 @@ class OverlaySettings:
 # (a million items at k=64 take about a second), and until then its requests are served
 # without the re-solved vector and skip penalties -- purchases are still excluded.
 SYNC_GRAM_LIMIT = 20_000_000
+MAX_RECENT = 20
 _GRAM_CHUNK = 65_536
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,10 @@ class RankOverlay:
     n_realtime_events: int = 0
     exclude_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     negative_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    # Items the user engaged with since the bundle was built, oldest first: the pipeline
+    # treats them as session items, so the reranker's session features and the
+    # co-visitation candidates follow what the user did a minute ago.
+    recent_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     rules: list[Rule] = field(default_factory=list)
     settings: OverlaySettings = field(default_factory=OverlaySettings)
 
@@ -136,6 +144,18 @@ class RankOverlay:
             # The skipped item itself has no factor when the build never saw it; push it down anyway.
             sim[np.isin(cands, self.negative_rows)] = 1.0
             parts["realtime_skip"] = (-self.settings.skip_penalty * sim).astype(np.float32)
+        if len(cands) and len(self.recent_rows) and self.variant.use_context and cache.ready.is_set() \
+                and self.settings.interest_boost > 0:
+            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * cache.inv_norms[cands, None]
+            rf = np.asarray(model.item_factors[self.recent_rows], dtype=np.float32) \
+                * cache.inv_norms[self.recent_rows, None]
+            sim = np.clip((cf @ rf.T).max(axis=1), 0.0, 1.0)
+            sim[np.isin(cands, self.recent_rows)] = 0.0
+            # Relative to this request's candidates: the closest get the whole boost, the
+            # farthest none, whatever the embedding's baseline similarity is.
+            lo, hi = float(sim.min()), float(sim.max())
+            rel = (sim - lo) / (hi - lo) if hi > lo else np.zeros_like(sim)
+            parts["realtime_interest"] = (self.settings.interest_boost * rel).astype(np.float32)
         for rule in self.rules:
             if rule.demote_categories and len(cands):
                 hit = rows_match_any(model.item_categories, cands, category_rows(model, rule.demote_categories))
@@ -191,6 +211,11 @@ def build_overlay(model, user_id: str, events: list[Event], now: float, variant:
         return ov
     ov.n_realtime_events = len(evs)
     ov.negative_rows = np.unique(rows[np.isin(types, NEGATIVE_EVENT_TYPES)]).astype(np.int32)
+    positive = rows[~np.isin(types, NEGATIVE_EVENT_TYPES)][np.argsort([e.timestamp for e, neg in zip(
+        evs, np.isin(types, NEGATIVE_EVENT_TYPES)) if not neg], kind="stable")]
+    # Most recent occurrence of each item, oldest first, at most MAX_RECENT.
+    last = {int(r): i for i, r in enumerate(positive)}
+    ov.recent_rows = np.array(sorted(last, key=last.get)[-MAX_RECENT:], dtype=np.int32)
     weights = w.weights(types, np.array([e.value for e in evs], dtype=np.float64),
                         np.array([e.timestamp for e in evs], dtype=np.float64), now)
     uniq, inv = np.unique(rows, return_inverse=True)

@@ -11,8 +11,9 @@ import numpy as np
 
 from ranking import scoring
 from ranking.batcher import AnnBatcher
-from ranking.budget import Budget, CostModel
+from ranking.budget import Budget, CostModel, RetrievalPlan
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
+from ranking.features import FEATURE_NAMES, FeatureTables, Request
 from ranking.model import Csr, RankingModel
 from ranking.query import QueryLimits, RankQuery
 from ranking.retrieval import unique_in_order
@@ -40,6 +41,7 @@ class RankerConfig:
     popular_candidates: int = 50
     ann_effort: int = 128
     max_consumed_slack: int = 1000
+    covis_candidates: int = 100
     limits: QueryLimits = field(default_factory=QueryLimits)
     # Test/debug only, empty in production: microseconds of artificial work per
     # candidate in a stage ("retrieve", "features"), to prove budget handling.
@@ -67,6 +69,20 @@ class RankResult:
     @property
     def degraded(self) -> bool:
         return bool(self.degraded_stages)
+
+
+@dataclass
+class Prepared:
+    """One request up to scoring: the rung, candidate rows, their mask and feature matrix."""
+
+    rung: Rung
+    reason: str
+    urow: int
+    rows: np.ndarray
+    mask: np.ndarray
+    features: np.ndarray | None
+    offsets: np.ndarray | None = None
+    offset_parts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def rows_match_any(csr: Csr, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -106,17 +122,38 @@ class Ranker:
         The bundle to serve from; the ranker never mutates it.
     config : RankerConfig
         Pipeline settings.
+    reranker_features : bool
+        Compute the reranker's features even though the bundle scores linearly
+        (the builder does this to collect training rows from a bundle that has no
+        reranker yet).
     """
 
-    def __init__(self, model: RankingModel, config: RankerConfig | None = None):
+    def __init__(self, model: RankingModel, config: RankerConfig | None = None, *,
+                 reranker_features: bool = False):
         self.model = model
         self.config = config or RankerConfig()
-        missing = [f for f in model.feature_names if f not in FEATURES]
-        if missing:
-            raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
-        self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
+        self.scorer = model.scorer
+        self.tables: FeatureTables | None = None
+        if reranker_features:
+            self.tables = FeatureTables(model)
+        if self.scorer.kind == "trees":
+            # The trees index columns by position: the names must be exactly ours, in order.
+            if tuple(model.feature_names) != FEATURE_NAMES:
+                raise BundleError(f"bundle {model.version} was trained on features {model.feature_names}; "
+                                  f"this code computes {list(FEATURE_NAMES)}: rebuild the bundle")
+            self.tables = FeatureTables(model)
+            self._feature_pos = []
+        if self.scorer.kind != "trees":
+            missing = [f for f in model.feature_names if f not in FEATURES]
+            if missing:
+                raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
+            self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
         self.costs = CostModel()
         self.ann = AnnBatcher(model.index, self.config.ann_batch_size, self.config.ann_batch_wait_us)
+        # Offsets (rules, real-time signals) are given in units of the model's typical
+        # score spread among a request's candidates, measured by warm(): a penalty of 1
+        # then means the same for a linear model and for trees.
+        self.offset_scale = 1.0
 
     def warm(self, n_requests: int = 16) -> None:
         """Answer typical requests before serving: faults in the arrays and the index,
@@ -129,6 +166,15 @@ class Ranker:
         if m.n_items:
             self.rank(RankQuery(session_item_ids=m.items.id_of(np.arange(min(2, m.n_items)))))
         self.rank(RankQuery())
+        spreads = []
+        for row in users[:8]:
+            prep = self.prepare(RankQuery(user_id=str(m.users.ids[row])))
+            ok = ~prep.mask
+            if prep.features is not None and ok.sum() > 1:
+                scores = self.scorer.score_topk(prep.features[ok], None, int(ok.sum())).scores
+                spreads.append(float(np.std(scores)))
+        if spreads and np.median(spreads) > 0:
+            self.offset_scale = float(np.median(spreads))
 
     def _debug_delay(self, stage: str, n: int) -> None:
         us = self.config.debug_delay_us_per_candidate.get(stage)
@@ -250,6 +296,68 @@ class Ranker:
                 full[:, 3] = np.where(hit, seg_scores[order][pos], 0.0)
         return full[:, self._feature_pos]
 
+    def _more_candidates(self, q: RankQuery, urow: int, session: np.ndarray, cands: np.ndarray,
+                         scale: float = 1.0) -> np.ndarray:
+        """Add the reranker's extra sources: neighbours of the user's recent and session items, recent popularity.
+
+        ``scale`` shrinks every source with the budget's plan, as the ANN pool shrinks.
+        """
+        if self.tables is None or q.candidate_item_ids:
+            return cands
+        t, cfg = self.tables, self.config
+        sources = np.concatenate([t.user_recent_items(urow) if urow >= 0 else np.zeros(0, np.int32), session])
+        covis, _ = t.covis_from(sources.astype(np.int32))
+        n_covis = max(1, int(cfg.covis_candidates * scale))
+        pools = [cands, covis[:n_covis], t.recent_popular_items[: max(1, int(cfg.popular_candidates * scale))]]
+        ease = t.ease_all(t.history(urow, session))
+        if ease is not None:
+            n = min(n_covis, len(ease))
+            pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
+        return unique_in_order(np.concatenate(pools).astype(np.int32))
+
+    def prepare(self, q: RankQuery, clock: "_StageClock | None" = None, *,
+                overlay: "RankOverlay | None" = None, plan: RetrievalPlan | None = None,
+                budget: Budget | None = None) -> "Prepared":
+        """Resolve, retrieve, mask and compute features: everything before scoring.
+
+        The builder trains the reranker on exactly these rows and features, and the
+        evaluation ranks through :meth:`rank`, so the three share one code path.
+        ``overlay`` (real-time state, rules, experiment variant), ``plan`` (the budget's
+        candidate count and effort) and ``budget`` (features are skipped once it has
+        run out: ``features`` is then None) come from :meth:`rank`.
+        """
+        clock = clock or _StageClock({})
+        cfg = self.config
+        if overlay is None:
+            rung, reason, urow, qvec, seg, session = self._resolve(q)
+        else:
+            rung, reason, urow, qvec, seg, session = self._resolve(
+                q, Rung(overlay.variant.max_rung), overlay.user_vector)
+        if overlay is not None and len(overlay.recent_rows):
+            # What the user did since the bundle counts as this session's items.
+            session = unique_in_order(np.concatenate([session, overlay.recent_rows]))
+        clock.lap("resolve")
+        n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, cfg.ann_effort)
+        remaining = budget.remaining_ms() if budget else float("inf")
+        cands = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
+        cands = self._more_candidates(q, urow, session, cands, n_cands / max(cfg.n_candidates, 1))
+        self._debug_delay("retrieve", len(cands))
+        mask = self._mask(q, rung, urow, cands, session)
+        offsets, offset_parts = None, {}
+        if overlay is not None:
+            mask |= overlay.mask(self.model, cands)
+            offsets, offset_parts = overlay.offsets(self.model, cands)
+        clock.lap("retrieve")
+        feats = None
+        if budget is None or not budget.expired():
+            if self.tables is not None:
+                feats = self.tables.assemble(Request(int(rung), urow, qvec, seg, session, q.event_time), cands)
+            else:
+                feats = self._features(cands, qvec, seg)
+            self._debug_delay("features", len(cands))
+            clock.lap("features")
+        return Prepared(rung, reason, urow, cands, mask, feats, offsets, offset_parts)
+
     # -- rank ------------------------------------------------------------------
     def rank(self, q: RankQuery, budget: Budget | None = None, overlay: "RankOverlay | None" = None) -> RankResult:
         """Rank items for one request.
@@ -282,12 +390,6 @@ class Ranker:
         if overlay is not None and not overlay.variant.use_context:
             # A variant without context ranks as if the request carried none.
             q = dataclasses.replace(q, session_item_ids=[], attributes={})
-        if overlay is None:
-            rung, reason, urow, qvec, seg, session = self._resolve(q)
-        else:
-            rung, reason, urow, qvec, seg, session = self._resolve(
-                q, Rung(overlay.variant.max_rung), overlay.user_vector)
-        clock.lap("resolve")
         # Degradation order when time is short (README, "The request budget"):
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
         # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");
@@ -295,19 +397,12 @@ class Ranker:
         plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.config.ann_effort)
         degraded = ["retrieve"] if plan.cut else []
         started = time.perf_counter()
-        cands = self._retrieve(q, rung, urow, qvec, seg, plan.n_candidates, plan.effort, budget.remaining_ms())
-        self._debug_delay("retrieve", len(cands))
-        mask = self._mask(q, rung, urow, cands, session)
-        offsets, offset_parts = None, {}
-        if overlay is not None:
-            mask |= overlay.mask(m, cands)
-            offsets, offset_parts = overlay.offsets(m, cands)
-        clock.lap("retrieve")
-        feats = None
-        if not budget.expired():
-            feats = self._features(cands, qvec, seg)
-            self._debug_delay("features", len(cands))
-            clock.lap("features")
+        prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget)
+        rung, reason, cands, mask, feats = prep.rung, prep.reason, prep.rows, prep.mask, prep.features
+        offsets, offset_parts = prep.offsets, prep.offset_parts
+        if offsets is not None and self.offset_scale != 1.0:
+            offsets = offsets * np.float32(self.offset_scale)
+            offset_parts = {name: part * np.float32(self.offset_scale) for name, part in offset_parts.items()}
         if feats is None or budget.expired():
             order = np.linspace(1.0, 0.0, len(cands), endpoint=False, dtype=np.float32)
             if offsets is not None:
@@ -315,9 +410,9 @@ class Ranker:
                 order = order + offsets
             top = scoring.topk(order, mask, k)
             degraded.append("retrieval_order")
+            feats = None
         else:
-            top = scoring.score_topk(feats, m.weights, mask, k, bias=m.bias, offsets=offsets,
-                                     deadline_ns=budget.deadline_ns)
+            top = self.scorer.score_topk(feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns)
             clock.lap("score")
             if top.n_scored < len(cands):
                 degraded.append("score")
@@ -327,10 +422,10 @@ class Ranker:
         rows = cands[top.indices]
         contributions = None
         if q.explain and feats is not None:
-            contrib = scoring.linear_contributions(feats[top.indices], m.weights)
+            contrib, bias = self.scorer.contributions(feats[top.indices])
             contributions = [
-                {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": m.bias}
-                for row in contrib
+                {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": float(b)}
+                for row, b in zip(contrib, bias)
             ]
             for name, part in offset_parts.items():
                 for c, v in zip(contributions, part[top.indices]):

@@ -1,4 +1,4 @@
-"""Public scoring API: linear scores fused with masked, deadline-aware top-k selection.
+"""Public scoring API: linear or tree-ensemble scores fused with masked, deadline-aware top-k selection.
 
 This wrapper owns validation, dtype/contiguity fixing and output allocation; the
 hot loop lives in the private compiled module ``ranking._scoring``. Other
@@ -18,7 +18,8 @@ import numpy as np
 
 from ranking import _scoring
 
-__all__ = ["TopK", "score_topk", "topk", "linear_contributions"]
+__all__ = ["TopK", "TreeArrays", "score_topk", "score_trees_topk", "topk", "linear_contributions",
+           "tree_contributions"]
 
 _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MAX = np.iinfo(np.int64).max
@@ -266,3 +267,209 @@ def linear_contributions(features_rows, weights) -> np.ndarray:
             f"got shape {weights.shape}"
         )
     return features_rows * weights
+
+
+# ---------------------------------------------------------------------------
+# Tree ensembles
+# ---------------------------------------------------------------------------
+
+class TreeArrays(NamedTuple):
+    """A tree ensemble as flat arrays, the form the compiled loop walks.
+
+    Build it with :meth:`checked`, never directly: the kernel trusts that child
+    links point forward and every index is in range (a cycle would never end).
+
+    Attributes
+    ----------
+    roots : np.ndarray
+        int32 (n_trees,): each tree's root, ``>= 0`` a node, ``< 0`` ``~leaf``
+        (a tree that is a single leaf).
+    feature : np.ndarray
+        int32 (n_nodes,): the feature column a split node tests.
+    threshold : np.ndarray
+        float64 (n_nodes,): go left when ``value <= threshold``.
+    left, right : np.ndarray
+        int32 (n_nodes,): children, ``>= 0`` a node, ``< 0`` ``~leaf``.
+    flags : np.ndarray
+        uint8 (n_nodes,): bit 0 set = missing values go left; bits 1-2 are
+        LightGBM's missing type (0 none, 1 zero, 2 NaN).
+    node_value : np.ndarray
+        float64 (n_nodes,): the expected output at each split node (for explain).
+    leaf_value : np.ndarray
+        float64 (n_leaves,): leaf outputs; a row's score is the sum of its leaves.
+    n_features : int
+        Number of feature columns the ensemble reads.
+    """
+
+    roots: np.ndarray
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    flags: np.ndarray
+    node_value: np.ndarray
+    leaf_value: np.ndarray
+    n_features: int
+
+    @classmethod
+    def checked(cls, roots, feature, threshold, left, right, flags, node_value, leaf_value,
+                n_features: int) -> "TreeArrays":
+        """Validate and normalise the arrays of an ensemble.
+
+        Raises
+        ------
+        ValueError
+            Shapes disagree, an index is out of range, a flag is unknown, a value
+            is not finite, or a child does not come after its parent; the message
+            names the array and the first offending position.
+        """
+        n_features = _as_int("n_features", n_features, 0, _INT32_MAX)
+        ints = {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in
+                (("roots", roots), ("feature", feature), ("left", left), ("right", right))}
+        for name, a in ints.items():
+            if a.ndim != 1:
+                raise ValueError(f"tree array {name} must be 1-dimensional, got shape {a.shape}")
+        flags = np.ascontiguousarray(flags, dtype=np.uint8)
+        threshold = np.ascontiguousarray(threshold, dtype=np.float64)
+        node_value = np.ascontiguousarray(node_value, dtype=np.float64)
+        leaf_value = np.ascontiguousarray(leaf_value, dtype=np.float64)
+        n_nodes = len(ints["feature"])
+        for name, a in (("threshold", threshold), ("left", ints["left"]), ("right", ints["right"]),
+                        ("flags", flags), ("node_value", node_value)):
+            if a.shape != (n_nodes,):
+                raise ValueError(f"tree array {name} must have shape ({n_nodes},) like feature, got {a.shape}")
+        n_leaves = len(leaf_value)
+
+        def first_bad(bad: np.ndarray, name: str, what: str) -> None:
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                raise ValueError(f"tree array {name}[{pos}] {what}")
+
+        feat = ints["feature"]
+        first_bad((feat < 0) | (feat >= n_features), "feature", f"is not a column in [0, {n_features})")
+        first_bad(flags > 5, "flags", "is not a known flag value (0-5)")
+        first_bad(np.isnan(threshold), "threshold", "is NaN")
+        first_bad(~np.isfinite(node_value), "node_value", "is not finite")
+        first_bad(~np.isfinite(leaf_value), "leaf_value", "is not finite")
+        here = np.arange(n_nodes)
+        for name in ("left", "right"):
+            c = ints[name]
+            first_bad((c >= 0) & ((c <= here) | (c >= n_nodes)), name,
+                      "must name a later node (children come after their parent)")
+            first_bad((c < 0) & (~c >= n_leaves), name, f"names a leaf outside [0, {n_leaves})")
+        r = ints["roots"]
+        first_bad((r >= n_nodes) | ((r < 0) & (~r >= n_leaves)), "roots", "is out of range")
+        return cls(r, feat, threshold, ints["left"], ints["right"], flags, node_value, leaf_value,
+                   n_features)
+
+    @property
+    def n_trees(self) -> int:
+        return len(self.roots)
+
+
+def _check_trees(trees, f: int) -> None:
+    if not isinstance(trees, TreeArrays):
+        raise ValueError(f"trees must be a TreeArrays (build it with TreeArrays.checked), got {type(trees).__name__}")
+    if trees.n_features != f:
+        raise ValueError(f"trees read {trees.n_features} features but features has {f} columns")
+
+
+def score_trees_topk(
+    features,
+    trees: TreeArrays,
+    mask,
+    k: int,
+    *,
+    offsets=None,
+    deadline_ns: int = 0,
+    check_every: int = 32,
+) -> TopK:
+    """Score candidates with a tree ensemble and return the k best, stopping at a deadline.
+
+    ``score_i = float32(sum of the leaves row i reaches) + offsets[i]``; the leaf
+    sum is taken in float64 as LightGBM's ``predict`` does, so scores match it to
+    float32 rounding. Ordering, ties, NaN, mask, offsets and deadline behave as in
+    :func:`score_topk`. The GIL is released for the whole loop.
+
+    Parameters
+    ----------
+    features : array_like, shape (n, f)
+        Feature matrix, cast to C-contiguous float32; NaN means missing and
+        follows each split's default direction.
+    trees : TreeArrays
+        The ensemble, from :meth:`TreeArrays.checked`; ``trees.n_features == f``.
+    mask, k, offsets, deadline_ns, check_every
+        As in :func:`score_topk`.
+
+    Returns
+    -------
+    TopK
+
+    Raises
+    ------
+    ValueError
+        If an argument has the wrong dtype, shape or range; the message names it.
+    """
+    features = _as_float32("features", features, 2)
+    n, f = features.shape
+    _check_n("features", n)
+    _check_trees(trees, f)
+    mask = _as_mask(mask, n)
+    k = _as_int("k", k, 0, _INT64_MAX)
+    if offsets is None:
+        offsets = np.zeros(n, dtype=np.float32)
+    else:
+        offsets = _as_float32("offsets", offsets, 1)
+        if offsets.shape[0] != n:
+            raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
+    deadline_ns = _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX)
+    check_every = _as_int("check_every", check_every, 1, _INT64_MAX)
+
+    out_scores, out_indices = _alloc(min(k, n))
+    if k == 0 or n == 0:
+        return TopK(out_indices, out_scores, n)
+    t = trees
+    n_kept, n_scored = _scoring.score_trees_topk(
+        features, t.roots, t.feature, t.threshold, t.left, t.right, t.flags, t.leaf_value,
+        mask, offsets, deadline_ns, check_every, out_scores, out_indices,
+    )
+    return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored))
+
+
+def tree_contributions(features_rows, trees: TreeArrays) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature contributions of a tree ensemble for ``explain`` (Saabas path attribution).
+
+    Each split on a row's path moves the expected output from the node's value
+    to its child's; the move is credited to the split's feature. The root values
+    form the bias.
+
+    Parameters
+    ----------
+    features_rows : array_like, shape (m, f)
+        Feature rows of the items to explain, cast to float32.
+    trees : TreeArrays
+
+    Returns
+    -------
+    contributions : np.ndarray
+        float64 (m, f).
+    bias : np.ndarray
+        float64 (m,); ``contributions.sum(1) + bias`` equals the leaf sum that
+        :func:`score_trees_topk` rounds to float32.
+
+    Raises
+    ------
+    ValueError
+        If an argument has the wrong dtype or shape; the message names it.
+    """
+    features_rows = _as_float32("features_rows", features_rows, 2)
+    m, f = features_rows.shape
+    _check_trees(trees, f)
+    contrib = np.zeros((m, f), dtype=np.float64)
+    bias = np.zeros(m, dtype=np.float64)
+    if m == 0:
+        return contrib, bias
+    t = trees
+    _scoring.tree_contributions(features_rows, t.roots, t.feature, t.threshold, t.left, t.right,
+                                t.flags, t.node_value, t.leaf_value, contrib, bias)
+    return contrib, bias

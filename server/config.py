@@ -55,7 +55,8 @@ class ServerConfig:
     user_state_ttl_seconds: float = 7 * 86_400.0
     user_state_max_users: int = 100_000
     user_state_max_events: int = 200
-    skip_penalty: float = 1.0
+    skip_penalty: float = 3.0
+    interest_boost: float = 2.0
     experiments_file: str = ""
     log_all_impressions: bool = False
     attribution_max_requests: int = 100_000
@@ -135,8 +136,8 @@ class ServerConfig:
                 problems.append(f"{name} must be >= 1")
         if self.user_state_ttl_seconds <= 0 or self.event_log_fsync_interval_seconds <= 0:
             problems.append("user_state_ttl_seconds and event_log_fsync_interval_seconds must be > 0")
-        if self.skip_penalty < 0:
-            problems.append("skip_penalty must be >= 0")
+        if self.skip_penalty < 0 or self.interest_boost < 0:
+            problems.append("skip_penalty and interest_boost must be >= 0")
         if problems:
             raise ValueError("; ".join(problems))
 

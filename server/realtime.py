@@ -66,7 +66,7 @@ class Realtime:
 
         self.state = UserStateStore(config.user_state_ttl_seconds, config.user_state_max_users,
                                     config.user_state_max_events)
-        self.settings = OverlaySettings(skip_penalty=config.skip_penalty)
+        self.settings = OverlaySettings(skip_penalty=config.skip_penalty, interest_boost=config.interest_boost)
         self._arms: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._arms_lock = threading.Lock()
         # One writer directory per process (worker processes each get their own), and a tailer

@@ -89,7 +89,7 @@ def test_explain_contributions_add_up(ranker):
     res = ranker.rank(RankQuery(user_id="u2", num_results=5, explain=True))
     assert len(res.contributions) == 5
     for score, contrib in zip(res.scores, res.contributions):
-        assert set(contrib) >= {"retrieval", "popularity", "bias"}
+        assert set(contrib) >= {"als_score", "popularity", "bias"}
         assert sum(contrib.values()) == pytest.approx(score, abs=1e-5)
 
 

@@ -77,7 +77,7 @@ def test_exclusions_filters_and_explain(stub, shop):
     resp = stub.Rank(pb.RankRequest(user_id="u9", num_results=3, exclude_item_ids=excluded, explain=True), timeout=5)
     assert excluded[0] not in [it.item_id for it in resp.items]
     for it in resp.items:
-        assert set(it.contributions) >= {"retrieval", "popularity", "bias"}
+        assert set(it.contributions) >= {"als_score", "popularity", "bias"}
         assert sum(it.contributions.values()) == pytest.approx(it.score, abs=1e-4)
     resp = stub.Rank(pb.RankRequest(user_id="u9", num_results=8,
                                     filter=pb.Filter(include_categories=["cat3"])), timeout=5)

@@ -1,0 +1,344 @@
+"""The ladder evaluation: every rung against the full pipeline, under two offline protocols.
+
+``temporal``: train on events before the ``cutoff_quantile`` timestamp, test on
+what users did after it. ``last_n``: each user's last ``holdout`` positive
+interactions are held out. For each protocol a bundle is built from the
+training part with the ordinary builder, the full pipeline is asked through
+:meth:`ranking.pipeline.Ranker.rank` (the code that serves ``Rank``), and the
+lower rungs (``index_builder.baselines``) score from the same training part.
+Items a user touched in training are never counted as hits.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from index_builder import baselines as bl
+from index_builder.config import BuildConfig
+
+log = logging.getLogger(__name__)
+
+RUNGS = ("POPULAR", "POPULAR_RECENT", "SEGMENT", "ITEM_TO_ITEM", "ALS", "EASE", "ONE2ONE")
+METRICS = ("recall", "ndcg", "map", "coverage", "novelty")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation; every default is written down here once."""
+
+    protocols: tuple[str, ...] = ("last_n", "temporal")
+    ks: tuple[int, ...] = (5, 10, 20, 50)
+    cutoff_quantile: float = 0.8
+    holdout: int = 10
+    recent_days: float = 30.0
+    ease_lambda: float = 300.0
+    max_users: int = 0  # 0 = every test user
+    seed: int = 42
+    build: BuildConfig = field(default_factory=BuildConfig)
+
+
+class EvaluationError(ValueError):
+    """A protocol cannot be run on this data (said plainly in the report instead of NaN)."""
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+def user_metrics(recs: np.ndarray, truth: set, k: int) -> tuple[float, float, float]:
+    """(recall@k, NDCG@k, AP@k) of one ranked list against a non-empty truth set."""
+    top = recs[:k]
+    hits = np.fromiter((int(x) in truth for x in top), bool, len(top))
+    n_true = len(truth)
+    recall = hits.sum() / n_true
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    ndcg = float((hits * disc[: len(top)]).sum() / disc[: min(k, n_true)].sum())
+    prec = np.cumsum(hits) / np.arange(1, len(top) + 1)
+    ap = float((prec * hits).sum() / min(k, n_true))
+    return float(recall), ndcg, ap
+
+
+def summarise(recs: dict[int, np.ndarray], truth: dict[int, set], users: list[int], ks, n_items: int,
+              item_users: np.ndarray, n_train_users: int) -> dict:
+    """Mean metrics over ``users`` at every k, plus coverage and novelty."""
+    out = {}
+    for k in ks:
+        vals = np.array([user_metrics(recs[u], truth[u], k) for u in users]) if users else np.zeros((0, 3))
+        shown = np.concatenate([recs[u][:k] for u in users]) if users else np.zeros(0, np.int64)
+        # Novelty: mean self-information of what is shown, -log2 of the share of users who had it.
+        share = np.maximum(item_users[shown], 1.0) / max(n_train_users, 1)
+        out[k] = {
+            "recall": float(vals[:, 0].mean()) if len(vals) else None,
+            "ndcg": float(vals[:, 1].mean()) if len(vals) else None,
+            "map": float(vals[:, 2].mean()) if len(vals) else None,
+            "coverage": float(len(np.unique(shown)) / n_items) if len(shown) else None,
+            "novelty": float(np.mean(-np.log2(share))) if len(shown) else None,
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Protocol splits
+# ---------------------------------------------------------------------------
+
+def _positive_mask(events: pa.Table, cfg: BuildConfig) -> np.ndarray:
+    types = events["event_type"].to_numpy(zero_copy_only=False)
+    uniq = np.unique(types)
+    pos_types = [t for t in uniq if cfg.event_weights.get(t, cfg.default_event_weight) > 0]
+    return np.isin(types, pos_types)
+
+
+def split(events: pa.Table, protocol: str, ecfg: EvalConfig) -> tuple[pa.Table, pa.Table]:
+    """(training events, test events) of a protocol.
+
+    Raises
+    ------
+    EvaluationError
+        The split leaves nothing to train on or nothing to test.
+    """
+    ts = events["timestamp"].to_numpy()
+    if protocol == "temporal":
+        cutoff = int(np.quantile(ts, ecfg.cutoff_quantile))
+        train = events.filter(pc.less(events["timestamp"], cutoff))
+        test = events.filter(pc.greater_equal(events["timestamp"], cutoff))
+    elif protocol == "last_n":
+        pos = _positive_mask(events, ecfg.build)
+        users = events["user_id"].to_numpy(zero_copy_only=False)
+        order = np.lexsort((np.arange(len(ts)), ts, users))
+        su = users[order]
+        starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
+        ends = np.r_[starts[1:], len(su)]
+        held = np.zeros(len(ts), bool)
+        for lo, hi in zip(starts, ends):
+            idx = order[lo:hi]
+            p = idx[pos[idx]]
+            # A user keeps at least one positive in training, or they would be cold.
+            if len(p) > ecfg.holdout:
+                held[p[-ecfg.holdout:]] = True
+        train = events.filter(pa.array(~held))
+        test = events.filter(pa.array(held))
+    else:
+        raise EvaluationError(f"unknown protocol {protocol!r}; known: temporal, last_n")
+    if train.num_rows == 0:
+        raise EvaluationError(f"protocol {protocol}: the split leaves no events to train on")
+    if test.num_rows == 0:
+        raise EvaluationError(f"protocol {protocol}: the split leaves no events to test on "
+                              f"(last_n needs users with more than {ecfg.holdout} positive events)")
+    return train, test
+
+
+# ---------------------------------------------------------------------------
+# One protocol
+# ---------------------------------------------------------------------------
+
+def _topk(scores: np.ndarray, exclude: sp.csr_matrix, rows: np.ndarray, k: int) -> list[np.ndarray]:
+    out = []
+    for j, r in enumerate(rows):
+        s = scores[j].astype(np.float64, copy=True)
+        if r >= 0:
+            s[exclude.indices[exclude.indptr[r]:exclude.indptr[r + 1]]] = -np.inf
+        k_eff = min(k, len(s))
+        part = np.argpartition(-s, k_eff - 1)[:k_eff]
+        part = part[np.lexsort((part, -s[part]))]
+        out.append(part[np.isfinite(s[part])])
+    return out
+
+
+def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | None, ecfg: EvalConfig,
+                 work: Path) -> dict:
+    """Build on the training part, rank every test user with each rung, and measure.
+
+    Returns
+    -------
+    dict
+        ``{"protocol", "n_train_events", "n_test_users", "groups": {group: {rung: {k: metrics}}}, ...}``
+
+    Raises
+    ------
+    EvaluationError
+        The protocol cannot run on this data.
+    """
+    from index_builder.build import build
+    from ranking.model import RankingModel
+    from ranking.pipeline import Ranker
+    from ranking.query import RankQuery
+
+    import dataclasses
+
+    # The bundle under test is an ordinary build, minus its own (recursive) ladder report.
+    bcfg = dataclasses.replace(ecfg.build, ladder_report=False)
+    train, test = split(events, protocol, ecfg)
+    path = work / f"{protocol}-train.parquet"
+    pq.write_table(train, path)
+    bundle = build(path, items, users, work / f"{protocol}-bundle", bcfg, show_progress=False)
+    model = RankingModel(bundle, verify=False)
+    ranker = Ranker(model)
+    n_users, n_items = model.n_users, model.n_items
+
+    tr_pos = train.filter(pa.array(_positive_mask(train, bcfg)))
+    tu = model.users.lookup(tr_pos["user_id"].to_pylist())
+    ti = model.items.lookup(tr_pos["item_id"].to_pylist())
+    ok = (tu >= 0) & (ti >= 0)
+    tu, ti, tts = tu[ok], ti[ok], tr_pos["timestamp"].to_numpy()[ok]
+    pos = sp.csr_matrix((np.ones(len(tu)), (tu, ti)), shape=(n_users, n_items))
+    pos.data[:] = 1.0
+    pos.sum_duplicates()
+    pos.data[:] = 1.0
+    all_u = model.users.lookup(train["user_id"].to_pylist())
+    all_i = model.items.lookup(train["item_id"].to_pylist())
+    okk = (all_u >= 0) & (all_i >= 0)
+    seen = sp.csr_matrix((np.ones(int(okk.sum())), (all_u[okk], all_i[okk])), shape=(n_users, n_items))
+    seen.sum_duplicates()
+    seen.sort_indices()
+
+    te_pos = test.filter(pa.array(_positive_mask(test, bcfg))).sort_by("timestamp")
+    qu = te_pos["user_id"].to_pylist()
+    qi = model.items.lookup(te_pos["item_id"].to_pylist())
+    qt = te_pos["timestamp"].to_numpy()
+    truth: dict[str, set] = {}
+    first_time: dict[str, int] = {}
+    for uid, it, t in zip(qu, qi, qt):
+        if it < 0:
+            continue
+        r = model.users.row(uid)
+        if r >= 0 and seen.indptr[r + 1] > seen.indptr[r] and it in set(seen.indices[seen.indptr[r]:seen.indptr[r + 1]]):
+            continue
+        truth.setdefault(uid, set()).add(int(it))
+        first_time.setdefault(uid, int(t))
+    test_users = sorted(truth)
+    if ecfg.max_users and len(test_users) > ecfg.max_users:
+        rng = np.random.default_rng(ecfg.seed)
+        test_users = sorted(rng.choice(test_users, ecfg.max_users, replace=False).tolist())
+    if not test_users:
+        raise EvaluationError(f"protocol {protocol}: no test user has a positive event on an item "
+                              "they had not already seen in training")
+    urows = np.array([model.users.row(u) for u in test_users], np.int64)
+    kmax = max(ecfg.ks)
+
+    # The lower rungs, scored in batches from the training part.
+    pop = bl.popular_scores(pos)
+    recent = bl.recent_popular_scores(tu, ti, tts, n_users, n_items, ecfg.recent_days) if len(tts) else pop
+    B = bl.ease_weights(pos, ecfg.ease_lambda)
+    safe = np.maximum(urows, 0)
+    hist = pos[safe].multiply((urows >= 0)[:, None]).tocsr()
+    lists: dict[str, list[np.ndarray]] = {r: [] for r in RUNGS}
+    for lo in range(0, len(urows), 256):
+        rr = urows[lo:lo + 256]
+        h = hist[lo:lo + 256]
+        n = len(rr)
+        lists["POPULAR"] += _topk(np.tile(pop, (n, 1)), seen, rr, kmax)
+        lists["POPULAR_RECENT"] += _topk(np.tile(recent, (n, 1)), seen, rr, kmax)
+        lists["SEGMENT"] += _topk(bl.segment_scores(model, rr, pop), seen, rr, kmax)
+        i2i = bl.item_to_item_scores(model, h) + 1e-9 * pop
+        lists["ITEM_TO_ITEM"] += _topk(i2i, seen, rr, kmax)
+        als = bl.als_scores(model, safe[lo:lo + 256])
+        als[rr < 0] = pop / max(pop.max(), 1.0)
+        lists["ALS"] += _topk(als, seen, rr, kmax)
+        if B is not None:
+            lists["EASE"] += _topk(np.asarray(h @ B) + 1e-9 * pop, seen, rr, kmax)
+
+    # The full pipeline, through the serving code path.
+    served_rungs = []
+    for uid in test_users:
+        res = ranker.rank(RankQuery(user_id=uid, num_results=kmax, event_time=float(first_time[uid])))
+        lists["ONE2ONE"].append(model.items.lookup(res.item_ids).astype(np.int64))
+        served_rungs.append(res.rung.name)
+    rungs = [r for r in RUNGS if len(lists[r]) == len(test_users)]
+
+    has_hist = np.array([r >= 0 and bool(model.user_has_history[r]) for r in urows])
+    stage_arr = np.asarray(model.bundle.array("user_stage"))
+    stage_names = np.array(["new", "developing", "established"])
+    stages = np.where(has_hist, stage_names[stage_arr[np.maximum(urows, 0)].clip(0, 2)], "cold")
+    seg_known = np.array([r >= 0 and model.user_segment[r] >= 0 for r in urows])
+    groups = {"all": np.arange(len(test_users)), "warm": np.flatnonzero(has_hist),
+              "cold": np.flatnonzero(~has_hist), "cold_with_segment": np.flatnonzero(~has_hist & seg_known)}
+    for s in ("new", "developing", "established"):
+        groups[s] = np.flatnonzero(stages == s)
+    item_users = bl.distinct_counts(pos)
+    n_train_users = int((np.diff(pos.indptr) > 0).sum())
+    idx_truth = {j: truth[u] for j, u in enumerate(test_users)}
+    result = {"protocol": protocol, "n_train_events": train.num_rows, "n_test_events": test.num_rows,
+              "n_test_users": len(test_users), "rungs": rungs, "groups": {}, "group_sizes": {},
+              "served_rungs": {r: served_rungs.count(r) for r in sorted(set(served_rungs))},
+              "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
+              "scoring_model": model.manifest["scoring"]["model"]}
+    if B is None:
+        result["ease_skipped"] = f"the catalog has {n_items} items, more than {bl.EASE_MAX_ITEMS}"
+    for g, members in groups.items():
+        result["group_sizes"][g] = int(len(members))
+        if len(members) == 0:
+            continue
+        result["groups"][g] = {
+            r: summarise({int(j): np.asarray(lists[r][j]) for j in members}, idx_truth, [int(j) for j in members],
+                         ecfg.ks, n_items, item_users, n_train_users)
+            for r in rungs
+        }
+    return result
+
+
+def run_all(events: Path, items: Path, users: Path | None, ecfg: EvalConfig) -> dict:
+    """Every protocol's figures (no files written); an unrunnable protocol carries an ``error`` message.
+
+    Raises
+    ------
+    index_builder.io.InputError
+        An input file is malformed.
+    """
+    from index_builder.build import read_inputs
+    from index_builder.profile import data_profile
+
+    inp = read_inputs(events, items, users, ecfg.build)
+    results: dict = {"inputs": {"events": str(events), "items": str(items), "users": str(users) if users else None},
+                     "profile": data_profile(inp.events, inp.items, ecfg.build), "protocols": {}}
+    with tempfile.TemporaryDirectory(prefix="one2one-eval-") as tmp:
+        for protocol in ecfg.protocols:
+            try:
+                results["protocols"][protocol] = run_protocol(protocol, inp.events, items, users, ecfg, Path(tmp))
+            except EvaluationError as exc:
+                results["protocols"][protocol] = {"protocol": protocol, "error": str(exc)}
+            except ValueError as exc:  # the builder refused the training part
+                results["protocols"][protocol] = {"protocol": protocol,
+                                                  "error": f"protocol {protocol}: cannot build on the training part: {exc}"}
+    results["settings"] = {"ks": list(ecfg.ks), "cutoff_quantile": ecfg.cutoff_quantile, "holdout": ecfg.holdout,
+                           "recent_days": ecfg.recent_days, "ease_lambda": ecfg.ease_lambda}
+    return results
+
+
+def ladder_summary(results: dict, k: int = 10) -> dict:
+    """The manifest's compact form: NDCG@k per rung and group for each protocol, or its error."""
+    out = {}
+    for name, p in results["protocols"].items():
+        if "error" in p:
+            out[name] = {"error": p["error"]}
+            continue
+        out[name] = {"test_users": p["group_sizes"], f"ndcg_at_{k}": {
+            g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()}}
+    return out
+
+
+def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: EvalConfig) -> dict:
+    """Run every protocol and write the ladder report (Markdown, PNG plots, JSON) under ``out``.
+
+    Returns
+    -------
+    dict
+        The figures written to ``out/ladder.json``.
+
+    Raises
+    ------
+    index_builder.io.InputError
+        An input file is malformed.
+    """
+    from index_builder.report import write_report
+
+    results = run_all(events, items, users, ecfg)
+    write_report(results, out)
+    return results

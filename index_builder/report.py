@@ -1,0 +1,132 @@
+"""Writes the ladder report: Markdown tables, PNG plots (lift per rung, metric vs K) and the JSON figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"POPULAR": "Popular (all time)", "POPULAR_RECENT": "Popular (recent)", "SEGMENT": "Segment",
+          "ITEM_TO_ITEM": "Item-to-item", "ALS": "ALS alone", "EASE": "EASE", "ONE2ONE": "one2one (full pipeline)"}
+GROUPS = ("all", "warm", "cold", "cold_with_segment", "new", "developing", "established")
+
+
+def _fmt(x) -> str:
+    return "—" if x is None else f"{x:.4f}"
+
+
+def _lift(hi, lo) -> str:
+    if hi is None or lo is None or lo <= 0:
+        return "—"
+    return f"{(hi / lo - 1) * 100:+.1f}%"
+
+
+def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
+    name = p["protocol"]
+    title = {"temporal": "Temporal split", "last_n": "Last-N held out"}.get(name, name)
+    lines = [f"## {title} (`{name}`)", ""]
+    if "error" in p:
+        return lines + [f"**Not evaluated:** {p['error']}", ""]
+    lines += [f"{p['n_train_events']} training events, {p['n_test_users']} test users "
+              f"({', '.join(f'{g}: {n}' for g, n in p['group_sizes'].items())}). "
+              f"The full pipeline served them from rungs {p['served_rungs']} with a "
+              f"`{p['scoring_model']}` scoring model.", ""]
+    if "ease_skipped" in p:
+        lines += [f"EASE not run: {p['ease_skipped']}.", ""]
+    for g in ("all", "warm"):
+        if g not in p["groups"]:
+            continue
+        lines += [f"### {g} users, @{k}", "",
+                  f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} | NDCG lift over the previous row (the rung below) |",
+                  "|---|---|---|---|---|---|---|"]
+        prev = None
+        for r in p["rungs"]:
+            m = p["groups"][g][r][k] if k in p["groups"][g][r] else p["groups"][g][r][str(k)]
+            lines.append(f"| {LABELS[r]} | {_fmt(m['recall'])} | {_fmt(m['ndcg'])} | {_fmt(m['map'])} | "
+                         f"{_fmt(m['coverage'])} | {_fmt(m['novelty'])} | {_lift(m['ndcg'], prev) if prev is not None else '—'} |")
+            prev = m["ndcg"]
+        lines.append("")
+    lines += [f"### NDCG@{k} by user group", "", "| rung | " + " | ".join(
+        f"{g} ({p['group_sizes'].get(g, 0)})" for g in GROUPS) + " |", "|---" * (len(GROUPS) + 1) + "|"]
+    for r in p["rungs"]:
+        cells = []
+        for g in GROUPS:
+            gm = p["groups"].get(g)
+            cells.append(_fmt(gm[r][k]["ndcg"]) if gm else "no users")
+        lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"![lift per rung]({plots[0]})", "", f"![NDCG vs K]({plots[1]})", ""]
+    return lines
+
+
+def _plots(p: dict, out: Path, k: int) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = p["protocol"]
+    files = [f"lift_{name}.png", f"ndcg_vs_k_{name}.png"]
+    all_ = p["groups"]["all"]
+    rungs = p["rungs"]
+    base = all_[rungs[0]][k]["ndcg"] or 0.0
+    fig, ax = plt.subplots(figsize=(8, 4))
+    vals = [((all_[r][k]["ndcg"] or 0.0) / base - 1) * 100 if base > 0 else 0.0 for r in rungs]
+    ax.bar([LABELS[r] for r in rungs], vals, color=["#999"] * (len(rungs) - 1) + ["#1f77b4"])
+    ax.set_ylabel(f"NDCG@{k} lift over popular (%)")
+    ax.set_title(f"{name}: lift of each rung over all-time popularity")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / files[0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ks = sorted(all_[rungs[0]])
+    for r in rungs:
+        ax.plot(ks, [all_[r][kk]["ndcg"] for kk in ks], marker="o", label=LABELS[r],
+                linewidth=2.5 if r == "ONE2ONE" else 1.2)
+    ax.set_xlabel("K")
+    ax.set_ylabel("NDCG@K")
+    ax.set_title(f"{name}: NDCG vs K")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / files[1], dpi=110)
+    plt.close(fig)
+    return files
+
+
+def _profile_md(prof: dict) -> list[str]:
+    lines = ["## Data profile", "",
+             f"{prof['events']} events, {prof['users']} users, {prof['items_in_catalog']} catalog items "
+             f"({prof['items_with_events']} with events) over {prof['days']} days; density {prof['density']}.", ""]
+    for section in ("purchase_frequency", "items_per_visit", "assortment_variety", "long_tail"):
+        lines += [f"**{section.replace('_', ' ')}**: " + ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in prof[section].items()), ""]
+    lines += ["A visit is one user's events on one UTC day.", ""]
+    return lines
+
+
+def write_report(results: dict, out: Path, k: int = 10) -> Path:
+    """Write ``report.md``, ``ladder.json`` and the plots under ``out``; return the Markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# The personalization ladder", "",
+             f"Inputs: `{results['inputs']['events']}`, `{results['inputs']['items']}`, "
+             f"`{results['inputs']['users']}`. Settings: {results['settings']}.", "",
+             "Every rung is scored from the training part only; items a user touched in training never count "
+             "as hits. The full pipeline is asked through `ranking.pipeline.Ranker.rank` against a bundle "
+             "built from the training part, at the time of the user's first test event.", ""]
+    for p in results["protocols"].values():
+        plots = _plots(p, out, k) if "error" not in p else []
+        lines += _protocol_md(p, k, plots)
+    lines += _profile_md(results["profile"])
+    md = out / "report.md"
+    md.write_text("\n".join(lines), encoding="utf-8")
+    (out / "ladder.json").write_text(json.dumps(results, indent=1, default=_json_default), encoding="utf-8")
+    return md
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -1,0 +1,279 @@
+"""Feature assembly for the learned reranker: item, user × item, user and request-context features per candidate.
+
+The tables come from the bundle (written by ``index_builder.feature_tables``);
+:func:`assemble` turns one request's candidates into the float32 matrix the
+compiled scoring loop reads. NaN marks "unknown" (no price, no history): the
+trees route it the way they learned to, so it is never confused with zero.
+The same code serves ``Rank``, trains the reranker in the builder and runs
+the evaluation, so the three can never disagree about what a feature means.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ranking.errors import BundleError
+from ranking.model import Csr, RankingModel
+
+DAY = 86_400
+HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
+DAYS_OF_WEEK = 7
+KEY_SHIFT = np.int64(1) << np.int64(32)  # item row and timestamp packed in one sortable int64
+
+FEATURE_NAMES = (
+    # retrieval
+    "als_score",            # user (or session) embedding · item embedding; NaN without one
+    "covis_user",           # item-to-item similarity summed over the user's recent items
+    "covis_session",        # ... over this session's items
+    "session_similarity",   # max cosine between the item and a session item; NaN without a session
+    "ease_score",           # EASE item-item weights summed over the user's and session's items; NaN without
+    # item
+    "popularity",           # all-time distinct users, log-scaled to [0, 1]
+    "popularity_7d",        # log1p(distinct events in the 7 days before the request)
+    "popularity_30d",       # log1p(... 30 days ...)
+    "trend",                # log of the 7-day rate over the 30-day rate
+    "item_age_days",        # request time minus the item's first event; NaN if never seen
+    "price",                # NaN when unknown
+    "segment_popularity",   # popularity in the request's segment (0 outside its top list)
+    # user × item
+    "category_affinity",    # the user's share of events in the item's categories; NaN without history
+    "price_fit",            # |log price - the user's mean log price|; NaN when either is unknown
+    "touched_not_consumed", # the user viewed/clicked/carted it but did not buy it
+    # user
+    "user_stage",           # 0 new, 1 developing, 2 established; NaN unknown user
+    "user_value",           # log1p(consumed items)
+    "user_recency_days",    # request time minus the user's last event; NaN without history
+    "user_tenure_days",     # last minus first event
+    # context × history
+    "hour_item_lift",       # the item's share of events in the request's hour block / everyone's share
+    "weekday_item_lift",    # ... on the request's day of week
+    "hour_user_share",      # the user's share of own events in the request's hour block; NaN without history
+    "rung",                 # the ladder rung that retrieved the candidates (1 popular .. 4 one-to-one)
+    "days_after_data_end",  # request time minus the bundle's last event: how stale the windows are
+    # within-request standing: scores differ in scale from user to user, ranks do not
+    "als_rank",             # rank of als_score among this request's candidates, 0 = best, / n
+    "ease_rank",
+    "covis_user_rank",
+    "popularity_30d_rank",
+)
+RANKED = (("als_rank", "als_score"), ("ease_rank", "ease_score"), ("covis_user_rank", "covis_user"),
+          ("popularity_30d_rank", "popularity_30d"))
+N_FEATURES = len(FEATURE_NAMES)
+_COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the features need to know about one request, already resolved by the pipeline."""
+
+    rung: int
+    urow: int
+    qvec: np.ndarray | None
+    seg: int
+    session: np.ndarray
+    event_time: float | None
+
+
+def _gather(csr: Csr, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Entries of several CSR rows at once: (owner position, entry, value)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32), None if csr.values is None else np.zeros(0, np.float32)
+    starts = csr.indptr[rows].astype(np.int64)
+    lengths = csr.indptr[rows + 1].astype(np.int64) - starts
+    total = int(lengths.sum())
+    owner = np.repeat(np.arange(len(rows)), lengths)
+    flat = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths) + starts[owner]
+    vals = None if csr.values is None else np.asarray(csr.values[flat], dtype=np.float32)
+    return owner, np.asarray(csr.indices[flat]), vals
+
+
+def _positions(cands: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each id in ``cands`` (distinct rows), -1 where absent."""
+    if len(cands) == 0 or len(ids) == 0:
+        return np.full(len(ids), -1, np.int64)
+    order = np.argsort(cands, kind="stable")
+    pos = np.minimum(np.searchsorted(cands[order], ids), len(cands) - 1)
+    return np.where(cands[order][pos] == ids, order[pos], -1)
+
+
+class FeatureTables:
+    """The bundle arrays features are computed from (memory-mapped, read-only).
+
+    Raises
+    ------
+    BundleError
+        The bundle lacks one of the feature tables (built before the reranker existed).
+    """
+
+    def __init__(self, model: RankingModel):
+        b = model.bundle
+        try:
+            self.item_event_keys = b.array("item_event_keys")
+            self.item_first_seen = b.array("item_first_seen")
+            self.item_hour_lift = b.array("item_hour_lift")
+            self.item_weekday_lift = b.array("item_weekday_lift")
+            self.user_first_seen = b.array("user_first_seen")
+            self.user_last_seen = b.array("user_last_seen")
+            self.user_stage = b.array("user_stage")
+            self.user_value = b.array("user_value")
+            self.user_hour_share = b.array("user_hour_share")
+            self.user_log_price = b.array("user_log_price")
+            self.user_categories = Csr(b.array("user_cat_indptr"), b.array("user_cat_ids"), b.array("user_cat_share"))
+            self.user_recent = Csr(b.array("user_recent_indptr"), b.array("user_recent_items"))
+            self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
+            self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
+            self.recent_popular_items = b.array("recent_popular_items")
+            ease = b.array("ease_weights")
+            self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
+        except BundleError as exc:
+            raise BundleError(f"{b.path} has no feature tables for the reranker ({exc}); rebuild it") from None
+        self.data_end = int(model.manifest["data_window"]["end_unix"])
+        self.model = model
+
+    # -- pieces used by retrieval as well ------------------------------------------
+    def covis_from(self, sources: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(items, summed similarity) of the neighbours of ``sources``, best first."""
+        owner, nb, sc = _gather(self.covis, sources)
+        if len(nb) == 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        if weights is not None:
+            sc = sc * weights[owner]
+        uniq, inv = np.unique(nb, return_inverse=True)
+        total = np.bincount(inv, weights=sc, minlength=len(uniq))
+        order = np.lexsort((uniq, -total))
+        return uniq[order].astype(np.int32), total[order].astype(np.float32)
+
+    def user_recent_items(self, urow: int) -> np.ndarray:
+        if urow < 0:
+            return np.zeros(0, np.int32)
+        return np.asarray(self.user_recent.row(urow))
+
+    def history(self, urow: int, session: np.ndarray) -> np.ndarray:
+        """Items the user touched (all time) plus this session's: the input of the EASE score."""
+        own = np.asarray(self.touched.row(urow)) if urow >= 0 else np.zeros(0, np.int32)
+        return np.unique(np.concatenate([own, session]).astype(np.int32))
+
+    def ease_all(self, hist: np.ndarray) -> np.ndarray | None:
+        """EASE scores of every item for a history, or None without weights or history."""
+        if self.ease is None or len(hist) == 0:
+            return None
+        return np.asarray(self.ease[hist], np.float32).sum(axis=0)
+
+    def _covis_to(self, sources: np.ndarray, cands: np.ndarray) -> np.ndarray:
+        if len(sources) == 0:
+            return np.zeros(len(cands), np.float32)
+        # Later items (the user's most recent, the session's last) weigh more.
+        w = np.linspace(0.5, 1.0, len(sources), dtype=np.float32)
+        owner, nb, sc = _gather(self.covis, sources)
+        pos = _positions(cands, nb)
+        hit = pos >= 0
+        return np.bincount(pos[hit], weights=(sc * w[owner])[hit], minlength=len(cands)).astype(np.float32)
+
+    def _window_counts(self, cands: np.ndarray, t: int, days: int) -> np.ndarray:
+        base = cands.astype(np.int64) * KEY_SHIFT
+        hi = np.searchsorted(self.item_event_keys, base + max(t, 0))
+        lo = np.searchsorted(self.item_event_keys, base + max(t - days * DAY, 0))
+        return (hi - lo).astype(np.float32)
+
+    # -- the matrix ------------------------------------------------------------------
+    def assemble(self, req: Request, cands: np.ndarray) -> np.ndarray:
+        """The (n_candidates, N_FEATURES) float32 matrix of one request.
+
+        Parameters
+        ----------
+        req : Request
+        cands : np.ndarray
+            Distinct item rows.
+        """
+        m = self.model
+        n = len(cands)
+        X = np.zeros((n, N_FEATURES), dtype=np.float32)
+        if n == 0:
+            return X
+        t = int(req.event_time) if req.event_time is not None else self.data_end
+        c = _COL
+        urow = req.urow
+        known = urow >= 0 and bool(m.user_has_history[urow])
+
+        if req.qvec is not None:
+            X[:, c["als_score"]] = np.asarray(m.item_factors[cands], np.float32) @ req.qvec
+        else:
+            X[:, c["als_score"]] = np.nan
+        X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), cands)
+        X[:, c["covis_session"]] = self._covis_to(req.session, cands)
+        hist = self.history(urow, req.session)
+        if self.ease is not None and len(hist):
+            X[:, c["ease_score"]] = np.asarray(self.ease[hist][:, cands], np.float32).sum(axis=0)
+        else:
+            X[:, c["ease_score"]] = np.nan
+        if len(req.session):
+            f = np.asarray(m.item_factors[cands], np.float32)
+            s = np.asarray(m.item_factors[req.session], np.float32)
+            fn = np.linalg.norm(f, axis=1)
+            sn = np.linalg.norm(s, axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = (f @ s.T) / np.maximum(fn[:, None] * sn[None, :], 1e-12)
+            X[:, c["session_similarity"]] = cos.max(axis=1)
+        else:
+            X[:, c["session_similarity"]] = np.nan
+
+        X[:, c["popularity"]] = m.item_popularity[cands]
+        # The bundle knows nothing after its data end: a later request sees the last windows it has.
+        t_pop = min(t, self.data_end + 1)
+        c7 = self._window_counts(cands, t_pop, 7)
+        c30 = self._window_counts(cands, t_pop, 30)
+        X[:, c["popularity_7d"]] = np.log1p(c7)
+        X[:, c["popularity_30d"]] = np.log1p(c30)
+        X[:, c["trend"]] = np.log((c7 + 1.0) / (c30 * (7.0 / 30.0) + 1.0))
+        first = self.item_first_seen[cands]
+        X[:, c["item_age_days"]] = np.where(first >= 0, (t - first) / DAY, np.nan)
+        price = np.asarray(m.item_price[cands], np.float32)
+        X[:, c["price"]] = price
+        if req.seg >= 0:
+            seg_items = m.segment_popular.row(req.seg)
+            pos = _positions(cands, np.asarray(seg_items))
+            hit = pos >= 0
+            X[pos[hit], c["segment_popularity"]] = m.segment_popular.row_values(req.seg)[hit]
+
+        if known:
+            owner, cats, _ = _gather(m.item_categories, cands)
+            ucats = np.asarray(self.user_categories.row(urow))
+            ushare = np.asarray(self.user_categories.row_values(urow))
+            aff = np.zeros(n, np.float32)
+            if len(cats) and len(ucats):
+                p = _positions(ucats, cats)
+                share = np.where(p >= 0, ushare[np.maximum(p, 0)], 0.0)
+                np.maximum.at(aff, owner, share.astype(np.float32))
+            X[:, c["category_affinity"]] = aff
+            ulp = float(self.user_log_price[urow])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                X[:, c["price_fit"]] = np.abs(np.log(price) - ulp)
+            X[:, c["touched_not_consumed"]] = np.isin(cands, self.touched.row(urow)) & ~np.isin(cands, m.consumed.row(urow))
+            X[:, c["user_stage"]] = self.user_stage[urow]
+            X[:, c["user_value"]] = self.user_value[urow]
+            X[:, c["user_recency_days"]] = (t - int(self.user_last_seen[urow])) / DAY
+            X[:, c["user_tenure_days"]] = (int(self.user_last_seen[urow]) - int(self.user_first_seen[urow])) / DAY
+        else:
+            for name in ("category_affinity", "price_fit", "user_recency_days", "user_tenure_days"):
+                X[:, c[name]] = np.nan
+            X[:, c["user_stage"]] = np.nan if urow < 0 else 0.0
+
+        block = (t // 3600) % 24 // (24 // HOUR_BLOCKS)
+        weekday = (t // DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+        X[:, c["hour_item_lift"]] = self.item_hour_lift[cands, block]
+        X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
+        X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
+        X[:, c["rung"]] = req.rung
+        X[:, c["days_after_data_end"]] = (t - self.data_end) / DAY
+        for rank_name, source in RANKED:
+            v = X[:, c[source]]
+            if np.isnan(v).all():
+                X[:, c[rank_name]] = np.nan
+                continue
+            order = np.lexsort((np.arange(n), -np.nan_to_num(v, nan=-np.inf)))
+            r = np.empty(n, np.float32)
+            r[order] = np.arange(n, dtype=np.float32) / n
+            X[:, c[rank_name]] = r
+        return X
