@@ -99,7 +99,7 @@ def build_bundle(a, work: Path) -> Path:
     from index_builder.synthetic import make_shop, write_shop
 
     key = (f"u{a.users}-i{a.items}-c{a.categories}-e{a.events_per_user}-d{a.dim}-{a.index_type}"
-           f"-efc{a.ef_construction}").replace(",", "_")
+           f"-efc{a.ef_construction}-" + "-".join(a.build_set)).replace(",", "_").replace('"', "").replace("=", "")
     data = work / key
     art = data / "artifacts"
     if (art / "CURRENT").exists():
@@ -115,7 +115,9 @@ def build_bundle(a, work: Path) -> Path:
            "--items", str(paths["items"]), "--users", str(paths["users"]), "--out", str(art),
            "--set", f"factors={a.dim}", "--set", f"iterations={a.iterations}",
            "--set", f'index_type="{a.index_type}"', "--set", "eval_users=500",
-           "--set", f"hnsw_ef_construction={a.ef_construction}"]
+           "--set", f"hnsw_ef_construction={a.ef_construction}", "--set", "ladder_report=false"]
+    for extra in a.build_set:
+        cmd += ["--set", extra]
     subprocess.run(cmd, check=True, cwd=ROOT)
     print(f"built bundle in {time.perf_counter() - t0:.1f}s", flush=True)
     return art
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
     p.add_argument("--budget-ms", type=int, default=10, help="budget of the budgeted run")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--build-set", action="append", default=["rerank_max_queries=5000", 'rerank_split="temporal"'],
+                   metavar="KEY=VALUE", help="extra build settings (the ladder report is always off here)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     a = p.parse_args(argv)
