@@ -100,6 +100,18 @@ def _check_n(name: str, n: int) -> None:
         raise ValueError(f"{name} has {n} rows; at most {_INT32_MAX} fit int32 indices")
 
 
+def _loop_args(offsets, n: int, deadline_ns, check_every) -> tuple[np.ndarray, int, int]:
+    """Validated (offsets, deadline_ns, check_every) shared by the scoring loops."""
+    if offsets is None:
+        offsets = np.zeros(n, dtype=np.float32)
+    else:
+        offsets = _as_float32("offsets", offsets, 1)
+        if offsets.shape[0] != n:
+            raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
+    return (offsets, _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
+            _as_int("check_every", check_every, 1, _INT64_MAX))
+
+
 def _alloc(k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.empty(k, dtype=np.float32), np.empty(k, dtype=np.int32)
 
@@ -180,14 +192,7 @@ def score_topk(
                                       or not isinstance(bias, numbers.Real))
             or not abs(float(bias)) <= _FLOAT32_MAX):
         raise ValueError(f"bias must be a finite real number within float32 range, got {bias!r}")
-    if offsets is None:
-        offsets = np.zeros(n, dtype=np.float32)
-    else:
-        offsets = _as_float32("offsets", offsets, 1)
-        if offsets.shape[0] != n:
-            raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
-    deadline_ns = _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX)
-    check_every = _as_int("check_every", check_every, 1, _INT64_MAX)
+    offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
 
     out_scores, out_indices = _alloc(min(k, n))
     if k == 0 or n == 0:
@@ -416,14 +421,7 @@ def score_trees_topk(
     _check_trees(trees, f)
     mask = _as_mask(mask, n)
     k = _as_int("k", k, 0, _INT64_MAX)
-    if offsets is None:
-        offsets = np.zeros(n, dtype=np.float32)
-    else:
-        offsets = _as_float32("offsets", offsets, 1)
-        if offsets.shape[0] != n:
-            raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
-    deadline_ns = _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX)
-    check_every = _as_int("check_every", check_every, 1, _INT64_MAX)
+    offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
 
     out_scores, out_indices = _alloc(min(k, n))
     if k == 0 or n == 0:

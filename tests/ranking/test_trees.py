@@ -2,18 +2,10 @@
 import lightgbm as lgb
 import numpy as np
 import pytest
+from test_scoring import ref_select  # the same NumPy reference selection as the linear kernel
 
 from ranking.reranker import trees_from_lightgbm
 from ranking.scoring import TreeArrays, score_trees_topk, tree_contributions
-
-
-def ref_select(scores, mask, k):
-    scores = np.asarray(scores, dtype=np.float32)
-    mask = np.zeros(len(scores), bool) if mask is None else np.asarray(mask) != 0
-    keep = np.flatnonzero(~mask & ~np.isnan(scores))
-    order = np.argsort(-scores[keep], kind="stable")
-    sel = keep[order][:k]
-    return sel.astype(np.int32), scores[sel]
 
 
 def _data(rng, n, f, missing):
