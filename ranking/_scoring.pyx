@@ -107,6 +107,20 @@ cdef inline int64_t _monotonic_ns() noexcept nogil:
     return <int64_t>ts.tv_sec * 1000000000 + <int64_t>ts.tv_nsec
 
 
+cdef inline bint _out_of_time(
+    Py_ssize_t i,  # IN the row about to be scored
+    Py_ssize_t* next_check,  # IN/OUT the next row at which the clock is read
+    Py_ssize_t check_every,  # IN rows between clock reads
+    int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
+) noexcept nogil:
+    """True when row ``i`` is a checkpoint and the deadline has passed; the clock is
+    read only at checkpoints, so the first ``check_every`` rows are always scored."""
+    if deadline_ns <= 0 or i != next_check[0]:
+        return False
+    next_check[0] += check_every
+    return _monotonic_ns() >= deadline_ns
+
+
 cdef inline bint _worse(
     float32_t score_a,  # IN
     int32_t index_a,  # IN
@@ -228,7 +242,6 @@ cdef Py_ssize_t _score_topk_loop(
     cdef Py_ssize_t size = 0
     cdef Py_ssize_t next_check = check_every
     cdef Py_ssize_t n_scored = n
-    cdef bint has_deadline = deadline_ns > 0
     cdef float32_t s
     cdef const float32_t* rows = NULL
     cdef const float32_t* w = NULL
@@ -249,11 +262,9 @@ cdef Py_ssize_t _score_topk_loop(
     for i in range(n):
         # The first check_every rows are always scored, so even a request
         # whose budget is already spent gets a (short) answer.
-        if has_deadline and i == next_check:
-            next_check += check_every
-            if _monotonic_ns() >= deadline_ns:
-                n_scored = i
-                break
+        if _out_of_time(i, &next_check, check_every, deadline_ns):
+            n_scored = i
+            break
         if mask[i]:
             continue
         s = bias + _dot(rows + i * f, w, f) + offsets[i]
@@ -292,7 +303,6 @@ cdef Py_ssize_t _score_trees_topk_loop(
     cdef Py_ssize_t size = 0
     cdef Py_ssize_t next_check = check_every
     cdef Py_ssize_t n_scored = n
-    cdef bint has_deadline = deadline_ns > 0
     cdef float64_t acc
     cdef float32_t s
     cdef const float32_t* rows = NULL
@@ -322,11 +332,9 @@ cdef Py_ssize_t _score_trees_topk_loop(
     heap_indices = &out_indices[0]
 
     for i in range(n):
-        if has_deadline and i == next_check:
-            next_check += check_every
-            if _monotonic_ns() >= deadline_ns:
-                n_scored = i
-                break
+        if _out_of_time(i, &next_check, check_every, deadline_ns):
+            n_scored = i
+            break
         if mask[i]:
             continue
         # Sum in double as LightGBM does; round once at the end.
