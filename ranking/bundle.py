@@ -35,7 +35,8 @@ def new_version() -> str:
     return f"{now}Z-{secrets.token_hex(3)}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside ``path`` durable (the directory entry itself)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -115,7 +116,7 @@ class BundleWriter:
             json.dump(doc, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(self.tmp)
+        fsync_dir(self.tmp)
         final = self.root / self.version
         os.rename(self.tmp, final)
         set_current(self.root, self.version)
@@ -139,7 +140,7 @@ def set_current(root: Path | str, version: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def resolve_current(root: Path | str) -> Path:

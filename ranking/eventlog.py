@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ranking.bundle import fsync_dir
 from ranking.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -177,14 +178,6 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class EventLog:
     """The writer: appends framed records to the newest segment, rolling over by size.
 
@@ -263,7 +256,7 @@ class EventLog:
         fh.flush()
         if self.fsync != "never":
             os.fsync(fh.fileno())
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         self._number = number
         return fh
 

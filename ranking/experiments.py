@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ranking.errors import FieldViolation, InvalidRequest
+from ranking.tomltables import named_tables
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -180,19 +181,9 @@ def parse_experiments(doc: list[dict], source: str) -> list[Experiment]:
     ValueError
         Naming the experiment, the key and what is wrong.
     """
-    out, names = [], set()
-    for i, t in enumerate(doc):
-        where = f"{source}: experiments[{i}]"
-        unknown = sorted(set(t) - {"name", "salt", "control", "arms", "target"})
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        name = t.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"{where}: name must be lower_snake_case, at most 32 characters, got {name!r}")
-        if name in names:
-            raise ValueError(f"{where}: duplicate experiment name {name!r}")
-        names.add(name)
-        where = f"{source}: experiment {name!r}"
+    out = []
+    for t, name, where in named_tables(doc, source, "experiments", "experiment",
+                                       {"name", "salt", "control", "arms", "target"}, 32):
         salt = t.get("salt", name)
         if not isinstance(salt, str):
             raise ValueError(f"{where}: salt must be a string")

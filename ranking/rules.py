@@ -18,11 +18,11 @@ demotions via the per-candidate offsets, so they cost nothing extra per item.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+from ranking.tomltables import named_tables
+
 _CONTEXT_FIELDS = ("channel", "device", "region")
 
 
@@ -66,21 +66,8 @@ def parse_rules(doc: list[dict], source: str) -> list[Rule]:
         Naming the rule (by position and name), the key and what is wrong.
     """
     known = {"name", "when", "suppress", "exclude_categories", "only_categories", "demote_categories", "demote_by"}
-    rules, names = [], set()
-    for i, table in enumerate(doc):
-        where = f"{source}: rules[{i}]"
-        if not isinstance(table, dict):
-            raise ValueError(f"{where} must be a table")
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        name = table.get("name")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"{where}: name must be lower_snake_case, at most 64 characters, got {name!r}")
-        if name in names:
-            raise ValueError(f"{where}: duplicate rule name {name!r}")
-        names.add(name)
-        where = f"{source}: rule {name!r}"
+    rules = []
+    for table, name, where in named_tables(doc, source, "rules", "rule", known, 64):
         when = table.get("when", {})
         if not isinstance(when, dict) or not when:
             raise ValueError(f"{where}: 'when' must be a non-empty table of conditions")

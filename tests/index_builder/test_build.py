@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from index_builder.build import build
+from index_builder.build import build, build_index
 from index_builder.config import BuildConfig
 from index_builder.io import InputError
 from ranking.bundle import Bundle, resolve_current
@@ -22,7 +22,7 @@ def test_manifest_records_window_counts_checksums_and_evaluation(bundle_path, sh
     assert m["counts"]["users"] == 300 and m["counts"]["items"] == 200
     assert m["config"]["factors"] == SMALL_BUILD["factors"]
     assert m["segments"]["columns"] == ["region", "age"]
-    assert set(m["files"]) >= {"index.faiss", "item_factors.npy", "manifest.json"} - {"manifest.json"}
+    assert set(m["files"]) >= {"index.faiss", "item_factors.npy", "user_factors.npy", "items.parquet"}
     recall = m["evaluation"]["ann_recall_at_200"]
     assert 0.95 <= recall <= 1.0
 
@@ -86,7 +86,10 @@ def test_bad_settings_are_refused_by_name(tmp_path):
         BuildConfig.load(overrides={"factors": "many"})
     cfg_file = tmp_path / "b.toml"
     cfg_file.write_text("[build]\nindex_type = 'NotAnIndex'\n")
-    assert BuildConfig.load(cfg_file).index_type == "NotAnIndex"
+    cfg = BuildConfig.load(cfg_file)
+    # The file is read; the index type is refused when the index is built, by name.
+    with pytest.raises(ValueError, match="'NotAnIndex' is not a FAISS index factory string"):
+        build_index(np.zeros((10, 4), np.float32), cfg)
 
 
 def test_user_factors_are_zero_without_history(bundle_path):
