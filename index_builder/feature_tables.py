@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from index_builder.config import BuildConfig
 from index_builder.tables import top_rows
-from ranking.features import DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT
+from ranking.features import DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT, WINDOW_DAYS, window_counts_at
 
 
 def _hour_block(ts: np.ndarray) -> np.ndarray:
@@ -87,6 +87,10 @@ def feature_tables(u: np.ndarray, i: np.ndarray, ts: np.ndarray, positive: np.nd
 
     keys = ip.astype(np.int64) * KEY_SHIFT + np.clip(tp, 0, KEY_SHIFT - 1)
     out["item_event_keys"] = np.sort(keys)
+    # Every served request comes after the data: its windows end just after the last event.
+    t_after = int(ts.max()) + 1 if len(ts) else 0
+    for days in WINDOW_DAYS:
+        out[f"item_events_{days}d_at_end"] = window_counts_at(out["item_event_keys"], t_after, days, n_items)
     first = np.full(n_items, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(first, i, ts)
     out["item_first_seen"] = np.where(first == np.iinfo(np.int64).max, -1, first)

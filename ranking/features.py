@@ -20,6 +20,7 @@ DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
 DAYS_OF_WEEK = 7
 KEY_SHIFT = np.int64(1) << np.int64(32)  # item row and timestamp packed in one sortable int64
+WINDOW_DAYS = (7, 30)  # popularity windows before the request
 
 FEATURE_NAMES = (
     # retrieval
@@ -75,6 +76,15 @@ class Request:
     event_time: float | None
 
 
+def window_counts_at(item_event_keys: np.ndarray, t: int, days: int, n_items: int) -> np.ndarray:
+    """Events of every item in the ``days`` before ``t`` (float32, one per item row), from the
+    sorted ``item row << 32 | unix seconds`` keys: what a request at ``t`` sees per candidate."""
+    keys = np.asarray(item_event_keys)
+    when = keys & (KEY_SHIFT - 1)
+    inside = (when >= max(t - days * DAY, 0)) & (when < max(t, 0))
+    return np.bincount((keys[inside] >> 32).astype(np.int64), minlength=n_items).astype(np.float32)
+
+
 def _gather(csr: Csr, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Entries of several CSR rows at once: (owner position, entry, value)."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -125,12 +135,17 @@ class FeatureTables:
             self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
             self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
             self.recent_popular_items = b.array("recent_popular_items")
+            self._end_counts = {days: b.array(f"item_events_{days}d_at_end") for days in WINDOW_DAYS}
             ease = b.array("ease_weights")
             self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
         except BundleError as exc:
             raise BundleError(f"{b.path} has no feature tables for the reranker ({exc}); rebuild it") from None
         self.data_end = int(model.manifest["data_window"]["end_unix"])
         self.model = model
+        # A request at or after the data end sees the same windows for every item (the
+        # bundle knows nothing later), which is every request a server answers: the
+        # builder counted those once, so serving reads them instead of searching keys.
+        self._t_end = self.data_end + 1
 
     # -- pieces used by retrieval as well ------------------------------------------
     def covis_from(self, sources: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +187,8 @@ class FeatureTables:
         return np.bincount(pos[hit], weights=(sc * w[owner])[hit], minlength=len(cands)).astype(np.float32)
 
     def _window_counts(self, cands: np.ndarray, t: int, days: int) -> np.ndarray:
+        if t == self._t_end:
+            return self._end_counts[days][cands]
         base = cands.astype(np.int64) * KEY_SHIFT
         hi = np.searchsorted(self.item_event_keys, base + max(t, 0))
         lo = np.searchsorted(self.item_event_keys, base + max(t - days * DAY, 0))
@@ -192,7 +209,8 @@ class FeatureTables:
         X = np.zeros((n, N_FEATURES), dtype=np.float32)
         if n == 0:
             return X
-        t = int(req.event_time) if req.event_time is not None else self.data_end
+        # Without an event time the request is taken to come just after the bundle's data.
+        t = int(req.event_time) if req.event_time is not None else self._t_end
         c = _COL
         urow = req.urow
         known = urow >= 0 and bool(m.user_has_history[urow])
@@ -221,9 +239,8 @@ class FeatureTables:
 
         X[:, c["popularity"]] = m.item_popularity[cands]
         # The bundle knows nothing after its data end: a later request sees the last windows it has.
-        t_pop = min(t, self.data_end + 1)
-        c7 = self._window_counts(cands, t_pop, 7)
-        c30 = self._window_counts(cands, t_pop, 30)
+        t_pop = min(t, self._t_end)
+        c7, c30 = (self._window_counts(cands, t_pop, days) for days in WINDOW_DAYS)
         X[:, c["popularity_7d"]] = np.log1p(c7)
         X[:, c["popularity_30d"]] = np.log1p(c30)
         X[:, c["trend"]] = np.log((c7 + 1.0) / (c30 * (7.0 / 30.0) + 1.0))
