@@ -94,6 +94,19 @@ def scrape_stages(metrics_port: int) -> dict[str, float]:
     return {s: 1000 * sums[s] / counts[s] for s in sums if counts.get(s)}
 
 
+def _unservable(art: Path) -> str:
+    """Why the current code cannot serve the cached bundle (built by older code), or ""."""
+    from ranking.errors import BundleError
+    from ranking.model import RankingModel
+    from ranking.pipeline import Ranker
+
+    try:
+        Ranker(RankingModel(art / (art / "CURRENT").read_text().strip(), verify=False))
+    except BundleError as exc:
+        return str(exc)
+    return ""
+
+
 def build_bundle(a, work: Path) -> Path:
     """Generate the shop and run the real builder, once per parameter set (cached)."""
     from index_builder.synthetic import make_shop, write_shop
@@ -103,13 +116,18 @@ def build_bundle(a, work: Path) -> Path:
     data = work / key
     art = data / "artifacts"
     if (art / "CURRENT").exists():
-        print(f"reusing bundle {art}", flush=True)
-        return art
-    t0 = time.perf_counter()
-    shop = make_shop(n_users=a.users, n_items=a.items, n_categories=a.categories,
-                     events_per_user=a.events_per_user, seed=a.seed)
-    paths = write_shop(shop, data, "parquet")
-    print(f"generated {shop.events.num_rows} events in {time.perf_counter() - t0:.1f}s", flush=True)
+        stale = _unservable(art)
+        if not stale:
+            print(f"reusing bundle {art}", flush=True)
+            return art
+        print(f"rebuilding: the cached bundle cannot be served by this code ({stale})", flush=True)
+    paths = {name: data / f"{name}.parquet" for name in ("events", "items", "users")}
+    if not all(p.exists() for p in paths.values()):
+        t0 = time.perf_counter()
+        shop = make_shop(n_users=a.users, n_items=a.items, n_categories=a.categories,
+                         events_per_user=a.events_per_user, seed=a.seed)
+        paths = write_shop(shop, data, "parquet")
+        print(f"generated {shop.events.num_rows} events in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "index_builder", "build", "--quiet", "--events", str(paths["events"]),
            "--items", str(paths["items"]), "--users", str(paths["users"]), "--out", str(art),
@@ -178,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ann-batch-size", type=int, default=8, help="server ann_batch_size (1: no micro-batching)")
     p.add_argument("--ann-batch-wait-us", type=float, default=300.0)
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
+    p.add_argument("--max-concurrent-ranks", type=int, default=1, help="server max_concurrent_ranks (0: no limit)")
     p.add_argument("--concurrency", default="1,4,8,16,32")
     p.add_argument("--requests", type=int, default=3000, help="per load run, upper bound")
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
@@ -204,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = tmp / "server.toml"
     cfg.write_text(f"[server]\nworkers = {a.workers}\nann_effort = {a.effort}\nn_candidates = {a.candidates}\n"
                    f"ann_batch_size = {a.ann_batch_size}\nann_batch_wait_us = {a.ann_batch_wait_us}\n"
+                   f"max_concurrent_ranks = {a.max_concurrent_ranks}\n"
                    f"log_level = \"WARNING\"\nreload_interval_seconds = 0\n")
 
     def server(workers: int, tag: str):

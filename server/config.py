@@ -41,6 +41,7 @@ class ServerConfig:
     ready_file: str = ""
     workers: int = 0
     ann_batch_size: int = 1
+    max_concurrent_ranks: int = 1
     ann_batch_wait_us: float = 300.0
     debug_delay_us_per_candidate: str = ""
     debug_rank_delay_ms: float = 0.0
@@ -116,6 +117,8 @@ class ServerConfig:
             problems.append("max_workers must be >= 1")
         if self.workers < 0:
             problems.append(f"workers {self.workers} must be >= 0 (0: one per core)")
+        if self.max_concurrent_ranks < 0:
+            problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:
             problems.append("ann_batch_size must be >= 1 and ann_batch_wait_us >= 0")
         try:
@@ -181,6 +184,7 @@ class ServerConfig:
             ann_effort=self.ann_effort,
             limits=QueryLimits(max_results=self.max_results),
             debug_delay_us_per_candidate=self.debug_delays(),
-            ann_batch_size=self.ann_batch_size,
+            # A batch never gathers more queries than may run at once (a leader would wait for nobody).
+            ann_batch_size=min(self.ann_batch_size, self.max_concurrent_ranks or self.ann_batch_size),
             ann_batch_wait_us=self.ann_batch_wait_us,
         )

@@ -15,6 +15,7 @@ from ranking.events import Event
 from ranking.pipeline import RankResult
 from ranking.query import RankQuery
 from server import errors, logs, metrics
+from server.admission import Admission
 from server.config import ServerConfig
 from server.model_manager import ModelManager
 
@@ -103,6 +104,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.models = models
         self.config = config
         self.realtime = realtime
+        self.admission = Admission(config.max_concurrent_ranks)
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         started = time.perf_counter()
@@ -120,11 +122,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     # Rank slow and degraded on purpose.
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
                 q = query_from_proto(request)
-                if self.realtime is None:
-                    result = ranker.rank(q, budget)
-                else:
-                    overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
-                    result = ranker.rank(q, budget, overlay)
+                with self.admission.slot(budget) as waited:
+                    if self.realtime is None:
+                        result = ranker.rank(q, budget)
+                    else:
+                        overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
+                        result = ranker.rank(q, budget, overlay)
+                result.stage_seconds["queue"] = waited
             except RankingError as exc:
                 log.debug("rank refused", extra={"error": str(exc)})
                 errors.abort(context, exc)

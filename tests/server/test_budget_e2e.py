@@ -60,3 +60,59 @@ def test_server_time_is_reported_in_trailing_metadata(slow_server):
     assert resp.degraded
     # The slow stages cost >= 40 ms at full size; within budget the server spent far less.
     assert 0 < server_ms <= client_ms and server_ms < 15 + 10
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(artifacts, tmp_path_factory):
+    """A server whose single worker runs one Rank pipeline at a time and whose unbudgeted
+    pipeline takes over a second (a slow features stage: sleeping, so no CPU is needed)."""
+    tmp = tmp_path_factory.mktemp("admission")
+    cfg = tmp / "server.toml"
+    cfg.write_text('[server]\nworkers = 1\nmax_concurrent_ranks = 1\ndefault_budget_ms = 5000\n'
+                   'max_budget_ms = 5000\ndebug_delay_us_per_candidate = "features:6000"\n')
+    proc, ready = start_server(artifacts, tmp, extra=["--config", str(cfg)])
+    channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
+    wait_serving(channel)
+    yield ready, ranking_pb2_grpc.RankingServiceStub(channel)
+    channel.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _queue_seconds(metrics_port: int) -> tuple[float, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        for name in ("sum", "count"):
+            if line.startswith(f'one2one_rank_stage_duration_seconds_{name}{{stage="queue"}}'):
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return values["sum"], values["count"]
+
+
+def test_a_request_waiting_for_a_busy_worker_spends_its_budget_waiting_and_answers_degraded(one_at_a_time):
+    ready, stub = one_at_a_time
+    holder = stub.Rank.future(pb.RankRequest(user_id="u1"), timeout=30)
+    time.sleep(0.3)  # the unbudgeted request now holds the only slot for over a second
+    assert not holder.done()
+    t0 = time.perf_counter()
+    resp, call = stub.Rank.with_call(pb.RankRequest(user_id="u2", budget_ms=200), timeout=10)
+    waited_ms = (time.perf_counter() - t0) * 1000
+    assert not holder.done()  # answered while the slot was still taken
+    assert resp.degraded and "retrieval_order" in resp.degraded_stages and len(resp.items) == 10
+    server_ms = float(dict(call.trailing_metadata())["one2one-server-ms"])
+    assert 200 <= server_ms <= waited_ms and server_ms < 200 + 300  # generous: a shared 2-core machine
+    full = holder.result()
+    assert not full.degraded and len(full.items) == 10
+    total, count = _queue_seconds(ready["metrics_port"])
+    assert count >= 2 and total >= 0.2
+
+
+def test_an_unbudgeted_request_waits_for_the_slot_and_is_served_in_full(one_at_a_time):
+    _, stub = one_at_a_time
+    first = stub.Rank.future(pb.RankRequest(user_id="u1"), timeout=30)
+    time.sleep(0.3)
+    second, call = stub.Rank.with_call(pb.RankRequest(user_id="u2"), timeout=30)
+    assert first.done() and not first.result().degraded  # the second ran only after the first
+    assert not second.degraded
+    server_ms = float(dict(call.trailing_metadata())["one2one-server-ms"])
+    assert server_ms >= 1000  # its own full pipeline, after waiting for the first

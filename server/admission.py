@@ -1,0 +1,53 @@
+"""Admission: how many Rank pipelines one worker process runs at once.
+
+A worker's in-flight requests share its GIL, so beyond a few at once every request
+runs slower and a budget planned from single-request costs no longer holds. Requests
+over the limit wait for a slot, and the wait counts against their budget: one whose
+budget runs out while waiting is still answered, by the pipeline's cheapest
+degraded path (planned for an expired budget), without taking a slot.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from ranking.budget import Budget
+
+
+class Admission:
+    """At most ``limit`` concurrent Rank pipelines (0: no limit).
+
+    Parameters
+    ----------
+    limit : int
+        Pipelines allowed to run at once in this process.
+    """
+
+    def __init__(self, limit: int):
+        if limit < 0:
+            raise ValueError(f"admission limit must be >= 0, got {limit}")
+        self.limit = limit
+        self._slots = threading.Semaphore(limit) if limit > 0 else None
+
+    @contextmanager
+    def slot(self, budget: Budget) -> Iterator[float]:
+        """Hold a slot for the body; yields the seconds spent waiting for it.
+
+        The wait never outlasts the budget: after it the body runs anyway, with the
+        budget expired, and holds no slot.
+        """
+        if self._slots is None:
+            yield 0.0
+            return
+        t0 = time.perf_counter()
+        remaining_ms = budget.remaining_ms()
+        timeout = None if math.isinf(remaining_ms) else max(remaining_ms, 0.0) / 1000.0
+        admitted = self._slots.acquire(timeout=timeout)
+        try:
+            yield time.perf_counter() - t0
+        finally:
+            if admitted:
+                self._slots.release()
