@@ -29,6 +29,7 @@ from ranking.features import FEATURE_NAMES
 from ranking.pipeline import FEATURES
 from ranking.reranker import add_trees
 from ranking.retrieval import ann_search
+from ranking.user_state import item_gram
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,9 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
         wr.add_array("user_order", np.argsort(uid_np, kind="stable").astype(np.int32))
         wr.add_array("item_factors", item_factors)
         wr.add_array("user_factors", user_factors)
+        gram, inv_norms = item_gram(item_factors)
+        wr.add_array("item_gram", gram)
+        wr.add_array("item_inv_norms", inv_norms)
         wr.add_array("user_has_history", has_history)
         wr.add_array("user_segment", seg.user_segment)
         wr.add_array("item_popularity", pop)

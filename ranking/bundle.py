@@ -218,6 +218,10 @@ class Bundle:
             raise BundleError(f"{self.path} has no file {name}")
         return self.path / name
 
+    def has_array(self, name: str) -> bool:
+        """Whether the bundle lists ``<name>.npy`` (arrays later builders added)."""
+        return f"{name}.npy" in self.manifest["files"]
+
     def array(self, name: str, mmap: bool = True) -> np.ndarray:
         """Load ``<name>.npy``; memory-mapped read-only by default so workers share pages."""
         path = self.file(f"{name}.npy")

@@ -14,7 +14,7 @@ from ranking.events import NEGATIVE_EVENT_TYPES, Event
 from ranking.experiments import FULL, Variant
 from ranking.pipeline import rows_match_any
 from ranking.rules import Rule
-from ranking.user_state import Weighting, fold_in
+from ranking.user_state import Weighting, fold_in, item_gram
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,13 @@ class OverlaySettings:
     interest_boost: float = 2.0
 
 
-# Up to this many multiply-adds (items × k²) the Gram matrix is computed on the request that
-# first needs it (tens of ms at most); a larger catalog gets it from a background thread
-# (a million items at k=64 take about a second), and until then its requests are served
+# The builder stores the Gram matrix in the bundle. A bundle without it (made by hand, or
+# by an older builder) gets it computed: up to this many multiply-adds (items × k²) on the
+# request that first needs it (tens of ms at most); a larger catalog in a background
+# thread (a million items at k=64 take seconds), and until then its requests are served
 # without the re-solved vector and skip penalties -- purchases are still excluded.
 SYNC_GRAM_LIMIT = 20_000_000
 MAX_RECENT = 20
-_GRAM_CHUNK = 65_536
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,7 @@ class _ModelCache:
 
     def compute(self, item_factors: np.ndarray, version: str) -> None:
         t0 = time.perf_counter()
-        k = item_factors.shape[1]
-        yty = np.zeros((k, k))
-        # float32 products summed in float64 per chunk: 7× faster than a float64 copy of the
-        # whole matrix, and within 1e-7 of it.
-        for start in range(0, item_factors.shape[0], _GRAM_CHUNK):
-            c = np.asarray(item_factors[start:start + _GRAM_CHUNK], dtype=np.float32)
-            yty += c.T @ c
-        norms = np.linalg.norm(item_factors, axis=1).astype(np.float32)
-        self.inv_norms = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
-        self.yty = yty
+        self.yty, self.inv_norms = item_gram(item_factors)
         self.ready.set()
         log.info("fold-in ready", extra={"version": version, "seconds": round(time.perf_counter() - t0, 3)})
 
@@ -77,6 +68,10 @@ def model_cache(model) -> _ModelCache:
         if c is not None:
             return c
         c = _caches[model] = _ModelCache(model)
+        if model.bundle.has_array("item_gram"):
+            c.yty, c.inv_norms = model.bundle.array("item_gram"), model.bundle.array("item_inv_norms")
+            c.ready.set()
+            return c
         n, k = model.item_factors.shape
         if n * k * k <= SYNC_GRAM_LIMIT:
             c.compute(model.item_factors, model.version)

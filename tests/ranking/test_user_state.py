@@ -107,11 +107,25 @@ def test_overlay_excludes_purchases_and_skips_what_the_bundle_already_has(bundle
     assert not np.allclose(ov.user_vector, prior)
 
 
-def test_large_catalog_gram_is_computed_in_the_background(bundle_path, monkeypatch):
+def test_the_bundle_carries_the_gram_matrix_so_fold_in_is_ready_at_once(bundle_path):
+    import ranking.overlay as overlay
+
+    model = RankingModel(bundle_path)  # a fresh model object: nothing cached for it yet
+    cache = overlay.model_cache(model)
+    assert cache.ready.is_set()
+    y = np.asarray(model.item_factors, dtype=np.float64)
+    np.testing.assert_allclose(cache.yty, y.T @ y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache.inv_norms, 1.0 / np.linalg.norm(y, axis=1), rtol=1e-5)
+
+
+def test_without_a_stored_gram_a_large_catalog_gets_it_in_the_background(bundle_path, monkeypatch):
     import ranking.overlay as overlay
 
     monkeypatch.setattr(overlay, "SYNC_GRAM_LIMIT", 0)
     model = RankingModel(bundle_path)  # a fresh model object: nothing cached for it yet
+    # As a bundle from before the builder stored the Gram matrix.
+    has_array = model.bundle.has_array
+    monkeypatch.setattr(model.bundle, "has_array", lambda name: name != "item_gram" and has_array(name))
     end = model.manifest["data_window"]["end_unix"]
     evs = [Event("u3", "i1", "purchase", end + 10, 9.0), Event("u3", "i3", "click", end + 20)]
     first = build_overlay(model, "u3", evs, end + 30)
