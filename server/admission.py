@@ -30,7 +30,9 @@ class Admission:
         if limit < 0:
             raise ValueError(f"admission limit must be >= 0, got {limit}")
         self.limit = limit
-        self._slots = threading.Semaphore(limit) if limit > 0 else None
+        # One slot is a plain lock: acquired and released in C, where a semaphore's
+        # release (a Python-level condition notify) cost a few per cent of the GIL.
+        self._slots = threading.Lock() if limit == 1 else threading.Semaphore(limit) if limit > 1 else None
 
     @contextmanager
     def slot(self, budget: Budget) -> Iterator[float]:
@@ -44,8 +46,10 @@ class Admission:
             return
         t0 = time.perf_counter()
         remaining_ms = budget.remaining_ms()
-        timeout = None if math.isinf(remaining_ms) else max(remaining_ms, 0.0) / 1000.0
-        admitted = self._slots.acquire(timeout=timeout)
+        if math.isinf(remaining_ms):
+            admitted = self._slots.acquire()
+        else:
+            admitted = self._slots.acquire(timeout=max(remaining_ms, 0.0) / 1000.0)
         try:
             yield time.perf_counter() - t0
         finally:

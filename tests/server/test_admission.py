@@ -1,4 +1,5 @@
 """Admission: at most N Rank pipelines at once per worker, the wait inside the budget."""
+import contextlib
 import threading
 
 import pytest
@@ -8,35 +9,41 @@ from server.admission import Admission
 from server.config import ServerConfig
 
 
-def test_over_the_limit_waits_until_a_slot_is_freed():
-    adm = Admission(1)
-    inside, release, waited = threading.Event(), threading.Event(), []
+@pytest.mark.parametrize("limit", [1, 2])
+def test_over_the_limit_waits_until_a_slot_is_freed(limit):
+    adm = Admission(limit)
+    all_inside, release, waited = threading.Barrier(limit + 1), threading.Event(), []
 
     def holder():
         with adm.slot(Budget.unlimited()):
-            inside.set()
+            all_inside.wait(10)
             release.wait(10)
 
     def second():
         with adm.slot(Budget.unlimited()) as w:
             waited.append(w)
 
-    t1 = threading.Thread(target=holder)
-    t1.start()
-    assert inside.wait(10)
-    t2 = threading.Thread(target=second)
-    t2.start()
-    t2.join(0.2)
-    assert t2.is_alive() and not waited  # blocked while the slot is held
+    holders = [threading.Thread(target=holder) for _ in range(limit)]
+    for t in holders:
+        t.start()
+    all_inside.wait(10)  # every slot is taken
+    late = threading.Thread(target=second)
+    late.start()
+    late.join(0.2)
+    assert late.is_alive() and not waited  # blocked while the slots are held
     release.set()
-    t1.join(10)
-    t2.join(10)
+    for t in holders:
+        t.join(10)
+    late.join(10)
     assert len(waited) == 1 and waited[0] >= 0.2
 
 
-def test_a_wait_never_outlasts_the_budget_and_the_slot_is_not_lost():
-    adm = Admission(1)
-    with adm.slot(Budget.unlimited()):
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_wait_never_outlasts_the_budget_and_the_slot_is_not_lost(limit):
+    adm = Admission(limit)
+    with contextlib.ExitStack() as held:
+        for _ in range(limit):
+            held.enter_context(adm.slot(Budget.unlimited()))
         budget = Budget.start(50)
         with adm.slot(budget) as waited:
             # Ran without a slot once the budget was spent waiting.
