@@ -70,6 +70,9 @@ class RetrievalPlan:
     n_candidates: int
     effort: int
     cut: bool  # True when the plan is smaller than the configured one
+    # False when even the smallest candidate set cannot be scored in time: the features
+    # and scoring stages are skipped and the answer is in retrieval order.
+    score: bool = True
 
 
 class CostModel:
@@ -116,6 +119,7 @@ class CostModel:
         if need <= usable:
             return RetrievalPlan(n_candidates, effort, False)
         n = int(usable / self.per_candidate_ms) if self.per_candidate_ms > 0 else n_candidates
+        affordable = n >= self.min_candidates
         n = max(self.min_candidates, min(n, n_candidates))
         scaled_effort = max(n, int(effort * n / max(n_candidates, 1)))
-        return RetrievalPlan(n, scaled_effort, True)
+        return RetrievalPlan(n, scaled_effort, True, score=affordable)

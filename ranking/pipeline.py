@@ -349,7 +349,7 @@ class Ranker:
             offsets, offset_parts = overlay.offsets(self.model, cands)
         clock.lap("retrieve")
         feats = None
-        if budget is None or not budget.expired():
+        if (budget is None or not budget.expired()) and (plan is None or plan.score):
             if self.tables is not None:
                 feats = self.tables.assemble(Request(int(rung), urow, qvec, seg, session, q.event_time), cands)
             else:

@@ -2,9 +2,10 @@
 
 A worker's in-flight requests share its GIL, so beyond a few at once every request
 runs slower and a budget planned from single-request costs no longer holds. Requests
-over the limit wait for a slot, and the wait counts against their budget: one whose
-budget runs out while waiting is still answered, by the pipeline's cheapest
-degraded path (planned for an expired budget), without taking a slot.
+over the limit wait for a slot, and the wait counts against their budget: one that
+has waited until only its reserve is left (a fifth of its budget, at least
+:data:`MIN_RESERVE_MS`) is answered without a slot by the pipeline's cheapest
+degraded path, which the reserve pays for, so it still answers within its budget.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ranking.budget import Budget
+
+RESERVE_FRACTION = 0.2
+MIN_RESERVE_MS = 1.0
 
 
 class Admission:
@@ -38,8 +42,8 @@ class Admission:
     def slot(self, budget: Budget) -> Iterator[float]:
         """Hold a slot for the body; yields the seconds spent waiting for it.
 
-        The wait never outlasts the budget: after it the body runs anyway, with the
-        budget expired, and holds no slot.
+        The wait stops when only the budget's reserve is left: the body then runs
+        anyway, holding no slot, with too little time for more than the cheapest path.
         """
         if self._slots is None:
             yield 0.0
@@ -49,7 +53,8 @@ class Admission:
         if math.isinf(remaining_ms):
             admitted = self._slots.acquire()
         else:
-            admitted = self._slots.acquire(timeout=max(remaining_ms, 0.0) / 1000.0)
+            reserve_ms = max(MIN_RESERVE_MS, RESERVE_FRACTION * budget.total_ms)
+            admitted = self._slots.acquire(timeout=max(remaining_ms - reserve_ms, 0.0) / 1000.0)
         try:
             yield time.perf_counter() - t0
         finally:

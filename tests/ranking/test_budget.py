@@ -26,6 +26,7 @@ def test_cost_model_plans_fewer_candidates_when_short():
     short = cm.plan(5.0, 200, 128)
     assert short.cut and short.n_candidates == 50 and short.effort == 50
     assert cm.plan(0.1, 200, 128).n_candidates == 10
+    assert short.score and not cm.plan(0.1, 200, 128).score  # not even 10 candidates fit: no scoring
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,14 @@ def test_unbudgeted_request_does_not_degrade(slow_ranker):
     res, ms = timed(slow_ranker, RankQuery(user_id="u1"), Budget.unlimited())
     assert not res.degraded and res.degraded_stages == []
     assert res.n_candidates >= 200 and ms >= 40.0
+
+
+def test_too_little_time_to_score_even_a_few_candidates_skips_the_features(slow_ranker):
+    # 3 ms: the plan's smallest candidate set would need about 20 x 0.2 ms of slow stages.
+    res, ms = timed(slow_ranker, RankQuery(user_id="u1"), Budget.start(3.0))
+    assert res.degraded_stages == ["retrieve", "retrieval_order"]
+    assert "features" not in res.stage_seconds and len(res.item_ids) == 10
+    assert ms < 3.0 + 10.0  # generous slack for a shared machine
 
 
 def test_no_time_left_answers_in_retrieval_order(slow_ranker):

@@ -44,10 +44,10 @@ def test_a_wait_never_outlasts_the_budget_and_the_slot_is_not_lost(limit):
     with contextlib.ExitStack() as held:
         for _ in range(limit):
             held.enter_context(adm.slot(Budget.unlimited()))
-        budget = Budget.start(50)
+        budget = Budget.start(1000)
         with adm.slot(budget) as waited:
-            # Ran without a slot once the budget was spent waiting.
-            assert budget.expired() and waited >= 0.05
+            # Gave up waiting with a fifth of the budget left: the reserve for the cheapest path.
+            assert 0.79 <= waited < 0.95  # generous upper bound: a shared machine
     # Both slots given back properly: the next caller gets in at once.
     with adm.slot(Budget.start(1)) as waited:
         assert waited < 0.5

@@ -100,11 +100,12 @@ def test_a_request_waiting_for_a_busy_worker_spends_its_budget_waiting_and_answe
     assert not holder.done()  # answered while the slot was still taken
     assert resp.degraded and "retrieval_order" in resp.degraded_stages and len(resp.items) == 10
     server_ms = float(dict(call.trailing_metadata())["one2one-server-ms"])
-    assert 200 <= server_ms <= waited_ms and server_ms < 200 + 300  # generous: a shared 2-core machine
+    # It waited until a fifth of its budget was left, then took the cheapest path in that reserve.
+    assert 160 <= server_ms <= waited_ms and server_ms < 200 + 100  # generous: a shared 2-core machine
     full = holder.result()
     assert not full.degraded and len(full.items) == 10
     total, count = _queue_seconds(ready["metrics_port"])
-    assert count >= 2 and total >= 0.2
+    assert count >= 2 and total >= 0.16
 
 
 def test_an_unbudgeted_request_waits_for_the_slot_and_is_served_in_full(one_at_a_time):
