@@ -289,7 +289,8 @@ class FeatureTables:
             if np.isnan(v).all():
                 X[:, c[rank_name]] = np.nan
                 continue
-            order = np.lexsort((np.arange(n), -np.nan_to_num(v, nan=-np.inf)))
+            # Stable: ties keep candidate order; NaN (unknown) ranks last.
+            order = np.argsort(-np.nan_to_num(v, nan=-np.inf), kind="stable")
             r = np.empty(n, np.float32)
             r[order] = np.arange(n, dtype=np.float32) / n
             X[:, c[rank_name]] = r
