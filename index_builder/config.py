@@ -65,6 +65,7 @@ class BuildConfig:
     rerank: bool = True
     rerank_split: str = "both"
     rerank_holdout: int = 10
+    rerank_temporal_share: float = 0.5
     rerank_cutoff_quantile: float = 0.8
     rerank_session_share: float = 0.4
     rerank_cold_share: float = 0.15
@@ -125,6 +126,8 @@ class BuildConfig:
             raise ValueError(f"rerank_cutoff_quantile must be in (0, 1), got {self.rerank_cutoff_quantile}")
         if not 0.0 <= self.rerank_session_share <= 1.0 or not 0.0 < self.rerank_valid_share < 1.0:
             raise ValueError("rerank_session_share must be in [0, 1] and rerank_valid_share in (0, 1)")
+        if not 0.0 < self.rerank_temporal_share < 1.0:
+            raise ValueError(f"rerank_temporal_share must be in (0, 1), got {self.rerank_temporal_share}")
         if self.rerank_split not in ("temporal", "last_n", "both"):
             raise ValueError(f"rerank_split must be 'temporal', 'last_n' or 'both', got {self.rerank_split!r}")
         if self.rerank_trees < 1 or self.rerank_leaves < 2:

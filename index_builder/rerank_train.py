@@ -46,6 +46,8 @@ class TrainingRows:
     y: np.ndarray
     groups: np.ndarray
     users: list[str]
+    # Weight of each query (None: all equal); lambdarank scales a query's gradients by it.
+    group_weights: np.ndarray | None = None
 
 
 def ndcg_at(scores_by_group: list[np.ndarray], labels_by_group: list[np.ndarray], k: int) -> float:
@@ -173,7 +175,8 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
             "deterministic": True, "num_threads": 1,
         }
         tr, va = row_fold != f, row_fold == f
-        dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f],
+        weight = None if rows.group_weights is None else np.repeat(rows.group_weights, rows.groups)[tr]
+        dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f], weight=weight,
                              feature_name=list(FEATURE_NAMES), free_raw_data=False)
         dvalid = lgb.Dataset(rows.X[va], rows.y[va], group=rows.groups[fold == f], reference=dtrain)
         booster = lgb.train(params, dtrain, num_boost_round=cfg.rerank_trees, valid_sets=[dvalid],
@@ -200,6 +203,23 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
         "feature_importance_gain": {n: round(float(v), 2) for n, v in zip(FEATURE_NAMES, gain)},
     }
     return boosters, figures
+
+
+def split_weights(n_groups: list[int], protocols: tuple[str, ...], cfg: BuildConfig) -> np.ndarray | None:
+    """Per-query weights giving the temporal split ``rerank_temporal_share`` of the training weight.
+
+    The last-N split has a query for nearly every user, the temporal one only for users
+    active after the cutoff, so unweighted the realistic protocol (rank what happens
+    after the data ends, as a server does) would be a small minority of what is learned.
+    Weights average 1, so LightGBM's other settings keep their meaning.
+    """
+    if len(n_groups) < 2 or "temporal" not in protocols or min(n_groups) == 0:
+        return None
+    share = {p: (cfg.rerank_temporal_share if p == "temporal" else 1.0 - cfg.rerank_temporal_share)
+             for p in protocols}
+    total = sum(n_groups)
+    w = np.concatenate([np.full(n, share[p] * total / n) for n, p in zip(n_groups, protocols)])
+    return (w / w.mean()).astype(np.float64)
 
 
 def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: BuildConfig) -> RerankOutcome:
@@ -256,6 +276,7 @@ def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: Build
         np.concatenate([p.y for p in parts]) if parts else np.zeros(0, np.float32),
         np.concatenate([p.groups for p in parts]) if parts else np.zeros(0, np.int64),
         [u for p in parts for u in p.users])
+    rows.group_weights = split_weights([len(p.groups) for p in parts], splits[:len(parts)], cfg)
     section["groups"] = int(len(rows.groups))
     if len(rows.groups) < cfg.rerank_min_groups:
         why = "; ".join(reasons) or (f"only {len(rows.groups)} later-window users have a positive among their "
