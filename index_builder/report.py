@@ -102,6 +102,10 @@ def _profile_md(prof: dict) -> list[str]:
         lines += [f"**{section.replace('_', ' ')}**: " + ", ".join(
             f"{k.replace('_', ' ')} {v}" for k, v in prof[section].items()), ""]
     lines += ["A visit is one user's events on one UTC day.", ""]
+    ctx = {k: v for k, v in prof.get("context", {}).items() if v["share_of_events_with_value"] > 0}
+    lines += ["**context**: " + (", ".join(
+        f"{k} on {v['share_of_events_with_value']:.0%} of events ({v['distinct_values']} values)" for k, v in ctx.items())
+        if ctx else "the events carry no channel, device or region (their features are unknown)"), ""]
     return lines
 
 
