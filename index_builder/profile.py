@@ -119,6 +119,13 @@ def _context_profile(events: pa.Table) -> dict:
             continue
         column = events[name]
         n_known = len(column) - column.null_count
+        distinct = 0
+        if n_known:
+            if pa.types.is_dictionary(column.type):  # count the codes in use, without decoding every event
+                codes = column.unify_dictionaries().combine_chunks().indices
+                distinct = len(pc.unique(pc.drop_null(codes)))
+            else:
+                distinct = int(pc.count_distinct(column).as_py())
         out[name] = {"share_of_events_with_value": round(n_known / max(len(column), 1), 3),
-                     "distinct_values": int(pc.count_distinct(column).as_py()) if n_known else 0}
+                     "distinct_values": distinct}
     return out
