@@ -274,6 +274,7 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     result = {"protocol": protocol, "n_train_events": train.num_rows, "n_test_events": test.num_rows,
               "n_test_users": len(test_users), "rungs": rungs, "groups": {}, "group_sizes": {},
               "served_rungs": {r: served_rungs.count(r) for r in sorted(set(served_rungs))},
+              "requests_with_context": {f: sum(1 for v in values if v) for f, values in context.items()},
               "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
               "scoring_model": model.manifest["scoring"]["model"]}
     if B is None:

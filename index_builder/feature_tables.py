@@ -59,6 +59,8 @@ def context_codes(column: pa.ChunkedArray | pa.Array, positive: np.ndarray,
     has_other : bool
         Whether the vocabulary was capped (and code ``len(values)`` exists).
     """
+    if column.null_count == len(column):  # no context in this shop: nothing to decode
+        return np.full(len(column), -1, np.int16), np.zeros(0, str), False
     if isinstance(column, pa.ChunkedArray):
         column = column.unify_dictionaries().combine_chunks() if column.num_chunks else pa.array([], pa.string())
     if not pa.types.is_dictionary(column.type):

@@ -188,7 +188,7 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
             checks.append(check)
         else:
             # Every events table has the same schema, so sources with and without context concatenate.
-            context.append(pa.nulls(raw.table.num_rows, CONTEXT_TYPE))
+            context.append(_unknown_context(raw.table.num_rows))
     keep, report = _settle(raw, checks, options, "events")
     table = pa.Table.from_arrays(
         [user_ids, item_ids, event_types, pa.array(seconds, pa.int64()), values, *context],
@@ -656,12 +656,35 @@ def _ids(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
 
 
 def _context(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
-    """A context column: trimmed, blank as null, dictionary-encoded; too long a value is a bad row."""
-    text = pc.utf8_trim_whitespace(_text(raw, name))
-    text = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
-    too_long = _np_bool(pc.greater(pc.utf8_length(text), MAX_CONTEXT_CHARS))
+    """A context column: trimmed, blank as null, dictionary-encoded; too long a value is a bad row.
+
+    The column is encoded first and the few distinct values cleaned after, so no event's text
+    is copied: a log of millions of events holds a handful of channels.
+    """
+    encoded = pc.dictionary_encode(_text(raw, name))
+    encoded = (encoded.unify_dictionaries().combine_chunks() if encoded.num_chunks
+               else pa.array([], pa.string()).dictionary_encode())
+    values = pc.utf8_trim_whitespace(encoded.dictionary)
+    cleaned = pc.dictionary_encode(values)  # " app" and "app" become one value
+    remap = cleaned.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+    remap[_np_bool(pc.equal(values, ""))] = -1
+    too_long_value = _np_bool(pc.greater(pc.utf8_length(values), MAX_CONTEXT_CHARS))
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)
+    # The extra last slot takes code -1 (a null cell).
+    new_codes = np.append(remap, np.int32(-1))[codes]
+    too_long = np.append(too_long_value, False)[codes]
+    column = pa.DictionaryArray.from_arrays(pa.array(new_codes, pa.int32(), mask=new_codes < 0),
+                                            cleaned.dictionary)
     check = _quoting_check(raw, f"bad {name}", name, too_long, f"must be at most {MAX_CONTEXT_CHARS} characters")
-    return pc.dictionary_encode(text), check
+    return pa.chunked_array([column], CONTEXT_TYPE), check
+
+
+def _unknown_context(n: int, chunk: int = 1 << 16) -> pa.ChunkedArray:
+    """``n`` nulls of the context type whose chunks share one buffer: a file without the column
+    costs a few hundred kilobytes instead of four bytes per event."""
+    block = pa.nulls(min(n, chunk), CONTEXT_TYPE)
+    full, rest = divmod(n, chunk) if n > chunk else (0, n)
+    return pa.chunked_array([block] * full + ([block.slice(0, rest)] if rest else []), CONTEXT_TYPE)
 
 
 def _attribute(raw: _Raw, name: str) -> pa.ChunkedArray:

@@ -30,7 +30,9 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
     lines += [f"{p['n_train_events']} training events, {p['n_test_users']} test users "
               f"({', '.join(f'{g}: {n}' for g, n in p['group_sizes'].items())}). "
               f"The full pipeline served them from rungs {p['served_rungs']} with a "
-              f"`{p['scoring_model']}` scoring model.", ""]
+              f"`{p['scoring_model']}` scoring model"
+              + "".join(f"; {n} requests carried a {f}" for f, n in p.get("requests_with_context", {}).items() if n)
+              + ".", ""]
     if "ease_skipped" in p:
         lines += [f"EASE not run: {p['ease_skipped']}.", ""]
     for g in ("all", "warm"):

@@ -251,3 +251,24 @@ def test_bundles_from_before_the_context_tables_ask_for_a_rebuild(blind_model, t
         Ranker(model)
     with pytest.raises(BundleError, match=r"no feature tables.*rebuild"):
         Ranker(model, reranker_features=True)
+
+
+def test_evaluation_asks_in_the_context_of_the_first_test_event(context_shop, tmp_path):
+    from index_builder.evaluate import EvalConfig, run_protocol
+    from index_builder.feature_tables import context_of
+
+    files = write_shop(context_shop, tmp_path / "shop", "csv")
+    events, _ = read_events(files["events"])
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work-blind").mkdir()
+    ecfg = EvalConfig(build=BuildConfig.load(overrides={**SMALL_BUILD, "rerank": False, "ladder_report": False}),
+                      max_users=40)
+    result = run_protocol("temporal", events, files["items"], files["users"], ecfg, tmp_path / "work")
+    n = result["n_test_users"]
+    assert n == 40
+    assert result["requests_with_context"] == {"channel": n, "device": n, "region": n}
+    blind = events.drop_columns(["device"]).append_column("device", pa.nulls(events.num_rows, events["device"].type))
+    result = run_protocol("temporal", blind, files["items"], files["users"], ecfg, tmp_path / "work-blind")
+    assert result["requests_with_context"]["device"] == 0 and result["requests_with_context"]["channel"] == n
+    assert context_of(events, [1, 0]) == {f: [events[f][1].as_py(), events[f][0].as_py()]
+                                          for f in ("channel", "device", "region")}
