@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from index_builder import io as bio
 from index_builder.config import BuildConfig
-from index_builder.feature_tables import feature_tables
+from index_builder.feature_tables import context_codes, context_tables, feature_tables
 from index_builder.profile import data_profile
 from index_builder.tables import (
     choose_scheme, consumed_csr, distinct_user_counts, item_categories, item_prices, log_scaled,
@@ -25,7 +25,7 @@ from index_builder.tables import (
 )
 from index_builder.train import DAY, confidence_matrix, event_weights, train_als
 from ranking.bundle import BundleWriter
-from ranking.features import FEATURE_NAMES
+from ranking.features import CONTEXT_FIELDS, FEATURE_NAMES
 from ranking.pipeline import FEATURES
 from ranking.reranker import add_trees
 from ranking.retrieval import ann_search
@@ -132,6 +132,14 @@ def _ladder_section(events: Path, items: Path, users: Path | None, cfg: BuildCon
     return ladder_summary(run_all(events, items, users, EvalConfig(build=inner)))
 
 
+def _context_codes(ev: pa.Table, positive: np.ndarray, cfg: BuildConfig) -> dict[str, tuple]:
+    """Each context field's per-event codes and vocabulary; none at all with ``context_features = false``."""
+    if not cfg.context_features:
+        none = (np.full(ev.num_rows, -1, np.int16), np.zeros(0, str), False)
+        return {f: none for f in CONTEXT_FIELDS}
+    return {f: context_codes(ev[f], positive, cfg.context_vocabulary) for f in CONTEXT_FIELDS}
+
+
 def _iso(ts: int) -> str:
     return _dt.datetime.fromtimestamp(int(ts), _dt.timezone.utc).isoformat()
 
@@ -219,6 +227,7 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
 
     ftables = feature_tables(u, i, ts, positive, cmask, n_users, n_items, cat_indptr, cat_ids, len(cat_names),
                              item_prices(inp.items), recent_pop, cfg)
+    ftables.update(context_tables(u, i, positive, _context_codes(ev, positive, cfg), n_users, n_items))
     scoring_section = _scoring_section(ev, items, users, cfg)
 
     index = build_index(item_factors, cfg)

@@ -62,6 +62,10 @@ class BuildConfig:
     covis_shrink: float = 10.0
     ease_max_items: int = 5000
     ease_lambda: float = 300.0
+    # Events' channel/device/region: values kept per field (the most frequent; the rest are "other"),
+    # and a switch that builds no context tables (their features are then NaN), to measure what they add.
+    context_vocabulary: int = 16
+    context_features: bool = True
     rerank: bool = True
     rerank_split: str = "both"
     rerank_holdout: int = 10
@@ -132,6 +136,8 @@ class BuildConfig:
             raise ValueError(f"rerank_split must be 'temporal', 'last_n' or 'both', got {self.rerank_split!r}")
         if self.rerank_trees < 1 or self.rerank_leaves < 2:
             raise ValueError("rerank_trees must be >= 1 and rerank_leaves >= 2")
+        if not 1 <= self.context_vocabulary <= 255:
+            raise ValueError(f"context_vocabulary must be in [1, 255], got {self.context_vocabulary}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 

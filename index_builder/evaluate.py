@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 from index_builder import baselines as bl
 from index_builder.config import BuildConfig
+from index_builder.feature_tables import context_of
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     qt = te_pos["timestamp"].to_numpy()
     truth: dict[str, set] = {}
     first_time: dict[str, int] = {}
-    for uid, it, t in zip(qu, qi, qt):
+    first_row: dict[str, int] = {}
+    for j, (uid, it, t) in enumerate(zip(qu, qi, qt)):
         if it < 0:
             continue
         r = model.users.row(uid)
@@ -213,6 +215,7 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
             continue
         truth.setdefault(uid, set()).add(int(it))
         first_time.setdefault(uid, int(t))
+        first_row.setdefault(uid, j)
     test_users = sorted(truth)
     if ecfg.max_users and len(test_users) > ecfg.max_users:
         rng = np.random.default_rng(ecfg.seed)
@@ -245,10 +248,13 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
         if B is not None:
             lists["EASE"] += _topk(np.asarray(h @ B) + 1e-9 * pop, seen, rr, kmax)
 
-    # The full pipeline, through the serving code path.
+    # The full pipeline, through the serving code path, asked at the time and in the context
+    # (channel, device, region) of the user's first test event, as a live request would be.
     served_rungs = []
-    for uid in test_users:
-        res = ranker.rank(RankQuery(user_id=uid, num_results=kmax, event_time=float(first_time[uid])))
+    context = context_of(te_pos, [first_row[u] for u in test_users])
+    for j, uid in enumerate(test_users):
+        res = ranker.rank(RankQuery(user_id=uid, num_results=kmax, event_time=float(first_time[uid]),
+                                    **{f: values[j] for f, values in context.items()}))
         lists["ONE2ONE"].append(model.items.lookup(res.item_ids).astype(np.int64))
         served_rungs.append(res.rung.name)
     rungs = [r for r in RUNGS if len(lists[r]) == len(test_users)]
@@ -268,6 +274,7 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     result = {"protocol": protocol, "n_train_events": train.num_rows, "n_test_events": test.num_rows,
               "n_test_users": len(test_users), "rungs": rungs, "groups": {}, "group_sizes": {},
               "served_rungs": {r: served_rungs.count(r) for r in sorted(set(served_rungs))},
+              "requests_with_context": {f: sum(1 for v in values if v) for f, values in context.items()},
               "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
               "scoring_model": model.manifest["scoring"]["model"]}
     if B is None:

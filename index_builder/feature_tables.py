@@ -2,16 +2,19 @@
 
 Item event times for windowed popularity, first-seen dates, hour/weekday lifts,
 per-user activity, category shares, price level, recent items, touched items,
-and the item-to-item (co-visitation cosine) neighbour lists.
+the item-to-item (co-visitation cosine) neighbour lists, and per context field
+(channel, device, region) a small vocabulary with item lifts and user shares.
 """
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from index_builder.config import BuildConfig
 from index_builder.tables import top_rows
-from ranking.features import DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT, WINDOW_DAYS, window_counts_at
+from ranking.features import CONTEXT_FIELDS, DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT, WINDOW_DAYS, window_counts_at
 
 
 def _hour_block(ts: np.ndarray) -> np.ndarray:
@@ -30,6 +33,107 @@ def _lift(rows: np.ndarray, bucket: np.ndarray, n_rows: int, n_buckets: int) -> 
     # A prior of n_buckets events spread like everyone's keeps rare items near 1.
     share = (counts + n_buckets * overall) / (counts.sum(axis=1, keepdims=True) + n_buckets)
     return (share / overall).astype(np.float32)
+
+
+def context_codes(column: pa.ChunkedArray | pa.Array, positive: np.ndarray,
+                  cap: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A context column's vocabulary and every event's code in it.
+
+    Parameters
+    ----------
+    column : pyarrow array
+        One context value per event (dictionary-encoded, as ``index_builder.io.read_events``
+        returns it), null where unknown.
+    positive : np.ndarray of bool
+        The events the vocabulary is counted on (those that show interest).
+    cap : int
+        The most values kept; the rest share one "other" code.
+
+    Returns
+    -------
+    codes : np.ndarray of int16
+        Per event: the value's column (0 .. len(values) - 1), ``len(values)`` for "other",
+        -1 for unknown (no value, or one seen only on events that are not positive).
+    values : np.ndarray of str
+        The vocabulary, most frequent first (ties by name).
+    has_other : bool
+        Whether the vocabulary was capped (and code ``len(values)`` exists).
+    """
+    if column.null_count == len(column):  # no context in this shop: nothing to decode
+        return np.full(len(column), -1, np.int16), np.zeros(0, str), False
+    if isinstance(column, pa.ChunkedArray):
+        column = column.unify_dictionaries().combine_chunks() if column.num_chunks else pa.array([], pa.string())
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column.cast(pa.string()))
+    idx = pc.fill_null(column.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    names = np.asarray(column.dictionary.to_pylist(), dtype=str) if len(column.dictionary) else np.zeros(0, str)
+    counts = np.bincount(idx[positive & (idx >= 0)], minlength=len(names))
+    seen = np.flatnonzero(counts > 0)
+    ranked = seen[np.lexsort((names[seen], -counts[seen]))]
+    keep = ranked[:cap]
+    has_other = len(ranked) > cap
+    mapping = np.full(len(names) + 1, -1, np.int16)  # the extra last slot maps the null index -1
+    if has_other:
+        mapping[:len(names)] = len(keep)
+    mapping[keep] = np.arange(len(keep), dtype=np.int16)
+    return mapping[idx], names[keep], has_other
+
+
+def context_of(events: pa.Table, rows: list[int]) -> dict[str, list[str]]:
+    """The context fields of some events as request fields ("" where unknown), e.g. a query's first event.
+
+    Only the given rows become Python strings.
+    """
+    take = pa.array(rows, pa.int64())
+    return {f: [v or "" for v in pc.take(events[f], take).to_pylist()]
+            for f in CONTEXT_FIELDS if f in events.column_names}
+
+
+def context_tables(u: np.ndarray, i: np.ndarray, positive: np.ndarray, codes: dict[str, tuple],
+                   n_users: int, n_items: int) -> dict[str, np.ndarray]:
+    """Per context field: its vocabulary, each item's lift and each user's share per value.
+
+    Parameters
+    ----------
+    u, i : np.ndarray
+        Per event: user row, item row.
+    positive : np.ndarray of bool
+        The events counted.
+    codes : dict
+        Field name to ``context_codes``'s (codes, values, has_other).
+
+    Returns
+    -------
+    dict
+        ``context_<f>_values`` (str), ``item_<f>_lift`` (n_items × columns, float16, smoothed
+        as the hour lifts: 1 = no preference) and ``user_<f>_share`` (n_users × columns,
+        float16, NaN for a user without a positive event of known value). Columns are the
+        values, then "other" when the vocabulary was capped. float16 keeps a million items
+        and users at 2 bytes per column.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, (code, values, has_other) in codes.items():
+        n_cols = len(values) + int(has_other)
+        sel = positive & (code >= 0)
+        out[f"context_{name}_values"] = values
+        if n_cols == 0:
+            out[f"item_{name}_lift"] = np.zeros((n_items, 0), np.float16)
+            out[f"user_{name}_share"] = np.zeros((n_users, 0), np.float16)
+            continue
+        c = code[sel].astype(np.int64)
+        counts = np.bincount(i[sel].astype(np.int64) * n_cols + c, minlength=n_items * n_cols)
+        counts = counts.reshape(n_items, n_cols).astype(np.float32)
+        # The same smoothing as _lift: a prior of n_cols events spread like everyone's.
+        overall = (counts.sum(axis=0) + 1.0) / (counts.sum() + n_cols)
+        share = (counts + n_cols * overall) / (counts.sum(axis=1, keepdims=True) + n_cols)
+        out[f"item_{name}_lift"] = (share / overall).astype(np.float16)
+        del counts, share
+        ucounts = np.bincount(u[sel].astype(np.int64) * n_cols + c, minlength=n_users * n_cols)
+        ucounts = ucounts.reshape(n_users, n_cols).astype(np.float32)
+        total = ucounts.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"user_{name}_share"] = np.where(total > 0, ucounts / total, np.nan).astype(np.float16)
+    return out
 
 
 def lifecycle_stage(n_events: np.ndarray, tenure_days: np.ndarray, cfg: BuildConfig) -> np.ndarray:

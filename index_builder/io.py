@@ -14,7 +14,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-__all__ = ["InputError", "ReadOptions", "SkipReport", "read_events", "read_items", "read_users"]
+__all__ = ["CONTEXT_COLUMNS", "InputError", "ReadOptions", "SkipReport", "read_events", "read_items",
+           "read_users"]
+
+# Optional per-event context; a missing column or a blank cell means "not known".
+CONTEXT_COLUMNS = ("channel", "device", "region")
+# The length RecordEvents accepts for the same fields (ranking.events.EventLimits.max_text_chars),
+# so a history export and the server's own log agree on what a context value can be.
+MAX_CONTEXT_CHARS = 64
+CONTEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
 
 _MAX_EXAMPLES = 5
 # Years 1..9999: anything outside is almost surely milliseconds or garbage, not seconds.
@@ -132,8 +140,9 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     ----------
     path : str or os.PathLike
         A .csv, .csv.gz, .parquet or .pq file with columns user_id, item_id,
-        event_type, timestamp and optionally value; or a server's event log
-        directory (its "event" records; rows are numbered by event record).
+        event_type, timestamp and optionally value, channel, device and region;
+        or a server's event log directory (its "event" records, whose context
+        fields fill channel, device and region; rows are numbered by event record).
     options : ReadOptions, optional
         Defaults to ``ReadOptions()``.
 
@@ -142,7 +151,9 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     table : pyarrow.Table
         Columns user_id, item_id (string, surrounding whitespace removed),
         event_type (string, stripped and lowercased), timestamp (int64 unix
-        seconds) and value (float64, null where absent).
+        seconds), value (float64, null where absent), then channel, device and
+        region (dictionary-encoded strings, surrounding whitespace removed; null
+        where the column is missing or the cell blank).
     report : SkipReport
         The rows dropped.
 
@@ -169,12 +180,22 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
             _quoting_check(raw, "bad value", "value", value_bad, "must be a finite number"))
     else:
         values = pa.nulls(raw.table.num_rows, pa.float64())
+    context = []
+    for name in CONTEXT_COLUMNS:
+        if name in raw.table.column_names:
+            column, check = _context(raw, name)
+            context.append(column)
+            checks.append(check)
+        else:
+            # Every events table has the same schema, so sources with and without context concatenate.
+            context.append(_unknown_context(raw.table.num_rows))
     keep, report = _settle(raw, checks, options, "events")
     table = pa.Table.from_arrays(
-        [user_ids, item_ids, event_types, pa.array(seconds, pa.int64()), values],
+        [user_ids, item_ids, event_types, pa.array(seconds, pa.int64()), values, *context],
         schema=pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                           ("event_type", pa.string()), ("timestamp", pa.int64()),
-                          ("value", pa.float64())]))
+                          ("value", pa.float64()),
+                          *((name, CONTEXT_TYPE) for name in CONTEXT_COLUMNS)]))
     return _keep(table, keep), report
 
 
@@ -327,13 +348,16 @@ def _read_eventlog(path) -> _Raw:
     if not log_dirs(path):
         raise InputError(path, "is a directory but holds no event log (segments <number>.log, or writer "
                                "directories w<k>/ holding them)")
-    cols: dict[str, list] = {"user_id": [], "item_id": [], "event_type": [], "timestamp": [], "value": []}
+    cols: dict[str, list] = {"user_id": [], "item_id": [], "event_type": [], "timestamp": [], "value": [],
+                             **{name: [] for name in CONTEXT_COLUMNS}}
     try:
         for _, rec in read_all(path):
             if rec.get("kind") != "event":
                 continue
             for name in ("user_id", "item_id", "event_type", "timestamp"):
                 cols[name].append(rec.get(name))
+            for name in CONTEXT_COLUMNS:  # left out of the record when the event had none
+                cols[name].append(rec.get(name) or None)
             # The API's value defaults to 0, meaning "not given": read it as absent, as a blank CSV cell.
             value = rec.get("value")
             cols["value"].append(float(value) if value else None)
@@ -345,6 +369,8 @@ def _read_eventlog(path) -> _Raw:
         "user_id": pa.array(cols["user_id"], pa.string()), "item_id": pa.array(cols["item_id"], pa.string()),
         "event_type": pa.array(cols["event_type"], pa.string()),
         "timestamp": pa.array(cols["timestamp"], pa.float64()), "value": pa.array(cols["value"], pa.float64()),
+        # Few distinct values, repeated per event: dictionary-encoded from the start.
+        **{name: pa.array(cols[name], pa.string()).dictionary_encode() for name in CONTEXT_COLUMNS},
     })
     return _Raw(str(path), table, lambda positions: [int(p) + 1 for p in positions], [],
                 lambda: [], np.zeros(table.num_rows, bool))
@@ -627,6 +653,38 @@ def _ids(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
     ids = pc.utf8_trim_whitespace(_text(raw, name))
     empty = _np_bool(pc.fill_null(pc.equal(ids, ""), True))
     return ids, _Check(f"empty {name}", name, empty, lambda i: f"{name} is empty")
+
+
+def _context(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
+    """A context column: trimmed, blank as null, dictionary-encoded; too long a value is a bad row.
+
+    The column is encoded first and the few distinct values cleaned after, so no event's text
+    is copied: a log of millions of events holds a handful of channels.
+    """
+    encoded = pc.dictionary_encode(_text(raw, name))
+    encoded = (encoded.unify_dictionaries().combine_chunks() if encoded.num_chunks
+               else pa.array([], pa.string()).dictionary_encode())
+    values = pc.utf8_trim_whitespace(encoded.dictionary)
+    cleaned = pc.dictionary_encode(values)  # " app" and "app" become one value
+    remap = cleaned.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+    remap[_np_bool(pc.equal(values, ""))] = -1
+    too_long_value = _np_bool(pc.greater(pc.utf8_length(values), MAX_CONTEXT_CHARS))
+    codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)
+    # The extra last slot takes code -1 (a null cell).
+    new_codes = np.append(remap, np.int32(-1))[codes]
+    too_long = np.append(too_long_value, False)[codes]
+    column = pa.DictionaryArray.from_arrays(pa.array(new_codes, pa.int32(), mask=new_codes < 0),
+                                            cleaned.dictionary)
+    check = _quoting_check(raw, f"bad {name}", name, too_long, f"must be at most {MAX_CONTEXT_CHARS} characters")
+    return pa.chunked_array([column], CONTEXT_TYPE), check
+
+
+def _unknown_context(n: int, chunk: int = 1 << 16) -> pa.ChunkedArray:
+    """``n`` nulls of the context type whose chunks share one buffer: a file without the column
+    costs a few hundred kilobytes instead of four bytes per event."""
+    block = pa.nulls(min(n, chunk), CONTEXT_TYPE)
+    full, rest = divmod(n, chunk) if n > chunk else (0, n)
+    return pa.chunked_array([block] * full + ([block.slice(0, rest)] if rest else []), CONTEXT_TYPE)
 
 
 def _attribute(raw: _Raw, name: str) -> pa.ChunkedArray:

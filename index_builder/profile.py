@@ -85,6 +85,7 @@ def data_profile(events: pa.Table, items: pa.Table, cfg: BuildConfig) -> dict:
         variety["distinct_categories_per_user_median"] = _q(ncat, 0.5)
         variety["categories_in_catalog"] = int(len({c for v in cats.values() if v for c in v}))
     return {
+        "context": _context_profile(events),
         "events": int(events.num_rows), "users": n_users, "items_in_catalog": int(n_catalog),
         "items_with_events": int(n_active_items), "days": round(span_days, 1),
         "density": round(len(pairs) / max(n_users * max(n_catalog, 1), 1), 5),
@@ -108,3 +109,23 @@ def data_profile(events: pa.Table, items: pa.Table, cfg: BuildConfig) -> dict:
             "gini": round(gini, 3) if gini is not None else None,
         },
     }
+
+
+def _context_profile(events: pa.Table) -> dict:
+    """Per context column (channel, device, region): the share of events with a value and how many values."""
+    out = {}
+    for name in ("channel", "device", "region"):
+        if name not in events.column_names:
+            continue
+        column = events[name]
+        n_known = len(column) - column.null_count
+        distinct = 0
+        if n_known:
+            if pa.types.is_dictionary(column.type):  # count the codes in use, without decoding every event
+                codes = column.unify_dictionaries().combine_chunks().indices
+                distinct = len(pc.unique(pc.drop_null(codes)))
+            else:
+                distinct = int(pc.count_distinct(column).as_py())
+        out[name] = {"share_of_events_with_value": round(n_known / max(len(column), 1), 3),
+                     "distinct_values": distinct}
+    return out

@@ -30,7 +30,9 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
     lines += [f"{p['n_train_events']} training events, {p['n_test_users']} test users "
               f"({', '.join(f'{g}: {n}' for g, n in p['group_sizes'].items())}). "
               f"The full pipeline served them from rungs {p['served_rungs']} with a "
-              f"`{p['scoring_model']}` scoring model.", ""]
+              f"`{p['scoring_model']}` scoring model"
+              + "".join(f"; {n} requests carried a {f}" for f, n in p.get("requests_with_context", {}).items() if n)
+              + ".", ""]
     if "ease_skipped" in p:
         lines += [f"EASE not run: {p['ease_skipped']}.", ""]
     for g in ("all", "warm"):
@@ -102,6 +104,10 @@ def _profile_md(prof: dict) -> list[str]:
         lines += [f"**{section.replace('_', ' ')}**: " + ", ".join(
             f"{k.replace('_', ' ')} {v}" for k, v in prof[section].items()), ""]
     lines += ["A visit is one user's events on one UTC day.", ""]
+    ctx = {k: v for k, v in prof.get("context", {}).items() if v["share_of_events_with_value"] > 0}
+    lines += ["**context**: " + (", ".join(
+        f"{k} on {v['share_of_events_with_value']:.0%} of events ({v['distinct_values']} values)" for k, v in ctx.items())
+        if ctx else "the events carry no channel, device or region (their features are unknown)"), ""]
     return lines
 
 

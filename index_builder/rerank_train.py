@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig
+from index_builder.feature_tables import context_of
 from ranking.features import FEATURE_NAMES
 from ranking.scoring import TreeArrays
 
@@ -100,8 +101,10 @@ def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[
         # as a million would, at a fraction of the build time.
         pick = np.sort(rng.choice(len(starts), cfg.rerank_max_queries, replace=False))
         starts, ends = starts[pick], ends[pick]
+    # Each query is asked in the context (channel, device, region) of the user's first later event.
+    context = context_of(later, [int(s) for s in starts])
     Xs, ys, groups, who = [], [], [], []
-    for lo, hi in zip(starts, ends):
+    for n_query, (lo, hi) in enumerate(zip(starts, ends)):
         seq = items[lo:hi][keep[lo:hi]]
         seq = seq[seq >= 0]
         if len(seq) == 0:
@@ -119,7 +122,8 @@ def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[
         elif draw < cfg.rerank_session_share + cfg.rerank_cold_share:
             uid, attrs = "", dict((attributes or {}).get(uid, {}))
         q = RankQuery(user_id=uid, event_time=float(times[lo]), attributes=attrs,
-                      session_item_ids=list(m.items.id_of(session)))
+                      session_item_ids=list(m.items.id_of(session)),
+                      **{f: values[n_query] for f, values in context.items()})
         prep = ranker.prepare(q)
         ok = ~prep.mask
         rows = prep.rows[ok]

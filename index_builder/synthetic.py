@@ -4,6 +4,18 @@ Each user has one favourite category and draws most interactions from it; item
 popularity within a category is power-law; a user's ``region`` attribute predicts the
 favourite category, so segments carry signal too. Everything is vectorised, so a
 catalog of a million items and users is generated in seconds.
+
+With ``context > 0`` the events also carry ``channel``, ``device`` and ``region`` with
+planted effects (off by default, so the standard shop stays as it was):
+
+- device: each visit (a user's events on one day) happens on "mobile" or "desktop", and
+  users mostly keep their device from one visit to the next. Categories of even index are
+  desktop categories, odd ones mobile; every user has a favourite of each kind, and a
+  ``context`` share of their in-focus events go to the favourite of the visit's device
+  instead of the overall favourite. What a user wants depends on the device they are on.
+- channel: visits come by "web", "app" or "email"; on email visits a ``context`` share
+  of the events go to the few items of the newsletter.
+- region: the user's region attribute, on 95% of events (their taste follows it).
 """
 from __future__ import annotations
 
@@ -27,11 +39,19 @@ class SyntheticShop:
     users: pa.Table
     favourite: np.ndarray  # favourite category index per user
     item_category: np.ndarray  # category index per item
+    device_favourite: np.ndarray | None = None  # (n_users, 2): favourite category on DEVICES[d]
+    newsletter_items: np.ndarray | None = None  # item indices the email channel promotes
+
+
+DEVICES = np.array(["desktop", "mobile"])  # desktop categories have even index, mobile odd
+CHANNELS = np.array(["web", "app", "email"])
+CHANNEL_PROBS = np.array([0.5, 0.35, 0.15])
+DEVICE_SWITCH = 0.1  # chance that a visit's device differs from the user's previous visit
 
 
 def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, events_per_user: int = 30,
               focus: float = 0.9, zipf: float = 1.1, days: int = 60, seed: int = 0,
-              start_unix: int = 1_700_000_000) -> SyntheticShop:
+              start_unix: int = 1_700_000_000, context: float = 0.0) -> SyntheticShop:
     """Generate a shop.
 
     Parameters
@@ -40,6 +60,9 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
         Share of a user's events inside their favourite category.
     zipf : float
         Exponent of the power law of item popularity within a category.
+    context : float
+        Strength of the planted channel/device effects (module docstring); 0 leaves the
+        events without context columns, exactly as before.
     """
     rng = np.random.default_rng(seed)
     item_cat = np.arange(n_items) % n_categories
@@ -69,12 +92,17 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
     regions = np.array([f"R{c}" for c in range(n_categories)])
     # Region predicts the favourite category 80% of the time: a segment with signal.
     region_of = np.where(rng.random(n_users) < 0.8, fav, rng.integers(0, n_categories, n_users))
+    columns = {}
+    shop_context = {}
+    if context > 0:
+        columns, shop_context = _plant_context(users, ts, in_fav, items, cat_cdf, region_of, regions,
+                                               n_users, n_items, n_categories, context, seed, start_unix)
     uid = np.char.add("u", np.arange(n_users).astype(str))
     iid = np.char.add("i", np.arange(n_items).astype(str))
     cat_names = np.array([f"cat{c}" for c in range(n_categories)])
     events = pa.table({
         "user_id": uid[users], "item_id": iid[items], "event_type": etype,
-        "timestamp": ts.astype(np.int64),
+        "timestamp": ts.astype(np.int64), **columns,
     })
     items_t = pa.table({
         "item_id": iid,
@@ -87,7 +115,54 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
         "region": regions[region_of],
         "age": rng.integers(18, 70, n_users).astype(str),
     })
-    return SyntheticShop(events, items_t, users_t, fav, item_cat)
+    return SyntheticShop(events, items_t, users_t, fav, item_cat, **shop_context)
+
+
+def _plant_context(users, ts, in_fav, items, cat_cdf, region_of, regions, n_users, n_items,
+                   n_categories, strength, seed, start_unix) -> tuple[dict, dict]:
+    """Context columns with planted effects; moves the affected events' items in place.
+
+    A random stream of its own, so the shop's other draws stay those of ``context = 0``.
+    """
+    if n_categories < 2:
+        raise ValueError("a planted device effect needs at least 2 categories")
+    rng = np.random.default_rng([seed, 1])
+    n_events = len(users)
+    # Visits: a user's events on one day, in time order; the device is sticky across visits.
+    order = np.lexsort((ts, users))
+    su, sd = users[order], (ts[order] - start_unix) // 86_400
+    new_user = np.r_[True, su[1:] != su[:-1]]
+    new_visit = new_user | np.r_[True, sd[1:] != sd[:-1]]
+    visit = np.cumsum(new_visit) - 1
+    n_visits = int(new_visit.sum())
+    switch = new_user[new_visit] | (rng.random(n_visits) < DEVICE_SWITCH)
+    drawn = rng.integers(0, len(DEVICES), n_visits)
+    visit_device = drawn[np.maximum.accumulate(np.where(switch, np.arange(n_visits), 0))]
+    visit_channel = rng.choice(len(CHANNELS), n_visits, p=CHANNEL_PROBS)
+    device = np.empty(n_events, np.int64)
+    channel = np.empty(n_events, np.int64)
+    device[order] = visit_device[visit]
+    channel[order] = visit_channel[visit]
+
+    kinds = [np.arange(d, n_categories, len(DEVICES)) for d in range(len(DEVICES))]
+    device_fav = np.stack([rng.choice(k, n_users) for k in kinds], axis=1)
+    follow = in_fav & (rng.random(n_events) < strength)
+    cats = device_fav[users[follow], device[follow]]
+    u = rng.random(len(cats))
+    moved = np.empty(len(cats), np.int64)
+    for c, (members, cdf) in enumerate(cat_cdf):
+        sel = cats == c
+        moved[sel] = members[np.minimum(np.searchsorted(cdf, u[sel]), len(members) - 1)]
+    items[follow] = moved
+    newsletter = rng.choice(n_items, min(10, n_items), replace=False)
+    promo = (CHANNELS[channel] == "email") & (rng.random(n_events) < strength)
+    items[promo] = rng.choice(newsletter, int(promo.sum()))
+
+    region = region_of[users]
+    away = rng.random(n_events) < 0.05
+    region[away] = rng.integers(0, len(regions), int(away.sum()))
+    columns = {"channel": CHANNELS[channel], "device": DEVICES[device], "region": regions[region]}
+    return columns, {"device_favourite": device_fav, "newsletter_items": newsletter}
 
 
 def write_shop(shop: SyntheticShop, out: Path, fmt: str = "csv") -> dict[str, Path]:
@@ -115,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events-per-user", type=int, default=30)
     p.add_argument("--format", choices=["csv", "parquet"], default="csv")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=float, default=0.0,
+                   help="strength of the planted channel/device effects (0 = no context columns)")
     a = p.parse_args(argv)
-    shop = make_shop(a.users, a.items, a.categories, a.events_per_user, seed=a.seed)
+    shop = make_shop(a.users, a.items, a.categories, a.events_per_user, seed=a.seed, context=a.context)
     for name, path in write_shop(shop, a.out, a.format).items():
         print(f"{name}\t{path}")
     return 0

@@ -21,6 +21,7 @@ HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, ev
 DAYS_OF_WEEK = 7
 KEY_SHIFT = np.int64(1) << np.int64(32)  # item row and timestamp packed in one sortable int64
 WINDOW_DAYS = (7, 30)  # popularity windows before the request
+CONTEXT_FIELDS = ("channel", "device", "region")  # the request's Context fields with offline history
 
 FEATURE_NAMES = (
     # retrieval
@@ -57,6 +58,13 @@ FEATURE_NAMES = (
     "ease_rank",
     "covis_user_rank",
     "popularity_30d_rank",
+    # request context × history: NaN without a value in the request, or one the bundle has no column for
+    "channel_item_lift",    # the item's share of events on the request's channel / everyone's share
+    "device_item_lift",     # ... on its device
+    "region_item_lift",     # ... in its region
+    "channel_user_share",   # the user's share of own events on the request's channel; NaN without history
+    "device_user_share",
+    "region_user_share",
 )
 RANKED = (("als_rank", "als_score"), ("ease_rank", "ease_score"), ("covis_user_rank", "covis_user"),
           ("popularity_30d_rank", "popularity_30d"))
@@ -74,6 +82,9 @@ class Request:
     seg: int
     session: np.ndarray
     event_time: float | None
+    channel: str = ""
+    device: str = ""
+    region: str = ""
 
 
 def window_counts_at(item_event_keys: np.ndarray, t: int, days: int, n_items: int) -> np.ndarray:
@@ -108,6 +119,34 @@ def _positions(cands: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(cands[order][pos] == ids, order[pos], -1)
 
 
+@dataclass(frozen=True)
+class _ContextTable:
+    """One context field's vocabulary and its item lifts / user shares (``index_builder.feature_tables``).
+
+    Columns follow ``values`` (most frequent first); a last "other" column exists when the
+    build capped the vocabulary, and then takes every value outside it.
+    """
+
+    index: dict[str, int]
+    other: int  # the "other" column, -1 when the vocabulary was not capped
+    item_lift: np.ndarray  # (n_items, n_columns) float16
+    user_share: np.ndarray  # (n_users, n_columns) float16, NaN for users without a known value
+
+    @classmethod
+    def load(cls, bundle, field: str) -> "_ContextTable":
+        values = [str(v) for v in bundle.array(f"context_{field}_values")]
+        item_lift = bundle.array(f"item_{field}_lift")
+        other = len(values) if item_lift.shape[1] > len(values) else -1
+        return cls({v: j for j, v in enumerate(values)}, other, item_lift, bundle.array(f"user_{field}_share"))
+
+    def column(self, value: str) -> int:
+        """The column of a request's value; -1 when it has none or the build saw no history for it."""
+        value = value.strip()  # as the offline reader trims the logged values
+        if not value:
+            return -1
+        return self.index.get(value, self.other)
+
+
 class FeatureTables:
     """The bundle arrays features are computed from (memory-mapped, read-only).
 
@@ -120,6 +159,7 @@ class FeatureTables:
     def __init__(self, model: RankingModel):
         b = model.bundle
         try:
+            self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
             self.item_event_keys = b.array("item_event_keys")
             self.item_first_seen = b.array("item_first_seen")
             self.item_hour_lift = b.array("item_hour_lift")
@@ -282,6 +322,14 @@ class FeatureTables:
         X[:, c["hour_item_lift"]] = self.item_hour_lift[cands, block]
         X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
         X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
+        for f, table in self.context.items():
+            col = table.column(getattr(req, f))
+            if col < 0:
+                X[:, c[f"{f}_item_lift"]] = np.nan
+                X[:, c[f"{f}_user_share"]] = np.nan
+                continue
+            X[:, c[f"{f}_item_lift"]] = table.item_lift[cands, col]
+            X[:, c[f"{f}_user_share"]] = table.user_share[urow, col] if known else np.nan
         X[:, c["rung"]] = req.rung
         X[:, c["days_after_data_end"]] = (t - self.data_end) / DAY
         for rank_name, source in RANKED:

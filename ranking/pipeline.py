@@ -351,7 +351,8 @@ class Ranker:
         feats = None
         if (budget is None or not budget.expired()) and (plan is None or plan.score):
             if self.tables is not None:
-                feats = self.tables.assemble(Request(int(rung), urow, qvec, seg, session, q.event_time), cands)
+                feats = self.tables.assemble(Request(int(rung), urow, qvec, seg, session, q.event_time,
+                                                     q.channel, q.device, q.region), cands)
             else:
                 feats = self._features(cands, qvec, seg)
             self._debug_delay("features", len(cands))
@@ -389,7 +390,7 @@ class Ranker:
 
         if overlay is not None and not overlay.variant.use_context:
             # A variant without context ranks as if the request carried none.
-            q = dataclasses.replace(q, session_item_ids=[], attributes={})
+            q = dataclasses.replace(q, session_item_ids=[], attributes={}, channel="", device="", region="")
         # Degradation order when time is short (README, "The request budget"):
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
         # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");

@@ -10,9 +10,16 @@ import pytest
 from index_builder.io import (InputError, ReadOptions, SkipReport, read_events, read_items,
                               read_users)
 
+CONTEXT = pa.dictionary(pa.int32(), pa.string())
 EVENTS_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                            ("event_type", pa.string()), ("timestamp", pa.int64()),
-                           ("value", pa.float64())])
+                           ("value", pa.float64()), ("channel", CONTEXT), ("device", CONTEXT),
+                           ("region", CONTEXT)])
+
+
+def no_context(n):
+    """The context columns of a file that has none: null for every event."""
+    return {"channel": [None] * n, "device": [None] * n, "region": [None] * n}
 SKIP = ReadOptions(on_bad_row="skip", max_bad_fraction=0.5)
 HEADER = "user_id,item_id,event_type,timestamp,value\n"
 
@@ -61,6 +68,7 @@ def test_events_csv_mixes_unix_and_iso_timestamps_and_keeps_ids_as_strings(tmp_p
         "timestamp": [1700000000, 1704164645, 1704164645, 1704164645, 1700000000, 1709164800,
                       1704164645, -1, 946664999, 946664999],
         "value": [None, 1.5, 2.0, -30.0, 0.0, None, None, None, None, None],
+        **no_context(10),
     }
     assert report.total == 0
     assert report.to_dict() == {"path": str(path), "total": 0, "counts": {}, "examples": []}
@@ -77,7 +85,7 @@ def test_events_all_integer_timestamps_and_no_value_column(tmp_path):
     assert table.schema == EVENTS_SCHEMA
     assert table.to_pydict() == {"user_id": ["1", "01"], "item_id": ["1", "2"],
                                  "event_type": ["view", "view"], "timestamp": [10, 20],
-                                 "value": [None, None]}
+                                 "value": [None, None], **no_context(2)}
     assert report.total == 0
 
 
@@ -95,7 +103,7 @@ def test_events_parquet_casts_ids_and_native_timestamps(tmp_path):
     assert table.schema == EVENTS_SCHEMA
     assert table.to_pydict() == {"user_id": ["7", "8"], "item_id": ["007", "x"],
                                  "event_type": ["view", "view"], "timestamp": [1704164645, 0],
-                                 "value": [3.0, None]}
+                                 "value": [3.0, None], **no_context(2)}
     assert report.total == 0
 
 
@@ -118,7 +126,7 @@ def test_events_csv_gz_and_custom_delimiter(tmp_path):
     table, _ = read_events(path, ReadOptions(csv_delimiter=";"))
 
     assert table.to_pydict() == {"user_id": ["u"], "item_id": ["1,5"], "event_type": ["view"],
-                                 "timestamp": [100], "value": [None]}
+                                 "timestamp": [100], "value": [None], **no_context(1)}
 
 
 # --- events: bad rows, located exactly -----------------------------------------------

@@ -80,7 +80,8 @@ def test_fetched_files_are_accepted_by_the_readers(tmp_path):
 
     assert events.to_pydict() == {"user_id": ["196", "1"], "item_id": ["242", "12"],
                                   "event_type": ["rating", "rating"],
-                                  "timestamp": [881250949, 881250950], "value": [3.0, 5.0]}
+                                  "timestamp": [881250949, 881250950], "value": [3.0, 5.0],
+                                  "channel": [None, None], "device": [None, None], "region": [None, None]}
     assert items.to_pydict() == {
         "item_id": ["1", "12", "242", "243"],
         "title": ["Toy Story", "Usual Suspects, The", None, 'Say "Hi"'],
@@ -140,7 +141,8 @@ def test_real_movielens_100k_from_pypi(tmp_path):
     assert (events.num_rows, items.num_rows, users.num_rows) == (100_000, 1_682, 943)
     assert events.slice(0, 1).to_pylist() == [{"user_id": "196", "item_id": "242",
                                                "event_type": "rating", "timestamp": 881250949,
-                                               "value": 3.0}]
+                                               "value": 3.0, "channel": None, "device": None,
+                                               "region": None}]
     assert sorted(set(events.column("value").to_pylist())) == [1.0, 2.0, 3.0, 4.0, 5.0]
     # The wheel is now cached: a second fetch must not need pip (or the network).
     again = fetch_movielens(tmp_path / "again", cache_dir=cache, python="/nonexistent/python")
