@@ -231,7 +231,7 @@ class Ranker:
         if q.candidate_item_ids:
             return unique_in_order(m.items.lookup(q.candidate_item_ids))
         pools = []
-        if qvec is not None:
+        if qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
             slack = 0
             if urow >= 0:
                 slack = min(int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow]), cfg.max_consumed_slack)
@@ -360,7 +360,8 @@ class Ranker:
         return Prepared(rung, reason, urow, cands, mask, feats, offsets, offset_parts)
 
     # -- rank ------------------------------------------------------------------
-    def rank(self, q: RankQuery, budget: Budget | None = None, overlay: "RankOverlay | None" = None) -> RankResult:
+    def rank(self, q: RankQuery, budget: Budget | None = None, overlay: "RankOverlay | None" = None, *,
+             cheapest: bool = False) -> RankResult:
         """Rank items for one request.
 
         Parameters
@@ -372,6 +373,10 @@ class Ranker:
         overlay : RankOverlay, optional
             Real-time events, context rules and experiment variant for this request
             (see :mod:`ranking.overlay`); none when not given.
+        cheapest : bool
+            Answer by the cheapest path whatever the budget says: no ANN search, a
+            minimal candidate set from the precomputed lists, no features or scoring
+            (a request that waited too long for a pipeline slot).
 
         Returns
         -------
@@ -395,7 +400,10 @@ class Ranker:
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
         # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");
         # 3. no scoring at all: candidates in retrieval order ("retrieval_order").
-        plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.config.ann_effort)
+        if cheapest:
+            plan = RetrievalPlan(self.costs.min_candidates, 0, True, score=False)
+        else:
+            plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.config.ann_effort)
         degraded = ["retrieve"] if plan.cut else []
         started = time.perf_counter()
         prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget)

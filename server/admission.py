@@ -4,8 +4,9 @@ A worker's in-flight requests share its GIL, so beyond a few at once every reque
 runs slower and a budget planned from single-request costs no longer holds. Requests
 over the limit wait for a slot, and the wait counts against their budget: one that
 has waited until only its reserve is left (a fifth of its budget, at least
-:data:`MIN_RESERVE_MS`) is answered without a slot by the pipeline's cheapest
-degraded path, which the reserve pays for, so it still answers within its budget.
+:data:`MIN_RESERVE_MS`) is answered without a slot by the pipeline's cheapest path
+(no ANN search, no features: precomputed lists in retrieval order), which the
+reserve pays for, so it still answers within its budget.
 """
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ class Admission:
         self._slots = threading.Lock() if limit == 1 else threading.Semaphore(limit) if limit > 1 else None
 
     @contextmanager
-    def slot(self, budget: Budget) -> Iterator[float]:
-        """Hold a slot for the body; yields the seconds spent waiting for it.
+    def slot(self, budget: Budget) -> Iterator[tuple[float, bool]]:
+        """Hold a slot for the body; yields (seconds spent waiting, whether a slot was had).
 
         The wait stops when only the budget's reserve is left: the body then runs
-        anyway, holding no slot, with too little time for more than the cheapest path.
+        anyway, holding no slot, and must take the cheapest path.
         """
         if self._slots is None:
-            yield 0.0
+            yield 0.0, True
             return
         t0 = time.perf_counter()
         remaining_ms = budget.remaining_ms()
@@ -56,7 +57,7 @@ class Admission:
             reserve_ms = max(MIN_RESERVE_MS, RESERVE_FRACTION * budget.total_ms)
             admitted = self._slots.acquire(timeout=max(remaining_ms - reserve_ms, 0.0) / 1000.0)
         try:
-            yield time.perf_counter() - t0
+            yield time.perf_counter() - t0, admitted
         finally:
             if admitted:
                 self._slots.release()

@@ -127,6 +127,10 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, "blas")
+    # A thread waiting for the GIL gets it after at most this long: at Python's default
+    # 5 ms, a request waiting behind a busy pipeline (or a gRPC thread) overran a 10 ms
+    # budget by several ms.
+    sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
     metrics.set_config(config)
     models = ModelManager(config.artifacts, config.ranker_config(), preloaded=preloaded)
     # Replayed before the port opens, so the first Rank already reflects every logged event.

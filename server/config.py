@@ -42,6 +42,7 @@ class ServerConfig:
     workers: int = 0
     ann_batch_size: int = 1
     max_concurrent_ranks: int = 1
+    gil_switch_interval_us: float = 500.0
     ann_batch_wait_us: float = 300.0
     debug_delay_us_per_candidate: str = ""
     debug_rank_delay_ms: float = 0.0
@@ -117,6 +118,8 @@ class ServerConfig:
             problems.append("max_workers must be >= 1")
         if self.workers < 0:
             problems.append(f"workers {self.workers} must be >= 0 (0: one per core)")
+        if self.gil_switch_interval_us <= 0:
+            problems.append("gil_switch_interval_us must be > 0")
         if self.max_concurrent_ranks < 0:
             problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:

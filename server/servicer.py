@@ -122,12 +122,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     # Rank slow and degraded on purpose.
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
                 q = query_from_proto(request)
-                with self.admission.slot(budget) as waited:
-                    if self.realtime is None:
-                        result = ranker.rank(q, budget)
-                    else:
+                with self.admission.slot(budget) as (waited, admitted):
+                    overlay = None
+                    if self.realtime is not None:
                         overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
-                        result = ranker.rank(q, budget, overlay)
+                    result = ranker.rank(q, budget, overlay, cheapest=not admitted)
                 result.stage_seconds["queue"] = waited
             except RankingError as exc:
                 log.debug("rank refused", extra={"error": str(exc)})

@@ -1,6 +1,8 @@
 """The request budget: effective budget, the cost model, and degradation in a fixed order."""
 import time
 
+import numpy as np
+
 import pytest
 
 from ranking.budget import Budget, CostModel, effective_budget_ms
@@ -72,3 +74,21 @@ def test_no_time_left_answers_in_retrieval_order(slow_ranker):
     assert "retrieval_order" in res.degraded_stages
     assert len(res.item_ids) == 10 and res.contributions is None
     assert res.scores == sorted(res.scores, reverse=True)
+
+
+def test_the_cheapest_path_searches_nothing_and_still_applies_the_rules(slow_ranker, bundle_path):
+    m = slow_ranker.model
+    urow = m.users.row("u1")
+    consumed = set(m.items.id_of(np.asarray(m.consumed.row(urow))))
+    # Plenty of budget: the cheapest path is taken because the caller says so (no pipeline slot).
+    res, ms = timed_cheapest(slow_ranker, RankQuery(user_id="u1"))
+    assert res.degraded_stages == ["retrieve", "retrieval_order"]
+    assert "features" not in res.stage_seconds and len(res.item_ids) == 10
+    assert res.n_candidates <= 40 and not consumed & set(res.item_ids)
+    assert ms < 40.0  # the full slow stages cost >= 40 ms; this path skips them
+
+
+def timed_cheapest(ranker, q):
+    t0 = time.perf_counter()
+    res = ranker.rank(q, Budget.start(5000.0), cheapest=True)
+    return res, (time.perf_counter() - t0) * 1000

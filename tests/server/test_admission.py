@@ -20,7 +20,8 @@ def test_over_the_limit_waits_until_a_slot_is_freed(limit):
             release.wait(10)
 
     def second():
-        with adm.slot(Budget.unlimited()) as w:
+        with adm.slot(Budget.unlimited()) as (w, admitted):
+            assert admitted
             waited.append(w)
 
     holders = [threading.Thread(target=holder) for _ in range(limit)]
@@ -45,18 +46,18 @@ def test_a_wait_never_outlasts_the_budget_and_the_slot_is_not_lost(limit):
         for _ in range(limit):
             held.enter_context(adm.slot(Budget.unlimited()))
         budget = Budget.start(1000)
-        with adm.slot(budget) as waited:
+        with adm.slot(budget) as (waited, admitted):
             # Gave up waiting with a fifth of the budget left: the reserve for the cheapest path.
-            assert 0.79 <= waited < 0.95  # generous upper bound: a shared machine
+            assert not admitted and 0.79 <= waited < 0.95  # generous upper bound: a shared machine
     # Both slots given back properly: the next caller gets in at once.
-    with adm.slot(Budget.start(1)) as waited:
-        assert waited < 0.5
+    with adm.slot(Budget.start(1)) as (waited, admitted):
+        assert admitted and waited < 0.5
 
 
 def test_no_limit_never_waits():
     adm = Admission(0)
     with adm.slot(Budget.unlimited()) as a, adm.slot(Budget.unlimited()) as b:
-        assert a == 0.0 and b == 0.0
+        assert a == (0.0, True) and b == (0.0, True)
 
 
 def test_negative_limits_are_refused():

@@ -10,12 +10,10 @@ from one2one.v1 import ranking_pb2_grpc
 from server.demo import start_server, wait_serving
 
 
-@pytest.fixture(scope="module")
-def slow_server(artifacts, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("slow")
+def _serve(artifacts, tmp, settings: str):
+    """A real one-worker server with ``settings`` added to its [server] table; yields (ready, stub)."""
     cfg = tmp / "server.toml"
-    cfg.write_text('[server]\nworkers = 1\ndefault_budget_ms = 5000\nmax_budget_ms = 5000\n'
-                   'debug_delay_us_per_candidate = "retrieve:100,features:100"\n')
+    cfg.write_text('[server]\nworkers = 1\ndefault_budget_ms = 5000\nmax_budget_ms = 5000\n' + settings)
     proc, ready = start_server(artifacts, tmp, extra=["--config", str(cfg)])
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     wait_serving(channel)
@@ -23,6 +21,12 @@ def slow_server(artifacts, tmp_path_factory):
     channel.close()
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def slow_server(artifacts, tmp_path_factory):
+    yield from _serve(artifacts, tmp_path_factory.mktemp("slow"),
+                      'debug_delay_us_per_candidate = "retrieve:100,features:100"\n')
 
 
 def test_budgeted_request_degrades_and_answers_in_time(slow_server):
@@ -66,17 +70,8 @@ def test_server_time_is_reported_in_trailing_metadata(slow_server):
 def one_at_a_time(artifacts, tmp_path_factory):
     """A server whose single worker runs one Rank pipeline at a time and whose unbudgeted
     pipeline takes over a second (a slow features stage: sleeping, so no CPU is needed)."""
-    tmp = tmp_path_factory.mktemp("admission")
-    cfg = tmp / "server.toml"
-    cfg.write_text('[server]\nworkers = 1\nmax_concurrent_ranks = 1\ndefault_budget_ms = 5000\n'
-                   'max_budget_ms = 5000\ndebug_delay_us_per_candidate = "features:6000"\n')
-    proc, ready = start_server(artifacts, tmp, extra=["--config", str(cfg)])
-    channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
-    wait_serving(channel)
-    yield ready, ranking_pb2_grpc.RankingServiceStub(channel)
-    channel.close()
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from _serve(artifacts, tmp_path_factory.mktemp("admission"),
+                      'max_concurrent_ranks = 1\ndebug_delay_us_per_candidate = "features:6000"\n')
 
 
 def _queue_seconds(metrics_port: int) -> tuple[float, float]:
