@@ -20,7 +20,7 @@ from server.config import ServerConfig
 disable_created_metrics()
 
 # The stages of a Rank, in pipeline order; "respond" is the servicer building the reply.
-STAGES = ("queue", "resolve", "retrieve", "features", "score", "respond")
+STAGES = ("queue", "realtime", "resolve", "retrieve", "features", "score", "respond")
 LOAD_FAILURE_REASONS = ("missing", "corrupt", "incompatible", "warmup")
 RELOAD_TRIGGERS = ("startup", "poll", "signal", "admin")
 

@@ -123,11 +123,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
                 q = query_from_proto(request)
                 with self.admission.slot(budget) as (waited, admitted):
-                    overlay = None
+                    overlay, t0 = None, time.perf_counter()
                     if self.realtime is not None:
                         overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
+                    realtime_seconds = time.perf_counter() - t0
                     result = ranker.rank(q, budget, overlay, cheapest=not admitted)
                 result.stage_seconds["queue"] = waited
+                if self.realtime is not None:
+                    result.stage_seconds["realtime"] = realtime_seconds
             except RankingError as exc:
                 log.debug("rank refused", extra={"error": str(exc)})
                 errors.abort(context, exc)

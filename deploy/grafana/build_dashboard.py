@@ -90,7 +90,7 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Rank p99 by stage", [
             (quantile(0.99, "one2one_rank_stage_duration_seconds", by="stage"), "{{stage}}"),
             budget_line()], "s",
-            description="queue (waiting for a pipeline slot), resolve, retrieve, features, score, respond; the budget is an exact bucket edge."),
+            description="queue (waiting for a pipeline slot), realtime (events since the bundle, rules, experiment arm), resolve, retrieve, features, score, respond; the budget is an exact bucket edge."),
         panel("Share of Rank calls over the default budget (alert above 1%)", [
             (f"one2one:rank_over_budget:ratio_rate5m{{{J}}}", "{{job}}")], "percentunit",
             thresholds=[("green", None), ("red", 0.01)]),
