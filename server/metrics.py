@@ -117,7 +117,7 @@ def init_label_sets() -> None:
             BUNDLE_RELOADS.labels(trigger, result)
     for stage in STAGES:
         STAGE_DURATION.labels(stage)
-    for stage in ("retrieve", "score"):
+    for stage in ("queue", "retrieve", "score", "retrieval_order"):
         RANK_DEGRADED.labels(stage)
     BUNDLE_REFUSED.set(0)
     SERVING.set(0)

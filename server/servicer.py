@@ -129,6 +129,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     realtime_seconds = time.perf_counter() - t0
                     result = ranker.rank(q, budget, overlay, cheapest=not admitted)
                 result.stage_seconds["queue"] = waited
+                if not admitted:
+                    # Waited out its pipeline slot: say so, ahead of what the cheapest path cut.
+                    result.degraded_stages.insert(0, "queue")
                 if self.realtime is not None:
                     result.stage_seconds["realtime"] = realtime_seconds
             except RankingError as exc:

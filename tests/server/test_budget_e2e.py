@@ -93,7 +93,7 @@ def test_a_request_waiting_for_a_busy_worker_spends_its_budget_waiting_and_answe
     resp, call = stub.Rank.with_call(pb.RankRequest(user_id="u2", budget_ms=200), timeout=10)
     waited_ms = (time.perf_counter() - t0) * 1000
     assert not holder.done()  # answered while the slot was still taken
-    assert resp.degraded and "retrieval_order" in resp.degraded_stages and len(resp.items) == 10
+    assert list(resp.degraded_stages) == ["queue", "retrieve", "retrieval_order"] and len(resp.items) == 10
     server_ms = float(dict(call.trailing_metadata())["one2one-server-ms"])
     # It waited until a fifth of its budget was left, then took the cheapest path in that reserve.
     assert 160 <= server_ms <= waited_ms and server_ms < 200 + 100  # generous: a shared 2-core machine
@@ -101,6 +101,8 @@ def test_a_request_waiting_for_a_busy_worker_spends_its_budget_waiting_and_answe
     assert not full.degraded and len(full.items) == 10
     total, count = _queue_seconds(ready["metrics_port"])
     assert count >= 2 and total >= 0.16
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=5).read().decode()
+    assert 'one2one_rank_degraded_total{stage="queue"} 1.0' in text
 
 
 def test_an_unbudgeted_request_waits_for_the_slot_and_is_served_in_full(one_at_a_time):
