@@ -27,8 +27,8 @@ def _weekday(ts: np.ndarray) -> np.ndarray:
 
 def _lift(rows: np.ndarray, bucket: np.ndarray, n_rows: int, n_buckets: int) -> np.ndarray:
     """Each row's (smoothed) share of events per bucket over everyone's share: 1 = no preference."""
-    counts = np.zeros((n_rows, n_buckets), np.float64)
-    np.add.at(counts, (rows, bucket), 1.0)
+    flat = rows.astype(np.int64) * n_buckets + bucket.astype(np.int64)
+    counts = np.bincount(flat, minlength=n_rows * n_buckets).reshape(n_rows, n_buckets).astype(np.float64)
     overall = (counts.sum(axis=0) + 1.0) / (counts.sum() + n_buckets)
     # A prior of n_buckets events spread like everyone's keeps rare items near 1.
     share = (counts + n_buckets * overall) / (counts.sum(axis=1, keepdims=True) + n_buckets)
@@ -121,13 +121,7 @@ def context_tables(u: np.ndarray, i: np.ndarray, positive: np.ndarray, codes: di
             out[f"user_{name}_share"] = np.zeros((n_users, 0), np.float16)
             continue
         c = code[sel].astype(np.int64)
-        counts = np.bincount(i[sel].astype(np.int64) * n_cols + c, minlength=n_items * n_cols)
-        counts = counts.reshape(n_items, n_cols).astype(np.float32)
-        # The same smoothing as _lift: a prior of n_cols events spread like everyone's.
-        overall = (counts.sum(axis=0) + 1.0) / (counts.sum() + n_cols)
-        share = (counts + n_cols * overall) / (counts.sum(axis=1, keepdims=True) + n_cols)
-        out[f"item_{name}_lift"] = (share / overall).astype(np.float16)
-        del counts, share
+        out[f"item_{name}_lift"] = _lift(i[sel], c, n_items, n_cols).astype(np.float16)
         ucounts = np.bincount(u[sel].astype(np.int64) * n_cols + c, minlength=n_users * n_cols)
         ucounts = ucounts.reshape(n_users, n_cols).astype(np.float32)
         total = ucounts.sum(axis=1, keepdims=True)
