@@ -53,16 +53,20 @@ directives = {
     "embedsignature": True,
 }
 
-extensions = [
-    Extension(
-        "ranking._scoring",
-        ["ranking/_scoring.pyx"],
+
+def _kernel(name: str) -> Extension:
+    """A compiled module of ranking/ built from its .pyx, with the shared flags."""
+    return Extension(
+        f"ranking.{name}",
+        [f"ranking/{name}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
         language="c++",
-    ),
-]
+    )
+
+
+extensions = [_kernel("_scoring"), _kernel("_rows")]
 
 setup(
     name="one2one",

@@ -15,6 +15,7 @@ import numpy as np
 
 from ranking.errors import BundleError
 from ranking.model import Csr, RankingModel
+from ranking.rows import CandidateIndex, max_share
 
 DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
@@ -96,29 +97,6 @@ def window_counts_at(item_event_keys: np.ndarray, t: int, days: int, n_items: in
     return np.bincount((keys[inside] >> 32).astype(np.int64), minlength=n_items).astype(np.float32)
 
 
-def _gather(csr: Csr, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Entries of several CSR rows at once: (owner position, entry, value)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int32), None if csr.values is None else np.zeros(0, np.float32)
-    starts = csr.indptr[rows].astype(np.int64)
-    lengths = csr.indptr[rows + 1].astype(np.int64) - starts
-    total = int(lengths.sum())
-    owner = np.repeat(np.arange(len(rows)), lengths)
-    flat = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths) + starts[owner]
-    vals = None if csr.values is None else np.asarray(csr.values[flat], dtype=np.float32)
-    return owner, np.asarray(csr.indices[flat]), vals
-
-
-def _positions(cands: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Position of each id in ``cands`` (distinct rows), -1 where absent."""
-    if len(cands) == 0 or len(ids) == 0:
-        return np.full(len(ids), -1, np.int64)
-    order = np.argsort(cands, kind="stable")
-    pos = np.minimum(np.searchsorted(cands[order], ids), len(cands) - 1)
-    return np.where(cands[order][pos] == ids, order[pos], -1)
-
-
 @dataclass(frozen=True)
 class _ContextTable:
     """One context field's vocabulary and its item lifts / user shares (``index_builder.feature_tables``).
@@ -190,15 +168,9 @@ class FeatureTables:
     # -- pieces used by retrieval as well ------------------------------------------
     def covis_from(self, sources: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(items, summed similarity) of the neighbours of ``sources``, best first."""
-        owner, nb, sc = _gather(self.covis, sources)
-        if len(nb) == 0:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        if weights is not None:
-            sc = sc * weights[owner]
-        uniq, inv = np.unique(nb, return_inverse=True)
-        total = np.bincount(inv, weights=sc, minlength=len(uniq))
-        order = np.lexsort((uniq, -total))
-        return uniq[order].astype(np.int32), total[order].astype(np.float32)
+        items, total = self.model.scratch.neighbour_sums(self.covis, sources, weights)
+        order = np.lexsort((items, -total))
+        return items[order], total[order].astype(np.float32)
 
     def user_recent_items(self, urow: int) -> np.ndarray:
         if urow < 0:
@@ -216,15 +188,10 @@ class FeatureTables:
             return None
         return np.asarray(self.ease[hist], np.float32).sum(axis=0)
 
-    def _covis_to(self, sources: np.ndarray, cands: np.ndarray) -> np.ndarray:
-        if len(sources) == 0:
-            return np.zeros(len(cands), np.float32)
+    def _covis_to(self, sources: np.ndarray, index: CandidateIndex) -> np.ndarray:
         # Later items (the user's most recent, the session's last) weigh more.
         w = np.linspace(0.5, 1.0, len(sources), dtype=np.float32)
-        owner, nb, sc = _gather(self.covis, sources)
-        pos = _positions(cands, nb)
-        hit = pos >= 0
-        return np.bincount(pos[hit], weights=(sc * w[owner])[hit], minlength=len(cands)).astype(np.float32)
+        return index.scatter_sum(self.covis, sources, w)
 
     def _window_counts(self, cands: np.ndarray, t: int, days: int) -> np.ndarray:
         if t == self._t_end:
@@ -244,11 +211,18 @@ class FeatureTables:
         cands : np.ndarray
             Distinct item rows.
         """
-        m = self.model
         n = len(cands)
         X = np.zeros((n, N_FEATURES), dtype=np.float32)
         if n == 0:
             return X
+        with self.model.scratch.index(cands) as index:
+            self._fill(X, req, index)
+        return X
+
+    def _fill(self, X: np.ndarray, req: Request, index: CandidateIndex) -> None:
+        m = self.model
+        cands = index.cands
+        n = len(cands)
         # Without an event time the request is taken to come just after the bundle's data.
         t = int(req.event_time) if req.event_time is not None else self._t_end
         c = _COL
@@ -259,10 +233,10 @@ class FeatureTables:
             X[:, c["als_score"]] = np.asarray(m.item_factors[cands], np.float32) @ req.qvec
         else:
             X[:, c["als_score"]] = np.nan
-        X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), cands)
-        X[:, c["covis_session"]] = self._covis_to(req.session, cands)
-        hist = self.history(urow, req.session)
-        if self.ease is not None and len(hist):
+        X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), index)
+        X[:, c["covis_session"]] = self._covis_to(req.session, index)
+        hist = self.history(urow, req.session) if self.ease is not None else ()
+        if len(hist):
             X[:, c["ease_score"]] = np.asarray(self.ease[hist][:, cands], np.float32).sum(axis=0)
         else:
             X[:, c["ease_score"]] = np.nan
@@ -289,25 +263,21 @@ class FeatureTables:
         price = np.asarray(m.item_price[cands], np.float32)
         X[:, c["price"]] = price
         if req.seg >= 0:
-            seg_items = m.segment_popular.row(req.seg)
-            pos = _positions(cands, np.asarray(seg_items))
+            pos = index.positions(m.segment_popular.row(req.seg))
             hit = pos >= 0
             X[pos[hit], c["segment_popularity"]] = m.segment_popular.row_values(req.seg)[hit]
 
         if known:
-            owner, cats, _ = _gather(m.item_categories, cands)
-            ucats = np.asarray(self.user_categories.row(urow))
-            ushare = np.asarray(self.user_categories.row_values(urow))
-            aff = np.zeros(n, np.float32)
-            if len(cats) and len(ucats):
-                p = _positions(ucats, cats)
-                share = np.where(p >= 0, ushare[np.maximum(p, 0)], 0.0)
-                np.maximum.at(aff, owner, share.astype(np.float32))
-            X[:, c["category_affinity"]] = aff
+            share = np.zeros(len(m.category_names), np.float32)  # the user's share per category, 0 for none
+            share[self.user_categories.row(urow)] = self.user_categories.row_values(urow)
+            X[:, c["category_affinity"]] = max_share(m.item_categories, cands, share)
             ulp = float(self.user_log_price[urow])
             with np.errstate(invalid="ignore", divide="ignore"):
                 X[:, c["price_fit"]] = np.abs(np.log(price) - ulp)
-            X[:, c["touched_not_consumed"]] = np.isin(cands, self.touched.row(urow)) & ~np.isin(cands, m.consumed.row(urow))
+            tnc = X[:, c["touched_not_consumed"]]
+            for rows, flag in ((self.touched.row(urow), 1.0), (m.consumed.row(urow), 0.0)):
+                pos = index.positions(rows)
+                tnc[pos[pos >= 0]] = flag
             X[:, c["user_stage"]] = self.user_stage[urow]
             X[:, c["user_value"]] = self.user_value[urow]
             X[:, c["user_recency_days"]] = (t - int(self.user_last_seen[urow])) / DAY
@@ -337,9 +307,8 @@ class FeatureTables:
             if np.isnan(v).all():
                 X[:, c[rank_name]] = np.nan
                 continue
-            # Stable: ties keep candidate order; NaN (unknown) ranks last.
-            order = np.argsort(-np.nan_to_num(v, nan=-np.inf), kind="stable")
+            # Stable: ties keep candidate order; NaN (unknown) sorts last.
+            order = np.argsort(-v, kind="stable")
             r = np.empty(n, np.float32)
             r[order] = np.arange(n, dtype=np.float32) / n
             X[:, c[rank_name]] = r
-        return X

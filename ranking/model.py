@@ -12,6 +12,7 @@ from ranking.bundle import Bundle
 from ranking.errors import BundleError
 from ranking.ids import IdMap
 from ranking.reranker import load_scorer
+from ranking.rows import ItemScratch
 from ranking.segments import SegmentScheme
 
 
@@ -93,6 +94,8 @@ class RankingModel:
         self.feature_names: list[str] = list(self.scorer.feature_names)
         self.index = read_index(b.file("index.faiss"))
         self._check_shapes()
+        # Dense per-request scratch over the item rows (candidate positions, marks, sums).
+        self.scratch = ItemScratch(self.n_items)
         self.load_seconds = time.perf_counter() - t0
 
     @property

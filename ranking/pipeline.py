@@ -16,7 +16,6 @@ from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.features import FEATURE_NAMES, FeatureTables, Request
 from ranking.model import Csr, RankingModel
 from ranking.query import QueryLimits, RankQuery
-from ranking.retrieval import unique_in_order
 
 if TYPE_CHECKING:
     from ranking.overlay import RankOverlay
@@ -229,7 +228,7 @@ class Ranker:
                   n_candidates: int, effort: int, remaining_ms: float = float("inf")) -> np.ndarray:
         m, cfg = self.model, self.config
         if q.candidate_item_ids:
-            return unique_in_order(m.items.lookup(q.candidate_item_ids))
+            return m.scratch.unique_in_order(m.items.lookup(q.candidate_item_ids))
         pools = []
         if qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
             slack = 0
@@ -240,7 +239,7 @@ class Ranker:
             pools.append(m.segment_popular.row(seg)[:n_candidates])
         n_pop = min(cfg.popular_candidates, n_candidates) if pools else n_candidates
         pools.append(m.popular_items[:n_pop])
-        return unique_in_order(np.concatenate(pools))
+        return m.scratch.unique_in_order(np.concatenate(pools))
 
     # -- rules -----------------------------------------------------------------
     def _mask(self, q: RankQuery, rung: Rung, urow: int, cands: np.ndarray, session: np.ndarray) -> np.ndarray:
@@ -309,11 +308,11 @@ class Ranker:
         covis, _ = t.covis_from(sources.astype(np.int32))
         n_covis = max(1, int(cfg.covis_candidates * scale))
         pools = [cands, covis[:n_covis], t.recent_popular_items[: max(1, int(cfg.popular_candidates * scale))]]
-        ease = t.ease_all(t.history(urow, session))
+        ease = t.ease_all(t.history(urow, session)) if t.ease is not None else None
         if ease is not None:
             n = min(n_covis, len(ease))
             pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
-        return unique_in_order(np.concatenate(pools).astype(np.int32))
+        return self.model.scratch.unique_in_order(np.concatenate(pools))
 
     def prepare(self, q: RankQuery, clock: "_StageClock | None" = None, *,
                 overlay: "RankOverlay | None" = None, plan: RetrievalPlan | None = None,
@@ -335,7 +334,7 @@ class Ranker:
                 q, Rung(overlay.variant.max_rung), overlay.user_vector)
         if overlay is not None and len(overlay.recent_rows):
             # What the user did since the bundle counts as this session's items.
-            session = unique_in_order(np.concatenate([session, overlay.recent_rows]))
+            session = self.model.scratch.unique_in_order(np.concatenate([session, overlay.recent_rows]))
         clock.lap("resolve")
         n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, cfg.ann_effort)
         remaining = budget.remaining_ms() if budget else float("inf")

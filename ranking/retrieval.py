@@ -38,12 +38,3 @@ def ann_search(index: faiss.Index, queries: np.ndarray, k: int, effort: int) -> 
         return index.search(queries, k)
     return index.search(queries, k, params=params)
 
-
-def unique_in_order(rows: np.ndarray) -> np.ndarray:
-    """Drop -1 and repeated rows, keeping the first occurrence's position."""
-    rows = np.asarray(rows)
-    rows = rows[rows >= 0]
-    if len(rows) == 0:
-        return rows.astype(np.int32)
-    _, first = np.unique(rows, return_index=True)
-    return rows[np.sort(first)].astype(np.int32)

@@ -1,0 +1,213 @@
+"""Private compiled kernels: one request's walks over CSR rows of item ids.
+
+Do not import this module outside ``ranking/``; ``ranking.rows`` validates
+inputs, fixes dtypes and contiguity, lends the scratch arrays (dense over every
+item row) and allocates the outputs. Compiler directives come from ``setup.py``.
+
+Each request touches a few hundred candidates and a few thousand CSR entries,
+so the NumPy versions of these walks (repeat/cumsum gathers, sort-based
+``unique``/``isin``/``searchsorted``) spent their time in call overhead and
+sorting. Here every walk is one pass: a candidate's position comes from a dense
+``slot`` array (item row -> position, -1 elsewhere) and first visits from a
+dense ``mark`` array; both are handed in clean and handed back clean.
+
+Layers (as in sklearn's ``_loss``):
+
+1. ``_first_visit``, ``_row_max``: scalars, ``cdef inline ... noexcept nogil``.
+2. ``_unique_loop`` / ``_scatter_sum_loop`` / ``_accumulate_loop`` /
+   ``_max_share_loop``: loops over typed memoryviews, nogil; a bad id is
+   reported by a negative return value, never raised inside nogil.
+3. ``unique_in_order`` / ``scatter_sum`` / ``accumulate`` / ``max_share``:
+   Python-visible entries releasing the GIL around the loop.
+4. ``ranking.rows``: the public wrapper.
+
+Sums match ``np.bincount``: each entry's ``value * weight`` is formed in
+float32, then added in float64 in entry order (sources in order, each row in
+stored order).
+"""
+from ranking._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
+
+
+# ---------------------------------------------------------------------------
+# Layer 1: scalars
+# ---------------------------------------------------------------------------
+
+cdef inline bint _first_visit(
+    uint8_t* mark,  # IN/OUT (n_items,) nonzero once an item was visited
+    int32_t item,  # IN a valid item row
+) noexcept nogil:
+    if mark[item]:
+        return False
+    mark[item] = 1
+    return True
+
+
+cdef inline float32_t _row_max(
+    const int32_t* ids,  # IN (length,) one CSR row's ids
+    Py_ssize_t length,  # IN entries in the row
+    const float32_t* value_of,  # IN dense value per id
+    Py_ssize_t n_values,  # IN length of value_of
+    bint* bad,  # OUT set when an id is outside value_of
+) noexcept nogil:
+    # As np.maximum.at from 0: NaN wins and stays.
+    cdef float32_t best = 0.0, v
+    cdef Py_ssize_t j
+    for j in range(length):
+        if ids[j] < 0 or ids[j] >= n_values:
+            bad[0] = True
+            return 0.0
+        v = value_of[ids[j]]
+        if v != v or v > best:
+            best = v
+            if v != v:
+                return v
+    return best
+
+
+# ---------------------------------------------------------------------------
+# Layer 2: loops
+# ---------------------------------------------------------------------------
+
+cdef Py_ssize_t _unique_loop(
+    const int32_t[::1] rows,  # IN (n,) item rows, -1 = none
+    uint8_t[::1] mark,  # IN/OUT (n_items,) all zero in, all zero out
+    int32_t[::1] out,  # OUT (n,) first occurrences, in order
+) noexcept nogil:
+    """Number written to ``out``; -1 - i when ``rows[i]`` is not an item row."""
+    cdef Py_ssize_t i, n = 0, n_items = mark.shape[0]
+    cdef int32_t r
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r < 0:
+            continue
+        if r >= n_items:
+            n = -1 - i
+            break
+        if _first_visit(&mark[0], r):
+            out[n] = r
+            n += 1
+    for i in range(n if n > 0 else 0):
+        mark[out[i]] = 0
+    if n < 0:  # a bad row stopped the walk: clear what it had marked
+        for i in range(-1 - n):
+            if 0 <= rows[i] < n_items:
+                mark[rows[i]] = 0
+    return n
+
+
+cdef Py_ssize_t _scatter_sum_loop(
+    const int64_t[::1] indptr,  # IN (n_rows + 1,) CSR row starts
+    const int32_t[::1] indices,  # IN (nnz,) item rows
+    const float32_t[::1] values,  # IN (nnz,) entry values
+    const int32_t[::1] sources,  # IN (s,) rows to walk
+    const float32_t[::1] weights,  # IN (s,) weight per source
+    const int32_t[::1] slot,  # IN (n_items,) candidate position per item row, -1 elsewhere
+    float64_t[::1] out,  # IN/OUT (n_candidates,) sums per candidate
+) noexcept nogil:
+    """0, or -1 - j when entry ``j`` names an item outside ``slot``."""
+    cdef Py_ssize_t s, j, n_items = slot.shape[0]
+    cdef int32_t item, p
+    cdef float32_t w
+    for s in range(sources.shape[0]):
+        w = weights[s]
+        for j in range(indptr[sources[s]], indptr[sources[s] + 1]):
+            item = indices[j]
+            if item < 0 or item >= n_items:
+                return -1 - j
+            p = slot[item]
+            if p >= 0:
+                out[p] += <float64_t>(values[j] * w)
+    return 0
+
+
+cdef Py_ssize_t _accumulate_loop(
+    const int64_t[::1] indptr,  # IN (n_rows + 1,) CSR row starts
+    const int32_t[::1] indices,  # IN (nnz,) item rows
+    const float32_t[::1] values,  # IN (nnz,) entry values
+    const int32_t[::1] sources,  # IN (s,) rows to walk
+    const float32_t[::1] weights,  # IN (s,) weight per source
+    uint8_t[::1] mark,  # IN/OUT (n_items,) all zero in, all zero out
+    float64_t[::1] acc,  # IN/OUT (n_items,) all zero in, all zero out
+    int32_t[::1] items,  # OUT (>= entries walked,) distinct items, first seen first
+    float64_t[::1] totals,  # OUT (same,) their sums
+) noexcept nogil:
+    """Number of distinct items; -1 - j when entry ``j`` names an item outside ``mark``."""
+    cdef Py_ssize_t s, j, i, n = 0, n_items = mark.shape[0], status = 0
+    cdef int32_t item
+    cdef float32_t w
+    for s in range(sources.shape[0]):
+        w = weights[s]
+        for j in range(indptr[sources[s]], indptr[sources[s] + 1]):
+            item = indices[j]
+            if item < 0 or item >= n_items:
+                status = -1 - j
+                break
+            if _first_visit(&mark[0], item):
+                items[n] = item
+                n += 1
+            acc[item] += <float64_t>(values[j] * w)
+        if status < 0:
+            break
+    for i in range(n):
+        totals[i] = acc[items[i]]
+        acc[items[i]] = 0.0
+        mark[items[i]] = 0
+    return status if status < 0 else n
+
+
+cdef Py_ssize_t _max_share_loop(
+    const int64_t[::1] indptr,  # IN (n_rows + 1,) CSR row starts (item -> categories)
+    const int32_t[::1] indices,  # IN (nnz,) category ids
+    const int32_t[::1] rows,  # IN (n,) rows to read
+    const float32_t[::1] share,  # IN (n_categories,) dense share per category, 0 = none
+    float32_t[::1] out,  # OUT (n,) max share over each row's categories (0 for none)
+) noexcept nogil:
+    """0, or -1 - i when row ``rows[i]`` names a category outside ``share``."""
+    cdef Py_ssize_t i
+    cdef int64_t start
+    cdef bint bad = False
+    for i in range(rows.shape[0]):
+        start = indptr[rows[i]]
+        out[i] = _row_max(&indices[0] + start if indices.shape[0] else NULL,
+                          indptr[rows[i] + 1] - start, &share[0] if share.shape[0] else NULL,
+                          share.shape[0], &bad)
+        if bad:
+            return -1 - i
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Layer 3: Python-visible entries (inputs already validated by ranking.rows)
+# ---------------------------------------------------------------------------
+
+def unique_in_order(const int32_t[::1] rows, uint8_t[::1] mark, int32_t[::1] out):
+    cdef Py_ssize_t n
+    with nogil:
+        n = _unique_loop(rows, mark, out)
+    return n
+
+
+def scatter_sum(const int64_t[::1] indptr, const int32_t[::1] indices, const float32_t[::1] values,
+                const int32_t[::1] sources, const float32_t[::1] weights, const int32_t[::1] slot,
+                float64_t[::1] out):
+    cdef Py_ssize_t status
+    with nogil:
+        status = _scatter_sum_loop(indptr, indices, values, sources, weights, slot, out)
+    return status
+
+
+def accumulate(const int64_t[::1] indptr, const int32_t[::1] indices, const float32_t[::1] values,
+               const int32_t[::1] sources, const float32_t[::1] weights, uint8_t[::1] mark,
+               float64_t[::1] acc, int32_t[::1] items, float64_t[::1] totals):
+    cdef Py_ssize_t n
+    with nogil:
+        n = _accumulate_loop(indptr, indices, values, sources, weights, mark, acc, items, totals)
+    return n
+
+
+def max_share(const int64_t[::1] indptr, const int32_t[::1] indices, const int32_t[::1] rows,
+              const float32_t[::1] share, float32_t[::1] out):
+    cdef Py_ssize_t status
+    with nogil:
+        status = _max_share_loop(indptr, indices, rows, share, out)
+    return status

@@ -1,0 +1,185 @@
+"""Public API of the per-request row walks: distinct candidates, neighbour sums, category shares.
+
+This wrapper owns validation, dtype/contiguity fixing, output allocation and the
+scratch arrays the compiled loops in ``ranking._rows`` need: dense over every
+item row (a candidate's position, a visited mark, a running sum), lent to one
+request at a time and handed back clean, so a request costs what it touches and
+not what the catalog holds. Other packages import only this module.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from ranking import _rows
+
+__all__ = ["ItemScratch", "CandidateIndex", "max_share"]
+
+
+class _Buffers:
+    __slots__ = ("slot", "mark", "acc")
+
+    def __init__(self, n_items: int):
+        self.slot = np.full(n_items, -1, np.int32)  # candidate position per item row, -1 elsewhere
+        self.mark = np.zeros(n_items, np.uint8)
+        self.acc = np.zeros(n_items, np.float64)
+
+
+def _int32_rows(name: str, rows, n_rows: int, allow_missing: bool = False) -> np.ndarray:
+    arr = np.asarray(rows)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be a 1-d array of integer rows, got shape {arr.shape} dtype {arr.dtype}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi >= n_rows or (lo < 0 and not (allow_missing and lo == -1)):
+            bad = hi if hi >= n_rows else lo
+            raise ValueError(f"{name} holds row {bad}, outside 0..{n_rows - 1}")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _csr_arrays(csr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    indptr = np.ascontiguousarray(csr.indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(csr.indices, dtype=np.int32)
+    if csr.values is None:
+        raise ValueError("the CSR rows carry no values to sum")
+    return indptr, indices, np.ascontiguousarray(csr.values, dtype=np.float32)
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n, np.float32)
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have one value per source ({n}), got shape {w.shape}")
+    return w
+
+
+def _check(status: int, what: str) -> int:
+    if status < 0:
+        raise ValueError(f"{what} names an item outside the catalog (at entry {-1 - status}); "
+                         "the bundle's tables disagree with its item count: rebuild it")
+    return status
+
+
+class CandidateIndex:
+    """One request's distinct candidates, with each item row's position among them.
+
+    Obtained from :meth:`ItemScratch.index`; valid only inside that ``with`` block.
+    """
+
+    def __init__(self, cands: np.ndarray, slot: np.ndarray):
+        self.cands = cands
+        self._slot = slot
+
+    def positions(self, ids) -> np.ndarray:
+        """Position of each item row among the candidates, -1 where it is not one."""
+        ids = np.asarray(ids)
+        if len(ids) == 0:
+            return np.zeros(0, np.int32)
+        return self._slot[ids]
+
+    def scatter_sum(self, csr, sources, weights=None) -> np.ndarray:
+        """Per candidate, the sum of ``value * weight`` over the entries naming it in the
+        ``sources`` rows of ``csr`` (float32, as ``np.bincount`` would sum them)."""
+        out = np.zeros(len(self.cands), np.float64)
+        indptr, indices, values = _csr_arrays(csr)
+        src = _int32_rows("sources", sources, len(indptr) - 1)
+        if len(src):
+            _check(_rows.scatter_sum(indptr, indices, values, src, _weights(weights, len(src)), self._slot, out),
+                   "a CSR row")
+        return out.astype(np.float32)
+
+
+class ItemScratch:
+    """Scratch arrays over every item row, lent to one request at a time.
+
+    A pool rather than one set per thread: a server worker runs one pipeline at a
+    time (``max_concurrent_ranks``) from any of its many gRPC threads, so the pool
+    holds as many sets as ever ran at once: usually one. Sets are created on first
+    use; the ``slot`` array's pages are written up front (-1), the others are
+    touched only where requests reach.
+    """
+
+    def __init__(self, n_items: int):
+        self.n_items = int(n_items)
+        self._free: list[_Buffers] = []
+
+    @contextmanager
+    def _lend(self) -> Iterator[_Buffers]:
+        try:
+            buf = self._free.pop()  # atomic under the GIL
+        except IndexError:
+            buf = _Buffers(self.n_items)
+        try:
+            yield buf
+        finally:
+            self._free.append(buf)
+
+    def unique_in_order(self, rows) -> np.ndarray:
+        """Drop -1 and repeated rows, keeping each first occurrence in place (int32)."""
+        arr = np.asarray(rows)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"rows must be a 1-d array of integer rows, got shape {arr.shape} dtype {arr.dtype}")
+        if arr.size and int(arr.max()) > np.iinfo(np.int32).max:
+            raise ValueError(f"rows holds row {int(arr.max())}, outside the catalog of {self.n_items} items")
+        arr = np.ascontiguousarray(arr, dtype=np.int32)
+        out = np.empty(len(arr), np.int32)
+        with self._lend() as buf:
+            n = _rows.unique_in_order(arr, buf.mark, out)
+        if n < 0:
+            raise ValueError(f"rows holds row {int(arr[-1 - n])} at position {-1 - n}, "
+                             f"outside the catalog of {self.n_items} items")
+        return out[:n]
+
+    def neighbour_sums(self, csr, sources, weights=None) -> tuple[np.ndarray, np.ndarray]:
+        """(items, sums) over the entries of the ``sources`` rows of ``csr``: each distinct
+        item once, in the order first seen, with its summed ``value * weight`` (float64)."""
+        indptr, indices, values = _csr_arrays(csr)
+        src = _int32_rows("sources", sources, len(indptr) - 1)
+        if len(src) == 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.float64)
+        total = int((indptr[src.astype(np.int64) + 1] - indptr[src]).sum())
+        items = np.empty(total, np.int32)
+        totals = np.empty(total, np.float64)
+        with self._lend() as buf:
+            n = _check(_rows.accumulate(indptr, indices, values, src, _weights(weights, len(src)), buf.mark,
+                                        buf.acc, items, totals), "a CSR row")
+        return items[:n], totals[:n]
+
+    @contextmanager
+    def index(self, cands) -> Iterator[CandidateIndex]:
+        """The candidates' positions by item row, for the ``with`` block.
+
+        Raises
+        ------
+        ValueError
+            ``cands`` holds a row outside the catalog or the same row twice.
+        """
+        cands = _int32_rows("candidates", cands, self.n_items)
+        with self._lend() as buf:
+            slot = buf.slot
+            positions = np.arange(len(cands), dtype=np.int32)
+            slot[cands] = positions
+            try:
+                if not np.array_equal(slot[cands], positions):  # a repeated row kept its last position
+                    raise ValueError("candidates must be distinct item rows")
+                yield CandidateIndex(cands, slot)
+            finally:
+                slot[cands] = -1
+
+
+def max_share(csr, rows, share) -> np.ndarray:
+    """Per row of ``csr`` (item -> categories), the largest ``share`` of its categories
+    (0 without one; NaN if a share is NaN), as ``np.maximum.at`` from zero would give."""
+    indptr = np.ascontiguousarray(csr.indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(csr.indices, dtype=np.int32)
+    rows = _int32_rows("rows", rows, len(indptr) - 1)
+    share = np.ascontiguousarray(share, dtype=np.float32)
+    out = np.empty(len(rows), np.float32)
+    status = _rows.max_share(indptr, indices, rows, share, out)
+    if status < 0:
+        raise ValueError(f"row {int(rows[-1 - status])} names a category outside the {len(share)} known; "
+                         "the bundle's tables disagree: rebuild it")
+    return out

@@ -1,0 +1,179 @@
+"""The compiled per-request row walks (ranking.rows) against plain NumPy statements of the same thing."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ranking.model import Csr
+from ranking.rows import ItemScratch, max_share
+
+N_ITEMS = 500
+
+
+def _random_csr(rng, n_rows: int, n_cols: int, max_len: int = 12, values: bool = True) -> Csr:
+    lengths = rng.integers(0, max_len + 1, n_rows)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = rng.integers(0, n_cols, int(indptr[-1])).astype(np.int32)
+    vals = rng.random(int(indptr[-1])).astype(np.float32) if values else None
+    return Csr(indptr, indices, vals)
+
+
+def _entries(csr: Csr, sources: np.ndarray, weights: np.ndarray):
+    """(item, value * weight in float32) of every entry walked, in walk order."""
+    items, vals = [], []
+    for s, w in zip(sources, weights):
+        row = slice(csr.indptr[s], csr.indptr[s + 1])
+        items.append(csr.indices[row])
+        vals.append(csr.values[row] * np.float32(w))
+    return np.concatenate(items or [np.zeros(0, np.int32)]), np.concatenate(vals or [np.zeros(0, np.float32)])
+
+
+def _assert_clean(scratch: ItemScratch) -> None:
+    for buf in scratch._free:
+        assert (buf.slot == -1).all() and not buf.mark.any() and not buf.acc.any()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_unique_in_order_keeps_first_occurrences(seed):
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(-1, 60, 300)
+    scratch = ItemScratch(N_ITEMS)
+    got = scratch.unique_in_order(rows)
+    kept = rows[rows >= 0]
+    _, first = np.unique(kept, return_index=True)
+    np.testing.assert_array_equal(got, kept[np.sort(first)])
+    assert got.dtype == np.int32
+    _assert_clean(scratch)
+    # The same scratch serves the next call from clean marks.
+    np.testing.assert_array_equal(scratch.unique_in_order(rows[::-1]), scratch.unique_in_order(rows[::-1].copy()))
+
+
+def test_unique_in_order_refuses_a_row_outside_the_catalog_and_stays_clean():
+    scratch = ItemScratch(N_ITEMS)
+    with pytest.raises(ValueError, match=r"row 500 at position 3, outside the catalog of 500 items"):
+        scratch.unique_in_order(np.array([4, 7, 4, 500, 9]))
+    _assert_clean(scratch)
+    with pytest.raises(ValueError, match="integer rows"):
+        scratch.unique_in_order(np.array([1.5, 2.0]))
+    np.testing.assert_array_equal(scratch.unique_in_order(np.array([4, 7, 4, 9])), [4, 7, 9])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_neighbour_sums_match_bincount(seed):
+    rng = np.random.default_rng(seed)
+    csr = _random_csr(rng, N_ITEMS, N_ITEMS)
+    sources = rng.integers(0, N_ITEMS, 40).astype(np.int32)
+    weights = rng.random(40).astype(np.float32)
+    scratch = ItemScratch(N_ITEMS)
+    for w in (None, weights):
+        items, totals = scratch.neighbour_sums(csr, sources, w)
+        nb, sc = _entries(csr, sources, np.ones(40, np.float32) if w is None else w)
+        uniq, first, inv = np.unique(nb, return_index=True, return_inverse=True)
+        want = np.bincount(inv, weights=sc, minlength=len(uniq))
+        order = np.argsort(first)  # first seen first
+        np.testing.assert_array_equal(items, uniq[order])
+        np.testing.assert_array_equal(totals, want[order])  # the same float64 sums, bit for bit
+    _assert_clean(scratch)
+    items, totals = scratch.neighbour_sums(csr, np.zeros(0, np.int32))
+    assert len(items) == len(totals) == 0
+
+
+def test_neighbour_sums_refuse_bad_sources_and_tables_naming_unknown_items():
+    rng = np.random.default_rng(0)
+    csr = _random_csr(rng, N_ITEMS, N_ITEMS)
+    scratch = ItemScratch(N_ITEMS)
+    with pytest.raises(ValueError, match=r"sources holds row 500, outside 0..499"):
+        scratch.neighbour_sums(csr, np.array([3, 500]))
+    with pytest.raises(ValueError, match=r"sources holds row -2"):
+        scratch.neighbour_sums(csr, np.array([-2]))
+    with pytest.raises(ValueError, match="one value per source"):
+        scratch.neighbour_sums(csr, np.array([1, 2]), np.ones(3))
+    broken = Csr(csr.indptr, csr.indices.copy(), csr.values)
+    row = int(np.flatnonzero(np.diff(csr.indptr))[0])
+    broken.indices[csr.indptr[row]] = N_ITEMS + 7
+    with pytest.raises(ValueError, match="outside the catalog.*rebuild"):
+        scratch.neighbour_sums(broken, np.array([row]))
+    _assert_clean(scratch)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_candidate_index_positions_and_scatter_sum(seed):
+    rng = np.random.default_rng(seed)
+    csr = _random_csr(rng, N_ITEMS, N_ITEMS)
+    cands = rng.permutation(N_ITEMS)[:120].astype(np.int32)
+    sources = rng.integers(0, N_ITEMS, 25).astype(np.int32)
+    weights = np.linspace(0.5, 1.0, 25, dtype=np.float32)
+    scratch = ItemScratch(N_ITEMS)
+    with scratch.index(cands) as index:
+        ids = rng.integers(0, N_ITEMS, 300)
+        lookup = {int(c): i for i, c in enumerate(cands)}
+        np.testing.assert_array_equal(index.positions(ids), [lookup.get(int(i), -1) for i in ids])
+        got = index.scatter_sum(csr, sources, weights)
+    nb, sc = _entries(csr, sources, weights)
+    pos = np.array([lookup.get(int(i), -1) for i in nb], np.int64)
+    hit = pos >= 0
+    want = np.bincount(pos[hit], weights=sc[hit], minlength=len(cands)).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    _assert_clean(scratch)
+
+
+def test_candidate_index_refuses_repeated_or_unknown_rows_and_is_released():
+    scratch = ItemScratch(N_ITEMS)
+    with pytest.raises(ValueError, match="distinct"):
+        with scratch.index(np.array([3, 8, 3])):
+            pass
+    with pytest.raises(ValueError, match=r"candidates holds row 900"):
+        with scratch.index(np.array([3, 900])):
+            pass
+    with pytest.raises(RuntimeError):  # an error inside the block still hands the scratch back clean
+        with scratch.index(np.array([1, 2, 3])):
+            raise RuntimeError("stage failed")
+    _assert_clean(scratch)
+    assert len(scratch._free) == 1
+
+
+def test_concurrent_requests_get_separate_scratch():
+    scratch = ItemScratch(N_ITEMS)
+    barrier = threading.Barrier(2)
+    seen = []
+
+    def one(cands):
+        with scratch.index(cands) as index:
+            barrier.wait(timeout=10)  # both indexes live at once
+            seen.append(index.positions(np.arange(N_ITEMS)).copy())
+            barrier.wait(timeout=10)
+
+    a, b = np.array([10, 20, 30]), np.array([20, 40])
+    threads = [threading.Thread(target=one, args=(c,)) for c in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = {tuple(np.flatnonzero(p >= 0)) for p in seen}
+    assert got == {(10, 20, 30), (20, 40)}
+    assert len(scratch._free) == 2
+    _assert_clean(scratch)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_max_share_matches_maximum_at(seed):
+    rng = np.random.default_rng(seed)
+    item_cats = _random_csr(rng, N_ITEMS, 30, max_len=3, values=False)
+    share = np.where(rng.random(30) < 0.4, rng.random(30), 0).astype(np.float32)
+    rows = rng.integers(0, N_ITEMS, 200)
+    want = np.zeros(len(rows), np.float32)
+    for i, r in enumerate(rows):
+        for cat in item_cats.indices[item_cats.indptr[r]:item_cats.indptr[r + 1]]:
+            np.maximum.at(want, i, share[cat])
+    np.testing.assert_array_equal(max_share(item_cats, rows, share), want)
+    share[item_cats.indices[0]] = np.nan
+    owner = int(np.searchsorted(item_cats.indptr, 0, side="right") - 1)
+    assert np.isnan(max_share(item_cats, np.array([owner]), share)[0])
+
+
+def test_max_share_refuses_a_category_outside_the_shares():
+    item_cats = Csr(np.array([0, 1, 3], np.int64), np.array([0, 1, 5], np.int32))
+    with pytest.raises(ValueError, match=r"row 1 names a category outside the 4 known"):
+        max_share(item_cats, np.array([0, 1]), np.zeros(4, np.float32))
