@@ -10,6 +10,7 @@ forwarded; a worker that dies unexpectedly is replaced.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from server.config import ServerConfig
 log = logging.getLogger("server.workers")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def parse_args(argv: list[str] | None) -> ServerConfig:
@@ -87,6 +89,22 @@ class GroupProcessCollector:
         yield from merged.values()
 
 
+def _stop_with_parent(parent_pid: int) -> None:
+    """Have the kernel send this worker SIGTERM when the supervisor dies.
+
+    A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers;
+    without this they would go on serving the shared port, unsupervised and
+    invisible to the supervisor's metrics, until someone found them. SIGTERM is
+    blocked until the worker's handlers are in place, so it then drains cleanly.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("cannot ask to be stopped with the supervisor", extra={"errno": ctypes.get_errno()})
+    if os.getppid() != parent_pid:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _write_ready(path: str, doc: dict) -> None:
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps(doc))
@@ -121,6 +139,7 @@ def supervise(config: ServerConfig) -> int:
 
     ready_r, ready_w = os.pipe()
     workers: dict[int, int] = {}  # pid -> slot
+    supervisor_pid = os.getpid()
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -131,6 +150,7 @@ def supervise(config: ServerConfig) -> int:
                 # Held back until serve() has its handlers: a stop during start-up then
                 # drains cleanly instead of killing the worker half-started.
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
+                _stop_with_parent(supervisor_pid)
                 from server import app
 
                 code = app.serve(worker_config, preloaded=preloaded, reuse_port=True,

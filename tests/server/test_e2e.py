@@ -27,8 +27,8 @@ def running(artifacts, tmp_path_factory):
     yield proc, ready, channel
     channel.close()
     if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+        proc.send_signal(signal.SIGTERM)  # the supervisor stops its workers
+        proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -81,3 +81,28 @@ def test_a_killed_worker_is_replaced_and_service_continues(two_workers):
     assert len(children) == 2 and victim not in children
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(two_workers):
+    proc, ready = two_workers
+    workers = ready["worker_pids"]
+    proc.kill()  # SIGKILL: the supervisor gets no chance to stop them itself
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    alive = workers
+    while time.monotonic() < deadline and alive:
+        alive = [pid for pid in workers if _running(pid)]
+        time.sleep(0.1)
+    assert alive == [], f"workers {alive} outlived their supervisor"
+    with pytest.raises(grpc.RpcError):  # nobody serves the port any more
+        with grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}") as ch:
+            ranking_pb2_grpc.RankingServiceStub(ch).Rank(pb.RankRequest(user_id="u2"), timeout=2)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphaned worker is reaped by init, not by us)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
