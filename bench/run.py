@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3000, help="per load run, upper bound")
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
     p.add_argument("--budget-ms", type=int, default=10, help="budget of the budgeted run")
+    p.add_argument("--budget-requests", type=int, default=10_000,
+                   help="upper bound of the budgeted run: its p99.9 needs thousands of requests "
+                        "(of 2000, it is the second slowest)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--build-set", action="append", default=["rerank_max_queries=5000", 'rerank_split="temporal"'],
                    metavar="KEY=VALUE", help="extra build settings (the ladder report is always off here)")
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         r = measured_load(server_pids, info["grpc_port"], users_file, c, a.requests, a.duration)
         report["real"].append(r)
         print("real", json.dumps(r), flush=True)
-    budgeted = loadgen(info["grpc_port"], users_file, 8, a.requests, a.duration, budget_ms=a.budget_ms)
+    budgeted = loadgen(info["grpc_port"], users_file, 8, a.budget_requests, a.duration, budget_ms=a.budget_ms)
     report["budgeted"] = budgeted
     print("budgeted", json.dumps(budgeted), flush=True)
     report["stage_mean_ms"] = scrape_stages(info["metrics_port"])
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "saturation_qps": best_real, "bare_saturation_qps": best_bare,
         "throughput_ratio_vs_bare": best_real / best_bare,
         "p99_ms_at_c8": c8["p99_ms"],
-        "budgeted_p999_ms": budgeted["p999_ms"], "budget_ms": a.budget_ms,
+        "budgeted_p999_ms": budgeted["p999_ms"], "budget_ms": a.budget_ms, "budgeted_requests": budgeted["requests"],
         "budgeted_server_p999_ms": budgeted["server"].get("p999_ms", float("nan")),
         "budgeted_degraded_ratio": budgeted["degraded"] / max(budgeted["requests"], 1),
         "ann_recall": report["raw_faiss"]["recall_at_k"],
@@ -334,8 +337,8 @@ def markdown(r: dict) -> str:
         f"| saturation throughput vs bare gRPC | {s['saturation_qps']:.0f} / {s['bare_saturation_qps']:.0f} qps = "
         f"**{s['throughput_ratio_vs_bare']:.2f}** | >= 0.6 |",
         f"| p99 at concurrency 8 | **{s['p99_ms_at_c8']:.2f} ms** | <= 5 ms |",
-        f"| p99.9 server time with budget {s['budget_ms']} ms (client: {s['budgeted_p999_ms']:.2f} ms; "
-        f"{100 * s['budgeted_degraded_ratio']:.1f}% degraded) | **{s['budgeted_server_p999_ms']:.2f} ms** "
+        f"| p99.9 server time with budget {s['budget_ms']} ms, c=8, {s['budgeted_requests']} requests "
+        f"(client: {s['budgeted_p999_ms']:.2f} ms; {100 * s['budgeted_degraded_ratio']:.1f}% degraded) | **{s['budgeted_server_p999_ms']:.2f} ms** "
         f"| <= budget + 1 ms |",
         f"| ANN recall of the candidate set: exact top-10 within the {r['raw_faiss']['k']} candidates | "
         f"**{s['ann_top10_in_candidates']:.3f}** | >= 0.95 |",
