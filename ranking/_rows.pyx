@@ -7,17 +7,18 @@ item row) and allocates the outputs. Compiler directives come from ``setup.py``.
 Each request touches a few hundred candidates and a few thousand CSR entries,
 so the NumPy versions of these walks (repeat/cumsum gathers, sort-based
 ``unique``/``isin``/``searchsorted``) spent their time in call overhead and
-sorting. Here every walk is one pass: a candidate's position comes from a dense
+sorting. Here every walk is one pass: an item's position (among a request's
+candidates, or among the items a walk meets, in order) comes from a dense
 ``slot`` array (item row -> position, -1 elsewhere) and first visits from a
 dense ``mark`` array; both are handed in clean and handed back clean.
 
 Layers (as in sklearn's ``_loss``):
 
 1. ``_first_visit``, ``_row_max``: scalars, ``cdef inline ... noexcept nogil``.
-2. ``_unique_loop`` / ``_scatter_sum_loop`` / ``_accumulate_loop`` /
-   ``_max_share_loop``: loops over typed memoryviews, nogil; a bad id is
-   reported by a negative return value, never raised inside nogil.
-3. ``unique_in_order`` / ``scatter_sum`` / ``accumulate`` / ``max_share``:
+2. ``_unique_loop`` / ``_sum_rows_loop`` / ``_max_share_loop``: loops over
+   typed memoryviews, nogil; a bad id is reported by a negative return value,
+   never raised inside nogil.
+3. ``unique_in_order`` / ``sum_rows`` / ``max_share``:
    Python-visible entries releasing the GIL around the loop.
 4. ``ranking.rows``: the public wrapper.
 
@@ -95,17 +96,21 @@ cdef Py_ssize_t _unique_loop(
     return n
 
 
-cdef Py_ssize_t _scatter_sum_loop(
+cdef Py_ssize_t _sum_rows_loop(
     const int64_t[::1] indptr,  # IN (n_rows + 1,) CSR row starts
     const int32_t[::1] indices,  # IN (nnz,) item rows
     const float32_t[::1] values,  # IN (nnz,) entry values
     const int32_t[::1] sources,  # IN (s,) rows to walk
     const float32_t[::1] weights,  # IN (s,) weight per source
-    const int32_t[::1] slot,  # IN (n_items,) candidate position per item row, -1 elsewhere
-    float64_t[::1] out,  # IN/OUT (n_candidates,) sums per candidate
+    int32_t[::1] slot,  # IN/OUT (n_items,) position of an item in out, -1 elsewhere
+    bint grow,  # IN give an item met for the first time the next position (else skip it)
+    float64_t[::1] out,  # IN/OUT (positions,) sums, zero for new positions
+    int32_t[::1] items,  # OUT (positions,) with grow: the item at each new position
+    Py_ssize_t n,  # IN positions already in use (grow only)
 ) noexcept nogil:
-    """0, or -1 - j when entry ``j`` names an item outside ``slot``."""
-    cdef Py_ssize_t s, j, n_items = slot.shape[0]
+    """Positions in use after the walk; -1 - j when entry ``j`` names an item outside
+    ``slot`` (the positions this walk gave are then taken back)."""
+    cdef Py_ssize_t s, j, i, n_items = slot.shape[0], n_before = n
     cdef int32_t item, p
     cdef float32_t w
     for s in range(sources.shape[0]):
@@ -113,46 +118,19 @@ cdef Py_ssize_t _scatter_sum_loop(
         for j in range(indptr[sources[s]], indptr[sources[s] + 1]):
             item = indices[j]
             if item < 0 or item >= n_items:
+                for i in range(n_before, n):
+                    slot[items[i]] = -1
                 return -1 - j
             p = slot[item]
-            if p >= 0:
-                out[p] += <float64_t>(values[j] * w)
-    return 0
-
-
-cdef Py_ssize_t _accumulate_loop(
-    const int64_t[::1] indptr,  # IN (n_rows + 1,) CSR row starts
-    const int32_t[::1] indices,  # IN (nnz,) item rows
-    const float32_t[::1] values,  # IN (nnz,) entry values
-    const int32_t[::1] sources,  # IN (s,) rows to walk
-    const float32_t[::1] weights,  # IN (s,) weight per source
-    uint8_t[::1] mark,  # IN/OUT (n_items,) all zero in, all zero out
-    float64_t[::1] acc,  # IN/OUT (n_items,) all zero in, all zero out
-    int32_t[::1] items,  # OUT (>= entries walked,) distinct items, first seen first
-    float64_t[::1] totals,  # OUT (same,) their sums
-) noexcept nogil:
-    """Number of distinct items; -1 - j when entry ``j`` names an item outside ``mark``."""
-    cdef Py_ssize_t s, j, i, n = 0, n_items = mark.shape[0], status = 0
-    cdef int32_t item
-    cdef float32_t w
-    for s in range(sources.shape[0]):
-        w = weights[s]
-        for j in range(indptr[sources[s]], indptr[sources[s] + 1]):
-            item = indices[j]
-            if item < 0 or item >= n_items:
-                status = -1 - j
-                break
-            if _first_visit(&mark[0], item):
+            if p < 0:
+                if not grow:
+                    continue
+                p = <int32_t>n
+                slot[item] = p
                 items[n] = item
                 n += 1
-            acc[item] += <float64_t>(values[j] * w)
-        if status < 0:
-            break
-    for i in range(n):
-        totals[i] = acc[items[i]]
-        acc[items[i]] = 0.0
-        mark[items[i]] = 0
-    return status if status < 0 else n
+            out[p] += <float64_t>(values[j] * w)
+    return n
 
 
 cdef Py_ssize_t _max_share_loop(
@@ -187,22 +165,13 @@ def unique_in_order(const int32_t[::1] rows, uint8_t[::1] mark, int32_t[::1] out
     return n
 
 
-def scatter_sum(const int64_t[::1] indptr, const int32_t[::1] indices, const float32_t[::1] values,
-                const int32_t[::1] sources, const float32_t[::1] weights, const int32_t[::1] slot,
-                float64_t[::1] out):
+def sum_rows(const int64_t[::1] indptr, const int32_t[::1] indices, const float32_t[::1] values,
+             const int32_t[::1] sources, const float32_t[::1] weights, int32_t[::1] slot, bint grow,
+             float64_t[::1] out, int32_t[::1] items, Py_ssize_t n):
     cdef Py_ssize_t status
     with nogil:
-        status = _scatter_sum_loop(indptr, indices, values, sources, weights, slot, out)
+        status = _sum_rows_loop(indptr, indices, values, sources, weights, slot, grow, out, items, n)
     return status
-
-
-def accumulate(const int64_t[::1] indptr, const int32_t[::1] indices, const float32_t[::1] values,
-               const int32_t[::1] sources, const float32_t[::1] weights, uint8_t[::1] mark,
-               float64_t[::1] acc, int32_t[::1] items, float64_t[::1] totals):
-    cdef Py_ssize_t n
-    with nogil:
-        n = _accumulate_loop(indptr, indices, values, sources, weights, mark, acc, items, totals)
-    return n
 
 
 def max_share(const int64_t[::1] indptr, const int32_t[::1] indices, const int32_t[::1] rows,

@@ -94,7 +94,7 @@ class RankingModel:
         self.feature_names: list[str] = list(self.scorer.feature_names)
         self.index = read_index(b.file("index.faiss"))
         self._check_shapes()
-        # Dense per-request scratch over the item rows (candidate positions, marks, sums).
+        # Dense per-request scratch over the item rows (positions, visited marks).
         self.scratch = ItemScratch(self.n_items)
         self.load_seconds = time.perf_counter() - t0
 

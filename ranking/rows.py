@@ -2,7 +2,7 @@
 
 This wrapper owns validation, dtype/contiguity fixing, output allocation and the
 scratch arrays the compiled loops in ``ranking._rows`` need: dense over every
-item row (a candidate's position, a visited mark, a running sum), lent to one
+item row (an item's position, a visited mark), lent to one
 request at a time and handed back clean, so a request costs what it touches and
 not what the catalog holds. Other packages import only this module.
 """
@@ -17,14 +17,15 @@ from ranking import _rows
 
 __all__ = ["ItemScratch", "CandidateIndex", "max_share"]
 
+_NO_ITEMS = np.zeros(0, np.int32)  # sum_rows without grow records no items
+
 
 class _Buffers:
-    __slots__ = ("slot", "mark", "acc")
+    __slots__ = ("slot", "mark")
 
     def __init__(self, n_items: int):
-        self.slot = np.full(n_items, -1, np.int32)  # candidate position per item row, -1 elsewhere
+        self.slot = np.full(n_items, -1, np.int32)  # position per item row, -1 elsewhere
         self.mark = np.zeros(n_items, np.uint8)
-        self.acc = np.zeros(n_items, np.float64)
 
 
 def _int32_rows(name: str, rows, n_rows: int, allow_missing: bool = False) -> np.ndarray:
@@ -87,8 +88,8 @@ class CandidateIndex:
         indptr, indices, values = _csr_arrays(csr)
         src = _int32_rows("sources", sources, len(indptr) - 1)
         if len(src):
-            _check(_rows.scatter_sum(indptr, indices, values, src, _weights(weights, len(src)), self._slot, out),
-                   "a CSR row")
+            _check(_rows.sum_rows(indptr, indices, values, src, _weights(weights, len(src)), self._slot, False,
+                                  out, _NO_ITEMS, 0), "a CSR row")
         return out.astype(np.float32)
 
 
@@ -98,7 +99,7 @@ class ItemScratch:
     A pool rather than one set per thread: a server worker runs one pipeline at a
     time (``max_concurrent_ranks``) from any of its many gRPC threads, so the pool
     holds as many sets as ever ran at once: usually one. Sets are created on first
-    use; the ``slot`` array's pages are written up front (-1), the others are
+    use; the ``slot`` array's pages are written up front (-1), the marks are
     touched only where requests reach.
     """
 
@@ -142,10 +143,13 @@ class ItemScratch:
             return np.zeros(0, np.int32), np.zeros(0, np.float64)
         total = int((indptr[src.astype(np.int64) + 1] - indptr[src]).sum())
         items = np.empty(total, np.int32)
-        totals = np.empty(total, np.float64)
+        totals = np.zeros(total, np.float64)
         with self._lend() as buf:
-            n = _check(_rows.accumulate(indptr, indices, values, src, _weights(weights, len(src)), buf.mark,
-                                        buf.acc, items, totals), "a CSR row")
+            n = _rows.sum_rows(indptr, indices, values, src, _weights(weights, len(src)), buf.slot, True,
+                               totals, items, 0)
+            if n >= 0:
+                buf.slot[items[:n]] = -1  # handed back clean (a failed walk cleans up after itself)
+        _check(n, "a CSR row")
         return items[:n], totals[:n]
 
     @contextmanager
