@@ -166,9 +166,9 @@ class FeatureTables:
         self._t_end = self.data_end + 1
 
     # -- pieces used by retrieval as well ------------------------------------------
-    def covis_from(self, sources: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def covis_from(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items, summed similarity) of the neighbours of ``sources``, best first."""
-        items, total = self.model.scratch.neighbour_sums(self.covis, sources, weights)
+        items, total = self.model.scratch.neighbour_sums(self.covis, sources)
         order = np.lexsort((items, -total))
         return items[order], total[order].astype(np.float32)
 

@@ -305,7 +305,7 @@ class Ranker:
             return cands
         t, cfg = self.tables, self.config
         sources = np.concatenate([t.user_recent_items(urow) if urow >= 0 else np.zeros(0, np.int32), session])
-        covis, _ = t.covis_from(sources.astype(np.int32))
+        covis, _ = t.covis_from(sources)
         n_covis = max(1, int(cfg.covis_candidates * scale))
         pools = [cands, covis[:n_covis], t.recent_popular_items[: max(1, int(cfg.popular_candidates * scale))]]
         ease = t.ease_all(t.history(urow, session)) if t.ease is not None else None

@@ -29,6 +29,7 @@ class _Buffers:
 
 
 def _int32_rows(name: str, rows, n_rows: int, allow_missing: bool = False) -> np.ndarray:
+    """``rows`` as contiguous int32, each in 0..n_rows-1 (or -1, "none", with ``allow_missing``)."""
     arr = np.asarray(rows)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ValueError(f"{name} must be a 1-d array of integer rows, got shape {arr.shape} dtype {arr.dtype}")
@@ -120,18 +121,10 @@ class ItemScratch:
 
     def unique_in_order(self, rows) -> np.ndarray:
         """Drop -1 and repeated rows, keeping each first occurrence in place (int32)."""
-        arr = np.asarray(rows)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-            raise ValueError(f"rows must be a 1-d array of integer rows, got shape {arr.shape} dtype {arr.dtype}")
-        if arr.size and int(arr.max()) > np.iinfo(np.int32).max:
-            raise ValueError(f"rows holds row {int(arr.max())}, outside the catalog of {self.n_items} items")
-        arr = np.ascontiguousarray(arr, dtype=np.int32)
+        arr = _int32_rows("rows", rows, self.n_items, allow_missing=True)
         out = np.empty(len(arr), np.int32)
         with self._lend() as buf:
-            n = _rows.unique_in_order(arr, buf.mark, out)
-        if n < 0:
-            raise ValueError(f"rows holds row {int(arr[-1 - n])} at position {-1 - n}, "
-                             f"outside the catalog of {self.n_items} items")
+            n = _check(_rows.unique_in_order(arr, buf.mark, out), "rows")
         return out[:n]
 
     def neighbour_sums(self, csr, sources, weights=None) -> tuple[np.ndarray, np.ndarray]:

@@ -40,20 +40,35 @@ def test_unique_in_order_keeps_first_occurrences(seed):
     rng = np.random.default_rng(seed)
     rows = rng.integers(-1, 60, 300)
     scratch = ItemScratch(N_ITEMS)
-    got = scratch.unique_in_order(rows)
-    kept = rows[rows >= 0]
-    _, first = np.unique(kept, return_index=True)
-    np.testing.assert_array_equal(got, kept[np.sort(first)])
-    assert got.dtype == np.int32
+    for order in (rows, rows[::-1]):  # the second call reuses the first one's marks: they must come back clean
+        got = scratch.unique_in_order(order)
+        kept = order[order >= 0]
+        _, first = np.unique(kept, return_index=True)
+        np.testing.assert_array_equal(got, kept[np.sort(first)])
+        assert got.dtype == np.int32
+    assert len(scratch._free) == 1
     _assert_clean(scratch)
-    # The same scratch serves the next call from clean marks.
-    np.testing.assert_array_equal(scratch.unique_in_order(rows[::-1]), scratch.unique_in_order(rows[::-1].copy()))
+
+
+def test_unique_kernel_reports_a_row_outside_its_marks_and_clears_them():
+    # The wrapper validates first; the compiled loop still refuses on its own (nogil, no raise).
+    from ranking import _rows
+
+    mark = np.zeros(10, np.uint8)
+    out = np.empty(5, np.int32)
+    assert _rows.unique_in_order(np.array([3, 5, 3, 12, 4], np.int32), mark, out) == -1 - 3
+    assert not mark.any()
+    assert _rows.unique_in_order(np.array([3, -1, 5, 3], np.int32), mark, out) == 2
+    np.testing.assert_array_equal(out[:2], [3, 5])
+    assert not mark.any()
 
 
 def test_unique_in_order_refuses_a_row_outside_the_catalog_and_stays_clean():
     scratch = ItemScratch(N_ITEMS)
-    with pytest.raises(ValueError, match=r"row 500 at position 3, outside the catalog of 500 items"):
+    with pytest.raises(ValueError, match=r"rows holds row 500, outside 0..499"):
         scratch.unique_in_order(np.array([4, 7, 4, 500, 9]))
+    with pytest.raises(ValueError, match=r"rows holds row -3"):  # -1 means "none"; anything lower is a bug
+        scratch.unique_in_order(np.array([4, -1, -3]))
     _assert_clean(scratch)
     with pytest.raises(ValueError, match="integer rows"):
         scratch.unique_in_order(np.array([1.5, 2.0]))
