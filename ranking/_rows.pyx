@@ -19,7 +19,11 @@ Layers (as in sklearn's ``_loss``):
    typed memoryviews, nogil; a bad id is reported by a negative return value,
    never raised inside nogil.
 3. ``unique_in_order`` / ``sum_rows`` / ``max_share``:
-   Python-visible entries releasing the GIL around the loop.
+   Python-visible entries. They keep the GIL: a walk takes a few microseconds,
+   and a thread that lets go of the GIL for that long must then wait for it
+   behind whichever thread took it (another request's Python, the gRPC poller),
+   which costs more than the walk. The scoring loop, hundreds of microseconds,
+   does release it.
 4. ``ranking.rows``: the public wrapper.
 
 Sums match ``np.bincount``: each entry's ``value * weight`` is formed in
@@ -160,8 +164,7 @@ cdef Py_ssize_t _max_share_loop(
 
 def unique_in_order(const int32_t[::1] rows, uint8_t[::1] mark, int32_t[::1] out):
     cdef Py_ssize_t n
-    with nogil:
-        n = _unique_loop(rows, mark, out)
+    n = _unique_loop(rows, mark, out)
     return n
 
 
@@ -169,14 +172,12 @@ def sum_rows(const int64_t[::1] indptr, const int32_t[::1] indices, const float3
              const int32_t[::1] sources, const float32_t[::1] weights, int32_t[::1] slot, bint grow,
              float64_t[::1] out, int32_t[::1] items, Py_ssize_t n):
     cdef Py_ssize_t status
-    with nogil:
-        status = _sum_rows_loop(indptr, indices, values, sources, weights, slot, grow, out, items, n)
+    status = _sum_rows_loop(indptr, indices, values, sources, weights, slot, grow, out, items, n)
     return status
 
 
 def max_share(const int64_t[::1] indptr, const int32_t[::1] indices, const int32_t[::1] rows,
               const float32_t[::1] share, float32_t[::1] out):
     cdef Py_ssize_t status
-    with nogil:
-        status = _max_share_loop(indptr, indices, rows, share, out)
+    status = _max_share_loop(indptr, indices, rows, share, out)
     return status
