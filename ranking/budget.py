@@ -4,6 +4,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+# How far past its budget a Rank may answer and still count as on time: the server's
+# promise is "never more than budget + 1 ms" (README, "The request budget"). Later
+# answers are counted (``one2one_rank_late_total``) and logged.
+LATE_ALLOWANCE_MS = 1.0
+
 
 def effective_budget_ms(
     request_ms: int,

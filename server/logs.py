@@ -35,6 +35,30 @@ def current_request_id() -> str:
     return _REQUEST_ID.get()
 
 
+class Sampler:
+    """Lets one event through per ``interval`` seconds and counts the ones it held back.
+
+    For log lines that could come with every request under overload (a late answer):
+    one line a second says what is happening, and how often, without flooding the log.
+    Thread-safe enough for that: a lost count under a race only understates ``held``.
+    """
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def take(self) -> int | None:
+        """None when this event is held back; otherwise how many were held back since the last one."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self.interval
+        held, self._held = self._held, 0
+        return held
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {

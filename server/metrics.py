@@ -66,6 +66,9 @@ RANK_FALLBACKS = Counter(
     "one2one_rank_fallbacks", "Rank requests served below ONE_TO_ONE, by reason.", ["reason"])
 RANK_DEGRADED = Counter(
     "one2one_rank_degraded", "Rank responses that cut work to meet the budget, by stage.", ["stage"])
+RANK_LATE = Counter(
+    "one2one_rank_late", "Rank responses sent more than 1 ms after their own budget ran out "
+    "(server time; the budget is the request's, the deadline's or the default, whichever is least).")
 RANK_EMPTY = Counter(
     "one2one_rank_empty_results", "Rank responses with no item (filters or exclusions left nothing).")
 RANK_CANDIDATES = Histogram(

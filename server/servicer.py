@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
-from ranking.budget import Budget, effective_budget_ms
+from ranking.budget import LATE_ALLOWANCE_MS, Budget, effective_budget_ms
 from ranking.errors import RankingError, Unavailable
 from ranking.events import Event
 from ranking.pipeline import RankResult
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SERVER_TIME_KEY = "one2one-server-ms"
+_LATE_LOG = logs.Sampler(1.0)
 
 
 def query_from_proto(req: ranking_pb2.RankRequest) -> RankQuery:
@@ -97,6 +98,24 @@ def observe(result: RankResult) -> None:
         metrics.STAGE_DURATION.labels(stage).observe(seconds)
 
 
+def late(result: RankResult, server_ms: float, budget_ms: float) -> None:
+    """Count a response sent after its budget and the allowance; log one such a second.
+
+    The line says where the time went: each stage, and the time outside every stage
+    (waiting for the GIL or a core between stages, a slow caller-side hop before the
+    pipeline), so the late tail can be told apart from a slow stage.
+    """
+    metrics.RANK_LATE.inc()
+    held = _LATE_LOG.take()
+    if held is None:
+        return
+    stages_ms = {stage: round(seconds * 1000.0, 3) for stage, seconds in result.stage_seconds.items()}
+    log.warning("rank answered late", extra={
+        "server_ms": round(server_ms, 3), "budget_ms": round(budget_ms, 3), "stages_ms": stages_ms,
+        "outside_stages_ms": round(server_ms - sum(stages_ms.values()), 3),
+        "degraded_stages": result.degraded_stages, "late_not_logged": held})
+
+
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Thin servicer: translate, call the ranker, translate back; errors map in one place."""
 
@@ -146,8 +165,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             observe(result)
             log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
                                        "model_version": result.model_version, "degraded": result.degraded})
+            server_ms = (time.perf_counter() - started) * 1000
+            if server_ms > budget.total_ms + LATE_ALLOWANCE_MS:
+                late(result, server_ms, budget.total_ms)
             # Server time of this call, for clients and load tests checking the budget.
-            context.set_trailing_metadata(((SERVER_TIME_KEY, f"{(time.perf_counter() - started) * 1000:.3f}"),))
+            context.set_trailing_metadata(((SERVER_TIME_KEY, f"{server_ms:.3f}"),))
             return response
 
     def RecordEvents(self, request: ranking_pb2.RecordEventsRequest,

@@ -94,6 +94,11 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Share of Rank calls over the default budget (alert above 1%)", [
             (f"one2one:rank_over_budget:ratio_rate5m{{{J}}}", "{{job}}")], "percentunit",
             thresholds=[("green", None), ("red", 0.01)]),
+        panel("Share of Rank responses sent after their own budget + 1 ms (alert above 0.1%)", [
+            (f"one2one:rank_late:ratio_rate5m{{{J}}}", "{{job}}")], "percentunit",
+            thresholds=[("green", None), ("orange", 0.001)],
+            description="Exact, per request: each request's own budget against the server's clock. "
+                        "The server logs one 'rank answered late' line a second with the stage times."),
         panel("Candidates retrieved and scored per request (median)", [
             (quantile(0.5, "one2one_rank_candidates"), "retrieved"),
             (quantile(0.5, "one2one_rank_scored_candidates"), "scored")]),

@@ -16,6 +16,7 @@ RULES_TEST = DEPLOY / "prometheus" / "rules_test.yml"
 REQUIRED_ALERTS = {
     "error ratio": "One2oneErrorRatioHigh",
     "p99 over budget": "One2oneRankP99OverBudget",
+    "budget + 1 ms broken at the p99.9": "One2oneRankAnsweredLate",
     "degraded ratio": "One2oneDegradedRatioHigh",
     "fallback ratio spike": "One2oneFallbackRatioSpike",
     "stale bundle": "One2oneBundleStale",

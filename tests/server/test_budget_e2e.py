@@ -1,4 +1,5 @@
 """The request budget over a real server: a slow stage makes budgeted requests degrade, in time."""
+import json
 import time
 import urllib.request
 
@@ -114,3 +115,37 @@ def test_an_unbudgeted_request_waits_for_the_slot_and_is_served_in_full(one_at_a
     assert not second.degraded
     server_ms = float(dict(call.trailing_metadata())["one2one-server-ms"])
     assert server_ms >= 1000  # its own full pipeline, after waiting for the first
+
+
+@pytest.fixture(scope="module")
+def late_server(artifacts, tmp_path_factory):
+    """Every Rank first sleeps 30 ms (test-only, before any stage), so a 10 ms budget cannot hold."""
+    tmp = tmp_path_factory.mktemp("late")
+    for ready_stub in _serve(artifacts, tmp, "debug_rank_delay_ms = 30\n"):
+        yield (*ready_stub, tmp / "server.log")
+
+
+def _late_total(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("one2one_rank_late_total "))
+
+
+def test_responses_sent_after_their_budget_are_counted_and_logged_once_a_second(late_server):
+    ready, stub, log_path = late_server
+    assert _late_total(ready["metrics_port"]) == 0  # exported before the first late answer
+    on_time = stub.Rank(pb.RankRequest(user_id="u1", budget_ms=1000), timeout=10)
+    assert not on_time.degraded and _late_total(ready["metrics_port"]) == 0
+    for _ in range(3):
+        late = stub.Rank(pb.RankRequest(user_id="u1", budget_ms=10), timeout=10)
+        assert late.degraded and len(late.items) == 10  # still an answer, the cheapest there was
+    assert _late_total(ready["metrics_port"]) == 3
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    logged = [d for d in lines if d.get("msg") == "rank answered late"]
+    assert len(logged) == 1, "three late answers within a second: one line, the others counted"
+    first = logged[0]
+    assert first["level"] == "warning" and first["budget_ms"] == 10 and first["server_ms"] >= 30
+    # The 30 ms were spent before the pipeline: outside every stage, and said so.
+    assert first["outside_stages_ms"] >= 25 and first["late_not_logged"] == 0
+    assert first["degraded_stages"] == list(late.degraded_stages) and "retrieve" in first["stages_ms"]
+    assert first["request_id"]

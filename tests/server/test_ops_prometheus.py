@@ -33,7 +33,7 @@ GRAFANA_VARS = {"$__rate_interval": "20s", "$job": "one2one"}
 NEEDS_HISTORY = {"One2oneFallbackRatioSpike": ["one2one:rank_fallbacks:ratio_rate5m",
                                                "one2one:rank_fallbacks:ratio_rate6h"]}
 # Alerts whose condition the setup creates: each must be pending or firing.
-CREATED = {"One2oneErrorRatioHigh", "One2oneRankP99OverBudget", "One2oneDegradedRatioHigh",
+CREATED = {"One2oneErrorRatioHigh", "One2oneRankP99OverBudget", "One2oneRankAnsweredLate", "One2oneDegradedRatioHigh",
            "One2oneBundleStale", "One2oneBundleReloadFailed", "One2oneNotServing"}
 
 
