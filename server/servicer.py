@@ -102,7 +102,7 @@ def late(result: RankResult, server_ms: float, budget_ms: float) -> None:
     """Count a response sent after its budget and the allowance; log one such a second.
 
     The line says where the time went: each stage, and the time outside every stage
-    (waiting for the GIL or a core between stages, a slow caller-side hop before the
+    (waiting for the GIL or a core between stages, translating the request before the
     pipeline), so the late tail can be told apart from a slow stage.
     """
     metrics.RANK_LATE.inc()
