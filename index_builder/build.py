@@ -28,7 +28,7 @@ from ranking.bundle import BundleWriter
 from ranking.features import CONTEXT_FIELDS, FEATURE_NAMES
 from ranking.pipeline import FEATURES
 from ranking.reranker import add_trees
-from ranking.retrieval import ann_search
+from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, ExactHead, ann_search
 from ranking.user_state import item_gram
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,18 @@ def ann_recall(index: faiss.Index, item_factors: np.ndarray, queries: np.ndarray
     _, got = ann_search(index, queries, k, effort)
     hits = [len(np.intersect1d(t[t >= 0], g[g >= 0])) / max(1, (t >= 0).sum()) for t, g in zip(truth, got)]
     return float(np.mean(hits))
+
+
+def exact_head_share(item_factors: np.ndarray, queries: np.ndarray, k: int,
+                     size: int = DEFAULT_EXACT_HEAD_ITEMS) -> float:
+    """Share of queries whose exact top-k the server's exact head (the ``size`` largest-norm
+    items, ``ranking.retrieval.ExactHead``) proves; the rest are served by the ANN index."""
+    if len(queries) == 0 or k == 0:
+        return float("nan")
+    head = ExactHead(item_factors, size)
+    if k > head.size:
+        return 0.0
+    return float(head.search(np.ascontiguousarray(queries, dtype=np.float32), k)[2].mean())
 
 
 def _scoring_section(events: pa.Table, items: Path, users: Path | None, cfg: BuildConfig) -> dict:
@@ -238,6 +250,8 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
     sample = rng.choice(with_hist, size=min(cfg.eval_users, len(with_hist)), replace=False)
     rcfg = RankerConfig()
     recall = ann_recall(index, item_factors, user_factors[sample], min(cfg.eval_candidates, n_items), rcfg.ann_effort)
+    head_share = exact_head_share(item_factors, user_factors[sample], min(cfg.eval_candidates, n_items),
+                                  rcfg.exact_head_items)
     steps.set_postfix_str("evaluate"); steps.update()
 
     uid_np = np.asarray(user_ids.to_pylist(), dtype=str)
@@ -290,6 +304,9 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
             "scoring": scoring_section,
             "evaluation": {f"ann_recall_at_{min(cfg.eval_candidates, n_items)}": recall,
                            "ann_eval_users": int(len(sample)),
+                           # The server's default exact_head_items, and the share of those users it proves exact.
+                           "exact_head_items": rcfg.exact_head_items,
+                           "exact_head_share": head_share,
                            "ladder": _ladder_section(events, items, users, cfg)},
             "data_profile": data_profile(ev, inp.items, cfg),
             "build_seconds": round(time.perf_counter() - t_start, 3),

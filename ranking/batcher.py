@@ -5,10 +5,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 
-from ranking.retrieval import ann_search
+from ranking.retrieval import Retriever
 
 
 @dataclass
@@ -18,11 +17,12 @@ class _Slot:
     effort: int
     done: threading.Event = field(default_factory=threading.Event)
     rows: np.ndarray | None = None
+    exact: bool = False
     error: BaseException | None = None
 
 
 class AnnBatcher:
-    """Groups the ANN queries of concurrent requests into one ``index.search`` call.
+    """Groups the retrieval queries of concurrent requests into one search.
 
     Leader/follower, no extra thread: the first request to arrive when nobody is
     collecting becomes the leader, waits at most ``max_wait_us`` (less when its own
@@ -32,15 +32,15 @@ class AnnBatcher:
 
     Parameters
     ----------
-    index : faiss.Index
+    retriever : Retriever
     max_batch : int
         Largest batch; 1 disables batching (every query searches alone).
     max_wait_us : float
         Longest a leader waits for company.
     """
 
-    def __init__(self, index: faiss.Index, max_batch: int = 8, max_wait_us: float = 300.0):
-        self.index = index
+    def __init__(self, retriever: Retriever, max_batch: int = 8, max_wait_us: float = 300.0):
+        self.retriever = retriever
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max_wait_us / 1e6
         self._cv = threading.Condition()
@@ -49,10 +49,13 @@ class AnnBatcher:
         self.batches = 0
         self.queries = 0
 
-    def search(self, query: np.ndarray, k: int, effort: int, remaining_ms: float = float("inf")) -> np.ndarray:
-        """Rows of the ``k`` nearest items to ``query`` (int64, -1 padded)."""
+    def search(self, query: np.ndarray, k: int, effort: int,
+               remaining_ms: float = float("inf")) -> tuple[np.ndarray, bool]:
+        """Rows of the ``k`` nearest items to ``query`` (int64, -1 padded), and whether the
+        exact head found them (:class:`~ranking.retrieval.Retriever`)."""
         if self.max_batch == 1:
-            return ann_search(self.index, query[None, :], k, effort)[1][0]
+            rows, exact = self.retriever.search(query[None, :], k, effort)
+            return rows[0], bool(exact[0])
         slot = _Slot(np.asarray(query, dtype=np.float32), k, effort)
         with self._cv:
             self._queue.append(slot)
@@ -66,7 +69,7 @@ class AnnBatcher:
             slot.done.wait()
             if slot.error is not None:
                 raise slot.error
-            return slot.rows  # type: ignore[return-value]
+            return slot.rows, slot.exact  # type: ignore[return-value]
         # The leader never spends more than a tenth of its own remaining budget waiting.
         wait = min(self.max_wait_s, max(0.0, remaining_ms / 1e4))
         deadline = time.monotonic() + wait
@@ -80,13 +83,13 @@ class AnnBatcher:
             self._collecting = False  # the next arrival leads the next batch
         for i in range(0, len(batch), self.max_batch):
             self._run(batch[i:i + self.max_batch])
-        return slot.rows  # type: ignore[return-value]
+        return slot.rows, slot.exact  # type: ignore[return-value]
 
     def _run(self, batch: list[_Slot]) -> None:
         k = max(s.k for s in batch)
         effort = max(s.effort for s in batch)
         try:
-            _, rows = ann_search(self.index, np.stack([s.query for s in batch]), k, effort)
+            rows, exact = self.retriever.search(np.stack([s.query for s in batch]), k, effort)
         except BaseException as exc:  # handed to every waiter, raised in its own thread
             for s in batch:
                 s.error = exc
@@ -94,6 +97,7 @@ class AnnBatcher:
             raise
         self.batches += 1
         self.queries += len(batch)
-        for s, r in zip(batch, rows):
+        for s, r, e in zip(batch, rows, exact):
             s.rows = r[: s.k]
+            s.exact = bool(e)
             s.done.set()

@@ -12,6 +12,7 @@ from ranking.bundle import Bundle
 from ranking.errors import BundleError
 from ranking.ids import IdMap
 from ranking.reranker import load_scorer
+from ranking.retrieval import ExactHead
 from ranking.rows import ItemScratch
 from ranking.segments import SegmentScheme
 
@@ -96,7 +97,19 @@ class RankingModel:
         self._check_shapes()
         # Dense per-request scratch over the item rows (positions, visited marks).
         self.scratch = ItemScratch(self.n_items)
+        self._heads: dict[int, ExactHead] = {}
         self.load_seconds = time.perf_counter() - t0
+
+    def exact_head(self, size: int) -> ExactHead:
+        """The exact-search head of the ``size`` largest-norm items, built once per size.
+
+        Built where the model is loaded: the server's supervisor builds it before forking,
+        so the workers share it copy-on-write like the index.
+        """
+        head = self._heads.get(size)
+        if head is None:
+            head = self._heads[size] = ExactHead(self.item_factors, size)
+        return head
 
     @property
     def n_items(self) -> int:

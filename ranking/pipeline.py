@@ -16,6 +16,7 @@ from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.features import FEATURE_NAMES, FeatureTables, Request
 from ranking.model import Csr, RankingModel
 from ranking.query import QueryLimits, RankQuery
+from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, Retriever
 
 if TYPE_CHECKING:
     from ranking.overlay import RankOverlay
@@ -47,6 +48,8 @@ class RankerConfig:
     debug_delay_us_per_candidate: dict[str, float] = field(default_factory=dict)
     ann_batch_size: int = 1
     ann_batch_wait_us: float = 300.0
+    # Items of largest norm searched exactly before the ANN index (ranking.retrieval); 0: off.
+    exact_head_items: int = DEFAULT_EXACT_HEAD_ITEMS
 
 
 @dataclass
@@ -64,6 +67,8 @@ class RankResult:
     n_scored: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     applied_rules: list[str] = field(default_factory=list)
+    # How the embedding search found the candidates: "exact_head", "ann" or "none".
+    retrieval: str = "none"
 
     @property
     def degraded(self) -> bool:
@@ -82,6 +87,7 @@ class Prepared:
     features: np.ndarray | None
     offsets: np.ndarray | None = None
     offset_parts: dict[str, np.ndarray] = field(default_factory=dict)
+    retrieval: str = "none"
 
 
 def rows_match_any(csr: Csr, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -148,7 +154,9 @@ class Ranker:
                 raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
             self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
         self.costs = CostModel()
-        self.ann = AnnBatcher(model.index, self.config.ann_batch_size, self.config.ann_batch_wait_us)
+        n_head = self.config.exact_head_items
+        retriever = Retriever(model.index, model.exact_head(n_head) if n_head > 0 else None)
+        self.ann = AnnBatcher(retriever, self.config.ann_batch_size, self.config.ann_batch_wait_us)
         # Offsets (rules, real-time signals) are given in units of the model's typical
         # score spread among a request's candidates, measured by warm(): a penalty of 1
         # then means the same for a linear model and for trees.
@@ -225,21 +233,24 @@ class Ranker:
 
     # -- retrieve --------------------------------------------------------------
     def _retrieve(self, q: RankQuery, rung: Rung, urow: int, qvec: np.ndarray | None, seg: int,
-                  n_candidates: int, effort: int, remaining_ms: float = float("inf")) -> np.ndarray:
+                  n_candidates: int, effort: int, remaining_ms: float = float("inf")) -> tuple[np.ndarray, str]:
+        """Candidate rows, and how the embedding search found them ("exact_head", "ann", "none")."""
         m, cfg = self.model, self.config
         if q.candidate_item_ids:
-            return m.scratch.unique_in_order(m.items.lookup(q.candidate_item_ids))
-        pools = []
+            return m.scratch.unique_in_order(m.items.lookup(q.candidate_item_ids)), "none"
+        pools, path = [], "none"
         if qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
             slack = 0
             if urow >= 0:
                 slack = min(int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow]), cfg.max_consumed_slack)
-            pools.append(self.ann.search(qvec, n_candidates + slack, effort, remaining_ms))
+            rows, exact = self.ann.search(qvec, n_candidates + slack, effort, remaining_ms)
+            pools.append(rows)
+            path = "exact_head" if exact else "ann"
         if seg >= 0:
             pools.append(m.segment_popular.row(seg)[:n_candidates])
         n_pop = min(cfg.popular_candidates, n_candidates) if pools else n_candidates
         pools.append(m.popular_items[:n_pop])
-        return m.scratch.unique_in_order(np.concatenate(pools))
+        return m.scratch.unique_in_order(np.concatenate(pools)), path
 
     # -- rules -----------------------------------------------------------------
     def _mask(self, q: RankQuery, rung: Rung, urow: int, cands: np.ndarray, session: np.ndarray) -> np.ndarray:
@@ -338,7 +349,7 @@ class Ranker:
         clock.lap("resolve")
         n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, cfg.ann_effort)
         remaining = budget.remaining_ms() if budget else float("inf")
-        cands = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
+        cands, path = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
         cands = self._more_candidates(q, urow, session, cands, n_cands / max(cfg.n_candidates, 1))
         self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
@@ -356,7 +367,7 @@ class Ranker:
                 feats = self._features(cands, qvec, seg)
             self._debug_delay("features", len(cands))
             clock.lap("features")
-        return Prepared(rung, reason, urow, cands, mask, feats, offsets, offset_parts)
+        return Prepared(rung, reason, urow, cands, mask, feats, offsets, offset_parts, path)
 
     # -- rank ------------------------------------------------------------------
     def rank(self, q: RankQuery, budget: Budget | None = None, overlay: "RankOverlay | None" = None, *,
@@ -450,4 +461,5 @@ class Ranker:
             n_scored=int(top.n_scored),
             stage_seconds=timings,
             applied_rules=overlay.applied_rules if overlay is not None else [],
+            retrieval=prep.retrieval,
         )

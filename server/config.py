@@ -36,6 +36,7 @@ class ServerConfig:
     n_candidates: int = 200
     popular_candidates: int = 50
     ann_effort: int = 128
+    exact_head_items: int = 16384
     max_results: int = 100
     log_level: str = "INFO"
     ready_file: str = ""
@@ -122,6 +123,8 @@ class ServerConfig:
             problems.append("gil_switch_interval_us must be > 0")
         if self.max_concurrent_ranks < 0:
             problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
+        if self.exact_head_items < 0:
+            problems.append(f"exact_head_items {self.exact_head_items} must be >= 0 (0: ANN search only)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:
             problems.append("ann_batch_size must be >= 1 and ann_batch_wait_us >= 0")
         try:
@@ -185,6 +188,7 @@ class ServerConfig:
             n_candidates=self.n_candidates,
             popular_candidates=self.popular_candidates,
             ann_effort=self.ann_effort,
+            exact_head_items=self.exact_head_items,
             limits=QueryLimits(max_results=self.max_results),
             debug_delay_us_per_candidate=self.debug_delays(),
             # A batch never gathers more queries than may run at once (a leader would wait for nobody).

@@ -21,6 +21,7 @@ disable_created_metrics()
 
 # The stages of a Rank, in pipeline order; "respond" is the servicer building the reply.
 STAGES = ("queue", "realtime", "resolve", "retrieve", "features", "score", "respond")
+RETRIEVAL_PATHS = ("exact_head", "ann", "none")
 LOAD_FAILURE_REASONS = ("missing", "corrupt", "incompatible", "warmup")
 RELOAD_TRIGGERS = ("startup", "poll", "signal", "admin")
 
@@ -69,6 +70,10 @@ RANK_DEGRADED = Counter(
 RANK_LATE = Counter(
     "one2one_rank_late", "Rank responses sent more than 1 ms after their own budget ran out "
     "(server time; the budget is the request's, the deadline's or the default, whichever is least).")
+RANK_RETRIEVAL = Counter(
+    "one2one_rank_retrieval", "Rank responses by how the embedding search found their candidates: "
+    "exact_head (the largest-norm items, provably the exact top k), ann (the ANN index), none (no "
+    "embedding search: popular or segment lists, explicit candidates).", ["path"])
 RANK_EMPTY = Counter(
     "one2one_rank_empty_results", "Rank responses with no item (filters or exclusions left nothing).")
 RANK_CANDIDATES = Histogram(
@@ -122,6 +127,8 @@ def init_label_sets() -> None:
         STAGE_DURATION.labels(stage)
     for stage in ("queue", "retrieve", "score", "retrieval_order"):
         RANK_DEGRADED.labels(stage)
+    for path in RETRIEVAL_PATHS:
+        RANK_RETRIEVAL.labels(path)
     BUNDLE_REFUSED.set(0)
     SERVING.set(0)
 

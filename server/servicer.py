@@ -90,6 +90,7 @@ def observe(result: RankResult) -> None:
         metrics.RANK_FALLBACKS.labels(result.fallback_reason).inc()
     for stage in result.degraded_stages:
         metrics.RANK_DEGRADED.labels(stage).inc()
+    metrics.RANK_RETRIEVAL.labels(result.retrieval).inc()
     if not result.item_ids:
         metrics.RANK_EMPTY.inc()
     metrics.RANK_CANDIDATES.observe(result.n_candidates)

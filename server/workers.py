@@ -132,6 +132,8 @@ def supervise(config: ServerConfig) -> int:
     preloaded = None
     try:
         preloaded = RankingModel(resolve_current(config.artifacts), verify=True)
+        if config.exact_head_items > 0:
+            preloaded.exact_head(config.exact_head_items)  # shared by the workers, like the index
     except (BundleError, OSError, ValueError, RuntimeError) as exc:
         # Workers keep retrying on their own; health stays NOT_SERVING until one loads.
         log.warning("no servable bundle before forking", extra={"error": str(exc)})

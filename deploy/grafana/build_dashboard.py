@@ -111,6 +111,12 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Degraded ratio by stage (alert above 5%)", [
             (share("one2one_rank_degraded_total", "stage"), "{{stage}}")], "percentunit",
             thresholds=[("green", None), ("orange", 0.05)]),
+        panel("Embedding searches answered exactly by the head", [
+            (rate("one2one_rank_retrieval_total", J + ', path="exact_head"') + "\n/\n"
+             + rate("one2one_rank_retrieval_total", J + ', path=~"exact_head|ann"'), "exact head")], "percentunit",
+            description="Share of embedding searches the exact head (the exact_head_items largest-norm items) "
+                        "proved exact; the rest searched the ANN index, slower and approximate. A falling share "
+                        "means the new bundle's popular items no longer dominate: raise exact_head_items."),
         panel("Empty results ratio", [
             (f"{rate('one2one_rank_empty_results_total')}\n/\n{rate('one2one_rank_responses_total')}", "empty")],
             "percentunit"),

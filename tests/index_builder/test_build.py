@@ -25,6 +25,8 @@ def test_manifest_records_window_counts_checksums_and_evaluation(bundle_path, sh
     assert set(m["files"]) >= {"index.faiss", "item_factors.npy", "user_factors.npy", "items.parquet"}
     recall = m["evaluation"]["ann_recall_at_200"]
     assert 0.95 <= recall <= 1.0
+    # 200 items fit in the default exact head: the server answers every user exactly.
+    assert m["evaluation"]["exact_head_items"] == 16384 and m["evaluation"]["exact_head_share"] == 1.0
 
 
 def test_cli_build_prints_the_published_path(shop_files, tmp_path):

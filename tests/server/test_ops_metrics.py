@@ -45,7 +45,7 @@ def test_every_declared_family_is_exported(live):
     for name in ["one2one_rpc_requests", "one2one_rpc_duration_seconds", "one2one_rpc_in_flight_requests",
                  "one2one_rank_stage_duration_seconds", "one2one_rank_responses", "one2one_rank_fallbacks",
                  "one2one_rank_degraded", "one2one_rank_empty_results", "one2one_rank_candidates",
-                 "one2one_rank_scored_candidates", "one2one_bundle_info", "one2one_bundle_build_timestamp_seconds",
+                 "one2one_rank_scored_candidates", "one2one_rank_retrieval", "one2one_bundle_info", "one2one_bundle_build_timestamp_seconds",
                  "one2one_bundle_load_timestamp_seconds", "one2one_bundle_load_duration_seconds",
                  "one2one_bundle_load_failures", "one2one_bundle_reloads", "one2one_bundle_refused",
                  "one2one_bundle_max_age_seconds", "one2one_rank_budget_seconds", "one2one_serving",
@@ -58,6 +58,10 @@ def test_what_the_requests_did_is_counted(live):
     assert sample(live, 'one2one_rank_responses_total{strategy="SESSION"}') >= 1
     assert sample(live, 'one2one_rank_fallbacks_total{reason="unknown_user"}') >= 1
     assert sample(live, "one2one_rank_empty_results_total") >= 1
+    # The test catalogue fits in the default exact head: every embedding search is proven exact.
+    assert sample(live, 'one2one_rank_retrieval_total{path="exact_head"}') >= 1
+    assert sample(live, 'one2one_rank_retrieval_total{path="ann"}') == 0
+    assert sample(live, 'one2one_rank_retrieval_total{path="none"}') >= 1
     bad = 'one2one_rpc_requests_total{code="INVALID_ARGUMENT",method="one2one.v1.RankingService/Rank"}'
     assert sample(live, bad) == 1
     assert sample(live, "one2one_rank_scored_candidates_count") >= 4

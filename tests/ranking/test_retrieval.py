@@ -1,0 +1,131 @@
+"""Retrieval: the exact head answers exactly when it proves its answer, the ANN index otherwise."""
+import faiss
+import numpy as np
+import pytest
+
+from ranking.model import RankingModel
+from ranking.pipeline import Ranker, RankerConfig
+from ranking.query import RankQuery
+from ranking.retrieval import ExactHead, Retriever, ann_search, row_norms
+
+D = 24
+
+
+@pytest.fixture(scope="module")
+def items():
+    rng = np.random.default_rng(11)
+    n = 20000
+    # Norms falling off like popularity does in factors trained on implicit feedback.
+    scale = (1.0 / np.arange(1, n + 1) ** 0.8)[rng.permutation(n)]
+    return (rng.standard_normal((n, D)) * scale[:, None]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return np.random.default_rng(12).standard_normal((300, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def exact(items):
+    idx = faiss.IndexFlatIP(D)
+    idx.add(items)
+    return idx
+
+
+@pytest.fixture(scope="module")
+def hnsw(items):
+    idx = faiss.IndexHNSWFlat(D, 16, faiss.METRIC_INNER_PRODUCT)
+    idx.add(items)
+    return idx
+
+
+def test_the_head_holds_the_largest_norms_and_bounds_every_other_item(items):
+    head = ExactHead(items, 500)
+    norms = row_norms(items)
+    outside = np.setdiff1d(np.arange(len(items)), head.rows)
+    assert head.size == 500 and len(np.unique(head.rows)) == 500
+    assert norms[head.rows].min() >= norms[outside].max()
+    assert norms[outside].max() <= head.bound <= norms[outside].max() * 1.001
+    np.testing.assert_allclose(row_norms(items[:3]), np.linalg.norm(items[:3].astype(np.float64), axis=1))
+
+
+def test_answers_proven_exact_are_the_exact_top_k(items, queries, exact, hnsw):
+    k = 100
+    _, truth = exact.search(queries, k)
+    rows, proven = Retriever(hnsw, ExactHead(items, 1800)).search(queries, k, 64)
+    # Both paths are exercised: some queries are proven, the rest go to the index.
+    assert 0.05 < proven.mean() < 0.95
+    for got, want in zip(rows[proven], truth[proven]):
+        assert set(got) == set(want)
+    _, ann_rows = ann_search(hnsw, queries[~proven], k, 64)
+    np.testing.assert_array_equal(rows[~proven], ann_rows)
+
+
+def test_a_bigger_head_proves_more_and_never_answers_worse(items, queries, exact, hnsw):
+    k = 100
+    _, truth = exact.search(queries, k)
+    recalls, shares = [], []
+    for size in (1600, 1800, 8000):
+        rows, proven = Retriever(hnsw, ExactHead(items, size)).search(queries, k, 64)
+        shares.append(proven.mean())
+        recalls.append(np.mean([len(np.intersect1d(g, t)) / k for g, t in zip(rows, truth)]))
+    assert shares[0] <= shares[1] <= shares[2] and shares[2] > 0.9
+    assert recalls[0] <= recalls[1] + 1e-9 <= recalls[2] + 2e-9
+
+
+def test_a_head_covering_the_catalogue_is_always_exact(items, queries, exact, hnsw):
+    small = items[:300]
+    flat = faiss.IndexFlatIP(D)
+    flat.add(small)
+    rows, proven = Retriever(flat, ExactHead(small, 10_000)).search(queries, 50, 64)
+    assert proven.all()
+    np.testing.assert_array_equal(rows, flat.search(queries, 50)[1])
+
+
+def test_k_beyond_the_head_or_no_head_searches_the_index(items, queries, hnsw):
+    want = ann_search(hnsw, queries[:5], 300, 64)[1]
+    for retriever in (Retriever(hnsw, ExactHead(items, 200)), Retriever(hnsw, None)):
+        rows, proven = retriever.search(queries[:5], 300, 64)
+        assert not proven.any()
+        np.testing.assert_array_equal(rows, want)
+
+
+def test_a_head_of_no_items_is_refused(items):
+    with pytest.raises(ValueError, match="exact head size must be >= 1, got 0"):
+        ExactHead(items, 0)
+    with pytest.raises(ValueError, match="k must be in 1..10"):
+        ExactHead(items, 10).search(np.ones((1, D), np.float32), 11)
+
+
+def test_the_ranker_reports_how_it_retrieved(bundle_path):
+    model = RankingModel(bundle_path, verify=False)
+    users = [u for u in model.users.ids[:400] if model.user_has_history[model.users.lookup([u])[0]]][:60]
+    whole = Ranker(model, RankerConfig())  # the default head covers this small catalogue
+    tiny = Ranker(model, RankerConfig(exact_head_items=5))
+    off = Ranker(model, RankerConfig(exact_head_items=0))
+    paths = {"whole": set(), "tiny": set(), "off": set()}
+    for u in users:
+        q = RankQuery(user_id=u, num_results=10)
+        a, b, c = whole.rank(q), tiny.rank(q), off.rank(q)
+        paths["whole"].add(a.retrieval)
+        paths["tiny"].add(b.retrieval)
+        paths["off"].add(c.retrieval)
+    assert paths == {"whole": {"exact_head"}, "tiny": {"ann"}, "off": {"ann"}}
+    assert whole.rank(RankQuery(user_id="never-seen", num_results=10)).retrieval == "none"
+    assert model.exact_head(5) is model.exact_head(5)  # built once per size, shared by rankers
+
+
+def test_a_negative_head_size_in_the_server_config_is_named():
+    from server.config import ServerConfig
+
+    with pytest.raises(ValueError, match=r"exact_head_items -1 must be >= 0 \(0: ANN search only\)"):
+        ServerConfig(artifacts="x", exact_head_items=-1).validate()
+    assert ServerConfig(artifacts="x", exact_head_items=0).ranker_config().exact_head_items == 0
+
+
+def test_the_builder_reports_the_share_the_head_proves(items, queries, hnsw):
+    from index_builder.build import exact_head_share
+
+    proven = Retriever(hnsw, ExactHead(items, 1800)).search(queries, 100, 64)[1]
+    assert exact_head_share(items, queries, 100, 1800) == pytest.approx(proven.mean())
+    assert exact_head_share(items, queries, 100, 50) == 0.0  # k beyond the head: nothing proven
