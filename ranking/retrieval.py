@@ -5,6 +5,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from ranking.user_state import row_norms
+
 # Items in the exact head by default: 16 384 x 64 float32 is 4 MB, which stays in cache
 # between requests where the whole index (hundreds of MB at a million items) cannot.
 DEFAULT_EXACT_HEAD_ITEMS = 16384
@@ -45,17 +47,6 @@ def ann_search(index: faiss.Index, queries: np.ndarray, k: int, effort: int) -> 
     if params is None:
         return index.search(queries, k)
     return index.search(queries, k, params=params)
-
-
-def row_norms(vectors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Euclidean norm of every row, a chunk at a time so a memory-mapped million-row
-    matrix never needs a full-size temporary. Summed in the factors' float32 (20x faster
-    than converting to float64 at a million rows; the certificate's slack covers it)."""
-    out = np.empty(len(vectors), np.float64)
-    for i in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[i:i + chunk], np.float32)
-        out[i:i + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block))
-    return out
 
 
 class ExactHead:

@@ -6,7 +6,8 @@ import pytest
 from ranking.model import RankingModel
 from ranking.pipeline import Ranker, RankerConfig
 from ranking.query import RankQuery
-from ranking.retrieval import ExactHead, Retriever, ann_search, row_norms
+from ranking.retrieval import ExactHead, Retriever, ann_search
+from ranking.user_state import row_norms
 
 D = 24
 
