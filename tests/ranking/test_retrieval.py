@@ -50,6 +50,43 @@ def test_the_head_holds_the_largest_norms_and_bounds_every_other_item(items):
     np.testing.assert_allclose(row_norms(items[:3]), np.linalg.norm(items[:3].astype(np.float64), axis=1))
 
 
+def test_the_head_is_scanned_in_tiers_of_falling_norm_each_bounding_what_follows(items):
+    head = ExactHead(items, 1000)
+    norms = row_norms(items)
+    (lo1, first, after1), (lo2, second, after2) = head.tiers
+    assert (lo1, first.ntotal, lo2, second.ntotal) == (0, 500, 500, 500)
+    assert np.all(np.diff(norms[head.rows]) <= 0)  # largest norm first
+    assert norms[head.rows[500:]].max() <= after1 <= norms[head.rows[500]] * 1.001
+    assert after2 == head.bound
+
+
+@pytest.mark.parametrize("k", [50, 100])
+def test_a_query_the_first_tier_cannot_prove_gets_one_scan_of_the_whole_head(items, queries, k):
+    head = ExactHead(items, 1800)
+    flat = faiss.IndexFlatIP(D)
+    flat.add(items[head.rows])
+    want_scores, want_pos = flat.search(queries, k)
+    qnorm = np.linalg.norm(queries.astype(np.float64), axis=1)
+    _, first, after1 = head.tiers[0]
+    by_first = first.search(queries, k)[0][:, k - 1] >= qnorm * after1
+    if k == 50:
+        assert 0.05 < by_first.mean() < 0.95  # both ways through the tiers are exercised
+
+    scores, rows, proven = head.search(queries, k)
+    np.testing.assert_array_equal(scores, want_scores)
+    for got, want in zip(rows, head.rows[want_pos]):
+        assert set(got) == set(want)
+    np.testing.assert_array_equal(proven, want_scores[:, k - 1] >= qnorm * head.bound)
+    assert proven[by_first].all()
+    if k == 100:
+        assert 0.05 < proven.mean() < 0.95  # and some stay unproven after both tiers
+    # One query at a time answers as the batch does.
+    for i in (*np.flatnonzero(by_first)[:1], *np.flatnonzero(~by_first)[:1], *np.flatnonzero(~proven)[:1]):
+        s1, r1, p1 = head.search(queries[i:i + 1], k)
+        np.testing.assert_array_equal(s1[0], scores[i])
+        assert set(r1[0]) == set(rows[i]) and p1[0] == proven[i]
+
+
 def test_answers_proven_exact_are_the_exact_top_k(items, queries, exact, hnsw):
     k = 100
     _, truth = exact.search(queries, k)
