@@ -82,10 +82,13 @@ class ExactHead:
             raise ValueError(f"exact head size must be >= 1, got {size}")
         norms = row_norms(item_factors)
         size = min(size, n)
-        # Head rows by norm, largest first (ties by row), and the norm of the first item after them.
-        top = np.argpartition(-norms, size - 1)[:size] if size < n else np.arange(n)
+        # Head rows by norm, largest first (ties by row), and the largest norm outside them.
+        if size < n:
+            part = np.argpartition(-norms, size)
+            top, outside = part[:size], float(norms[part[size]])
+        else:
+            top, outside = np.arange(n), 0.0
         rows = top[np.lexsort((top, -norms[top]))].astype(np.int64)
-        outside = float(norms[np.argpartition(-norms, size)[size]]) if size < n else 0.0
         self.rows = rows
         self.size = size
         self.complete = size >= n
