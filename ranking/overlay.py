@@ -12,7 +12,7 @@ import numpy as np
 
 from ranking.events import NEGATIVE_EVENT_TYPES, Event
 from ranking.experiments import FULL, Variant
-from ranking.pipeline import rows_match_any
+from ranking.pipeline import in_categories
 from ranking.rules import Rule
 from ranking.user_state import Weighting, fold_in, item_gram
 
@@ -115,9 +115,9 @@ class RankOverlay:
             if rule.suppress:
                 mask[:] = True
             if rule.exclude_categories:
-                mask |= rows_match_any(model.item_categories, cands, category_rows(model, rule.exclude_categories))
+                mask |= in_categories(model, cands, category_rows(model, rule.exclude_categories))
             if rule.only_categories:
-                mask |= ~rows_match_any(model.item_categories, cands, category_rows(model, rule.only_categories))
+                mask |= ~in_categories(model, cands, category_rows(model, rule.only_categories))
         return mask
 
     def offsets(self, model, cands: np.ndarray) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
@@ -153,7 +153,7 @@ class RankOverlay:
             parts["realtime_interest"] = (self.settings.interest_boost * rel).astype(np.float32)
         for rule in self.rules:
             if rule.demote_categories and len(cands):
-                hit = rows_match_any(model.item_categories, cands, category_rows(model, rule.demote_categories))
+                hit = in_categories(model, cands, category_rows(model, rule.demote_categories))
                 parts[f"rule:{rule.name}"] = np.where(hit, -rule.demote_by, 0.0).astype(np.float32)
         if not parts:
             return None, parts

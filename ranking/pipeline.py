@@ -14,9 +14,10 @@ from ranking.batcher import AnnBatcher
 from ranking.budget import Budget, CostModel, RetrievalPlan
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.features import FEATURE_NAMES, FeatureTables, Request
-from ranking.model import Csr, RankingModel
+from ranking.model import RankingModel
 from ranking.query import QueryLimits, RankQuery
 from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, Retriever
+from ranking.rows import max_share
 
 if TYPE_CHECKING:
     from ranking.overlay import RankOverlay
@@ -90,19 +91,17 @@ class Prepared:
     retrieval: str = "none"
 
 
-def rows_match_any(csr: Csr, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """For each row, whether any of its entries is in ``ids`` (vectorised)."""
-    if len(rows) == 0 or len(ids) == 0:
+def in_categories(model: RankingModel, rows: np.ndarray, categories: np.ndarray) -> np.ndarray:
+    """For each item row, whether it belongs to any of ``categories`` (category ids).
+
+    One compiled walk over the rows' categories (:func:`ranking.rows.max_share` of a 0/1
+    membership), the walk the category-affinity feature uses.
+    """
+    if len(rows) == 0 or len(categories) == 0:
         return np.zeros(len(rows), dtype=bool)
-    starts = csr.indptr[rows].astype(np.int64)
-    lengths = csr.indptr[rows + 1].astype(np.int64) - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(len(rows), dtype=bool)
-    owner = np.repeat(np.arange(len(rows)), lengths)
-    offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    hits = np.isin(csr.indices[starts[owner] + offsets], ids)
-    return np.bincount(owner[hits], minlength=len(rows)) > 0
+    member = np.zeros(len(model.category_names), np.float32)
+    member[np.asarray(categories)] = 1.0
+    return max_share(model.item_categories, rows, member) > 0
 
 
 class _StageClock:
@@ -268,10 +267,10 @@ class Ranker:
             if len(unknown) == len(ids):
                 raise InvalidRequest([FieldViolation(
                     "filter.include_categories", f"no category of the catalog matches {unknown[:5]}")])
-            mask |= ~rows_match_any(m.item_categories, cands, ids[ids >= 0])
+            mask |= ~in_categories(m, cands, ids[ids >= 0])
         if q.exclude_categories:
             ids = m.category_names.lookup(q.exclude_categories)
-            mask |= rows_match_any(m.item_categories, cands, ids[ids >= 0])
+            mask |= in_categories(m, cands, ids[ids >= 0])
         if q.min_price > 0 or q.max_price > 0:
             price = m.item_price[cands]
             ok = np.isfinite(price)

@@ -113,3 +113,17 @@ def test_spent_budget_degrades_instead_of_failing(ranker):
     assert len(res.item_ids) == 10
     full = ranker.rank(RankQuery(user_id="u1", num_results=10), Budget.start(10_000))
     assert not full.degraded and full.n_scored == full.n_candidates
+
+
+def test_in_categories_says_which_items_belong_to_any_of_the_categories(ranker):
+    from ranking.pipeline import in_categories
+
+    m = ranker.model
+    rows = np.arange(0, m.n_items, 7, dtype=np.int32)
+    for cats in ([0], [1, 3], [4, 4, 2], list(range(len(m.category_names)))):
+        want = [bool(set(m.item_categories.row(r).tolist()) & set(cats)) for r in rows]
+        got = in_categories(m, rows, np.array(cats))
+        assert got.dtype == bool and got.tolist() == want
+        assert 0 < got.sum() < len(rows) or len(cats) == len(m.category_names)
+    assert in_categories(m, rows, np.zeros(0, np.int32)).tolist() == [False] * len(rows)
+    assert in_categories(m, np.zeros(0, np.int32), np.array([0])).shape == (0,)
