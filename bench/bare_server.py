@@ -1,8 +1,8 @@
 """The framework floor: a RankingService that answers a canned response of the real shape.
 
 Same process model as the real server (forked workers sharing the port through
-SO_REUSEPORT, the same thread pool), so the difference in throughput is what the
-ranking itself costs.
+SO_REUSEPORT, pinned to their CPUs by the same rule, the same thread pool), so the
+difference in throughput is what the ranking itself costs.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import socket
 import sys
 import time
 from concurrent import futures
+
+from server.config import allowed_cpus
+from server.workers import worker_cpus
 
 
 def serve_one(port: int, max_workers: int) -> None:
@@ -41,7 +44,7 @@ def serve_one(port: int, max_workers: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bare_server", description=__doc__)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=len(allowed_cpus()))
     p.add_argument("--max-workers", type=int, default=16, help="threads per process, as the real server")
     p.add_argument("--ready-file", required=True)
     a = p.parse_args(argv)
@@ -50,10 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     pids = []
-    for _ in range(a.workers):
+    cpus = worker_cpus(a.workers, allowed_cpus(), pin=True)
+    for slot in range(a.workers):
         pid = os.fork()
         if pid == 0:
             try:
+                if cpus is not None:
+                    os.sched_setaffinity(0, {cpus[slot]})
                 serve_one(port, a.max_workers)
             finally:
                 os._exit(0)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.config import allowed_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     loadgen(info["grpc_port"], users_file, 4, 400, 10)
     pids = info.get("worker_pids", [])
     mem_workers = [memory_kb(pid) for pid in pids]
+    # Each worker's CPUs as the kernel has them (pin_workers: one CPU each with one worker per CPU).
+    report["worker_cpus"] = [sorted(os.sched_getaffinity(pid)) for pid in pids]
     mem_sup = memory_kb(proc.pid)
     report["startup_to_serving_s"] = {"one_worker": startup1, "n_workers": startup}
     report["memory"] = {
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bready = tmp / "ready-bare.json"
     bproc, binfo, _ = start([sys.executable, "-m", "bench.bare_server", "--workers",
-                             str(a.workers or os.cpu_count() or 1), "--ready-file", str(bready)],
+                             str(a.workers or len(allowed_cpus())), "--ready-file", str(bready)],
                             bready, tmp / "bare.log")
     report["bare"] = []
     bare_pids = [bproc.pid, *binfo.get("worker_pids", [])]
@@ -371,7 +375,8 @@ def markdown(r: dict) -> str:
         "# one2one serving benchmark", "",
         f"{r['params']['items']} items x {r['params']['users']} users x {r['params']['dim']} dims, "
         f"index {r['params']['index_type']} (effort {r['params']['effort']}), "
-        f"{r['params']['candidates']} candidates, num_results 10, workers {r['params']['workers'] or os.cpu_count()}.", "",
+        f"{r['params']['candidates']} candidates, num_results 10, workers {r['params']['workers'] or len(allowed_cpus())} "
+        f"(CPUs of each: {r.get('worker_cpus')}).", "",
         "| figure | value | target |", "|---|---|---|",
         f"| saturation throughput vs bare gRPC | {s['saturation_qps']:.0f} / {s['bare_saturation_qps']:.0f} qps = "
         f"**{s['throughput_ratio_vs_bare']:.2f}** | >= 0.6 |",

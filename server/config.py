@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ENV_PREFIX = "ONE2ONE_"
+# How a boolean setting may be spelt in the environment (TOML has its own true/false).
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on (a container's cpuset, ``taskset``), in order."""
+    return sorted(os.sched_getaffinity(0))
 
 
 @dataclass
@@ -41,6 +48,7 @@ class ServerConfig:
     log_level: str = "INFO"
     ready_file: str = ""
     workers: int = 0
+    pin_workers: bool = True
     ann_batch_size: int = 1
     max_concurrent_ranks: int = 1
     gil_switch_interval_us: float = 500.0
@@ -89,14 +97,14 @@ class ServerConfig:
             default = getattr(type(self)(), key)
             try:
                 if isinstance(default, bool):
-                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                    value = value if isinstance(value, bool) else _BOOLS[str(value).strip().lower()]
                 elif isinstance(default, int):
                     value = int(value)
                 elif isinstance(default, float):
                     value = float(value)
                 else:
                     value = str(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, KeyError):
                 raise ValueError(f"server setting {key!r} from {source} must be {type(default).__name__}, "
                                  f"got {value!r}") from None
             setattr(self, key, value)
@@ -152,8 +160,8 @@ class ServerConfig:
 
     @property
     def n_workers(self) -> int:
-        """Worker processes to run: ``workers``, or one per core when 0."""
-        return self.workers or (os.cpu_count() or 1)
+        """Worker processes to run: ``workers``, or one per CPU this process may run on when 0."""
+        return self.workers or len(allowed_cpus())
 
     def debug_delays(self) -> dict[str, float]:
         """``debug_delay_us_per_candidate`` parsed: "retrieve:100,features:50" (test/debug only)."""

@@ -63,6 +63,9 @@ def test_deployment_probes_ports_resources_and_grace(objects, server_config):
     assert c["livenessProbe"]["grpc"] == {"port": server_config.port, "service": LIVENESS_SERVICE}
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(c["resources"][kind])
+    # A CPU limit is a quota the process cannot see: one worker per CPU of the limit, set
+    # explicitly, or the default would start one per CPU of the node.
+    assert server_config.workers == int(c["resources"]["limits"]["cpu"])
     assert pod["terminationGracePeriodSeconds"] > server_config.drain_notice_seconds + server_config.drain_seconds
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == server_config.metrics_port

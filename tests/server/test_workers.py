@@ -9,7 +9,9 @@ import pytest
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
+from server.config import ServerConfig, allowed_cpus
 from server.demo import start_server, wait_serving
+from server.workers import worker_cpus
 
 
 def scrape(port: int) -> str:
@@ -56,9 +58,40 @@ def test_workers_share_the_port_and_the_metrics_add_up(two_workers):
     assert sample(text, "process_resident_memory_bytes") > max(rss.values()) * 1.5
 
 
+def test_workers_are_pinned_one_per_cpu(two_workers):
+    proc, ready = two_workers
+    got = sorted(sorted(os.sched_getaffinity(pid)) for pid in ready["worker_pids"])
+    cpus = worker_cpus(2, allowed_cpus(), pin=True)
+    assert got == ([allowed_cpus()] * 2 if cpus is None else [[c] for c in cpus])
+    if len(allowed_cpus()) == 2:  # CI's machine: two workers, two CPUs, one each
+        assert got == [[c] for c in allowed_cpus()]
+    assert os.sched_getaffinity(proc.pid) == set(allowed_cpus())  # the supervisor stays free
+
+
+def test_which_workers_are_pinned():
+    assert worker_cpus(2, [0, 1], pin=True) == [0, 1]
+    assert worker_cpus(2, [3, 7], pin=True) == [3, 7]  # a cpuset: the CPUs it allows
+    assert worker_cpus(2, [0, 1], pin=False) is None
+    assert worker_cpus(2, [0, 1, 2, 3], pin=True) is None  # fewer workers than CPUs
+    assert worker_cpus(4, [0, 1], pin=True) is None  # more: two would share a core
+    assert worker_cpus(1, [0], pin=True) is None  # one process: no supervisor, nothing to pin
+
+
+def test_pinning_can_be_turned_off_and_a_misspelt_switch_is_refused(artifacts, tmp_path):
+    proc, ready = start_server(artifacts, tmp_path, extra=["--workers", "2"], env={"ONE2ONE_PIN_WORKERS": "off"})
+    try:
+        assert [os.sched_getaffinity(pid) for pid in ready["worker_pids"]] == [set(allowed_cpus())] * 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    with pytest.raises(ValueError, match="'pin_workers' from environment must be bool, got 'maybe'"):
+        ServerConfig.load(env={"ONE2ONE_PIN_WORKERS": "maybe", "ONE2ONE_ARTIFACTS": "x"})
+
+
 def test_a_killed_worker_is_replaced_and_service_continues(two_workers):
     proc, ready = two_workers
     victim = ready["worker_pids"][0]
+    victim_cpus = os.sched_getaffinity(victim)
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 30
     ok = 0
@@ -79,6 +112,9 @@ def test_a_killed_worker_is_replaced_and_service_continues(two_workers):
             break
         time.sleep(0.1)
     assert len(children) == 2 and victim not in children
+    # The replacement takes the dead worker's slot, and with it its CPU.
+    (replacement,) = set(children) - set(ready["worker_pids"])
+    assert os.sched_getaffinity(replacement) == victim_cpus
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
 
