@@ -16,7 +16,7 @@ import time
 from concurrent import futures
 
 from server.config import allowed_cpus
-from server.workers import worker_cpus
+from server.workers import pin_worker, worker_cpus
 
 
 def serve_one(port: int, max_workers: int) -> None:
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         pid = os.fork()
         if pid == 0:
             try:
-                if cpus is not None:
-                    os.sched_setaffinity(0, {cpus[slot]})
+                pin_worker(cpus, slot)
                 serve_one(port, a.max_workers)
             finally:
                 os._exit(0)

@@ -126,6 +126,13 @@ def worker_cpus(n_workers: int, allowed: list[int], pin: bool) -> list[int] | No
     return list(allowed)
 
 
+def pin_worker(cpus: list[int] | None, slot: int) -> None:
+    """In a freshly forked worker (its only thread so far, so every thread it starts
+    inherits it): run on ``cpus[slot]``; nothing when :func:`worker_cpus` said None."""
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[slot]})
+
+
 def supervise(config: ServerConfig) -> int:
     """Fork ``config.n_workers`` workers and run until a stop signal; returns the exit code."""
     mp_dir = tempfile.mkdtemp(prefix="one2one-metrics-")
@@ -169,9 +176,7 @@ def supervise(config: ServerConfig) -> int:
                 # drains cleanly instead of killing the worker half-started.
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
                 _stop_with_parent(supervisor_pid)
-                if cpus is not None:
-                    # The only thread so far: every thread the worker starts inherits it.
-                    os.sched_setaffinity(0, {cpus[slot]})
+                pin_worker(cpus, slot)
                 from server import app
 
                 code = app.serve(worker_config, preloaded=preloaded, reuse_port=True,
