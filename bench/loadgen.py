@@ -3,7 +3,11 @@
 Closed loop: ``concurrency`` in-flight requests over several channels (so SO_REUSEPORT
 spreads connections over the server's workers), until ``requests`` are done or
 ``duration`` seconds pass. Prints one JSON object: QPS, latency percentiles, errors,
-degraded responses.
+degraded responses, the server's own time per request (its ``one2one-server-ms``
+trailer) and, request by request, the client's latency less that server time: the
+time spent outside the server's handler (in the load generator, on the wire, and in
+the server before its handler starts and after it returns), which no server-side
+figure shows.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
         await stubs[i % n_channels].Rank(reqs[i % len(reqs)], timeout=10)
     lat: list[float] = []
     server_ms: list[float] = []
+    outside_ms: list[float] = []  # per request with a server time: client latency less it
     errors: dict[str, int] = {}
     degraded = 0
     counter = 0
@@ -55,11 +60,13 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
             try:
                 call = stub.Rank(reqs[i % len(reqs)], timeout=10)
                 resp = await call
-                lat.append((time.perf_counter() - t0) * 1000)
+                ms = (time.perf_counter() - t0) * 1000
+                lat.append(ms)
                 degraded += resp.degraded
                 for key, value in await call.trailing_metadata() or ():
                     if key == "one2one-server-ms":
                         server_ms.append(float(value))
+                        outside_ms.append(ms - float(value))
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
@@ -72,7 +79,8 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
     return {"concurrency": concurrency, "requests": len(lat), "seconds": elapsed,
             "qps": len(lat) / elapsed if elapsed > 0 else 0.0, **percentiles(arr),
             "errors": errors, "degraded": degraded,
-            "server": {k: v for k, v in percentiles(np.asarray(server_ms)).items()}}
+            "server": percentiles(np.asarray(server_ms)),
+            "outside_handler": percentiles(np.asarray(outside_ms))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-results", type=int, default=10)
     p.add_argument("--warmup", type=int, default=50)
     a = p.parse_args(argv)
-    users = [u for u in open(a.users).read().split() if u]
+    with open(a.users, encoding="utf-8") as fh:
+        users = fh.read().split()
+    if not users:
+        p.error(f"--users {a.users} holds no user ids (one per line)")
     out = asyncio.run(run(a.target, a.concurrency, a.requests, a.duration, users, a.budget_ms,
                           a.num_results, a.warmup))
     json.dump(out, sys.stdout)
