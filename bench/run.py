@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.config import allowed_cpus
+from server.config import ServerConfig, allowed_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ef-construction", type=int, default=40)
     p.add_argument("--effort", type=int, default=200, help="efSearch / nprobe on the request path")
     p.add_argument("--candidates", type=int, default=200)
-    p.add_argument("--exact-head-items", type=int, default=16384,
+    p.add_argument("--exact-head-items", type=int, default=ServerConfig.exact_head_items,
                    help="server exact_head_items: the largest-norm items searched exactly first (0: ANN only)")
     p.add_argument("--ann-batch-size", type=int, default=8, help="server ann_batch_size (1: no micro-batching)")
     p.add_argument("--ann-batch-wait-us", type=float, default=300.0)

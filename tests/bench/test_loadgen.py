@@ -1,4 +1,5 @@
 """The benchmark's load generator against a real two-worker server on a real port."""
+import asyncio
 import signal
 import subprocess
 import sys
@@ -45,8 +46,6 @@ def test_load_run_reports_client_server_and_outside_handler_times(server, users_
 
 
 def test_a_budget_is_sent_and_counted(server, users_file):
-    import asyncio
-
     _, ready = server
     r = asyncio.run(run(f"127.0.0.1:{ready['grpc_port']}", 2, 40, 30, ["u1", "u2"], budget_ms=1, num_results=5,
                         warmup=0))

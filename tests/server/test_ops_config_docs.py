@@ -31,3 +31,13 @@ def test_every_setting_is_documented_with_its_default():
             assert float(table[field.name]) == default, (field.name, table[field.name], default)
         else:
             assert table[field.name] == str(default), (field.name, table[field.name], default)
+
+
+def test_the_servers_pipeline_defaults_are_the_pipelines_own():
+    # ServerConfig spells out the defaults it hands to RankerConfig (the server's config
+    # module imports nothing of the pipeline at load); they must not drift apart.
+    from ranking.pipeline import RankerConfig
+
+    server, ranker = ServerConfig().ranker_config(), RankerConfig()
+    for name in ("n_candidates", "popular_candidates", "ann_effort", "exact_head_items", "ann_batch_wait_us"):
+        assert getattr(server, name) == getattr(ranker, name), name
