@@ -7,19 +7,18 @@ difference in throughput is what the ranking itself costs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
 import sys
-import time
 from concurrent import futures
 
 from server.config import allowed_cpus
-from server.workers import pin_worker, worker_cpus
+from server.workers import pin_worker, worker_cpus, write_ready
 
 
-def serve_one(port: int, max_workers: int) -> None:
+def serve_one(port: int, max_workers: int, listening: int) -> None:
+    """Serve in this (forked) process; one byte on the pipe ``listening`` once the port is open."""
     import grpc
 
     from one2one.v1 import ranking_pb2 as pb
@@ -38,6 +37,8 @@ def serve_one(port: int, max_workers: int) -> None:
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(Bare(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
+    os.write(listening, b"1")
+    os.close(listening)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(1))
     server.wait_for_termination()
 
@@ -54,24 +55,36 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
     pids = []
     cpus = worker_cpus(a.workers, allowed_cpus(), pin=True)
+    readable, writable = os.pipe()
     for slot in range(a.workers):
         pid = os.fork()
         if pid == 0:
             try:
+                os.close(readable)
                 pin_worker(cpus, slot)
-                serve_one(port, a.max_workers)
+                serve_one(port, a.max_workers, writable)
             finally:
                 os._exit(0)
         pids.append(pid)
-    time.sleep(0.5)
-    with open(a.ready_file, "w") as fh:
-        json.dump({"grpc_port": port, "pid": os.getpid(), "worker_pids": pids}, fh)
+    os.close(writable)
 
     def stop(*_):
         for pid in pids:
-            os.kill(pid, signal.SIGTERM)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # exited already
+                pass
 
     signal.signal(signal.SIGTERM, stop)
+    # Ready once every worker listens: a byte from each, or end of file if one died first.
+    started = b""
+    while len(started) < a.workers:
+        got = os.read(readable, a.workers)
+        if not got:
+            stop()
+            raise SystemExit(f"a bare worker exited before listening ({len(started)} of {a.workers} started)")
+        started += got
+    write_ready(a.ready_file, {"grpc_port": port, "pid": os.getpid(), "worker_pids": pids})
     for pid in pids:
         os.waitpid(pid, 0)
     return 0

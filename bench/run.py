@@ -435,7 +435,7 @@ def markdown(r: dict) -> str:
               "## Server stages (mean ms)", "",
               ", ".join(f"{k} {v:.3f}" for k, v in r["stage_mean_ms"].items()), "",
               "## Memory (kB)", "", "```", json.dumps(r["memory"], indent=1), "```",
-              f"", f"Build: {r['build_seconds']} s."]
+              "", f"Build: {r['build_seconds']} s."]
     return "\n".join(lines) + "\n"
 
 

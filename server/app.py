@@ -9,14 +9,12 @@ load balancers move away, stops accepting, lets in-flight requests finish for up
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import sys
 import time
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,13 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from server import logs, metrics
+from server import metrics
 from server.admin import AdminServicer
 from server.config import ServerConfig
 from server.interceptors import MetricsInterceptor
 from server.model_manager import ModelManager
 from server.realtime import Realtime
 from server.servicer import RankingServicer
+from server.workers import write_ready
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -189,9 +188,7 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     if on_ready is not None:
         on_ready(port)
     if config.ready_file:
-        tmp = Path(config.ready_file + ".tmp")
-        tmp.write_text(json.dumps({"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
-        os.replace(tmp, config.ready_file)
+        write_ready(config.ready_file, {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()})
 
     interval = config.reload_interval_seconds
     next_poll = time.monotonic() + interval

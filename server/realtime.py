@@ -7,7 +7,6 @@ import logging
 import threading
 import time
 import tomllib
-from pathlib import Path
 
 from ranking.errors import FieldViolation, InvalidRequest
 from ranking.eventlog import EventLogError, LogTailer, open_writer

@@ -105,7 +105,8 @@ def _stop_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _write_ready(path: str, doc: dict) -> None:
+def write_ready(path: str, doc: dict) -> None:
+    """Write a ready file whole or not at all: whoever polls for it never reads it half-written."""
     tmp = Path(path + ".tmp")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
@@ -206,7 +207,7 @@ def supervise(config: ServerConfig) -> int:
     log.info("workers started", extra={"grpc_port": port, "metrics_port": metrics_port, "workers": len(workers),
                                        "cpus": cpus, "preload_seconds": round(load_s, 3)})
     if config.ready_file:
-        _write_ready(config.ready_file, {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(),
+        write_ready(config.ready_file, {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(),
                                          "worker_pids": sorted(workers)})
 
     stopping = False
