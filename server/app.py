@@ -25,7 +25,7 @@ from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from server import metrics
 from server.admin import AdminServicer
 from server.config import ServerConfig
-from server.interceptors import MetricsInterceptor
+from server.interceptors import CallInterceptor
 from server.model_manager import ModelManager
 from server.realtime import Realtime
 from server.servicer import RankingServicer
@@ -56,9 +56,9 @@ def one_openmp_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def request_executor(max_workers: int) -> futures.ThreadPoolExecutor:
-    """The threads that handle RPCs, each set to one OpenMP thread before its first request."""
-    return futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rank",
+def request_executor(max_workers: int, name: str = "rpc") -> futures.ThreadPoolExecutor:
+    """Threads that handle RPCs, each set to one OpenMP thread before its first request."""
+    return futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name,
                                       initializer=one_openmp_thread)
 
 
@@ -80,9 +80,13 @@ def create_server(config: ServerConfig, models: ModelManager,
         # Worker processes share one port; a lone server refuses to share it by mistake.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
+    # Rank runs on its own few threads, taking calls in arrival order; health, reflection,
+    # admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank
+    # and no burst of Rank calls holds up a health check (README, "Processes").
+    rank_pools = {f"{SERVICE_NAME}/Rank": request_executor(config.rank_threads, "rank")} if config.rank_threads else {}
     server = grpc.server(
         request_executor(config.max_workers),
-        interceptors=[MetricsInterceptor()],
+        interceptors=[CallInterceptor(rank_pools)],
         options=options,
     )
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(models, config, realtime), server)

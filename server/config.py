@@ -32,6 +32,7 @@ class ServerConfig:
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
     max_workers: int = 16
+    rank_threads: int = 2
     max_message_bytes: int = 1 << 20
     default_budget_ms: float = 50.0
     max_budget_ms: float = 500.0
@@ -125,6 +126,8 @@ class ServerConfig:
             problems.append("debug_rank_delay_ms must be >= 0 (0 turns it off)")
         if self.max_workers < 1:
             problems.append("max_workers must be >= 1")
+        if self.rank_threads < 0:
+            problems.append(f"rank_threads {self.rank_threads} must be >= 0 (0: Rank on the max_workers threads)")
         if self.workers < 0:
             problems.append(f"workers {self.workers} must be >= 0 (0: one per core)")
         if self.gil_switch_interval_us <= 0:

@@ -1,11 +1,28 @@
-"""Server interceptors: request count, latency and in-flight requests by method and status code."""
+"""The server's one interceptor: when each call arrived, which threads run it, and its metrics
+(request count, latency and in-flight requests by method and status code)."""
 from __future__ import annotations
 
+import contextvars
 import time
+from concurrent import futures
 
 import grpc
 
 from server import metrics
+
+# When the running call reached the server's Python layer, in time.monotonic_ns().
+_ARRIVED_NS: contextvars.ContextVar[int | None] = contextvars.ContextVar("one2one_call_arrived_ns", default=None)
+
+
+def call_arrived_ns() -> int | None:
+    """When the call being handled arrived (``time.monotonic_ns()``), None outside a call.
+
+    The moment gRPC's polling thread passed the call to the interceptors, before it
+    queued for a handler thread: a handler reads how long it waited for its thread and
+    counts that against the call's budget. Each call runs in its own ``contextvars``
+    context, so concurrent calls never see each other's.
+    """
+    return _ARRIVED_NS.get()
 
 
 def _method_name(full: str) -> str:
@@ -13,10 +30,24 @@ def _method_name(full: str) -> str:
     return full.lstrip("/")
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary call, labelled by method and final status code."""
+class CallInterceptor(grpc.ServerInterceptor):
+    """Times every unary call from its arrival, counts it by method and final status code,
+    and runs the methods given in ``thread_pools`` on their own threads.
+
+    Parameters
+    ----------
+    thread_pools : dict, optional
+        Method name ("one2one.v1.RankingService/Rank") -> the pool its handlers run on, in
+        arrival order. Other methods run on the server's pool. This uses gRPC's
+        ``experimental_thread_pool`` handler attribute; a gRPC without it runs every method
+        on the server's pool, which still works.
+    """
+
+    def __init__(self, thread_pools: dict[str, futures.ThreadPoolExecutor] | None = None):
+        self.thread_pools = dict(thread_pools or {})
 
     def intercept_service(self, continuation, handler_call_details):
+        arrived = time.monotonic_ns()
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -25,7 +56,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         in_flight = metrics.RPC_IN_FLIGHT.labels(method)
 
         def wrapper(request, context):
-            start = time.perf_counter()
+            _ARRIVED_NS.set(arrived)
             code = grpc.StatusCode.OK
             in_flight.inc()
             try:
@@ -40,8 +71,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             finally:
                 in_flight.dec()
                 metrics.RPC_REQUESTS.labels(method, code.name).inc()
-                metrics.RPC_DURATION.labels(method).observe(time.perf_counter() - start)
+                metrics.RPC_DURATION.labels(method).observe((time.monotonic_ns() - arrived) / 1e9)
 
+        pool = self.thread_pools.get(method)
+        if pool is not None:
+            wrapper.experimental_thread_pool = pool
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
             request_deserializer=handler.request_deserializer,

@@ -51,7 +51,8 @@ CANDIDATE_BUCKETS = (0, 10, 50, 100, 200, 400, 800, 1600, 3200, 10000)
 RPC_REQUESTS = Counter(
     "one2one_rpc_requests", "gRPC requests handled, by method and status code.", ["method", "code"])
 RPC_DURATION = Histogram(
-    "one2one_rpc_duration_seconds", "Server-side gRPC handling time, by method.", ["method"],
+    "one2one_rpc_duration_seconds", "Server-side gRPC handling time, by method: from the call's arrival "
+    "at the server (its wait for a handler thread included) to its reply.", ["method"],
     buckets=LATENCY_BUCKETS)
 RPC_IN_FLIGHT = Gauge(
     "one2one_rpc_in_flight_requests", "gRPC requests being handled right now, by method.", ["method"],

@@ -17,6 +17,7 @@ from ranking.query import RankQuery
 from server import errors, logs, metrics
 from server.admission import Admission
 from server.config import ServerConfig
+from server.interceptors import call_arrived_ns
 from server.model_manager import ModelManager
 
 if TYPE_CHECKING:
@@ -127,15 +128,21 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.admission = Admission(config.max_concurrent_ranks)
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
-        started = time.perf_counter()
+        # The budget and the server's time run from the call's arrival, so the wait for a
+        # handler thread counts (stage "queue"); the time a deadline had left on arrival is
+        # the time it has left now plus that wait.
+        started = time.monotonic_ns()
+        arrived = call_arrived_ns() or started
+        thread_wait = (started - arrived) / 1e9
         request_id = uuid.uuid4().hex
         with logs.request_context(request_id):
             try:
                 ranker = self.models.current()
+                deadline_left = context.time_remaining()
                 budget_ms = effective_budget_ms(
                     request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
-                    context.time_remaining(), self.config.reply_margin_ms)
-                budget = Budget.start(max(budget_ms, 0.0))
+                    None if deadline_left is None else deadline_left + thread_wait, self.config.reply_margin_ms)
+                budget = Budget.start(max(budget_ms, 0.0), now_ns=arrived)
                 if self.config.debug_rank_delay_ms > 0:
                     # Test/debug only (default 0): a slow dependency eating the budget, so the
                     # drain test can hold a request in flight and the alert tests can make
@@ -148,7 +155,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                         overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
                     realtime_seconds = time.perf_counter() - t0
                     result = ranker.rank(q, budget, overlay, cheapest=not admitted)
-                result.stage_seconds["queue"] = waited
+                result.stage_seconds["queue"] = thread_wait + waited
                 if not admitted:
                     # Waited out its pipeline slot: say so, ahead of what the cheapest path cut.
                     result.degraded_stages.insert(0, "queue")
@@ -166,7 +173,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             observe(result)
             log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
                                        "model_version": result.model_version, "degraded": result.degraded})
-            server_ms = (time.perf_counter() - started) * 1000
+            server_ms = (time.monotonic_ns() - arrived) / 1e6
             if server_ms > budget.total_ms + LATE_ALLOWANCE_MS:
                 late(result, server_ms, budget.total_ms)
             # Server time of this call, for clients and load tests checking the budget.
