@@ -5,9 +5,10 @@ spreads connections over the server's workers), until ``requests`` are done or
 ``duration`` seconds pass. Prints one JSON object: QPS, latency percentiles, errors,
 degraded responses, the server's own time per request (its ``one2one-server-ms``
 trailer) and, request by request, the client's latency less that server time: the
-time spent outside the server's handler (in the load generator, on the wire, and in
-the server before its handler starts and after it returns), which no server-side
-figure shows.
+time outside the server's own measure (in the load generator, on the wire, and in the
+server before the call reaches its Python code and after the handler returns), which
+no server-side figure shows. The server's clock starts when the call reaches its
+Python code, before the call waits for a Rank thread, so that wait is inside it.
 """
 from __future__ import annotations
 
