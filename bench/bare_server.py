@@ -14,7 +14,7 @@ import sys
 from concurrent import futures
 
 from server.config import allowed_cpus
-from server.workers import pin_worker, worker_cpus, write_ready
+from server.workers import count_listening, pin_worker, worker_cpus, write_ready
 
 
 def serve_one(port: int, max_workers: int, listening: int) -> None:
@@ -76,14 +76,10 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
     signal.signal(signal.SIGTERM, stop)
-    # Ready once every worker listens: a byte from each, or end of file if one died first.
-    started = b""
-    while len(started) < a.workers:
-        got = os.read(readable, a.workers)
-        if not got:
-            stop()
-            raise SystemExit(f"a bare worker exited before listening ({len(started)} of {a.workers} started)")
-        started += got
+    started = count_listening(readable, a.workers)
+    if started < a.workers:
+        stop()
+        raise SystemExit(f"a bare worker exited before listening ({started} of {a.workers} started)")
     write_ready(a.ready_file, {"grpc_port": port, "pid": os.getpid(), "worker_pids": pids})
     for pid in pids:
         os.waitpid(pid, 0)

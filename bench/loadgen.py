@@ -81,7 +81,7 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
             "qps": len(lat) / elapsed if elapsed > 0 else 0.0, **percentiles(arr),
             "errors": errors, "degraded": degraded,
             "server": percentiles(np.asarray(server_ms)),
-            "outside_handler": percentiles(np.asarray(outside_ms))}
+            "outside_server": percentiles(np.asarray(outside_ms))}
 
 
 def main(argv: list[str] | None = None) -> int:

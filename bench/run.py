@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput_ratio_vs_bare": best_real / best_bare,
         "p99_ms_at_c8": c8["p99_ms"],
         "server_p99_ms_at_c8": c8["server"].get("p99_ms", float("nan")),
-        "outside_handler_p50_ms_at_c8": c8["outside_handler"].get("p50_ms", float("nan")),
+        "outside_server_p50_ms_at_c8": c8["outside_server"].get("p50_ms", float("nan")),
         "budgeted_p999_ms": budgeted["p999_ms"], "budget_ms": a.budget_ms, "budgeted_requests": budgeted["requests"],
         "budgeted_server_p999_ms": budgeted["server"].get("p999_ms", float("nan")),
         "budgeted_degraded_ratio": budgeted["degraded"] / max(budgeted["requests"], 1),
@@ -391,7 +391,7 @@ def markdown(r: dict) -> str:
         f"| saturation throughput vs bare gRPC | {s['saturation_qps']:.0f} / {s['bare_saturation_qps']:.0f} qps = "
         f"**{s['throughput_ratio_vs_bare']:.2f}** | >= 0.6 |",
         f"| p99 at concurrency 8 (the server's own p99 {s['server_p99_ms_at_c8']:.2f} ms; "
-        f"outside it, p50 {s['outside_handler_p50_ms_at_c8']:.2f} ms) | **{s['p99_ms_at_c8']:.2f} ms** | <= 5 ms |",
+        f"outside it, p50 {s['outside_server_p50_ms_at_c8']:.2f} ms) | **{s['p99_ms_at_c8']:.2f} ms** | <= 5 ms |",
         f"| p99.9 server time with budget {s['budget_ms']} ms, c=8, {s['budgeted_requests']} requests "
         f"(client: {s['budgeted_p999_ms']:.2f} ms; {100 * s['budgeted_degraded_ratio']:.1f}% degraded) | **{s['budgeted_server_p999_ms']:.2f} ms** "
         f"| <= budget + 1 ms |",
@@ -412,12 +412,12 @@ def markdown(r: dict) -> str:
         "time outside the server's measure (load generator, wire, and the worker before the call reaches "
         "its Python code, whose clock starts before the call waits for a Rank thread, and after the "
         "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run.", "",
-        "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside handler p50 / p99 "
+        "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside server p50 / p99 "
         "| CPU ms/req | worker CPU split | bare qps | bare p99 | bare CPU ms/req |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for real, bare in zip(r["real"], r["bare"]):
-        srv, out = real.get("server", {}), real.get("outside_handler", {})
+        srv, out = real.get("server", {}), real.get("outside_server", {})
         split = " / ".join(f"{100 * v:.0f}%" for v in real.get("worker_cpu_shares", [])) or "-"
         lines.append(f"| {real['concurrency']} | {real['qps']:.0f} | {real['p50_ms']:.2f} | {real['p90_ms']:.2f} | "
                      f"{real['p99_ms']:.2f} | {real['p999_ms']:.2f} | "

@@ -112,6 +112,19 @@ def write_ready(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def count_listening(ready_r: int, n_workers: int) -> int:
+    """Read one byte per forked worker from the pipe each writes to once it listens; returns
+    how many did, fewer when the pipe closed first (every writer gone: a worker died before
+    listening). Closes ``ready_r``; the caller must have closed its own write end."""
+    try:
+        for done in range(n_workers):
+            if not os.read(ready_r, 1):
+                return done
+        return n_workers
+    finally:
+        os.close(ready_r)
+
+
 def worker_cpus(n_workers: int, allowed: list[int], pin: bool) -> list[int] | None:
     """The CPU each worker slot is pinned to, or None to leave the workers to the scheduler.
 
@@ -191,11 +204,8 @@ def supervise(config: ServerConfig) -> int:
     for slot in range(config.n_workers):
         spawn(slot)
     os.close(ready_w)
-    for _ in range(config.n_workers):
-        if not os.read(ready_r, 1):
-            log.error("a worker exited before listening")
-            break
-    os.close(ready_r)
+    if count_listening(ready_r, config.n_workers) < config.n_workers:
+        log.error("a worker exited before listening")
 
     metrics_port = None
     if config.metrics_port >= 0:

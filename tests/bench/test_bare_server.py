@@ -18,7 +18,7 @@ def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real
         assert r["requests"] == 200 and r["errors"] == {} and r["degraded"] == 0
         assert len(r["worker_cpu_shares"]) == 2
         # The canned answer carries no server-time trailer, so no per-request pairing.
-        assert r["server"] == {} and r["outside_handler"] == {}
+        assert r["server"] == {} and r["outside_server"] == {}
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -29,12 +29,12 @@ def users_file(tmp_path):
     return path
 
 
-def test_load_run_reports_client_server_and_outside_handler_times(server, users_file):
+def test_load_run_reports_client_server_and_outside_server_times(server, users_file):
     proc, ready = server
     r = measured_load([proc.pid, *ready["worker_pids"]], ready["grpc_port"], users_file, 4, 120, 30)
     assert r["requests"] == 120 and r["errors"] == {} and r["qps"] > 0
     assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
-    srv, out = r["server"], r["outside_handler"]
+    srv, out = r["server"], r["outside_server"]
     # The server's time is measured inside the client's round trip, request by request,
     # so the difference is never negative and the client's median exceeds the server's.
     assert 0 < srv["p50_ms"] <= r["p50_ms"]

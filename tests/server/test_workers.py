@@ -11,7 +11,7 @@ from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
 from server.config import ServerConfig, allowed_cpus
 from server.demo import start_server, wait_serving
-from server.workers import worker_cpus
+from server.workers import count_listening, worker_cpus
 
 
 def scrape(port: int) -> str:
@@ -142,3 +142,14 @@ def _running(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_count_listening_stops_at_the_first_worker_that_never_listened():
+    r, w = os.pipe()
+    os.write(w, b"r")  # one worker listened; the other died: its end of the pipe closed unwritten
+    os.close(w)
+    assert count_listening(r, 2) == 1
+    r, w = os.pipe()
+    os.write(w, b"rr")
+    assert count_listening(r, 2) == 2
+    os.close(w)
