@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from server import metrics
+from server import gc_policy, metrics
 from server.admin import AdminServicer
 from server.config import ServerConfig
 from server.interceptors import CallInterceptor
@@ -152,6 +152,7 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     # budget by several ms.
     sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
     metrics.set_config(config)
+    gc_pauses = gc_policy.PauseWatch(metrics.GC_PAUSES)
     models = ModelManager(config.artifacts, config.ranker_config(), preloaded=preloaded)
     # Replayed before the port opens, so the first Rank already reflects every logged event.
     realtime = Realtime(config)
@@ -186,6 +187,11 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
             _set_serving(health_servicer, True)
 
     load("startup")
+    # The server, its threads, the replayed real-time state and the bundle live as long as
+    # the process (or until the next reload): out of the collector's way (server.gc_policy).
+    gc_policy.freeze()
+    frozen_version = models.version
+    gc_pauses.flush()
     if not models.loaded:
         log.warning("no servable bundle yet; health stays NOT_SERVING until a poll, SIGHUP or "
                     "ReloadBundle loads one", extra={"artifacts": config.artifacts})
@@ -198,6 +204,10 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     next_poll = time.monotonic() + interval
     while not flags["stop"]:
         time.sleep(_TICK_SECONDS)
+        gc_pauses.flush()
+        if models.version != frozen_version:  # loaded since, by any trigger (admin RPCs too)
+            gc_policy.freeze()
+            frozen_version = models.version
         if flags["stop"]:
             break
         if flags["reload"]:
@@ -209,6 +219,7 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
 
     drain(server, health_servicer, config)
     realtime.close()
+    gc_pauses.close()
     return 0
 
 

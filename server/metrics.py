@@ -3,7 +3,8 @@
 Labels are small fixed sets: ``method`` (the service's RPCs), ``code`` (gRPC status
 names), ``stage`` (:data:`STAGES`), ``strategy`` (the rungs), ``reason`` (fallback
 reasons of the ladder, or :data:`LOAD_FAILURE_REASONS`), ``result`` and ``trigger``
-of reloads, and ``version`` on the single info series of the bundle being served.
+of reloads, ``version`` on the single info series of the bundle being served, and
+``generation`` (0, 1, 2) of the garbage collector.
 The ``process_*`` and ``python_*`` series come from prometheus_client's default
 collectors on the same registry. Gauges name their multiprocess mode, for when several
 worker processes write their metrics to one directory: "livemin" on one2one_serving
@@ -24,6 +25,7 @@ STAGES = ("queue", "realtime", "resolve", "retrieve", "features", "score", "resp
 RETRIEVAL_PATHS = ("exact_head", "ann", "none")
 LOAD_FAILURE_REASONS = ("missing", "corrupt", "incompatible", "warmup")
 RELOAD_TRIGGERS = ("startup", "poll", "signal", "admin")
+GC_GENERATIONS = ("0", "1", "2")
 
 
 def budget_boundaries_seconds(config: ServerConfig | None = None) -> tuple[float, ...]:
@@ -83,6 +85,12 @@ RANK_SCORED = Histogram(
     "one2one_rank_scored_candidates", "Candidates scored per Rank request (fewer than retrieved when "
     "the budget ran out).", buckets=CANDIDATE_BUCKETS)
 
+# -- The Python runtime of each worker ------------------------------------------------
+GC_PAUSES = Histogram(
+    "one2one_gc_pause_seconds", "Time a worker stood still in Python's cyclic garbage collector, by "
+    "generation (2: a full collection). The collector holds the GIL: every request in flight on "
+    "that worker waits as long.", ["generation"], buckets=LATENCY_BUCKETS)
+
 # -- The bundle being served and its reloads -------------------------------------------
 BUNDLE_INFO = Gauge(
     "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"],
@@ -130,6 +138,8 @@ def init_label_sets() -> None:
         RANK_DEGRADED.labels(stage)
     for path in RETRIEVAL_PATHS:
         RANK_RETRIEVAL.labels(path)
+    for generation in GC_GENERATIONS:
+        GC_PAUSES.labels(generation)
     BUNDLE_REFUSED.set(0)
     SERVING.set(0)
 

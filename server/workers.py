@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from server import gc_policy
 from server.config import ServerConfig, allowed_cpus
 
 log = logging.getLogger("server.workers")
@@ -176,6 +177,10 @@ def supervise(config: ServerConfig) -> int:
     load_s = time.perf_counter() - t0
 
     cpus = worker_cpus(config.n_workers, allowed_cpus(), config.pin_workers)
+    # What every worker inherits, out of the collector's way before the fork: a full
+    # collection in a worker would otherwise also write to each of these objects' pages,
+    # copying them from the supervisor's (server.gc_policy).
+    gc_policy.freeze()
     ready_r, ready_w = os.pipe()
     workers: dict[int, int] = {}  # pid -> slot
     supervisor_pid = os.getpid()

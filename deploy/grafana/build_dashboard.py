@@ -166,6 +166,15 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Resident memory by instance", [
             (f"process_resident_memory_bytes{{{J}}}", "{{instance}}")], "bytes"),
         panel("Open file descriptors by instance", [(f"process_open_fds{{{J}}}", "{{instance}}")]),
+        panel("Time stood still in garbage collection, by generation", [
+            (f"sum by (generation) (rate(one2one_gc_pause_seconds_sum{{{J}}}[{RI}]))", "generation {{generation}}")],
+            "percentunit",
+            description="Share of wall time worker processes spent in Python's cyclic collector, summed over "
+                        "workers; every request in flight on a worker waits meanwhile. Long-lived objects are "
+                        "frozen at start and after each reload, so full collections (generation 2) stay rare "
+                        "and short."),
+        panel("Garbage-collection pause p99 by generation", [
+            (quantile(0.99, "one2one_gc_pause_seconds", by="generation"), "generation {{generation}}")], "s"),
     ]),
 ]
 

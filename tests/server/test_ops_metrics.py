@@ -49,7 +49,7 @@ def test_every_declared_family_is_exported(live):
                  "one2one_bundle_load_timestamp_seconds", "one2one_bundle_load_duration_seconds",
                  "one2one_bundle_load_failures", "one2one_bundle_reloads", "one2one_bundle_refused",
                  "one2one_bundle_max_age_seconds", "one2one_rank_budget_seconds", "one2one_serving",
-                 "process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"]:
+                 "one2one_gc_pause_seconds", "process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"]:
         assert name in families, name
 
 
@@ -70,6 +70,8 @@ def test_what_the_requests_did_is_counted(live):
     for reason in metrics.LOAD_FAILURE_REASONS:
         assert sample(live, f'one2one_bundle_load_failures_total{{reason="{reason}"}}') == 0
     assert sample(live, 'one2one_rank_budget_seconds{kind="default"}') == 0.05
+    # The collection that freezes the long-lived objects before the first request (server.gc_policy).
+    assert sample(live, 'one2one_gc_pause_seconds_count{generation="2"}') >= 1
 
 
 def test_latency_buckets_include_the_budget_boundaries_exactly(live):
