@@ -126,7 +126,8 @@ def scrape_stages(metrics_port: int) -> dict[str, float]:
 
 
 def scrape_counters(metrics_port: int) -> dict[str, float]:
-    """The server's own counts: late responses, responses, and responses by retrieval path."""
+    """The server's own counts: late responses, responses, responses by retrieval path, and
+    garbage-collector pauses by generation (``gc_count_<g>``, ``gc_seconds_<g>``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     out = {"late": 0.0, "responses": 0.0}
     for line in text.splitlines():
@@ -137,6 +138,9 @@ def scrape_counters(metrics_port: int) -> dict[str, float]:
             out["responses"] += float(value)
         elif line.startswith("one2one_rank_retrieval_total{"):
             out["retrieval_" + line.split('path="')[1].split('"')[0]] = float(value)
+        elif line.startswith(("one2one_gc_pause_seconds_count{", "one2one_gc_pause_seconds_sum{")):
+            kind = "count" if "_count{" in line else "seconds"
+            out[f"gc_{kind}_" + line.split('generation="')[1].split('"')[0]] = float(value)
     return out
 
 
@@ -325,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in a.concurrency.split(",")]
     report["real"] = []
     server_pids = [proc.pid, *pids]
+    loads_start = scrape_counters(info["metrics_port"])
     for c in levels:
         r = measured_load(server_pids, info["grpc_port"], users_file, c, a.requests, a.duration)
         report["real"].append(r)
@@ -338,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     report["served_exact_share"] = after.get("retrieval_exact_head", 0.0) / max(searches, 1.0)
     report["budgeted"] = budgeted
     print("budgeted", json.dumps(budgeted), flush=True)
+    # Garbage-collector pauses over every load run: the collector holds the GIL, so a pause
+    # stalls every request in flight on its worker (server.gc_policy).
+    report["gc_during_loads"] = {
+        key: after.get(key, 0.0) - loads_start.get(key, 0.0) for key in after if key.startswith("gc_")}
+    print("gc during loads", json.dumps(report["gc_during_loads"]), flush=True)
     report["stage_mean_ms"] = scrape_stages(info["metrics_port"])
     stop(proc)
 
@@ -426,6 +436,7 @@ def markdown(r: dict) -> str:
                      f"{real['server_cpu_ms_per_request']:.3f} | {split} | "
                      f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} |")
     rf = r["raw_faiss"]
+    pauses = r.get("gc_during_loads", {})
     lines += ["", "## In-process retrieval (same queries, caches evicted before each search)", "",
               f"{rf['index']} alone: single query {rf['single_query_ms']:.3f} ms; batched per query: "
               f"8 -> {rf['batch8_per_query_ms']:.3f} ms, 16 -> {rf['batch16_per_query_ms']:.3f} ms; "
@@ -435,6 +446,9 @@ def markdown(r: dict) -> str:
               f"16 -> {rf['served_batch16_per_query_ms']:.3f} ms; {rf['served_exact_share']:.3f} proven exact.", "",
               "## Server stages (mean ms)", "",
               ", ".join(f"{k} {v:.3f}" for k, v in r["stage_mean_ms"].items()), "",
+              "## Garbage-collector pauses during the load runs (all workers)", "",
+              "; ".join(f"generation {g}: {pauses.get(f'gc_count_{g}', 0.0):.0f} collections, "
+                        f"{1000 * pauses.get(f'gc_seconds_{g}', 0.0):.1f} ms in all" for g in "012"), "",
               "## Memory (kB)", "", "```", json.dumps(r["memory"], indent=1), "```",
               "", f"Build: {r['build_seconds']} s."]
     return "\n".join(lines) + "\n"
