@@ -48,6 +48,8 @@ def latency_buckets(config: ServerConfig | None = None) -> tuple[float, ...]:
 
 LATENCY_BUCKETS = latency_buckets()
 CANDIDATE_BUCKETS = (0, 10, 50, 100, 200, 400, 800, 1600, 3200, 10000)
+# Young collections take tens of microseconds, a full one of an unfrozen worker tens of ms.
+GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # -- RED: every RPC, by method and final status code ----------------------------------
 RPC_REQUESTS = Counter(
@@ -89,7 +91,7 @@ RANK_SCORED = Histogram(
 GC_PAUSES = Histogram(
     "one2one_gc_pause_seconds", "Time a worker stood still in Python's cyclic garbage collector, by "
     "generation (2: a full collection). The collector holds the GIL: every request in flight on "
-    "that worker waits as long.", ["generation"], buckets=LATENCY_BUCKETS)
+    "that worker waits as long.", ["generation"], buckets=GC_BUCKETS)
 
 # -- The bundle being served and its reloads -------------------------------------------
 BUNDLE_INFO = Gauge(
