@@ -80,6 +80,14 @@ def create_server(config: ServerConfig, models: ModelManager,
         # Worker processes share one port; a lone server refuses to share it by mistake.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
+    if config.max_connection_age_seconds > 0:
+        # The kernel assigns each new connection to a worker process (SO_REUSEPORT), and a
+        # client's channel keeps one connection for as long as it lives: without an age,
+        # a client stays on the worker (and the pod) it first reached. Past this age
+        # (gRPC adds ±10% jitter) the client is sent GOAWAY and reconnects; calls in
+        # flight on the old connection get drain_seconds to finish.
+        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000))]
     # Rank runs on its own few threads, taking calls in arrival order; health, reflection,
     # admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank
     # and no burst of Rank calls holds up a health check (README, "Processes").

@@ -39,6 +39,7 @@ class ServerConfig:
     reply_margin_ms: float = 2.0
     drain_seconds: float = 10.0
     drain_notice_seconds: float = 0.0
+    max_connection_age_seconds: float = 300.0
     reload_interval_seconds: float = 5.0
     bundle_max_age_hours: float = 48.0
     n_candidates: int = 200
@@ -122,6 +123,8 @@ class ServerConfig:
             problems.append("default_budget_ms and max_budget_ms must be > 0")
         if self.drain_seconds < 0 or self.drain_notice_seconds < 0:
             problems.append("drain_seconds and drain_notice_seconds must be >= 0")
+        if self.max_connection_age_seconds < 0:
+            problems.append(f"max_connection_age_seconds {self.max_connection_age_seconds} must be >= 0 (0: never)")
         if self.debug_rank_delay_ms < 0:
             problems.append("debug_rank_delay_ms must be >= 0 (0 turns it off)")
         if self.max_workers < 1:

@@ -153,3 +153,44 @@ def test_count_listening_stops_at_the_first_worker_that_never_listened():
     os.write(w, b"rr")
     assert count_listening(r, 2) == 2
     os.close(w)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.parametrize("age", ["0.3", "0"])
+def test_one_channel_moves_between_workers_only_with_a_connection_age(artifacts, tmp_path, age):
+    # A channel keeps one connection, and the kernel gave that connection to one worker.
+    # With max_connection_age_seconds the server has the client reconnect (GOAWAY) every
+    # ~0.3 s, and each new connection is assigned again: over some 25 of them, one
+    # channel's calls reach both workers, and calls in flight at a GOAWAY still succeed.
+    proc, ready = start_server(artifacts, tmp_path, extra=["--workers", "2"],
+                               env={"ONE2ONE_MAX_CONNECTION_AGE_SECONDS": age})
+    try:
+        workers = ready["worker_pids"]
+        with grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}") as ch:
+            wait_serving(ch)
+            stub = ranking_pb2_grpc.RankingServiceStub(ch)
+            before = {pid: _cpu_seconds(pid) for pid in workers}
+            calls, deadline = 0, time.monotonic() + 8.0
+            while time.monotonic() < deadline:
+                assert stub.Rank(pb.RankRequest(user_id="u2"), timeout=5).items
+                calls += 1
+            used = {pid: _cpu_seconds(pid) - before[pid] for pid in workers}
+        share = min(used.values()) / max(sum(used.values()), 1e-9)
+        print(f"\nmax_connection_age_seconds={age}: {calls} calls on one channel, "
+              f"CPU seconds per worker {sorted(round(v, 2) for v in used.values())}")
+        if age == "0":
+            assert share < 0.05  # one worker served the channel; the other only ticked
+        else:
+            assert share > 0.1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_negative_connection_age_is_refused():
+    with pytest.raises(ValueError, match="max_connection_age_seconds -1.0 must be >= 0"):
+        ServerConfig(artifacts="x", max_connection_age_seconds=-1.0).validate()
