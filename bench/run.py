@@ -125,6 +125,15 @@ def scrape_stages(metrics_port: int) -> dict[str, float]:
     return {s: 1000 * sums[s] / counts[s] for s in sums if counts.get(s)}
 
 
+def scrape_gauge(metrics_port: int, name: str) -> float:
+    """One unlabelled series of the server's metrics (NaN when absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
 def scrape_counters(metrics_port: int) -> dict[str, float]:
     """The server's own counts: late responses, responses, responses by retrieval path, and
     garbage-collector pauses by generation (``gc_count_<g>``, ``gc_seconds_<g>``)."""
@@ -202,6 +211,29 @@ def _timed_ms(search, q: np.ndarray, batch: int) -> float:
         search(q[i:i + batch])
         total += time.perf_counter() - t0
     return 1000 * total / len(q)
+
+
+def load_times(art: Path, head_items: int) -> dict:
+    """Seconds to load the served bundle in process, piece by piece, its files already in
+    the page cache (the build or the last run just read them): what a server's start-up
+    and a hot reload spend before warm-up."""
+    from ranking.bundle import Bundle, resolve_current
+    from ranking.model import RankingModel, read_index
+
+    path = resolve_current(art)
+    index_file = path / "index.faiss"
+    t0 = time.perf_counter()
+    read_index(index_file)
+    t1 = time.perf_counter()
+    Bundle(path, verify=True)
+    t2 = time.perf_counter()
+    model = RankingModel(path, verify=False)
+    t3 = time.perf_counter()
+    if head_items > 0:
+        model.exact_head(head_items)
+    t4 = time.perf_counter()
+    return {"index_mb": index_file.stat().st_size / 2**20, "index_read_s": t1 - t0,
+            "checksums_s": t2 - t1, "model_open_s": t3 - t2, "exact_head_s": t4 - t3}
 
 
 def raw_faiss(art: Path, n_queries: int, k: int, effort: int, head_items: int) -> dict:
@@ -285,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     art = build_bundle(a, a.work)
     manifest = json.loads(((art / (art / "CURRENT").read_text().strip()) / "manifest.json").read_text())
     report["build_seconds"] = manifest.get("build_seconds")
+    report["load"] = load_times(art, a.exact_head_items)
+    print("load:", json.dumps(report["load"]), flush=True)
     report["raw_faiss"], users = raw_faiss(art, 500, a.candidates, a.effort, a.exact_head_items)
     print("raw faiss:", json.dumps(report["raw_faiss"]), flush=True)
     users_file = a.work / "users.txt"
@@ -310,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     proc1, info1, startup1 = server(1, "one")
     loadgen(info1["grpc_port"], users_file, 4, 200, 10)
     mem_one = memory_kb(proc1.pid)
+    # The lone worker loaded the bundle itself: open, checksums and warm-up (with workers, the
+    # supervisor loads it before forking and each worker only warms up).
+    report["load"]["server_bundle_load_s"] = scrape_gauge(info1["metrics_port"], "one2one_bundle_load_duration_seconds")
     stop(proc1)
     proc, info, startup = server(a.workers, "n")
     loadgen(info["grpc_port"], users_file, 4, 400, 10)
@@ -380,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "ann_top10_in_candidates": report["raw_faiss"]["served_top10_in_candidates"],
         "served_exact_share": report["served_exact_share"],
         "startup_s": startup, "memory_ratio_pss": report["memory"]["n_workers_pss_over_one_rss"],
+        "index_read_s": report["load"]["index_read_s"],
         "server_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report["real"]),
         "bare_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report["bare"]),
     }
@@ -414,6 +452,8 @@ def markdown(r: dict) -> str:
         f"| embedding searches the exact head proved exact, in the server (in process) | "
         f"{s['served_exact_share']:.3f} ({r['raw_faiss']['served_exact_share']:.3f}) | |",
         f"| startup to SERVING | **{s['startup_s']:.2f} s** | <= 3 s |",
+        f"| index load (read into memory, {r['load']['index_mb']:.0f} MB, files in the page cache) | "
+        f"{s['index_read_s']:.3f} s | |",
         f"| memory of N workers (sum Pss) / one worker (Rss) | **{s['memory_ratio_pss']:.2f}** | <= 1.3 |",
         f"| server CPU per request (median over the load runs): one2one / bare gRPC | "
         f"{s['server_cpu_ms_per_request']:.3f} / {s['bare_cpu_ms_per_request']:.3f} ms | |", "",
@@ -437,6 +477,7 @@ def markdown(r: dict) -> str:
                      f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} |")
     rf = r["raw_faiss"]
     pauses = r.get("gc_during_loads", {})
+    ld = r["load"]
     lines += ["", "## In-process retrieval (same queries, caches evicted before each search)", "",
               f"{rf['index']} alone: single query {rf['single_query_ms']:.3f} ms; batched per query: "
               f"8 -> {rf['batch8_per_query_ms']:.3f} ms, 16 -> {rf['batch16_per_query_ms']:.3f} ms; "
@@ -446,6 +487,12 @@ def markdown(r: dict) -> str:
               f"16 -> {rf['served_batch16_per_query_ms']:.3f} ms; {rf['served_exact_share']:.3f} proven exact.", "",
               "## Server stages (mean ms)", "",
               ", ".join(f"{k} {v:.3f}" for k, v in r["stage_mean_ms"].items()), "",
+              "## Loading the bundle (files in the page cache)", "",
+              f"In process: the index read {ld['index_read_s']:.3f} s ({ld['index_mb']:.0f} MB); "
+              f"checksums of every file {ld['checksums_s']:.3f} s; the model opened without them "
+              f"{ld['model_open_s']:.3f} s (index included); the exact head built {ld['exact_head_s']:.3f} s. "
+              f"In a one-worker server (`one2one_bundle_load_duration_seconds`: open, checksums and "
+              f"warm-up) {ld.get('server_bundle_load_s', float('nan')):.3f} s.", "",
               "## Garbage-collector pauses during the load runs (all workers)", "",
               "; ".join(f"generation {g}: {pauses.get(f'gc_count_{g}', 0.0):.0f} collections, "
                         f"{1000 * pauses.get(f'gc_seconds_{g}', 0.0):.1f} ms in all" for g in "012"), "",
