@@ -112,8 +112,13 @@ def loadgen(port: int, users_file: Path, concurrency: int, requests: int, durati
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def metrics_text(metrics_port: int) -> str:
+    """The server's /metrics page."""
+    return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+
+
 def scrape_stages(metrics_port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(metrics_port)
     sums, counts = {}, {}
     for line in text.splitlines():
         if line.startswith("one2one_rank_stage_duration_seconds_sum{"):
@@ -127,7 +132,7 @@ def scrape_stages(metrics_port: int) -> dict[str, float]:
 
 def scrape_gauge(metrics_port: int, name: str) -> float:
     """One unlabelled series of the server's metrics (NaN when absent)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(metrics_port)
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
@@ -137,7 +142,7 @@ def scrape_gauge(metrics_port: int, name: str) -> float:
 def scrape_counters(metrics_port: int) -> dict[str, float]:
     """The server's own counts: late responses, responses, responses by retrieval path, and
     garbage-collector pauses by generation (``gc_count_<g>``, ``gc_seconds_<g>``)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    text = metrics_text(metrics_port)
     out = {"late": 0.0, "responses": 0.0}
     for line in text.splitlines():
         value = line.rsplit(" ", 1)[-1]
