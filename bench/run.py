@@ -218,10 +218,11 @@ def _timed_ms(search, q: np.ndarray, batch: int) -> float:
     return 1000 * total / len(q)
 
 
-def load_times(art: Path, head_items: int) -> dict:
+def load_times(art: Path, head_items: int):
     """Seconds to load the served bundle in process, piece by piece, its files already in
     the page cache (the build or the last run just read them): what a server's start-up
-    and a hot reload spend before warm-up."""
+    and a hot reload spend before warm-up. Returns them with the model loaded, exact head
+    built, for :func:`raw_faiss`."""
     from ranking.bundle import Bundle, resolve_current
     from ranking.model import RankingModel, read_index
 
@@ -238,20 +239,18 @@ def load_times(art: Path, head_items: int) -> dict:
         model.exact_head(head_items)
     t4 = time.perf_counter()
     return {"index_mb": index_file.stat().st_size / 2**20, "index_read_s": t1 - t0,
-            "checksums_s": t2 - t1, "model_open_s": t3 - t2, "exact_head_s": t4 - t3}
+            "checksums_s": t2 - t1, "model_open_s": t3 - t2, "exact_head_s": t4 - t3}, model
 
 
-def raw_faiss(art: Path, n_queries: int, k: int, effort: int, head_items: int) -> dict:
+def raw_faiss(m, n_queries: int, k: int, effort: int, head_items: int) -> dict:
     """In-process retrieval for the same kind of queries: the ANN index alone and the server's
-    retriever (exact head first), single and batched, and recall against exact search."""
+    retriever (exact head first), single and batched, and recall against exact search, on
+    ``m``, the RankingModel :func:`load_times` loaded."""
     import faiss
 
-    from ranking.bundle import resolve_current
-    from ranking.model import RankingModel
     from ranking.retrieval import Retriever, ann_search
 
     faiss.omp_set_num_threads(1)
-    m = RankingModel(resolve_current(art), verify=False)
     rng = np.random.default_rng(0)
     users = rng.choice(np.flatnonzero(np.asarray(m.user_has_history)), n_queries, replace=False)
     q = np.ascontiguousarray(m.user_factors[users], dtype=np.float32)
@@ -322,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     art = build_bundle(a, a.work)
     manifest = json.loads(((art / (art / "CURRENT").read_text().strip()) / "manifest.json").read_text())
     report["build_seconds"] = manifest.get("build_seconds")
-    report["load"] = load_times(art, a.exact_head_items)
+    report["load"], model = load_times(art, a.exact_head_items)
     print("load:", json.dumps(report["load"]), flush=True)
-    report["raw_faiss"], users = raw_faiss(art, 500, a.candidates, a.effort, a.exact_head_items)
+    report["raw_faiss"], users = raw_faiss(model, 500, a.candidates, a.effort, a.exact_head_items)
     print("raw faiss:", json.dumps(report["raw_faiss"]), flush=True)
     users_file = a.work / "users.txt"
     users_file.write_text("\n".join(users))
