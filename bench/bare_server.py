@@ -1,8 +1,23 @@
-"""The framework floor: a RankingService that answers a canned response of the real shape.
+"""The floors: a RankingService doing only part of what a Rank request needs.
+
+``--work framework`` (the framework floor) answers a canned response of the real shape.
+With a bundle (``--artifacts``) two work floors do the irreducible work the benchmark's
+targets name, and nothing around it (no budget, rules, real-time state, features,
+metrics or logs):
+
+- ``search``: the request's user vector and the same candidate search the server runs
+  for it (exact head first, then the ANN index; as many candidates, the same effort);
+  it answers the first 10 candidates;
+- ``score``: that search, then the bundle's scorer (the learned trees) over a feature
+  matrix the size of a served request's, taken in turn from matrices the real pipeline
+  computed at start-up for users of the bundle (the features themselves are not
+  computed per request); it answers that matrix's top 10.
 
 Same process model as the real server (forked workers sharing the port through
-SO_REUSEPORT, pinned to their CPUs by the same rule, the same thread pool), so the
-difference in throughput is what the ranking itself costs.
+SO_REUSEPORT, pinned to their CPUs by the same rule, the same thread pool; a bundle is
+loaded before the fork, as the server's supervisor does), so the difference in
+throughput between two floors is what the work added between them costs, and between
+the last floor and the server, what the service around that work costs.
 """
 from __future__ import annotations
 
@@ -12,25 +27,101 @@ import signal
 import socket
 import sys
 from concurrent import futures
+from pathlib import Path
 
-from server.config import allowed_cpus
+from server.config import ServerConfig, allowed_cpus
 from server.workers import count_listening, pin_worker, worker_cpus, write_ready
 
+WORK = ("framework", "search", "score")
+POOL_USERS = 64  # feature matrices prepared at start-up for the "score" floor
 
-def serve_one(port: int, max_workers: int, listening: int) -> None:
+
+class Work:
+    """The search (and scoring) of one Rank request on a loaded bundle, as the server does it.
+
+    Parameters
+    ----------
+    artifacts : Path
+        A bundle root with ``CURRENT``.
+    level : str
+        "search" or "score".
+    n_candidates, effort, head_items : int
+        The server's ``n_candidates``, ``ann_effort`` and ``exact_head_items``.
+    batch_size, batch_wait_us : int, float
+        The server's ``ann_batch_size`` and ``ann_batch_wait_us``: concurrent requests'
+        searches micro-batched as the server's are.
+    """
+
+    def __init__(self, artifacts: Path, level: str, n_candidates: int, effort: int, head_items: int,
+                 batch_size: int = 1, batch_wait_us: float = 0.0):
+        import numpy as np
+
+        from ranking.batcher import AnnBatcher
+        from ranking.bundle import resolve_current
+        from ranking.model import RankingModel
+        from ranking.pipeline import Ranker, RankerConfig
+        from ranking.query import RankQuery
+        from ranking.retrieval import Retriever
+
+        m = RankingModel(resolve_current(artifacts), verify=False)
+        self.model, self.level = m, level
+        self.n_candidates, self.effort, self.max_slack = n_candidates, effort, RankerConfig.max_consumed_slack
+        self.ann = AnnBatcher(Retriever(m.index, m.exact_head(head_items) if head_items > 0 else None),
+                              batch_size, batch_wait_us)
+        self.pool: list[tuple] = []
+        if level == "score":
+            ranker = Ranker(m, RankerConfig(n_candidates=n_candidates, ann_effort=effort, exact_head_items=head_items))
+            for row in np.flatnonzero(np.asarray(m.user_has_history))[:POOL_USERS]:
+                prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[row])))
+                self.pool.append((prep.rows, prep.mask, prep.features))
+            if not self.pool:
+                raise SystemExit(f"{artifacts}: no user with history to prepare feature matrices from")
+        self.served = 0
+
+    def answer(self, user_id: str) -> tuple[list[str], list[float]]:
+        """Item ids and scores of the top 10 for ``user_id``."""
+        import numpy as np
+
+        m = self.model
+        urow = m.users.row(user_id)
+        if urow < 0:
+            raise KeyError(user_id)
+        slack = min(int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow]), self.max_slack)
+        rows, _ = self.ann.search(np.asarray(m.user_factors[urow], dtype=np.float32),
+                                  self.n_candidates + slack, self.effort)
+        if self.level == "search":
+            top = rows[rows >= 0][:10]
+            return m.items.id_of(top), [1.0 - i / 10 for i in range(len(top))]
+        cands, mask, feats = self.pool[self.served % len(self.pool)]
+        self.served += 1  # racy between threads; any matrix of the pool will do
+        top = m.scorer.score_topk(feats, mask, 10)
+        return m.items.id_of(cands[top.indices]), [float(s) for s in top.scores]
+
+
+def serve_one(port: int, max_workers: int, listening: int, work: Work | None = None) -> None:
     """Serve in this (forked) process; one byte on the pipe ``listening`` once the port is open."""
+    import faiss
     import grpc
 
     from one2one.v1 import ranking_pb2 as pb
     from one2one.v1 import ranking_pb2_grpc
 
+    faiss.omp_set_num_threads(1)  # one thread per query on the request path, as the server
     canned = pb.RankResponse(
         items=[pb.RankedItem(item_id=f"item{i:07d}", score=1.0 - i / 10) for i in range(10)],
         request_id="0" * 32, model_version="bare", strategy=pb.ONE_TO_ONE)
 
     class Bare(ranking_pb2_grpc.RankingServiceServicer):
         def Rank(self, request, context):
-            return canned
+            if work is None:
+                return canned
+            try:
+                ids, scores = work.answer(request.user_id)
+            except KeyError:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"user_id {request.user_id!r} is not in the bundle")
+            return pb.RankResponse(items=[pb.RankedItem(item_id=i, score=s) for i, s in zip(ids, scores)],
+                                   request_id="0" * 32, model_version=work.model.version,
+                                   strategy=pb.ONE_TO_ONE)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=[("grpc.so_reuseport", 1)])
@@ -48,7 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=len(allowed_cpus()))
     p.add_argument("--max-workers", type=int, default=16, help="threads per process, as the real server")
     p.add_argument("--ready-file", required=True)
+    p.add_argument("--work", choices=WORK, default="framework", help="what each request does (module docstring)")
+    p.add_argument("--artifacts", type=Path, help="bundle root, for --work search / score")
+    p.add_argument("--candidates", type=int, default=ServerConfig.n_candidates, help="the server's n_candidates")
+    p.add_argument("--effort", type=int, default=ServerConfig.ann_effort, help="the server's ann_effort")
+    p.add_argument("--exact-head-items", type=int, default=ServerConfig.exact_head_items,
+                   help="the server's exact_head_items")
+    p.add_argument("--ann-batch-size", type=int, default=ServerConfig.ann_batch_size, help="the server's ann_batch_size")
+    p.add_argument("--ann-batch-wait-us", type=float, default=ServerConfig.ann_batch_wait_us,
+                   help="the server's ann_batch_wait_us")
     a = p.parse_args(argv)
+    if (a.work == "framework") != (a.artifacts is None):
+        p.error("--artifacts goes with --work search or score, and only with them")
+    work = Work(a.artifacts, a.work, a.candidates, a.effort, a.exact_head_items,
+                a.ann_batch_size, a.ann_batch_wait_us) if a.artifacts else None
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", 0))
@@ -62,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 os.close(readable)
                 pin_worker(cpus, slot)
-                serve_one(port, a.max_workers, writable)
+                serve_one(port, a.max_workers, writable, work)
             finally:
                 os._exit(0)
         pids.append(pid)

@@ -1,5 +1,6 @@
 """The serving benchmark: a synthetic shop at scale, the real builder, the real server
-under load, against the bare-gRPC floor and raw FAISS, in one run.
+under load, against the bare-gRPC floor, two work floors (bench.bare_server) and raw
+FAISS, in one run.
 
 Prints every figure and writes ``<out>/report.json`` and ``<out>/report.md``. All
 traffic stays on 127.0.0.1; every load run is bounded in requests and seconds.
@@ -392,24 +393,34 @@ def main(argv: list[str] | None = None) -> int:
     report["stage_mean_ms"] = scrape_stages(info["metrics_port"])
     stop(proc)
 
-    bready = tmp / "ready-bare.json"
-    bproc, binfo, _ = start([sys.executable, "-m", "bench.bare_server", "--workers",
-                             str(a.workers or len(allowed_cpus())), "--ready-file", str(bready)],
-                            bready, tmp / "bare.log")
-    report["bare"] = []
-    bare_pids = [bproc.pid, *binfo.get("worker_pids", [])]
-    for c in levels:
-        r = measured_load(bare_pids, binfo["grpc_port"], users_file, c, a.requests, a.duration)
-        report["bare"].append(r)
-        print("bare", json.dumps(r), flush=True)
-    stop(bproc)
+    # The floors, in the same process model: the framework alone, then with the request's
+    # candidate search, then with the scorer too (bench.bare_server).
+    floors = {"bare": [], "floor_search": ["--artifacts", str(art), "--work", "search"],
+              "floor_score": ["--artifacts", str(art), "--work", "score"]}
+    for name, extra in floors.items():
+        fready = tmp / f"ready-{name}.json"
+        cmd = [sys.executable, "-m", "bench.bare_server", "--workers", str(a.workers or len(allowed_cpus())),
+               "--ready-file", str(fready), "--candidates", str(a.candidates), "--effort", str(a.effort),
+               "--exact-head-items", str(a.exact_head_items), "--ann-batch-size", str(a.ann_batch_size),
+               "--ann-batch-wait-us", str(a.ann_batch_wait_us), *extra]
+        fproc, finfo, _ = start(cmd, fready, tmp / f"{name}.log")
+        report[name] = []
+        floor_pids = [fproc.pid, *finfo.get("worker_pids", [])]
+        for c in levels:
+            r = measured_load(floor_pids, finfo["grpc_port"], users_file, c, a.requests, a.duration)
+            report[name].append(r)
+            print(name, json.dumps(r), flush=True)
+        stop(fproc)
 
     best_real = max(r["qps"] for r in report["real"])
     best_bare = max(r["qps"] for r in report["bare"])
+    best_floor = {name: max(r["qps"] for r in report[name]) for name in ("floor_search", "floor_score")}
     c8 = next((r for r in report["real"] if r["concurrency"] == 8), report["real"][-1])
     report["summary"] = {
         "saturation_qps": best_real, "bare_saturation_qps": best_bare,
         "throughput_ratio_vs_bare": best_real / best_bare,
+        **{f"{name}_saturation_qps": qps for name, qps in best_floor.items()},
+        **{f"{name}_ratio_vs_bare": qps / best_bare for name, qps in best_floor.items()},
         "p99_ms_at_c8": c8["p99_ms"],
         "server_p99_ms_at_c8": c8["server"].get("p99_ms", float("nan")),
         "outside_server_p50_ms_at_c8": c8["outside_server"].get("p50_ms", float("nan")),
@@ -423,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": startup, "memory_ratio_pss": report["memory"]["n_workers_pss_over_one_rss"],
         "index_read_s": report["load"]["index_read_s"],
         "server_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report["real"]),
-        "bare_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report["bare"]),
+        **{f"{name}_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report[name])
+           for name in ("bare", "floor_search", "floor_score")},
     }
     (a.out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     (a.out / "report.md").write_text(markdown(report))
@@ -460,17 +472,24 @@ def markdown(r: dict) -> str:
         f"{s['index_read_s']:.3f} s | |",
         f"| memory of N workers (sum Pss) / one worker (Rss) | **{s['memory_ratio_pss']:.2f}** | <= 1.3 |",
         f"| server CPU per request (median over the load runs): one2one / bare gRPC | "
-        f"{s['server_cpu_ms_per_request']:.3f} / {s['bare_cpu_ms_per_request']:.3f} ms | |", "",
+        f"{s['server_cpu_ms_per_request']:.3f} / {s['bare_cpu_ms_per_request']:.3f} ms | |",
+        f"| work floor: bare gRPC + the request's candidate search only | "
+        f"{s['floor_search_saturation_qps']:.0f} qps = {s['floor_search_ratio_vs_bare']:.2f} of bare; "
+        f"{s['floor_search_cpu_ms_per_request']:.3f} ms CPU per request | |",
+        f"| work floor: + the scorer over a served-size feature matrix | "
+        f"{s['floor_score_saturation_qps']:.0f} qps = {s['floor_score_ratio_vs_bare']:.2f} of bare; "
+        f"{s['floor_score_cpu_ms_per_request']:.3f} ms CPU per request | |", "",
         "## Load", "",
         "Client latency, the server's own time (its trailer) and, request by request, the difference: "
         "time outside the server's measure (load generator, wire, and the worker before the call reaches "
         "its Python code, whose clock starts before the call waits for a Rank thread, and after the "
         "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run.", "",
         "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside server p50 / p99 "
-        "| CPU ms/req | worker CPU split | bare qps | bare p99 | bare CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU ms/req | worker CPU split | bare qps | bare p99 | bare CPU ms/req "
+        "| search floor qps / p99 / CPU ms/req | score floor qps / p99 / CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for real, bare in zip(r["real"], r["bare"]):
+    for real, bare, search, score in zip(r["real"], r["bare"], r["floor_search"], r["floor_score"]):
         srv, out = real.get("server", {}), real.get("outside_server", {})
         split = " / ".join(f"{100 * v:.0f}%" for v in real.get("worker_cpu_shares", [])) or "-"
         lines.append(f"| {real['concurrency']} | {real['qps']:.0f} | {real['p50_ms']:.2f} | {real['p90_ms']:.2f} | "
@@ -478,7 +497,9 @@ def markdown(r: dict) -> str:
                      f"{srv.get('p50_ms', float('nan')):.2f} / {srv.get('p99_ms', float('nan')):.2f} | "
                      f"{out.get('p50_ms', float('nan')):.2f} / {out.get('p99_ms', float('nan')):.2f} | "
                      f"{real['server_cpu_ms_per_request']:.3f} | {split} | "
-                     f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} |")
+                     f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} | "
+                     + " | ".join(f"{f['qps']:.0f} / {f['p99_ms']:.2f} / {f['server_cpu_ms_per_request']:.3f}"
+                                  for f in (search, score)) + " |")
     rf = r["raw_faiss"]
     pauses = r.get("gc_during_loads", {})
     ld = r["load"]

@@ -1,8 +1,20 @@
-"""The bench's framework floor: real forked workers on a real port, as the bench starts them."""
+"""The bench's floors: real forked workers on a real port, as the bench starts them."""
 import signal
+import subprocess
 import sys
 
+import grpc
+import numpy as np
+import pytest
+
 from bench.run import measured_load, start
+from one2one.v1 import ranking_pb2 as pb
+from one2one.v1.ranking_pb2_grpc import RankingServiceStub
+from ranking.bundle import resolve_current
+from ranking.model import RankingModel
+from ranking.pipeline import Ranker, RankerConfig
+from ranking.query import RankQuery
+from ranking.retrieval import Retriever
 
 
 def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real_shape(tmp_path):
@@ -23,3 +35,67 @@ def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert not (tmp_path / "ready.json.tmp").exists()
+
+
+def _floor(tmp_path, *args):
+    ready = tmp_path / "ready.json"
+    return start([sys.executable, "-m", "bench.bare_server", "--workers", "1", "--ready-file", str(ready), *args],
+                 ready, tmp_path / "floor.log", timeout=120)
+
+
+def _rank(port: int, user_id: str):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return RankingServiceStub(ch).Rank(pb.RankRequest(user_id=user_id, num_results=10), timeout=30)
+
+
+def test_search_floor_answers_the_servers_candidate_search_for_the_user(artifacts, tmp_path):
+    m = RankingModel(resolve_current(artifacts), verify=False)
+    retriever = Retriever(m.index, m.exact_head(64))
+    users = np.flatnonzero(np.asarray(m.user_has_history))[:5]
+    proc, info, _ = _floor(tmp_path, "--artifacts", str(artifacts), "--work", "search", "--candidates", "50",
+                           "--effort", "40", "--exact-head-items", "64")
+    try:
+        for urow in users:
+            slack = int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow])
+            rows, _ = retriever.search(np.asarray(m.user_factors[urow], np.float32)[None, :], 50 + slack, 40)
+            got = _rank(info["grpc_port"], str(m.users.ids[urow]))
+            assert [i.item_id for i in got.items] == m.items.id_of(rows[0][:10])
+            assert got.model_version == m.version
+        with pytest.raises(grpc.RpcError) as err:
+            _rank(info["grpc_port"], "nobody-of-this-shop")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "nobody-of-this-shop" in err.value.details()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_score_floor_answers_the_learned_scorers_top10_of_a_matrix_the_pipeline_prepared(artifacts, tmp_path):
+    m = RankingModel(resolve_current(artifacts), verify=False)
+    assert m.scorer.kind == "trees"
+    first = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
+    prep = Ranker(m, RankerConfig(n_candidates=50, ann_effort=40, exact_head_items=64)).prepare(
+        RankQuery(user_id=str(m.users.ids[first])))
+    top = m.scorer.score_topk(prep.features, prep.mask, 10)
+    proc, info, _ = _floor(tmp_path, "--artifacts", str(artifacts), "--work", "score", "--candidates", "50",
+                           "--effort", "40", "--exact-head-items", "64")
+    try:
+        # The first request of the one worker scores the pool's first matrix (its first user's),
+        # whoever asks: the floor times the scorer, it does not compute features per request.
+        got = _rank(info["grpc_port"], str(m.users.ids[first + 1]))
+        assert [i.item_id for i in got.items] == m.items.id_of(prep.rows[top.indices])
+        assert np.allclose([i.score for i in got.items], top.scores)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--work", "search"], "--artifacts goes with --work search or score"),
+    (["--artifacts", "somewhere"], "--artifacts goes with --work search or score"),
+    (["--work", "sort"], "invalid choice: 'sort'"),
+])
+def test_floor_refuses_work_without_a_bundle_and_a_bundle_without_work(tmp_path, args, message):
+    done = subprocess.run([sys.executable, "-m", "bench.bare_server", "--ready-file", str(tmp_path / "r.json"), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "r.json").exists()
