@@ -26,7 +26,6 @@ import os
 import signal
 import socket
 import sys
-from concurrent import futures
 from pathlib import Path
 
 from server.config import ServerConfig, allowed_cpus
@@ -100,13 +99,12 @@ class Work:
 
 def serve_one(port: int, max_workers: int, listening: int, work: Work | None = None) -> None:
     """Serve in this (forked) process; one byte on the pipe ``listening`` once the port is open."""
-    import faiss
     import grpc
 
     from one2one.v1 import ranking_pb2 as pb
     from one2one.v1 import ranking_pb2_grpc
+    from server.app import request_executor
 
-    faiss.omp_set_num_threads(1)  # one thread per query on the request path, as the server
     canned = pb.RankResponse(
         items=[pb.RankedItem(item_id=f"item{i:07d}", score=1.0 - i / 10) for i in range(10)],
         request_id="0" * 32, model_version="bare", strategy=pb.ONE_TO_ONE)
@@ -123,7 +121,8 @@ def serve_one(port: int, max_workers: int, listening: int, work: Work | None = N
                                    request_id="0" * 32, model_version=work.model.version,
                                    strategy=pb.ONE_TO_ONE)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+    # The server's RPC threads: each runs FAISS on one OpenMP thread (the setting is per thread).
+    server = grpc.server(request_executor(max_workers),
                          options=[("grpc.so_reuseport", 1)])
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(Bare(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
