@@ -85,7 +85,7 @@ class Work:
         urow = m.users.row(user_id)
         if urow < 0:
             raise KeyError(user_id)
-        slack = min(int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow]), self.max_slack)
+        slack = min(m.consumed.row_len(urow), self.max_slack)
         rows, _ = self.ann.search(np.asarray(m.user_factors[urow], dtype=np.float32),
                                   self.n_candidates + slack, self.effort)
         if self.level == "search":

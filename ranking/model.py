@@ -28,6 +28,10 @@ class Csr:
     def row(self, r: int) -> np.ndarray:
         return self.indices[self.indptr[r]:self.indptr[r + 1]]
 
+    def row_len(self, r: int) -> int:
+        """How many ids row ``r`` holds."""
+        return int(self.indptr[r + 1] - self.indptr[r])
+
     def row_values(self, r: int) -> np.ndarray:
         assert self.values is not None
         return self.values[self.indptr[r]:self.indptr[r + 1]]

@@ -241,7 +241,7 @@ class Ranker:
         if qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
             slack = 0
             if urow >= 0:
-                slack = min(int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow]), cfg.max_consumed_slack)
+                slack = min(m.consumed.row_len(urow), cfg.max_consumed_slack)
             rows, exact = self.ann.search(qvec, n_candidates + slack, effort, remaining_ms)
             pools.append(rows)
             path = "exact_head" if exact else "ann"

@@ -192,7 +192,7 @@ class Realtime:
 
         def consumed() -> int:
             urow = model.users.row(q.user_id)
-            return int(model.consumed.indptr[urow + 1] - model.consumed.indptr[urow]) if urow >= 0 else 0
+            return model.consumed.row_len(urow) if urow >= 0 else 0
 
         assignment = self.experiments.assign(q.user_id, q.channel, consumed, variant) \
             if (self.experiments.experiments or variant) else NO_EXPERIMENT

@@ -56,7 +56,7 @@ def test_search_floor_answers_the_servers_candidate_search_for_the_user(artifact
                            "--effort", "40", "--exact-head-items", "64")
     try:
         for urow in users:
-            slack = int(m.consumed.indptr[urow + 1] - m.consumed.indptr[urow])
+            slack = m.consumed.row_len(urow)
             rows, _ = retriever.search(np.asarray(m.user_factors[urow], np.float32)[None, :], 50 + slack, 40)
             got = _rank(info["grpc_port"], str(m.users.ids[urow]))
             assert [i.item_id for i in got.items] == m.items.id_of(rows[0][:10])
