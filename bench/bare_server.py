@@ -55,23 +55,21 @@ class Work:
                  batch_size: int = 1, batch_wait_us: float = 0.0):
         import numpy as np
 
-        from ranking.batcher import AnnBatcher
         from ranking.bundle import resolve_current
         from ranking.model import RankingModel
         from ranking.pipeline import Ranker, RankerConfig
         from ranking.query import RankQuery
-        from ranking.retrieval import Retriever
 
         m = RankingModel(resolve_current(artifacts), verify=False)
+        # The server's own pipeline object: its search (retriever and micro-batcher) serves
+        # both floors, and its prepare() makes the score floor's matrices.
+        self.ranker = Ranker(m, RankerConfig(n_candidates=n_candidates, ann_effort=effort, exact_head_items=head_items,
+                                             ann_batch_size=batch_size, ann_batch_wait_us=batch_wait_us))
         self.model, self.level = m, level
-        self.n_candidates, self.effort, self.max_slack = n_candidates, effort, RankerConfig.max_consumed_slack
-        self.ann = AnnBatcher(Retriever(m.index, m.exact_head(head_items) if head_items > 0 else None),
-                              batch_size, batch_wait_us)
         self.pool: list[tuple] = []
         if level == "score":
-            ranker = Ranker(m, RankerConfig(n_candidates=n_candidates, ann_effort=effort, exact_head_items=head_items))
             for row in np.flatnonzero(np.asarray(m.user_has_history))[:POOL_USERS]:
-                prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[row])))
+                prep = self.ranker.prepare(RankQuery(user_id=str(m.users.ids[row])))
                 self.pool.append((prep.rows, prep.mask, prep.features))
             if not self.pool:
                 raise SystemExit(f"{artifacts}: no user with history to prepare feature matrices from")
@@ -81,13 +79,13 @@ class Work:
         """Item ids and scores of the top 10 for ``user_id``."""
         import numpy as np
 
-        m = self.model
+        m, cfg = self.model, self.ranker.config
         urow = m.users.row(user_id)
         if urow < 0:
             raise KeyError(user_id)
-        slack = min(m.consumed.row_len(urow), self.max_slack)
-        rows, _ = self.ann.search(np.asarray(m.user_factors[urow], dtype=np.float32),
-                                  self.n_candidates + slack, self.effort)
+        slack = min(m.consumed.row_len(urow), cfg.max_consumed_slack)
+        rows, _ = self.ranker.ann.search(np.asarray(m.user_factors[urow], dtype=np.float32),
+                                         cfg.n_candidates + slack, cfg.ann_effort)
         if self.level == "search":
             top = rows[rows >= 0][:10]
             return m.items.id_of(top), [1.0 - i / 10 for i in range(len(top))]
