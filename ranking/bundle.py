@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from ranking.errors import BundleError
-
-SCHEMA_VERSION = 1
+from ranking.schema import SCHEMA_VERSION, check_arrays
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 _HASH_CHUNK = 1 << 22
@@ -237,3 +237,73 @@ class Bundle:
         """Load ``<name>.json``."""
         with open(self.file(f"{name}.json"), encoding="utf-8") as fh:
             return json.load(fh)
+
+    def array_names(self) -> list[str]:
+        """Every array the manifest lists."""
+        return sorted(n[:-4] for n in self.manifest["files"] if n.endswith(".npy"))
+
+    def check_schema(self) -> None:
+        """Check the arrays' names, dtypes and shapes against ``ranking.schema`` (headers only)."""
+        check_arrays({n: self.array(n) for n in self.array_names()},
+                     int(self.manifest["schema_version"]), f"{self.path}")
+
+    def load_index(self) -> faiss.Index:
+        """Read the FAISS index into memory.
+
+        Not memory-mapped on purpose: with faiss 1.15 a memory-mapped IVF index searched
+        30-50x slower than one read into memory (bench/README.md), and HNSW graphs are
+        read into memory either way. Worker processes share the index copy-on-write
+        instead: the supervisor loads the bundle before it forks them (server.workers).
+        """
+        return faiss.read_index(str(self.file("index.faiss")))
+
+
+class MemoryBundle:
+    """A bundle that is still in memory: the builder's fitted arrays, read like a published one.
+
+    The builder fits models on earlier parts of the data to train the reranker and to
+    evaluate the ladder; they are served by the same :class:`~ranking.model.RankingModel`
+    and pipeline code as a published bundle, without a round trip through the disk.
+
+    Parameters
+    ----------
+    arrays : dict of str to ndarray
+        Checked against ``ranking.schema``.
+    manifest : dict
+        The manifest sections the serving code reads (``scoring``, ``segments``, ``data_window``).
+    index : faiss.Index
+    name : str
+        What messages call it.
+
+    Raises
+    ------
+    BundleError
+        The arrays do not match the declared schema.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], manifest: dict[str, Any], index: faiss.Index,
+                 name: str = "the bundle being built"):
+        check_arrays(arrays, SCHEMA_VERSION, name)
+        self.arrays = arrays
+        self.manifest = {**manifest, "schema_version": SCHEMA_VERSION, "version": name}
+        self.version = name
+        self.path = name
+        self._index = index
+
+    def has_array(self, name: str) -> bool:
+        return name in self.arrays
+
+    def array(self, name: str, mmap: bool = True) -> np.ndarray:
+        try:
+            return self.arrays[name]
+        except KeyError:
+            raise BundleError(f"{self.path} has no array {name}") from None
+
+    def array_names(self) -> list[str]:
+        return sorted(self.arrays)
+
+    def check_schema(self) -> None:
+        """Checked when made; nothing can change it since."""
+
+    def load_index(self) -> faiss.Index:
+        return self._index

@@ -16,13 +16,12 @@ import numpy as np
 from ranking.errors import BundleError
 from ranking.model import Csr, RankingModel
 from ranking.rows import CandidateIndex, max_share
+from ranking.schema import CONTEXT_FIELDS, WINDOW_DAYS
 
 DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
 DAYS_OF_WEEK = 7
 KEY_SHIFT = np.int64(1) << np.int64(32)  # item row and timestamp packed in one sortable int64
-WINDOW_DAYS = (7, 30)  # popularity windows before the request
-CONTEXT_FIELDS = ("channel", "device", "region")  # the request's Context fields with offline history
 
 FEATURE_NAMES = (
     # retrieval

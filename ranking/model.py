@@ -5,10 +5,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
-from ranking.bundle import Bundle
+from ranking.bundle import Bundle, MemoryBundle
 from ranking.errors import BundleError
 from ranking.ids import IdMap
 from ranking.reranker import load_scorer
@@ -41,26 +40,16 @@ class Csr:
         return len(self.indptr) - 1
 
 
-def read_index(path: Path) -> faiss.Index:
-    """Read the FAISS index into memory.
-
-    Not memory-mapped on purpose: with faiss 1.15 a memory-mapped IVF index searched
-    30-50x slower than one read into memory (bench/README.md), and HNSW graphs are
-    read into memory either way. Worker processes share the index copy-on-write
-    instead: the supervisor loads the bundle before it forks them (server.workers).
-    """
-    return faiss.read_index(str(path))
-
-
 class RankingModel:
     """Everything a :class:`~ranking.pipeline.Ranker` needs from one bundle version.
 
     Parameters
     ----------
-    path : Path
-        A published version directory.
+    path : Path or Bundle or MemoryBundle
+        A published version directory, an opened bundle, or the builder's in-memory one.
     verify : bool
-        Verify checksums and schema before use (the server always does).
+        Verify checksums before use (the server always does); the declared schema
+        (``ranking.schema``) is checked either way.
 
     Raises
     ------
@@ -68,10 +57,11 @@ class RankingModel:
         The bundle is unreadable, corrupt or inconsistent.
     """
 
-    def __init__(self, path: Path | str, verify: bool = True):
+    def __init__(self, path: Path | str | Bundle | MemoryBundle, verify: bool = True):
         t0 = time.perf_counter()
-        self.bundle = Bundle(path, verify=verify)
-        b = self.bundle
+        b = path if isinstance(path, (Bundle, MemoryBundle)) else Bundle(path, verify=verify)
+        b.check_schema()
+        self.bundle = b
         m = b.manifest
         self.version: str = b.version
         self.manifest = m
@@ -97,7 +87,7 @@ class RankingModel:
         # Linear (older bundles) or the learned tree ensemble; anything else is refused here.
         self.scorer = load_scorer(b)
         self.feature_names: list[str] = list(self.scorer.feature_names)
-        self.index = read_index(b.file("index.faiss"))
+        self.index = b.load_index()
         self._check_shapes()
         # Dense per-request scratch over the item rows (positions, visited marks).
         self.scratch = ItemScratch(self.n_items)
@@ -124,19 +114,9 @@ class RankingModel:
         return len(self.users)
 
     def _check_shapes(self) -> None:
-        n_i, n_u = self.n_items, self.n_users
+        # The arrays agree with each other by the schema; the index must agree with them.
         checks = [
-            ("item_factors rows", self.item_factors.shape[0], n_i),
-            ("item_popularity", len(self.item_popularity), n_i),
-            ("item_recent_popularity", len(self.item_recent_popularity), n_i),
-            ("item_price", len(self.item_price), n_i),
-            ("item_cat_indptr", self.item_categories.n_rows, n_i),
-            ("user_factors rows", self.user_factors.shape[0], n_u),
-            ("user_has_history", len(self.user_has_history), n_u),
-            ("user_segment", len(self.user_segment), n_u),
-            ("consumed_indptr", self.consumed.n_rows, n_u),
-            ("segment_pop_indptr", self.segment_popular.n_rows, len(self.segment_keys)),
-            ("index size", self.index.ntotal, n_i),
+            ("index size", self.index.ntotal, self.n_items),
             ("index dimension", self.index.d, self.item_factors.shape[1]),
         ]
         bad = [f"{name} is {got}, expected {want}" for name, got, want in checks if got != want]

@@ -14,13 +14,12 @@ import numpy as np
 
 from ranking import scoring
 from ranking.errors import BundleError
+from ranking.schema import TREE_ARRAYS
 from ranking.scoring import TopK, TreeArrays
 
-__all__ = ["TreeScorer", "LinearScorer", "trees_from_lightgbm", "load_scorer", "TREE_ARRAYS",
+__all__ = ["TreeScorer", "LinearScorer", "trees_from_lightgbm", "load_scorer", "tree_arrays", "TREE_ARRAYS",
            "SCORING_MODELS"]
 
-# Bundle array names of an exported ensemble, in TreeArrays field order.
-TREE_ARRAYS = ("roots", "feature", "threshold", "left", "right", "flags", "node_value", "leaf_value")
 SCORING_MODELS = ("linear", "trees")
 
 _MISSING_TYPES = {"None": 0, "Zero": 1, "NaN": 2}
@@ -198,7 +197,6 @@ def load_scorer(bundle) -> TreeScorer | LinearScorer:
                       "rebuild the bundle with a matching index_builder or upgrade the server")
 
 
-def add_trees(writer, trees: TreeArrays) -> None:
-    """Store an ensemble's arrays in a bundle being written (``rerank_<name>.npy``)."""
-    for name in TREE_ARRAYS:
-        writer.add_array(f"rerank_{name}", getattr(trees, name))
+def tree_arrays(trees: TreeArrays) -> dict[str, np.ndarray]:
+    """An ensemble's arrays under their bundle names (``rerank_<name>``)."""
+    return {f"rerank_{name}": getattr(trees, name) for name in TREE_ARRAYS}
