@@ -87,14 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             print(report_main(args.log, args.control, args.confidence, args.experiment, args.json, args.experiments))
         elif args.command == "evaluate":
             from index_builder.config import BuildConfig
-            from index_builder.evaluate import EvalConfig, evaluate
+            from index_builder.build import evaluate
+            from index_builder.evaluate import EvalConfig
 
             if args.holdout < 1 or not 0.0 < args.cutoff_quantile < 1.0:
                 raise ValueError("--holdout must be >= 1 and --cutoff-quantile in (0, 1)")
             ecfg = EvalConfig(protocols=tuple(args.protocol or ("last_n", "temporal")), holdout=args.holdout,
                               cutoff_quantile=args.cutoff_quantile, max_users=args.max_users,
                               build=BuildConfig.load(args.config, _overrides(args.set)))
-            evaluate(args.events, args.items, args.users, args.out, ecfg)
+            evaluate(args.events, args.items, args.users, args.out, ecfg, show_progress=True)
             print(args.out / "report.md")
         elif args.command == "fetch-movielens":
             from index_builder.movielens import fetch_movielens

@@ -1,29 +1,30 @@
 """The ladder evaluation: every rung against the full pipeline, under two offline protocols.
 
-``temporal``: train on events before the ``cutoff_quantile`` timestamp, test on
-what users did after it. ``last_n``: each user's last ``holdout`` positive
-interactions are held out. For each protocol a bundle is built from the
-training part with the ordinary builder, the full pipeline is asked through
-:meth:`ranking.pipeline.Ranker.rank` (the code that serves ``Rank``), and the
-lower rungs (``index_builder.baselines``) score from the same training part.
-Items a user touched in training are never counted as hits.
+The protocols' splits are ``index_builder.splits``'s; the builder fits each earlier
+part once (``index_builder.fit``) and hands it here. The full pipeline is asked
+through :meth:`ranking.pipeline.Ranker.rank` (the code that serves ``Rank``), each
+user scored by the reranker bag that never trained on them, and the lower rungs
+(``index_builder.baselines``) score from the same training part. Items a user
+touched in training are never counted as hits.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from index_builder import baselines as bl
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
+from index_builder.fit import PartFit
+from index_builder.splits import PROTOCOLS, Protocol, SplitError, positive_mask
+from ranking.model import RankingModel
+from ranking.pipeline import Ranker
+from ranking.query import RankQuery
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ METRICS = ("recall", "ndcg", "map", "coverage", "novelty")
 class EvalConfig:
     """Settings of one evaluation; every default is written down here once."""
 
-    protocols: tuple[str, ...] = ("last_n", "temporal")
+    protocols: tuple[str, ...] = PROTOCOLS
     ks: tuple[int, ...] = (5, 10, 20, 50)
     cutoff_quantile: float = 0.8
     holdout: int = 10
@@ -46,8 +47,8 @@ class EvalConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
 
 
-class EvaluationError(ValueError):
-    """A protocol cannot be run on this data (said plainly in the report instead of NaN)."""
+    def protocol(self, name: str) -> Protocol:
+        return Protocol(name, self.cutoff_quantile, self.holdout)
 
 
 # ---------------------------------------------------------------------------
@@ -87,56 +88,6 @@ def summarise(recs: dict[int, np.ndarray], truth: dict[int, set], users: list[in
 
 
 # ---------------------------------------------------------------------------
-# Protocol splits
-# ---------------------------------------------------------------------------
-
-def _positive_mask(events: pa.Table, cfg: BuildConfig) -> np.ndarray:
-    types = events["event_type"].to_numpy(zero_copy_only=False)
-    uniq = np.unique(types)
-    pos_types = [t for t in uniq if cfg.event_weights.get(t, cfg.default_event_weight) > 0]
-    return np.isin(types, pos_types)
-
-
-def split(events: pa.Table, protocol: str, ecfg: EvalConfig) -> tuple[pa.Table, pa.Table]:
-    """(training events, test events) of a protocol.
-
-    Raises
-    ------
-    EvaluationError
-        The split leaves nothing to train on or nothing to test.
-    """
-    ts = events["timestamp"].to_numpy()
-    if protocol == "temporal":
-        cutoff = int(np.quantile(ts, ecfg.cutoff_quantile))
-        train = events.filter(pc.less(events["timestamp"], cutoff))
-        test = events.filter(pc.greater_equal(events["timestamp"], cutoff))
-    elif protocol == "last_n":
-        pos = _positive_mask(events, ecfg.build)
-        users = events["user_id"].to_numpy(zero_copy_only=False)
-        order = np.lexsort((np.arange(len(ts)), ts, users))
-        su = users[order]
-        starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
-        ends = np.r_[starts[1:], len(su)]
-        held = np.zeros(len(ts), bool)
-        for lo, hi in zip(starts, ends):
-            idx = order[lo:hi]
-            p = idx[pos[idx]]
-            # A user keeps at least one positive in training, or they would be cold.
-            if len(p) > ecfg.holdout:
-                held[p[-ecfg.holdout:]] = True
-        train = events.filter(pa.array(~held))
-        test = events.filter(pa.array(held))
-    else:
-        raise EvaluationError(f"unknown protocol {protocol!r}; known: temporal, last_n")
-    if train.num_rows == 0:
-        raise EvaluationError(f"protocol {protocol}: the split leaves no events to train on")
-    if test.num_rows == 0:
-        raise EvaluationError(f"protocol {protocol}: the split leaves no events to test on "
-                              f"(last_n needs users with more than {ecfg.holdout} positive events)")
-    return train, test
-
-
-# ---------------------------------------------------------------------------
 # One protocol
 # ---------------------------------------------------------------------------
 
@@ -153,9 +104,20 @@ def _topk(scores: np.ndarray, exclude: sp.csr_matrix, rows: np.ndarray, k: int) 
     return out
 
 
-def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | None, ecfg: EvalConfig,
-                 work: Path) -> dict:
-    """Build on the training part, rank every test user with each rung, and measure.
+def run_protocol(part: PartFit, models: list[RankingModel],
+                 bag_of: Callable[[list[str]], np.ndarray] | None, ecfg: EvalConfig) -> dict:
+    """Rank every test user of one protocol with each rung, and measure.
+
+    Parameters
+    ----------
+    part : PartFit
+        The protocol's split, its earlier part fitted once.
+    models : list of RankingModel
+        The fitted arrays with each reranker bag (or the linear scorer alone).
+    bag_of : callable or None
+        User ids to the bag that never trained on each (-1: every bag did; such users
+        are left out of every rung); None with a single model.
+    ecfg : EvalConfig
 
     Returns
     -------
@@ -164,27 +126,17 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
 
     Raises
     ------
-    EvaluationError
-        The protocol cannot run on this data.
+    SplitError
+        No test user is left to measure.
     """
-    from index_builder.build import build
-    from ranking.model import RankingModel
-    from ranking.pipeline import Ranker
-    from ranking.query import RankQuery
-
-    import dataclasses
-
-    # The bundle under test is an ordinary build, minus its own (recursive) ladder report.
-    bcfg = dataclasses.replace(ecfg.build, ladder_report=False)
-    train, test = split(events, protocol, ecfg)
-    path = work / f"{protocol}-train.parquet"
-    pq.write_table(train, path)
-    bundle = build(path, items, users, work / f"{protocol}-bundle", bcfg, show_progress=False)
-    model = RankingModel(bundle, verify=False)
-    ranker = Ranker(model)
+    protocol = part.protocol.name
+    train, test = part.earlier, part.later
+    bcfg = ecfg.build
+    model = models[0]
+    rankers = [Ranker(m) for m in models]
     n_users, n_items = model.n_users, model.n_items
 
-    tr_pos = train.filter(pa.array(_positive_mask(train, bcfg)))
+    tr_pos = train.filter(pa.array(positive_mask(train, bcfg)))
     tu = model.users.lookup(tr_pos["user_id"].to_pylist())
     ti = model.items.lookup(tr_pos["item_id"].to_pylist())
     ok = (tu >= 0) & (ti >= 0)
@@ -200,7 +152,7 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     seen.sum_duplicates()
     seen.sort_indices()
 
-    te_pos = test.filter(pa.array(_positive_mask(test, bcfg))).sort_by("timestamp")
+    te_pos = test.filter(pa.array(positive_mask(test, bcfg))).sort_by("timestamp")
     qu = te_pos["user_id"].to_pylist()
     qi = model.items.lookup(te_pos["item_id"].to_pylist())
     qt = te_pos["timestamp"].to_numpy()
@@ -217,11 +169,17 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
         first_time.setdefault(uid, int(t))
         first_row.setdefault(uid, j)
     test_users = sorted(truth)
+    bags = np.zeros(len(test_users), np.int64) if bag_of is None else bag_of(test_users)
+    if (bags < 0).any():
+        # Only one bag, trained on every fold but one: measure the users it never saw.
+        test_users = [u for u, b in zip(test_users, bags) if b >= 0]
+        bags = bags[bags >= 0]
     if ecfg.max_users and len(test_users) > ecfg.max_users:
         rng = np.random.default_rng(ecfg.seed)
-        test_users = sorted(rng.choice(test_users, ecfg.max_users, replace=False).tolist())
+        pick = np.sort(rng.choice(len(test_users), ecfg.max_users, replace=False))
+        test_users, bags = [test_users[j] for j in pick], bags[pick]
     if not test_users:
-        raise EvaluationError(f"protocol {protocol}: no test user has a positive event on an item "
+        raise SplitError(f"protocol {protocol}: no test user has a positive event on an item "
                               "they had not already seen in training")
     urows = np.array([model.users.row(u) for u in test_users], np.int64)
     kmax = max(ecfg.ks)
@@ -253,7 +211,7 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     served_rungs = []
     context = context_of(te_pos, [first_row[u] for u in test_users])
     for j, uid in enumerate(test_users):
-        res = ranker.rank(RankQuery(user_id=uid, num_results=kmax, event_time=float(first_time[uid]),
+        res = rankers[bags[j]].rank(RankQuery(user_id=uid, num_results=kmax, event_time=float(first_time[uid]),
                                     **{f: values[j] for f, values in context.items()}))
         lists["ONE2ONE"].append(model.items.lookup(res.item_ids).astype(np.int64))
         served_rungs.append(res.rung.name)
@@ -291,34 +249,6 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
     return result
 
 
-def run_all(events: Path, items: Path, users: Path | None, ecfg: EvalConfig) -> dict:
-    """Every protocol's figures (no files written); an unrunnable protocol carries an ``error`` message.
-
-    Raises
-    ------
-    index_builder.io.InputError
-        An input file is malformed.
-    """
-    from index_builder.build import read_inputs
-    from index_builder.profile import data_profile
-
-    inp = read_inputs(events, items, users, ecfg.build)
-    results: dict = {"inputs": {"events": str(events), "items": str(items), "users": str(users) if users else None},
-                     "profile": data_profile(inp.events, inp.items, ecfg.build), "protocols": {}}
-    with tempfile.TemporaryDirectory(prefix="one2one-eval-") as tmp:
-        for protocol in ecfg.protocols:
-            try:
-                results["protocols"][protocol] = run_protocol(protocol, inp.events, items, users, ecfg, Path(tmp))
-            except EvaluationError as exc:
-                results["protocols"][protocol] = {"protocol": protocol, "error": str(exc)}
-            except ValueError as exc:  # the builder refused the training part
-                results["protocols"][protocol] = {"protocol": protocol,
-                                                  "error": f"protocol {protocol}: cannot build on the training part: {exc}"}
-    results["settings"] = {"ks": list(ecfg.ks), "cutoff_quantile": ecfg.cutoff_quantile, "holdout": ecfg.holdout,
-                           "recent_days": ecfg.recent_days, "ease_lambda": ecfg.ease_lambda}
-    return results
-
-
 def ladder_summary(results: dict, k: int = 10) -> dict:
     """The manifest's compact form: NDCG@k per rung and group for each protocol, or its error."""
     out = {}
@@ -329,23 +259,3 @@ def ladder_summary(results: dict, k: int = 10) -> dict:
         out[name] = {"test_users": p["group_sizes"], f"ndcg_at_{k}": {
             g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()}}
     return out
-
-
-def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: EvalConfig) -> dict:
-    """Run every protocol and write the ladder report (Markdown, PNG plots, JSON) under ``out``.
-
-    Returns
-    -------
-    dict
-        The figures written to ``out/ladder.json``.
-
-    Raises
-    ------
-    index_builder.io.InputError
-        An input file is malformed.
-    """
-    from index_builder.report import write_report
-
-    results = run_all(events, items, users, ecfg)
-    write_report(results, out)
-    return results

@@ -1,30 +1,36 @@
 """Train the reranker on a later time window than the embeddings: learn to rank what happened next.
 
-Events before a cutoff (``rerank_cutoff_quantile`` of the timestamps) build an
-ordinary bundle; for every user active after the cutoff the serving pipeline
-(:meth:`ranking.pipeline.Ranker.prepare`) retrieves candidates and computes
-their features from that bundle exactly as ``Rank`` would at the user's first
-later event; the label is whether the user went on to interact with the item.
-A LightGBM ``lambdarank`` model, grouped per user and early-stopped on
-held-out users, is exported to flat arrays for the compiled loop. The bundle
-that is finally published refits embeddings and tables on all the data.
+Each protocol's earlier part (``index_builder.splits``) is fitted once
+(``index_builder.fit``) and served in memory; for every user active in the part
+that came next the serving pipeline (:meth:`ranking.pipeline.Ranker.prepare`)
+retrieves candidates and computes their features exactly as ``Rank`` would at
+the user's first later event; the label is whether the user went on to interact
+with the item. LightGBM ``lambdarank`` bags, grouped per user and each
+early-stopped on its own fold of held-out users, are exported to flat arrays for
+the compiled loop. The published bundle refits embeddings and tables on all the
+data; the ladder evaluation reuses the same earlier fits and scores each user with
+the bag that never saw them.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import tempfile
+import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
+from index_builder.fit import PartFit
+from index_builder.splits import positive_types, user_folds
+from index_builder.steps import Steps
 from ranking.features import FEATURE_NAMES
+from ranking.model import RankingModel
+from ranking.pipeline import Ranker
+from ranking.query import RankQuery
+from ranking.reranker import concat_trees, trees_from_lightgbm
 from ranking.scoring import TreeArrays
 
 log = logging.getLogger(__name__)
@@ -32,11 +38,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RerankOutcome:
-    """A trained ensemble (or why none could be trained) and the figures for the manifest."""
+    """A trained ensemble (or why none could be trained) and the figures for the manifest.
+
+    ``bags`` are the ensemble's members, each alone at full scale, and ``held_folds[b]``
+    the user fold (``index_builder.splits.user_folds``) bag ``b`` never trained on.
+    """
 
     trees: TreeArrays | None
     section: dict = field(default_factory=dict)
     reason: str = ""
+    bags: list[TreeArrays] = field(default_factory=list)
+    held_folds: list[int] = field(default_factory=list)
+    n_folds: int = 0
+    seed: int = 0
+
+    def bag_of(self, user_ids: list[str]) -> np.ndarray:
+        """The bag that never saw each user (cross-fitting), or -1 where every bag did."""
+        folds = user_folds(user_ids, self.n_folds, self.seed)
+        out = np.full(len(user_ids), -1, np.int64)
+        for b, f in enumerate(self.held_folds):
+            out[folds == f] = b
+        if len(self.held_folds) > 1:
+            # Every fold some training user fell in is held out by a bag; the users of
+            # the other folds trained no bag at all. (One bag trained on every fold but one.)
+            out[out < 0] = 0
+        return out
 
 
 @dataclass
@@ -62,7 +88,7 @@ def ndcg_at(scores_by_group: list[np.ndarray], labels_by_group: list[np.ndarray]
     return float(np.mean(out)) if out else 0.0
 
 
-def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[str] | None = None,
+def collect_rows(ranker: Ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[str] | None = None,
                  attributes: dict[str, dict[str, str]] | None = None) -> TrainingRows:
     """Training rows from the pipeline: one query per user active in ``later``.
 
@@ -82,8 +108,6 @@ def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[
     attributes : dict, optional
         User id to segment attributes, for the cold queries.
     """
-    from ranking.query import RankQuery
-
     m = ranker.model
     rng = np.random.default_rng(cfg.random_seed)
     later = later.sort_by([("user_id", "ascending"), ("timestamp", "ascending")])
@@ -141,7 +165,52 @@ def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[
     return TrainingRows(np.concatenate(Xs), np.concatenate(ys), np.asarray(groups, np.int64), who)
 
 
-def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
+def _folds(users: list[str], n_groups: int, cfg: BuildConfig) -> tuple[int, np.ndarray, list[int]]:
+    """(number of folds, each query's fold, the folds held out by the bags, in bag order).
+
+    Folds are of users (``user_folds``): every query of one user lands in one fold, in
+    every protocol. One bag (``rerank_bags = 1`` or too few users) holds out the users
+    of the first non-empty fold of ``round(1 / rerank_valid_share)``.
+    """
+    n_bags = max(1, min(cfg.rerank_bags, n_groups // 2))
+    if n_bags > 1:
+        fold = user_folds(users, n_bags, cfg.random_seed)
+        held = sorted(int(f) for f in np.unique(fold))
+        if len(held) >= 2:
+            return n_bags, fold, held
+    n_folds = max(2, round(1.0 / cfg.rerank_valid_share))
+    fold = user_folds(users, n_folds, cfg.random_seed)
+    present = np.unique(fold)
+    if len(present) < 2:
+        raise ValueError(f"all {len(set(users))} training users fall in one fold: none can be held out")
+    return n_folds, fold, [int(present[0])]
+
+
+def _fit_bag(rows: TrainingRows, fold: np.ndarray, row_fold: np.ndarray, f: int, seed: int, cfg: BuildConfig):
+    """One bag: trained on every user fold but ``f``, early-stopped on ``f``, cut to its best iteration."""
+    import lightgbm as lgb
+
+    params = {
+        "objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [10],
+        "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
+        "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
+        "lambdarank_truncation_level": 20, "verbose": -1, "seed": seed,
+        # Every allowed core (bags in forked processes instead hung in libgomp after the
+        # fork, and two threads fit a bag 1.6-1.9x faster than one: bench/README.md);
+        # deterministic with row-wise histograms keeps one machine's builds identical.
+        "deterministic": True, "force_row_wise": True, "num_threads": len(os.sched_getaffinity(0)),
+    }
+    tr, va = row_fold != f, row_fold == f
+    weight = None if rows.group_weights is None else np.repeat(rows.group_weights, rows.groups)[tr]
+    dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f], weight=weight,
+                         feature_name=list(FEATURE_NAMES), free_raw_data=False)
+    dvalid = lgb.Dataset(rows.X[va], rows.y[va], group=rows.groups[fold == f], reference=dtrain)
+    booster = lgb.train(params, dtrain, num_boost_round=cfg.rerank_trees, valid_sets=[dvalid],
+                        callbacks=[lgb.early_stopping(cfg.rerank_early_stopping, verbose=False)])
+    return _truncated(booster)
+
+
+def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tuple[int, list[int]]]:
     """Fit ``rerank_bags`` LightGBM lambdarank models, one per fold of users held out.
 
     Each model is early-stopped on its own held-out fold, and that fold's
@@ -151,42 +220,21 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
 
     Returns
     -------
-    (boosters, figures)
-        The models, each cut to its best iteration, and JSON-ready figures.
+    (boosters, figures, folds)
+        The models, each cut to its best iteration, JSON-ready figures, and
+        ``(n_folds, held_folds)``: bag ``b`` never trained on user fold ``held_folds[b]``.
     """
     import lightgbm as lgb
 
-    rng = np.random.default_rng(cfg.random_seed)
     n_groups = len(rows.groups)
-    n_bags = max(1, min(cfg.rerank_bags, n_groups // 2))
-    if n_bags == 1:
-        fold = (rng.random(n_groups) < cfg.rerank_valid_share).astype(np.int64)
-        fold[0] = 1 if not fold.any() else fold[0]
-        held_folds = [1]
-    else:
-        fold = rng.permutation(n_groups) % n_bags
-        held_folds = list(range(n_bags))
+    n_folds, fold, held_folds = _folds(rows.users, n_groups, cfg)
     bounds = np.r_[0, np.cumsum(rows.groups)]
     row_fold = np.repeat(fold, rows.groups)
     oof = np.full(len(rows.y), np.nan)
     boosters = []
     for b, f in enumerate(held_folds):
-        params = {
-            "objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [10],
-            "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
-            "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
-            "lambdarank_truncation_level": 20, "verbose": -1, "seed": cfg.random_seed + b,
-            "deterministic": True, "num_threads": 1,
-        }
-        tr, va = row_fold != f, row_fold == f
-        weight = None if rows.group_weights is None else np.repeat(rows.group_weights, rows.groups)[tr]
-        dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f], weight=weight,
-                             feature_name=list(FEATURE_NAMES), free_raw_data=False)
-        dvalid = lgb.Dataset(rows.X[va], rows.y[va], group=rows.groups[fold == f], reference=dtrain)
-        booster = lgb.train(params, dtrain, num_boost_round=cfg.rerank_trees, valid_sets=[dvalid],
-                            callbacks=[lgb.early_stopping(cfg.rerank_early_stopping, verbose=False)])
-        booster = _truncated(booster)
-        oof[va] = booster.predict(rows.X[va])
+        booster = _fit_bag(rows, fold, row_fold, f, cfg.random_seed + b, cfg)
+        oof[row_fold == f] = booster.predict(rows.X[row_fold == f])
         boosters.append(booster)
 
     held = np.flatnonzero(np.isin(fold, held_folds))
@@ -206,7 +254,7 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict]:
         },
         "feature_importance_gain": {n: round(float(v), 2) for n, v in zip(FEATURE_NAMES, gain)},
     }
-    return boosters, figures
+    return boosters, figures, (n_folds, held_folds)
 
 
 def split_weights(n_groups: list[int], protocols: tuple[str, ...], cfg: BuildConfig) -> np.ndarray | None:
@@ -226,84 +274,70 @@ def split_weights(n_groups: list[int], protocols: tuple[str, ...], cfg: BuildCon
     return (w / w.mean()).astype(np.float64)
 
 
-def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: BuildConfig) -> RerankOutcome:
-    """Split ``events`` at the cutoff, build a bundle on the past, learn to rank the future.
+def train_reranker(parts: list[PartFit], failed: list[str], attributes: dict[str, dict[str, str]],
+                   cfg: BuildConfig, steps: Steps | None = None) -> RerankOutcome:
+    """Learn to rank what came next from each protocol's earlier part, fitted once.
 
     Parameters
     ----------
-    events : pyarrow.Table
-        Validated events (as ``index_builder.io.read_events`` returns them).
-    items, users : Path
-        The catalog and user attribute files of the build.
+    parts : list of PartFit
+        The protocols of ``rerank_split`` that could be cut, each fitted on its earlier part.
+    failed : list of str
+        Why the other protocols of ``rerank_split`` could not be cut (for the reason).
+    attributes : dict
+        User id to segment attributes, for the cold queries.
     cfg : BuildConfig
+    steps : Steps, optional
+        Times the steps ``rerank rows`` and ``rerank fit``.
 
     Returns
     -------
     RerankOutcome
         ``trees`` is None, with ``reason``, when the data cannot support a reranker.
     """
-    from index_builder.build import build
-    from ranking.model import RankingModel
-    from ranking.pipeline import Ranker
-    from ranking.reranker import concat_trees, trees_from_lightgbm
+    def step(name: str):
+        return steps.step(name) if steps is not None else nullcontext()
 
-    from index_builder.evaluate import EvalConfig, EvaluationError, split
-
-    splits = ("temporal", "last_n") if cfg.rerank_split == "both" else (cfg.rerank_split,)
     section: dict = {"split": cfg.rerank_split, "cutoff_quantile": cfg.rerank_cutoff_quantile,
                      "holdout": cfg.rerank_holdout}
-    positive_types = {t for t in pc.unique(events["event_type"]).to_pylist()
-                      if cfg.event_weights.get(t, cfg.default_event_weight) > 0}
-    # The inner bundle only supplies features: no reranker of its own, no ladder report.
-    inner = dataclasses.replace(cfg, rerank=False, ladder_report=False)
-    parts: list[TrainingRows] = []
-    reasons = []
-    for protocol in splits:
-        try:
-            earlier, later = split(events, protocol, EvalConfig(cutoff_quantile=cfg.rerank_cutoff_quantile,
-                                                                holdout=cfg.rerank_holdout, build=cfg))
-        except EvaluationError as exc:
-            reasons.append(str(exc))
-            continue
-        with tempfile.TemporaryDirectory(prefix="one2one-rerank-") as tmp:
-            path = Path(tmp) / "earlier.parquet"
-            pq.write_table(earlier, path)
-            bundle = build(path, items, users, Path(tmp) / "bundle", inner, show_progress=False)
-            model = RankingModel(bundle, verify=False)
-            ranker = Ranker(model, reranker_features=True)
-            rows = collect_rows(ranker, later, cfg, positive_types, _attributes(users, model, cfg))
-        section[protocol] = {"earlier_events": earlier.num_rows, "later_events": later.num_rows,
-                             "groups": int(len(rows.groups))}
-        parts.append(rows)
+    collected: list[TrainingRows] = []
+    with step("rerank rows"):
+        for part in parts:
+            ranker = Ranker(part.model, reranker_features=True)
+            rows = collect_rows(ranker, part.later, cfg, positive_types(part.later, cfg), attributes)
+            section[part.protocol.name] = {"earlier_events": part.earlier.num_rows,
+                                           "later_events": part.later.num_rows, "groups": int(len(rows.groups))}
+            collected.append(rows)
     rows = TrainingRows(
-        np.concatenate([p.X for p in parts]) if parts else np.zeros((0, len(FEATURE_NAMES)), np.float32),
-        np.concatenate([p.y for p in parts]) if parts else np.zeros(0, np.float32),
-        np.concatenate([p.groups for p in parts]) if parts else np.zeros(0, np.int64),
-        [u for p in parts for u in p.users])
-    rows.group_weights = split_weights([len(p.groups) for p in parts], splits[:len(parts)], cfg)
+        np.concatenate([p.X for p in collected]) if collected else np.zeros((0, len(FEATURE_NAMES)), np.float32),
+        np.concatenate([p.y for p in collected]) if collected else np.zeros(0, np.float32),
+        np.concatenate([p.groups for p in collected]) if collected else np.zeros(0, np.int64),
+        [u for p in collected for u in p.users])
+    rows.group_weights = split_weights([len(p.groups) for p in collected], tuple(p.protocol.name for p in parts), cfg)
     section["groups"] = int(len(rows.groups))
     if len(rows.groups) < cfg.rerank_min_groups:
-        why = "; ".join(reasons) or (f"only {len(rows.groups)} later-window users have a positive among their "
-                                     f"candidates (rerank_min_groups = {cfg.rerank_min_groups})")
+        why = "; ".join(failed) or (f"only {len(rows.groups)} later-window users have a positive among their "
+                                    f"candidates (rerank_min_groups = {cfg.rerank_min_groups})")
         return RerankOutcome(None, section, why)
-    boosters, figures = fit_lambdarank(rows, cfg)
+    try:
+        with step("rerank fit"):
+            boosters, figures, (n_folds, held_folds) = fit_lambdarank(rows, cfg)
+    except ValueError as exc:
+        return RerankOutcome(None, section, str(exc))
     section.update(figures)
     trees = concat_trees([trees_from_lightgbm(b, scale=1.0 / len(boosters)) for b in boosters])
     section["n_trees"] = trees.n_trees
-    return RerankOutcome(trees, section)
+    return RerankOutcome(trees, section, bags=[trees_from_lightgbm(b, scale=1.0) for b in boosters],
+                         held_folds=held_folds, n_folds=n_folds, seed=cfg.random_seed)
 
 
-def _attributes(users: Path | None, model, cfg: BuildConfig) -> dict[str, dict[str, str]]:
+def attributes_of(users: pa.Table | None, model: RankingModel) -> dict[str, dict[str, str]]:
     """Each user's values of the segment variables, as a cold visitor would state them."""
     if users is None or not model.segments.columns:
         return {}
-    from index_builder import io as bio
-
-    table, _ = bio.read_users(users, bio.ReadOptions(on_bad_row=cfg.on_bad_row,
-                                                     max_bad_fraction=cfg.max_bad_fraction))
-    cols = {c: table[c].cast(pa.string()).to_pylist() for c in model.segments.columns}
+    cols = {c: users[c].cast(pa.string()).to_pylist() for c in model.segments.columns}
     return {uid: {c: cols[c][j] for c in cols if cols[c][j] is not None}
-            for j, uid in enumerate(table["user_id"].to_pylist())}
+            for j, uid in enumerate(users["user_id"].to_pylist())}
 
 
 def _truncated(booster):

@@ -100,3 +100,31 @@ def test_user_factors_are_zero_without_history(bundle_path):
     uf = b.array("user_factors")
     assert has.all()  # every synthetic user has events
     assert np.abs(uf).sum(axis=1).min() > 0
+
+
+def test_manifest_lists_the_named_steps_and_each_split_is_fitted_once(bundle_path):
+    steps = Bundle(bundle_path).manifest["steps"]
+    names = [s["name"] for s in steps]
+    assert names == ["read", "fit[temporal q=0.8]", "fit[last_n n=10]", "rerank rows", "rerank fit",
+                     "ladder[temporal]", "ladder[last_n]", "fit weights", "fit als", "fit tables",
+                     "fit features", "fit index", "ann eval"]
+    assert all(s["seconds"] >= 0 for s in steps)
+
+
+def test_the_ladder_scores_each_user_with_a_bag_that_never_trained_on_them():
+    from index_builder.rerank_train import RerankOutcome, _folds
+    from index_builder.splits import user_folds
+
+    cfg = BuildConfig()
+    users = [f"u{j}" for j in range(200) for _ in range(2)]  # two queries (protocols) per user
+    n_folds, fold, held = _folds(users, len(users), cfg)
+    assert n_folds == cfg.rerank_bags and held == list(range(n_folds))
+    # Every query of a user is in the user's fold, whatever the protocol.
+    assert (fold[0::2] == fold[1::2]).all()
+    outcome = RerankOutcome(None, held_folds=held, n_folds=n_folds, seed=cfg.random_seed)
+    bag = outcome.bag_of(users[0::2])
+    # Bag b was trained on every fold but held[b]: the user's own fold is the one it never saw.
+    assert (np.asarray(held)[bag] == user_folds(users[0::2], n_folds, cfg.random_seed)).all()
+    one = RerankOutcome(None, held_folds=[2], n_folds=5, seed=cfg.random_seed)
+    b1 = one.bag_of(users[0::2])
+    assert ((b1 == 0) == (user_folds(users[0::2], 5, cfg.random_seed) == 2)).all() and (b1 == -1).any()

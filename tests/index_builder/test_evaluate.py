@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from index_builder.config import BuildConfig
-from index_builder.evaluate import EvalConfig, evaluate, user_metrics
+from index_builder.build import evaluate
+from index_builder.evaluate import EvalConfig, user_metrics
 from index_builder.synthetic import make_shop, write_shop
 
 from tests_support import SMALL_BUILD
