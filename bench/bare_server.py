@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from server.config import ServerConfig, allowed_cpus
-from server.workers import count_listening, pin_worker, worker_cpus, write_ready
+from server.ready import write_ready
+from server.workers import count_listening, pin_worker, worker_cpus
 
 WORK = ("framework", "search", "score")
 POOL_USERS = 64  # feature matrices prepared at start-up for the "score" floor

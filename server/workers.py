@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -20,10 +19,10 @@ import socket
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from server import gc_policy
 from server.config import ServerConfig, allowed_cpus
+from server.ready import write_ready
 
 log = logging.getLogger("server.workers")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -104,13 +103,6 @@ def _stop_with_parent(parent_pid: int) -> None:
             log.warning("cannot ask to be stopped with the supervisor", extra={"errno": ctypes.get_errno()})
     if os.getppid() != parent_pid:  # the supervisor died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def write_ready(path: str, doc: dict) -> None:
-    """Write a ready file whole or not at all: whoever polls for it never reads it half-written."""
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
 
 
 def count_listening(ready_r: int, n_workers: int) -> int:
