@@ -56,10 +56,7 @@ class Work:
                  batch_size: int = 1, batch_wait_us: float = 0.0):
         import numpy as np
 
-        from ranking.bundle import resolve_current
-        from ranking.model import RankingModel
-        from ranking.pipeline import Ranker, RankerConfig
-        from ranking.query import RankQuery
+        from ranking import Ranker, RankerConfig, RankingModel, RankQuery, resolve_current
 
         m = RankingModel(resolve_current(artifacts), verify=False)
         # The server's own pipeline object: its search (retriever and micro-batcher) serves

@@ -161,9 +161,7 @@ def scrape_counters(metrics_port: int) -> dict[str, float]:
 
 def _unservable(art: Path) -> str:
     """Why the current code cannot serve the cached bundle (built by older code), or ""."""
-    from ranking.errors import BundleError
-    from ranking.model import RankingModel
-    from ranking.pipeline import Ranker
+    from ranking import BundleError, Ranker, RankingModel
 
     try:
         Ranker(RankingModel(art / (art / "CURRENT").read_text().strip(), verify=False))
@@ -224,8 +222,7 @@ def load_times(art: Path, head_items: int):
     the page cache (the build or the last run just read them): what a server's start-up
     and a hot reload spend before warm-up. Returns them with the model loaded, exact head
     built, for :func:`raw_faiss`."""
-    from ranking.bundle import Bundle, resolve_current
-    from ranking.model import RankingModel, read_index
+    from ranking import Bundle, RankingModel, read_index, resolve_current
 
     path = resolve_current(art)
     index_file = path / "index.faiss"
@@ -249,7 +246,7 @@ def raw_faiss(m, n_queries: int, k: int, effort: int, head_items: int) -> dict:
     ``m``, the RankingModel :func:`load_times` loaded."""
     import faiss
 
-    from ranking.retrieval import Retriever, ann_search
+    from ranking import Retriever, ann_search
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -24,12 +24,8 @@ from index_builder.tables import (
     segment_tables, top_rows,
 )
 from index_builder.train import DAY, confidence_matrix, event_weights, train_als
-from ranking.bundle import BundleWriter
-from ranking.features import CONTEXT_FIELDS, FEATURE_NAMES
-from ranking.pipeline import FEATURES
-from ranking.reranker import add_trees
-from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, ExactHead, ann_search
-from ranking.user_state import item_gram
+from ranking import (CONTEXT_FIELDS, DEFAULT_EXACT_HEAD_ITEMS, FEATURES, FEATURE_NAMES,
+    BundleWriter, ExactHead, add_trees, ann_search, item_gram)
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +168,7 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
     ValueError
         The inputs are consistent but unusable (no event matches a catalog item, a bad setting).
     """
-    from ranking.pipeline import RankerConfig
+    from ranking import RankerConfig
 
     t_start = time.perf_counter()
     steps = tqdm(total=7, desc="build", unit="step", disable=not show_progress)

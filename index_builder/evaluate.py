@@ -168,9 +168,7 @@ def run_protocol(protocol: str, events: pa.Table, items: Path, users: Path | Non
         The protocol cannot run on this data.
     """
     from index_builder.build import build
-    from ranking.model import RankingModel
-    from ranking.pipeline import Ranker
-    from ranking.query import RankQuery
+    from ranking import Ranker, RankingModel, RankQuery
 
     import dataclasses
 

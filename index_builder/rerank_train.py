@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
-from ranking.features import FEATURE_NAMES
-from ranking.scoring import TreeArrays
+from ranking import FEATURE_NAMES, TreeArrays
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def collect_rows(ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[
     attributes : dict, optional
         User id to segment attributes, for the cold queries.
     """
-    from ranking.query import RankQuery
+    from ranking import RankQuery
 
     m = ranker.model
     rng = np.random.default_rng(cfg.random_seed)
@@ -243,9 +242,7 @@ def train_reranker(events: pa.Table, items: Path, users: Path | None, cfg: Build
         ``trees`` is None, with ``reason``, when the data cannot support a reranker.
     """
     from index_builder.build import build
-    from ranking.model import RankingModel
-    from ranking.pipeline import Ranker
-    from ranking.reranker import concat_trees, trees_from_lightgbm
+    from ranking import Ranker, RankingModel, concat_trees, trees_from_lightgbm
 
     from index_builder.evaluate import EvalConfig, EvaluationError, split
 

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ranking.bundle import CURRENT, MANIFEST, SCHEMA_VERSION, resolve_current
-from ranking.errors import BundleError, RankingError, Unavailable
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
+from ranking import (CURRENT, MANIFEST, SCHEMA_VERSION, BundleError, Ranker, RankerConfig,
+    RankingError, RankingModel, Unavailable, resolve_current)
 from server import metrics
 
 log = logging.getLogger(__name__)

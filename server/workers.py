@@ -146,9 +146,7 @@ def supervise(config: ServerConfig) -> int:
     os.environ[MULTIPROC_ENV] = mp_dir  # before prometheus_client is first imported
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-    from ranking.bundle import resolve_current
-    from ranking.errors import BundleError
-    from ranking.model import RankingModel
+    from ranking import BundleError, RankingModel, resolve_current
     from server import logs
 
     # server.app (and with it server.metrics) is imported in the workers only: a metric
@@ -271,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from server import app, logs
 
     logs.setup(config.log_level)
-    from ranking.errors import RankingError
+    from ranking import RankingError
 
     try:
         return app.serve(config)

@@ -10,11 +10,7 @@ import pytest
 from bench.run import measured_load, start
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1.ranking_pb2_grpc import RankingServiceStub
-from ranking.bundle import resolve_current
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
-from ranking.query import RankQuery
-from ranking.retrieval import Retriever
+from ranking import Ranker, RankerConfig, RankingModel, RankQuery, Retriever, resolve_current
 
 
 def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real_shape(tmp_path):

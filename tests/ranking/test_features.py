@@ -6,11 +6,7 @@ import pytest
 
 from index_builder.build import build
 from index_builder.config import BuildConfig
-from ranking.errors import BundleError
-from ranking.features import FEATURE_NAMES, N_FEATURES
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker
-from ranking.query import RankQuery
+from ranking import FEATURE_NAMES, N_FEATURES, BundleError, Ranker, RankingModel, RankQuery
 
 from tests_support import SMALL_BUILD
 

@@ -3,11 +3,8 @@ import faiss
 import numpy as np
 import pytest
 
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
-from ranking.query import RankQuery
-from ranking.retrieval import ExactHead, Retriever, ann_search
-from ranking.user_state import row_norms
+from ranking import ExactHead, Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ann_search
+from ranking.realtime.user_state import row_norms
 
 D = 24
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ranking import scoring
 from ranking.errors import BundleError
-from ranking.scoring import TopK, TreeArrays
+from ranking.kernels import scoring
+from ranking.kernels.scoring import TopK, TreeArrays
 
 __all__ = ["TreeScorer", "LinearScorer", "trees_from_lightgbm", "load_scorer", "TREE_ARRAYS",
            "SCORING_MODELS"]

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ranking.bundle.model import Csr, RankingModel
 from ranking.errors import BundleError
-from ranking.model import Csr, RankingModel
-from ranking.rows import CandidateIndex, max_share
+from ranking.kernels.rows import CandidateIndex, max_share
 
 DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening

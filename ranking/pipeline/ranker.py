@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ranking import scoring
-from ranking.batcher import AnnBatcher
-from ranking.budget import Budget, CostModel, RetrievalPlan
+from ranking.bundle.model import RankingModel
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
-from ranking.features import FEATURE_NAMES, FeatureTables, Request
-from ranking.model import RankingModel
-from ranking.query import QueryLimits, RankQuery
-from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, Retriever
-from ranking.rows import max_share
+from ranking.kernels import scoring
+from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
+from ranking.pipeline.categories import in_categories
+from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Request
+from ranking.pipeline.query import QueryLimits, RankQuery
+from ranking.retrieval.batcher import AnnBatcher
+from ranking.retrieval.search import DEFAULT_EXACT_HEAD_ITEMS, Retriever
 
 if TYPE_CHECKING:
-    from ranking.overlay import RankOverlay
+    from ranking.pipeline.overlay import RankOverlay
 
 FEATURES = ("retrieval", "popularity", "recent_popularity", "segment_popularity")
 
@@ -89,19 +89,6 @@ class Prepared:
     offsets: np.ndarray | None = None
     offset_parts: dict[str, np.ndarray] = field(default_factory=dict)
     retrieval: str = "none"
-
-
-def in_categories(model: RankingModel, rows: np.ndarray, categories: np.ndarray) -> np.ndarray:
-    """For each item row, whether it belongs to any of ``categories`` (category ids).
-
-    One compiled walk over the rows' categories (:func:`ranking.rows.max_share` of a 0/1
-    membership), the walk the category-affinity feature uses.
-    """
-    if len(rows) == 0 or len(categories) == 0:
-        return np.zeros(len(rows), dtype=bool)
-    member = np.zeros(len(model.category_names), np.float32)
-    member[np.asarray(categories)] = 1.0
-    return max_share(model.item_categories, rows, member) > 0
 
 
 class _StageClock:

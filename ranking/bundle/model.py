@@ -8,13 +8,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ranking.bundle import Bundle
+from ranking.bundle.ids import IdMap
+from ranking.bundle.segments import SegmentScheme
+from ranking.bundle.store import Bundle
 from ranking.errors import BundleError
-from ranking.ids import IdMap
-from ranking.reranker import load_scorer
-from ranking.retrieval import ExactHead
-from ranking.rows import ItemScratch
-from ranking.segments import SegmentScheme
+from ranking.kernels.reranker import load_scorer
+from ranking.kernels.rows import ItemScratch
+from ranking.retrieval.search import ExactHead
 
 
 @dataclass(frozen=True)
