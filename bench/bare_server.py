@@ -89,7 +89,7 @@ class Work:
             return m.items.id_of(top), [1.0 - i / 10 for i in range(len(top))]
         cands, mask, feats = self.pool[self.served % len(self.pool)]
         self.served += 1  # racy between threads; any matrix of the pool will do
-        top = m.scorer.score_topk(feats, mask, 10)
+        top = self.ranker.scorer.score_topk(feats, mask, 10)
         return m.items.id_of(cands[top.indices]), [float(s) for s in top.scores]
 
 

@@ -220,9 +220,9 @@ def _timed_ms(search, q: np.ndarray, batch: int) -> float:
 def load_times(art: Path, head_items: int):
     """Seconds to load the served bundle in process, piece by piece, its files already in
     the page cache (the build or the last run just read them): what a server's start-up
-    and a hot reload spend before warm-up. Returns them with the model loaded, exact head
-    built, for :func:`raw_faiss`."""
-    from ranking import Bundle, RankingModel, read_index, resolve_current
+    and a hot reload spend before warm-up. Returns them with the model loaded and made ready
+    to serve, exact head built, for :func:`raw_faiss`."""
+    from ranking import Bundle, RankingModel, ServingModel, read_index, resolve_current
 
     path = resolve_current(art)
     index_file = path / "index.faiss"
@@ -231,7 +231,7 @@ def load_times(art: Path, head_items: int):
     t1 = time.perf_counter()
     Bundle(path, verify=True)
     t2 = time.perf_counter()
-    model = RankingModel(path, verify=False)
+    model = ServingModel(RankingModel(path, verify=False))
     t3 = time.perf_counter()
     if head_items > 0:
         model.exact_head(head_items)
@@ -240,13 +240,15 @@ def load_times(art: Path, head_items: int):
             "checksums_s": t2 - t1, "model_open_s": t3 - t2, "exact_head_s": t4 - t3}, model
 
 
-def raw_faiss(m, n_queries: int, k: int, effort: int, head_items: int) -> dict:
+def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> dict:
     """In-process retrieval for the same kind of queries: the ANN index alone and the server's
     retriever (exact head first), single and batched, and recall against exact search, on
-    ``m``, the RankingModel :func:`load_times` loaded."""
+    ``serving``, the ServingModel :func:`load_times` loaded."""
     import faiss
 
     from ranking import Retriever, ann_search
+
+    m = serving.model
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -254,7 +256,7 @@ def raw_faiss(m, n_queries: int, k: int, effort: int, head_items: int) -> dict:
     q = np.ascontiguousarray(m.user_factors[users], dtype=np.float32)
     out: dict = {"k": k, "effort": effort, "index": type(faiss.downcast_index(m.index)).__name__,
                  "exact_head_items": head_items}
-    retriever = Retriever(m.index, m.exact_head(head_items) if head_items > 0 else None)
+    retriever = Retriever(m.index, serving.exact_head(head_items) if head_items > 0 else None)
     paths = {"": lambda x: ann_search(m.index, x, k, effort)[1], "served_": lambda x: retriever.search(x, k, effort)[0]}
     for prefix, search in paths.items():
         search(q[:20])  # fault in

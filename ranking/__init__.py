@@ -8,7 +8,7 @@ layer from :mod:`ranking.errors`, the domain errors the server maps to gRPC stat
 - ``retrieval`` the exact head, the ANN search and the micro-batcher in front of it
 - ``realtime``  events, the durable event log, per-user state and its fold-in
 - ``policy``    context rules and experiments from configuration
-- ``pipeline``  one Rank: query, budget, features, overlay, the ranker
+- ``pipeline``  one Rank: query, budget, features, overlay, the serving model, the ranker
 
 ``server/``, ``index_builder/`` and ``bench/`` import the names below from ``ranking``
 (tests/test_imports.py checks it). Each is imported from its module on first use: a
@@ -44,6 +44,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ranking.pipeline.query": ("QueryLimits", "RankQuery"),
     "ranking.pipeline.features": ("CONTEXT_FIELDS", "FEATURE_NAMES", "N_FEATURES"),
     "ranking.pipeline.overlay": ("OverlaySettings", "RankOverlay", "build_overlay"),
+    "ranking.pipeline.serving": ("ServingModel",),
     "ranking.pipeline.ranker": ("FEATURES", "RankResult", "Ranker", "RankerConfig", "Rung"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from ranking.pipeline.overlay import OverlaySettings, RankOverlay, build_overlay
     from ranking.pipeline.query import QueryLimits, RankQuery
     from ranking.pipeline.ranker import FEATURES, RankResult, Ranker, RankerConfig, Rung
+    from ranking.pipeline.serving import ServingModel
     from ranking.policy.rules import RuleSet, parse_rules
 
 

@@ -144,7 +144,7 @@ def drain(server: grpc.Server, health_servicer: health.HealthServicer, config: S
 def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_ready=None) -> int:
     """Run until SIGTERM/SIGINT, then drain in-flight requests and return the exit code.
 
-    ``preloaded`` (a RankingModel loaded before a fork), ``reuse_port`` and
+    ``preloaded`` (a ServingModel built before a fork), ``reuse_port`` and
     ``on_ready`` (called with the bound port once listening) serve the worker
     processes of :mod:`server.workers`.
     """

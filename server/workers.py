@@ -146,7 +146,7 @@ def supervise(config: ServerConfig) -> int:
     os.environ[MULTIPROC_ENV] = mp_dir  # before prometheus_client is first imported
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-    from ranking import BundleError, RankingModel, resolve_current
+    from ranking import BundleError, RankingModel, ServingModel, resolve_current
     from server import logs
 
     # server.app (and with it server.metrics) is imported in the workers only: a metric
@@ -158,7 +158,7 @@ def supervise(config: ServerConfig) -> int:
     t0 = time.perf_counter()
     preloaded = None
     try:
-        preloaded = RankingModel(resolve_current(config.artifacts), verify=True)
+        preloaded = ServingModel(RankingModel(resolve_current(config.artifacts), verify=True))
         if config.exact_head_items > 0:
             preloaded.exact_head(config.exact_head_items)  # shared by the workers, like the index
     except (BundleError, OSError, ValueError, RuntimeError) as exc:

@@ -12,9 +12,6 @@ from ranking.bundle.ids import IdMap
 from ranking.bundle.segments import SegmentScheme
 from ranking.bundle.store import Bundle
 from ranking.errors import BundleError
-from ranking.kernels.reranker import load_scorer
-from ranking.kernels.rows import ItemScratch
-from ranking.retrieval.search import ExactHead
 
 
 @dataclass(frozen=True)
@@ -94,26 +91,9 @@ class RankingModel:
             b.array("segment_pop_indptr"), b.array("segment_pop_items"), b.array("segment_pop_scores")
         )
         self.scoring = m.get("scoring")
-        # Linear (older bundles) or the learned tree ensemble; anything else is refused here.
-        self.scorer = load_scorer(b)
-        self.feature_names: list[str] = list(self.scorer.feature_names)
         self.index = read_index(b.file("index.faiss"))
         self._check_shapes()
-        # Dense per-request scratch over the item rows (positions, visited marks).
-        self.scratch = ItemScratch(self.n_items)
-        self._heads: dict[int, ExactHead] = {}
         self.load_seconds = time.perf_counter() - t0
-
-    def exact_head(self, size: int) -> ExactHead:
-        """The exact-search head of the ``size`` largest-norm items, built once per size.
-
-        Built where the model is loaded: the server's supervisor builds it before forking,
-        so the workers share it copy-on-write like the index.
-        """
-        head = self._heads.get(size)
-        if head is None:
-            head = self._heads[size] = ExactHead(self.item_factors, size)
-        return head
 
     @property
     def n_items(self) -> int:
