@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Stamp: reinstall when the build inputs change.
-$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(wildcard ranking/*.pyx) ranking/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(wildcard ranking/kernels/*.pyx) ranking/kernels/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
 	$(PIP) install -q $(BUILD_DEPS)
 	$(PIP) install -q --no-build-isolation -e ".[test,report]"
 	touch $@
@@ -62,4 +62,4 @@ bench: install
 	$(PY) -m bench.run
 
 clean:
-	rm -rf build $(VENV) $(DEMO) ranking/_scoring.cpp ranking/_rows.cpp ranking/*.so proto/one2one/v1/*_pb2*.py*
+	rm -rf build $(VENV) $(DEMO) ranking/kernels/_scoring.cpp ranking/kernels/_rows.cpp ranking/kernels/*.so proto/one2one/v1/*_pb2*.py*

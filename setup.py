@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -55,10 +55,10 @@ directives = {
 
 
 def _kernel(name: str) -> Extension:
-    """A compiled module of ranking/ built from its .pyx, with the shared flags."""
+    """A compiled module of ranking/kernels/ built from its .pyx, with the shared flags."""
     return Extension(
-        f"ranking.{name}",
-        [f"ranking/{name}.pyx"],
+        f"ranking.kernels.{name}",
+        [f"ranking/kernels/{name}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
@@ -73,9 +73,9 @@ setup(
     version="0.1.0",
     description="One-to-one ranking service: offline bundle builder and gRPC server",
     python_requires=">=3.11",
-    packages=["ranking", "server", "index_builder", "one2one", "one2one.v1"],
+    packages=[*find_packages(include=["ranking", "ranking.*", "server", "index_builder"]), "one2one", "one2one.v1"],
     package_dir={"one2one": "proto/one2one"},
-    package_data={"one2one.v1": ["*.proto", "*.pyi"], "ranking": ["*.pxd", "*.pyx"]},
+    package_data={"one2one.v1": ["*.proto", "*.pyi"], "ranking.kernels": ["*.pxd", "*.pyx"]},
     # Debug and release C++ live apart: cythonize regenerates only when the .pyx
     # changes, not when the directives do.
     ext_modules=cythonize(extensions, compiler_directives=directives,

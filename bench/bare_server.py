@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from server.config import ServerConfig, allowed_cpus
-from server.workers import count_listening, pin_worker, worker_cpus, write_ready
+from server.ready import write_ready
+from server.workers import count_listening, pin_worker, worker_cpus
 
 WORK = ("framework", "search", "score")
 POOL_USERS = 64  # feature matrices prepared at start-up for the "score" floor
@@ -55,10 +56,7 @@ class Work:
                  batch_size: int = 1, batch_wait_us: float = 0.0):
         import numpy as np
 
-        from ranking.bundle import resolve_current
-        from ranking.model import RankingModel
-        from ranking.pipeline import Ranker, RankerConfig
-        from ranking.query import RankQuery
+        from ranking import Ranker, RankerConfig, RankingModel, RankQuery, resolve_current
 
         m = RankingModel(resolve_current(artifacts), verify=False)
         # The server's own pipeline object: its search (retriever and micro-batcher) serves
@@ -91,7 +89,7 @@ class Work:
             return m.items.id_of(top), [1.0 - i / 10 for i in range(len(top))]
         cands, mask, feats = self.pool[self.served % len(self.pool)]
         self.served += 1  # racy between threads; any matrix of the pool will do
-        top = m.scorer.score_topk(feats, mask, 10)
+        top = self.ranker.scorer.score_topk(feats, mask, 10)
         return m.items.id_of(cands[top.indices]), [float(s) for s in top.scores]
 
 

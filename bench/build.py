@@ -41,8 +41,7 @@ def _lightgbm_floor(files: dict[str, Path], cfg, n_trees: int) -> tuple[float, i
     from index_builder.fit import fit, linear_scoring, read_inputs
     from index_builder.rerank_train import attributes_of, collect_rows
     from index_builder.splits import Protocol, positive_types, split
-    from ranking.features import FEATURE_NAMES
-    from ranking.pipeline import Ranker
+    from ranking import FEATURE_NAMES, Ranker
 
     inp = read_inputs(files["events"], files["items"], files["users"], cfg)
     names = ("temporal", "last_n") if cfg.rerank_split == "both" else (cfg.rerank_split,)
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from index_builder.__main__ import _overrides
     from index_builder.build import build
     from index_builder.config import BuildConfig
-    from ranking.bundle import Bundle
+    from ranking import Bundle
 
     cfg = BuildConfig.load(overrides=_overrides(args.set))
     t0 = time.perf_counter()

@@ -161,9 +161,7 @@ def scrape_counters(metrics_port: int) -> dict[str, float]:
 
 def _unservable(art: Path) -> str:
     """Why the current code cannot serve the cached bundle (built by older code), or ""."""
-    from ranking.errors import BundleError
-    from ranking.model import RankingModel
-    from ranking.pipeline import Ranker
+    from ranking import BundleError, Ranker, RankingModel
 
     try:
         Ranker(RankingModel(art / (art / "CURRENT").read_text().strip(), verify=False))
@@ -222,19 +220,19 @@ def _timed_ms(search, q: np.ndarray, batch: int) -> float:
 def load_times(art: Path, head_items: int):
     """Seconds to load the served bundle in process, piece by piece, its files already in
     the page cache (the build or the last run just read them): what a server's start-up
-    and a hot reload spend before warm-up. Returns them with the model loaded, exact head
-    built, for :func:`raw_faiss`."""
-    from ranking.bundle import Bundle, resolve_current
-    from ranking.model import RankingModel, read_index
+    and a hot reload spend before warm-up. Returns them with the model loaded and made ready
+    to serve, exact head built, for :func:`raw_faiss`."""
+    from ranking import Bundle, RankingModel, ServingModel, resolve_current
 
     path = resolve_current(art)
     index_file = path / "index.faiss"
     t0 = time.perf_counter()
-    read_index(index_file)
+    bundle = Bundle(path, verify=False)
+    bundle.load_index()
     t1 = time.perf_counter()
-    Bundle(path, verify=True)
+    bundle.verify()
     t2 = time.perf_counter()
-    model = RankingModel(path, verify=False)
+    model = ServingModel(RankingModel(path, verify=False))
     t3 = time.perf_counter()
     if head_items > 0:
         model.exact_head(head_items)
@@ -243,13 +241,15 @@ def load_times(art: Path, head_items: int):
             "checksums_s": t2 - t1, "model_open_s": t3 - t2, "exact_head_s": t4 - t3}, model
 
 
-def raw_faiss(m, n_queries: int, k: int, effort: int, head_items: int) -> dict:
+def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> dict:
     """In-process retrieval for the same kind of queries: the ANN index alone and the server's
     retriever (exact head first), single and batched, and recall against exact search, on
-    ``m``, the RankingModel :func:`load_times` loaded."""
+    ``serving``, the ServingModel :func:`load_times` loaded."""
     import faiss
 
-    from ranking.retrieval import Retriever, ann_search
+    from ranking import Retriever, ann_search
+
+    m = serving.model
 
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -257,7 +257,7 @@ def raw_faiss(m, n_queries: int, k: int, effort: int, head_items: int) -> dict:
     q = np.ascontiguousarray(m.user_factors[users], dtype=np.float32)
     out: dict = {"k": k, "effort": effort, "index": type(faiss.downcast_index(m.index)).__name__,
                  "exact_head_items": head_items}
-    retriever = Retriever(m.index, m.exact_head(head_items) if head_items > 0 else None)
+    retriever = Retriever(m.index, serving.exact_head(head_items) if head_items > 0 else None)
     paths = {"": lambda x: ann_search(m.index, x, k, effort)[1], "served_": lambda x: retriever.search(x, k, effort)[0]}
     for prefix, search in paths.items():
         search(q[:20])  # fault in

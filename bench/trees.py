@@ -10,8 +10,7 @@ import time
 import lightgbm as lgb
 import numpy as np
 
-from ranking.reranker import trees_from_lightgbm
-from ranking.scoring import score_trees_topk
+from ranking import score_trees_topk, trees_from_lightgbm
 
 
 def _best(fn, repeats: int) -> float:

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from index_builder.io import InputError
-    from ranking.errors import RankingError
+    from ranking import RankingError
 
     try:
         if args.command == "build":

@@ -23,12 +23,10 @@ from index_builder.profile import data_profile
 from index_builder.rerank_train import RerankOutcome, attributes_of, train_reranker
 from index_builder.splits import Protocol, SplitError, split
 from index_builder.steps import Steps
-from ranking.bundle import BundleWriter
-from ranking.features import FEATURE_NAMES
-from ranking.pipeline import RankerConfig
-from ranking.reranker import tree_arrays
-from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, ExactHead, ann_search
-from ranking.schema import SCHEMA_VERSION, check_arrays
+from ranking import (
+    DEFAULT_EXACT_HEAD_ITEMS, FEATURE_NAMES, SCHEMA_VERSION, BundleWriter, ExactHead, RankerConfig, ann_search,
+    check_arrays, tree_arrays,
+)
 
 __all__ = ["build", "evaluate", "run_all", "build_index", "read_inputs", "ann_recall", "exact_head_share", "Inputs"]
 

@@ -22,9 +22,7 @@ from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
 from index_builder.fit import PartFit
 from index_builder.splits import PROTOCOLS, Protocol, SplitError, positive_mask
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker
-from ranking.query import RankQuery
+from ranking import Ranker, RankingModel, RankQuery
 
 log = logging.getLogger(__name__)
 

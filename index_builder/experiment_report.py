@@ -18,7 +18,7 @@ from pathlib import Path
 
 from scipy.stats import norm
 
-from ranking.eventlog import read_all
+from ranking import read_all
 
 OUTCOMES = ("click", "add_to_cart", "purchase")
 
@@ -204,7 +204,7 @@ def main(log_dir: Path, controls: list[str], confidence: float, experiment: str 
     if experiments_file is not None:
         import tomllib
 
-        from ranking.experiments import parse_experiments
+        from ranking import parse_experiments
 
         with open(experiments_file, "rb") as fh:
             doc = tomllib.load(fh)

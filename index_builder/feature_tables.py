@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from index_builder.config import BuildConfig
 from index_builder.tables import top_rows
-from ranking.features import CONTEXT_FIELDS, DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT, WINDOW_DAYS, window_counts_at
+from ranking.pipeline.features import CONTEXT_FIELDS, DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT, WINDOW_DAYS, window_counts_at
 
 
 def _hour_block(ts: np.ndarray) -> np.ndarray:

@@ -29,11 +29,7 @@ from index_builder.tables import (
     segment_tables, top_rows,
 )
 from index_builder.train import DAY, confidence_matrix, event_weights, train_als
-from ranking.bundle import MemoryBundle
-from ranking.features import CONTEXT_FIELDS
-from ranking.model import RankingModel
-from ranking.pipeline import FEATURES
-from ranking.user_state import item_gram
+from ranking import CONTEXT_FIELDS, FEATURES, MemoryBundle, RankingModel, item_gram
 
 log = logging.getLogger(__name__)
 

@@ -343,7 +343,7 @@ def _read_parquet(path) -> _Raw:
 def _read_eventlog(path) -> _Raw:
     """The events of a server's event log directory (ranking.eventlog), as a raw table that goes
     through the same checks as a file. Rows are numbered by event record, 1-based."""
-    from ranking.eventlog import EventLogCorrupt, log_dirs, read_all
+    from ranking import EventLogCorrupt, log_dirs, read_all
 
     if not log_dirs(path):
         raise InputError(path, "is a directory but holds no event log (segments <number>.log, or writer "

@@ -26,12 +26,7 @@ from index_builder.feature_tables import context_of
 from index_builder.fit import PartFit
 from index_builder.splits import positive_types, user_folds
 from index_builder.steps import Steps
-from ranking.features import FEATURE_NAMES
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker
-from ranking.query import RankQuery
-from ranking.reranker import concat_trees, trees_from_lightgbm
-from ranking.scoring import TreeArrays
+from ranking import FEATURE_NAMES, Ranker, RankingModel, RankQuery, TreeArrays, concat_trees, trees_from_lightgbm
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from index_builder.config import BuildConfig
-from ranking.segments import SegmentScheme
+from ranking import SegmentScheme
 
 
 def log_scaled(counts: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from ranking.budget import Budget
+from ranking import Budget
 
 RESERVE_FRACTION = 0.2
 MIN_RESERVE_MS = 1.0

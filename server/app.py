@@ -29,7 +29,7 @@ from server.interceptors import CallInterceptor
 from server.model_manager import ModelManager
 from server.realtime import Realtime
 from server.servicer import RankingServicer
-from server.workers import write_ready
+from server.ready import write_ready
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -144,7 +144,7 @@ def drain(server: grpc.Server, health_servicer: health.HealthServicer, config: S
 def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_ready=None) -> int:
     """Run until SIGTERM/SIGINT, then drain in-flight requests and return the exit code.
 
-    ``preloaded`` (a RankingModel loaded before a fork), ``reuse_port`` and
+    ``preloaded`` (a ServingModel built before a fork), ``reuse_port`` and
     ``on_ready`` (called with the bound port once listening) serve the worker
     processes of :mod:`server.workers`.
     """
@@ -230,13 +230,3 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     gc_pauses.close()
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m server``: see :mod:`server.workers` for the process model."""
-    from server.workers import main as workers_main
-
-    return workers_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -145,7 +145,7 @@ class ServerConfig:
             self.debug_delays()
         except ValueError as exc:
             problems.append(str(exc))
-        from ranking.eventlog import FSYNC_POLICIES
+        from ranking import FSYNC_POLICIES
 
         if self.event_log_fsync not in FSYNC_POLICIES:
             problems.append(f"event_log_fsync must be one of {', '.join(FSYNC_POLICIES)}, got {self.event_log_fsync!r}")
@@ -195,8 +195,7 @@ class ServerConfig:
         return artifacts.parent / f"{artifacts.name}-events"
 
     def ranker_config(self):
-        from ranking.pipeline import RankerConfig
-        from ranking.query import QueryLimits
+        from ranking import QueryLimits, RankerConfig
 
         return RankerConfig(
             n_candidates=self.n_candidates,

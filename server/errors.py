@@ -8,7 +8,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ranking.errors import BundleError, DeadlineExceeded, InvalidRequest, NotFound, Unavailable
+from ranking import BundleError, DeadlineExceeded, InvalidRequest, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 

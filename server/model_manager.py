@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ranking.bundle import CURRENT, MANIFEST, SCHEMA_VERSION, resolve_current
-from ranking.errors import BundleError, RankingError, Unavailable
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
+from ranking import (CURRENT, MANIFEST, SCHEMA_VERSION, BundleError, Ranker, RankerConfig,
+    RankingError, RankingModel, ServingModel, Unavailable, resolve_current)
 from server import metrics
 
 log = logging.getLogger(__name__)
@@ -61,10 +59,11 @@ class ModelManager:
     """
 
     def __init__(self, artifacts: Path | str, ranker_config: RankerConfig,
-                 preloaded: RankingModel | None = None):
+                 preloaded: ServingModel | None = None):
         self.artifacts = Path(artifacts)
         self.ranker_config = ranker_config
-        # A model the supervisor loaded before forking: its pages are shared copy-on-write.
+        # A model the supervisor loaded (and readied to serve) before forking: its pages are
+        # shared copy-on-write.
         self._preloaded = preloaded
         self._ranker: Ranker | None = None
         self._lock = threading.Lock()
@@ -186,7 +185,8 @@ class ModelManager:
                                 f"this server reads {SCHEMA_VERSION}")
         pre, self._preloaded = self._preloaded, None
         try:
-            model = pre if pre is not None and pre.bundle.path == path else RankingModel(path, verify=True)
+            model = pre if pre is not None and pre.model.bundle.path == path else ServingModel(
+                RankingModel(path, verify=True))
         except (BundleError, OSError, ValueError, KeyError, RuntimeError) as exc:
             raise BundleRefused("corrupt", f"{path}: {exc}") from None
         try:

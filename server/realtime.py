@@ -8,14 +8,9 @@ import threading
 import time
 import tomllib
 
-from ranking.errors import FieldViolation, InvalidRequest
-from ranking.eventlog import EventLogError, LogTailer, open_writer
-from ranking.events import Event, EventLimits, Rejection, validate_batch
-from ranking.experiments import NO_EXPERIMENT, Assignment, Experiments, parse_experiments
-from ranking.overlay import OverlaySettings, RankOverlay, build_overlay
-from ranking.pipeline import RankResult
-from ranking.query import RankQuery
-from ranking.rules import RuleSet, parse_rules
+from ranking import (NO_EXPERIMENT, Assignment, Event, EventLimits, EventLogError, Experiments,
+    FieldViolation, InvalidRequest, LogTailer, OverlaySettings, RankOverlay, RankQuery, RankResult,
+    Rejection, RuleSet, build_overlay, open_writer, parse_experiments, parse_rules, validate_batch)
 from server import metrics
 from server.config import ServerConfig
 
@@ -61,7 +56,7 @@ class Realtime:
         self.limits = EventLimits(event_types=config.event_type_list(),
                                   max_future_seconds=config.max_event_future_seconds,
                                   max_events_per_batch=config.max_events_per_batch)
-        from ranking.user_state import UserStateStore
+        from ranking import UserStateStore
 
         self.state = UserStateStore(config.user_state_ttl_seconds, config.user_state_max_users,
                                     config.user_state_max_events)

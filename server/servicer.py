@@ -9,11 +9,8 @@ from typing import TYPE_CHECKING
 import grpc
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
-from ranking.budget import LATE_ALLOWANCE_MS, Budget, effective_budget_ms
-from ranking.errors import RankingError, Unavailable
-from ranking.events import Event
-from ranking.pipeline import RankResult
-from ranking.query import RankQuery
+from ranking import (LATE_ALLOWANCE_MS, Budget, Event, RankingError, RankQuery, RankResult,
+    Unavailable, effective_budget_ms)
 from server import errors, logs, metrics
 from server.admission import Admission
 from server.config import ServerConfig

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import shutil
@@ -20,10 +19,10 @@ import socket
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from server import gc_policy
 from server.config import ServerConfig, allowed_cpus
+from server.ready import write_ready
 
 log = logging.getLogger("server.workers")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -106,13 +105,6 @@ def _stop_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def write_ready(path: str, doc: dict) -> None:
-    """Write a ready file whole or not at all: whoever polls for it never reads it half-written."""
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
-
-
 def count_listening(ready_r: int, n_workers: int) -> int:
     """Read one byte per forked worker from the pipe each writes to once it listens; returns
     how many did, fewer when the pipe closed first (every writer gone: a worker died before
@@ -154,9 +146,7 @@ def supervise(config: ServerConfig) -> int:
     os.environ[MULTIPROC_ENV] = mp_dir  # before prometheus_client is first imported
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-    from ranking.bundle import resolve_current
-    from ranking.errors import BundleError
-    from ranking.model import RankingModel
+    from ranking import BundleError, RankingModel, ServingModel, resolve_current
     from server import logs
 
     # server.app (and with it server.metrics) is imported in the workers only: a metric
@@ -168,7 +158,7 @@ def supervise(config: ServerConfig) -> int:
     t0 = time.perf_counter()
     preloaded = None
     try:
-        preloaded = RankingModel(resolve_current(config.artifacts), verify=True)
+        preloaded = ServingModel(RankingModel(resolve_current(config.artifacts), verify=True))
         if config.exact_head_items > 0:
             preloaded.exact_head(config.exact_head_items)  # shared by the workers, like the index
     except (BundleError, OSError, ValueError, RuntimeError) as exc:
@@ -279,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     from server import app, logs
 
     logs.setup(config.log_level)
-    from ranking.errors import RankingError
+    from ranking import RankingError
 
     try:
         return app.serve(config)

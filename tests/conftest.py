@@ -32,6 +32,6 @@ def artifacts(shop_files, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle_path(artifacts) -> Path:
-    from ranking.bundle import resolve_current
+    from ranking import resolve_current
 
     return resolve_current(artifacts)

@@ -17,7 +17,7 @@ import pytest
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
-from ranking.bundle import MANIFEST, set_current
+from ranking import MANIFEST, set_current
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

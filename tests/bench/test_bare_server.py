@@ -10,11 +10,7 @@ import pytest
 from bench.run import measured_load, start
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1.ranking_pb2_grpc import RankingServiceStub
-from ranking.bundle import resolve_current
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
-from ranking.query import RankQuery
-from ranking.retrieval import Retriever
+from ranking import Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ServingModel, resolve_current
 
 
 def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real_shape(tmp_path):
@@ -50,7 +46,7 @@ def _rank(port: int, user_id: str):
 
 def test_search_floor_answers_the_servers_candidate_search_for_the_user(artifacts, tmp_path):
     m = RankingModel(resolve_current(artifacts), verify=False)
-    retriever = Retriever(m.index, m.exact_head(64))
+    retriever = Retriever(m.index, ServingModel(m).exact_head(64))
     users = np.flatnonzero(np.asarray(m.user_has_history))[:5]
     proc, info, _ = _floor(tmp_path, "--artifacts", str(artifacts), "--work", "search", "--candidates", "50",
                            "--effort", "40", "--exact-head-items", "64")
@@ -71,11 +67,11 @@ def test_search_floor_answers_the_servers_candidate_search_for_the_user(artifact
 
 def test_score_floor_answers_the_learned_scorers_top10_of_a_matrix_the_pipeline_prepared(artifacts, tmp_path):
     m = RankingModel(resolve_current(artifacts), verify=False)
-    assert m.scorer.kind == "trees"
+    ranker = Ranker(m, RankerConfig(n_candidates=50, ann_effort=40, exact_head_items=64))
+    assert ranker.scorer.kind == "trees"
     first = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
-    prep = Ranker(m, RankerConfig(n_candidates=50, ann_effort=40, exact_head_items=64)).prepare(
-        RankQuery(user_id=str(m.users.ids[first])))
-    top = m.scorer.score_topk(prep.features, prep.mask, 10)
+    prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[first])))
+    top = ranker.scorer.score_topk(prep.features, prep.mask, 10)
     proc, info, _ = _floor(tmp_path, "--artifacts", str(artifacts), "--work", "score", "--candidates", "50",
                            "--effort", "40", "--exact-head-items", "64")
     try:

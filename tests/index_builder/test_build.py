@@ -9,7 +9,7 @@ import pytest
 from index_builder.build import build, build_index
 from index_builder.config import BuildConfig
 from index_builder.io import InputError
-from ranking.bundle import Bundle, resolve_current
+from ranking import Bundle, resolve_current
 from tests_support import SMALL_BUILD
 
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from index_builder.io import InputError, read_events
-from ranking.bundle import resolve_current
-from ranking.eventlog import EventLog, segments
-from ranking.model import RankingModel
+from ranking import RankingModel, resolve_current
+from ranking.realtime.eventlog import EventLog, segments
 from tests_support import SMALL_BUILD
 
 

@@ -14,13 +14,8 @@ from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_codes, context_tables
 from index_builder.io import InputError, ReadOptions, read_events
 from index_builder.synthetic import DEVICES, make_shop, write_shop
-from ranking.bundle import resolve_current
-from ranking.errors import BundleError
-from ranking.eventlog import EventLog
-from ranking.features import FEATURE_NAMES
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker
-from ranking.query import RankQuery
+from ranking import (FEATURE_NAMES, BundleError, EventLog, Ranker, RankingModel, RankQuery,
+    resolve_current)
 from tests_support import SMALL_BUILD
 
 COL = {n: j for j, n in enumerate(FEATURE_NAMES)}
@@ -246,7 +241,7 @@ def test_bundles_from_before_the_context_tables_ask_for_a_rebuild(blind_model, t
     shutil.copytree(blind_model.bundle.path, old)
     _strip_context(old, [f"{kind}_{f}_{what}" for f in ("channel", "device", "region")
                          for kind, what in (("context", "values"), ("item", "lift"), ("user", "share"))])
-    # The loader refuses it by the declared schema (ranking.schema), naming what is missing.
+    # The loader refuses it by the declared schema (ranking.bundle.schema), naming what is missing.
     with pytest.raises(BundleError, match=r"context_channel_values is missing.*rebuild"):
         RankingModel(old)
 

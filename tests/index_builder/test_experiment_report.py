@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from index_builder.experiment_report import rate_lift, report, wilson
-from ranking.eventlog import EventLog
+from ranking import EventLog
 
 
 def simulate(log_dir, n_per_arm, rates, revenue_mean, seed):

@@ -5,8 +5,8 @@ import faiss
 import numpy as np
 import pytest
 
-from ranking.batcher import AnnBatcher
-from ranking.retrieval import ExactHead, Retriever, ann_search
+from ranking import ExactHead, Retriever, ann_search
+from ranking.retrieval.batcher import AnnBatcher
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,8 @@ import numpy as np
 
 import pytest
 
-from ranking.budget import Budget, CostModel, effective_budget_ms
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
-from ranking.query import RankQuery
+from ranking import (Budget, CostModel, Ranker, RankerConfig, RankingModel, RankQuery,
+    effective_budget_ms)
 
 
 def test_effective_budget_is_the_smallest_limit():

@@ -4,8 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ranking.bundle import Bundle, BundleWriter, resolve_current, set_current
-from ranking.errors import BundleError
+from ranking import Bundle, BundleError, BundleWriter, resolve_current, set_current
 
 
 def publish(root, arrays, version=None):

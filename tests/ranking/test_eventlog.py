@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from ranking.eventlog import MAGIC, EventLog, EventLogCorrupt, EventLogError, encode, read_log, segments
+from ranking.realtime.eventlog import MAGIC, EventLog, EventLogCorrupt, EventLogError, encode, read_log, segments
 
 
 def records(directory, **kw):
@@ -158,7 +158,7 @@ def test_one_writer_per_log(tmp_path):
     import sys
 
     log = EventLog(tmp_path)
-    code = f"from ranking.eventlog import EventLog; EventLog({str(tmp_path)!r})"
+    code = f"from ranking import EventLog; EventLog({str(tmp_path)!r})"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
     log.close()
@@ -166,7 +166,7 @@ def test_one_writer_per_log(tmp_path):
 
 
 def test_writers_take_free_slots_and_a_tailer_follows_the_others(tmp_path):
-    from ranking.eventlog import LogTailer, open_writer, read_all, writer_dirs
+    from ranking.realtime.eventlog import LogTailer, open_writer, read_all, writer_dirs
 
     a = open_writer(tmp_path)
     b = open_writer(tmp_path)
@@ -198,7 +198,7 @@ def test_writers_take_free_slots_and_a_tailer_follows_the_others(tmp_path):
 
 def test_quiet_polls_take_the_fast_path_yet_miss_nothing(tmp_path):
     """The tailer answers a quiet poll from a few stats; appends, rollovers and new writers still show."""
-    from ranking.eventlog import LogTailer, open_writer
+    from ranking import LogTailer, open_writer
 
     a = open_writer(tmp_path)
     tail = LogTailer(tmp_path, skip=a.directory)

@@ -7,9 +7,8 @@ import sys
 import pytest
 from scipy.stats import binomtest, chisquare
 
-from ranking.errors import InvalidRequest
-from ranking.experiments import Experiments, bucket, parse_experiments
-from ranking.rules import RuleSet, parse_rules
+from ranking import InvalidRequest, RuleSet, parse_rules
+from ranking.policy.experiments import Experiments, bucket, parse_experiments
 
 CONFIG = [{
     "name": "ladder", "salt": "s1", "control": "full",
@@ -35,7 +34,7 @@ def test_split_matches_the_configured_weights():
 def test_assignment_is_stable_across_processes_and_depends_on_the_salt():
     exps = Experiments(parse_experiments(CONFIG, "t"))
     here = [exps.assign(f"u{i}", "", lambda: 0).arm for i in range(200)]
-    code = ("from ranking.experiments import Experiments, parse_experiments; import json, sys;"
+    code = ("from ranking import Experiments, parse_experiments; import json, sys;"
             f"e = Experiments(parse_experiments({CONFIG!r}, 't'));"
             "print(json.dumps([e.assign(f'u{i}', '', lambda: 0).arm for i in range(200)]))")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

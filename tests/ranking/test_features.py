@@ -6,11 +6,7 @@ import pytest
 
 from index_builder.build import build
 from index_builder.config import BuildConfig
-from ranking.errors import BundleError
-from ranking.features import FEATURE_NAMES, N_FEATURES
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker
-from ranking.query import RankQuery
+from ranking import FEATURE_NAMES, N_FEATURES, BundleError, Ranker, RankingModel, RankQuery, ServingModel
 
 from tests_support import SMALL_BUILD
 
@@ -27,9 +23,10 @@ def ranker(model):
     return Ranker(model)
 
 
-def test_bundle_serves_the_learned_trees(model):
-    assert model.scorer.kind == "trees"
-    assert tuple(model.feature_names) == FEATURE_NAMES
+def test_bundle_serves_the_learned_trees(model, ranker):
+    assert ranker.scorer.kind == "trees"
+    assert tuple(ranker.feature_names) == FEATURE_NAMES
+    assert not hasattr(model, "scorer")  # the loaded bundle holds data; serving builds the scorer
     training = model.manifest["scoring"]["training"]
     assert training["groups"] >= 20 and training["n_trees"] >= 1
     # Learned, and better than the plain embedding order on held-out users.
@@ -107,8 +104,9 @@ def test_linear_bundles_still_load_and_unknown_models_are_refused(shop_files, tm
     path = build(shop_files["events"], shop_files["items"], shop_files["users"], out,
                  BuildConfig.load(overrides={**SMALL_BUILD, "rerank": False}), show_progress=False)
     m = RankingModel(path)
-    assert m.scorer.kind == "linear" and m.manifest["scoring"]["fallback"]["reason"] == "rerank = false"
-    res = Ranker(m).rank(RankQuery(user_id="u3", explain=True, num_results=5))
+    linear = Ranker(m)
+    assert linear.scorer.kind == "linear" and m.manifest["scoring"]["fallback"]["reason"] == "rerank = false"
+    res = linear.rank(RankQuery(user_id="u3", explain=True, num_results=5))
     for score, contrib in zip(res.scores, res.contributions):
         assert sum(contrib.values()) == pytest.approx(score, abs=1e-5)
     manifest = path / "manifest.json"
@@ -116,7 +114,7 @@ def test_linear_bundles_still_load_and_unknown_models_are_refused(shop_files, tm
     doc["scoring"]["model"] = "forest"
     manifest.write_text(json.dumps(doc))
     with pytest.raises(BundleError, match="scoring.model is 'forest'"):
-        RankingModel(path)
+        ServingModel(RankingModel(path))
 
 
 def test_every_build_carries_the_ladder_and_the_data_profile(model):

@@ -7,14 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from ranking.eventlog import EventLog, read_log
-from ranking.events import Event
-from ranking.experiments import VARIANTS
-from ranking.model import RankingModel
-from ranking.overlay import build_overlay
-from ranking.pipeline import Ranker, Rung
-from ranking.query import RankQuery
-from ranking.rules import parse_rules
+from ranking import (VARIANTS, Event, Ranker, RankingModel, RankQuery, Rung, build_overlay,
+    parse_rules)
+from ranking.realtime.eventlog import EventLog, read_log
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,7 @@
 import numpy as np
 import pytest
 
-from ranking.budget import Budget
-from ranking.errors import InvalidRequest
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, Rung
-from ranking.query import RankQuery
+from ranking import Budget, InvalidRequest, Ranker, RankingModel, RankQuery, Rung
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +112,7 @@ def test_spent_budget_degrades_instead_of_failing(ranker):
 
 
 def test_in_categories_says_which_items_belong_to_any_of_the_categories(ranker):
-    from ranking.pipeline import in_categories
+    from ranking.pipeline.categories import in_categories
 
     m = ranker.model
     rows = np.arange(0, m.n_items, 7, dtype=np.int32)

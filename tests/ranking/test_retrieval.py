@@ -3,11 +3,9 @@ import faiss
 import numpy as np
 import pytest
 
-from ranking.model import RankingModel
-from ranking.pipeline import Ranker, RankerConfig
-from ranking.query import RankQuery
-from ranking.retrieval import ExactHead, Retriever, ann_search
-from ranking.user_state import row_norms
+from ranking import (ExactHead, Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ServingModel,
+    ann_search)
+from ranking.realtime.user_state import row_norms
 
 D = 24
 
@@ -137,10 +135,11 @@ def test_a_head_of_no_items_is_refused(items):
 
 def test_the_ranker_reports_how_it_retrieved(bundle_path):
     model = RankingModel(bundle_path, verify=False)
+    serving = ServingModel(model)
     users = [u for u in model.users.ids[:400] if model.user_has_history[model.users.lookup([u])[0]]][:60]
-    whole = Ranker(model, RankerConfig())  # the default head covers this small catalogue
-    tiny = Ranker(model, RankerConfig(exact_head_items=5))
-    off = Ranker(model, RankerConfig(exact_head_items=0))
+    whole = Ranker(serving, RankerConfig())  # the default head covers this small catalogue
+    tiny = Ranker(serving, RankerConfig(exact_head_items=5))
+    off = Ranker(serving, RankerConfig(exact_head_items=0))
     paths = {"whole": set(), "tiny": set(), "off": set()}
     for u in users:
         q = RankQuery(user_id=u, num_results=10)
@@ -150,7 +149,7 @@ def test_the_ranker_reports_how_it_retrieved(bundle_path):
         paths["off"].add(c.retrieval)
     assert paths == {"whole": {"exact_head"}, "tiny": {"ann"}, "off": {"ann"}}
     assert whole.rank(RankQuery(user_id="never-seen", num_results=10)).retrieval == "none"
-    assert model.exact_head(5) is model.exact_head(5)  # built once per size, shared by rankers
+    assert tiny.serving.exact_head(5) is serving.exact_head(5)  # built once per size, shared by rankers
 
 
 def test_a_negative_head_size_in_the_server_config_is_named():

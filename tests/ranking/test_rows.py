@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import pytest
 
-from ranking.model import Csr
-from ranking.rows import ItemScratch, max_share
+from ranking import Csr
+from ranking.kernels.rows import ItemScratch, max_share
 
 N_ITEMS = 500
 
@@ -52,7 +52,7 @@ def test_unique_in_order_keeps_first_occurrences(seed):
 
 def test_unique_kernel_reports_a_row_outside_its_marks_and_clears_them():
     # The wrapper validates first; the compiled loop still refuses on its own (nogil, no raise).
-    from ranking import _rows
+    from ranking.kernels import _rows
 
     mark = np.zeros(10, np.uint8)
     out = np.empty(5, np.int32)

@@ -1,12 +1,12 @@
-"""The bundle's arrays are declared once (ranking.schema); writer and reader refuse what disagrees."""
+"""The bundle's arrays are declared once (ranking.bundle.schema); writer and reader refuse what disagrees."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ranking.bundle import Bundle
+from ranking.bundle.store import Bundle
 from ranking.errors import BundleError
-from ranking.schema import SCHEMA_VERSION, SPECS, check_arrays
+from ranking.bundle.schema import SCHEMA_VERSION, SPECS, check_arrays
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_the_trees_are_optional_as_a_group(arrays):
 
 
 def test_arrays_added_after_a_bundles_schema_version_are_not_required(arrays, monkeypatch):
-    from ranking import schema
+    from ranking.bundle import schema
 
     newer = schema.ArraySpec("item_brand", "int32", ("items",), since=SCHEMA_VERSION + 1)
     monkeypatch.setattr(schema, "ARRAYS", schema.ARRAYS + (newer,))

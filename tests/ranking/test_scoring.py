@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from ranking.scoring import TopK, linear_contributions, score_topk, topk
+from ranking import TopK, linear_contributions, score_topk, topk
 
 FAR_FUTURE_NS = time.monotonic_ns() + 3600 * 10**9
 

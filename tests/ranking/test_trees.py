@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from test_scoring import ref_select  # the same NumPy reference selection as the linear kernel
 
-from ranking.reranker import trees_from_lightgbm
-from ranking.scoring import TreeArrays, score_trees_topk, tree_contributions
+from ranking import TreeArrays, score_trees_topk, tree_contributions, trees_from_lightgbm
 
 
 def _data(rng, n, f, missing):
@@ -136,7 +135,7 @@ def test_feature_count_mismatch_is_refused():
 
 
 def test_averaged_ensemble_matches_the_mean_of_predictions():
-    from ranking.reranker import concat_trees
+    from ranking import concat_trees
 
     rng = np.random.default_rng(5)
     X, y = _data(rng, 500, 6, True)

@@ -8,10 +8,8 @@ import scipy.sparse as sp
 
 from index_builder.config import BuildConfig
 from index_builder.train import event_weights
-from ranking.events import Event
-from ranking.model import RankingModel
-from ranking.overlay import build_overlay
-from ranking.user_state import DAY, UserStateStore, Weighting, fold_in
+from ranking import Event, RankingModel, build_overlay
+from ranking.realtime.user_state import DAY, UserStateStore, Weighting, fold_in
 
 
 def reference_fold_in(y, rows, conf, reg, prior=None):
@@ -108,7 +106,7 @@ def test_overlay_excludes_purchases_and_skips_what_the_bundle_already_has(bundle
 
 
 def test_the_bundle_carries_the_gram_matrix_so_fold_in_is_ready_at_once(bundle_path):
-    import ranking.overlay as overlay
+    import ranking.pipeline.overlay as overlay
 
     model = RankingModel(bundle_path)  # a fresh model object: nothing cached for it yet
     cache = overlay.model_cache(model)
@@ -119,7 +117,7 @@ def test_the_bundle_carries_the_gram_matrix_so_fold_in_is_ready_at_once(bundle_p
 
 
 def test_without_a_stored_gram_a_large_catalog_gets_it_in_the_background(bundle_path, monkeypatch):
-    import ranking.overlay as overlay
+    import ranking.pipeline.overlay as overlay
 
     monkeypatch.setattr(overlay, "SYNC_GRAM_LIMIT", 0)
     model = RankingModel(bundle_path)  # a fresh model object: nothing cached for it yet

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from ranking.budget import Budget
+from ranking import Budget
 from server.admission import Admission
 from server.config import ServerConfig
 

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from one2one.v1 import ranking_pb2 as pb
 from ops_tools import publish_copy
-from ranking.events import Event
+from ranking import Event
 from server import gc_policy
 from server.config import ServerConfig
 from server.model_manager import ModelManager

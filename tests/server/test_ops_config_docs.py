@@ -36,7 +36,7 @@ def test_every_setting_is_documented_with_its_default():
 def test_the_servers_pipeline_defaults_are_the_pipelines_own():
     # ServerConfig spells out the defaults it hands to RankerConfig (the server's config
     # module imports nothing of the pipeline at load); they must not drift apart.
-    from ranking.pipeline import RankerConfig
+    from ranking import RankerConfig
 
     server, ranker = ServerConfig().ranker_config(), RankerConfig()
     for name in ("n_candidates", "popular_candidates", "ann_effort", "exact_head_items", "ann_batch_wait_us"):

@@ -21,7 +21,7 @@ from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
 from ops_tools import (RankLoad, corrupt_an_array, future_schema, percentile, publish_copy, sample, scrape,
                        start_one_process, wait_for, write_config)
-from ranking.bundle import resolve_current, set_current
+from ranking import resolve_current, set_current
 from server.app import LIVENESS_SERVICE
 from server.demo import wait_serving
 from tests_support import SMALL_BUILD

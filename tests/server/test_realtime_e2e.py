@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
-from ranking.eventlog import read_all
+from ranking import read_all
 from server.demo import start_server, wait_serving
 
 EXPERIMENTS = """
@@ -302,7 +302,7 @@ def test_kill_9_loses_no_accepted_event(artifacts, tmp_path, shop, cat_of):
 
 
 def test_corrupt_log_stops_the_server_naming_the_segment(artifacts, tmp_path):
-    from ranking.eventlog import EventLog, segments
+    from ranking.realtime.eventlog import EventLog, segments
 
     log = EventLog(tmp_path / "events", segment_bytes=1024)
     for i in range(40):

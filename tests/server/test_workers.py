@@ -194,3 +194,18 @@ def test_one_channel_moves_between_workers_only_with_a_connection_age(artifacts,
 def test_a_negative_connection_age_is_refused():
     with pytest.raises(ValueError, match="max_connection_age_seconds -1.0 must be >= 0"):
         ServerConfig(artifacts="x", max_connection_age_seconds=-1.0).validate()
+
+
+def test_a_worker_serves_the_model_its_supervisor_readied_before_the_fork(artifacts):
+    """The scorer, exact head and scratch the supervisor built (ranking.ServingModel) are
+    what the worker's ranker uses, not copies rebuilt after the fork."""
+    from ranking import RankerConfig, RankingModel, ServingModel, resolve_current
+    from server.model_manager import ModelManager
+
+    serving = ServingModel(RankingModel(resolve_current(artifacts)))
+    head = serving.exact_head(RankerConfig().exact_head_items)
+    models = ModelManager(artifacts, RankerConfig(), preloaded=serving)
+    assert models.load_current("startup")
+    ranker = models.current()
+    assert ranker.serving is serving and ranker.scorer is serving.scorer and ranker.scratch is serving.scratch
+    assert ranker.ann.retriever.head is head

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ranking.tomltables import named_tables
+from ranking.policy.tomltables import named_tables
 
 _CONTEXT_FIELDS = ("channel", "device", "region")
 

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ranking.bundle import Bundle, MemoryBundle
+from ranking.bundle.ids import IdMap
+from ranking.bundle.segments import SegmentScheme
+from ranking.bundle.store import Bundle, MemoryBundle
 from ranking.errors import BundleError
-from ranking.ids import IdMap
-from ranking.reranker import load_scorer
-from ranking.retrieval import ExactHead
-from ranking.rows import ItemScratch
-from ranking.segments import SegmentScheme
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class RankingModel:
         A published version directory, an opened bundle, or the builder's in-memory one.
     verify : bool
         Verify checksums before use (the server always does); the declared schema
-        (``ranking.schema``) is checked either way.
+        (``ranking.bundle.schema``) is checked either way.
 
     Raises
     ------
@@ -84,26 +81,9 @@ class RankingModel:
             b.array("segment_pop_indptr"), b.array("segment_pop_items"), b.array("segment_pop_scores")
         )
         self.scoring = m.get("scoring")
-        # Linear (older bundles) or the learned tree ensemble; anything else is refused here.
-        self.scorer = load_scorer(b)
-        self.feature_names: list[str] = list(self.scorer.feature_names)
         self.index = b.load_index()
         self._check_shapes()
-        # Dense per-request scratch over the item rows (positions, visited marks).
-        self.scratch = ItemScratch(self.n_items)
-        self._heads: dict[int, ExactHead] = {}
         self.load_seconds = time.perf_counter() - t0
-
-    def exact_head(self, size: int) -> ExactHead:
-        """The exact-search head of the ``size`` largest-norm items, built once per size.
-
-        Built where the model is loaded: the server's supervisor builds it before forking,
-        so the workers share it copy-on-write like the index.
-        """
-        head = self._heads.get(size)
-        if head is None:
-            head = self._heads[size] = ExactHead(self.item_factors, size)
-        return head
 
     @property
     def n_items(self) -> int:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ranking import _rows
+from ranking.kernels import _rows
 
 __all__ = ["ItemScratch", "CandidateIndex", "max_share"]
 

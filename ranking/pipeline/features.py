@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ranking.bundle.model import Csr, RankingModel
 from ranking.errors import BundleError
-from ranking.model import Csr, RankingModel
-from ranking.rows import CandidateIndex, max_share
-from ranking.schema import CONTEXT_FIELDS, WINDOW_DAYS
+from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS
+from ranking.kernels.rows import CandidateIndex, ItemScratch, max_share
 
 DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
@@ -133,7 +133,7 @@ class FeatureTables:
         The bundle lacks one of the feature tables (built before the reranker existed).
     """
 
-    def __init__(self, model: RankingModel):
+    def __init__(self, model: RankingModel, scratch: ItemScratch):
         b = model.bundle
         try:
             self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
@@ -159,6 +159,7 @@ class FeatureTables:
             raise BundleError(f"{b.path} has no feature tables for the reranker ({exc}); rebuild it") from None
         self.data_end = int(model.manifest["data_window"]["end_unix"])
         self.model = model
+        self.scratch = scratch
         # A request at or after the data end sees the same windows for every item (the
         # bundle knows nothing later), which is every request a server answers: the
         # builder counted those once, so serving reads them instead of searching keys.
@@ -167,7 +168,7 @@ class FeatureTables:
     # -- pieces used by retrieval as well ------------------------------------------
     def covis_from(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items, summed similarity) of the neighbours of ``sources``, best first."""
-        items, total = self.model.scratch.neighbour_sums(self.covis, sources)
+        items, total = self.scratch.neighbour_sums(self.covis, sources)
         order = np.lexsort((items, -total))
         return items[order], total[order].astype(np.float32)
 
@@ -214,7 +215,7 @@ class FeatureTables:
         X = np.zeros((n, N_FEATURES), dtype=np.float32)
         if n == 0:
             return X
-        with self.model.scratch.index(cands) as index:
+        with self.scratch.index(cands) as index:
             self._fill(X, req, index)
         return X
 

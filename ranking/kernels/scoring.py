@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ranking import _scoring
+from ranking.kernels import _scoring
 
 __all__ = ["TopK", "TreeArrays", "score_topk", "score_trees_topk", "topk", "linear_contributions",
            "tree_contributions"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ranking.errors import FieldViolation, InvalidRequest
-from ranking.tomltables import named_tables
+from ranking.policy.tomltables import named_tables
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 

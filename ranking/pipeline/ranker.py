@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ranking import scoring
-from ranking.batcher import AnnBatcher
-from ranking.budget import Budget, CostModel, RetrievalPlan
+from ranking.bundle.model import RankingModel
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
-from ranking.features import FEATURE_NAMES, FeatureTables, Request
-from ranking.model import RankingModel
-from ranking.query import QueryLimits, RankQuery
-from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, Retriever
-from ranking.rows import max_share
+from ranking.kernels import scoring
+from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
+from ranking.pipeline.categories import in_categories
+from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Request
+from ranking.pipeline.query import QueryLimits, RankQuery
+from ranking.pipeline.serving import ServingModel
+from ranking.retrieval.batcher import AnnBatcher
+from ranking.retrieval.search import DEFAULT_EXACT_HEAD_ITEMS, Retriever
 
 if TYPE_CHECKING:
-    from ranking.overlay import RankOverlay
+    from ranking.pipeline.overlay import RankOverlay
 
 FEATURES = ("retrieval", "popularity", "recent_popularity", "segment_popularity")
 
@@ -91,19 +92,6 @@ class Prepared:
     retrieval: str = "none"
 
 
-def in_categories(model: RankingModel, rows: np.ndarray, categories: np.ndarray) -> np.ndarray:
-    """For each item row, whether it belongs to any of ``categories`` (category ids).
-
-    One compiled walk over the rows' categories (:func:`ranking.rows.max_share` of a 0/1
-    membership), the walk the category-affinity feature uses.
-    """
-    if len(rows) == 0 or len(categories) == 0:
-        return np.zeros(len(rows), dtype=bool)
-    member = np.zeros(len(model.category_names), np.float32)
-    member[np.asarray(categories)] = 1.0
-    return max_share(model.item_categories, rows, member) > 0
-
-
 class _StageClock:
     """Records how long each stage took, for the per-stage latency metrics."""
 
@@ -122,8 +110,10 @@ class Ranker:
 
     Parameters
     ----------
-    model : RankingModel
-        The bundle to serve from; the ranker never mutates it.
+    model : RankingModel or ServingModel
+        The bundle to serve from; the ranker never mutates it. Given a RankingModel, the
+        ranker builds its own ServingModel; the server passes the one its supervisor
+        built before forking.
     config : RankerConfig
         Pipeline settings.
     reranker_features : bool
@@ -132,29 +122,32 @@ class Ranker:
         reranker yet).
     """
 
-    def __init__(self, model: RankingModel, config: RankerConfig | None = None, *,
+    def __init__(self, model: RankingModel | ServingModel, config: RankerConfig | None = None, *,
                  reranker_features: bool = False):
-        self.model = model
+        self.serving = model if isinstance(model, ServingModel) else ServingModel(model)
+        model = self.model = self.serving.model
         self.config = config or RankerConfig()
-        self.scorer = model.scorer
+        self.scorer = self.serving.scorer
+        self.feature_names = self.serving.feature_names
+        self.scratch = self.serving.scratch
         self.tables: FeatureTables | None = None
         if reranker_features:
-            self.tables = FeatureTables(model)
+            self.tables = FeatureTables(model, self.scratch)
         if self.scorer.kind == "trees":
             # The trees index columns by position: the names must be exactly ours, in order.
-            if tuple(model.feature_names) != FEATURE_NAMES:
-                raise BundleError(f"bundle {model.version} was trained on features {model.feature_names}; "
+            if tuple(self.feature_names) != FEATURE_NAMES:
+                raise BundleError(f"bundle {model.version} was trained on features {self.feature_names}; "
                                   f"this code computes {list(FEATURE_NAMES)}: rebuild the bundle")
-            self.tables = FeatureTables(model)
+            self.tables = FeatureTables(model, self.scratch)
             self._feature_pos = []
         if self.scorer.kind != "trees":
-            missing = [f for f in model.feature_names if f not in FEATURES]
+            missing = [f for f in self.feature_names if f not in FEATURES]
             if missing:
                 raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
-            self._feature_pos = [FEATURES.index(f) for f in model.feature_names]
+            self._feature_pos = [FEATURES.index(f) for f in self.feature_names]
         self.costs = CostModel()
         n_head = self.config.exact_head_items
-        retriever = Retriever(model.index, model.exact_head(n_head) if n_head > 0 else None)
+        retriever = Retriever(model.index, self.serving.exact_head(n_head) if n_head > 0 else None)
         self.ann = AnnBatcher(retriever, self.config.ann_batch_size, self.config.ann_batch_wait_us)
         # Offsets (rules, real-time signals) are given in units of the model's typical
         # score spread among a request's candidates, measured by warm(): a penalty of 1
@@ -236,7 +229,7 @@ class Ranker:
         """Candidate rows, and how the embedding search found them ("exact_head", "ann", "none")."""
         m, cfg = self.model, self.config
         if q.candidate_item_ids:
-            return m.scratch.unique_in_order(m.items.lookup(q.candidate_item_ids)), "none"
+            return self.scratch.unique_in_order(m.items.lookup(q.candidate_item_ids)), "none"
         pools, path = [], "none"
         if qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
             slack = 0
@@ -249,7 +242,7 @@ class Ranker:
             pools.append(m.segment_popular.row(seg)[:n_candidates])
         n_pop = min(cfg.popular_candidates, n_candidates) if pools else n_candidates
         pools.append(m.popular_items[:n_pop])
-        return m.scratch.unique_in_order(np.concatenate(pools)), path
+        return self.scratch.unique_in_order(np.concatenate(pools)), path
 
     # -- rules -----------------------------------------------------------------
     def _mask(self, q: RankQuery, rung: Rung, urow: int, cands: np.ndarray, session: np.ndarray) -> np.ndarray:
@@ -322,7 +315,7 @@ class Ranker:
         if ease is not None:
             n = min(n_covis, len(ease))
             pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
-        return self.model.scratch.unique_in_order(np.concatenate(pools))
+        return self.scratch.unique_in_order(np.concatenate(pools))
 
     def prepare(self, q: RankQuery, clock: "_StageClock | None" = None, *,
                 overlay: "RankOverlay | None" = None, plan: RetrievalPlan | None = None,
@@ -344,7 +337,7 @@ class Ranker:
                 q, Rung(overlay.variant.max_rung), overlay.user_vector)
         if overlay is not None and len(overlay.recent_rows):
             # What the user did since the bundle counts as this session's items.
-            session = self.model.scratch.unique_in_order(np.concatenate([session, overlay.recent_rows]))
+            session = self.scratch.unique_in_order(np.concatenate([session, overlay.recent_rows]))
         clock.lap("resolve")
         n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, cfg.ann_effort)
         remaining = budget.remaining_ms() if budget else float("inf")
@@ -442,7 +435,7 @@ class Ranker:
         if q.explain and feats is not None:
             contrib, bias = self.scorer.contributions(feats[top.indices])
             contributions = [
-                {**{name: float(v) for name, v in zip(m.feature_names, row)}, "bias": float(b)}
+                {**{name: float(v) for name, v in zip(self.feature_names, row)}, "bias": float(b)}
                 for row, b in zip(contrib, bias)
             ]
             for name, part in offset_parts.items():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ranking.events import NEGATIVE_EVENT_TYPES, Event
+from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
 
 DAY = 86_400.0
 

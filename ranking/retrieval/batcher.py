@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ranking.retrieval import Retriever
+from ranking.retrieval.search import Retriever
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ranking import scoring
 from ranking.errors import BundleError
-from ranking.schema import TREE_ARRAYS
-from ranking.scoring import TopK, TreeArrays
+from ranking.bundle.schema import TREE_ARRAYS
+from ranking.kernels import scoring
+from ranking.kernels.scoring import TopK, TreeArrays
 
 __all__ = ["TreeScorer", "LinearScorer", "trees_from_lightgbm", "load_scorer", "tree_arrays", "TREE_ARRAYS",
            "SCORING_MODELS"]

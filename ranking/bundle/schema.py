@@ -140,7 +140,7 @@ def check_arrays(arrays: Mapping[str, ArrayLike], schema_version: int, where: st
     BundleError
         An array is undeclared, missing, of the wrong dtype or of a disagreeing shape.
     """
-    problems = [f"{name} is not declared in ranking.schema" for name in sorted(set(arrays) - set(SPECS))]
+    problems = [f"{name} is not declared in ranking.bundle.schema" for name in sorted(set(arrays) - set(SPECS))]
     groups_present = {s.group for s in ARRAYS if s.group and s.name in arrays}
     dims: dict[str, int] = {}
     bound_by: dict[str, str] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ranking.user_state import row_norms
+from ranking.realtime.user_state import row_norms
 
 # Items in the exact head by default: 16 384 x 64 float32 is 4 MB, which stays in cache
 # between requests where the whole index (hundreds of MB at a million items) cannot.

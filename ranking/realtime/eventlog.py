@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from ranking.bundle import fsync_dir
+from ranking.bundle.store import fsync_dir
 from ranking.errors import Unavailable
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from ranking.errors import BundleError
-from ranking.schema import SCHEMA_VERSION, check_arrays
+from ranking.bundle.schema import SCHEMA_VERSION, check_arrays
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 _HASH_CHUNK = 1 << 22
@@ -243,7 +243,7 @@ class Bundle:
         return sorted(n[:-4] for n in self.manifest["files"] if n.endswith(".npy"))
 
     def check_schema(self) -> None:
-        """Check the arrays' names, dtypes and shapes against ``ranking.schema`` (headers only)."""
+        """Check the arrays' names, dtypes and shapes against ``ranking.bundle.schema`` (headers only)."""
         check_arrays({n: self.array(n) for n in self.array_names()},
                      int(self.manifest["schema_version"]), f"{self.path}")
 
@@ -268,7 +268,7 @@ class MemoryBundle:
     Parameters
     ----------
     arrays : dict of str to ndarray
-        Checked against ``ranking.schema``.
+        Checked against ``ranking.bundle.schema``.
     manifest : dict
         The manifest sections the serving code reads (``scoring``, ``segments``, ``data_window``).
     index : faiss.Index

@@ -30,7 +30,7 @@ Sums match ``np.bincount``: each entry's ``value * weight`` is formed in
 float32, then added in float64 in entry order (sources in order, each row in
 stored order).
 """
-from ranking._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
+from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
 
 # ---------------------------------------------------------------------------

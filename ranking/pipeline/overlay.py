@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ranking.events import NEGATIVE_EVENT_TYPES, Event
-from ranking.experiments import FULL, Variant
-from ranking.pipeline import in_categories
-from ranking.rules import Rule
-from ranking.user_state import Weighting, fold_in, item_gram
+from ranking.pipeline.categories import in_categories
+from ranking.policy.experiments import FULL, Variant
+from ranking.policy.rules import Rule
+from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
+from ranking.realtime.user_state import Weighting, fold_in, item_gram
 
 
 @dataclass(frozen=True)

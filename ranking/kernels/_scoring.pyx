@@ -23,7 +23,7 @@ element under that order, so only the k kept elements are ever sorted.
 from libc.math cimport fabs
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from ranking._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
+from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
 # Tree node flags (see ranking.reranker): bit 0 = missing values go left;
 # bits 1-2 = LightGBM's missing type (0 none, 1 zero, 2 NaN).

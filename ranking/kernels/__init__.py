@@ -1,0 +1,1 @@
+"""The compiled kernels (scoring, per-request row walks) and the public wrappers other layers call."""

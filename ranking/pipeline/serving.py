@@ -1,0 +1,46 @@
+"""What serving computes from one loaded bundle: the scorer, the exact-search heads, the scratch."""
+from __future__ import annotations
+
+from ranking.bundle.model import RankingModel
+from ranking.kernels.reranker import LinearScorer, TreeScorer, load_scorer
+from ranking.kernels.rows import ItemScratch
+from ranking.retrieval.search import ExactHead
+
+
+class ServingModel:
+    """A bundle made ready to serve: the data (:class:`RankingModel`) and what is built from it.
+
+    The server's supervisor builds it before forking (server.workers), so the workers
+    share the scorer's arrays, the exact heads and the scratch pool copy-on-write like
+    the index; every :class:`~ranking.pipeline.ranker.Ranker` built on it shares them too.
+
+    Parameters
+    ----------
+    model : RankingModel
+        The loaded bundle; never mutated.
+
+    Raises
+    ------
+    BundleError
+        The bundle's scoring model is of a kind this code does not apply.
+    """
+
+    def __init__(self, model: RankingModel):
+        self.model = model
+        # Linear (older bundles) or the learned tree ensemble; anything else is refused here.
+        self.scorer: TreeScorer | LinearScorer = load_scorer(model.bundle)
+        self.feature_names: list[str] = list(self.scorer.feature_names)
+        # Dense per-request scratch over the item rows (positions, visited marks).
+        self.scratch = ItemScratch(model.n_items)
+        self._heads: dict[int, ExactHead] = {}
+
+    def exact_head(self, size: int) -> ExactHead:
+        """The exact-search head of the ``size`` largest-norm items, built once per size.
+
+        Built where the model is loaded: the server's supervisor builds it before forking,
+        so the workers share it copy-on-write like the index.
+        """
+        head = self._heads.get(size)
+        if head is None:
+            head = self._heads[size] = ExactHead(self.model.item_factors, size)
+        return head

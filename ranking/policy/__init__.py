@@ -1,0 +1,1 @@
+"""Policy from configuration: context rules and experiments."""

@@ -1,0 +1,1 @@
+"""Real time: the domain events, their durable log, and each user's state folded from them."""
