@@ -12,11 +12,12 @@ import numpy as np
 from ranking import scoring
 from ranking.batcher import AnnBatcher
 from ranking.budget import Budget, CostModel, RetrievalPlan
+from ranking.config import RankerConfig  # re-exported: its home is the light ranking.config
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.features import FEATURE_NAMES, FeatureTables, Request
 from ranking.model import RankingModel
-from ranking.query import QueryLimits, RankQuery
-from ranking.retrieval import DEFAULT_EXACT_HEAD_ITEMS, Retriever
+from ranking.query import RankQuery
+from ranking.retrieval import Retriever
 from ranking.rows import max_share
 
 if TYPE_CHECKING:
@@ -32,25 +33,6 @@ class Rung(enum.IntEnum):
     SEGMENT = 2
     SESSION = 3
     ONE_TO_ONE = 4
-
-
-@dataclass(frozen=True)
-class RankerConfig:
-    """Online pipeline settings; every default is written down here once."""
-
-    n_candidates: int = 200
-    popular_candidates: int = 50
-    ann_effort: int = 128
-    max_consumed_slack: int = 1000
-    covis_candidates: int = 100
-    limits: QueryLimits = field(default_factory=QueryLimits)
-    # Test/debug only, empty in production: microseconds of artificial work per
-    # candidate in a stage ("retrieve", "features"), to prove budget handling.
-    debug_delay_us_per_candidate: dict[str, float] = field(default_factory=dict)
-    ann_batch_size: int = 1
-    ann_batch_wait_us: float = 300.0
-    # Items of largest norm searched exactly before the ANN index (ranking.retrieval); 0: off.
-    exact_head_items: int = DEFAULT_EXACT_HEAD_ITEMS
 
 
 @dataclass
