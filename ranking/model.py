@@ -44,8 +44,8 @@ class Csr:
 def read_index(path: Path) -> faiss.Index:
     """Read the FAISS index into memory.
 
-    Not memory-mapped on purpose: with faiss 1.15 a memory-mapped IVF index searched
-    30-50x slower than one read into memory (bench/README.md), and HNSW graphs are
+    Not memory-mapped on purpose: a memory-mapped IVF index searched many times slower
+    than one read into memory (bench/README.md, "Notes from measuring"), and HNSW graphs are
     read into memory either way. Worker processes share the index copy-on-write
     instead: the supervisor loads the bundle before it forks them (server.workers).
     """

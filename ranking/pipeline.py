@@ -387,7 +387,7 @@ class Ranker:
         if overlay is not None and not overlay.variant.use_context:
             # A variant without context ranks as if the request carried none.
             q = dataclasses.replace(q, session_item_ids=[], attributes={}, channel="", device="", region="")
-        # Degradation order when time is short (README, "The request budget"):
+        # Degradation order when time is short (docs/operations.md, "The request budget"):
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
         # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");
         # 3. no scoring at all: candidates in retrieval order ("retrieval_order").

@@ -8,7 +8,7 @@ from ranking.errors import FieldViolation, InvalidRequest
 
 @dataclass(frozen=True)
 class QueryLimits:
-    """Request limits; every default is written down here once (see the README)."""
+    """Request limits; every default is written down here once (see docs/api.md)."""
 
     default_results: int = 10
     max_results: int = 100
