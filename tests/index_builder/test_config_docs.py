@@ -26,3 +26,17 @@ def test_ann_recall_is_measured_at_the_pipelines_candidate_count():
     new, got = probe_defaults({"eval_candidates": ("ranking.config", "RankerConfig", "n_candidates")},
                               "index_builder.config", "BuildConfig")
     assert got == new
+
+
+def test_the_ladder_evaluation_uses_the_builders_protocol_and_settings():
+    # The ladder report's splits are the ones the reranker trains on; its recent window,
+    # EASE regularization and seed are the build's.
+    derived = {
+        "cutoff_quantile": ("index_builder.config", "BuildConfig", "rerank_cutoff_quantile"),
+        "holdout": ("index_builder.config", "BuildConfig", "rerank_holdout"),
+        "recent_days": ("index_builder.config", "BuildConfig", "recent_days"),
+        "ease_lambda": ("index_builder.config", "BuildConfig", "ease_lambda"),
+        "seed": ("index_builder.config", "BuildConfig", "random_seed"),
+    }
+    new, got = probe_defaults(derived, "index_builder.evaluate", "EvalConfig")
+    assert got == new
