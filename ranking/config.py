@@ -117,7 +117,7 @@ def settings_table(cls: type) -> str:
         if "default" in f.metadata:
             shown = f.metadata["default"]
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
             shown = f"`{_shown(default)}`" if default != "" else "(none)"
         meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the cell
         rows.append(f"| `{f.name}` | {shown} | {meaning} |")
@@ -132,7 +132,7 @@ def marked_table(text: str) -> str:
     ValueError
         The markers are missing.
     """
-    m = re.search(re.escape(TABLE_START) + r"\n(.*?)" + re.escape(TABLE_END), text, re.S)
+    m = re.search(re.escape(TABLE_START) + r"\n(.*?)" + re.escape(TABLE_END), text, re.DOTALL)
     if not m:
         raise ValueError(f"no {TABLE_START} ... {TABLE_END} block")
     return m.group(1)
