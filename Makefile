@@ -7,12 +7,13 @@ DATA   ?= data/movielens
 DEMO   ?= .demo
 BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
 
-.PHONY: help venv install build demo test test-debug lint bench clean deps-system
+.PHONY: help venv install build demo test test-debug lint docs bench clean deps-system
 
 help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
+	@echo "make docs   - regenerate the settings tables in docs/ from the config classes"
 
 $(VENV)/bin/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -57,6 +58,11 @@ test-debug: install
 
 lint: install
 	$(PY) -m compileall -q ranking server index_builder bench tests
+
+# The settings tables in docs/ come from the config classes' field metadata (tests check them).
+docs: install
+	$(PY) -m server.config --markdown docs/operations.md
+	$(PY) -m index_builder.config --markdown docs/builder.md
 
 bench: install
 	$(PY) -m bench.run

@@ -30,9 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, type=Path, help="directory for report.md, ladder.json and the plots")
     e.add_argument("--protocol", action="append", choices=["last_n", "temporal"],
                    help="protocol to run (repeatable; default both)")
-    e.add_argument("--holdout", type=int, default=10, help="interactions held out per user (last_n)")
-    e.add_argument("--cutoff-quantile", type=float, default=0.8, help="timestamp quantile of the temporal split")
-    e.add_argument("--max-users", type=int, default=0, help="evaluate a sample of test users (0 = all)")
+    # No defaults here: EvalConfig holds them (an option not given keeps its default).
+    e.add_argument("--holdout", type=int, help="interactions held out per user (last_n; default: the build's rerank_holdout)")
+    e.add_argument("--cutoff-quantile", type=float, help="timestamp quantile of the temporal split (default: the build's rerank_cutoff_quantile)")
+    e.add_argument("--max-users", type=int, help="evaluate a sample of test users (default: all)")
     e.add_argument("--config", type=Path, help="TOML file overriding build settings")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one build setting")
 
@@ -90,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             from index_builder.build import evaluate
             from index_builder.evaluate import EvalConfig
 
-            if args.holdout < 1 or not 0.0 < args.cutoff_quantile < 1.0:
-                raise ValueError("--holdout must be >= 1 and --cutoff-quantile in (0, 1)")
-            ecfg = EvalConfig(protocols=tuple(args.protocol or ("last_n", "temporal")), holdout=args.holdout,
-                              cutoff_quantile=args.cutoff_quantile, max_users=args.max_users,
+            given = {"holdout": args.holdout, "cutoff_quantile": args.cutoff_quantile, "max_users": args.max_users,
+                     "protocols": tuple(args.protocol) if args.protocol else None}
+            ecfg = EvalConfig(**{k: v for k, v in given.items() if v is not None},
                               build=BuildConfig.load(args.config, _overrides(args.set)))
+            if ecfg.holdout < 1 or not 0.0 < ecfg.cutoff_quantile < 1.0:
+                raise ValueError("--holdout must be >= 1 and --cutoff-quantile in (0, 1)")
             evaluate(args.events, args.items, args.users, args.out, ecfg, show_progress=True)
             print(args.out / "report.md")
         elif args.command == "fetch-movielens":

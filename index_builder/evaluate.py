@@ -32,16 +32,20 @@ METRICS = ("recall", "ndcg", "map", "coverage", "novelty")
 
 @dataclass
 class EvalConfig:
-    """Settings of one evaluation; every default is written down here once."""
+    """Settings of one evaluation; every default is written down here once.
+
+    The protocols' splits, the recent window, EASE's regularization and the seed default to
+    the builder's own settings (the reranker trains on the same two splits).
+    """
 
     protocols: tuple[str, ...] = PROTOCOLS
     ks: tuple[int, ...] = (5, 10, 20, 50)
-    cutoff_quantile: float = 0.8
-    holdout: int = 10
-    recent_days: float = 30.0
-    ease_lambda: float = 300.0
+    cutoff_quantile: float = BuildConfig.rerank_cutoff_quantile
+    holdout: int = BuildConfig.rerank_holdout
+    recent_days: float = BuildConfig.recent_days
+    ease_lambda: float = BuildConfig.ease_lambda
     max_users: int = 0  # 0 = every test user
-    seed: int = 42
+    seed: int = BuildConfig.random_seed
     build: BuildConfig = field(default_factory=BuildConfig)
 
 

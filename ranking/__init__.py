@@ -33,7 +33,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ranking.kernels.scoring": ("TopK", "TreeArrays", "linear_contributions", "score_topk",
                                 "score_trees_topk", "topk", "tree_contributions"),
     "ranking.kernels.reranker": ("concat_trees", "tree_arrays", "trees_from_lightgbm"),
-    "ranking.retrieval.search": ("DEFAULT_EXACT_HEAD_ITEMS", "ExactHead", "Retriever", "ann_search"),
+    "ranking.retrieval.search": ("ExactHead", "Retriever", "ann_search"),
     "ranking.realtime.events": ("Event", "EventLimits", "Rejection", "validate_batch"),
     "ranking.realtime.eventlog": ("FSYNC_POLICIES", "EventLog", "EventLogCorrupt", "EventLogError",
                                   "LogTailer", "log_dirs", "open_writer", "read_all"),
@@ -42,11 +42,13 @@ _MODULES: dict[str, tuple[str, ...]] = {
                                    "parse_experiments"),
     "ranking.policy.rules": ("RuleSet", "parse_rules"),
     "ranking.pipeline.budget": ("LATE_ALLOWANCE_MS", "Budget", "CostModel", "effective_budget_ms"),
-    "ranking.pipeline.query": ("QueryLimits", "RankQuery"),
+    "ranking.pipeline.query": ("RankQuery",),
+    "ranking.config": ("DEFAULT_EXACT_HEAD_ITEMS", "EventLogSettings", "OverlaySettings", "QueryLimits", "RankerConfig",
+                       "UserStateSettings", "marked_table", "replace_marked_table", "settings_table"),
     "ranking.pipeline.features": ("CONTEXT_FIELDS", "FEATURE_NAMES", "N_FEATURES"),
-    "ranking.pipeline.overlay": ("OverlaySettings", "RankOverlay", "build_overlay"),
+    "ranking.pipeline.overlay": ("RankOverlay", "build_overlay"),
     "ranking.pipeline.serving": ("ServingModel",),
-    "ranking.pipeline.ranker": ("FEATURES", "RankResult", "Ranker", "RankerConfig", "Rung"),
+    "ranking.pipeline.ranker": ("FEATURES", "RankResult", "Ranker", "Rung"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_EXPORTS)
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
         score_trees_topk, topk, tree_contributions)
     from ranking.kernels.reranker import concat_trees, tree_arrays, trees_from_lightgbm
     from ranking.realtime.events import Event, EventLimits, Rejection, validate_batch
-    from ranking.retrieval.search import DEFAULT_EXACT_HEAD_ITEMS, ExactHead, Retriever, ann_search
+    from ranking.retrieval.search import ExactHead, Retriever, ann_search
     from ranking.realtime.eventlog import (FSYNC_POLICIES, EventLog, EventLogCorrupt, EventLogError,
         LogTailer, log_dirs, open_writer, read_all)
     from ranking.realtime.user_state import UserStateStore, item_gram
@@ -71,9 +73,11 @@ if TYPE_CHECKING:
         parse_experiments)
     from ranking.pipeline.budget import LATE_ALLOWANCE_MS, Budget, CostModel, effective_budget_ms
     from ranking.pipeline.features import CONTEXT_FIELDS, FEATURE_NAMES, N_FEATURES
-    from ranking.pipeline.overlay import OverlaySettings, RankOverlay, build_overlay
-    from ranking.pipeline.query import QueryLimits, RankQuery
-    from ranking.pipeline.ranker import FEATURES, RankResult, Ranker, RankerConfig, Rung
+    from ranking.config import (DEFAULT_EXACT_HEAD_ITEMS, EventLogSettings, OverlaySettings, QueryLimits,
+        RankerConfig, UserStateSettings, marked_table, replace_marked_table, settings_table)
+    from ranking.pipeline.overlay import RankOverlay, build_overlay
+    from ranking.pipeline.query import RankQuery
+    from ranking.pipeline.ranker import FEATURES, RankResult, Ranker, Rung
     from ranking.pipeline.serving import ServingModel
     from ranking.policy.rules import RuleSet, parse_rules
 

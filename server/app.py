@@ -90,7 +90,7 @@ def create_server(config: ServerConfig, models: ModelManager,
                     ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000))]
     # Rank runs on its own few threads, taking calls in arrival order; health, reflection,
     # admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank
-    # and no burst of Rank calls holds up a health check (README, "Processes").
+    # and no burst of Rank calls holds up a health check (docs/operations.md, "Processes").
     rank_pools = {f"{SERVICE_NAME}/Rank": request_executor(config.rank_threads, "rank")} if config.rank_threads else {}
     server = grpc.server(
         request_executor(config.max_workers),

@@ -1,4 +1,4 @@
-"""The README's demo: start the real server on a free port, ask it to rank for a few
+"""The demo `make demo` runs: start the real server on a free port, ask it to rank for a few
 people, print what it answers, and shut it down gracefully."""
 from __future__ import annotations
 

@@ -123,8 +123,8 @@ def worker_cpus(n_workers: int, allowed: list[int], pin: bool) -> list[int] | No
 
     Pinned only with exactly one worker per allowed CPU (the default ``workers``). Each
     worker then keeps its caches on one core (its interpreter, the exact head, the
-    trees) instead of being moved between cores under load: on the bench a median 5%
-    more requests a second at concurrency 8 (bench/README.md). With fewer workers than
+    trees) instead of being moved between cores under load (the gain measured:
+    bench/README.md, "pinned workers"). With fewer workers than
     CPUs a pinned worker could not use an idle core for its gRPC threads; with more,
     two workers would share a core while the scheduler could not balance them.
     """

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 
 # How far past its budget a Rank may answer and still count as on time: the server's
-# promise is "never more than budget + 1 ms" (README, "The request budget"). Later
+# promise is "never more than budget + 1 ms" (docs/operations.md, "The request budget"). Later
 # answers are counted (``one2one_rank_late_total``) and logged.
 LATE_ALLOWANCE_MS = 1.0
 

@@ -10,23 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ranking.config import OverlaySettings  # re-exported: its home is the light ranking.config
 from ranking.pipeline.categories import in_categories
 from ranking.policy.experiments import FULL, Variant
 from ranking.policy.rules import Rule
 from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
 from ranking.realtime.user_state import Weighting, fold_in, item_gram
-
-
-@dataclass(frozen=True)
-class OverlaySettings:
-    """Real-time tuning; every default is written down here once (see the README)."""
-
-    # Score subtracted from a candidate as similar (cosine) as possible to an item the user
-    # skipped or disliked; scaled down with the cosine, nothing below 0.
-    skip_penalty: float = 3.0
-    # Score added to the candidate most similar to an item the user engaged with since the
-    # bundle was built (not to that item itself); the least similar get nothing.
-    interest_boost: float = 2.0
 
 
 # The builder stores the Gram matrix in the bundle. A bundle without it (made by hand, or

@@ -3,21 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ranking.config import QueryLimits  # re-exported: its home is the light ranking.config
 from ranking.errors import FieldViolation, InvalidRequest
-
-
-@dataclass(frozen=True)
-class QueryLimits:
-    """Request limits; every default is written down here once (see the README)."""
-
-    default_results: int = 10
-    max_results: int = 100
-    max_request_items: int = 10_000
-    max_session_items: int = 100
-    max_attributes: int = 64
-    max_id_chars: int = 256
-    max_text_chars: int = 64
-    max_attribute_chars: int = 256
 
 
 @dataclass

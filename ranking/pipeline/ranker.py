@@ -10,15 +10,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranking.bundle.model import RankingModel
+from ranking.config import RankerConfig  # re-exported: its home is the light ranking.config
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
 from ranking.pipeline.categories import in_categories
 from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Request
-from ranking.pipeline.query import QueryLimits, RankQuery
+from ranking.pipeline.query import RankQuery
 from ranking.pipeline.serving import ServingModel
 from ranking.retrieval.batcher import AnnBatcher
-from ranking.retrieval.search import DEFAULT_EXACT_HEAD_ITEMS, Retriever
+from ranking.retrieval.search import Retriever
 
 if TYPE_CHECKING:
     from ranking.pipeline.overlay import RankOverlay
@@ -33,25 +34,6 @@ class Rung(enum.IntEnum):
     SEGMENT = 2
     SESSION = 3
     ONE_TO_ONE = 4
-
-
-@dataclass(frozen=True)
-class RankerConfig:
-    """Online pipeline settings; every default is written down here once."""
-
-    n_candidates: int = 200
-    popular_candidates: int = 50
-    ann_effort: int = 128
-    max_consumed_slack: int = 1000
-    covis_candidates: int = 100
-    limits: QueryLimits = field(default_factory=QueryLimits)
-    # Test/debug only, empty in production: microseconds of artificial work per
-    # candidate in a stage ("retrieve", "features"), to prove budget handling.
-    debug_delay_us_per_candidate: dict[str, float] = field(default_factory=dict)
-    ann_batch_size: int = 1
-    ann_batch_wait_us: float = 300.0
-    # Items of largest norm searched exactly before the ANN index (ranking.retrieval); 0: off.
-    exact_head_items: int = DEFAULT_EXACT_HEAD_ITEMS
 
 
 @dataclass
@@ -398,7 +380,7 @@ class Ranker:
         if overlay is not None and not overlay.variant.use_context:
             # A variant without context ranks as if the request carried none.
             q = dataclasses.replace(q, session_item_ids=[], attributes={}, channel="", device="", region="")
-        # Degradation order when time is short (README, "The request budget"):
+        # Degradation order when time is short (docs/operations.md, "The request budget"):
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
         # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");
         # 3. no scoring at all: candidates in retrieval order ("retrieval_order").

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ranking.bundle.store import fsync_dir
+from ranking.config import EventLogSettings
 from ranking.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -201,8 +202,9 @@ class EventLog:
         race on rollover, and each would serve only the events it recorded itself).
     """
 
-    def __init__(self, directory: Path | str, fsync: str = "always", segment_bytes: int = 64 << 20,
-                 fsync_interval_seconds: float = 1.0):
+    def __init__(self, directory: Path | str, fsync: str = EventLogSettings.fsync,
+                 segment_bytes: int = EventLogSettings.segment_bytes,
+                 fsync_interval_seconds: float = EventLogSettings.fsync_interval_seconds):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         if segment_bytes < 1024:

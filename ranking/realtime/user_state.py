@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ranking.config import UserStateSettings
 from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
 
 DAY = 86_400.0
@@ -166,7 +167,9 @@ class UserStateStore:
         Only a user's most recent events are kept.
     """
 
-    def __init__(self, ttl_seconds: float = 7 * DAY, max_users: int = 100_000, max_events_per_user: int = 200):
+    def __init__(self, ttl_seconds: float = UserStateSettings.ttl_seconds,
+                 max_users: int = UserStateSettings.max_users,
+                 max_events_per_user: int = UserStateSettings.max_events_per_user):
         self.ttl_seconds = ttl_seconds
         self.max_users = max_users
         self.max_events_per_user = max_events_per_user

@@ -5,11 +5,9 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from ranking.config import DEFAULT_EXACT_HEAD_ITEMS  # noqa: F401  (re-exported; written once there)
 from ranking.realtime.user_state import row_norms
 
-# Items in the exact head by default: 16 384 x 64 float32 is 4 MB, which stays in cache
-# between requests where the whole index (hundreds of MB at a million items) cannot.
-DEFAULT_EXACT_HEAD_ITEMS = 16384
 # Relative slack on the certificate, for float32 rounding in the scores and the norms
 # (a sum of d float32 squares is within about d x 6e-8 of exact: 4e-6 at d = 64).
 _BOUND_SLACK = 1e-4

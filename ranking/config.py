@@ -1,0 +1,158 @@
+"""The library's configuration sections (each default written once) and the docs tables made from them.
+
+Light on purpose (dataclasses only, no numpy or faiss): the server's and the builder's
+configs import it when they load and derive their own defaults from these.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# Items in the exact head by default: 16 384 x 64 float32 is 4 MB, which stays in cache
+# between requests where the whole index (hundreds of MB at a million items) cannot.
+DEFAULT_EXACT_HEAD_ITEMS = 16384
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """Request limits; every default is written down here once (see docs/api.md)."""
+
+    default_results: int = 10
+    max_results: int = 100
+    max_request_items: int = 10_000
+    max_session_items: int = 100
+    max_attributes: int = 64
+    max_id_chars: int = 256
+    max_text_chars: int = 64
+    max_attribute_chars: int = 256
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Online pipeline settings; every default is written down here once."""
+
+    n_candidates: int = 200
+    popular_candidates: int = 50
+    ann_effort: int = 128
+    max_consumed_slack: int = 1000
+    covis_candidates: int = 100
+    limits: QueryLimits = field(default_factory=QueryLimits)
+    # Test/debug only, empty in production: microseconds of artificial work per
+    # candidate in a stage ("retrieve", "features"), to prove budget handling.
+    debug_delay_us_per_candidate: dict[str, float] = field(default_factory=dict)
+    ann_batch_size: int = 1
+    ann_batch_wait_us: float = 300.0
+    # Items of largest norm searched exactly before the ANN index (ranking.retrieval); 0: off.
+    exact_head_items: int = DEFAULT_EXACT_HEAD_ITEMS
+
+
+@dataclass(frozen=True)
+class OverlaySettings:
+    """Real-time tuning; every default is written down here once (see docs/api.md)."""
+
+    # Score subtracted from a candidate as similar (cosine) as possible to an item the user
+    # skipped or disliked; scaled down with the cosine, nothing below 0.
+    skip_penalty: float = 3.0
+    # Score added to the candidate most similar to an item the user engaged with since the
+    # bundle was built (not to that item itself); the least similar get nothing.
+    interest_boost: float = 2.0
+
+
+@dataclass(frozen=True)
+class UserStateSettings:
+    """Bounds of the per-user real-time state (:class:`ranking.user_state.UserStateStore`)."""
+
+    # Events older than this (by event time) stop counting: a week.
+    ttl_seconds: float = 7 * 86_400.0
+    # Least recently touched users are evicted beyond this many (their events stay in the log).
+    max_users: int = 100_000
+    max_events_per_user: int = 200
+
+
+@dataclass(frozen=True)
+class EventLogSettings:
+    """How the durable event log (:class:`ranking.eventlog.EventLog`) writes."""
+
+    # "always" is what makes an acknowledged event survive a crash of the machine.
+    fsync: str = "always"
+    segment_bytes: int = 64 << 20
+    fsync_interval_seconds: float = 1.0
+
+
+# ---------------------------------------------------------------------------
+# Docs tables, generated from the fields' ``metadata["help"]``
+# ---------------------------------------------------------------------------
+
+TABLE_START = "<!-- config-table:start -->"
+TABLE_END = "<!-- config-table:end -->"
+
+
+def _shown(value: Any) -> str:
+    """A default as a reader would write it in a TOML file (strings bare, as in the prose)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_shown(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(f'"{v}"' if isinstance(v, str) else _shown(v) for v in value) + "]"
+    return str(value)
+
+
+def settings_table(cls: type) -> str:
+    """The Markdown table of a config dataclass: setting, default, meaning.
+
+    Parameters
+    ----------
+    cls : type
+        A dataclass whose every field has ``metadata["help"]``; ``metadata["default"]``,
+        when present, replaces the shown default (for an empty string that means
+        something, such as "required").
+
+    Returns
+    -------
+    str
+        The table, one row per field in declaration order, ending with a newline.
+
+    Raises
+    ------
+    ValueError
+        A field has no help text.
+    """
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            raise ValueError(f"{cls.__name__}.{f.name} has no metadata['help']: say in a line what it does")
+        if "default" in f.metadata:
+            shown = f.metadata["default"]
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
+            shown = f"`{_shown(default)}`" if default != "" else "(none)"
+        meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the cell
+        rows.append(f"| `{f.name}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def marked_table(text: str) -> str:
+    """What ``text`` holds between the config-table markers.
+
+    Raises
+    ------
+    ValueError
+        The markers are missing.
+    """
+    m = re.search(re.escape(TABLE_START) + r"\n(.*?)" + re.escape(TABLE_END), text, re.DOTALL)
+    if not m:
+        raise ValueError(f"no {TABLE_START} ... {TABLE_END} block")
+    return m.group(1)
+
+
+def replace_marked_table(text: str, table: str) -> str:
+    """``text`` with the block between the config-table markers replaced by ``table``."""
+    marked_table(text)  # raises when the markers are missing
+    start, end = text.index(TABLE_START) + len(TABLE_START) + 1, text.index(TABLE_END)
+    return text[:start] + table + text[end:]
