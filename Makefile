@@ -6,12 +6,16 @@ PIP    := $(VENV)/bin/pip
 DATA   ?= data/movielens
 DEMO   ?= .demo
 BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
+# Every install (here, CI, deploy/Dockerfile) is pinned by the lock, so a new upstream
+# release changes nothing until `make lock` is re-run and its diff reviewed.
+LOCK   := requirements/constraints.txt
 
-.PHONY: help venv install build demo test test-debug lint bench clean deps-system
+.PHONY: help venv install build demo test test-debug lint lock bench clean deps-system
 
 help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
 	@echo "make test   - set up and run the whole test suite"
+	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
 
 $(VENV)/bin/python:
@@ -20,9 +24,9 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Stamp: reinstall when the build inputs change.
-$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(wildcard ranking/*.pyx) ranking/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
-	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e ".[test,report]"
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(LOCK) $(wildcard ranking/*.pyx) ranking/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
+	$(PIP) install -q -c $(LOCK) $(BUILD_DEPS)
+	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[test,report,lint]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -57,6 +61,19 @@ test-debug: install
 
 lint: install
 	$(PY) -m compileall -q ranking server index_builder bench tests
+
+# Re-pin the lock: install from pyproject's ranges into a fresh venv and freeze it
+# (pip itself is left out: the venv's own pip is upgraded before installing).
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q $(BUILD_DEPS)
+	$(LOCK_VENV)/bin/pip install -q --no-build-isolation ".[test,report,lint]"
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --all --exclude one2one | grep -v '^pip=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 bench: install
 	$(PY) -m bench.run

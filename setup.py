@@ -68,37 +68,11 @@ def _kernel(name: str) -> Extension:
 
 extensions = [_kernel("_scoring"), _kernel("_rows")]
 
+# Metadata, dependencies and packages are in pyproject.toml; only what must be code is here.
 setup(
-    name="one2one",
-    version="0.1.0",
-    description="One-to-one ranking service: offline bundle builder and gRPC server",
-    python_requires=">=3.11",
-    packages=["ranking", "server", "index_builder", "one2one", "one2one.v1"],
-    package_dir={"one2one": "proto/one2one"},
-    package_data={"one2one.v1": ["*.proto", "*.pyi"], "ranking": ["*.pxd", "*.pyx"]},
     # Debug and release C++ live apart: cythonize regenerates only when the .pyx
     # changes, not when the directives do.
     ext_modules=cythonize(extensions, compiler_directives=directives,
                           build_dir="build/cython-debug" if DEBUG else "build/cython"),
     cmdclass={"build_py": BuildPyWithStubs},
-    install_requires=[
-        "numpy>=1.26",
-        "scipy>=1.11",
-        "faiss-cpu>=1.8",
-        "implicit>=0.7",
-        "pyarrow>=14",
-        "lightgbm>=4.0",
-        "grpcio>=1.60",
-        "grpcio-status>=1.60",
-        "grpcio-health-checking>=1.60",
-        "grpcio-reflection>=1.60",
-        "googleapis-common-protos>=1.60",
-        "protobuf>=4.25",
-        "prometheus-client>=0.19",
-        "tqdm>=4.66",
-    ],
-    extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pyyaml>=6.0"],
-        "report": ["matplotlib>=3.8"],
-    },
 )
