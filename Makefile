@@ -10,11 +10,12 @@ BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
 # release changes nothing until `make lock` is re-run and its diff reviewed.
 LOCK   := requirements/constraints.txt
 
-.PHONY: help venv install build demo test test-debug lint lock bench clean deps-system
+.PHONY: help venv install build demo test test-fast test-debug lint lock bench clean deps-system
 
 help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
 	@echo "make test   - set up and run the whole test suite"
+	@echo "make test-fast - kernels and units only (no bundle builds, servers or promtool), under a minute"
 	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
 
@@ -52,6 +53,10 @@ deps-system:
 
 test: install $(if $(CI),deps-system,)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop: what is marked slow (bundle builds, real servers, promtool) is left out.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # The kernels again, compiled with bounds checking on (CI runs this once).
 test-debug: install

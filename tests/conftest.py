@@ -35,3 +35,18 @@ def bundle_path(artifacts) -> Path:
     from ranking.bundle import resolve_current
 
     return resolve_current(artifacts)
+
+
+# Fixtures whose use makes a test slow: each builds a bundle (fits the shop end to end),
+# or hands over the shop's files for a test to build one. `artifacts` also stands behind
+# every test that starts a real server, since a server needs a bundle to serve.
+# Tests that are slow for other reasons (a server with no bundle, promtool, the network,
+# a CLI that imports the whole builder) carry @pytest.mark.slow themselves.
+_SLOW_FIXTURES = {"artifacts", "shop_files", "context_model", "blind_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark slow every test that builds a bundle, so `-m "not slow"` is the fast tier."""
+    for item in items:
+        if _SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

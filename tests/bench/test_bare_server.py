@@ -17,6 +17,7 @@ from ranking.query import RankQuery
 from ranking.retrieval import Retriever
 
 
+@pytest.mark.slow
 def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real_shape(tmp_path):
     users = tmp_path / "users.txt"
     users.write_text("u1\nu2\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 import yaml
 
 from ops_tools import DEPLOY, require_tool
@@ -29,6 +30,7 @@ def _rules() -> list[dict]:
     return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
 
 
+@pytest.mark.slow
 def test_promtool_check_rules_is_clean():
     out = subprocess.run([require_tool("promtool"), "check", "rules", str(RULES)],
                          capture_output=True, text=True, timeout=120)
@@ -36,6 +38,7 @@ def test_promtool_check_rules_is_clean():
     assert "SUCCESS" in out.stdout
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass():
     out = subprocess.run([require_tool("promtool"), "test", "rules", RULES_TEST.name],
                          capture_output=True, text=True, timeout=300, cwd=RULES_TEST.parent)

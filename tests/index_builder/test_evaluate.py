@@ -41,6 +41,7 @@ def report(tmp_path_factory):
     return evaluate(files["events"], files["items"], files["users"], out, ecfg), out
 
 
+@pytest.mark.slow
 def test_report_files_and_every_rung(report):
     results, out = report
     assert (out / "report.md").is_file() and (out / "ladder.json").is_file()
@@ -55,6 +56,7 @@ def test_report_files_and_every_rung(report):
     assert "one2one (full pipeline)" in md and "Data profile" in md and "long tail" in md
 
 
+@pytest.mark.slow
 def test_full_pipeline_beats_mass_on_planted_taste(report):
     results, _ = report
     g = results["protocols"]["last_n"]["groups"]["all"]

@@ -63,6 +63,7 @@ def test_report_recovers_a_known_lift(tmp_path):
     assert rev["low"] < 0.30 < rev["high"]
 
 
+@pytest.mark.slow
 def test_report_without_effect_brackets_zero_and_cli_prints_it(tmp_path):
     simulate(tmp_path, 20_000, {"a": (0.1, 0.04), "b": (0.1, 0.04)}, 10.0, seed=5)
     done = subprocess.run([sys.executable, "-m", "index_builder", "experiment-report", "--log", str(tmp_path),

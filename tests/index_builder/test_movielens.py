@@ -130,6 +130,7 @@ def test_missing_field_in_recbole_header_is_named(tmp_path):
         fetch_movielens(tmp_path / "out", cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.slow
 def test_real_movielens_100k_from_pypi(tmp_path):
     cache = tmp_path / "cache"
 
