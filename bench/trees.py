@@ -35,8 +35,8 @@ def main() -> None:
         trees = trees_from_lightgbm(booster)
         for n in (400, 2000):
             rows = X[:n]
-            ours = _best(lambda: score_trees_topk(rows, trees, None, 10), 30)
-            ref = _best(lambda: np.argpartition(-booster.predict(rows, num_threads=1), 10)[:10], 30)
+            ours = _best(lambda rows=rows, trees=trees: score_trees_topk(rows, trees, None, 10), 30)
+            ref = _best(lambda rows=rows, b=booster: np.argpartition(-b.predict(rows, num_threads=1), 10)[:10], 30)
             print(f"trees={n_trees:4d} leaves={leaves} candidates={n:5d}: kernel {ours * 1e3:7.3f} ms, "
                   f"lightgbm predict+argpartition {ref * 1e3:7.3f} ms, ratio {ref / ours:5.1f}x")
 

@@ -1,4 +1,7 @@
-"""Command line of the offline builder: ``python -m index_builder {build,evaluate,experiment-report,fetch-movielens}``."""
+"""Command line of the offline builder.
+
+``python -m index_builder {build,evaluate,experiment-report,fetch-movielens}``.
+"""
 from __future__ import annotations
 
 import argparse

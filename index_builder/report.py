@@ -39,13 +39,15 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
         if g not in p["groups"]:
             continue
         lines += [f"### {g} users, @{k}", "",
-                  f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} | NDCG lift over the previous row (the rung below) |",
+                  f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} "
+                  "| NDCG lift over the previous row (the rung below) |",
                   "|---|---|---|---|---|---|---|"]
         prev = None
         for r in p["rungs"]:
             m = p["groups"][g][r][k] if k in p["groups"][g][r] else p["groups"][g][r][str(k)]
+            lift = _lift(m["ndcg"], prev) if prev is not None else "—"
             lines.append(f"| {LABELS[r]} | {_fmt(m['recall'])} | {_fmt(m['ndcg'])} | {_fmt(m['map'])} | "
-                         f"{_fmt(m['coverage'])} | {_fmt(m['novelty'])} | {_lift(m['ndcg'], prev) if prev is not None else '—'} |")
+                         f"{_fmt(m['coverage'])} | {_fmt(m['novelty'])} | {lift} |")
             prev = m["ndcg"]
         lines.append("")
     lines += [f"### NDCG@{k} by user group", "", "| rung | " + " | ".join(

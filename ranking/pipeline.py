@@ -202,7 +202,9 @@ class Ranker:
 
     def _resolve(self, q: RankQuery, max_rung: Rung = Rung.ONE_TO_ONE,
                  user_vector: np.ndarray | None = None) -> tuple[Rung, str, int, np.ndarray | None, int, np.ndarray]:
-        """Choose the highest rung that can serve; returns (rung, reason, user row, query vector, segment, session rows).
+        """Choose the highest rung that can serve.
+
+        Returns (rung, reason, user row, query vector, segment, session rows).
 
         ``max_rung`` caps the ladder (an experiment arm); ``user_vector`` is the user's vector
         re-solved from real-time events, which serves ONE_TO_ONE even for a user the bundle

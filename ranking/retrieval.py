@@ -2,6 +2,8 @@
 top k, approximate nearest neighbours over all item factors otherwise."""
 from __future__ import annotations
 
+import itertools
+
 import faiss
 import numpy as np
 
@@ -96,7 +98,7 @@ class ExactHead:
         # Tiers: (first position, flat index over its items, bound on every item after it).
         self.tiers: list[tuple[int, faiss.IndexFlatIP, float]] = []
         cuts = [0, size // 2, size] if size >= 2 else [0, size]
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             index = faiss.IndexFlatIP(d)
             index.add(np.ascontiguousarray(item_factors[rows[lo:hi]], dtype=np.float32))
             after = float(norms[rows[hi]]) * (1.0 + _BOUND_SLACK) if hi < size else self.bound

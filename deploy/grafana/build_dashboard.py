@@ -90,7 +90,9 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Rank p99 by stage", [
             (quantile(0.99, "one2one_rank_stage_duration_seconds", by="stage"), "{{stage}}"),
             budget_line()], "s",
-            description="queue (waiting for a pipeline slot), realtime (events since the bundle, rules, experiment arm), resolve, retrieve, features, score, respond; the budget is an exact bucket edge."),
+            description="queue (waiting for a pipeline slot), realtime (events since the bundle, rules, "
+                        "experiment arm), resolve, retrieve, features, score, respond; "
+                        "the budget is an exact bucket edge."),
         panel("Share of Rank calls over the default budget (alert above 1%)", [
             (f"one2one:rank_over_budget:ratio_rate5m{{{J}}}", "{{job}}")], "percentunit",
             thresholds=[("green", None), ("red", 0.01)]),
@@ -144,7 +146,8 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("Bundle age by instance", [
             (f"time() - (one2one_bundle_build_timestamp_seconds{{{J}}} > 0)", "{{instance}}"),
             (f"max(one2one_bundle_max_age_seconds{{{J}}})", "stale after")], "s",
-            description="Since the served bundle was built; the stale-bundle alert fires past bundle_max_age_hours."),
+            description="Since the served bundle was built; "
+                        "the stale-bundle alert fires past bundle_max_age_hours."),
         panel("Instances per bundle version", [(f"count by (version) (one2one_bundle_info{{{J}}} == 1)", "{{version}}")],
               description="During a rollout two versions show; afterwards one."),
         panel("Serving instances and refused bundles", [

@@ -95,6 +95,6 @@ def test_lift_interval_covers_the_true_lift():
     n, pc, pa = 5000, 0.05, 0.06
     covered = 0
     for _ in range(1000):
-        lift, lo, hi, _ = rate_lift(int(rng.binomial(n, pa)), n, int(rng.binomial(n, pc)), n, 1.959964)
+        _, lo, hi, _ = rate_lift(int(rng.binomial(n, pa)), n, int(rng.binomial(n, pc)), n, 1.959964)
         covered += lo <= pa / pc - 1 <= hi
     assert covered >= 925  # 95% nominal, Binomial(1000, 0.95) minus ~3.5 sd

@@ -64,7 +64,10 @@ def test_pause_watch_times_each_collection_and_writes_metrics_only_on_flush():
         watch.flush()  # whatever ran before this test
         gc.collect(1)
         gc.collect(2)
-        count = lambda gen: registry.get_sample_value("gc_pause_seconds_count", {"generation": gen}) or 0.0
+
+        def count(gen: str) -> float:
+            return registry.get_sample_value("gc_pause_seconds_count", {"generation": gen}) or 0.0
+
         # The callback only queued the pauses: metrics are written by flush, on the serve loop.
         assert count("2") == 0
         assert watch.flush() >= 2
