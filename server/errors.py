@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -38,9 +39,11 @@ def to_status(exc: Exception) -> grpc.Status:
         code=getattr(code_pb2, code.name), message=message, details=details))
 
 
-def abort(context: grpc.ServicerContext, exc: Exception):
+def abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     """End the RPC with the status ``exc`` maps to (never returns)."""
     status = to_status(exc)
     if status.code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
     context.abort_with_status(status)
+    # abort_with_status raises; gRPC's Python API is untyped, so say so to the type checker.
+    raise AssertionError("grpc.ServicerContext.abort_with_status returned")
