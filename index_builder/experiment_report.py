@@ -86,11 +86,11 @@ def collect(log_dir: Path | str) -> tuple[dict[tuple[str, str], ArmCounts], int]
     for _, rec in read_all(log_dir):
         kind = rec.get("kind")
         if kind == "event" and rec.get("request_id") and rec.get("event_type") in OUTCOMES:
-            key = owner.get(rec["request_id"])
-            if key is None:
+            owned = owner.get(rec["request_id"])
+            if owned is None:
                 unattributed += 1
                 continue
-            c = arms[key]
+            c = arms[owned]
             t = rec["event_type"]
             c.events[t] += 1
             c.converted[t].add(rec["request_id"])
@@ -130,7 +130,9 @@ def report(log_dir: Path | str, controls: dict[str, str] | None = None, confiden
     if not arms:
         what = f"experiment {experiment!r}" if experiment else "any experiment"
         raise ValueError(f"{log_dir}: no impression of {what} in the event log")
-    out = {"log": str(log_dir), "confidence": confidence, "unattributed_events": unattributed, "experiments": {}}
+    experiments: dict[str, dict] = {}
+    out = {"log": str(log_dir), "confidence": confidence, "unattributed_events": unattributed,
+           "experiments": experiments}
     for exp in dict.fromkeys(k[0] for k in arms):
         names = [a for e, a in arms if e == exp]
         control = (controls or {}).get(exp) or ("control" if "control" in names else names[0])
@@ -160,7 +162,7 @@ def report(log_dir: Path | str, controls: dict[str, str] | None = None, confiden
                     row["revenue_lift"] = {"value": m / mc - 1, "low": math.exp(math.log(m / mc) - z * se) - 1,
                                            "high": math.exp(math.log(m / mc) + z * se) - 1}
             rows.append(row)
-        out["experiments"][exp] = {"control": control, "arms": rows}
+        experiments[exp] = {"control": control, "arms": rows}
     return out
 
 

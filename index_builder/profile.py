@@ -77,7 +77,7 @@ def data_profile(events: pa.Table, items: pa.Table, cfg: BuildConfig) -> dict:
         first_cat = {k: (v[0] if v else None) for k, v in cats.items()}
         pu = pairs // max(n_active_items, 1)
         pc_ = np.array([first_cat.get(cat_items[p % n_active_items]) or "" for p in pairs])
-        per_user = {}
+        per_user: dict[int, set[str]] = {}
         for a, b in zip(pu, pc_):
             if b:
                 per_user.setdefault(int(a), set()).add(b)

@@ -92,8 +92,8 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
     regions = np.array([f"R{c}" for c in range(n_categories)])
     # Region predicts the favourite category 80% of the time: a segment with signal.
     region_of = np.where(rng.random(n_users) < 0.8, fav, rng.integers(0, n_categories, n_users))
-    columns = {}
-    shop_context = {}
+    columns: dict[str, np.ndarray] = {}
+    shop_context: dict[str, np.ndarray] = {}
     if context > 0:
         columns, shop_context = _plant_context(users, ts, in_fav, items, cat_cdf, region_of, regions,
                                                n_users, n_items, n_categories, context, seed, start_unix)
@@ -119,7 +119,7 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
 
 
 def _plant_context(users, ts, in_fav, items, cat_cdf, region_of, regions, n_users, n_items,
-                   n_categories, strength, seed, start_unix) -> tuple[dict, dict]:
+                   n_categories, strength, seed, start_unix) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Context columns with planted effects; moves the affected events' items in place.
 
     A random stream of its own, so the shop's other draws stay those of ``context = 0``.

@@ -97,7 +97,8 @@ def _scan(path: Path, data: bytes, base: int = 0) -> tuple[list[tuple[int, dict]
             return [], 0, f"segment header is {len(data)} bytes, expected {len(MAGIC)}" if data else "empty segment"
         if data[: len(MAGIC)] != MAGIC:
             raise EventLogCorrupt(path, 0, "not an event log segment (bad magic)")
-        out, pos, n = [], len(MAGIC), len(data)
+        out: list[tuple[int, dict]] = []
+        pos, n = len(MAGIC), len(data)
     else:
         out, pos, n = [], 0, len(data)
     while pos < n:
@@ -235,7 +236,7 @@ class EventLog:
             # Only the tail can be torn; recovering it here means appends continue after good data.
             for _ in read_log(self.directory, repair=True, modified_since=time.time() + 1):
                 pass
-            self._number = int(_SEGMENT_RE.match(files[-1].name).group(1))
+            self._number = int(files[-1].stem)  # segments() kept only <20 digits>.log names
             self._fh = open(files[-1], "ab")
         else:
             self._number = 0

@@ -236,7 +236,7 @@ class FeatureTables:
         X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), index)
         X[:, c["covis_session"]] = self._covis_to(req.session, index)
         hist = self.history(urow, req.session) if self.ease is not None else ()
-        if len(hist):
+        if self.ease is not None and len(hist):
             X[:, c["ease_score"]] = np.asarray(self.ease[hist][:, cands], np.float32).sum(axis=0)
         else:
             X[:, c["ease_score"]] = np.nan
@@ -292,14 +292,14 @@ class FeatureTables:
         X[:, c["hour_item_lift"]] = self.item_hour_lift[cands, block]
         X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
         X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
-        for f, table in self.context.items():
-            col = table.column(getattr(req, f))
+        for field, table in self.context.items():
+            col = table.column(getattr(req, field))
             if col < 0:
-                X[:, c[f"{f}_item_lift"]] = np.nan
-                X[:, c[f"{f}_user_share"]] = np.nan
+                X[:, c[f"{field}_item_lift"]] = np.nan
+                X[:, c[f"{field}_user_share"]] = np.nan
                 continue
-            X[:, c[f"{f}_item_lift"]] = table.item_lift[cands, col]
-            X[:, c[f"{f}_user_share"]] = table.user_share[urow, col] if known else np.nan
+            X[:, c[f"{field}_item_lift"]] = table.item_lift[cands, col]
+            X[:, c[f"{field}_user_share"]] = table.user_share[urow, col] if known else np.nan
         X[:, c["rung"]] = req.rung
         X[:, c["days_after_data_end"]] = (t - self.data_end) / DAY
         for rank_name, source in RANKED:

@@ -354,7 +354,8 @@ class Ranker:
         cands = self._more_candidates(q, urow, session, cands, n_cands / max(cfg.n_candidates, 1))
         self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
-        offsets, offset_parts = None, {}
+        offsets: np.ndarray | None = None
+        offset_parts: dict[str, np.ndarray] = {}
         if overlay is not None:
             mask |= overlay.mask(self.model, cands)
             offsets, offset_parts = overlay.offsets(self.model, cands)

@@ -122,7 +122,7 @@ class TreeScorer:
     trees: TreeArrays
     kind: str = "trees"
 
-    def score_topk(self, features: np.ndarray, mask: np.ndarray, k: int, *, offsets=None,
+    def score_topk(self, features: np.ndarray, mask: np.ndarray | None, k: int, *, offsets=None,
                    deadline_ns: int = 0) -> TopK:
         return scoring.score_trees_topk(features, self.trees, mask, k, offsets=offsets, deadline_ns=deadline_ns)
 
@@ -148,7 +148,7 @@ class LinearScorer:
     bias: float
     kind: str = "linear"
 
-    def score_topk(self, features: np.ndarray, mask: np.ndarray, k: int, *, offsets=None,
+    def score_topk(self, features: np.ndarray, mask: np.ndarray | None, k: int, *, offsets=None,
                    deadline_ns: int = 0) -> TopK:
         return scoring.score_topk(features, self.weights, mask, k, bias=self.bias, offsets=offsets,
                                   deadline_ns=deadline_ns)
@@ -188,9 +188,11 @@ def load_scorer(bundle) -> TreeScorer | LinearScorer:
             raise BundleError(f"{where}: scoring.weights has {weights.size} entries for {len(names)} features")
         return LinearScorer(tuple(names), weights, float(section.get("bias", 0.0)))
     if kind == "trees":
-        arrays = [bundle.array(f"rerank_{name}", mmap=False) for name in TREE_ARRAYS]
+        roots, feature, threshold, left, right, flags, node_value, leaf_value = (
+            bundle.array(f"rerank_{name}", mmap=False) for name in TREE_ARRAYS)
         try:
-            trees = TreeArrays.checked(*arrays, n_features=len(names))
+            trees = TreeArrays.checked(roots, feature, threshold, left, right, flags, node_value, leaf_value,
+                                       n_features=len(names))
         except ValueError as exc:
             raise BundleError(f"{bundle.path}: the reranker's trees are inconsistent: {exc}") from None
         return TreeScorer(tuple(names), trees)

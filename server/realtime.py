@@ -111,7 +111,7 @@ class Realtime:
         counts = {"event": 0, "impression": 0}
         events: list[Event] = []
         for rec in records:
-            kind = rec.get("kind")
+            kind = rec.get("kind", "")
             if kind == "event":
                 events.append(Event.from_record(rec))
             elif kind == "impression" and rec.get("experiment"):

@@ -63,7 +63,7 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
         items=items,
         request_id=request_id,
         model_version=result.model_version,
-        strategy=int(result.rung),
+        strategy=result.rung.name,  # Rung's names are Strategy's (tests/server/test_servicer_units.py)
         degraded=result.degraded,
         degraded_stages=result.degraded_stages,
         fallback_reason=result.fallback_reason,
@@ -166,7 +166,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 errors.abort(context, exc)
             t0 = time.perf_counter()
             response = response_from_result(result, request_id)
-            if self.realtime is not None:
+            if self.realtime is not None and overlay is not None:
                 self.realtime.served(request_id, q, assignment, overlay, result)
                 response.experiment, response.arm = assignment.experiment, assignment.arm
             result.stage_seconds["respond"] = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ class GroupProcessCollector:
         merged: dict[str, Metric] = {}
         for pid in [os.getpid(), *self.worker_pids()]:
             try:
-                families = list(ProcessCollector(pid=lambda p=pid: p, registry=None).collect())
+                families = list(ProcessCollector(pid=functools.partial(int, pid), registry=None).collect())
             except OSError:
                 continue  # a worker that just exited
             for fam in families:
@@ -241,10 +242,10 @@ def supervise(config: ServerConfig) -> int:
     exit_code = 0
     while workers:
         while pending:
-            sig = pending.pop(0)
+            signum = pending.pop(0)
             for pid in workers:
                 try:
-                    os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+                    os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
                 except ProcessLookupError:
                     pass
         try:
