@@ -16,6 +16,7 @@ help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make test-fast - kernels and units only (no bundle builds, servers or promtool), under a minute"
+	@echo "make lint   - ruff (lint and format), mypy, cython-lint"
 	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
 
@@ -64,8 +65,13 @@ test-debug: install
 	$(PY) -m pytest -q tests/ranking
 	$(PY) setup.py -q build_ext --inplace --force
 
+# ruff (lint and format), mypy (config in pyproject.toml), cython-lint over the kernels;
+# cython-lint runs pycodestyle by name, so the venv's bin goes first on PATH.
 lint: install
-	$(PY) -m compileall -q ranking server index_builder bench tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	PATH="$(abspath $(VENV))/bin:$$PATH" cython-lint ranking/*.pyx ranking/*.pxd
 
 # Re-pin the lock: install from pyproject's ranges into a fresh venv and freeze it
 # (pip itself is left out: the venv's own pip is upgraded before installing).
