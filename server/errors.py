@@ -9,16 +9,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ranking.errors import BundleError, DeadlineExceeded, InvalidRequest, NotFound, Unavailable
+from ranking.errors import BundleError, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
 _CODES = [
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (BundleError, grpc.StatusCode.UNAVAILABLE),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
 ]
 
 
