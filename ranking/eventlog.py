@@ -230,7 +230,6 @@ class EventLog:
         self._dirty = False
         self._closed = False
         self.bytes_appended = 0
-        self.records_appended = 0
         files = segments(self.directory)
         if files:
             # Only the tail can be torn; recovering it here means appends continue after good data.
@@ -311,7 +310,6 @@ class EventLog:
                     log.exception("cannot undo a failed append", extra={"segment": str(self.current_segment)})
                 raise EventLogError(f"cannot append to event log {self.current_segment}: {exc}") from exc
             self.bytes_appended += len(blob)
-            self.records_appended += len(records)
 
     def sync(self) -> None:
         """Fsync whatever was written but not yet synced."""

@@ -142,13 +142,6 @@ def fold_in(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray, confide
     return np.linalg.solve(a, b).astype(np.float32)
 
 
-@dataclass
-class UserEvents:
-    """What the store knows about one user: recent events, oldest first."""
-
-    events: collections.deque
-
-
 class UserStateStore:
     """Recent events per user, bounded by time (TTL) and memory (LRU over users).
 

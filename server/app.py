@@ -176,10 +176,10 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     # its wait) can deadlock the loop (a SIGHUP was once never acted on, under load).
     flags = {"stop": False, "reload": False}
 
-    def on_stop(signum, frame):
+    def on_stop(_signum, _frame):
         flags["stop"] = True
 
-    def on_reload(signum, frame):
+    def on_reload(_signum, _frame):
         flags["reload"] = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):

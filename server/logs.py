@@ -30,11 +30,6 @@ def request_context(request_id: str) -> Iterator[None]:
         _REQUEST_ID.reset(token)
 
 
-def current_request_id() -> str:
-    """The request id of the block being run, or "" outside any request."""
-    return _REQUEST_ID.get()
-
-
 class Sampler:
     """Lets one event through per ``interval`` seconds and counts the ones it held back.
 
