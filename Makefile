@@ -6,12 +6,18 @@ PIP    := $(VENV)/bin/pip
 DATA   ?= data/movielens
 DEMO   ?= .demo
 BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
+# Every install (here, CI, deploy/Dockerfile) is pinned by the lock, so a new upstream
+# release changes nothing until `make lock` is re-run and its diff reviewed.
+LOCK   := requirements/constraints.txt
 
-.PHONY: help venv install build demo test test-debug lint docs bench clean deps-system
+.PHONY: help venv install build demo test test-fast test-debug lint lock docs bench clean deps-system
 
 help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
 	@echo "make test   - set up and run the whole test suite"
+	@echo "make test-fast - kernels and units only (no bundle builds, servers or promtool), under a minute"
+	@echo "make lint   - ruff (lint and format), mypy, cython-lint"
+	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
 	@echo "make docs   - regenerate the settings tables in docs/ from the config classes"
 
@@ -21,9 +27,9 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Stamp: reinstall when the build inputs change.
-$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(wildcard ranking/kernels/*.pyx) ranking/kernels/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
-	$(PIP) install -q $(BUILD_DEPS)
-	$(PIP) install -q --no-build-isolation -e ".[test,report]"
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(LOCK) $(wildcard ranking/kernels/*.pyx) ranking/kernels/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
+	$(PIP) install -q -c $(LOCK) $(BUILD_DEPS)
+	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[test,report,lint]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -50,14 +56,36 @@ deps-system:
 test: install $(if $(CI),deps-system,)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The edit loop: what is marked slow (bundle builds, real servers, promtool) is left out.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 # The kernels again, compiled with bounds checking on (CI runs this once).
 test-debug: install
 	ONE2ONE_CYTHON_DEBUG=1 $(PY) setup.py -q build_ext --inplace --force
 	$(PY) -m pytest -q tests/ranking
 	$(PY) setup.py -q build_ext --inplace --force
 
+# ruff (lint and format), mypy (config in pyproject.toml), cython-lint over the kernels;
+# cython-lint runs pycodestyle by name, so the venv's bin goes first on PATH.
 lint: install
-	$(PY) -m compileall -q ranking server index_builder bench tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	PATH="$(abspath $(VENV))/bin:$$PATH" cython-lint ranking/kernels/*.pyx ranking/kernels/*.pxd
+
+# Re-pin the lock: install from pyproject's ranges into a fresh venv and freeze it
+# (pip itself is left out: the venv's own pip is upgraded before installing).
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q $(BUILD_DEPS)
+	$(LOCK_VENV)/bin/pip install -q --no-build-isolation ".[test,report,lint]"
+	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --all --exclude one2one | grep -v '^pip=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # The settings tables in docs/ come from the config classes' field metadata (tests check them).
 docs: install

@@ -4,12 +4,13 @@ The stubs are generated from ``proto/`` at build time and never committed; the
 Cython compiler directives are set once here (``ONE2ONE_CYTHON_DEBUG=1`` turns
 bounds checking back on for a debug build).
 """
+
 import os
 from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -19,21 +20,23 @@ DEBUG = os.environ.get("ONE2ONE_CYTHON_DEBUG", "") not in ("", "0")
 
 def generate_stubs():
     """Run protoc over every .proto under proto/, writing *_pb2 next to it."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     for proto in protos:
-        rc = protoc.main([
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{well_known}",
-            f"--python_out={PROTO_ROOT}",
-            f"--pyi_out={PROTO_ROOT}",
-            f"--grpc_python_out={PROTO_ROOT}",
-            proto,
-        ])
+        rc = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{well_known}",
+                f"--python_out={PROTO_ROOT}",
+                f"--pyi_out={PROTO_ROOT}",
+                f"--grpc_python_out={PROTO_ROOT}",
+                proto,
+            ]
+        )
         if rc != 0:
             raise RuntimeError(f"protoc failed on {proto} (exit {rc})")
 
@@ -68,37 +71,12 @@ def _kernel(name: str) -> Extension:
 
 extensions = [_kernel("_scoring"), _kernel("_rows")]
 
+# Metadata, dependencies and packages are in pyproject.toml; only what must be code is here.
 setup(
-    name="one2one",
-    version="0.1.0",
-    description="One-to-one ranking service: offline bundle builder and gRPC server",
-    python_requires=">=3.11",
-    packages=[*find_packages(include=["ranking", "ranking.*", "server", "index_builder"]), "one2one", "one2one.v1"],
-    package_dir={"one2one": "proto/one2one"},
-    package_data={"one2one.v1": ["*.proto", "*.pyi"], "ranking.kernels": ["*.pxd", "*.pyx"]},
     # Debug and release C++ live apart: cythonize regenerates only when the .pyx
     # changes, not when the directives do.
-    ext_modules=cythonize(extensions, compiler_directives=directives,
-                          build_dir="build/cython-debug" if DEBUG else "build/cython"),
+    ext_modules=cythonize(
+        extensions, compiler_directives=directives, build_dir="build/cython-debug" if DEBUG else "build/cython"
+    ),
     cmdclass={"build_py": BuildPyWithStubs},
-    install_requires=[
-        "numpy>=1.26",
-        "scipy>=1.11",
-        "faiss-cpu>=1.8",
-        "implicit>=0.7",
-        "pyarrow>=14",
-        "lightgbm>=4.0",
-        "grpcio>=1.60",
-        "grpcio-status>=1.60",
-        "grpcio-health-checking>=1.60",
-        "grpcio-reflection>=1.60",
-        "googleapis-common-protos>=1.60",
-        "protobuf>=4.25",
-        "prometheus-client>=0.19",
-        "tqdm>=4.66",
-    ],
-    extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pyyaml>=6.0"],
-        "report": ["matplotlib>=3.8"],
-    },
 )

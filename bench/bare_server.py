@@ -19,6 +19,7 @@ loaded before the fork, as the server's supervisor does), so the difference in
 throughput between two floors is what the work added between them costs, and between
 the last floor and the server, what the service around that work costs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,16 @@ class Work:
         searches micro-batched as the server's are.
     """
 
-    def __init__(self, artifacts: Path, level: str, n_candidates: int, effort: int, head_items: int,
-                 batch_size: int = 1, batch_wait_us: float = 0.0):
+    def __init__(
+        self,
+        artifacts: Path,
+        level: str,
+        n_candidates: int,
+        effort: int,
+        head_items: int,
+        batch_size: int = 1,
+        batch_wait_us: float = 0.0,
+    ):
         import numpy as np
 
         from ranking import Ranker, RankerConfig, RankingModel, RankQuery, resolve_current
@@ -61,8 +70,16 @@ class Work:
         m = RankingModel(resolve_current(artifacts), verify=False)
         # The server's own pipeline object: its search (retriever and micro-batcher) serves
         # both floors, and its prepare() makes the score floor's matrices.
-        self.ranker = Ranker(m, RankerConfig(n_candidates=n_candidates, ann_effort=effort, exact_head_items=head_items,
-                                             ann_batch_size=batch_size, ann_batch_wait_us=batch_wait_us))
+        self.ranker = Ranker(
+            m,
+            RankerConfig(
+                n_candidates=n_candidates,
+                ann_effort=effort,
+                exact_head_items=head_items,
+                ann_batch_size=batch_size,
+                ann_batch_wait_us=batch_wait_us,
+            ),
+        )
         self.model, self.level = m, level
         self.pool: list[tuple] = []
         if level == "score":
@@ -82,8 +99,9 @@ class Work:
         if urow < 0:
             raise KeyError(user_id)
         slack = min(m.consumed.row_len(urow), cfg.max_consumed_slack)
-        rows, _ = self.ranker.ann.search(np.asarray(m.user_factors[urow], dtype=np.float32),
-                                         cfg.n_candidates + slack, cfg.ann_effort)
+        rows, _ = self.ranker.ann.search(
+            np.asarray(m.user_factors[urow], dtype=np.float32), cfg.n_candidates + slack, cfg.ann_effort
+        )
         if self.level == "search":
             top = rows[rows >= 0][:10]
             return m.items.id_of(top), [1.0 - i / 10 for i in range(len(top))]
@@ -103,7 +121,10 @@ def serve_one(port: int, max_workers: int, listening: int, work: Work | None = N
 
     canned = pb.RankResponse(
         items=[pb.RankedItem(item_id=f"item{i:07d}", score=1.0 - i / 10) for i in range(10)],
-        request_id="0" * 32, model_version="bare", strategy=pb.ONE_TO_ONE)
+        request_id="0" * 32,
+        model_version="bare",
+        strategy=pb.ONE_TO_ONE,
+    )
 
     class Bare(ranking_pb2_grpc.RankingServiceServicer):
         def Rank(self, request, context):
@@ -113,13 +134,15 @@ def serve_one(port: int, max_workers: int, listening: int, work: Work | None = N
                 ids, scores = work.answer(request.user_id)
             except KeyError:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"user_id {request.user_id!r} is not in the bundle")
-            return pb.RankResponse(items=[pb.RankedItem(item_id=i, score=s) for i, s in zip(ids, scores)],
-                                   request_id="0" * 32, model_version=work.model.version,
-                                   strategy=pb.ONE_TO_ONE)
+            return pb.RankResponse(
+                items=[pb.RankedItem(item_id=i, score=s) for i, s in zip(ids, scores)],
+                request_id="0" * 32,
+                model_version=work.model.version,
+                strategy=pb.ONE_TO_ONE,
+            )
 
     # The server's RPC threads: each runs FAISS on one OpenMP thread (the setting is per thread).
-    server = grpc.server(request_executor(max_workers),
-                         options=[("grpc.so_reuseport", 1)])
+    server = grpc.server(request_executor(max_workers), options=[("grpc.so_reuseport", 1)])
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(Bare(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -138,16 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", type=Path, help="bundle root, for --work search / score")
     p.add_argument("--candidates", type=int, default=ServerConfig.n_candidates, help="the server's n_candidates")
     p.add_argument("--effort", type=int, default=ServerConfig.ann_effort, help="the server's ann_effort")
-    p.add_argument("--exact-head-items", type=int, default=ServerConfig.exact_head_items,
-                   help="the server's exact_head_items")
-    p.add_argument("--ann-batch-size", type=int, default=ServerConfig.ann_batch_size, help="the server's ann_batch_size")
-    p.add_argument("--ann-batch-wait-us", type=float, default=ServerConfig.ann_batch_wait_us,
-                   help="the server's ann_batch_wait_us")
+    p.add_argument(
+        "--exact-head-items", type=int, default=ServerConfig.exact_head_items, help="the server's exact_head_items"
+    )
+    p.add_argument(
+        "--ann-batch-size", type=int, default=ServerConfig.ann_batch_size, help="the server's ann_batch_size"
+    )
+    p.add_argument(
+        "--ann-batch-wait-us", type=float, default=ServerConfig.ann_batch_wait_us, help="the server's ann_batch_wait_us"
+    )
     a = p.parse_args(argv)
     if (a.work == "framework") != (a.artifacts is None):
         p.error("--artifacts goes with --work search or score, and only with them")
-    work = Work(a.artifacts, a.work, a.candidates, a.effort, a.exact_head_items,
-                a.ann_batch_size, a.ann_batch_wait_us) if a.artifacts else None
+    work = (
+        Work(a.artifacts, a.work, a.candidates, a.effort, a.exact_head_items, a.ann_batch_size, a.ann_batch_wait_us)
+        if a.artifacts
+        else None
+    )
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", 0))

@@ -8,6 +8,7 @@ figure is the build's wall time over the floor, and its time per million events.
     python -m bench.build                      # 200k customers x 200k items x 3M events
     python -m bench.build --users 20000 --items 20000 --events-per-user 15   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,13 @@ def _shop(args) -> dict[str, Path]:
     work = args.work / f"shop-{args.users}-{args.items}-{args.categories}-{args.events_per_user}-{args.seed}"
     files = {n: work / f"{n}.parquet" for n in ("events", "items", "users")}
     if not all(p.exists() for p in files.values()):
-        shop = make_shop(n_users=args.users, n_items=args.items, n_categories=args.categories,
-                         events_per_user=args.events_per_user, seed=args.seed)
+        shop = make_shop(
+            n_users=args.users,
+            n_items=args.items,
+            n_categories=args.categories,
+            events_per_user=args.events_per_user,
+            seed=args.seed,
+        )
         files = write_shop(shop, work, "parquet")
     return files
 
@@ -49,23 +55,40 @@ def _lightgbm_floor(files: dict[str, Path], cfg, n_trees: int) -> tuple[float, i
     for name in names:
         earlier, later = split(inp.events, Protocol(name, cfg.rerank_cutoff_quantile, cfg.rerank_holdout), cfg)
         model = fit(inp.with_events(earlier), cfg).model(linear_scoring(cfg, "floor"))
-        parts.append(collect_rows(Ranker(model, reranker_features=True), later, cfg, positive_types(later, cfg),
-                                  attributes_of(inp.users, model)))
+        parts.append(
+            collect_rows(
+                Ranker(model, reranker_features=True),
+                later,
+                cfg,
+                positive_types(later, cfg),
+                attributes_of(inp.users, model),
+            )
+        )
     X = np.concatenate([p.X for p in parts])
     y = np.concatenate([p.y for p in parts])
     groups = np.concatenate([p.groups for p in parts])
-    params = {"objective": "lambdarank", "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
-              "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
-              "lambdarank_truncation_level": 20, "verbose": -1, "seed": cfg.random_seed, "deterministic": True,
-              "force_row_wise": True, "num_threads": len(os.sched_getaffinity(0))}
+    params = {
+        "objective": "lambdarank",
+        "num_leaves": cfg.rerank_leaves,
+        "learning_rate": cfg.rerank_learning_rate,
+        "min_data_in_leaf": cfg.rerank_min_data_in_leaf,
+        "feature_fraction": 0.9,
+        "lambdarank_truncation_level": 20,
+        "verbose": -1,
+        "seed": cfg.random_seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": len(os.sched_getaffinity(0)),
+    }
     t0 = time.perf_counter()
     lgb.train(params, lgb.Dataset(X, y, group=groups, feature_name=list(FEATURE_NAMES)), num_boost_round=n_trees)
     return time.perf_counter() - t0, len(y)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.build", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--users", type=int, default=200_000)
     p.add_argument("--items", type=int, default=200_000)
     p.add_argument("--categories", type=int, default=50)
@@ -84,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig.load(overrides=_overrides(args.set))
     t0 = time.perf_counter()
     files = _shop(args)
-    print(f"shop: {args.users} customers x {args.items} items, made or read in {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    print(
+        f"shop: {args.users} customers x {args.items} items, made or read in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     path = build(files["events"], files["items"], files["users"], args.work / "artifacts", cfg, show_progress=True)
@@ -104,8 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": len(os.sched_getaffinity(0)),
         "build_seconds": round(build_s, 1),
         "build_seconds_per_million_events": round(build_s / (n_events / 1e6), 1),
-        "floor": {"als_seconds": als_s, "lightgbm_seconds": round(lgb_s, 1), "lightgbm_trees": n_trees,
-                  "lightgbm_rows": n_rows, "seconds": round(floor, 1)},
+        "floor": {
+            "als_seconds": als_s,
+            "lightgbm_seconds": round(lgb_s, 1),
+            "lightgbm_trees": n_trees,
+            "lightgbm_rows": n_rows,
+            "seconds": round(floor, 1),
+        },
         "build_over_floor": round(build_s / floor, 2) if floor else None,
         "steps": manifest["steps"],
         "trees_per_bag": scoring.get("training", {}).get("trees_per_bag"),
@@ -113,9 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
-    print(f"\nbuild {build_s:.0f} s = {report['build_over_floor']}x its floor "
-          f"(ALS {als_s:.0f} s + LightGBM {lgb_s:.0f} s for {n_trees} trees); "
-          f"{report['build_seconds_per_million_events']} s per million events")
+    print(
+        f"\nbuild {build_s:.0f} s = {report['build_over_floor']}x its floor "
+        f"(ALS {als_s:.0f} s + LightGBM {lgb_s:.0f} s for {n_trees} trees); "
+        f"{report['build_seconds_per_million_events']} s per million events"
+    )
     return 0
 
 

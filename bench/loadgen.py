@@ -10,6 +10,7 @@ server before the call reaches its Python code and after the handler returns), w
 no server-side figure shows. The server's clock starts when the call reaches its
 Python code, before the call waits for a Rank thread, so that wait is inside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,22 @@ def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
     return {"p50_ms": p[0], "p90_ms": p[1], "p99_ms": p[2], "p999_ms": p[3], "max_ms": float(lat_ms.max())}
 
 
-async def run(target: str, concurrency: int, requests: int, duration: float, users: list[str],
-              budget_ms: int, num_results: int, warmup: int) -> dict:
+async def run(
+    target: str,
+    concurrency: int,
+    requests: int,
+    duration: float,
+    users: list[str],
+    budget_ms: int,
+    num_results: int,
+    warmup: int,
+) -> dict:
     if not target.startswith(("127.", "localhost", "[::1]")):
         raise SystemExit(f"refusing to load {target}: loopback targets only")
     n_channels = min(concurrency, 8)
-    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(n_channels)]
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n_channels)
+    ]
     stubs = [ranking_pb2_grpc.RankingServiceStub(c) for c in channels]
     reqs = [pb.RankRequest(user_id=u, num_results=num_results, budget_ms=budget_ms) for u in users]
     for i in range(warmup):
@@ -77,11 +87,17 @@ async def run(target: str, concurrency: int, requests: int, duration: float, use
     for c in channels:
         await c.close()
     arr = np.asarray(lat)
-    return {"concurrency": concurrency, "requests": len(lat), "seconds": elapsed,
-            "qps": len(lat) / elapsed if elapsed > 0 else 0.0, **percentiles(arr),
-            "errors": errors, "degraded": degraded,
-            "server": percentiles(np.asarray(server_ms)),
-            "outside_server": percentiles(np.asarray(outside_ms))}
+    return {
+        "concurrency": concurrency,
+        "requests": len(lat),
+        "seconds": elapsed,
+        "qps": len(lat) / elapsed if elapsed > 0 else 0.0,
+        **percentiles(arr),
+        "errors": errors,
+        "degraded": degraded,
+        "server": percentiles(np.asarray(server_ms)),
+        "outside_server": percentiles(np.asarray(outside_ms)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         users = fh.read().split()
     if not users:
         p.error(f"--users {a.users} holds no user ids (one per line)")
-    out = asyncio.run(run(a.target, a.concurrency, a.requests, a.duration, users, a.budget_ms,
-                          a.num_results, a.warmup))
+    out = asyncio.run(run(a.target, a.concurrency, a.requests, a.duration, users, a.budget_ms, a.num_results, a.warmup))
     json.dump(out, sys.stdout)
     print()
     return 0

@@ -8,6 +8,7 @@ traffic stays on 127.0.0.1; every load run is bounded in requests and seconds.
     python -m bench.run                    # the standard run: 1M items x 1M users x 64 dims
     python -m bench.run --items 20000 --users 20000 --requests 500   # a quick one
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,10 @@ def wait_serving(port: int, timeout: float = 120.0) -> float:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.perf_counter() - t0 < timeout:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return time.perf_counter() - t0
             except grpc.RpcError:
                 pass
@@ -104,9 +108,23 @@ def stop(proc: subprocess.Popen) -> int:
 
 
 def loadgen(port: int, users_file: Path, concurrency: int, requests: int, duration: float, budget_ms: int = 0) -> dict:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--target", f"127.0.0.1:{port}", "--users", str(users_file),
-           "--concurrency", str(concurrency), "--requests", str(requests), "--duration", str(duration),
-           "--budget-ms", str(budget_ms)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--target",
+        f"127.0.0.1:{port}",
+        "--users",
+        str(users_file),
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(requests),
+        "--duration",
+        str(duration),
+        "--budget-ms",
+        str(budget_ms),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=duration + 120)
     if done.returncode != 0:
         raise RuntimeError(f"loadgen failed: {done.stderr[-2000:]}")
@@ -174,8 +192,15 @@ def build_bundle(a, work: Path) -> Path:
     """Generate the shop and run the real builder, once per parameter set (cached)."""
     from index_builder.synthetic import make_shop, write_shop
 
-    key = (f"u{a.users}-i{a.items}-c{a.categories}-e{a.events_per_user}-d{a.dim}-{a.index_type}"
-           f"-efc{a.ef_construction}-" + "-".join(a.build_set)).replace(",", "_").replace('"', "").replace("=", "")
+    key = (
+        (
+            f"u{a.users}-i{a.items}-c{a.categories}-e{a.events_per_user}-d{a.dim}-{a.index_type}"
+            f"-efc{a.ef_construction}-" + "-".join(a.build_set)
+        )
+        .replace(",", "_")
+        .replace('"', "")
+        .replace("=", "")
+    )
     data = work / key
     art = data / "artifacts"
     if (art / "CURRENT").exists():
@@ -187,16 +212,39 @@ def build_bundle(a, work: Path) -> Path:
     paths = {name: data / f"{name}.parquet" for name in ("events", "items", "users")}
     if not all(p.exists() for p in paths.values()):
         t0 = time.perf_counter()
-        shop = make_shop(n_users=a.users, n_items=a.items, n_categories=a.categories,
-                         events_per_user=a.events_per_user, seed=a.seed)
+        shop = make_shop(
+            n_users=a.users, n_items=a.items, n_categories=a.categories, events_per_user=a.events_per_user, seed=a.seed
+        )
         paths = write_shop(shop, data, "parquet")
         print(f"generated {shop.events.num_rows} events in {time.perf_counter() - t0:.1f}s", flush=True)
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "index_builder", "build", "--quiet", "--events", str(paths["events"]),
-           "--items", str(paths["items"]), "--users", str(paths["users"]), "--out", str(art),
-           "--set", f"factors={a.dim}", "--set", f"iterations={a.iterations}",
-           "--set", f'index_type="{a.index_type}"', "--set", "eval_users=500",
-           "--set", f"hnsw_ef_construction={a.ef_construction}", "--set", "ladder_report=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "index_builder",
+        "build",
+        "--quiet",
+        "--events",
+        str(paths["events"]),
+        "--items",
+        str(paths["items"]),
+        "--users",
+        str(paths["users"]),
+        "--out",
+        str(art),
+        "--set",
+        f"factors={a.dim}",
+        "--set",
+        f"iterations={a.iterations}",
+        "--set",
+        f'index_type="{a.index_type}"',
+        "--set",
+        "eval_users=500",
+        "--set",
+        f"hnsw_ef_construction={a.ef_construction}",
+        "--set",
+        "ladder_report=false",
+    ]
     for extra in a.build_set:
         cmd += ["--set", extra]
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -212,7 +260,7 @@ def _timed_ms(search, q: np.ndarray, batch: int) -> float:
     for i in range(0, len(q), batch):
         junk[::64] += 1
         t0 = time.perf_counter()
-        search(q[i:i + batch])
+        search(q[i : i + batch])
         total += time.perf_counter() - t0
     return 1000 * total / len(q)
 
@@ -237,8 +285,13 @@ def load_times(art: Path, head_items: int):
     if head_items > 0:
         model.exact_head(head_items)
     t4 = time.perf_counter()
-    return {"index_mb": index_file.stat().st_size / 2**20, "index_read_s": t1 - t0,
-            "checksums_s": t2 - t1, "model_open_s": t3 - t2, "exact_head_s": t4 - t3}, model
+    return {
+        "index_mb": index_file.stat().st_size / 2**20,
+        "index_read_s": t1 - t0,
+        "checksums_s": t2 - t1,
+        "model_open_s": t3 - t2,
+        "exact_head_s": t4 - t3,
+    }, model
 
 
 def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> dict:
@@ -255,8 +308,12 @@ def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> 
     rng = np.random.default_rng(0)
     users = rng.choice(np.flatnonzero(np.asarray(m.user_has_history)), n_queries, replace=False)
     q = np.ascontiguousarray(m.user_factors[users], dtype=np.float32)
-    out: dict = {"k": k, "effort": effort, "index": type(faiss.downcast_index(m.index)).__name__,
-                 "exact_head_items": head_items}
+    out: dict = {
+        "k": k,
+        "effort": effort,
+        "index": type(faiss.downcast_index(m.index)).__name__,
+        "exact_head_items": head_items,
+    }
     retriever = Retriever(m.index, serving.exact_head(head_items) if head_items > 0 else None)
     paths = {"": lambda x: ann_search(m.index, x, k, effort)[1], "served_": lambda x: retriever.search(x, k, effort)[0]}
     for prefix, search in paths.items():
@@ -276,28 +333,37 @@ def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> 
     for prefix, got in (("", ann_search(m.index, q, k, effort)[1]), ("served_", served)):
         out[f"{prefix}recall_at_k"] = float(np.mean([len(np.intersect1d(t, g)) / k for t, g in zip(truth, got)]))
         out[f"{prefix}top10_in_candidates"] = float(
-            np.mean([len(np.intersect1d(t[:10], g)) / 10 for t, g in zip(truth, got)]))
+            np.mean([len(np.intersect1d(t[:10], g)) / 10 for t, g in zip(truth, got)])
+        )
     users_ids = [str(m.users.ids[u]) for u in rng.choice(np.flatnonzero(np.asarray(m.user_has_history)), 5000)]
     return out, users_ids
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--categories", type=int, default=50)
     p.add_argument("--events-per-user", type=int, default=8)
     p.add_argument("--iterations", type=int, default=3, help="ALS iterations (serving speed does not depend on them)")
-    p.add_argument("--index-type", default="HNSW32,SQ8",
-                   help="FAISS factory string; SQ8 codes make the graph walk 1.5x faster than Flat here, "
-                        "at 0.997 vs 1.000 exact top-10 within 200")
+    p.add_argument(
+        "--index-type",
+        default="HNSW32,SQ8",
+        help="FAISS factory string; SQ8 codes make the graph walk 1.5x faster than Flat here, "
+        "at 0.997 vs 1.000 exact top-10 within 200",
+    )
     p.add_argument("--ef-construction", type=int, default=40)
     p.add_argument("--effort", type=int, default=200, help="efSearch / nprobe on the request path")
     p.add_argument("--candidates", type=int, default=200)
-    p.add_argument("--exact-head-items", type=int, default=ServerConfig.exact_head_items,
-                   help="server exact_head_items: the largest-norm items searched exactly first (0: ANN only)")
+    p.add_argument(
+        "--exact-head-items",
+        type=int,
+        default=ServerConfig.exact_head_items,
+        help="server exact_head_items: the largest-norm items searched exactly first (0: ANN only)",
+    )
     p.add_argument("--ann-batch-size", type=int, default=8, help="server ann_batch_size (1: no micro-batching)")
     p.add_argument("--ann-batch-wait-us", type=float, default=300.0)
     p.add_argument("--workers", type=int, default=0, help="0: one per core")
@@ -306,12 +372,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=3000, help="per load run, upper bound")
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
     p.add_argument("--budget-ms", type=int, default=10, help="budget of the budgeted run")
-    p.add_argument("--budget-requests", type=int, default=10_000,
-                   help="upper bound of the budgeted run: its p99.9 needs thousands of requests "
-                        "(of 2000, it is the second slowest)")
+    p.add_argument(
+        "--budget-requests",
+        type=int,
+        default=10_000,
+        help="upper bound of the budgeted run: its p99.9 needs thousands of requests "
+        "(of 2000, it is the second slowest)",
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--build-set", action="append", default=["rerank_max_queries=5000", 'rerank_split="temporal"'],
-                   metavar="KEY=VALUE", help="extra build settings (the ladder report is always off here)")
+    p.add_argument(
+        "--build-set",
+        action="append",
+        default=["rerank_max_queries=5000", 'rerank_split="temporal"'],
+        metavar="KEY=VALUE",
+        help="extra build settings (the ladder report is always off here)",
+    )
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     a = p.parse_args(argv)
@@ -331,15 +406,32 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="one2one-bench-"))
     cfg = tmp / "server.toml"
-    cfg.write_text(f"[server]\nworkers = {a.workers}\nann_effort = {a.effort}\nn_candidates = {a.candidates}\n"
-                   f"ann_batch_size = {a.ann_batch_size}\nann_batch_wait_us = {a.ann_batch_wait_us}\n"
-                   f"max_concurrent_ranks = {a.max_concurrent_ranks}\nexact_head_items = {a.exact_head_items}\n"
-                   f"log_level = \"WARNING\"\nreload_interval_seconds = 0\n")
+    cfg.write_text(
+        f"[server]\nworkers = {a.workers}\nann_effort = {a.effort}\nn_candidates = {a.candidates}\n"
+        f"ann_batch_size = {a.ann_batch_size}\nann_batch_wait_us = {a.ann_batch_wait_us}\n"
+        f"max_concurrent_ranks = {a.max_concurrent_ranks}\nexact_head_items = {a.exact_head_items}\n"
+        f'log_level = "WARNING"\nreload_interval_seconds = 0\n'
+    )
 
     def server(workers: int, tag: str):
         ready = tmp / f"ready-{tag}.json"
-        cmd = [sys.executable, "-m", "server", "--artifacts", str(art), "--port", "0", "--metrics-port", "0",
-               "--config", str(cfg), "--workers", str(workers), "--ready-file", str(ready)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "--artifacts",
+            str(art),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--config",
+            str(cfg),
+            "--workers",
+            str(workers),
+            "--ready-file",
+            str(ready),
+        ]
         t0 = time.perf_counter()
         proc, info, _ = start(cmd, ready, tmp / f"server-{tag}.log")
         wait_serving(info["grpc_port"])
@@ -362,12 +454,19 @@ def main(argv: list[str] | None = None) -> int:
     mem_sup = memory_kb(proc.pid)
     report["startup_to_serving_s"] = {"one_worker": startup1, "n_workers": startup}
     report["memory"] = {
-        "one_worker": mem_one, "workers": mem_workers, "supervisor": mem_sup,
+        "one_worker": mem_one,
+        "workers": mem_workers,
+        "supervisor": mem_sup,
         "n_workers_pss_over_one_rss": (sum(m["pss_kb"] for m in mem_workers) + mem_sup["pss_kb"]) / mem_one["rss_kb"],
         "n_workers_rss_over_one_rss": sum(m["rss_kb"] for m in mem_workers) / mem_one["rss_kb"],
     }
-    print("startup:", report["startup_to_serving_s"], "memory:", {k: v for k, v in report["memory"].items()
-                                                                if k.startswith("n_")}, flush=True)
+    print(
+        "startup:",
+        report["startup_to_serving_s"],
+        "memory:",
+        {k: v for k, v in report["memory"].items() if k.startswith("n_")},
+        flush=True,
+    )
     levels = [int(c) for c in a.concurrency.split(",")]
     report["real"] = []
     server_pids = [proc.pid, *pids]
@@ -388,21 +487,41 @@ def main(argv: list[str] | None = None) -> int:
     # Garbage-collector pauses over every load run: the collector holds the GIL, so a pause
     # stalls every request in flight on its worker (server.gc_policy).
     report["gc_during_loads"] = {
-        key: after.get(key, 0.0) - loads_start.get(key, 0.0) for key in after if key.startswith("gc_")}
+        key: after.get(key, 0.0) - loads_start.get(key, 0.0) for key in after if key.startswith("gc_")
+    }
     print("gc during loads", json.dumps(report["gc_during_loads"]), flush=True)
     report["stage_mean_ms"] = scrape_stages(info["metrics_port"])
     stop(proc)
 
     # The floors, in the same process model: the framework alone, then with the request's
     # candidate search, then with the scorer too (bench.bare_server).
-    floors = {"bare": [], "floor_search": ["--artifacts", str(art), "--work", "search"],
-              "floor_score": ["--artifacts", str(art), "--work", "score"]}
+    floors = {
+        "bare": [],
+        "floor_search": ["--artifacts", str(art), "--work", "search"],
+        "floor_score": ["--artifacts", str(art), "--work", "score"],
+    }
     for name, extra in floors.items():
         fready = tmp / f"ready-{name}.json"
-        cmd = [sys.executable, "-m", "bench.bare_server", "--workers", str(a.workers or len(allowed_cpus())),
-               "--ready-file", str(fready), "--candidates", str(a.candidates), "--effort", str(a.effort),
-               "--exact-head-items", str(a.exact_head_items), "--ann-batch-size", str(a.ann_batch_size),
-               "--ann-batch-wait-us", str(a.ann_batch_wait_us), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.bare_server",
+            "--workers",
+            str(a.workers or len(allowed_cpus())),
+            "--ready-file",
+            str(fready),
+            "--candidates",
+            str(a.candidates),
+            "--effort",
+            str(a.effort),
+            "--exact-head-items",
+            str(a.exact_head_items),
+            "--ann-batch-size",
+            str(a.ann_batch_size),
+            "--ann-batch-wait-us",
+            str(a.ann_batch_wait_us),
+            *extra,
+        ]
         fproc, finfo, _ = start(cmd, fready, tmp / f"{name}.log")
         report[name] = []
         floor_pids = [fproc.pid, *finfo.get("worker_pids", [])]
@@ -417,25 +536,31 @@ def main(argv: list[str] | None = None) -> int:
     best_floor = {name: max(r["qps"] for r in report[name]) for name in ("floor_search", "floor_score")}
     c8 = next((r for r in report["real"] if r["concurrency"] == 8), report["real"][-1])
     report["summary"] = {
-        "saturation_qps": best_real, "bare_saturation_qps": best_bare,
+        "saturation_qps": best_real,
+        "bare_saturation_qps": best_bare,
         "throughput_ratio_vs_bare": best_real / best_bare,
         **{f"{name}_saturation_qps": qps for name, qps in best_floor.items()},
         **{f"{name}_ratio_vs_bare": qps / best_bare for name, qps in best_floor.items()},
         "p99_ms_at_c8": c8["p99_ms"],
         "server_p99_ms_at_c8": c8["server"].get("p99_ms", float("nan")),
         "outside_server_p50_ms_at_c8": c8["outside_server"].get("p50_ms", float("nan")),
-        "budgeted_p999_ms": budgeted["p999_ms"], "budget_ms": a.budget_ms, "budgeted_requests": budgeted["requests"],
+        "budgeted_p999_ms": budgeted["p999_ms"],
+        "budget_ms": a.budget_ms,
+        "budgeted_requests": budgeted["requests"],
         "budgeted_server_p999_ms": budgeted["server"].get("p999_ms", float("nan")),
         "budgeted_degraded_ratio": budgeted["degraded"] / max(budgeted["requests"], 1),
         "budgeted_late_ratio": budgeted["late_ratio"],
         "ann_recall": report["raw_faiss"]["served_recall_at_k"],
         "ann_top10_in_candidates": report["raw_faiss"]["served_top10_in_candidates"],
         "served_exact_share": report["served_exact_share"],
-        "startup_s": startup, "memory_ratio_pss": report["memory"]["n_workers_pss_over_one_rss"],
+        "startup_s": startup,
+        "memory_ratio_pss": report["memory"]["n_workers_pss_over_one_rss"],
         "index_read_s": report["load"]["index_read_s"],
         "server_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report["real"]),
-        **{f"{name}_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report[name])
-           for name in ("bare", "floor_search", "floor_score")},
+        **{
+            f"{name}_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report[name])
+            for name in ("bare", "floor_search", "floor_score")
+        },
     }
     (a.out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     (a.out / "report.md").write_text(markdown(report))
@@ -446,19 +571,23 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict) -> str:
     s = r["summary"]
     lines = [
-        "# one2one serving benchmark", "",
+        "# one2one serving benchmark",
+        "",
         f"{r['params']['items']} items x {r['params']['users']} users x {r['params']['dim']} dims, "
         f"index {r['params']['index_type']} (effort {r['params']['effort']}), "
-        f"{r['params']['candidates']} candidates, num_results 10, workers {r['params']['workers'] or len(allowed_cpus())} "
-        f"(CPUs of each: {r.get('worker_cpus')}).", "",
-        "| figure | value | target |", "|---|---|---|",
+        f"{r['params']['candidates']} candidates, num_results 10, "
+        f"workers {r['params']['workers'] or len(allowed_cpus())} "
+        f"(CPUs of each: {r.get('worker_cpus')}).",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
         f"| saturation throughput vs bare gRPC | {s['saturation_qps']:.0f} / {s['bare_saturation_qps']:.0f} qps = "
         f"**{s['throughput_ratio_vs_bare']:.2f}** | >= 0.6 |",
         f"| p99 at concurrency 8 (the server's own p99 {s['server_p99_ms_at_c8']:.2f} ms; "
         f"outside it, p50 {s['outside_server_p50_ms_at_c8']:.2f} ms) | **{s['p99_ms_at_c8']:.2f} ms** | <= 5 ms |",
         f"| p99.9 server time with budget {s['budget_ms']} ms, c=8, {s['budgeted_requests']} requests "
-        f"(client: {s['budgeted_p999_ms']:.2f} ms; {100 * s['budgeted_degraded_ratio']:.1f}% degraded) | **{s['budgeted_server_p999_ms']:.2f} ms** "
-        f"| <= budget + 1 ms |",
+        f"(client: {s['budgeted_p999_ms']:.2f} ms; {100 * s['budgeted_degraded_ratio']:.1f}% degraded) "
+        f"| **{s['budgeted_server_p999_ms']:.2f} ms** | <= budget + 1 ms |",
         f"| responses over budget + 1 ms in that run (`one2one_rank_late_total`) | "
         f"**{100 * s['budgeted_late_ratio']:.2f}%** | <= 0.1% |",
         f"| recall of the candidate set: exact top-10 within the {r['raw_faiss']['k']} candidates | "
@@ -478,12 +607,15 @@ def markdown(r: dict) -> str:
         f"{s['floor_search_cpu_ms_per_request']:.3f} ms CPU per request | |",
         f"| work floor: + the scorer over a served-size feature matrix | "
         f"{s['floor_score_saturation_qps']:.0f} qps = {s['floor_score_ratio_vs_bare']:.2f} of bare; "
-        f"{s['floor_score_cpu_ms_per_request']:.3f} ms CPU per request | |", "",
-        "## Load", "",
+        f"{s['floor_score_cpu_ms_per_request']:.3f} ms CPU per request | |",
+        "",
+        "## Load",
+        "",
         "Client latency, the server's own time (its trailer) and, request by request, the difference: "
         "time outside the server's measure (load generator, wire, and the worker before the call reaches "
         "its Python code, whose clock starts before the call waits for a Rank thread, and after the "
-        "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run.", "",
+        "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run.",
+        "",
         "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside server p50 / p99 "
         "| CPU ms/req | worker CPU split | bare qps | bare p99 | bare CPU ms/req "
         "| search floor qps / p99 / CPU ms/req | score floor qps / p99 / CPU ms/req |",
@@ -492,37 +624,61 @@ def markdown(r: dict) -> str:
     for real, bare, search, score in zip(r["real"], r["bare"], r["floor_search"], r["floor_score"]):
         srv, out = real.get("server", {}), real.get("outside_server", {})
         split = " / ".join(f"{100 * v:.0f}%" for v in real.get("worker_cpu_shares", [])) or "-"
-        lines.append(f"| {real['concurrency']} | {real['qps']:.0f} | {real['p50_ms']:.2f} | {real['p90_ms']:.2f} | "
-                     f"{real['p99_ms']:.2f} | {real['p999_ms']:.2f} | "
-                     f"{srv.get('p50_ms', float('nan')):.2f} / {srv.get('p99_ms', float('nan')):.2f} | "
-                     f"{out.get('p50_ms', float('nan')):.2f} / {out.get('p99_ms', float('nan')):.2f} | "
-                     f"{real['server_cpu_ms_per_request']:.3f} | {split} | "
-                     f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} | "
-                     + " | ".join(f"{f['qps']:.0f} / {f['p99_ms']:.2f} / {f['server_cpu_ms_per_request']:.3f}"
-                                  for f in (search, score)) + " |")
+        lines.append(
+            f"| {real['concurrency']} | {real['qps']:.0f} | {real['p50_ms']:.2f} | {real['p90_ms']:.2f} | "
+            f"{real['p99_ms']:.2f} | {real['p999_ms']:.2f} | "
+            f"{srv.get('p50_ms', float('nan')):.2f} / {srv.get('p99_ms', float('nan')):.2f} | "
+            f"{out.get('p50_ms', float('nan')):.2f} / {out.get('p99_ms', float('nan')):.2f} | "
+            f"{real['server_cpu_ms_per_request']:.3f} | {split} | "
+            f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} | "
+            + " | ".join(
+                f"{f['qps']:.0f} / {f['p99_ms']:.2f} / {f['server_cpu_ms_per_request']:.3f}" for f in (search, score)
+            )
+            + " |"
+        )
     rf = r["raw_faiss"]
     pauses = r.get("gc_during_loads", {})
     ld = r["load"]
-    lines += ["", "## In-process retrieval (same queries, caches evicted before each search)", "",
-              f"{rf['index']} alone: single query {rf['single_query_ms']:.3f} ms; batched per query: "
-              f"8 -> {rf['batch8_per_query_ms']:.3f} ms, 16 -> {rf['batch16_per_query_ms']:.3f} ms; "
-              f"top-10 within the candidates {rf['top10_in_candidates']:.3f}, set recall {rf['recall_at_k']:.3f}.", "",
-              f"As served (exact head of {rf['exact_head_items']} items first): single query "
-              f"{rf['served_single_query_ms']:.3f} ms; batched per query: 8 -> {rf['served_batch8_per_query_ms']:.3f} ms, "
-              f"16 -> {rf['served_batch16_per_query_ms']:.3f} ms; {rf['served_exact_share']:.3f} proven exact.", "",
-              "## Server stages (mean ms)", "",
-              ", ".join(f"{k} {v:.3f}" for k, v in r["stage_mean_ms"].items()), "",
-              "## Loading the bundle (files in the page cache)", "",
-              f"In process: the index read {ld['index_read_s']:.3f} s ({ld['index_mb']:.0f} MB); "
-              f"checksums of every file {ld['checksums_s']:.3f} s; the model opened without them "
-              f"{ld['model_open_s']:.3f} s (index included); the exact head built {ld['exact_head_s']:.3f} s. "
-              f"In a one-worker server (`one2one_bundle_load_duration_seconds`: open, checksums and "
-              f"warm-up) {ld.get('server_bundle_load_s', float('nan')):.3f} s.", "",
-              "## Garbage-collector pauses during the load runs (all workers)", "",
-              "; ".join(f"generation {g}: {pauses.get(f'gc_count_{g}', 0.0):.0f} collections, "
-                        f"{1000 * pauses.get(f'gc_seconds_{g}', 0.0):.1f} ms in all" for g in "012"), "",
-              "## Memory (kB)", "", "```", json.dumps(r["memory"], indent=1), "```",
-              "", f"Build: {r['build_seconds']} s."]
+    lines += [
+        "",
+        "## In-process retrieval (same queries, caches evicted before each search)",
+        "",
+        f"{rf['index']} alone: single query {rf['single_query_ms']:.3f} ms; batched per query: "
+        f"8 -> {rf['batch8_per_query_ms']:.3f} ms, 16 -> {rf['batch16_per_query_ms']:.3f} ms; "
+        f"top-10 within the candidates {rf['top10_in_candidates']:.3f}, set recall {rf['recall_at_k']:.3f}.",
+        "",
+        f"As served (exact head of {rf['exact_head_items']} items first): single query "
+        f"{rf['served_single_query_ms']:.3f} ms; batched per query: 8 -> {rf['served_batch8_per_query_ms']:.3f} ms, "
+        f"16 -> {rf['served_batch16_per_query_ms']:.3f} ms; {rf['served_exact_share']:.3f} proven exact.",
+        "",
+        "## Server stages (mean ms)",
+        "",
+        ", ".join(f"{k} {v:.3f}" for k, v in r["stage_mean_ms"].items()),
+        "",
+        "## Loading the bundle (files in the page cache)",
+        "",
+        f"In process: the index read {ld['index_read_s']:.3f} s ({ld['index_mb']:.0f} MB); "
+        f"checksums of every file {ld['checksums_s']:.3f} s; the model opened without them "
+        f"{ld['model_open_s']:.3f} s (index included); the exact head built {ld['exact_head_s']:.3f} s. "
+        f"In a one-worker server (`one2one_bundle_load_duration_seconds`: open, checksums and "
+        f"warm-up) {ld.get('server_bundle_load_s', float('nan')):.3f} s.",
+        "",
+        "## Garbage-collector pauses during the load runs (all workers)",
+        "",
+        "; ".join(
+            f"generation {g}: {pauses.get(f'gc_count_{g}', 0.0):.0f} collections, "
+            f"{1000 * pauses.get(f'gc_seconds_{g}', 0.0):.1f} ms in all"
+            for g in "012"
+        ),
+        "",
+        "## Memory (kB)",
+        "",
+        "```",
+        json.dumps(r["memory"], indent=1),
+        "```",
+        "",
+        f"Build: {r['build_seconds']} s.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,8 @@
-"""Command line of the offline builder: ``python -m index_builder {build,evaluate,experiment-report,fetch-movielens}``."""
+"""Command line of the offline builder.
+
+``python -m index_builder {build,evaluate,experiment-report,fetch-movielens}``.
+"""
+
 from __future__ import annotations
 
 import argparse
@@ -12,15 +16,24 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build and publish a new bundle version; prints its path")
-    b.add_argument("--events", required=True, type=Path, action="append",
-                   help="events file (.csv or .parquet) or a server's event log directory; "
-                        "repeat to combine sources")
+    b.add_argument(
+        "--events",
+        required=True,
+        type=Path,
+        action="append",
+        help="events file (.csv or .parquet) or a server's event log directory; repeat to combine sources",
+    )
     b.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
     b.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
     b.add_argument("--out", required=True, type=Path, help="artifacts directory (versions + CURRENT)")
     b.add_argument("--config", type=Path, help="TOML file overriding build settings")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one build setting (TOML value syntax), e.g. --set factors=32")
+    b.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one build setting (TOML value syntax), e.g. --set factors=32",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("evaluate", help="the ladder report: every rung vs the full pipeline (Markdown + PNG)")
@@ -28,11 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
     e.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
     e.add_argument("--out", required=True, type=Path, help="directory for report.md, ladder.json and the plots")
-    e.add_argument("--protocol", action="append", choices=["last_n", "temporal"],
-                   help="protocol to run (repeatable; default both)")
+    e.add_argument(
+        "--protocol", action="append", choices=["last_n", "temporal"], help="protocol to run (repeatable; default both)"
+    )
     # No defaults here: EvalConfig holds them (an option not given keeps its default).
-    e.add_argument("--holdout", type=int, help="interactions held out per user (last_n; default: the build's rerank_holdout)")
-    e.add_argument("--cutoff-quantile", type=float, help="timestamp quantile of the temporal split (default: the build's rerank_cutoff_quantile)")
+    e.add_argument(
+        "--holdout", type=int, help="interactions held out per user (last_n; default: the build's rerank_holdout)"
+    )
+    e.add_argument(
+        "--cutoff-quantile",
+        type=float,
+        help="timestamp quantile of the temporal split (default: the build's rerank_cutoff_quantile)",
+    )
     e.add_argument("--max-users", type=int, help="evaluate a sample of test users (default: all)")
     e.add_argument("--config", type=Path, help="TOML file overriding build settings")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one build setting")
@@ -40,8 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("experiment-report", help="per-arm conversion rates and lift over control from an event log")
     r.add_argument("--log", required=True, type=Path, help="the server's event log directory")
     r.add_argument("--experiments", type=Path, help="the server's experiments TOML (for each control arm)")
-    r.add_argument("--control", action="append", default=[], metavar="EXPERIMENT=ARM",
-                   help="the control arm of an experiment (overrides --experiments)")
+    r.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="EXPERIMENT=ARM",
+        help="the control arm of an experiment (overrides --experiments)",
+    )
     r.add_argument("--experiment", help="only this experiment")
     r.add_argument("--confidence", type=float, default=0.95, help="confidence of every interval (default 0.95)")
     r.add_argument("--json", action="store_true", help="JSON instead of text tables")
@@ -80,21 +105,34 @@ def main(argv: list[str] | None = None) -> int:
             from index_builder.config import BuildConfig
 
             cfg = BuildConfig.load(args.config, _overrides(args.set))
-            path = build(args.events if len(args.events) > 1 else args.events[0], args.items, args.users, args.out, cfg, show_progress=not args.quiet)
+            path = build(
+                args.events if len(args.events) > 1 else args.events[0],
+                args.items,
+                args.users,
+                args.out,
+                cfg,
+                show_progress=not args.quiet,
+            )
             print(path)
         elif args.command == "experiment-report":
             from index_builder.experiment_report import main as report_main
 
             print(report_main(args.log, args.control, args.confidence, args.experiment, args.json, args.experiments))
         elif args.command == "evaluate":
-            from index_builder.config import BuildConfig
             from index_builder.build import evaluate
+            from index_builder.config import BuildConfig
             from index_builder.evaluate import EvalConfig
 
-            given = {"holdout": args.holdout, "cutoff_quantile": args.cutoff_quantile, "max_users": args.max_users,
-                     "protocols": tuple(args.protocol) if args.protocol else None}
-            ecfg = EvalConfig(**{k: v for k, v in given.items() if v is not None},
-                              build=BuildConfig.load(args.config, _overrides(args.set)))
+            given = {
+                "holdout": args.holdout,
+                "cutoff_quantile": args.cutoff_quantile,
+                "max_users": args.max_users,
+                "protocols": tuple(args.protocol) if args.protocol else None,
+            }
+            ecfg = EvalConfig(
+                **{k: v for k, v in given.items() if v is not None},
+                build=BuildConfig.load(args.config, _overrides(args.set)),
+            )
             if ecfg.holdout < 1 or not 0.0 < ecfg.cutoff_quantile < 1.0:
                 raise ValueError("--holdout must be >= 1 and --cutoff-quantile in (0, 1)")
             evaluate(args.events, args.items, args.users, args.out, ecfg, show_progress=True)

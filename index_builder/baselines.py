@@ -6,6 +6,7 @@ EASE. Segment lists, item-to-item neighbours and ALS factors are read from the
 bundle built on the same training part, so a baseline and the full pipeline
 see the same learned tables.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,9 @@ def popular_scores(pos: sp.csr_matrix) -> np.ndarray:
     return distinct_counts(pos)
 
 
-def recent_popular_scores(u: np.ndarray, i: np.ndarray, ts: np.ndarray, n_users: int, n_items: int,
-                          days: float) -> np.ndarray:
+def recent_popular_scores(
+    u: np.ndarray, i: np.ndarray, ts: np.ndarray, n_users: int, n_items: int, days: float
+) -> np.ndarray:
     """Distinct users per item in the last ``days`` of the training part; all-time counts break ties."""
     recent = ts >= ts.max() - days * DAY
     m = sp.csr_matrix((np.ones(int(recent.sum())), (u[recent], i[recent])), shape=(n_users, n_items))
@@ -49,8 +51,10 @@ def item_to_item_scores(model, history: sp.csr_matrix) -> np.ndarray:
     """Sum of item-to-item similarities (the bundle's neighbour lists) to each user's items."""
     n = model.n_items
     ip = np.asarray(model.bundle.array("covis_indptr"))
-    S = sp.csr_matrix((np.asarray(model.bundle.array("covis_scores"), np.float64),
-                       np.asarray(model.bundle.array("covis_items")), ip), shape=(n, n))
+    S = sp.csr_matrix(
+        (np.asarray(model.bundle.array("covis_scores"), np.float64), np.asarray(model.bundle.array("covis_items")), ip),
+        shape=(n, n),
+    )
     return np.asarray((history @ S).todense())
 
 

@@ -5,6 +5,7 @@ earlier parts (``index_builder.splits``) serve both the reranker's training rows
 and the ladder evaluation; the whole data is fitted last for the published bundle.
 Each step's time is on the progress bar and in the manifest's ``steps``.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -24,8 +25,15 @@ from index_builder.rerank_train import RerankOutcome, attributes_of, train_reran
 from index_builder.splits import Protocol, SplitError, split
 from index_builder.steps import Steps
 from ranking import (
-    DEFAULT_EXACT_HEAD_ITEMS, FEATURE_NAMES, SCHEMA_VERSION, BundleWriter, ExactHead, RankerConfig, ann_search,
-    check_arrays, tree_arrays,
+    DEFAULT_EXACT_HEAD_ITEMS,
+    FEATURE_NAMES,
+    SCHEMA_VERSION,
+    BundleWriter,
+    ExactHead,
+    RankerConfig,
+    ann_search,
+    check_arrays,
+    tree_arrays,
 )
 
 __all__ = ["build", "evaluate", "run_all", "build_index", "read_inputs", "ann_recall", "exact_head_share", "Inputs"]
@@ -46,8 +54,9 @@ def ann_recall(index: faiss.Index, item_factors: np.ndarray, queries: np.ndarray
     return float(np.mean(hits))
 
 
-def exact_head_share(item_factors: np.ndarray, queries: np.ndarray, k: int,
-                     size: int = DEFAULT_EXACT_HEAD_ITEMS) -> float:
+def exact_head_share(
+    item_factors: np.ndarray, queries: np.ndarray, k: int, size: int = DEFAULT_EXACT_HEAD_ITEMS
+) -> float:
     """Share of queries whose exact top-k the server's exact head (the ``size`` largest-norm
     items, ``ranking.retrieval.ExactHead``) proves; the rest are served by the ANN index."""
     if len(queries) == 0 or k == 0:
@@ -61,6 +70,7 @@ def exact_head_share(item_factors: np.ndarray, queries: np.ndarray, k: int,
 # ---------------------------------------------------------------------------
 # The learning steps shared by `build` and `evaluate`
 # ---------------------------------------------------------------------------
+
 
 def _rerank_protocols(cfg: BuildConfig) -> list[Protocol]:
     if not cfg.rerank:
@@ -111,15 +121,19 @@ def _learn(inp: Inputs, cfg: BuildConfig, ladder: EvalConfig | None, steps: Step
 
     outcome = RerankOutcome(None, reason="rerank = false")
     if rerank:
-        usable = [parts[p.key] for p in rerank if isinstance(parts[p.key], PartFit)]
-        failed = [parts[p.key] for p in rerank if isinstance(parts[p.key], str)]
+        usable = [part for p in rerank if isinstance(part := parts[p.key], PartFit)]
+        failed = [part for p in rerank if isinstance(part := parts[p.key], str)]
         attributes = attributes_of(inp.users, usable[0].model) if usable else {}
-        outcome = train_reranker(usable, failed, attributes, cfg, steps)  # type: ignore[arg-type]
+        outcome = train_reranker(usable, failed, attributes, cfg, steps)
         if outcome.trees is None:
             log.warning("no reranker trained (%s); scoring with the linear fallback", outcome.reason)
     if outcome.trees is not None:
-        scoring = {"model": "trees", "features": list(FEATURE_NAMES), "training": outcome.section,
-                   "_trees": outcome.trees}
+        scoring = {
+            "model": "trees",
+            "features": list(FEATURE_NAMES),
+            "training": outcome.section,
+            "_trees": outcome.trees,
+        }
     else:
         scoring = linear_scoring(cfg, outcome.reason, outcome.section if rerank else None)
 
@@ -133,10 +147,14 @@ def _learn(inp: Inputs, cfg: BuildConfig, ladder: EvalConfig | None, steps: Step
                 results["protocols"][p.name] = {"protocol": p.name, "error": part}
                 continue
             results["protocols"][p.name] = _ladder_protocol(part, outcome, scoring, ladder)
-    results["settings"] = {"ks": list(ladder.ks), "cutoff_quantile": ladder.cutoff_quantile,
-                           "holdout": ladder.holdout, "recent_days": ladder.recent_days,
-                           "ease_lambda": ladder.ease_lambda,
-                           "reranker": "cross-fitted: each user scored by the bag that never trained on them"}
+    results["settings"] = {
+        "ks": list(ladder.ks),
+        "cutoff_quantile": ladder.cutoff_quantile,
+        "holdout": ladder.holdout,
+        "recent_days": ladder.recent_days,
+        "ease_lambda": ladder.ease_lambda,
+        "reranker": "cross-fitted: each user scored by the bag that never trained on them",
+    }
     return scoring, results
 
 
@@ -146,8 +164,10 @@ def _ladder_protocol(part: PartFit, outcome: RerankOutcome, scoring: dict, ecfg:
         models, bag_of = [part.fitted.model({k: v for k, v in scoring.items() if k != "_trees"})], None
     else:
         section = {"model": "trees", "features": list(FEATURE_NAMES), "training": outcome.section}
-        models = [part.fitted.model(section, tree_arrays(bag), name=f"the {part.protocol.name} split, bag {b}")
-                  for b, bag in enumerate(outcome.bags)]
+        models = [
+            part.fitted.model(section, tree_arrays(bag), name=f"the {part.protocol.name} split, bag {b}")
+            for b, bag in enumerate(outcome.bags)
+        ]
         bag_of = outcome.bag_of
     try:
         return run_protocol(part, models, bag_of, ecfg)
@@ -159,8 +179,10 @@ def _ladder_protocol(part: PartFit, outcome: RerankOutcome, scoring: dict, ecfg:
 # The two jobs
 # ---------------------------------------------------------------------------
 
-def build(events: Path | list[Path], items: Path, users: Path | None, out: Path, cfg: BuildConfig,
-          show_progress: bool = True) -> Path:
+
+def build(
+    events: Path | list[Path], items: Path, users: Path | None, out: Path, cfg: BuildConfig, show_progress: bool = True
+) -> Path:
     """Build and publish one bundle version under ``out``.
 
     Returns
@@ -177,8 +199,11 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
     """
     t_start = time.perf_counter()
     # The ladder cuts the data where the reranker does, so each split is fitted once for both.
-    ladder = (EvalConfig(cutoff_quantile=cfg.rerank_cutoff_quantile, holdout=cfg.rerank_holdout, build=cfg)
-              if cfg.ladder_report else None)
+    ladder = (
+        EvalConfig(cutoff_quantile=cfg.rerank_cutoff_quantile, holdout=cfg.rerank_holdout, build=cfg)
+        if cfg.ladder_report
+        else None
+    )
     ladder_protocols = [ladder.protocol(n) for n in ladder.protocols] if ladder is not None else []
     _, learn_steps = _plan(_rerank_protocols(cfg), ladder_protocols)
     steps = Steps(["read", *learn_steps, *(f"fit {s}" for s in FIT_STEPS), "ann eval", "write"], show_progress)
@@ -189,8 +214,9 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
         served = fit(inp, cfg, steps, prefix="fit ", show_progress=show_progress)
         with steps.step("ann eval"):
             evaluation = _ann_evaluation(served, cfg)
-        evaluation["ladder"] = (ladder_summary(ladder_results) if ladder_results is not None
-                                else {"skipped": "ladder_report = false"})
+        evaluation["ladder"] = (
+            ladder_summary(ladder_results) if ladder_results is not None else {"skipped": "ladder_report = false"}
+        )
         with steps.step("write"):
             trees = scoring.pop("_trees", None)
             arrays = {**served.arrays, **(tree_arrays(trees) if trees is not None else {})}
@@ -201,7 +227,7 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
                 faiss.write_index(served.index, str(wr.path("index.faiss")))
                 pq.write_table(inp.items, wr.path("items.parquet"))
                 manifest = {
-                    "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                    "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
                     "config": cfg.to_dict(),
                     "inputs": inp.sources,
                     **served.sections,
@@ -216,8 +242,12 @@ def build(events: Path | list[Path], items: Path, users: Path | None, out: Path,
                 path = wr.publish(manifest)
     finally:
         steps.close()
-    log.info("built %s in %.1f s: %s", path, time.perf_counter() - t_start,
-             ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in steps.to_manifest()))
+    log.info(
+        "built %s in %.1f s: %s",
+        path,
+        time.perf_counter() - t_start,
+        ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in steps.to_manifest()),
+    )
     return path
 
 
@@ -229,15 +259,18 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> dict:
     rng = np.random.default_rng(cfg.random_seed)
     sample = rng.choice(with_hist, size=min(cfg.eval_users, len(with_hist)), replace=False)
     k = min(cfg.eval_candidates, len(itf))
-    return {f"ann_recall_at_{k}": ann_recall(served.index, itf, uf[sample], k, rcfg.ann_effort),
-            "ann_eval_users": int(len(sample)),
-            # The server's default exact_head_items, and the share of those users it proves exact.
-            "exact_head_items": rcfg.exact_head_items,
-            "exact_head_share": exact_head_share(itf, uf[sample], k, rcfg.exact_head_items)}
+    return {
+        f"ann_recall_at_{k}": ann_recall(served.index, itf, uf[sample], k, rcfg.ann_effort),
+        "ann_eval_users": len(sample),
+        # The server's default exact_head_items, and the share of those users it proves exact.
+        "exact_head_items": rcfg.exact_head_items,
+        "exact_head_share": exact_head_share(itf, uf[sample], k, rcfg.exact_head_items),
+    }
 
 
-def evaluate(events: Path, items: Path, users: Path | None, out: Path, ecfg: EvalConfig,
-             show_progress: bool = False) -> dict:
+def evaluate(
+    events: Path, items: Path, users: Path | None, out: Path, ecfg: EvalConfig, show_progress: bool = False
+) -> dict:
     """Run every protocol and write the ladder report (Markdown, PNG plots, JSON) under ``out``.
 
     Returns
@@ -274,6 +307,9 @@ def run_all(events: Path, items: Path, users: Path | None, ecfg: EvalConfig, sho
     finally:
         steps.close()
     assert results is not None
-    return {"inputs": inp.sources, "profile": data_profile(inp.events, inp.items, ecfg.build),
-            **results, "steps": steps.to_manifest()}
-
+    return {
+        "inputs": inp.sources,
+        "profile": data_profile(inp.events, inp.items, ecfg.build),
+        **results,
+        "steps": steps.to_manifest(),
+    }

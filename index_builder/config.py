@@ -1,4 +1,5 @@
 """The builder's one typed configuration: every default written down once, overridable from TOML."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,19 +27,34 @@ class BuildConfig:
     the item down for that user.
     """
 
-    event_weights: dict[str, float] = field(default_factory=lambda: {
-        "view": 1.0, "click": 2.0, "add_to_cart": 4.0, "purchase": 8.0, "rating": 6.0, "skip": -1.0,
-        "dislike": -1.0,
-    }, metadata={"help": "weight of an event by its type (view < click < add_to_cart < purchase; a negative "
-                         "weight pushes the item down for that user)"})
-    value_event_types: list[str] = field(default_factory=lambda: ["rating"], metadata={
-        "help": "event types whose weight is multiplied by `value / value_scale` (ratings)"})
+    event_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 2.0,
+            "add_to_cart": 4.0,
+            "purchase": 8.0,
+            "rating": 6.0,
+            "skip": -1.0,
+            "dislike": -1.0,
+        },
+        metadata={
+            "help": "weight of an event by its type (view < click < add_to_cart < purchase; a negative "
+            "weight pushes the item down for that user)"
+        },
+    )
+    value_event_types: list[str] = field(
+        default_factory=lambda: ["rating"],
+        metadata={"help": "event types whose weight is multiplied by `value / value_scale` (ratings)"},
+    )
     value_scale: float = _setting(5.0, "divides the `value` of a `value_event_types` event")
     default_event_weight: float = _setting(1.0, "weight of an event type `event_weights` does not list")
-    consumed_event_types: list[str] = field(default_factory=lambda: ["purchase", "rating"], metadata={
-        "help": "event types after which an item is consumed: never offered to that user again"})
-    half_life_days: float = _setting(120.0, "time decay: an event's weight halves every this many days before "
-                                     "the data's end")
+    consumed_event_types: list[str] = field(
+        default_factory=lambda: ["purchase", "rating"],
+        metadata={"help": "event types after which an item is consumed: never offered to that user again"},
+    )
+    half_life_days: float = _setting(
+        120.0, "time decay: an event's weight halves every this many days before the data's end"
+    )
     recent_days: float = _setting(30.0, "window of the recent-popularity list and feature")
 
     factors: int = _setting(64, "ALS embedding dimensions")
@@ -50,58 +66,73 @@ class BuildConfig:
     index_type: str = _setting("HNSW32,Flat", "FAISS index factory string of the inner-product item index")
     hnsw_ef_construction: int = _setting(80, "HNSW efConstruction (build-time search effort)")
 
-    segment_columns: list[str] = field(default_factory=list, metadata={
-        "help": "users-file columns that define segments; empty: chosen automatically (below)"})
-    numeric_band_width: float = _setting(10.0, "width of the bands a numeric user column is cut into "
-                                         "(age: decades)")
+    segment_columns: list[str] = field(
+        default_factory=list,
+        metadata={"help": "users-file columns that define segments; empty: chosen automatically (below)"},
+    )
+    numeric_band_width: float = _setting(10.0, "width of the bands a numeric user column is cut into (age: decades)")
     max_segment_columns: int = _setting(2, "columns chosen automatically when `segment_columns` is empty")
     max_segment_cardinality: int = _setting(30, "a column qualifies automatically with 2 to this many values")
     min_segment_users: int = _setting(5, "segments with fewer users are dropped")
     segment_top_items: int = _setting(500, "items kept in each segment's popularity list")
     popular_top_items: int = _setting(1000, "items kept in the popular and recent-popular lists")
 
-    on_bad_row: str = _setting("error", "`error`: a malformed row stops the build; `skip`: dropped and counted "
-                               "(up to `max_bad_fraction`)")
-    max_bad_fraction: float = _setting(0.01, "with `on_bad_row = \"skip\"`, the build stops above this share "
-                                       "of bad rows")
+    on_bad_row: str = _setting(
+        "error", "`error`: a malformed row stops the build; `skip`: dropped and counted (up to `max_bad_fraction`)"
+    )
+    max_bad_fraction: float = _setting(0.01, 'with `on_bad_row = "skip"`, the build stops above this share of bad rows')
 
-    scoring_weights: dict[str, float] = field(default_factory=lambda: {
-        "retrieval": 1.0, "popularity": 0.25, "recent_popularity": 0.1, "segment_popularity": 0.5,
-    }, metadata={"help": "weights of the linear fallback scorer, used when no reranker is trained"})
+    scoring_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "retrieval": 1.0,
+            "popularity": 0.25,
+            "recent_popularity": 0.1,
+            "segment_popularity": 0.5,
+        },
+        metadata={"help": "weights of the linear fallback scorer, used when no reranker is trained"},
+    )
 
     # Reranker features (ranking.features) and the learned reranker (index_builder.rerank_train).
-    lifecycle_new_events: int = _setting(10, "a user with fewer events (and a shorter tenure than "
-                                         "`lifecycle_established_days`) is new (`user_stage` 0)")
-    lifecycle_established_events: int = _setting(50, "a user with at least this many events is established "
-                                                 "(`user_stage` 2)")
+    lifecycle_new_events: int = _setting(
+        10, "a user with fewer events (and a shorter tenure than `lifecycle_established_days`) is new (`user_stage` 0)"
+    )
+    lifecycle_established_events: int = _setting(
+        50, "a user with at least this many events is established (`user_stage` 2)"
+    )
     lifecycle_established_days: float = _setting(90.0, "a user with at least this tenure is established")
-    recent_items_per_user: int = _setting(20, "a user's latest items kept for the item-to-item features "
-                                          "and candidates")
+    recent_items_per_user: int = _setting(20, "a user's latest items kept for the item-to-item features and candidates")
     covis_neighbours: int = _setting(50, "item-to-item neighbours kept per item")
-    covis_shrink: float = _setting(10.0, "shrinkage of the item-to-item cosine (damps pairs seen together "
-                                   "rarely)")
+    covis_shrink: float = _setting(10.0, "shrinkage of the item-to-item cosine (damps pairs seen together rarely)")
     ease_max_items: int = _setting(5000, "EASE weights are built only for catalogs up to this size")
     ease_lambda: float = _setting(300.0, "EASE L2 regularization")
     # Events' channel/device/region: values kept per field (the most frequent; the rest are "other"),
     # and a switch that builds no context tables (their features are then NaN), to measure what they add.
-    context_vocabulary: int = _setting(16, "values of each context field (channel, device, region) with their "
-                                       "own column, the most frequent among positive events; the rest "
-                                       "share \"other\"")
-    context_features: bool = _setting(True, "build the context tables (false: their features are NaN, to "
-                                      "measure what context adds)")
+    context_vocabulary: int = _setting(
+        16,
+        "values of each context field (channel, device, region) with their "
+        "own column, the most frequent among positive events; the rest "
+        'share "other"',
+    )
+    context_features: bool = _setting(
+        True, "build the context tables (false: their features are NaN, to measure what context adds)"
+    )
     rerank: bool = _setting(True, "train the learned reranker (false: the linear fallback scorer)")
     rerank_split: str = _setting("both", "training splits: `temporal`, `last_n` or `both`")
     rerank_holdout: int = _setting(10, "positives held out per user by the `last_n` split")
     rerank_temporal_share: float = _setting(0.5, "weight of the temporal split's queries in training")
     rerank_cutoff_quantile: float = _setting(0.8, "timestamp quantile where the temporal split cuts")
-    rerank_session_share: float = _setting(0.4, "share of training queries that replay the first later items "
-                                           "as a session")
-    rerank_cold_share: float = _setting(0.15, "share of training queries asked as a cold visitor known only "
-                                        "by segment attributes")
-    rerank_min_groups: int = _setting(20, "fewer training queries with a positive among their candidates: "
-                                      "no reranker (the linear fallback, with the reason)")
-    rerank_max_queries: int = _setting(20_000, "training queries per split at most (a random sample of users "
-                                       "beyond)")
+    rerank_session_share: float = _setting(
+        0.4, "share of training queries that replay the first later items as a session"
+    )
+    rerank_cold_share: float = _setting(
+        0.15, "share of training queries asked as a cold visitor known only by segment attributes"
+    )
+    rerank_min_groups: int = _setting(
+        20,
+        "fewer training queries with a positive among their candidates: "
+        "no reranker (the linear fallback, with the reason)",
+    )
+    rerank_max_queries: int = _setting(20_000, "training queries per split at most (a random sample of users beyond)")
     rerank_trees: int = _setting(300, "LightGBM boosting rounds at most (early stopping picks fewer)")
     rerank_leaves: int = _setting(31, "LightGBM `num_leaves`")
     rerank_learning_rate: float = _setting(0.05, "LightGBM learning rate")
@@ -115,11 +146,12 @@ class BuildConfig:
 
     eval_users: int = _setting(2000, "users sampled to measure ANN recall and the exact head's share")
     # Recall is measured at the number of candidates the server retrieves.
-    eval_candidates: int = _setting(RankerConfig.n_candidates, "candidates the ANN recall is measured at (the "
-                                    "pipeline's `n_candidates`)")
+    eval_candidates: int = _setting(
+        RankerConfig.n_candidates, "candidates the ANN recall is measured at (the pipeline's `n_candidates`)"
+    )
 
     @classmethod
-    def load(cls, path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> "BuildConfig":
+    def load(cls, path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> BuildConfig:
         """Defaults, then the TOML file's ``[build]`` table (or top level), then ``overrides``.
 
         Raises
@@ -137,15 +169,19 @@ class BuildConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             where = f" in {path}" if path else ""
-            raise ValueError(f"unknown build setting(s){where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown build setting(s){where}: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         cfg = cls()
         for k, v in values.items():
             default = getattr(cfg, k)
             if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
                 v = float(v)
             if type(default) is not type(v):
-                raise ValueError(f"build setting {k!r}{' in ' + str(path) if path else ''} must be "
-                                 f"{type(default).__name__}, got {type(v).__name__} {v!r}")
+                raise ValueError(
+                    f"build setting {k!r}{' in ' + str(path) if path else ''} must be "
+                    f"{type(default).__name__}, got {type(v).__name__} {v!r}"
+                )
             setattr(cfg, k, v)
         cfg.validate()
         return cfg

@@ -7,11 +7,12 @@ user scored by the reranker bag that never trained on them, and the lower rungs
 (``index_builder.baselines``) score from the same training part. Items a user
 touched in training are never counted as hits.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +49,6 @@ class EvalConfig:
     seed: int = BuildConfig.random_seed
     build: BuildConfig = field(default_factory=BuildConfig)
 
-
     def protocol(self, name: str) -> Protocol:
         return Protocol(name, self.cutoff_quantile, self.holdout)
 
@@ -56,6 +56,7 @@ class EvalConfig:
 # ---------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------
+
 
 def user_metrics(recs: np.ndarray, truth: set, k: int) -> tuple[float, float, float]:
     """(recall@k, NDCG@k, AP@k) of one ranked list against a non-empty truth set."""
@@ -70,8 +71,15 @@ def user_metrics(recs: np.ndarray, truth: set, k: int) -> tuple[float, float, fl
     return float(recall), ndcg, ap
 
 
-def summarise(recs: dict[int, np.ndarray], truth: dict[int, set], users: list[int], ks, n_items: int,
-              item_users: np.ndarray, n_train_users: int) -> dict:
+def summarise(
+    recs: dict[int, np.ndarray],
+    truth: dict[int, set],
+    users: list[int],
+    ks,
+    n_items: int,
+    item_users: np.ndarray,
+    n_train_users: int,
+) -> dict:
     """Mean metrics over ``users`` at every k, plus coverage and novelty."""
     out = {}
     for k in ks:
@@ -93,12 +101,13 @@ def summarise(recs: dict[int, np.ndarray], truth: dict[int, set], users: list[in
 # One protocol
 # ---------------------------------------------------------------------------
 
+
 def _topk(scores: np.ndarray, exclude: sp.csr_matrix, rows: np.ndarray, k: int) -> list[np.ndarray]:
     out = []
     for j, r in enumerate(rows):
         s = scores[j].astype(np.float64, copy=True)
         if r >= 0:
-            s[exclude.indices[exclude.indptr[r]:exclude.indptr[r + 1]]] = -np.inf
+            s[exclude.indices[exclude.indptr[r] : exclude.indptr[r + 1]]] = -np.inf
         k_eff = min(k, len(s))
         part = np.argpartition(-s, k_eff - 1)[:k_eff]
         part = part[np.lexsort((part, -s[part]))]
@@ -106,8 +115,9 @@ def _topk(scores: np.ndarray, exclude: sp.csr_matrix, rows: np.ndarray, k: int) 
     return out
 
 
-def run_protocol(part: PartFit, models: list[RankingModel],
-                 bag_of: Callable[[list[str]], np.ndarray] | None, ecfg: EvalConfig) -> dict:
+def run_protocol(
+    part: PartFit, models: list[RankingModel], bag_of: Callable[[list[str]], np.ndarray] | None, ecfg: EvalConfig
+) -> dict:
     """Rank every test user of one protocol with each rung, and measure.
 
     Parameters
@@ -165,7 +175,11 @@ def run_protocol(part: PartFit, models: list[RankingModel],
         if it < 0:
             continue
         r = model.users.row(uid)
-        if r >= 0 and seen.indptr[r + 1] > seen.indptr[r] and it in set(seen.indices[seen.indptr[r]:seen.indptr[r + 1]]):
+        if (
+            r >= 0
+            and seen.indptr[r + 1] > seen.indptr[r]
+            and it in set(seen.indices[seen.indptr[r] : seen.indptr[r + 1]])
+        ):
             continue
         truth.setdefault(uid, set()).add(int(it))
         first_time.setdefault(uid, int(t))
@@ -181,8 +195,9 @@ def run_protocol(part: PartFit, models: list[RankingModel],
         pick = np.sort(rng.choice(len(test_users), ecfg.max_users, replace=False))
         test_users, bags = [test_users[j] for j in pick], bags[pick]
     if not test_users:
-        raise SplitError(f"protocol {protocol}: no test user has a positive event on an item "
-                              "they had not already seen in training")
+        raise SplitError(
+            f"protocol {protocol}: no test user has a positive event on an item they had not already seen in training"
+        )
     urows = np.array([model.users.row(u) for u in test_users], np.int64)
     kmax = max(ecfg.ks)
 
@@ -194,15 +209,15 @@ def run_protocol(part: PartFit, models: list[RankingModel],
     hist = pos[safe].multiply((urows >= 0)[:, None]).tocsr()
     lists: dict[str, list[np.ndarray]] = {r: [] for r in RUNGS}
     for lo in range(0, len(urows), 256):
-        rr = urows[lo:lo + 256]
-        h = hist[lo:lo + 256]
+        rr = urows[lo : lo + 256]
+        h = hist[lo : lo + 256]
         n = len(rr)
         lists["POPULAR"] += _topk(np.tile(pop, (n, 1)), seen, rr, kmax)
         lists["POPULAR_RECENT"] += _topk(np.tile(recent, (n, 1)), seen, rr, kmax)
         lists["SEGMENT"] += _topk(bl.segment_scores(model, rr, pop), seen, rr, kmax)
         i2i = bl.item_to_item_scores(model, h) + 1e-9 * pop
         lists["ITEM_TO_ITEM"] += _topk(i2i, seen, rr, kmax)
-        als = bl.als_scores(model, safe[lo:lo + 256])
+        als = bl.als_scores(model, safe[lo : lo + 256])
         als[rr < 0] = pop / max(pop.max(), 1.0)
         lists["ALS"] += _topk(als, seen, rr, kmax)
         if B is not None:
@@ -213,8 +228,16 @@ def run_protocol(part: PartFit, models: list[RankingModel],
     served_rungs = []
     context = context_of(te_pos, [first_row[u] for u in test_users])
     for j, uid in enumerate(test_users):
-        res = rankers[bags[j]].rank(RankQuery(user_id=uid, num_results=kmax, event_time=float(first_time[uid]),
-                                    **{f: values[j] for f, values in context.items()}))
+        res = rankers[bags[j]].rank(
+            RankQuery(
+                user_id=uid,
+                num_results=kmax,
+                event_time=float(first_time[uid]),
+                channel=context["channel"][j],
+                device=context["device"][j],
+                region=context["region"][j],
+            )
+        )
         lists["ONE2ONE"].append(model.items.lookup(res.item_ids).astype(np.int64))
         served_rungs.append(res.rung.name)
     rungs = [r for r in RUNGS if len(lists[r]) == len(test_users)]
@@ -224,28 +247,46 @@ def run_protocol(part: PartFit, models: list[RankingModel],
     stage_names = np.array(["new", "developing", "established"])
     stages = np.where(has_hist, stage_names[stage_arr[np.maximum(urows, 0)].clip(0, 2)], "cold")
     seg_known = np.array([r >= 0 and model.user_segment[r] >= 0 for r in urows])
-    groups = {"all": np.arange(len(test_users)), "warm": np.flatnonzero(has_hist),
-              "cold": np.flatnonzero(~has_hist), "cold_with_segment": np.flatnonzero(~has_hist & seg_known)}
+    groups = {
+        "all": np.arange(len(test_users)),
+        "warm": np.flatnonzero(has_hist),
+        "cold": np.flatnonzero(~has_hist),
+        "cold_with_segment": np.flatnonzero(~has_hist & seg_known),
+    }
     for s in ("new", "developing", "established"):
         groups[s] = np.flatnonzero(stages == s)
     item_users = bl.distinct_counts(pos)
     n_train_users = int((np.diff(pos.indptr) > 0).sum())
     idx_truth = {j: truth[u] for j, u in enumerate(test_users)}
-    result = {"protocol": protocol, "n_train_events": train.num_rows, "n_test_events": test.num_rows,
-              "n_test_users": len(test_users), "rungs": rungs, "groups": {}, "group_sizes": {},
-              "served_rungs": {r: served_rungs.count(r) for r in sorted(set(served_rungs))},
-              "requests_with_context": {f: sum(1 for v in values if v) for f, values in context.items()},
-              "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
-              "scoring_model": model.manifest["scoring"]["model"]}
+    result = {
+        "protocol": protocol,
+        "n_train_events": train.num_rows,
+        "n_test_events": test.num_rows,
+        "n_test_users": len(test_users),
+        "rungs": rungs,
+        "groups": {},
+        "group_sizes": {},
+        "served_rungs": {r: served_rungs.count(r) for r in sorted(set(served_rungs))},
+        "requests_with_context": {f: sum(1 for v in values if v) for f, values in context.items()},
+        "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
+        "scoring_model": model.manifest["scoring"]["model"],
+    }
     if B is None:
         result["ease_skipped"] = f"the catalog has {n_items} items, more than {bl.EASE_MAX_ITEMS}"
     for g, members in groups.items():
-        result["group_sizes"][g] = int(len(members))
+        result["group_sizes"][g] = len(members)
         if len(members) == 0:
             continue
         result["groups"][g] = {
-            r: summarise({int(j): np.asarray(lists[r][j]) for j in members}, idx_truth, [int(j) for j in members],
-                         ecfg.ks, n_items, item_users, n_train_users)
+            r: summarise(
+                {int(j): np.asarray(lists[r][j]) for j in members},
+                idx_truth,
+                [int(j) for j in members],
+                ecfg.ks,
+                n_items,
+                item_users,
+                n_train_users,
+            )
             for r in rungs
         }
     return result
@@ -258,6 +299,10 @@ def ladder_summary(results: dict, k: int = 10) -> dict:
         if "error" in p:
             out[name] = {"error": p["error"]}
             continue
-        out[name] = {"test_users": p["group_sizes"], f"ndcg_at_{k}": {
-            g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()}}
+        out[name] = {
+            "test_users": p["group_sizes"],
+            f"ndcg_at_{k}": {
+                g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()
+            },
+        }
     return out

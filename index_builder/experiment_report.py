@@ -9,6 +9,7 @@ interval); revenue per impression (normal interval); and for every arm but the
 control the relative lift over the control, ``rate_arm / rate_control - 1``, with
 the log-ratio (Katz) interval for rates and the delta-method interval for revenue.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,22 +87,24 @@ def collect(log_dir: Path | str) -> tuple[dict[tuple[str, str], ArmCounts], int]
     for _, rec in read_all(log_dir):
         kind = rec.get("kind")
         if kind == "event" and rec.get("request_id") and rec.get("event_type") in OUTCOMES:
-            key = owner.get(rec["request_id"])
-            if key is None:
+            owned = owner.get(rec["request_id"])
+            if owned is None:
                 unattributed += 1
                 continue
-            c = arms[key]
+            c = arms[owned]
             t = rec["event_type"]
             c.events[t] += 1
             c.converted[t].add(rec["request_id"])
             if t == "purchase":
-                c.revenue_by_request[rec["request_id"]] = \
-                    c.revenue_by_request.get(rec["request_id"], 0.0) + float(rec.get("value", 0.0))
+                c.revenue_by_request[rec["request_id"]] = c.revenue_by_request.get(rec["request_id"], 0.0) + float(
+                    rec.get("value", 0.0)
+                )
     return arms, unattributed
 
 
-def report(log_dir: Path | str, controls: dict[str, str] | None = None, confidence: float = 0.95,
-           experiment: str | None = None) -> dict:
+def report(
+    log_dir: Path | str, controls: dict[str, str] | None = None, confidence: float = 0.95, experiment: str | None = None
+) -> dict:
     """The report as a JSON-able dict.
 
     Parameters
@@ -130,7 +133,13 @@ def report(log_dir: Path | str, controls: dict[str, str] | None = None, confiden
     if not arms:
         what = f"experiment {experiment!r}" if experiment else "any experiment"
         raise ValueError(f"{log_dir}: no impression of {what} in the event log")
-    out = {"log": str(log_dir), "confidence": confidence, "unattributed_events": unattributed, "experiments": {}}
+    experiments: dict[str, dict] = {}
+    out = {
+        "log": str(log_dir),
+        "confidence": confidence,
+        "unattributed_events": unattributed,
+        "experiments": experiments,
+    }
     for exp in dict.fromkeys(k[0] for k in arms):
         names = [a for e, a in arms if e == exp]
         control = (controls or {}).get(exp) or ("control" if "control" in names else names[0])
@@ -141,9 +150,16 @@ def report(log_dir: Path | str, controls: dict[str, str] | None = None, confiden
         for name in names:
             a = arms[(exp, name)]
             n = a.impressions
-            row = {"arm": name, "control": name == control, "impressions": n, "users": len(a.users),
-                   "clicks": a.events["click"], "add_to_carts": a.events["add_to_cart"],
-                   "purchases": a.events["purchase"], "revenue": round(sum(a.revenue_by_request.values()), 6)}
+            row = {
+                "arm": name,
+                "control": name == control,
+                "impressions": n,
+                "users": len(a.users),
+                "clicks": a.events["click"],
+                "add_to_carts": a.events["add_to_cart"],
+                "purchases": a.events["purchase"],
+                "revenue": round(sum(a.revenue_by_request.values()), 6),
+            }
             for t in OUTCOMES:
                 x = len(a.converted[t])
                 lo, hi = wilson(x, n, z)
@@ -157,10 +173,13 @@ def report(log_dir: Path | str, controls: dict[str, str] | None = None, confiden
                 mc, _, _, var_c = mean_ci(list(c.revenue_by_request.values()), c.impressions, z)
                 if m > 0 and mc > 0:
                     se = math.sqrt(var / (n * m * m) + var_c / (c.impressions * mc * mc))
-                    row["revenue_lift"] = {"value": m / mc - 1, "low": math.exp(math.log(m / mc) - z * se) - 1,
-                                           "high": math.exp(math.log(m / mc) + z * se) - 1}
+                    row["revenue_lift"] = {
+                        "value": m / mc - 1,
+                        "low": math.exp(math.log(m / mc) - z * se) - 1,
+                        "high": math.exp(math.log(m / mc) + z * se) - 1,
+                    }
             rows.append(row)
-        out["experiments"][exp] = {"control": control, "arms": rows}
+        experiments[exp] = {"control": control, "arms": rows}
     return out
 
 
@@ -178,27 +197,58 @@ def _rate(d: dict) -> str:
 
 def format_text(rep: dict) -> str:
     """The report as aligned text tables, one per experiment."""
-    lines = [f"event log {rep['log']}; intervals at {100 * rep['confidence']:.0f}%; "
-             f"{rep['unattributed_events']} attributed-looking events had no logged impression"]
+    lines = [
+        f"event log {rep['log']}; intervals at {100 * rep['confidence']:.0f}%; "
+        f"{rep['unattributed_events']} attributed-looking events had no logged impression"
+    ]
     for exp, e in rep["experiments"].items():
         lines.append(f"\nexperiment {exp} (control: {e['control']})")
-        head = ["arm", "impressions", "users", "clicks", "carts", "purchases", "revenue",
-                "purchase rate", "purchase lift", "click rate", "click lift", "revenue/impr. lift"]
+        head = [
+            "arm",
+            "impressions",
+            "users",
+            "clicks",
+            "carts",
+            "purchases",
+            "revenue",
+            "purchase rate",
+            "purchase lift",
+            "click rate",
+            "click lift",
+            "revenue/impr. lift",
+        ]
         table = [head]
         for r in e["arms"]:
-            table.append([r["arm"] + (" *" if r["control"] else ""), str(r["impressions"]), str(r["users"]),
-                          str(r["clicks"]), str(r["add_to_carts"]), str(r["purchases"]), f"{r['revenue']:.2f}",
-                          _rate(r["purchase_rate"]), _pct(r.get("purchase_lift")) if not r["control"] else "-",
-                          _rate(r["click_rate"]), _pct(r.get("click_lift")) if not r["control"] else "-",
-                          _pct(r.get("revenue_lift")) if not r["control"] else "-"])
+            table.append(
+                [
+                    r["arm"] + (" *" if r["control"] else ""),
+                    str(r["impressions"]),
+                    str(r["users"]),
+                    str(r["clicks"]),
+                    str(r["add_to_carts"]),
+                    str(r["purchases"]),
+                    f"{r['revenue']:.2f}",
+                    _rate(r["purchase_rate"]),
+                    _pct(r.get("purchase_lift")) if not r["control"] else "-",
+                    _rate(r["click_rate"]),
+                    _pct(r.get("click_lift")) if not r["control"] else "-",
+                    _pct(r.get("revenue_lift")) if not r["control"] else "-",
+                ]
+            )
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
         for row in table:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
 
 
-def main(log_dir: Path, controls: list[str], confidence: float, experiment: str | None, as_json: bool,
-         experiments_file: Path | None = None) -> str:
+def main(
+    log_dir: Path,
+    controls: list[str],
+    confidence: float,
+    experiment: str | None,
+    as_json: bool,
+    experiments_file: Path | None = None,
+) -> str:
     """The CLI's output for ``python -m index_builder experiment-report``."""
     parsed = {}
     if experiments_file is not None:
@@ -216,4 +266,3 @@ def main(log_dir: Path, controls: list[str], confidence: float, experiment: str 
         parsed[exp] = arm
     rep = report(log_dir, parsed, confidence, experiment)
     return json.dumps(rep, indent=2) if as_json else format_text(rep)
-

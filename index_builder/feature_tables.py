@@ -5,6 +5,7 @@ per-user activity, category shares, price level, recent items, touched items,
 the item-to-item (co-visitation cosine) neighbour lists, and per context field
 (channel, device, region) a small vocabulary with item lifts and user shares.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,15 @@ import scipy.sparse as sp
 
 from index_builder.config import BuildConfig
 from index_builder.tables import top_rows
-from ranking.pipeline.features import CONTEXT_FIELDS, DAY, DAYS_OF_WEEK, HOUR_BLOCKS, KEY_SHIFT, WINDOW_DAYS, window_counts_at
+from ranking.pipeline.features import (
+    CONTEXT_FIELDS,
+    DAY,
+    DAYS_OF_WEEK,
+    HOUR_BLOCKS,
+    KEY_SHIFT,
+    WINDOW_DAYS,
+    window_counts_at,
+)
 
 
 def _hour_block(ts: np.ndarray) -> np.ndarray:
@@ -35,8 +44,9 @@ def _lift(rows: np.ndarray, bucket: np.ndarray, n_rows: int, n_buckets: int) -> 
     return (share / overall).astype(np.float32)
 
 
-def context_codes(column: pa.ChunkedArray | pa.Array, positive: np.ndarray,
-                  cap: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def context_codes(
+    column: pa.ChunkedArray | pa.Array, positive: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """A context column's vocabulary and every event's code in it.
 
     Parameters
@@ -74,7 +84,7 @@ def context_codes(column: pa.ChunkedArray | pa.Array, positive: np.ndarray,
     has_other = len(ranked) > cap
     mapping = np.full(len(names) + 1, -1, np.int16)  # the extra last slot maps the null index -1
     if has_other:
-        mapping[:len(names)] = len(keep)
+        mapping[: len(names)] = len(keep)
     mapping[keep] = np.arange(len(keep), dtype=np.int16)
     return mapping[idx], names[keep], has_other
 
@@ -85,12 +95,14 @@ def context_of(events: pa.Table, rows: list[int]) -> dict[str, list[str]]:
     Only the given rows become Python strings.
     """
     take = pa.array(rows, pa.int64())
-    return {f: [v or "" for v in pc.take(events[f], take).to_pylist()]
-            for f in CONTEXT_FIELDS if f in events.column_names}
+    return {
+        f: [v or "" for v in pc.take(events[f], take).to_pylist()] for f in CONTEXT_FIELDS if f in events.column_names
+    }
 
 
-def context_tables(u: np.ndarray, i: np.ndarray, positive: np.ndarray, codes: dict[str, tuple],
-                   n_users: int, n_items: int) -> dict[str, np.ndarray]:
+def context_tables(
+    u: np.ndarray, i: np.ndarray, positive: np.ndarray, codes: dict[str, tuple], n_users: int, n_items: int
+) -> dict[str, np.ndarray]:
     """Per context field: its vocabulary, each item's lift and each user's share per value.
 
     Parameters
@@ -157,13 +169,28 @@ def covisitation(pos: sp.csr_matrix, top_n: int, shrink: float) -> tuple[np.ndar
         items.append(cols[top])
         scores.append(vals[top])
         indptr.append(indptr[-1] + len(top))
-    return (np.asarray(indptr, np.int64), np.concatenate(items).astype(np.int32) if items else np.zeros(0, np.int32),
-            np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32))
+    return (
+        np.asarray(indptr, np.int64),
+        np.concatenate(items).astype(np.int32) if items else np.zeros(0, np.int32),
+        np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32),
+    )
 
 
-def feature_tables(u: np.ndarray, i: np.ndarray, ts: np.ndarray, positive: np.ndarray, consumed: np.ndarray,
-                   n_users: int, n_items: int, cat_indptr: np.ndarray, cat_ids: np.ndarray, n_categories: int,
-                   prices: np.ndarray, recent_pop: np.ndarray, cfg: BuildConfig) -> dict[str, np.ndarray]:
+def feature_tables(
+    u: np.ndarray,
+    i: np.ndarray,
+    ts: np.ndarray,
+    positive: np.ndarray,
+    consumed: np.ndarray,
+    n_users: int,
+    n_items: int,
+    cat_indptr: np.ndarray,
+    cat_ids: np.ndarray,
+    n_categories: int,
+    prices: np.ndarray,
+    recent_pop: np.ndarray,
+    cfg: BuildConfig,
+) -> dict[str, np.ndarray]:
     """Every feature table, as bundle arrays by name.
 
     Parameters
@@ -237,7 +264,7 @@ def feature_tables(u: np.ndarray, i: np.ndarray, ts: np.ndarray, positive: np.nd
     indptr, items = [0], []
     bounds = np.searchsorted(su, np.arange(n_users + 1))
     for r in range(n_users):
-        seq = si[bounds[r]:bounds[r + 1]][::-1]
+        seq = si[bounds[r] : bounds[r + 1]][::-1]
         _, first_pos = np.unique(seq, return_index=True)
         last = seq[np.sort(first_pos)][: cfg.recent_items_per_user][::-1]
         items.append(last)
@@ -254,7 +281,8 @@ def feature_tables(u: np.ndarray, i: np.ndarray, ts: np.ndarray, positive: np.nd
     pos = sp.csr_matrix((np.ones(len(up), np.float32), (up, ip)), shape=(n_users, n_items))
     pos.sum_duplicates()
     out["covis_indptr"], out["covis_items"], out["covis_scores"] = covisitation(
-        pos, cfg.covis_neighbours, cfg.covis_shrink)
+        pos, cfg.covis_neighbours, cfg.covis_shrink
+    )
     out["recent_popular_items"] = top_rows(recent_pop, cfg.popular_top_items)
     out["ease_weights"] = ease(pos, cfg.ease_lambda) if n_items <= cfg.ease_max_items else np.zeros((0, 0), np.float32)
     return out

@@ -4,6 +4,7 @@ No reranker, no evaluation, no publishing: :mod:`index_builder.build` orchestrat
 those and fits each part of the data exactly once, serving the fitted arrays to the
 reranker's training and to the ladder through :class:`ranking.bundle.MemoryBundle`.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -25,8 +26,14 @@ from index_builder.feature_tables import context_codes, context_tables, feature_
 from index_builder.splits import Protocol
 from index_builder.steps import Steps
 from index_builder.tables import (
-    choose_scheme, consumed_csr, distinct_user_counts, item_categories, item_prices, log_scaled,
-    segment_tables, top_rows,
+    choose_scheme,
+    consumed_csr,
+    distinct_user_counts,
+    item_categories,
+    item_prices,
+    log_scaled,
+    segment_tables,
+    top_rows,
 )
 from index_builder.train import DAY, confidence_matrix, event_weights, train_als
 from ranking import CONTEXT_FIELDS, FEATURES, MemoryBundle, RankingModel, item_gram
@@ -46,7 +53,7 @@ class Inputs:
     skipped: dict
     sources: dict[str, Any] = field(default_factory=dict)
 
-    def with_events(self, events: pa.Table) -> "Inputs":
+    def with_events(self, events: pa.Table) -> Inputs:
         """The same catalogue and users with another part of the events (a protocol's split)."""
         return Inputs(events, self.items, self.users, self.skipped, self.sources)
 
@@ -67,8 +74,11 @@ def read_inputs(events: Path | list[Path], items: Path, users: Path | None, cfg:
     skipped = {"events": ev_rep, "items": it_rep.to_dict()}
     if us_rep is not None:
         skipped["users"] = us_rep.to_dict()
-    names = {"events": [str(p) for p in events] if isinstance(events, list) else str(events),
-             "items": str(items), "users": str(users) if users else None}
+    names = {
+        "events": [str(p) for p in events] if isinstance(events, list) else str(events),
+        "items": str(items),
+        "users": str(users) if users else None,
+    }
     return Inputs(ev, it, us, skipped, names)
 
 
@@ -101,8 +111,13 @@ def linear_scoring(cfg: BuildConfig, reason: str, training: dict | None = None) 
     fallback: dict[str, Any] = {"reason": reason}
     if training is not None:
         fallback["training"] = training
-    return {"model": "linear", "features": list(FEATURES), "weights": [float(sw.get(f, 0.0)) for f in FEATURES],
-            "bias": 0.0, "fallback": fallback}
+    return {
+        "model": "linear",
+        "features": list(FEATURES),
+        "weights": [float(sw.get(f, 0.0)) for f in FEATURES],
+        "bias": 0.0,
+        "fallback": fallback,
+    }
 
 
 @dataclass
@@ -114,8 +129,9 @@ class Fitted:
     sections: dict[str, Any]
     events: pa.Table  # the events that were fitted (those naming a catalogue item)
 
-    def model(self, scoring: dict, tree_arrays: dict[str, np.ndarray] | None = None,
-              name: str = "the bundle being built") -> RankingModel:
+    def model(
+        self, scoring: dict, tree_arrays: dict[str, np.ndarray] | None = None, name: str = "the bundle being built"
+    ) -> RankingModel:
         """The fitted arrays served as a model, scored by ``scoring`` (and its trees)."""
         arrays = {**self.arrays, **(tree_arrays or {})}
         return RankingModel(MemoryBundle(arrays, {**self.sections, "scoring": scoring}, self.index, name))
@@ -133,7 +149,7 @@ class PartFit:
 
 
 def _iso(ts: int) -> str:
-    return _dt.datetime.fromtimestamp(int(ts), _dt.timezone.utc).isoformat()
+    return _dt.datetime.fromtimestamp(int(ts), _dt.UTC).isoformat()
 
 
 def _context_codes(ev: pa.Table, positive: np.ndarray, cfg: BuildConfig) -> dict[str, tuple]:
@@ -144,8 +160,9 @@ def _context_codes(ev: pa.Table, positive: np.ndarray, cfg: BuildConfig) -> dict
     return {f: context_codes(ev[f], positive, cfg.context_vocabulary) for f in CONTEXT_FIELDS}
 
 
-def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str = "",
-        show_progress: bool = False) -> Fitted:
+def fit(
+    inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str = "", show_progress: bool = False
+) -> Fitted:
     """Fit every bundle array of ``inp`` but the reranker's.
 
     Parameters
@@ -164,6 +181,7 @@ def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str =
     ValueError
         No event names an item of the catalogue: nothing to learn from.
     """
+
     def step(name: str):
         return steps.step(prefix + name) if steps is not None else nullcontext()
 
@@ -178,8 +196,10 @@ def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str =
             item_idx = item_idx.filter(keep)
             log.warning("dropped %d events whose item_id is not in %s", unknown_items, inp.sources.get("items"))
         if ev.num_rows == 0:
-            raise ValueError(f"no event in {inp.sources.get('events')} names an item of {inp.sources.get('items')}: "
-                             "nothing to learn from")
+            raise ValueError(
+                f"no event in {inp.sources.get('events')} names an item of {inp.sources.get('items')}: "
+                "nothing to learn from"
+            )
         event_users = pc.unique(ev["user_id"].combine_chunks()).sort()
         extra_users = pa.array([], pa.string())
         if inp.users is not None:
@@ -204,8 +224,9 @@ def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str =
         recent = positive & (ts >= t_end - cfg.recent_days * DAY)
         recent_pop = log_scaled(distinct_user_counts(u[recent], i[recent], n_users, n_items))
         sw = cfg.scoring_weights
-        popular = top_rows(sw.get("popularity", 1.0) * pop + sw.get("recent_popularity", 0.0) * recent_pop,
-                           cfg.popular_top_items)
+        popular = top_rows(
+            sw.get("popularity", 1.0) * pop + sw.get("recent_popularity", 0.0) * recent_pop, cfg.popular_top_items
+        )
         is_consumed = pc.is_in(ev["event_type"], value_set=pa.array(cfg.consumed_event_types, pa.string()))
         cmask = is_consumed.to_numpy(zero_copy_only=False)
         consumed_indptr, consumed_indices = consumed_csr(u[cmask], i[cmask], n_users, n_items)
@@ -218,8 +239,9 @@ def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str =
             cols = {c: inp.users[c].cast(pa.string()).to_pylist() for c in scheme.columns}
             for j, r in enumerate(rows):
                 attrs[int(r)] = {c: cols[c][j] for c in scheme.columns if cols[c][j] is not None}
-        pos_matrix = sp.csr_matrix((np.ones(int(positive.sum()), np.float32), (u[positive], i[positive])),
-                                   shape=(n_users, n_items))
+        pos_matrix = sp.csr_matrix(
+            (np.ones(int(positive.sum()), np.float32), (u[positive], i[positive])), shape=(n_users, n_items)
+        )
         pos_matrix.data[:] = 1.0
         pos_matrix.sum_duplicates()
         pos_matrix.data[:] = 1.0
@@ -227,8 +249,9 @@ def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str =
 
     with step("features"):
         prices = item_prices(inp.items)
-        ftables = feature_tables(u, i, ts, positive, cmask, n_users, n_items, cat_indptr, cat_ids, len(cat_names),
-                                 prices, recent_pop, cfg)
+        ftables = feature_tables(
+            u, i, ts, positive, cmask, n_users, n_items, cat_indptr, cat_ids, len(cat_names), prices, recent_pop, cfg
+        )
         ftables.update(context_tables(u, i, positive, _context_codes(ev, positive, cfg), n_users, n_items))
 
     with step("index"):
@@ -238,27 +261,43 @@ def fit(inp: Inputs, cfg: BuildConfig, steps: Steps | None = None, prefix: str =
     iid_np = np.asarray(item_ids.to_pylist(), dtype=str)
     gram, inv_norms = item_gram(item_factors)
     arrays = {
-        "item_ids": iid_np, "item_order": np.argsort(iid_np, kind="stable").astype(np.int32),
-        "user_ids": uid_np, "user_order": np.argsort(uid_np, kind="stable").astype(np.int32),
-        "item_factors": item_factors, "user_factors": user_factors,
-        "item_gram": gram, "item_inv_norms": inv_norms,
-        "user_has_history": has_history, "user_segment": seg.user_segment,
-        "item_popularity": pop, "item_recent_popularity": recent_pop, "item_price": prices,
-        "item_cat_indptr": cat_indptr, "item_cat_ids": cat_ids, "category_names": cat_names,
+        "item_ids": iid_np,
+        "item_order": np.argsort(iid_np, kind="stable").astype(np.int32),
+        "user_ids": uid_np,
+        "user_order": np.argsort(uid_np, kind="stable").astype(np.int32),
+        "item_factors": item_factors,
+        "user_factors": user_factors,
+        "item_gram": gram,
+        "item_inv_norms": inv_norms,
+        "user_has_history": has_history,
+        "user_segment": seg.user_segment,
+        "item_popularity": pop,
+        "item_recent_popularity": recent_pop,
+        "item_price": prices,
+        "item_cat_indptr": cat_indptr,
+        "item_cat_ids": cat_ids,
+        "category_names": cat_names,
         "popular_items": popular,
-        "consumed_indptr": consumed_indptr, "consumed_indices": consumed_indices,
-        "segment_keys": seg.keys, "segment_pop_indptr": seg.indptr, "segment_pop_items": seg.items,
+        "consumed_indptr": consumed_indptr,
+        "consumed_indices": consumed_indices,
+        "segment_keys": seg.keys,
+        "segment_pop_indptr": seg.indptr,
+        "segment_pop_items": seg.items,
         "segment_pop_scores": seg.scores,
         **ftables,
     }
     sections = {
         "data_window": {"start": _iso(t_begin), "end": _iso(t_end), "start_unix": t_begin, "end_unix": t_end},
         "counts": {
-            "events": ev.num_rows, "events_unknown_item": unknown_items,
-            "users": n_users, "users_with_history": int(has_history.sum()),
-            "items": n_items, "items_with_history": int((np.diff(conf.tocsc().indptr) > 0).sum()),
-            "categories": len(cat_names), "segments": len(seg.keys),
-            "consumed_pairs": int(len(consumed_indices)),
+            "events": ev.num_rows,
+            "events_unknown_item": unknown_items,
+            "users": n_users,
+            "users_with_history": int(has_history.sum()),
+            "items": n_items,
+            "items_with_history": int((np.diff(conf.tocsc().indptr) > 0).sum()),
+            "categories": len(cat_names),
+            "segments": len(seg.keys),
+            "consumed_pairs": len(consumed_indices),
         },
         "segments": {**seg.scheme.to_dict(), "users_per_segment": seg.users_per_segment},
     }

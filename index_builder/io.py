@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -14,8 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-__all__ = ["CONTEXT_COLUMNS", "InputError", "ReadOptions", "SkipReport", "read_events", "read_items",
-           "read_users"]
+__all__ = ["CONTEXT_COLUMNS", "InputError", "ReadOptions", "SkipReport", "read_events", "read_items", "read_users"]
 
 # Optional per-event context; a missing column or a blank cell means "not known".
 CONTEXT_COLUMNS = ("channel", "device", "region")
@@ -104,8 +103,7 @@ class ReadOptions:
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(
-                f"max_bad_fraction must be within [0, 1], got {self.max_bad_fraction!r}")
+            raise ValueError(f"max_bad_fraction must be within [0, 1], got {self.max_bad_fraction!r}")
         if len(self.csv_delimiter) != 1:
             raise ValueError(f"csv_delimiter must be one character, got {self.csv_delimiter!r}")
 
@@ -129,8 +127,7 @@ class SkipReport:
 
     def to_dict(self) -> dict:
         """Return a JSON-ready dict for the build manifest."""
-        return {"path": self.path, "total": self.total, "counts": dict(self.counts),
-                "examples": list(self.examples)}
+        return {"path": self.path, "total": self.total, "counts": dict(self.counts), "examples": list(self.examples)}
 
 
 def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, SkipReport]:
@@ -176,8 +173,7 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     checks = [user_check, item_check, type_check, *time_checks]
     if "value" in raw.table.column_names:
         values, value_bad = _numbers(raw, "value")
-        checks.append(
-            _quoting_check(raw, "bad value", "value", value_bad, "must be a finite number"))
+        checks.append(_quoting_check(raw, "bad value", "value", value_bad, "must be a finite number"))
     else:
         values = pa.nulls(raw.table.num_rows, pa.float64())
     context = []
@@ -192,10 +188,17 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     keep, report = _settle(raw, checks, options, "events")
     table = pa.Table.from_arrays(
         [user_ids, item_ids, event_types, pa.array(seconds, pa.int64()), values, *context],
-        schema=pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
-                          ("event_type", pa.string()), ("timestamp", pa.int64()),
-                          ("value", pa.float64()),
-                          *((name, CONTEXT_TYPE) for name in CONTEXT_COLUMNS)]))
+        schema=pa.schema(
+            [
+                ("user_id", pa.string()),
+                ("item_id", pa.string()),
+                ("event_type", pa.string()),
+                ("timestamp", pa.int64()),
+                ("value", pa.float64()),
+                *((name, CONTEXT_TYPE) for name in CONTEXT_COLUMNS),
+            ]
+        ),
+    )
     return _keep(table, keep), report
 
 
@@ -232,8 +235,9 @@ def read_items(path, options: ReadOptions | None = None) -> tuple[pa.Table, Skip
     names = raw.table.column_names
     reserved = {"item_id", "title", "category", "price"}
     if "categories" in names:
-        raise InputError(raw.path, "column 'categories' clashes with the list built from "
-                         "'category'; rename it", column="categories")
+        raise InputError(
+            raw.path, "column 'categories' clashes with the list built from 'category'; rename it", column="categories"
+        )
     item_ids, id_check = _ids(raw, "item_id")
     checks = [id_check]
     n = raw.table.num_rows
@@ -242,15 +246,15 @@ def read_items(path, options: ReadOptions | None = None) -> tuple[pa.Table, Skip
     if "price" in names:
         price, price_bad = _numbers(raw, "price")
         negative = _np_bool(pc.less(price, 0.0)) & ~price_bad
-        checks.append(
-            _quoting_check(raw, "bad price", "price", price_bad, "must be a finite number"))
+        checks.append(_quoting_check(raw, "bad price", "price", price_bad, "must be a finite number"))
         checks.append(_quoting_check(raw, "bad price", "price", negative, "must not be negative"))
     else:
         price = pa.nulls(n, pa.float64())
     extra = [name for name in names if name not in reserved]
     table = pa.Table.from_arrays(
         [item_ids, title, categories, price, *(_attribute(raw, name) for name in extra)],
-        names=["item_id", "title", "categories", "price", *extra])
+        names=["item_id", "title", "categories", "price", *extra],
+    )
     keep, report = _settle(raw, checks, options, "items")
     table = _keep(table, keep)
     _require_unique(raw, table.column("item_id"), keep, "item_id")
@@ -285,8 +289,7 @@ def read_users(path, options: ReadOptions | None = None) -> tuple[pa.Table, Skip
     _require(raw, ["user_id"], "users")
     user_ids, id_check = _ids(raw, "user_id")
     extra = [name for name in raw.table.column_names if name != "user_id"]
-    table = pa.Table.from_arrays([user_ids, *(_attribute(raw, name) for name in extra)],
-                                 names=["user_id", *extra])
+    table = pa.Table.from_arrays([user_ids, *(_attribute(raw, name) for name in extra)], names=["user_id", *extra])
     keep, report = _settle(raw, [id_check], options, "users")
     table = _keep(table, keep)
     _require_unique(raw, table.column("user_id"), keep, "user_id")
@@ -336,8 +339,14 @@ def _read_parquet(path) -> _Raw:
     except pa.ArrowInvalid as e:
         raise InputError(path, f"cannot read as Parquet: {e}") from e
     _check_header(path, table.column_names)
-    return _Raw(str(path), table, lambda positions: [int(p) + 1 for p in positions], [],
-                lambda: [], np.zeros(table.num_rows, bool))
+    return _Raw(
+        str(path),
+        table,
+        lambda positions: [int(p) + 1 for p in positions],
+        [],
+        lambda: [],
+        np.zeros(table.num_rows, bool),
+    )
 
 
 def _read_eventlog(path) -> _Raw:
@@ -346,10 +355,18 @@ def _read_eventlog(path) -> _Raw:
     from ranking import EventLogCorrupt, log_dirs, read_all
 
     if not log_dirs(path):
-        raise InputError(path, "is a directory but holds no event log (segments <number>.log, or writer "
-                               "directories w<k>/ holding them)")
-    cols: dict[str, list] = {"user_id": [], "item_id": [], "event_type": [], "timestamp": [], "value": [],
-                             **{name: [] for name in CONTEXT_COLUMNS}}
+        raise InputError(
+            path,
+            "is a directory but holds no event log (segments <number>.log, or writer directories w<k>/ holding them)",
+        )
+    cols: dict[str, list] = {
+        "user_id": [],
+        "item_id": [],
+        "event_type": [],
+        "timestamp": [],
+        "value": [],
+        **{name: [] for name in CONTEXT_COLUMNS},
+    }
     try:
         for _, rec in read_all(path):
             if rec.get("kind") != "event":
@@ -365,15 +382,25 @@ def _read_eventlog(path) -> _Raw:
         raise InputError(path, str(e)) from e
     if not cols["user_id"]:
         raise InputError(path, "the event log holds no events")
-    table = pa.table({
-        "user_id": pa.array(cols["user_id"], pa.string()), "item_id": pa.array(cols["item_id"], pa.string()),
-        "event_type": pa.array(cols["event_type"], pa.string()),
-        "timestamp": pa.array(cols["timestamp"], pa.float64()), "value": pa.array(cols["value"], pa.float64()),
-        # Few distinct values, repeated per event: dictionary-encoded from the start.
-        **{name: pa.array(cols[name], pa.string()).dictionary_encode() for name in CONTEXT_COLUMNS},
-    })
-    return _Raw(str(path), table, lambda positions: [int(p) + 1 for p in positions], [],
-                lambda: [], np.zeros(table.num_rows, bool))
+    table = pa.table(
+        {
+            "user_id": pa.array(cols["user_id"], pa.string()),
+            "item_id": pa.array(cols["item_id"], pa.string()),
+            "event_type": pa.array(cols["event_type"], pa.string()),
+            "timestamp": pa.array(cols["timestamp"], pa.float64()),
+            "value": pa.array(cols["value"], pa.float64()),
+            # Few distinct values, repeated per event: dictionary-encoded from the start.
+            **{name: pa.array(cols[name], pa.string()).dictionary_encode() for name in CONTEXT_COLUMNS},
+        }
+    )
+    return _Raw(
+        str(path),
+        table,
+        lambda positions: [int(p) + 1 for p in positions],
+        [],
+        lambda: [],
+        np.zeros(table.num_rows, bool),
+    )
 
 
 def _read_csv(path, options: ReadOptions, noun: str) -> _Raw:
@@ -425,8 +452,9 @@ def _csv_table(path, header, options: ReadOptions, *, use_threads: bool):
     ragged: list[_RaggedRow] = []
 
     def on_ragged(row) -> str:
-        ragged.append(_RaggedRow(row.number, row.expected_columns, row.actual_columns,
-                                 row.text[:80], row.text.count("\n")))
+        ragged.append(
+            _RaggedRow(row.number, row.expected_columns, row.actual_columns, row.text[:80], row.text.count("\n"))
+        )
         return "skip"  # decided after reading: it may not be the first bad row
 
     try:
@@ -438,11 +466,14 @@ def _csv_table(path, header, options: ReadOptions, *, use_threads: bool):
                 newlines_in_values=True,
                 # Blank lines must stay rows so table positions map to line numbers.
                 ignore_empty_lines=False,
-                invalid_row_handler=on_ragged),
+                invalid_row_handler=on_ragged,
+            ),
             # Every column as bytes, decoded later to place bad UTF-8; never inferred,
             # so "007" stays an id instead of becoming 7.
             convert_options=pa_csv.ConvertOptions(
-                column_types={name: pa.binary() for name in header}, strings_can_be_null=False))
+                column_types={name: pa.binary() for name in header}, strings_can_be_null=False
+            ),
+        )
     except pa.ArrowInvalid as e:
         raise InputError(path, f"cannot parse as CSV: {e}") from e
     return table, ragged
@@ -457,8 +488,9 @@ def _decode_utf8(path, table: pa.Table, rows) -> pa.Table:
         except pa.ArrowInvalid as e:
             position = _first_bad_utf8(column)
             value = column[position].as_py()[:60]
-            raise InputError(path, f"not valid UTF-8: {value!r}; save the file as UTF-8",
-                             row=rows([position])[0], column=name) from e
+            raise InputError(
+                path, f"not valid UTF-8: {value!r}; save the file as UTF-8", row=rows([position])[0], column=name
+            ) from e
     return pa.Table.from_arrays(columns, names=table.column_names)
 
 
@@ -500,8 +532,7 @@ class _CsvRows:
         records = np.array([r.record or 0 for r in ragged], np.int64)
         # Table rows preceding each ragged record.
         self._ragged_after = records - 2 - np.arange(len(ragged))
-        self._ragged_newlines = np.concatenate(
-            [[0], np.cumsum([r.newlines for r in ragged])]).astype(np.int64)
+        self._ragged_newlines = np.concatenate([[0], np.cumsum([r.newlines for r in ragged])]).astype(np.int64)
         self._n_ragged = len(ragged)
         self._base = 2 + header_newlines
         self._newlines: np.ndarray | None = None
@@ -519,8 +550,7 @@ class _CsvRows:
             return [None] * len(positions)
         positions = np.asarray(positions, np.int64)
         before = np.searchsorted(self._ragged_after, positions, side="right")
-        lines = (self._base + positions + before + self._table_newlines()[positions]
-                 + self._ragged_newlines[before])
+        lines = self._base + positions + before + self._table_newlines()[positions] + self._ragged_newlines[before]
         return [int(line) for line in lines]
 
     def ragged_rows(self) -> list:
@@ -568,9 +598,12 @@ def _settle(raw: _Raw, checks: list[_Check], options: ReadOptions, noun: str):
     if n_bad and options.on_bad_row == "error":
         raise problems[0]
     if n_bad > options.max_bad_fraction * n_rows:
-        raise InputError(raw.path, f"{n_bad} of {n_rows} rows are bad ({n_bad / n_rows:.2%}), more "
-                         f"than max_bad_fraction={options.max_bad_fraction:g} allows; first: "
-                         f"{problems[0].detail()}")
+        raise InputError(
+            raw.path,
+            f"{n_bad} of {n_rows} rows are bad ({n_bad / n_rows:.2%}), more "
+            f"than max_bad_fraction={options.max_bad_fraction:g} allows; first: "
+            f"{problems[0].detail()}",
+        )
     counts: dict[str, int] = {}
     if raw.ragged:
         counts["wrong number of fields"] = len(raw.ragged)
@@ -590,12 +623,19 @@ def _settle(raw: _Raw, checks: list[_Check], options: ReadOptions, noun: str):
 def _problems(raw: _Raw, checks, first_failing: np.ndarray, limit: int) -> list[InputError]:
     """The first ``limit`` bad rows in file order, as errors."""
     positions = np.flatnonzero(first_failing >= 0)[:limit]
-    found = [(row, InputError(raw.path, checks[first_failing[p]].reason(int(p)), row=row,
-                              column=checks[first_failing[p]].column))
-             for p, row in zip(positions, raw.rows(positions))]
+    found = [
+        (
+            row,
+            InputError(
+                raw.path, checks[first_failing[p]].reason(int(p)), row=row, column=checks[first_failing[p]].column
+            ),
+        )
+        for p, row in zip(positions, raw.rows(positions))
+    ]
     for r, row in list(zip(raw.ragged, raw.ragged_rows()))[:limit]:
-        found.append((row, InputError(
-            raw.path, f"expected {r.expected} fields, found {r.actual}: {r.text!r}", row=row)))
+        found.append(
+            (row, InputError(raw.path, f"expected {r.expected} fields, found {r.actual}: {r.text!r}", row=row))
+        )
     found.sort(key=lambda pair: pair[0] or 0)
     return [error for _, error in found[:limit]]
 
@@ -608,9 +648,13 @@ def _require(raw: _Raw, required: list[str], noun: str) -> None:
     names = raw.table.column_names
     missing = [name for name in required if name not in names]
     if missing:
-        raise InputError(raw.path, f"missing required column{'s' if len(missing) > 1 else ''} "
-                         f"{', '.join(map(repr, missing))}; found columns: "
-                         f"{', '.join(map(repr, names))}", column=missing[0])
+        raise InputError(
+            raw.path,
+            f"missing required column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(repr, missing))}; found columns: "
+            f"{', '.join(map(repr, names))}",
+            column=missing[0],
+        )
     if raw.table.num_rows == 0 and not raw.ragged:
         raise InputError(raw.path, f"file has no {noun}: no data rows after the header")
 
@@ -625,8 +669,12 @@ def _require_unique(raw: _Raw, ids: pa.ChunkedArray, keep: np.ndarray, name: str
     second = order[repeats].min()  # the earliest row that repeats an earlier one
     first = order[np.searchsorted(ordered, codes[second])]
     first_row, second_row = raw.rows(np.flatnonzero(keep)[[first, second]])
-    raise InputError(raw.path, f"duplicate {name} {ids[int(second)].as_py()!r} (first at row "
-                     f"{first_row})", row=second_row, column=name)
+    raise InputError(
+        raw.path,
+        f"duplicate {name} {ids[int(second)].as_py()!r} (first at row {first_row})",
+        row=second_row,
+        column=name,
+    )
 
 
 def _raw_value(raw: _Raw, name: str, position: int):
@@ -662,8 +710,11 @@ def _context(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
     is copied: a log of millions of events holds a handful of channels.
     """
     encoded = pc.dictionary_encode(_text(raw, name))
-    encoded = (encoded.unify_dictionaries().combine_chunks() if encoded.num_chunks
-               else pa.array([], pa.string()).dictionary_encode())
+    encoded = (
+        encoded.unify_dictionaries().combine_chunks()
+        if encoded.num_chunks
+        else pa.array([], pa.string()).dictionary_encode()
+    )
     values = pc.utf8_trim_whitespace(encoded.dictionary)
     cleaned = pc.dictionary_encode(values)  # " app" and "app" become one value
     remap = cleaned.indices.to_numpy(zero_copy_only=False).astype(np.int32)
@@ -673,8 +724,7 @@ def _context(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
     # The extra last slot takes code -1 (a null cell).
     new_codes = np.append(remap, np.int32(-1))[codes]
     too_long = np.append(too_long_value, False)[codes]
-    column = pa.DictionaryArray.from_arrays(pa.array(new_codes, pa.int32(), mask=new_codes < 0),
-                                            cleaned.dictionary)
+    column = pa.DictionaryArray.from_arrays(pa.array(new_codes, pa.int32(), mask=new_codes < 0), cleaned.dictionary)
     check = _quoting_check(raw, f"bad {name}", name, too_long, f"must be at most {MAX_CONTEXT_CHARS} characters")
     return pa.chunked_array([column], CONTEXT_TYPE), check
 
@@ -702,8 +752,7 @@ def _categories(raw: _Raw, name: str) -> pa.Array:
         try:
             lists = pc.cast(column, pa.list_(pa.string())).combine_chunks()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise InputError(raw.path, f"cannot read {column.type} values as categories",
-                             column=name) from e
+            raise InputError(raw.path, f"cannot read {column.type} values as categories", column=name) from e
     else:
         lists = pc.split_pattern(_text(raw, name), "|").combine_chunks()
     # Drop blanks so "a||b", "a|" and "" all mean what they look like.
@@ -718,8 +767,7 @@ def _categories(raw: _Raw, name: str) -> pa.Array:
 def _numbers(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, np.ndarray]:
     """Float64 values (null where blank) and a mask of values that are not finite numbers."""
     column = raw.table.column(name)
-    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) \
-            or pa.types.is_decimal(column.type):
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_decimal(column.type):
         numbers = pc.cast(column, pa.float64())
         not_text = np.zeros(len(column), bool)
     else:
@@ -770,9 +818,12 @@ def _timestamps(raw: _Raw, name: str) -> tuple[np.ndarray, list[_Check]]:
 
     return seconds, [
         _Check("bad timestamp", name, unparsed, unparsed_reason),
-        _Check("bad timestamp", name, out_of_range,
-               lambda i: f"{_raw_value(raw, name, i)!r} is outside years 1-9999 as unix seconds "
-                         f"(milliseconds?)"),
+        _Check(
+            "bad timestamp",
+            name,
+            out_of_range,
+            lambda i: f"{_raw_value(raw, name, i)!r} is outside years 1-9999 as unix seconds (milliseconds?)",
+        ),
     ]
 
 
@@ -800,8 +851,9 @@ def _parse_time_text(text: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     seconds = np.zeros(n, np.int64)
     parsed = np.zeros(n, bool)
     # Plain digit strings are cheap to spot and cast; regexes only see what is left.
-    is_int = (_np_bool(pc.ascii_is_decimal(text))
-              & (pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False) <= 18))
+    is_int = _np_bool(pc.ascii_is_decimal(text)) & (
+        pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False) <= 18
+    )
     if is_int.any():
         where = np.flatnonzero(is_int)
         seconds[where] = _np_int(pc.cast(pc.take(text, where), pa.int64()))
@@ -837,10 +889,18 @@ def _parse_iso(text) -> tuple[np.ndarray, np.ndarray]:
     leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0))
     month_ok = (mo >= 1) & (mo <= 12)
     days_in_month = _DAYS_IN_MONTH[np.clip(mo, 1, 12) - 1] + (leap & (mo == 2))
-    valid = (matched & month_ok & (d >= 1) & (d <= days_in_month) & (h <= 23) & (mi <= 59)
-             & (s <= 59) & (tzh <= 23) & (tzm <= 59))
-    seconds = (_days_from_civil(y, mo, d) * 86_400 + h * 3_600 + mi * 60 + s
-               - sign * (tzh * 3_600 + tzm * 60))
+    valid = (
+        matched
+        & month_ok
+        & (d >= 1)
+        & (d <= days_in_month)
+        & (h <= 23)
+        & (mi <= 59)
+        & (s <= 59)
+        & (tzh <= 23)
+        & (tzm <= 59)
+    )
+    seconds = _days_from_civil(y, mo, d) * 86_400 + h * 3_600 + mi * 60 + s - sign * (tzh * 3_600 + tzm * 60)
     return seconds, valid
 
 

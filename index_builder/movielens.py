@@ -73,19 +73,30 @@ def _wheel(cache: Path, python: str) -> Path:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
     # Binary only: the data files are read from the wheel, an sdist would not do.
-    command = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               RECBOLE_REQUIREMENT, "-d", str(cache)]
+    command = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        RECBOLE_REQUIREMENT,
+        "-d",
+        str(cache),
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True)
     except OSError as e:
-        raise RuntimeError(f"cannot run {python!r} to download {RECBOLE_REQUIREMENT}: {e}; "
-                           f"check the python argument") from e
+        raise RuntimeError(
+            f"cannot run {python!r} to download {RECBOLE_REQUIREMENT}: {e}; check the python argument"
+        ) from e
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-20:])
         raise RuntimeError(
             f"pip could not download {RECBOLE_REQUIREMENT} (exit {done.returncode}); check network "
             f"access to PyPI (proxy, PIP_INDEX_URL) and that {python} has pip.\n"
-            f"pip stderr (last lines):\n{tail}")
+            f"pip stderr (last lines):\n{tail}"
+        )
     found = sorted(cache.glob(_WHEEL_GLOB))
     if not found:
         raise RuntimeError(f"pip reported success but no {_WHEEL_GLOB} is in {cache}")
@@ -114,15 +125,13 @@ def _recbole_table(archive: zipfile.ZipFile, suffix: str, needed: list[str]) -> 
         # Plain split, not csv: recbole files are unquoted and titles may hold '"'.
         values = line.split("\t")
         if len(values) != len(names):
-            raise RuntimeError(f"{member} line {number}: expected {len(names)} fields, "
-                               f"found {len(values)}")
+            raise RuntimeError(f"{member} line {number}: expected {len(names)} fields, found {len(values)}")
         rows.append(dict(zip(names, values)))
     return rows
 
 
 def _events(rows):
-    return [[r["user_id"], r["item_id"], "rating", _whole_seconds(r["timestamp"]), r["rating"]]
-            for r in rows]
+    return [[r["user_id"], r["item_id"], "rating", _whole_seconds(r["timestamp"]), r["rating"]] for r in rows]
 
 
 def _whole_seconds(text: str) -> str:
@@ -134,8 +143,7 @@ def _whole_seconds(text: str) -> str:
 
 
 def _items(rows):
-    return [[r["item_id"], r["movie_title"], r["release_year"], "|".join(r["class"].split())]
-            for r in rows]
+    return [[r["item_id"], r["movie_title"], r["release_year"], "|".join(r["class"].split())] for r in rows]
 
 
 def _users(rows):

@@ -1,4 +1,5 @@
 """The data profile the ladder's answer depends on: buying frequency, basket size, variety, long tail."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -66,7 +67,7 @@ def data_profile(events: pa.Table, items: pa.Table, cfg: BuildConfig) -> dict:
         return round(float(cum[max(int(np.ceil(frac * len(counts))) - 1, 0)]), 3)
 
     asc = counts[::-1]
-    gini = (float(1 - 2 * np.sum(np.cumsum(asc) / total) / len(asc) + 1 / len(asc)) if total else None)
+    gini = float(1 - 2 * np.sum(np.cumsum(asc) / total) / len(asc) + 1 / len(asc)) if total else None
 
     # Variety: distinct items and categories per user.
     pairs = np.unique(u.astype(np.int64) * n_active_items + it)
@@ -77,29 +78,38 @@ def data_profile(events: pa.Table, items: pa.Table, cfg: BuildConfig) -> dict:
         first_cat = {k: (v[0] if v else None) for k, v in cats.items()}
         pu = pairs // max(n_active_items, 1)
         pc_ = np.array([first_cat.get(cat_items[p % n_active_items]) or "" for p in pairs])
-        per_user = {}
+        per_user: dict[int, set[str]] = {}
         for a, b in zip(pu, pc_):
             if b:
                 per_user.setdefault(int(a), set()).add(b)
         ncat = np.array([len(s) for s in per_user.values()])
         variety["distinct_categories_per_user_median"] = _q(ncat, 0.5)
-        variety["categories_in_catalog"] = int(len({c for v in cats.values() if v for c in v}))
+        variety["categories_in_catalog"] = len({c for v in cats.values() if v for c in v})
     return {
         "context": _context_profile(events),
-        "events": int(events.num_rows), "users": n_users, "items_in_catalog": int(n_catalog),
-        "items_with_events": int(n_active_items), "days": round(span_days, 1),
+        "events": int(events.num_rows),
+        "users": n_users,
+        "items_in_catalog": int(n_catalog),
+        "items_with_events": int(n_active_items),
+        "days": round(span_days, 1),
         "density": round(len(pairs) / max(n_users * max(n_catalog, 1), 1), 5),
-        "event_types": {k: int(v) for k, v in zip(*np.unique(events["event_type"].to_numpy(zero_copy_only=False),
-                                                             return_counts=True))},
+        "event_types": {
+            k: int(v)
+            for k, v in zip(*np.unique(events["event_type"].to_numpy(zero_copy_only=False), return_counts=True))
+        },
         "purchase_frequency": {
-            "purchases_per_user_median": _q(buys, 0.5), "purchases_per_user_p90": _q(buys, 0.9),
+            "purchases_per_user_median": _q(buys, 0.5),
+            "purchases_per_user_p90": _q(buys, 0.9),
             "purchases_per_user_per_30_days_mean": round(float(buys.mean() / span_days * 30), 3) if n_users else None,
             "visits_per_user_median": _q(visits_per_user, 0.5),
             "days_between_visits_median": _q(gaps, 0.5),
             "share_of_users_with_one_visit": round(float((visits_per_user == 1).mean()), 3) if n_users else None,
         },
-        "items_per_visit": {"mean": round(float(items_per_visit.mean()), 2) if len(vk) else None,
-                            "median": _q(items_per_visit, 0.5), "p90": _q(items_per_visit, 0.9)},
+        "items_per_visit": {
+            "mean": round(float(items_per_visit.mean()), 2) if len(vk) else None,
+            "median": _q(items_per_visit, 0.5),
+            "p90": _q(items_per_visit, 0.9),
+        },
         "assortment_variety": variety,
         "long_tail": {
             "share_of_events_on_top_1pct_items": top_share(0.01),
@@ -126,6 +136,5 @@ def _context_profile(events: pa.Table) -> dict:
                 distinct = len(pc.unique(pc.drop_null(codes)))
             else:
                 distinct = int(pc.count_distinct(column).as_py())
-        out[name] = {"share_of_events_with_value": round(n_known / max(len(column), 1), 3),
-                     "distinct_values": distinct}
+        out[name] = {"share_of_events_with_value": round(n_known / max(len(column), 1), 3), "distinct_values": distinct}
     return out

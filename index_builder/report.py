@@ -1,4 +1,5 @@
 """Writes the ladder report: Markdown tables, PNG plots (lift per rung, metric vs K) and the JSON figures."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = {"POPULAR": "Popular (all time)", "POPULAR_RECENT": "Popular (recent)", "SEGMENT": "Segment",
-          "ITEM_TO_ITEM": "Item-to-item", "ALS": "ALS alone", "EASE": "EASE", "ONE2ONE": "one2one (full pipeline)"}
+LABELS = {
+    "POPULAR": "Popular (all time)",
+    "POPULAR_RECENT": "Popular (recent)",
+    "SEGMENT": "Segment",
+    "ITEM_TO_ITEM": "Item-to-item",
+    "ALS": "ALS alone",
+    "EASE": "EASE",
+    "ONE2ONE": "one2one (full pipeline)",
+}
 GROUPS = ("all", "warm", "cold", "cold_with_segment", "new", "developing", "established")
 
 
@@ -27,29 +35,43 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
     lines = [f"## {title} (`{name}`)", ""]
     if "error" in p:
         return lines + [f"**Not evaluated:** {p['error']}", ""]
-    lines += [f"{p['n_train_events']} training events, {p['n_test_users']} test users "
-              f"({', '.join(f'{g}: {n}' for g, n in p['group_sizes'].items())}). "
-              f"The full pipeline served them from rungs {p['served_rungs']} with a "
-              f"`{p['scoring_model']}` scoring model"
-              + "".join(f"; {n} requests carried a {f}" for f, n in p.get("requests_with_context", {}).items() if n)
-              + ".", ""]
+    lines += [
+        f"{p['n_train_events']} training events, {p['n_test_users']} test users "
+        f"({', '.join(f'{g}: {n}' for g, n in p['group_sizes'].items())}). "
+        f"The full pipeline served them from rungs {p['served_rungs']} with a "
+        f"`{p['scoring_model']}` scoring model"
+        + "".join(f"; {n} requests carried a {f}" for f, n in p.get("requests_with_context", {}).items() if n)
+        + ".",
+        "",
+    ]
     if "ease_skipped" in p:
         lines += [f"EASE not run: {p['ease_skipped']}.", ""]
     for g in ("all", "warm"):
         if g not in p["groups"]:
             continue
-        lines += [f"### {g} users, @{k}", "",
-                  f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} | NDCG lift over the previous row (the rung below) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### {g} users, @{k}",
+            "",
+            f"| rung | Recall@{k} | NDCG@{k} | MAP@{k} | Coverage@{k} | Novelty@{k} "
+            "| NDCG lift over the previous row (the rung below) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         prev = None
         for r in p["rungs"]:
             m = p["groups"][g][r][k] if k in p["groups"][g][r] else p["groups"][g][r][str(k)]
-            lines.append(f"| {LABELS[r]} | {_fmt(m['recall'])} | {_fmt(m['ndcg'])} | {_fmt(m['map'])} | "
-                         f"{_fmt(m['coverage'])} | {_fmt(m['novelty'])} | {_lift(m['ndcg'], prev) if prev is not None else '—'} |")
+            lift = _lift(m["ndcg"], prev) if prev is not None else "—"
+            lines.append(
+                f"| {LABELS[r]} | {_fmt(m['recall'])} | {_fmt(m['ndcg'])} | {_fmt(m['map'])} | "
+                f"{_fmt(m['coverage'])} | {_fmt(m['novelty'])} | {lift} |"
+            )
             prev = m["ndcg"]
         lines.append("")
-    lines += [f"### NDCG@{k} by user group", "", "| rung | " + " | ".join(
-        f"{g} ({p['group_sizes'].get(g, 0)})" for g in GROUPS) + " |", "|---" * (len(GROUPS) + 1) + "|"]
+    lines += [
+        f"### NDCG@{k} by user group",
+        "",
+        "| rung | " + " | ".join(f"{g} ({p['group_sizes'].get(g, 0)})" for g in GROUPS) + " |",
+        "|---" * (len(GROUPS) + 1) + "|",
+    ]
     for r in p["rungs"]:
         cells = []
         for g in GROUPS:
@@ -84,8 +106,13 @@ def _plots(p: dict, out: Path, k: int) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4))
     ks = sorted(all_[rungs[0]])
     for r in rungs:
-        ax.plot(ks, [all_[r][kk]["ndcg"] for kk in ks], marker="o", label=LABELS[r],
-                linewidth=2.5 if r == "ONE2ONE" else 1.2)
+        ax.plot(
+            ks,
+            [all_[r][kk]["ndcg"] for kk in ks],
+            marker="o",
+            label=LABELS[r],
+            linewidth=2.5 if r == "ONE2ONE" else 1.2,
+        )
     ax.set_xlabel("K")
     ax.set_ylabel("NDCG@K")
     ax.set_title(f"{name}: NDCG vs K")
@@ -97,29 +124,50 @@ def _plots(p: dict, out: Path, k: int) -> list[str]:
 
 
 def _profile_md(prof: dict) -> list[str]:
-    lines = ["## Data profile", "",
-             f"{prof['events']} events, {prof['users']} users, {prof['items_in_catalog']} catalog items "
-             f"({prof['items_with_events']} with events) over {prof['days']} days; density {prof['density']}.", ""]
+    lines = [
+        "## Data profile",
+        "",
+        f"{prof['events']} events, {prof['users']} users, {prof['items_in_catalog']} catalog items "
+        f"({prof['items_with_events']} with events) over {prof['days']} days; density {prof['density']}.",
+        "",
+    ]
     for section in ("purchase_frequency", "items_per_visit", "assortment_variety", "long_tail"):
-        lines += [f"**{section.replace('_', ' ')}**: " + ", ".join(
-            f"{k.replace('_', ' ')} {v}" for k, v in prof[section].items()), ""]
+        lines += [
+            f"**{section.replace('_', ' ')}**: "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in prof[section].items()),
+            "",
+        ]
     lines += ["A visit is one user's events on one UTC day.", ""]
     ctx = {k: v for k, v in prof.get("context", {}).items() if v["share_of_events_with_value"] > 0}
-    lines += ["**context**: " + (", ".join(
-        f"{k} on {v['share_of_events_with_value']:.0%} of events ({v['distinct_values']} values)" for k, v in ctx.items())
-        if ctx else "the events carry no channel, device or region (their features are unknown)"), ""]
+    lines += [
+        "**context**: "
+        + (
+            ", ".join(
+                f"{k} on {v['share_of_events_with_value']:.0%} of events ({v['distinct_values']} values)"
+                for k, v in ctx.items()
+            )
+            if ctx
+            else "the events carry no channel, device or region (their features are unknown)"
+        ),
+        "",
+    ]
     return lines
 
 
 def write_report(results: dict, out: Path, k: int = 10) -> Path:
     """Write ``report.md``, ``ladder.json`` and the plots under ``out``; return the Markdown path."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# The personalization ladder", "",
-             f"Inputs: `{results['inputs']['events']}`, `{results['inputs']['items']}`, "
-             f"`{results['inputs']['users']}`. Settings: {results['settings']}.", "",
-             "Every rung is scored from the training part only; items a user touched in training never count "
-             "as hits. The full pipeline is asked through `ranking.pipeline.Ranker.rank` against a bundle "
-             "built from the training part, at the time of the user's first test event.", ""]
+    lines = [
+        "# The personalization ladder",
+        "",
+        f"Inputs: `{results['inputs']['events']}`, `{results['inputs']['items']}`, "
+        f"`{results['inputs']['users']}`. Settings: {results['settings']}.",
+        "",
+        "Every rung is scored from the training part only; items a user touched in training never count "
+        "as hits. The full pipeline is asked through `ranking.pipeline.Ranker.rank` against a bundle "
+        "built from the training part, at the time of the user's first test event.",
+        "",
+    ]
     for p in results["protocols"].values():
         plots = _plots(p, out, k) if "error" not in p else []
         lines += _protocol_md(p, k, plots)

@@ -11,6 +11,7 @@ the compiled loop. The published bundle refits embeddings and tables on all the
 data; the ladder evaluation reuses the same earlier fits and scores each user with
 the bag that never saw them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -83,8 +84,13 @@ def ndcg_at(scores_by_group: list[np.ndarray], labels_by_group: list[np.ndarray]
     return float(np.mean(out)) if out else 0.0
 
 
-def collect_rows(ranker: Ranker, later: pa.Table, cfg: BuildConfig, positive_types: set[str] | None = None,
-                 attributes: dict[str, dict[str, str]] | None = None) -> TrainingRows:
+def collect_rows(
+    ranker: Ranker,
+    later: pa.Table,
+    cfg: BuildConfig,
+    positive_types: set[str] | None = None,
+    attributes: dict[str, dict[str, str]] | None = None,
+) -> TrainingRows:
     """Training rows from the pipeline: one query per user active in ``later``.
 
     Parameters
@@ -140,10 +146,17 @@ def collect_rows(ranker: Ranker, later: pa.Table, cfg: BuildConfig, positive_typ
                 uid = ""
         elif draw < cfg.rerank_session_share + cfg.rerank_cold_share:
             uid, attrs = "", dict((attributes or {}).get(uid, {}))
-        q = RankQuery(user_id=uid, event_time=float(times[lo]), attributes=attrs,
-                      session_item_ids=list(m.items.id_of(session)),
-                      **{f: values[n_query] for f, values in context.items()})
+        q = RankQuery(
+            user_id=uid,
+            event_time=float(times[lo]),
+            attributes=attrs,
+            session_item_ids=list(m.items.id_of(session)),
+            channel=context["channel"][n_query],
+            device=context["device"][n_query],
+            region=context["region"][n_query],
+        )
         prep = ranker.prepare(q)
+        assert prep.mask is not None and prep.features is not None  # reranker_features=True computes both
         ok = ~prep.mask
         rows = prep.rows[ok]
         y = np.isin(rows, seq).astype(np.float32)
@@ -155,8 +168,9 @@ def collect_rows(ranker: Ranker, later: pa.Table, cfg: BuildConfig, positive_typ
         groups.append(len(y))
         who.append(str(users[lo]))
     if not groups:
-        return TrainingRows(np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0, np.float32),
-                            np.zeros(0, np.int64), [])
+        return TrainingRows(
+            np.zeros((0, len(FEATURE_NAMES)), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), []
+        )
     return TrainingRows(np.concatenate(Xs), np.concatenate(ys), np.asarray(groups, np.int64), who)
 
 
@@ -186,22 +200,41 @@ def _fit_bag(rows: TrainingRows, fold: np.ndarray, row_fold: np.ndarray, f: int,
     import lightgbm as lgb
 
     params = {
-        "objective": "lambdarank", "metric": "ndcg", "ndcg_eval_at": [10],
-        "num_leaves": cfg.rerank_leaves, "learning_rate": cfg.rerank_learning_rate,
-        "min_data_in_leaf": cfg.rerank_min_data_in_leaf, "feature_fraction": 0.9,
-        "lambdarank_truncation_level": 20, "verbose": -1, "seed": seed,
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "ndcg_eval_at": [10],
+        "num_leaves": cfg.rerank_leaves,
+        "learning_rate": cfg.rerank_learning_rate,
+        "min_data_in_leaf": cfg.rerank_min_data_in_leaf,
+        "feature_fraction": 0.9,
+        "lambdarank_truncation_level": 20,
+        "verbose": -1,
+        "seed": seed,
         # Every allowed core (bags in forked processes instead hung in libgomp after the
         # fork, and two threads fit a bag 1.6-1.9x faster than one: bench/README.md);
         # deterministic with row-wise histograms keeps one machine's builds identical.
-        "deterministic": True, "force_row_wise": True, "num_threads": len(os.sched_getaffinity(0)),
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": len(os.sched_getaffinity(0)),
     }
     tr, va = row_fold != f, row_fold == f
     weight = None if rows.group_weights is None else np.repeat(rows.group_weights, rows.groups)[tr]
-    dtrain = lgb.Dataset(rows.X[tr], rows.y[tr], group=rows.groups[fold != f], weight=weight,
-                         feature_name=list(FEATURE_NAMES), free_raw_data=False)
+    dtrain = lgb.Dataset(
+        rows.X[tr],
+        rows.y[tr],
+        group=rows.groups[fold != f],
+        weight=weight,
+        feature_name=list(FEATURE_NAMES),
+        free_raw_data=False,
+    )
     dvalid = lgb.Dataset(rows.X[va], rows.y[va], group=rows.groups[fold == f], reference=dtrain)
-    booster = lgb.train(params, dtrain, num_boost_round=cfg.rerank_trees, valid_sets=[dvalid],
-                        callbacks=[lgb.early_stopping(cfg.rerank_early_stopping, verbose=False)])
+    booster = lgb.train(
+        params,
+        dtrain,
+        num_boost_round=cfg.rerank_trees,
+        valid_sets=[dvalid],
+        callbacks=[lgb.early_stopping(cfg.rerank_early_stopping, verbose=False)],
+    )
     return _truncated(booster)
 
 
@@ -219,7 +252,6 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
         The models, each cut to its best iteration, JSON-ready figures, and
         ``(n_folds, held_folds)``: bag ``b`` never trained on user fold ``held_folds[b]``.
     """
-    import lightgbm as lgb
 
     n_groups = len(rows.groups)
     n_folds, fold, held_folds = _folds(rows.users, n_groups, cfg)
@@ -233,18 +265,22 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
         boosters.append(booster)
 
     held = np.flatnonzero(np.isin(fold, held_folds))
-    labels = [rows.y[bounds[g]:bounds[g + 1]] for g in held]
-    feats = [rows.X[bounds[g]:bounds[g + 1]] for g in held]
-    pred = [oof[bounds[g]:bounds[g + 1]] for g in held]
+    labels = [rows.y[bounds[g] : bounds[g + 1]] for g in held]
+    feats = [rows.X[bounds[g] : bounds[g + 1]] for g in held]
+    pred = [oof[bounds[g] : bounds[g + 1]] for g in held]
     col = {n: j for j, n in enumerate(FEATURE_NAMES)}
     gain = sum(b.feature_importance("gain") for b in boosters) / len(boosters)
     figures = {
-        "bags": len(boosters), "held_out_users": int(len(held)), "rows": int(len(rows.y)),
+        "bags": len(boosters),
+        "held_out_users": len(held),
+        "rows": len(rows.y),
         "trees_per_bag": [int(b.num_trees()) for b in boosters],
         "held_out_ndcg_at_10": {
             "reranker": round(ndcg_at(pred, labels, 10), 4),
-            **{f"by_{n}": round(ndcg_at([x[:, col[n]] for x in feats], labels, 10), 4)
-               for n in ("als_score", "ease_score", "covis_user", "popularity", "popularity_30d")},
+            **{
+                f"by_{n}": round(ndcg_at([x[:, col[n]] for x in feats], labels, 10), 4)
+                for n in ("als_score", "ease_score", "covis_user", "popularity", "popularity_30d")
+            },
             "retrieval_order": round(ndcg_at([-np.arange(len(x), dtype=float) for x in feats], labels, 10), 4),
         },
         "feature_importance_gain": {n: round(float(v), 2) for n, v in zip(FEATURE_NAMES, gain)},
@@ -262,15 +298,19 @@ def split_weights(n_groups: list[int], protocols: tuple[str, ...], cfg: BuildCon
     """
     if len(n_groups) < 2 or "temporal" not in protocols or min(n_groups) == 0:
         return None
-    share = {p: (cfg.rerank_temporal_share if p == "temporal" else 1.0 - cfg.rerank_temporal_share)
-             for p in protocols}
+    share = {p: (cfg.rerank_temporal_share if p == "temporal" else 1.0 - cfg.rerank_temporal_share) for p in protocols}
     total = sum(n_groups)
     w = np.concatenate([np.full(n, share[p] * total / n) for n, p in zip(n_groups, protocols)])
     return (w / w.mean()).astype(np.float64)
 
 
-def train_reranker(parts: list[PartFit], failed: list[str], attributes: dict[str, dict[str, str]],
-                   cfg: BuildConfig, steps: Steps | None = None) -> RerankOutcome:
+def train_reranker(
+    parts: list[PartFit],
+    failed: list[str],
+    attributes: dict[str, dict[str, str]],
+    cfg: BuildConfig,
+    steps: Steps | None = None,
+) -> RerankOutcome:
     """Learn to rank what came next from each protocol's earlier part, fitted once.
 
     Parameters
@@ -290,29 +330,39 @@ def train_reranker(parts: list[PartFit], failed: list[str], attributes: dict[str
     RerankOutcome
         ``trees`` is None, with ``reason``, when the data cannot support a reranker.
     """
+
     def step(name: str):
         return steps.step(name) if steps is not None else nullcontext()
 
-    section: dict = {"split": cfg.rerank_split, "cutoff_quantile": cfg.rerank_cutoff_quantile,
-                     "holdout": cfg.rerank_holdout}
+    section: dict = {
+        "split": cfg.rerank_split,
+        "cutoff_quantile": cfg.rerank_cutoff_quantile,
+        "holdout": cfg.rerank_holdout,
+    }
     collected: list[TrainingRows] = []
     with step("rerank rows"):
         for part in parts:
             ranker = Ranker(part.model, reranker_features=True)
             rows = collect_rows(ranker, part.later, cfg, positive_types(part.later, cfg), attributes)
-            section[part.protocol.name] = {"earlier_events": part.earlier.num_rows,
-                                           "later_events": part.later.num_rows, "groups": int(len(rows.groups))}
+            section[part.protocol.name] = {
+                "earlier_events": part.earlier.num_rows,
+                "later_events": part.later.num_rows,
+                "groups": len(rows.groups),
+            }
             collected.append(rows)
     rows = TrainingRows(
         np.concatenate([p.X for p in collected]) if collected else np.zeros((0, len(FEATURE_NAMES)), np.float32),
         np.concatenate([p.y for p in collected]) if collected else np.zeros(0, np.float32),
         np.concatenate([p.groups for p in collected]) if collected else np.zeros(0, np.int64),
-        [u for p in collected for u in p.users])
+        [u for p in collected for u in p.users],
+    )
     rows.group_weights = split_weights([len(p.groups) for p in collected], tuple(p.protocol.name for p in parts), cfg)
-    section["groups"] = int(len(rows.groups))
+    section["groups"] = len(rows.groups)
     if len(rows.groups) < cfg.rerank_min_groups:
-        why = "; ".join(failed) or (f"only {len(rows.groups)} later-window users have a positive among their "
-                                    f"candidates (rerank_min_groups = {cfg.rerank_min_groups})")
+        why = "; ".join(failed) or (
+            f"only {len(rows.groups)} later-window users have a positive among their "
+            f"candidates (rerank_min_groups = {cfg.rerank_min_groups})"
+        )
         return RerankOutcome(None, section, why)
     try:
         with step("rerank fit"):
@@ -322,8 +372,14 @@ def train_reranker(parts: list[PartFit], failed: list[str], attributes: dict[str
     section.update(figures)
     trees = concat_trees([trees_from_lightgbm(b, scale=1.0 / len(boosters)) for b in boosters])
     section["n_trees"] = trees.n_trees
-    return RerankOutcome(trees, section, bags=[trees_from_lightgbm(b, scale=1.0) for b in boosters],
-                         held_folds=held_folds, n_folds=n_folds, seed=cfg.random_seed)
+    return RerankOutcome(
+        trees,
+        section,
+        bags=[trees_from_lightgbm(b, scale=1.0) for b in boosters],
+        held_folds=held_folds,
+        n_folds=n_folds,
+        seed=cfg.random_seed,
+    )
 
 
 def attributes_of(users: pa.Table | None, model: RankingModel) -> dict[str, dict[str, str]]:
@@ -331,8 +387,10 @@ def attributes_of(users: pa.Table | None, model: RankingModel) -> dict[str, dict
     if users is None or not model.segments.columns:
         return {}
     cols = {c: users[c].cast(pa.string()).to_pylist() for c in model.segments.columns}
-    return {uid: {c: cols[c][j] for c in cols if cols[c][j] is not None}
-            for j, uid in enumerate(users["user_id"].to_pylist())}
+    return {
+        uid: {c: cols[c][j] for c in cols if cols[c][j] is not None}
+        for j, uid in enumerate(users["user_id"].to_pylist())
+    }
 
 
 def _truncated(booster):

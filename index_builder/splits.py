@@ -7,6 +7,7 @@ data the same way and a split asked for twice is fitted once (:func:`split_key`)
 ``last_n``: each user's last ``holdout`` positive events are held out (a user keeps at
 least one positive in the earlier part, or they would be cold).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -41,8 +42,9 @@ class Protocol:
 
 def positive_types(events: pa.Table, cfg: BuildConfig) -> set[str]:
     """The event types of ``events`` whose weight is positive (what counts as a hit or a label)."""
-    return {t for t in pc.unique(events["event_type"]).to_pylist()
-            if cfg.event_weights.get(t, cfg.default_event_weight) > 0}
+    return {
+        t for t in pc.unique(events["event_type"]).to_pylist() if cfg.event_weights.get(t, cfg.default_event_weight) > 0
+    }
 
 
 def positive_mask(events: pa.Table, cfg: BuildConfig) -> np.ndarray:
@@ -77,7 +79,7 @@ def split(events: pa.Table, protocol: Protocol, cfg: BuildConfig) -> tuple[pa.Ta
             idx = order[lo:hi]
             p = idx[pos[idx]]
             if len(p) > protocol.holdout:
-                held[p[-protocol.holdout:]] = True
+                held[p[-protocol.holdout :]] = True
         train = events.filter(pa.array(~held))
         test = events.filter(pa.array(held))
     else:
@@ -85,8 +87,10 @@ def split(events: pa.Table, protocol: Protocol, cfg: BuildConfig) -> tuple[pa.Ta
     if train.num_rows == 0:
         raise SplitError(f"protocol {name}: the split leaves no events to train on")
     if test.num_rows == 0:
-        raise SplitError(f"protocol {name}: the split leaves no events to test on "
-                         f"(last_n needs users with more than {protocol.holdout} positive events)")
+        raise SplitError(
+            f"protocol {name}: the split leaves no events to test on "
+            f"(last_n needs users with more than {protocol.holdout} positive events)"
+        )
     return train, test
 
 

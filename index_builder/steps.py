@@ -1,9 +1,10 @@
 """The build's named steps: each one timed, shown on the progress bar and listed in the manifest."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from tqdm import tqdm
 

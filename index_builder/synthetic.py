@@ -17,6 +17,7 @@ planted effects (off by default, so the standard shop stays as it was):
   of the events go to the few items of the newsletter.
 - region: the user's region attribute, on 95% of events (their taste follows it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,18 @@ CHANNEL_PROBS = np.array([0.5, 0.35, 0.15])
 DEVICE_SWITCH = 0.1  # chance that a visit's device differs from the user's previous visit
 
 
-def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, events_per_user: int = 30,
-              focus: float = 0.9, zipf: float = 1.1, days: int = 60, seed: int = 0,
-              start_unix: int = 1_700_000_000, context: float = 0.0) -> SyntheticShop:
+def make_shop(
+    n_users: int = 300,
+    n_items: int = 200,
+    n_categories: int = 5,
+    events_per_user: int = 30,
+    focus: float = 0.9,
+    zipf: float = 1.1,
+    days: int = 60,
+    seed: int = 0,
+    start_unix: int = 1_700_000_000,
+    context: float = 0.0,
+) -> SyntheticShop:
     """Generate a shop.
 
     Parameters
@@ -73,7 +83,7 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
     by_cat = [np.flatnonzero(item_cat == c) for c in range(n_categories)]
     for members in by_cat:
         ranks = rng.permutation(len(members)) + 1
-        weights[members] = ranks ** -zipf
+        weights[members] = ranks**-zipf
     cat_cdf = []
     for members in by_cat:
         p = weights[members] / weights[members].sum()
@@ -92,34 +102,57 @@ def make_shop(n_users: int = 300, n_items: int = 200, n_categories: int = 5, eve
     regions = np.array([f"R{c}" for c in range(n_categories)])
     # Region predicts the favourite category 80% of the time: a segment with signal.
     region_of = np.where(rng.random(n_users) < 0.8, fav, rng.integers(0, n_categories, n_users))
-    columns = {}
-    shop_context = {}
+    columns: dict[str, np.ndarray] = {}
+    shop_context: dict[str, np.ndarray] = {}
     if context > 0:
-        columns, shop_context = _plant_context(users, ts, in_fav, items, cat_cdf, region_of, regions,
-                                               n_users, n_items, n_categories, context, seed, start_unix)
+        columns, shop_context = _plant_context(
+            users,
+            ts,
+            in_fav,
+            items,
+            cat_cdf,
+            region_of,
+            regions,
+            n_users,
+            n_items,
+            n_categories,
+            context,
+            seed,
+            start_unix,
+        )
     uid = np.char.add("u", np.arange(n_users).astype(str))
     iid = np.char.add("i", np.arange(n_items).astype(str))
     cat_names = np.array([f"cat{c}" for c in range(n_categories)])
-    events = pa.table({
-        "user_id": uid[users], "item_id": iid[items], "event_type": etype,
-        "timestamp": ts.astype(np.int64), **columns,
-    })
-    items_t = pa.table({
-        "item_id": iid,
-        "title": np.char.add("Item ", np.arange(n_items).astype(str)),
-        "category": cat_names[item_cat],
-        "price": np.round(rng.lognormal(3.0, 0.6, n_items), 2),
-    })
-    users_t = pa.table({
-        "user_id": uid,
-        "region": regions[region_of],
-        "age": rng.integers(18, 70, n_users).astype(str),
-    })
+    events = pa.table(
+        {
+            "user_id": uid[users],
+            "item_id": iid[items],
+            "event_type": etype,
+            "timestamp": ts.astype(np.int64),
+            **columns,
+        }
+    )
+    items_t = pa.table(
+        {
+            "item_id": iid,
+            "title": np.char.add("Item ", np.arange(n_items).astype(str)),
+            "category": cat_names[item_cat],
+            "price": np.round(rng.lognormal(3.0, 0.6, n_items), 2),
+        }
+    )
+    users_t = pa.table(
+        {
+            "user_id": uid,
+            "region": regions[region_of],
+            "age": rng.integers(18, 70, n_users).astype(str),
+        }
+    )
     return SyntheticShop(events, items_t, users_t, fav, item_cat, **shop_context)
 
 
-def _plant_context(users, ts, in_fav, items, cat_cdf, region_of, regions, n_users, n_items,
-                   n_categories, strength, seed, start_unix) -> tuple[dict, dict]:
+def _plant_context(
+    users, ts, in_fav, items, cat_cdf, region_of, regions, n_users, n_items, n_categories, strength, seed, start_unix
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Context columns with planted effects; moves the affected events' items in place.
 
     A random stream of its own, so the shop's other draws stay those of ``context = 0``.
@@ -190,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events-per-user", type=int, default=30)
     p.add_argument("--format", choices=["csv", "parquet"], default="csv")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--context", type=float, default=0.0,
-                   help="strength of the planted channel/device effects (0 = no context columns)")
+    p.add_argument(
+        "--context",
+        type=float,
+        default=0.0,
+        help="strength of the planted channel/device effects (0 = no context columns)",
+    )
     a = p.parse_args(argv)
     shop = make_shop(a.users, a.items, a.categories, a.events_per_user, seed=a.seed, context=a.context)
     for name, path in write_shop(shop, a.out, a.format).items():

@@ -1,4 +1,5 @@
 """Feature tables of a bundle: popularity, segments, consumed sets and item attributes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ def distinct_user_counts(user_rows: np.ndarray, item_rows: np.ndarray, n_users: 
     return np.asarray(m.sum(axis=0)).ravel()
 
 
-def consumed_csr(user_rows: np.ndarray, item_rows: np.ndarray, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+def consumed_csr(
+    user_rows: np.ndarray, item_rows: np.ndarray, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per user, the sorted unique items they consumed (bought, rated): never re-offered."""
     m = sp.csr_matrix((np.ones(len(user_rows), np.int8), (user_rows, item_rows)), shape=(n_users, n_items))
     m.sum_duplicates()

@@ -1,4 +1,5 @@
 """Interaction weighting with time decay, and ALS user/item factors trained with ``implicit``."""
+
 from __future__ import annotations
 
 import logging
@@ -37,7 +38,9 @@ def event_weights(events: pa.Table, cfg: BuildConfig, t_end: int) -> np.ndarray:
     type_idx = pc.index_in(events["event_type"], value_set=types).to_numpy()
     w = per_type[type_idx]
     if cfg.value_event_types:
-        is_value = pc.is_in(events["event_type"], value_set=pa.array(cfg.value_event_types)).to_numpy(zero_copy_only=False)
+        is_value = pc.is_in(events["event_type"], value_set=pa.array(cfg.value_event_types)).to_numpy(
+            zero_copy_only=False
+        )
         values = events["value"].to_numpy(zero_copy_only=False).astype(np.float64)
         # A rating without a value counts as a middling one rather than vanishing.
         values = np.where(np.isnan(values), cfg.value_scale / 2, values)
@@ -47,8 +50,9 @@ def event_weights(events: pa.Table, cfg: BuildConfig, t_end: int) -> np.ndarray:
     return (w * decay).astype(np.float32)
 
 
-def confidence_matrix(user_rows: np.ndarray, item_rows: np.ndarray, weights: np.ndarray,
-                      n_users: int, n_items: int) -> sp.csr_matrix:
+def confidence_matrix(
+    user_rows: np.ndarray, item_rows: np.ndarray, weights: np.ndarray, n_users: int, n_items: int
+) -> sp.csr_matrix:
     """Sum the weights of every (user, item) pair into a users × items CSR matrix."""
     m = sp.coo_matrix((weights, (user_rows, item_rows)), shape=(n_users, n_items), dtype=np.float32).tocsr()
     m.sum_duplicates()

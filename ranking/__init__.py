@@ -15,6 +15,7 @@ layer from :mod:`ranking.errors`, the domain errors the server maps to gRPC stat
 process pays only for the layers it touches (the supervisor forks the server's workers,
 the builder's CLI starts for one command), and ``import ranking`` costs nothing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,28 +24,63 @@ from typing import TYPE_CHECKING, Any
 # The module that defines each public name; the TYPE_CHECKING block below lists the same
 # names for type checkers and readers (tests/test_imports.py checks the two agree).
 _MODULES: dict[str, tuple[str, ...]] = {
-    "ranking.errors": ("BundleError", "DeadlineExceeded", "FieldViolation", "InvalidRequest",
-                       "NotFound", "RankingError", "Unavailable"),
+    "ranking.errors": (
+        "BundleError",
+        "FieldViolation",
+        "InvalidRequest",
+        "RankingError",
+        "Unavailable",
+    ),
     "ranking.bundle.schema": ("SCHEMA_VERSION", "ArraySpec", "check_arrays"),
-    "ranking.bundle.store": ("CURRENT", "MANIFEST", "Bundle", "BundleWriter", "MemoryBundle",
-                             "resolve_current", "set_current"),
+    "ranking.bundle.store": (
+        "CURRENT",
+        "MANIFEST",
+        "Bundle",
+        "BundleWriter",
+        "MemoryBundle",
+        "resolve_current",
+        "set_current",
+    ),
     "ranking.bundle.model": ("Csr", "RankingModel"),
     "ranking.bundle.segments": ("SegmentScheme",),
-    "ranking.kernels.scoring": ("TopK", "TreeArrays", "linear_contributions", "score_topk",
-                                "score_trees_topk", "topk", "tree_contributions"),
+    "ranking.kernels.scoring": (
+        "TopK",
+        "TreeArrays",
+        "linear_contributions",
+        "score_topk",
+        "score_trees_topk",
+        "topk",
+        "tree_contributions",
+    ),
     "ranking.kernels.reranker": ("concat_trees", "tree_arrays", "trees_from_lightgbm"),
     "ranking.retrieval.search": ("ExactHead", "Retriever", "ann_search"),
     "ranking.realtime.events": ("Event", "EventLimits", "Rejection", "validate_batch"),
-    "ranking.realtime.eventlog": ("FSYNC_POLICIES", "EventLog", "EventLogCorrupt", "EventLogError",
-                                  "LogTailer", "log_dirs", "open_writer", "read_all"),
+    "ranking.realtime.eventlog": (
+        "FSYNC_POLICIES",
+        "EventLog",
+        "EventLogCorrupt",
+        "EventLogError",
+        "LogTailer",
+        "log_dirs",
+        "open_writer",
+        "read_all",
+    ),
     "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
-    "ranking.policy.experiments": ("NO_EXPERIMENT", "VARIANTS", "Assignment", "Experiments",
-                                   "parse_experiments"),
+    "ranking.policy.experiments": ("NO_EXPERIMENT", "VARIANTS", "Assignment", "Experiments", "parse_experiments"),
     "ranking.policy.rules": ("RuleSet", "parse_rules"),
     "ranking.pipeline.budget": ("LATE_ALLOWANCE_MS", "Budget", "CostModel", "effective_budget_ms"),
     "ranking.pipeline.query": ("RankQuery",),
-    "ranking.config": ("DEFAULT_EXACT_HEAD_ITEMS", "EventLogSettings", "OverlaySettings", "QueryLimits", "RankerConfig",
-                       "UserStateSettings", "marked_table", "replace_marked_table", "settings_table"),
+    "ranking.config": (
+        "DEFAULT_EXACT_HEAD_ITEMS",
+        "EventLogSettings",
+        "OverlaySettings",
+        "QueryLimits",
+        "RankerConfig",
+        "UserStateSettings",
+        "marked_table",
+        "replace_marked_table",
+        "settings_table",
+    ),
     "ranking.pipeline.features": ("CONTEXT_FIELDS", "FEATURE_NAMES", "N_FEATURES"),
     "ranking.pipeline.overlay": ("RankOverlay", "build_overlay"),
     "ranking.pipeline.serving": ("ServingModel",),
@@ -54,32 +90,59 @@ _EXPORTS = {name: module for module, names in _MODULES.items() for name in names
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from ranking.errors import (BundleError, DeadlineExceeded, FieldViolation, InvalidRequest,
-        NotFound, RankingError, Unavailable)
-    from ranking.bundle.schema import SCHEMA_VERSION, ArraySpec, check_arrays
-    from ranking.bundle.store import (CURRENT, MANIFEST, Bundle, BundleWriter, MemoryBundle,
-        resolve_current, set_current)
     from ranking.bundle.model import Csr, RankingModel
+    from ranking.bundle.schema import SCHEMA_VERSION, ArraySpec, check_arrays
     from ranking.bundle.segments import SegmentScheme
-    from ranking.kernels.scoring import (TopK, TreeArrays, linear_contributions, score_topk,
-        score_trees_topk, topk, tree_contributions)
+    from ranking.bundle.store import CURRENT, MANIFEST, Bundle, BundleWriter, MemoryBundle, resolve_current, set_current
+    from ranking.config import (
+        DEFAULT_EXACT_HEAD_ITEMS,
+        EventLogSettings,
+        OverlaySettings,
+        QueryLimits,
+        RankerConfig,
+        UserStateSettings,
+        marked_table,
+        replace_marked_table,
+        settings_table,
+    )
+    from ranking.errors import (
+        BundleError,
+        FieldViolation,
+        InvalidRequest,
+        RankingError,
+        Unavailable,
+    )
     from ranking.kernels.reranker import concat_trees, tree_arrays, trees_from_lightgbm
-    from ranking.realtime.events import Event, EventLimits, Rejection, validate_batch
-    from ranking.retrieval.search import ExactHead, Retriever, ann_search
-    from ranking.realtime.eventlog import (FSYNC_POLICIES, EventLog, EventLogCorrupt, EventLogError,
-        LogTailer, log_dirs, open_writer, read_all)
-    from ranking.realtime.user_state import UserStateStore, item_gram
-    from ranking.policy.experiments import (NO_EXPERIMENT, VARIANTS, Assignment, Experiments,
-        parse_experiments)
+    from ranking.kernels.scoring import (
+        TopK,
+        TreeArrays,
+        linear_contributions,
+        score_topk,
+        score_trees_topk,
+        topk,
+        tree_contributions,
+    )
     from ranking.pipeline.budget import LATE_ALLOWANCE_MS, Budget, CostModel, effective_budget_ms
     from ranking.pipeline.features import CONTEXT_FIELDS, FEATURE_NAMES, N_FEATURES
-    from ranking.config import (DEFAULT_EXACT_HEAD_ITEMS, EventLogSettings, OverlaySettings, QueryLimits,
-        RankerConfig, UserStateSettings, marked_table, replace_marked_table, settings_table)
     from ranking.pipeline.overlay import RankOverlay, build_overlay
     from ranking.pipeline.query import RankQuery
-    from ranking.pipeline.ranker import FEATURES, RankResult, Ranker, Rung
+    from ranking.pipeline.ranker import FEATURES, Ranker, RankResult, Rung
     from ranking.pipeline.serving import ServingModel
+    from ranking.policy.experiments import NO_EXPERIMENT, VARIANTS, Assignment, Experiments, parse_experiments
     from ranking.policy.rules import RuleSet, parse_rules
+    from ranking.realtime.eventlog import (
+        FSYNC_POLICIES,
+        EventLog,
+        EventLogCorrupt,
+        EventLogError,
+        LogTailer,
+        log_dirs,
+        open_writer,
+        read_all,
+    )
+    from ranking.realtime.events import Event, EventLimits, Rejection, validate_batch
+    from ranking.realtime.user_state import UserStateStore, item_gram
+    from ranking.retrieval.search import ExactHead, Retriever, ann_search
 
 
 def __getattr__(name: str) -> Any:

@@ -3,13 +3,13 @@
 Light on purpose (dataclasses only, no numpy or faiss): the server's and the builder's
 configs import it when they load and derive their own defaults from these.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
-
 
 # Items in the exact head by default: 16 384 x 64 float32 is 4 MB, which stays in cache
 # between requests where the whole index (hundreds of MB at a million items) cannot.
@@ -130,7 +130,7 @@ def settings_table(cls: type) -> str:
         if "default" in f.metadata:
             shown = f.metadata["default"]
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
             shown = f"`{_shown(default)}`" if default != "" else "(none)"
         meaning = f.metadata["help"].replace("|", "\\|")  # a bare | would end the cell
         rows.append(f"| `{f.name}` | {shown} | {meaning} |")

@@ -1,4 +1,5 @@
 """Domain errors of the ranking core; the server maps them to gRPC status in one place."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,16 +25,8 @@ class InvalidRequest(RankingError):
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
 
 
-class NotFound(RankingError):
-    """A named thing (bundle, version) does not exist."""
-
-
 class Unavailable(RankingError):
     """The service cannot answer yet, e.g. no bundle is loaded."""
-
-
-class DeadlineExceeded(RankingError):
-    """The request's budget ran out before any answer could be formed."""
 
 
 class BundleError(RankingError):

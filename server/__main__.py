@@ -1,4 +1,5 @@
 """Entry point: ``python -m server --artifacts DIR``."""
+
 import sys
 
 from server.workers import main

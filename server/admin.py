@@ -1,9 +1,10 @@
 """AdminService: reload the bundle and report status over gRPC (proto <-> ModelManager)."""
+
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -24,8 +25,13 @@ _RESULTS = {
 def outcome_to_proto(outcome: ReloadOutcome) -> admin_pb2.ReloadBundleResponse:
     """The proto form of a reload outcome."""
     return admin_pb2.ReloadBundleResponse(
-        result=_RESULTS[outcome.result], version=outcome.version, serving_version=outcome.serving_version,
-        reason=outcome.reason, error=outcome.error, seconds=outcome.seconds)
+        result=_RESULTS[outcome.result],
+        version=outcome.version,
+        serving_version=outcome.serving_version,
+        reason=outcome.reason,
+        error=outcome.error,
+        seconds=outcome.seconds,
+    )
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -57,8 +63,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def GetStatus(self, request, context: grpc.ServicerContext) -> admin_pb2.GetStatusResponse:
         models = self.models
-        resp = admin_pb2.GetStatusResponse(serving=models.loaded, version=models.version,
-                                           artifacts=str(models.artifacts))
+        resp = admin_pb2.GetStatusResponse(
+            serving=models.loaded, version=models.version, artifacts=str(models.artifacts)
+        )
         if models.loaded:
             created = models.current().model.manifest.get("created_at")
             if created:

@@ -8,13 +8,14 @@ has waited until only its reserve is left (a fifth of its budget, at least
 (no ANN search, no features: precomputed lists in retrieval order), which the
 reserve pays for, so it still answers within its budget.
 """
+
 from __future__ import annotations
 
 import math
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from ranking import Budget
 

@@ -7,6 +7,7 @@ or SIGINT turns health NOT_SERVING, keeps serving for ``drain_notice_seconds`` s
 load balancers move away, stops accepting, lets in-flight requests finish for up to
 ``drain_seconds`` and returns 0.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,9 @@ from server.admin import AdminServicer
 from server.config import ServerConfig
 from server.interceptors import CallInterceptor
 from server.model_manager import ModelManager
+from server.ready import write_ready
 from server.realtime import Realtime
 from server.servicer import RankingServicer
-from server.ready import write_ready
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -58,13 +59,12 @@ def one_openmp_thread() -> None:
 
 def request_executor(max_workers: int, name: str = "rpc") -> futures.ThreadPoolExecutor:
     """Threads that handle RPCs, each set to one OpenMP thread before its first request."""
-    return futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name,
-                                      initializer=one_openmp_thread)
+    return futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name, initializer=one_openmp_thread)
 
 
-def create_server(config: ServerConfig, models: ModelManager,
-                  reuse_port: bool = False,
-                  realtime: "Realtime | None" = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+def create_server(
+    config: ServerConfig, models: ModelManager, reuse_port: bool = False, realtime: Realtime | None = None
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the ranking, health and reflection services, bound but not started.
 
     Health starts NOT_SERVING; :func:`serve` turns it SERVING once a bundle is loaded.
@@ -86,8 +86,10 @@ def create_server(config: ServerConfig, models: ModelManager,
         # a client stays on the worker (and the pod) it first reached. Past this age
         # (gRPC adds ±10% jitter) the client is sent GOAWAY and reconnects; calls in
         # flight on the old connection get drain_seconds to finish.
-        options += [("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
-                    ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000))]
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000)),
+        ]
     # Rank runs on its own few threads, taking calls in arrival order; health, reflection,
     # admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank
     # and no burst of Rank calls holds up a health check (docs/operations.md, "Processes").
@@ -104,9 +106,11 @@ def create_server(config: ServerConfig, models: ModelManager,
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminServicer(models, on_loaded=lambda: _set_serving(health_servicer, True)), server)
+        AdminServicer(models, on_loaded=lambda: _set_serving(health_servicer, True)), server
+    )
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
@@ -129,8 +133,14 @@ def drain(server: grpc.Server, health_servicer: health.HealthServicer, config: S
     Calls still running after ``drain_seconds`` are cancelled; the process exits 0 either way,
     because a drain that hit its deadline is an orderly shutdown, not a crash.
     """
-    log.info("draining", extra={"notice_seconds": config.drain_notice_seconds,
-                                "grace_seconds": config.drain_seconds, "in_flight": _in_flight()})
+    log.info(
+        "draining",
+        extra={
+            "notice_seconds": config.drain_notice_seconds,
+            "grace_seconds": config.drain_seconds,
+            "in_flight": _in_flight(),
+        },
+    )
     metrics.SERVING.set(0)
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING for every service, and it stays so
     if config.drain_notice_seconds > 0:
@@ -176,10 +186,10 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     # its wait) can deadlock the loop (a SIGHUP was once never acted on, under load).
     flags = {"stop": False, "reload": False}
 
-    def on_stop(signum, frame):
+    def on_stop(_signum, _frame):
         flags["stop"] = True
 
-    def on_reload(signum, frame):
+    def on_reload(_signum, _frame):
         flags["reload"] = True
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -201,8 +211,10 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     frozen_version = models.version
     gc_pauses.flush()
     if not models.loaded:
-        log.warning("no servable bundle yet; health stays NOT_SERVING until a poll, SIGHUP or "
-                    "ReloadBundle loads one", extra={"artifacts": config.artifacts})
+        log.warning(
+            "no servable bundle yet; health stays NOT_SERVING until a poll, SIGHUP or ReloadBundle loads one",
+            extra={"artifacts": config.artifacts},
+        )
     if on_ready is not None:
         on_ready(port)
     if config.ready_file:
@@ -229,4 +241,3 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     realtime.close()
     gc_pauses.close()
     return 0
-

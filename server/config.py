@@ -1,16 +1,26 @@
 """The server's one typed configuration, from defaults, a TOML file, the environment and flags."""
+
 from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import sys
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ranking import (EventLimits, EventLogSettings, OverlaySettings, QueryLimits, RankerConfig, UserStateSettings,
-                     replace_marked_table, settings_table)
+from ranking import (
+    EventLimits,
+    EventLogSettings,
+    OverlaySettings,
+    QueryLimits,
+    RankerConfig,
+    UserStateSettings,
+    replace_marked_table,
+    settings_table,
+)
 
 ENV_PREFIX = "ONE2ONE_"
 # How a boolean setting may be spelt in the environment (TOML has its own true/false).
@@ -41,94 +51,145 @@ class ServerConfig:
     port: int = _setting(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _setting(9464, "Prometheus endpoint port (`-1` turns it off)")
     metrics_host: str = _setting("127.0.0.1", "Prometheus endpoint bind address")
-    max_workers: int = _setting(16, "threads handling RPCs other than Rank (health, reflection, admin, "
-                                "RecordEvents), and Rank too when `rank_threads` is 0")
-    rank_threads: int = _setting(2, "threads handling Rank, per worker, taking calls in arrival order; the wait "
-                                 "for one counts against the budget (stage `queue`). 0: Rank on the "
-                                 "`max_workers` threads")
+    max_workers: int = _setting(
+        16,
+        "threads handling RPCs other than Rank (health, reflection, admin, "
+        "RecordEvents), and Rank too when `rank_threads` is 0",
+    )
+    rank_threads: int = _setting(
+        2,
+        "threads handling Rank, per worker, taking calls in arrival order; the wait "
+        "for one counts against the budget (stage `queue`). 0: Rank on the "
+        "`max_workers` threads",
+    )
     max_message_bytes: int = _setting(1 << 20, "larger requests are refused with `RESOURCE_EXHAUSTED`")
     default_budget_ms: float = _setting(50.0, "budget of a request that sets none")
     max_budget_ms: float = _setting(500.0, "cap on any request's budget")
     reply_margin_ms: float = _setting(2.0, "kept back from the gRPC deadline to send the reply")
     drain_seconds: float = _setting(10.0, "grace period for in-flight requests on SIGTERM")
-    drain_notice_seconds: float = _setting(0.0, "after SIGTERM, health says `NOT_SERVING` but calls are still "
-                                           "served this long, so load balancers move away first")
+    drain_notice_seconds: float = _setting(
+        0.0,
+        "after SIGTERM, health says `NOT_SERVING` but calls are still "
+        "served this long, so load balancers move away first",
+    )
     max_connection_age_seconds: float = _setting(
-        300.0, "a client connection older than this is asked to reconnect (HTTP/2 GOAWAY; its calls in flight "
+        300.0,
+        "a client connection older than this is asked to reconnect (HTTP/2 GOAWAY; its calls in flight "
         "get `drain_seconds` to finish), so connections spread again over the worker processes and over pods "
-        "added since (see Processes); 0: never")
-    reload_interval_seconds: float = _setting(5.0, "how often `CURRENT` is checked for a new bundle (0: never; "
-                                              "SIGHUP and `ReloadBundle` still work)")
-    bundle_max_age_hours: float = _setting(48.0, "a served bundle built longer ago than this is stale (exported "
-                                           "as `one2one_bundle_max_age_seconds`; the stale-bundle alert reads it)")
+        "added since (see Processes); 0: never",
+    )
+    reload_interval_seconds: float = _setting(
+        5.0, "how often `CURRENT` is checked for a new bundle (0: never; SIGHUP and `ReloadBundle` still work)"
+    )
+    bundle_max_age_hours: float = _setting(
+        48.0,
+        "a served bundle built longer ago than this is stale (exported "
+        "as `one2one_bundle_max_age_seconds`; the stale-bundle alert reads it)",
+    )
     # The pipeline's settings: defaults are RankerConfig's own (ranking.config).
     n_candidates: int = _setting(RankerConfig.n_candidates, "candidates retrieved by ANN search")
     popular_candidates: int = _setting(RankerConfig.popular_candidates, "popular items added to the candidates")
-    ann_effort: int = _setting(RankerConfig.ann_effort, "search effort on the request path: HNSW efSearch, "
-                               "IVF nprobe")
-    exact_head_items: int = _setting(RankerConfig.exact_head_items, "items of largest norm searched exactly "
-                                     "first; the ANN index answers only the queries this search cannot prove "
-                                     "exact (0: ANN only). See Retrieval")
+    ann_effort: int = _setting(RankerConfig.ann_effort, "search effort on the request path: HNSW efSearch, IVF nprobe")
+    exact_head_items: int = _setting(
+        RankerConfig.exact_head_items,
+        "items of largest norm searched exactly "
+        "first; the ANN index answers only the queries this search cannot prove "
+        "exact (0: ANN only). See Retrieval",
+    )
     max_results: int = _setting(QueryLimits.max_results, "`num_results` above this is clamped")
     log_level: str = _setting("INFO", "JSON logs on stderr")
     ready_file: str = _setting("", "write `{grpc_port, metrics_port, pid, worker_pids}` here once serving")
-    workers: int = _setting(0, "worker processes sharing the port (0: one per CPU the server may run on; "
-                            "1: no supervisor)")
-    pin_workers: bool = _setting(True, "with exactly one worker per allowed CPU, pin each worker to its own "
-                                 "CPU (see Processes)")
-    ann_batch_size: int = _setting(RankerConfig.ann_batch_size, "micro-batch up to this many concurrent ANN "
-                                   "queries into one search (1: off)")
-    max_concurrent_ranks: int = _setting(1, "Rank pipelines one worker runs at once (0: no limit); the rest "
-                                         "wait, the wait counting against their budget (stage `queue`), "
-                                         "because a worker's in-flight requests share its GIL")
-    gil_switch_interval_us: float = _setting(500.0, "longest a thread waits for the GIL while another computes "
-                                             "(Python's default is 5000: a request or gRPC thread waiting "
-                                             "behind a busy pipeline then overran a 10 ms budget)")
-    ann_batch_wait_us: float = _setting(RankerConfig.ann_batch_wait_us, "longest a batch leader waits for "
-                                        "company (never more than a tenth of its budget)")
-    debug_delay_us_per_candidate: str = _setting("", "test/debug only: `retrieve:100,features:50` adds "
-                                                 "artificial work per candidate")
-    debug_rank_delay_ms: float = _setting(0.0, "test/debug only: every Rank waits this long inside its budget "
-                                          "(a slow dependency); never set in production")
+    workers: int = _setting(
+        0, "worker processes sharing the port (0: one per CPU the server may run on; 1: no supervisor)"
+    )
+    pin_workers: bool = _setting(
+        True, "with exactly one worker per allowed CPU, pin each worker to its own CPU (see Processes)"
+    )
+    ann_batch_size: int = _setting(
+        RankerConfig.ann_batch_size, "micro-batch up to this many concurrent ANN queries into one search (1: off)"
+    )
+    max_concurrent_ranks: int = _setting(
+        1,
+        "Rank pipelines one worker runs at once (0: no limit); the rest "
+        "wait, the wait counting against their budget (stage `queue`), "
+        "because a worker's in-flight requests share its GIL",
+    )
+    gil_switch_interval_us: float = _setting(
+        500.0,
+        "longest a thread waits for the GIL while another computes "
+        "(Python's default is 5000: a request or gRPC thread waiting "
+        "behind a busy pipeline then overran a 10 ms budget)",
+    )
+    ann_batch_wait_us: float = _setting(
+        RankerConfig.ann_batch_wait_us,
+        "longest a batch leader waits for company (never more than a tenth of its budget)",
+    )
+    debug_delay_us_per_candidate: str = _setting(
+        "", "test/debug only: `retrieve:100,features:50` adds artificial work per candidate"
+    )
+    debug_rank_delay_ms: float = _setting(
+        0.0,
+        "test/debug only: every Rank waits this long inside its budget (a slow dependency); never set in production",
+    )
     # Real-time events and experiments (RecordEvents, user state, rules, arms); defaults are
     # the library's own sections (ranking.config, ranking.events).
-    event_log_dir: str = _setting("", "the durable event log (segments `<n>.log`), next to (never inside) the "
-                                  "artifacts; replayed into user state at start",
-                                  shown="(none: `<artifacts>-events`)")
-    event_log_fsync: str = _setting(EventLogSettings.fsync, "`always`: fsync before RecordEvents returns OK; "
-                                    "`interval`: every `event_log_fsync_interval_seconds`; `never`: the OS "
-                                    "decides")
-    event_log_fsync_interval_seconds: float = _setting(EventLogSettings.fsync_interval_seconds,
-                                                       "period of the background fsync under `interval`")
-    event_log_segment_bytes: int = _setting(EventLogSettings.segment_bytes,
-                                            "a new segment is started beyond this size")
+    event_log_dir: str = _setting(
+        "",
+        "the durable event log (segments `<n>.log`), next to (never inside) the "
+        "artifacts; replayed into user state at start",
+        shown="(none: `<artifacts>-events`)",
+    )
+    event_log_fsync: str = _setting(
+        EventLogSettings.fsync,
+        "`always`: fsync before RecordEvents returns OK; "
+        "`interval`: every `event_log_fsync_interval_seconds`; `never`: the OS "
+        "decides",
+    )
+    event_log_fsync_interval_seconds: float = _setting(
+        EventLogSettings.fsync_interval_seconds, "period of the background fsync under `interval`"
+    )
+    event_log_segment_bytes: int = _setting(EventLogSettings.segment_bytes, "a new segment is started beyond this size")
     event_types: str = _setting(",".join(EventLimits.event_types), "event types RecordEvents accepts")
-    max_events_per_batch: int = _setting(EventLimits.max_events_per_batch,
-                                         "larger RecordEvents batches are `INVALID_ARGUMENT`")
-    max_event_future_seconds: float = _setting(EventLimits.max_future_seconds,
-                                               "an event time further ahead of the server clock is rejected")
-    user_state_ttl_seconds: float = _setting(UserStateSettings.ttl_seconds, "real-time events older than this "
-                                             "(by event time) stop counting")
-    user_state_max_users: int = _setting(UserStateSettings.max_users, "users held in memory (least recently "
-                                         "used evicted; their events stay in the log)")
-    user_state_max_events: int = _setting(UserStateSettings.max_events_per_user,
-                                          "most recent events kept per user")
-    skip_penalty: float = _setting(OverlaySettings.skip_penalty, "score subtracted from items as similar "
-                                   "(cosine) as possible to a skipped/disliked one, in units of the model's "
-                                   "score spread (the standard deviation of candidate scores, measured at "
-                                   "warm-up)")
-    interest_boost: float = _setting(OverlaySettings.interest_boost, "score added to the candidate most similar "
-                                     "(cosine) to an item the user engaged with since the bundle was built (not "
-                                     "to that item itself), scaled linearly down to 0 for the least similar "
-                                     "candidate; same units")
+    max_events_per_batch: int = _setting(
+        EventLimits.max_events_per_batch, "larger RecordEvents batches are `INVALID_ARGUMENT`"
+    )
+    max_event_future_seconds: float = _setting(
+        EventLimits.max_future_seconds, "an event time further ahead of the server clock is rejected"
+    )
+    user_state_ttl_seconds: float = _setting(
+        UserStateSettings.ttl_seconds, "real-time events older than this (by event time) stop counting"
+    )
+    user_state_max_users: int = _setting(
+        UserStateSettings.max_users, "users held in memory (least recently used evicted; their events stay in the log)"
+    )
+    user_state_max_events: int = _setting(UserStateSettings.max_events_per_user, "most recent events kept per user")
+    skip_penalty: float = _setting(
+        OverlaySettings.skip_penalty,
+        "score subtracted from items as similar "
+        "(cosine) as possible to a skipped/disliked one, in units of the model's "
+        "score spread (the standard deviation of candidate scores, measured at "
+        "warm-up)",
+    )
+    interest_boost: float = _setting(
+        OverlaySettings.interest_boost,
+        "score added to the candidate most similar "
+        "(cosine) to an item the user engaged with since the bundle was built (not "
+        "to that item itself), scaled linearly down to 0 for the least similar "
+        "candidate; same units",
+    )
     experiments_file: str = _setting("", "TOML with `[[experiments]]` and `[[rules]]` (see docs/api.md)")
     log_all_impressions: bool = _setting(False, "log every Rank response, not only those in an experiment")
-    attribution_max_requests: int = _setting(100_000, "recent request ids remembered to attribute events to "
-                                             "arms in the metrics")
+    attribution_max_requests: int = _setting(
+        100_000, "recent request ids remembered to attribute events to arms in the metrics"
+    )
 
     @classmethod
-    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None,
-             flags: Mapping[str, Any] | None = None) -> "ServerConfig":
+    def load(
+        cls,
+        path: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+    ) -> ServerConfig:
         """Build the configuration; raises ValueError naming the bad key and its source."""
         cfg = cls()
         if path:
@@ -136,8 +197,11 @@ class ServerConfig:
                 doc = tomllib.load(fh)
             cfg._apply(doc.get("server", doc), f"config file {path}")
         env = os.environ if env is None else env
-        from_env = {f.name: env[ENV_PREFIX + f.name.upper()] for f in dataclasses.fields(cls)
-                    if ENV_PREFIX + f.name.upper() in env}
+        from_env = {
+            f.name: env[ENV_PREFIX + f.name.upper()]
+            for f in dataclasses.fields(cls)
+            if ENV_PREFIX + f.name.upper() in env
+        }
         cfg._apply(from_env, "environment", parse_strings=True)
         cfg._apply({k: v for k, v in (flags or {}).items() if v is not None}, "command line")
         cfg.validate()
@@ -159,8 +223,9 @@ class ServerConfig:
                 else:
                     value = str(value)
             except (TypeError, ValueError, KeyError):
-                raise ValueError(f"server setting {key!r} from {source} must be {type(default).__name__}, "
-                                 f"got {value!r}") from None
+                raise ValueError(
+                    f"server setting {key!r} from {source} must be {type(default).__name__}, got {value!r}"
+                ) from None
             setattr(self, key, value)
 
     def validate(self) -> None:
@@ -205,8 +270,12 @@ class ServerConfig:
             problems.append("event_log_segment_bytes must be >= 1024")
         if not self.event_type_list():
             problems.append("event_types must name at least one event type")
-        for name in ("max_events_per_batch", "user_state_max_users", "user_state_max_events",
-                     "attribution_max_requests"):
+        for name in (
+            "max_events_per_batch",
+            "user_state_max_users",
+            "user_state_max_events",
+            "attribution_max_requests",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
         if self.user_state_ttl_seconds <= 0 or self.event_log_fsync_interval_seconds <= 0:
@@ -231,8 +300,9 @@ class ServerConfig:
                     raise ValueError
                 out[stage] = float(value)
             except ValueError:
-                raise ValueError(f"debug_delay_us_per_candidate entry {part!r} must be "
-                                 "retrieve:<us> or features:<us>") from None
+                raise ValueError(
+                    f"debug_delay_us_per_candidate entry {part!r} must be retrieve:<us> or features:<us>"
+                ) from None
         return out
 
     def event_type_list(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ histogram. Its callback only appends to a deque: a collection can start inside a
 allocation, also inside prometheus_client's (non-reentrant) lock, so the metric is
 written later, by :meth:`PauseWatch.flush` on the serving loop's tick.
 """
+
 from __future__ import annotations
 
 import collections

@@ -1,5 +1,6 @@
 """The server's one interceptor: when each call arrived, which threads run it, and its metrics
 (request count, latency and in-flight requests by method and status code)."""
+
 from __future__ import annotations
 
 import contextvars
@@ -75,7 +76,8 @@ class CallInterceptor(grpc.ServerInterceptor):
 
         pool = self.thread_pools.get(method)
         if pool is not None:
-            wrapper.experimental_thread_pool = pool
+            # gRPC reads this attribute off the behaviour function; functions carry no declared attributes.
+            wrapper.experimental_thread_pool = pool  # type: ignore[attr-defined]
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
             request_deserializer=handler.request_deserializer,

@@ -1,4 +1,5 @@
 """Structured JSON logging: one object per line, extra fields and the request id included."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
@@ -28,11 +29,6 @@ def request_context(request_id: str) -> Iterator[None]:
         yield
     finally:
         _REQUEST_ID.reset(token)
-
-
-def current_request_id() -> str:
-    """The request id of the block being run, or "" outside any request."""
-    return _REQUEST_ID.get()
 
 
 class Sampler:

@@ -10,6 +10,7 @@ collectors on the same registry. Gauges name their multiprocess mode, for when s
 worker processes write their metrics to one directory: "livemin" on one2one_serving
 reads 1 only while every live worker serves, "livesum" adds in-flight requests up.
 """
+
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -52,75 +53,110 @@ CANDIDATE_BUCKETS = (0, 10, 50, 100, 200, 400, 800, 1600, 3200, 10000)
 GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # -- RED: every RPC, by method and final status code ----------------------------------
-RPC_REQUESTS = Counter(
-    "one2one_rpc_requests", "gRPC requests handled, by method and status code.", ["method", "code"])
+RPC_REQUESTS = Counter("one2one_rpc_requests", "gRPC requests handled, by method and status code.", ["method", "code"])
 RPC_DURATION = Histogram(
-    "one2one_rpc_duration_seconds", "Server-side gRPC handling time, by method: from the call's arrival "
-    "at the server (its wait for a handler thread included) to its reply.", ["method"],
-    buckets=LATENCY_BUCKETS)
+    "one2one_rpc_duration_seconds",
+    "Server-side gRPC handling time, by method: from the call's arrival "
+    "at the server (its wait for a handler thread included) to its reply.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
 RPC_IN_FLIGHT = Gauge(
-    "one2one_rpc_in_flight_requests", "gRPC requests being handled right now, by method.", ["method"],
-    multiprocess_mode="livesum")
+    "one2one_rpc_in_flight_requests",
+    "gRPC requests being handled right now, by method.",
+    ["method"],
+    multiprocess_mode="livesum",
+)
 
 # -- Rank: where the time goes and what was served -----------------------------------
 STAGE_DURATION = Histogram(
-    "one2one_rank_stage_duration_seconds", "Time spent in each Rank stage.", ["stage"],
-    buckets=LATENCY_BUCKETS)
+    "one2one_rank_stage_duration_seconds", "Time spent in each Rank stage.", ["stage"], buckets=LATENCY_BUCKETS
+)
 RANK_RESPONSES = Counter(
-    "one2one_rank_responses", "Rank responses by the rung of the ladder that served them.", ["strategy"])
-RANK_FALLBACKS = Counter(
-    "one2one_rank_fallbacks", "Rank requests served below ONE_TO_ONE, by reason.", ["reason"])
+    "one2one_rank_responses", "Rank responses by the rung of the ladder that served them.", ["strategy"]
+)
+RANK_FALLBACKS = Counter("one2one_rank_fallbacks", "Rank requests served below ONE_TO_ONE, by reason.", ["reason"])
 RANK_DEGRADED = Counter(
-    "one2one_rank_degraded", "Rank responses that cut work to meet the budget, by stage.", ["stage"])
+    "one2one_rank_degraded", "Rank responses that cut work to meet the budget, by stage.", ["stage"]
+)
 RANK_LATE = Counter(
-    "one2one_rank_late", "Rank responses sent more than 1 ms after their own budget ran out "
-    "(server time; the budget is the request's, the deadline's or the default, whichever is least).")
+    "one2one_rank_late",
+    "Rank responses sent more than 1 ms after their own budget ran out "
+    "(server time; the budget is the request's, the deadline's or the default, whichever is least).",
+)
 RANK_RETRIEVAL = Counter(
-    "one2one_rank_retrieval", "Rank responses by how the embedding search found their candidates: "
+    "one2one_rank_retrieval",
+    "Rank responses by how the embedding search found their candidates: "
     "exact_head (the largest-norm items, provably the exact top k), ann (the ANN index), none (no "
-    "embedding search: popular or segment lists, explicit candidates).", ["path"])
-RANK_EMPTY = Counter(
-    "one2one_rank_empty_results", "Rank responses with no item (filters or exclusions left nothing).")
+    "embedding search: popular or segment lists, explicit candidates).",
+    ["path"],
+)
+RANK_EMPTY = Counter("one2one_rank_empty_results", "Rank responses with no item (filters or exclusions left nothing).")
 RANK_CANDIDATES = Histogram(
-    "one2one_rank_candidates", "Candidates retrieved per Rank request.", buckets=CANDIDATE_BUCKETS)
+    "one2one_rank_candidates", "Candidates retrieved per Rank request.", buckets=CANDIDATE_BUCKETS
+)
 RANK_SCORED = Histogram(
-    "one2one_rank_scored_candidates", "Candidates scored per Rank request (fewer than retrieved when "
-    "the budget ran out).", buckets=CANDIDATE_BUCKETS)
+    "one2one_rank_scored_candidates",
+    "Candidates scored per Rank request (fewer than retrieved when the budget ran out).",
+    buckets=CANDIDATE_BUCKETS,
+)
 
 # -- The Python runtime of each worker ------------------------------------------------
 GC_PAUSES = Histogram(
-    "one2one_gc_pause_seconds", "Time a worker stood still in Python's cyclic garbage collector, by "
+    "one2one_gc_pause_seconds",
+    "Time a worker stood still in Python's cyclic garbage collector, by "
     "generation (2: a full collection). The collector holds the GIL: every request in flight on "
-    "that worker waits as long.", ["generation"], buckets=GC_BUCKETS)
+    "that worker waits as long.",
+    ["generation"],
+    buckets=GC_BUCKETS,
+)
 
 # -- The bundle being served and its reloads -------------------------------------------
 BUNDLE_INFO = Gauge(
-    "one2one_bundle_info", "The bundle being served (value 1), labelled by version.", ["version"],
-    multiprocess_mode="livemax")
+    "one2one_bundle_info",
+    "The bundle being served (value 1), labelled by version.",
+    ["version"],
+    multiprocess_mode="livemax",
+)
 BUNDLE_BUILD_TIME = Gauge(
-    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.", multiprocess_mode="livemax")
+    "one2one_bundle_build_timestamp_seconds", "Unix time the served bundle was built.", multiprocess_mode="livemax"
+)
 BUNDLE_LOAD_TIME = Gauge(
-    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.", multiprocess_mode="livemax")
+    "one2one_bundle_load_timestamp_seconds", "Unix time the served bundle was loaded.", multiprocess_mode="livemax"
+)
 BUNDLE_LOAD_DURATION = Gauge(
-    "one2one_bundle_load_duration_seconds", "How long loading, verifying and warming the served bundle took.",
-    multiprocess_mode="livemax")
+    "one2one_bundle_load_duration_seconds",
+    "How long loading, verifying and warming the served bundle took.",
+    multiprocess_mode="livemax",
+)
 BUNDLE_LOAD_FAILURES = Counter(
-    "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).",
-    ["reason"])
+    "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).", ["reason"]
+)
 BUNDLE_RELOADS = Counter(
-    "one2one_bundle_reloads", "Bundle load attempts, by what triggered them and their result "
-    "(loaded, refused).", ["trigger", "result"])
+    "one2one_bundle_reloads",
+    "Bundle load attempts, by what triggered them and their result (loaded, refused).",
+    ["trigger", "result"],
+)
 BUNDLE_REFUSED = Gauge(
-    "one2one_bundle_refused", "1 while CURRENT names a bundle that was refused (the old one keeps "
-    "serving), else 0.", multiprocess_mode="livemax")
+    "one2one_bundle_refused",
+    "1 while CURRENT names a bundle that was refused (the old one keeps serving), else 0.",
+    multiprocess_mode="livemax",
+)
 BUNDLE_MAX_AGE = Gauge(
-    "one2one_bundle_max_age_seconds", "The configured age (bundle_max_age_hours) after which the served "
-    "bundle counts as stale; the stale-bundle alert compares against it.", multiprocess_mode="livemax")
+    "one2one_bundle_max_age_seconds",
+    "The configured age (bundle_max_age_hours) after which the served "
+    "bundle counts as stale; the stale-bundle alert compares against it.",
+    multiprocess_mode="livemax",
+)
 RANK_BUDGET = Gauge(
-    "one2one_rank_budget_seconds", "The configured Rank budgets (kind: default, max), for dashboards.", ["kind"],
-    multiprocess_mode="livemax")
+    "one2one_rank_budget_seconds",
+    "The configured Rank budgets (kind: default, max), for dashboards.",
+    ["kind"],
+    multiprocess_mode="livemax",
+)
 SERVING = Gauge(
-    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.", multiprocess_mode="livemin")
+    "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.", multiprocess_mode="livemin"
+)
 
 
 def init_label_sets() -> None:
@@ -155,42 +191,56 @@ def set_config(config: ServerConfig) -> None:
     RANK_BUDGET.labels("max").set(config.max_budget_ms / 1000.0)
     BUNDLE_MAX_AGE.set(config.bundle_max_age_hours * 3600.0)
 
+
 # -- Appended by other areas of the server (keep each block commented with its owner) --
 # --- Real-time events, context rules and experiments (owner: server/realtime.py) ---
 # Label values are fixed at startup: event results and types come from the configured event
 # types, rule names and experiment/arm names from the experiments file. Never ids.
 EVENTS_RECORDED = Counter(
-    "one2one_events_recorded", "Events received by RecordEvents, by result (accepted, rejected).",
-    ["result"])
+    "one2one_events_recorded", "Events received by RecordEvents, by result (accepted, rejected).", ["result"]
+)
 EVENTS_REJECTED = Counter(
-    "one2one_events_rejected", "Events rejected by RecordEvents, by the offending field.", ["field"])
+    "one2one_events_rejected", "Events rejected by RecordEvents, by the offending field.", ["field"]
+)
 EVENT_LOG_APPEND_DURATION = Histogram(
     "one2one_event_log_append_duration_seconds",
     "Time to append a batch to the event log, fsync included under the 'always' policy.",
-    buckets=LATENCY_BUCKETS)
+    buckets=LATENCY_BUCKETS,
+)
 EVENT_LOG_BYTES = Counter(
-    "one2one_event_log_appended_bytes", "Bytes appended to the event log (events and impressions).")
+    "one2one_event_log_appended_bytes", "Bytes appended to the event log (events and impressions)."
+)
 EVENT_LOG_IMPRESSIONS_LOST = Counter(
-    "one2one_event_log_impressions_lost", "Rank impressions that could not be written to the event log.")
+    "one2one_event_log_impressions_lost", "Rank impressions that could not be written to the event log."
+)
 EVENT_LOG_REPLAYED = Counter(
-    "one2one_event_log_replayed_records", "Records read back from the event log at startup, by kind.",
-    ["kind"])
+    "one2one_event_log_replayed_records", "Records read back from the event log at startup, by kind.", ["kind"]
+)
 USER_STATE_USERS = Gauge(
-    "one2one_user_state_users", "Users with real-time events held in memory (per worker process).",
-    multiprocess_mode="liveall")
+    "one2one_user_state_users",
+    "Users with real-time events held in memory (per worker process).",
+    multiprocess_mode="liveall",
+)
 USER_STATE_EVICTIONS = Counter(
-    "one2one_user_state_evictions", "Users evicted from real-time state by the memory bound (LRU).")
-RANK_REALTIME = Counter(
-    "one2one_rank_realtime", "Rank requests whose user vector was re-solved from real-time events.")
+    "one2one_user_state_evictions", "Users evicted from real-time state by the memory bound (LRU)."
+)
+RANK_REALTIME = Counter("one2one_rank_realtime", "Rank requests whose user vector was re-solved from real-time events.")
 RULE_APPLICATIONS = Counter(
-    "one2one_rule_applications", "Rank requests restricted by a context rule, by rule.", ["rule"])
+    "one2one_rule_applications", "Rank requests restricted by a context rule, by rule.", ["rule"]
+)
 ARM_IMPRESSIONS = Counter(
-    "one2one_experiment_impressions", "Rank responses served in an experiment, by experiment and arm.",
-    ["experiment", "arm"])
+    "one2one_experiment_impressions",
+    "Rank responses served in an experiment, by experiment and arm.",
+    ["experiment", "arm"],
+)
 ARM_EVENTS = Counter(
     "one2one_experiment_events",
     "Events attributed (by request_id) to an experiment arm, by experiment, arm and event type "
-    "(click, add_to_cart, purchase).", ["experiment", "arm", "event_type"])
+    "(click, add_to_cart, purchase).",
+    ["experiment", "arm", "event_type"],
+)
 ARM_REVENUE = Counter(
-    "one2one_experiment_revenue", "Purchase value attributed (by request_id) to an experiment arm.",
-    ["experiment", "arm"])
+    "one2one_experiment_revenue",
+    "Purchase value attributed (by request_id) to an experiment arm.",
+    ["experiment", "arm"],
+)

@@ -1,4 +1,5 @@
 """Holds the ranker being served and swaps in a newly loaded, verified, warmed bundle atomically."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -9,9 +10,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from ranking import (CURRENT, MANIFEST, SCHEMA_VERSION, BundleError, Ranker, RankerConfig,
-    RankingError, RankingModel, ServingModel, Unavailable, resolve_current)
+from ranking import (
+    CURRENT,
+    MANIFEST,
+    SCHEMA_VERSION,
+    BundleError,
+    Ranker,
+    RankerConfig,
+    RankingError,
+    RankingModel,
+    ServingModel,
+    Unavailable,
+    resolve_current,
+)
 from server import metrics
 
 log = logging.getLogger(__name__)
@@ -58,8 +69,7 @@ class ModelManager:
         Pipeline settings for every ranker built.
     """
 
-    def __init__(self, artifacts: Path | str, ranker_config: RankerConfig,
-                 preloaded: ServingModel | None = None):
+    def __init__(self, artifacts: Path | str, ranker_config: RankerConfig, preloaded: ServingModel | None = None):
         self.artifacts = Path(artifacts)
         self.ranker_config = ranker_config
         # A model the supervisor loaded (and readied to serve) before forking: its pages are
@@ -119,8 +129,7 @@ class ModelManager:
     def _reload_locked(self, trigger: str, force: bool) -> ReloadOutcome:
         serving = self.version
         if not (self.artifacts / CURRENT).exists() and self._ranker is None:
-            return ReloadOutcome("none", serving_version=serving,
-                                 error=f"nothing published under {self.artifacts} yet")
+            return ReloadOutcome("none", serving_version=serving, error=f"nothing published under {self.artifacts} yet")
         t0 = time.perf_counter()
         try:
             path = self._resolve()
@@ -130,8 +139,9 @@ class ModelManager:
                 return ReloadOutcome("unchanged", version=serving, serving_version=serving)
             stamp = self._stamp(path)
             if not force and self._refused == (path, stamp):
-                return ReloadOutcome("unchanged", version=path.name, serving_version=serving,
-                                     error="refused before and unchanged since")
+                return ReloadOutcome(
+                    "unchanged", version=path.name, serving_version=serving, error="refused before and unchanged since"
+                )
             ranker = self._build(path)
         except BundleRefused as exc:
             seconds = time.perf_counter() - t0
@@ -143,11 +153,24 @@ class ModelManager:
                 self._refused = (refused_path, self._stamp(refused_path))
             except BundleError:
                 self._refused = None
-            log.error("refused bundle", extra={
-                "artifacts": str(self.artifacts), "reason": exc.reason, "error": str(exc),
-                "trigger": trigger, "still_serving": serving or None})
-            return ReloadOutcome("refused", version=self._refused[0].name if self._refused else "",
-                                 serving_version=serving, reason=exc.reason, error=str(exc), seconds=seconds)
+            log.error(
+                "refused bundle",
+                extra={
+                    "artifacts": str(self.artifacts),
+                    "reason": exc.reason,
+                    "error": str(exc),
+                    "trigger": trigger,
+                    "still_serving": serving or None,
+                },
+            )
+            return ReloadOutcome(
+                "refused",
+                version=self._refused[0].name if self._refused else "",
+                serving_version=serving,
+                reason=exc.reason,
+                error=str(exc),
+                seconds=seconds,
+            )
         seconds = time.perf_counter() - t0
         old = self._ranker
         self._ranker = ranker  # the swap: one reference assignment, atomic under the GIL
@@ -155,9 +178,17 @@ class ModelManager:
         self.loaded_at = time.time()
         self._publish_metrics(ranker, old, seconds, trigger)
         m = ranker.model
-        log.info("serving bundle", extra={
-            "version": m.version, "previous": old.model.version if old else None, "items": m.n_items,
-            "users": m.n_users, "load_seconds": round(seconds, 3), "trigger": trigger})
+        log.info(
+            "serving bundle",
+            extra={
+                "version": m.version,
+                "previous": old.model.version if old else None,
+                "items": m.n_items,
+                "users": m.n_users,
+                "load_seconds": round(seconds, 3),
+                "trigger": trigger,
+            },
+        )
         return ReloadOutcome("loaded", version=m.version, serving_version=m.version, seconds=seconds)
 
     def _resolve(self) -> Path:
@@ -181,12 +212,16 @@ class ModelManager:
         except (OSError, ValueError) as exc:
             raise BundleRefused("corrupt", f"{path / MANIFEST} cannot be read: {exc}") from None
         if schema != SCHEMA_VERSION:
-            raise BundleRefused("incompatible", f"{path} has schema version {schema!r}; "
-                                f"this server reads {SCHEMA_VERSION}")
+            raise BundleRefused(
+                "incompatible", f"{path} has schema version {schema!r}; this server reads {SCHEMA_VERSION}"
+            )
         pre, self._preloaded = self._preloaded, None
         try:
-            model = pre if pre is not None and pre.model.bundle.path == path else ServingModel(
-                RankingModel(path, verify=True))
+            model = (
+                pre
+                if pre is not None and pre.model.bundle.path == path
+                else ServingModel(RankingModel(path, verify=True))
+            )
         except (BundleError, OSError, ValueError, KeyError, RuntimeError) as exc:
             raise BundleRefused("corrupt", f"{path}: {exc}") from None
         try:

@@ -1,4 +1,5 @@
 """The ready file a server writes once it listens: what tests, benches and scripts poll for."""
+
 from __future__ import annotations
 
 import json

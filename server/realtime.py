@@ -1,5 +1,6 @@
 """The server's real-time side: event log, user state, rules and experiments wired together,
 with their metrics (the logic lives in ranking.eventlog/user_state/overlay/rules/experiments)."""
+
 from __future__ import annotations
 
 import collections
@@ -8,9 +9,28 @@ import threading
 import time
 import tomllib
 
-from ranking import (NO_EXPERIMENT, Assignment, Event, EventLimits, EventLogError, Experiments,
-    FieldViolation, InvalidRequest, LogTailer, OverlaySettings, RankOverlay, RankQuery, RankResult,
-    Rejection, RuleSet, build_overlay, open_writer, parse_experiments, parse_rules, validate_batch)
+from ranking import (
+    NO_EXPERIMENT,
+    Assignment,
+    Event,
+    EventLimits,
+    EventLogError,
+    Experiments,
+    FieldViolation,
+    InvalidRequest,
+    LogTailer,
+    OverlaySettings,
+    RankOverlay,
+    RankQuery,
+    RankResult,
+    Rejection,
+    RuleSet,
+    build_overlay,
+    open_writer,
+    parse_experiments,
+    parse_rules,
+    validate_batch,
+)
 from server import metrics
 from server.config import ServerConfig
 
@@ -31,8 +51,10 @@ def load_experiments_file(path: str) -> tuple[Experiments, RuleSet]:
     unknown = sorted(set(doc) - {"experiments", "rules"})
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {', '.join(unknown)}; expected [[experiments]] and [[rules]]")
-    return (Experiments(parse_experiments(doc.get("experiments", []), path)),
-            RuleSet(parse_rules(doc.get("rules", []), path)))
+    return (
+        Experiments(parse_experiments(doc.get("experiments", []), path)),
+        RuleSet(parse_rules(doc.get("rules", []), path)),
+    )
 
 
 class Realtime:
@@ -53,21 +75,27 @@ class Realtime:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.experiments, self.rules = load_experiments_file(config.experiments_file)
-        self.limits = EventLimits(event_types=config.event_type_list(),
-                                  max_future_seconds=config.max_event_future_seconds,
-                                  max_events_per_batch=config.max_events_per_batch)
+        self.limits = EventLimits(
+            event_types=config.event_type_list(),
+            max_future_seconds=config.max_event_future_seconds,
+            max_events_per_batch=config.max_events_per_batch,
+        )
         from ranking import UserStateStore
 
-        self.state = UserStateStore(config.user_state_ttl_seconds, config.user_state_max_users,
-                                    config.user_state_max_events)
+        self.state = UserStateStore(
+            config.user_state_ttl_seconds, config.user_state_max_users, config.user_state_max_events
+        )
         self.settings = OverlaySettings(skip_penalty=config.skip_penalty, interest_boost=config.interest_boost)
         self._arms: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._arms_lock = threading.Lock()
         # One writer directory per process (worker processes each get their own), and a tailer
         # that brings in what the other processes' writers appended.
-        self.log = open_writer(config.event_log_path(), fsync=config.event_log_fsync,
-                               segment_bytes=config.event_log_segment_bytes,
-                               fsync_interval_seconds=config.event_log_fsync_interval_seconds)
+        self.log = open_writer(
+            config.event_log_path(),
+            fsync=config.event_log_fsync,
+            segment_bytes=config.event_log_segment_bytes,
+            fsync_interval_seconds=config.event_log_fsync_interval_seconds,
+        )
         self.tailer = LogTailer(config.event_log_path())
         self._tail_lock = threading.Lock()
         # Fixed label sets: create every series up front so dashboards see zeros, not gaps.
@@ -87,14 +115,22 @@ class Realtime:
         now = time.time()
         # A segment last written before the TTL horizon holds nothing the state would keep.
         with self._tail_lock:
-            counts = self._apply(self.tailer.poll(modified_since=now - self.config.user_state_ttl_seconds,
-                                                     strict=True), now)
+            counts = self._apply(
+                self.tailer.poll(modified_since=now - self.config.user_state_ttl_seconds, strict=True), now
+            )
             # From now on this process applies its own writes directly.
             self.tailer.skip = self.log.directory.resolve()
         for kind, n in counts.items():
             metrics.EVENT_LOG_REPLAYED.labels(kind).inc(n)
-        log.info("replayed event log", extra={"directory": str(self.tailer.root), "writer": self.log.directory.name,
-                                              **counts, "users": len(self.state)})
+        log.info(
+            "replayed event log",
+            extra={
+                "directory": str(self.tailer.root),
+                "writer": self.log.directory.name,
+                **counts,
+                "users": len(self.state),
+            },
+        )
         return counts
 
     def catch_up(self) -> None:
@@ -106,7 +142,7 @@ class Realtime:
         counts = {"event": 0, "impression": 0}
         events: list[Event] = []
         for rec in records:
-            kind = rec.get("kind")
+            kind = rec.get("kind", "")
             if kind == "event":
                 events.append(Event.from_record(rec))
             elif kind == "impression" and rec.get("experiment"):
@@ -134,8 +170,13 @@ class Realtime:
         if not events:
             raise InvalidRequest([FieldViolation("events", "is empty; send at least one event")])
         if len(events) > self.limits.max_events_per_batch:
-            raise InvalidRequest([FieldViolation(
-                "events", f"has {len(events)} entries; at most {self.limits.max_events_per_batch} are allowed")])
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "events", f"has {len(events)} entries; at most {self.limits.max_events_per_batch} are allowed"
+                    )
+                ]
+            )
         now = time.time()
         accepted, rejections = validate_batch(events, self.limits, now)
         if accepted:
@@ -189,17 +230,22 @@ class Realtime:
             urow = model.users.row(q.user_id)
             return model.consumed.row_len(urow) if urow >= 0 else 0
 
-        assignment = self.experiments.assign(q.user_id, q.channel, consumed, variant) \
-            if (self.experiments.experiments or variant) else NO_EXPERIMENT
+        assignment = (
+            self.experiments.assign(q.user_id, q.channel, consumed, variant)
+            if (self.experiments.experiments or variant)
+            else NO_EXPERIMENT
+        )
         self.catch_up()
         now = time.time()
         rules = self.rules.matching(q.channel, q.device, q.region, q.attributes) if self.rules.rules else []
-        overlay = build_overlay(model, q.user_id, self.state.events(q.user_id, now), now,
-                                assignment.variant, rules, self.settings)
+        overlay = build_overlay(
+            model, q.user_id, self.state.events(q.user_id, now), now, assignment.variant, rules, self.settings
+        )
         return overlay, assignment
 
-    def served(self, request_id: str, q: RankQuery, assignment: Assignment, overlay: RankOverlay,
-               result: RankResult) -> None:
+    def served(
+        self, request_id: str, q: RankQuery, assignment: Assignment, overlay: RankOverlay, result: RankResult
+    ) -> None:
         """Log the impression (for attribution and the experiment report) and count it."""
         for name in result.applied_rules:
             metrics.RULE_APPLICATIONS.labels(name).inc()
@@ -214,11 +260,21 @@ class Realtime:
         try:
             # Not fsynced on its own (an fsync per Rank would cost more than the ranking); it is
             # written at once, so only a machine crash, not a process crash, can lose it.
-            self.log.append([{
-                "kind": "impression", "request_id": request_id, "user_id": q.user_id, "timestamp": time.time(),
-                "experiment": assignment.experiment, "arm": assignment.arm, "strategy": result.rung.name,
-                "items": result.item_ids,
-            }], durable=False)
+            self.log.append(
+                [
+                    {
+                        "kind": "impression",
+                        "request_id": request_id,
+                        "user_id": q.user_id,
+                        "timestamp": time.time(),
+                        "experiment": assignment.experiment,
+                        "arm": assignment.arm,
+                        "strategy": result.rung.name,
+                        "items": result.item_ids,
+                    }
+                ],
+                durable=False,
+            )
         except EventLogError as exc:
             # The ranking is already made; losing its impression must not fail the request.
             metrics.EVENT_LOG_IMPRESSIONS_LOST.inc()

@@ -1,4 +1,5 @@
 """RankingService: proto <-> domain translation around the ranking core, nothing more."""
+
 from __future__ import annotations
 
 import logging
@@ -9,8 +10,16 @@ from typing import TYPE_CHECKING
 import grpc
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
-from ranking import (LATE_ALLOWANCE_MS, Budget, Event, RankingError, RankQuery, RankResult,
-    Unavailable, effective_budget_ms)
+from ranking import (
+    LATE_ALLOWANCE_MS,
+    Budget,
+    Event,
+    RankingError,
+    RankQuery,
+    RankResult,
+    Unavailable,
+    effective_budget_ms,
+)
 from server import errors, logs, metrics
 from server.admission import Admission
 from server.config import ServerConfig
@@ -60,7 +69,7 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
         items=items,
         request_id=request_id,
         model_version=result.model_version,
-        strategy=int(result.rung),
+        strategy=result.rung.name,  # Rung's names are Strategy's (tests/server/test_servicer_units.py)
         degraded=result.degraded,
         degraded_stages=result.degraded_stages,
         fallback_reason=result.fallback_reason,
@@ -73,11 +82,20 @@ def events_from_proto(req: ranking_pb2.RecordEventsRequest, now: float) -> list[
     out = []
     for ev in req.events:
         ctx = ev.context
-        out.append(Event(
-            user_id=ev.user_id, item_id=ev.item_id, event_type=ev.event_type,
-            timestamp=ev.event_time.ToNanoseconds() / 1e9 if ev.HasField("event_time") else now,
-            value=ev.value, request_id=ev.request_id, channel=ctx.channel, device=ctx.device,
-            region=ctx.region, attributes=dict(ctx.attributes)))
+        out.append(
+            Event(
+                user_id=ev.user_id,
+                item_id=ev.item_id,
+                event_type=ev.event_type,
+                timestamp=ev.event_time.ToNanoseconds() / 1e9 if ev.HasField("event_time") else now,
+                value=ev.value,
+                request_id=ev.request_id,
+                channel=ctx.channel,
+                device=ctx.device,
+                region=ctx.region,
+                attributes=dict(ctx.attributes),
+            )
+        )
     return out
 
 
@@ -109,16 +127,23 @@ def late(result: RankResult, server_ms: float, budget_ms: float) -> None:
     if held is None:
         return
     stages_ms = {stage: round(seconds * 1000.0, 3) for stage, seconds in result.stage_seconds.items()}
-    log.warning("rank answered late", extra={
-        "server_ms": round(server_ms, 3), "budget_ms": round(budget_ms, 3), "stages_ms": stages_ms,
-        "outside_stages_ms": round(server_ms - sum(stages_ms.values()), 3),
-        "degraded_stages": result.degraded_stages, "late_not_logged": held})
+    log.warning(
+        "rank answered late",
+        extra={
+            "server_ms": round(server_ms, 3),
+            "budget_ms": round(budget_ms, 3),
+            "stages_ms": stages_ms,
+            "outside_stages_ms": round(server_ms - sum(stages_ms.values()), 3),
+            "degraded_stages": result.degraded_stages,
+            "late_not_logged": held,
+        },
+    )
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Thin servicer: translate, call the ranker, translate back; errors map in one place."""
 
-    def __init__(self, models: ModelManager, config: ServerConfig, realtime: "Realtime | None" = None):
+    def __init__(self, models: ModelManager, config: ServerConfig, realtime: Realtime | None = None):
         self.models = models
         self.config = config
         self.realtime = realtime
@@ -137,8 +162,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 ranker = self.models.current()
                 deadline_left = context.time_remaining()
                 budget_ms = effective_budget_ms(
-                    request.budget_ms, self.config.default_budget_ms, self.config.max_budget_ms,
-                    None if deadline_left is None else deadline_left + thread_wait, self.config.reply_margin_ms)
+                    request.budget_ms,
+                    self.config.default_budget_ms,
+                    self.config.max_budget_ms,
+                    None if deadline_left is None else deadline_left + thread_wait,
+                    self.config.reply_margin_ms,
+                )
                 budget = Budget.start(max(budget_ms, 0.0), now_ns=arrived)
                 if self.config.debug_rank_delay_ms > 0:
                     # Test/debug only (default 0): a slow dependency eating the budget, so the
@@ -163,13 +192,20 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 errors.abort(context, exc)
             t0 = time.perf_counter()
             response = response_from_result(result, request_id)
-            if self.realtime is not None:
+            if self.realtime is not None and overlay is not None:
                 self.realtime.served(request_id, q, assignment, overlay, result)
                 response.experiment, response.arm = assignment.experiment, assignment.arm
             result.stage_seconds["respond"] = time.perf_counter() - t0
             observe(result)
-            log.debug("ranked", extra={"strategy": result.rung.name, "items": len(result.item_ids),
-                                       "model_version": result.model_version, "degraded": result.degraded})
+            log.debug(
+                "ranked",
+                extra={
+                    "strategy": result.rung.name,
+                    "items": len(result.item_ids),
+                    "model_version": result.model_version,
+                    "degraded": result.degraded,
+                },
+            )
             server_ms = (time.monotonic_ns() - arrived) / 1e6
             if server_ms > budget.total_ms + LATE_ALLOWANCE_MS:
                 late(result, server_ms, budget.total_ms)
@@ -177,8 +213,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             context.set_trailing_metadata(((SERVER_TIME_KEY, f"{server_ms:.3f}"),))
             return response
 
-    def RecordEvents(self, request: ranking_pb2.RecordEventsRequest,
-                     context: grpc.ServicerContext) -> ranking_pb2.RecordEventsResponse:
+    def RecordEvents(
+        self, request: ranking_pb2.RecordEventsRequest, context: grpc.ServicerContext
+    ) -> ranking_pb2.RecordEventsResponse:
         try:
             if self.realtime is None:
                 raise Unavailable("this server runs without an event log")
@@ -186,5 +223,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except RankingError as exc:
             log.debug("record events refused", extra={"error": str(exc)})
             errors.abort(context, exc)
-        return ranking_pb2.RecordEventsResponse(accepted_count=accepted, rejections=[
-            ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in rejections])
+        return ranking_pb2.RecordEventsResponse(
+            accepted_count=accepted,
+            rejections=[ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in rejections],
+        )

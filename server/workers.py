@@ -7,10 +7,12 @@ and write their metrics to a multiprocess directory that the supervisor alone se
 on ``/metrics``, so the counters add up across workers. SIGTERM/SIGINT/SIGHUP are
 forwarded; a worker that dies unexpectedly is replaced.
 """
+
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -72,7 +74,7 @@ class GroupProcessCollector:
         merged: dict[str, Metric] = {}
         for pid in [os.getpid(), *self.worker_pids()]:
             try:
-                families = list(ProcessCollector(pid=lambda p=pid: p, registry=None).collect())
+                families = list(ProcessCollector(pid=functools.partial(int, pid), registry=None).collect())
             except OSError:
                 continue  # a worker that just exited
             for fam in families:
@@ -188,8 +190,9 @@ def supervise(config: ServerConfig) -> int:
                 pin_worker(cpus, slot)
                 from server import app
 
-                code = app.serve(worker_config, preloaded=preloaded, reuse_port=True,
-                                 on_ready=lambda _port: os.write(ready_w, b"r"))
+                code = app.serve(
+                    worker_config, preloaded=preloaded, reuse_port=True, on_ready=lambda _port: os.write(ready_w, b"r")
+                )
             except BaseException:  # a worker must never fall back into the supervisor's code
                 log.exception("worker failed", extra={"slot": slot})
             finally:
@@ -209,11 +212,21 @@ def supervise(config: ServerConfig) -> int:
         registry.register(GroupProcessCollector(lambda: list(workers)))
         httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
         metrics_port = httpd.server_port
-    log.info("workers started", extra={"grpc_port": port, "metrics_port": metrics_port, "workers": len(workers),
-                                       "cpus": cpus, "preload_seconds": round(load_s, 3)})
+    log.info(
+        "workers started",
+        extra={
+            "grpc_port": port,
+            "metrics_port": metrics_port,
+            "workers": len(workers),
+            "cpus": cpus,
+            "preload_seconds": round(load_s, 3),
+        },
+    )
     if config.ready_file:
-        write_ready(config.ready_file, {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(),
-                                         "worker_pids": sorted(workers)})
+        write_ready(
+            config.ready_file,
+            {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(), "worker_pids": sorted(workers)},
+        )
 
     stopping = False
     pending: list[int] = []
@@ -231,10 +244,10 @@ def supervise(config: ServerConfig) -> int:
     exit_code = 0
     while workers:
         while pending:
-            sig = pending.pop(0)
+            signum = pending.pop(0)
             for pid in workers:
                 try:
-                    os.kill(pid, signal.SIGTERM if sig == signal.SIGINT else sig)
+                    os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
                 except ProcessLookupError:
                     pass
         try:

@@ -1,4 +1,5 @@
 """Probe whether a config class derives a default from a library section or re-spells it."""
+
 from __future__ import annotations
 
 import importlib
@@ -43,7 +44,13 @@ def probe_defaults(derived: dict[str, tuple[str, str, str]], target: str, cls: s
     for key, (module, section, name) in derived.items():
         original = getattr(getattr(importlib.import_module(module), section), name)
         changes[key] = (module, section, name, bumped(original))
-    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(changes), target, cls], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(changes), target, cls],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     return {key: c[3] for key, c in changes.items()}, json.loads(out.stdout)

@@ -1,4 +1,5 @@
 """Helpers for the operations tests: system tools, a real Prometheus, bounded Rank load."""
+
 from __future__ import annotations
 
 import json
@@ -142,23 +143,42 @@ class Prometheus:
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        jobs = [{"job_name": job, "scrape_interval": "1s", "scrape_timeout": "900ms",
-                 "static_configs": [{"targets": addrs}]} for job, addrs in targets.items()]
-        config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(p) for p in rule_files], "scrape_configs": jobs}
+        jobs = [
+            {
+                "job_name": job,
+                "scrape_interval": "1s",
+                "scrape_timeout": "900ms",
+                "static_configs": [{"targets": addrs}],
+            }
+            for job, addrs in targets.items()
+        ]
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": jobs,
+        }
         cfg = workdir / "prometheus.yml"
         cfg.write_text(json.dumps(config))  # JSON is YAML
         self.log = open(workdir / "prometheus.log", "w")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self._ready, 60, "prometheus to be ready")
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {self.proc.returncode}: "
-                                 f"{(self.workdir / 'prometheus.log').read_text()[-2000:]}")
+            raise AssertionError(
+                f"prometheus exited with {self.proc.returncode}: "
+                f"{(self.workdir / 'prometheus.log').read_text()[-2000:]}"
+            )
         try:
             return urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=2).status == 200
         except OSError:
@@ -177,9 +197,11 @@ class Prometheus:
     def wait_targets_up(self, n: int, timeout: float = 60.0) -> None:
         """Wait for ``n`` targets to have been scraped successfully (Prometheus applies new
         targets a few seconds after it starts)."""
+
         def up():
             targets = self.api("targets")["data"]["activeTargets"]
             return len(targets) == n and all(t["health"] == "up" for t in targets)
+
         wait_for(up, timeout, f"{n} scrape targets to be up", every=0.25)
 
     def query(self, expr: str) -> dict:
@@ -214,8 +236,15 @@ class RankLoad:
         Hard cap on the number of calls, so a test's load is bounded whatever happens.
     """
 
-    def __init__(self, target: str, requests: list[pb.RankRequest], threads: int = 3,
-                 max_requests: int = 20000, timeout: float = 10.0, pause: float = 0.0):
+    def __init__(
+        self,
+        target: str,
+        requests: list[pb.RankRequest],
+        threads: int = 3,
+        max_requests: int = 20000,
+        timeout: float = 10.0,
+        pause: float = 0.0,
+    ):
         self.channel = grpc.insecure_channel(target)
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.requests = requests
@@ -251,7 +280,7 @@ class RankLoad:
             if self.pause:
                 self._stop.wait(self.pause)
 
-    def __enter__(self) -> "RankLoad":
+    def __enter__(self) -> RankLoad:
         for t in self._threads:
             t.start()
         return self
@@ -275,5 +304,5 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
+    k = max(0, min(len(ordered) - 1, round(q / 100.0 * len(ordered) + 0.5) - 1))
     return ordered[k]

@@ -15,6 +15,7 @@ reorganised behind one list of names. The exceptions are listed in
 them). Modules inside ``ranking/`` never import the package itself: its ``__init__``
 sits above every layer.
 """
+
 from __future__ import annotations
 
 import ast
@@ -135,7 +136,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             nxt = sorted(w for w in graph[path[-1]] if w in members)
             w = next((w for w in nxt if w in seen), None) or nxt[0]
             if w in seen:
-                cycles.append(path[path.index(w):] + [w])
+                cycles.append(path[path.index(w) :] + [w])
                 break
             path.append(w)
             seen.add(w)
@@ -190,8 +191,13 @@ def test_public_names_resolve():
     exports = ranking._EXPORTS
     tree = ast.parse((ROOT / "ranking" / "__init__.py").read_text(encoding="utf-8"))
     blocks = [n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]
-    declared = {a.asname or a.name: node.module for block in blocks for node in ast.walk(block)
-                if isinstance(node, ast.ImportFrom) for a in node.names}
+    declared = {
+        a.asname or a.name: node.module
+        for block in blocks
+        for node in ast.walk(block)
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+    }
     assert declared == exports
     assert sorted(ranking.__all__) == sorted(exports)
     for name, module in exports.items():

@@ -4,6 +4,7 @@ Run ``python deploy/grafana/build_dashboard.py`` after editing; a test checks th
 committed JSON is what this script writes and that every expression evaluates against
 a real Prometheus scraping a real server (tests/server/test_ops_prometheus.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,13 @@ CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED"
 
 # Series that the experiments and real-time events change adds (RecordEvents, arms);
 # panels using them show "No data" until that change is deployed.
-EXPERIMENT_SERIES = ("one2one_experiment_impressions_total", "one2one_experiment_events_total",
-                     "one2one_events_recorded_total", "one2one_events_rejected_total",
-                     "one2one_user_state_users")
+EXPERIMENT_SERIES = (
+    "one2one_experiment_impressions_total",
+    "one2one_experiment_events_total",
+    "one2one_events_recorded_total",
+    "one2one_events_rejected_total",
+    "one2one_user_state_users",
+)
 
 
 def rate(metric: str, selector: str = J, by: str = "", window: str = RI) -> str:
@@ -34,17 +39,27 @@ def quantile(q: float, metric: str, selector: str = J, by: str = "") -> str:
 
 def share(metric: str, by: str) -> str:
     """Per-``by`` share of Rank responses, e.g. the fallback ratio by reason."""
-    return (f"{rate(metric, by=by)}\n/ ignoring ({by}) group_left\n"
-            f"{rate('one2one_rank_responses_total')}")
+    return f"{rate(metric, by=by)}\n/ ignoring ({by}) group_left\n{rate('one2one_rank_responses_total')}"
 
 
 def target(expr: str, legend: str, ref: str) -> dict:
-    return {"datasource": {"type": "prometheus", "uid": "${datasource}"}, "expr": expr,
-            "legendFormat": legend, "refId": ref, "range": True}
+    return {
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "expr": expr,
+        "legendFormat": legend,
+        "refId": ref,
+        "range": True,
+    }
 
 
-def panel(title: str, targets: list[tuple[str, str]], unit: str = "short", kind: str = "timeseries",
-          description: str = "", thresholds: list[tuple[str, float | None]] | None = None) -> dict:
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    unit: str = "short",
+    kind: str = "timeseries",
+    description: str = "",
+    thresholds: list[tuple[str, float | None]] | None = None,
+) -> dict:
     p = {
         "type": kind,
         "title": title,
@@ -52,12 +67,18 @@ def panel(title: str, targets: list[tuple[str, str]], unit: str = "short", kind:
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
         "targets": [target(e, legend, chr(ord("A") + i)) for i, (e, legend) in enumerate(targets)],
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                    "tooltip": {"mode": "multi", "sort": "desc"}} if kind == "timeseries" else {},
+        "options": {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
+        if kind == "timeseries"
+        else {},
     }
     if thresholds:
         p["fieldConfig"]["defaults"]["thresholds"] = {
-            "mode": "absolute", "steps": [{"color": c, "value": v} for c, v in thresholds]}
+            "mode": "absolute",
+            "steps": [{"color": c, "value": v} for c, v in thresholds],
+        }
         if kind == "timeseries":
             p["fieldConfig"]["defaults"]["custom"] = {"thresholdsStyle": {"mode": "line"}}
     return p
@@ -68,122 +89,263 @@ def budget_line(legend: str = "default budget") -> tuple[str, str]:
 
 
 ROWS: list[tuple[str, list[dict]]] = [
-    ("Traffic and errors", [
-        panel("Requests per second by method and code", [
-            (rate("one2one_rpc_requests_total", by="method, code"), "{{method}} {{code}}")], "reqps"),
-        panel("Server error ratio (alert above 1%)", [
-            (f"one2one:rpc_errors:ratio_rate5m{{{J}}}", "{{method}}")], "percentunit",
-            description="Calls ending in a server-side error; bad requests are the caller's and excluded.",
-            thresholds=[("green", None), ("red", 0.01)]),
-        panel("Client errors per second by code", [
-            (rate("one2one_rpc_requests_total", f'{J}, code=~"{CLIENT_CODES}"', by="code"), "{{code}}")],
-            "reqps", description="Refused requests: INVALID_ARGUMENT names the bad field in its details."),
-        panel("Requests in flight by instance", [
-            (f"sum by (instance) (one2one_rpc_in_flight_requests{{{J}}})", "{{instance}}")]),
-    ]),
-    ("Latency against the budget", [
-        panel("Rank latency percentiles (server side)", [
-            (quantile(0.5, "one2one_rpc_duration_seconds", f"{J}, {RANK}"), "p50"),
-            (quantile(0.9, "one2one_rpc_duration_seconds", f"{J}, {RANK}"), "p90"),
-            (quantile(0.99, "one2one_rpc_duration_seconds", f"{J}, {RANK}"), "p99"),
-            budget_line()], "s"),
-        panel("Rank p99 by stage", [
-            (quantile(0.99, "one2one_rank_stage_duration_seconds", by="stage"), "{{stage}}"),
-            budget_line()], "s",
-            description="queue (waiting for a pipeline slot), realtime (events since the bundle, rules, experiment arm), resolve, retrieve, features, score, respond; the budget is an exact bucket edge."),
-        panel("Share of Rank calls over the default budget (alert above 1%)", [
-            (f"one2one:rank_over_budget:ratio_rate5m{{{J}}}", "{{job}}")], "percentunit",
-            thresholds=[("green", None), ("red", 0.01)]),
-        panel("Share of Rank responses sent after their own budget + 1 ms (alert above 0.1%)", [
-            (f"one2one:rank_late:ratio_rate5m{{{J}}}", "{{job}}")], "percentunit",
-            thresholds=[("green", None), ("orange", 0.001)],
-            description="Exact, per request: each request's own budget against the server's clock. "
-                        "The server logs one 'rank answered late' line a second with the stage times."),
-        panel("Candidates retrieved and scored per request (median)", [
-            (quantile(0.5, "one2one_rank_candidates"), "retrieved"),
-            (quantile(0.5, "one2one_rank_scored_candidates"), "scored")]),
-    ]),
-    ("Ladder: rungs, fallbacks, degraded, empty", [
-        panel("Rung mix", [(share("one2one_rank_responses_total", "strategy"), "{{strategy}}")],
-              "percentunit", description="Share of Rank responses served by each rung of the ladder."),
-        panel("Fallback ratio by reason", [(share("one2one_rank_fallbacks_total", "reason"), "{{reason}}")],
-              "percentunit", description="Served below ONE_TO_ONE: unknown_user, no_history, no_user_id."),
-        panel("Degraded ratio by stage (alert above 5%)", [
-            (share("one2one_rank_degraded_total", "stage"), "{{stage}}")], "percentunit",
-            thresholds=[("green", None), ("orange", 0.05)]),
-        panel("Embedding searches answered exactly by the head", [
-            (rate("one2one_rank_retrieval_total", J + ', path="exact_head"') + "\n/\n"
-             + rate("one2one_rank_retrieval_total", J + ', path=~"exact_head|ann"'), "exact head")], "percentunit",
-            description="Share of embedding searches the exact head (the exact_head_items largest-norm items) "
-                        "proved exact; the rest searched the ANN index, slower and approximate. A falling share "
-                        "means the new bundle's popular items no longer dominate: raise exact_head_items."),
-        panel("Empty results ratio", [
-            (f"{rate('one2one_rank_empty_results_total')}\n/\n{rate('one2one_rank_responses_total')}", "empty")],
-            "percentunit"),
-    ]),
-    ("Experiments and events", [
-        panel("Arm mix", [(f"{rate('one2one_experiment_impressions_total', by='experiment, arm')}\n"
-                           f"/ ignoring (arm) group_left\n"
-                           f"{rate('one2one_experiment_impressions_total', by='experiment')}", "{{experiment}} {{arm}}")],
-              "percentunit",
-              description="Rank responses per arm (one2one_experiment_impressions_total{experiment, arm})."),
-        panel("Per-arm conversion (attributed purchases per impression)", [
-            (rate("one2one_experiment_events_total", J + ', event_type="purchase"', by="experiment, arm") + "\n/\n"
-             + rate("one2one_experiment_impressions_total", by="experiment, arm"), "{{experiment}} {{arm}}")],
-            "percentunit",
-            description="Events carrying a request_id of the arm's responses; intervals and lift: "
-                        "python -m index_builder experiment-report."),
-        panel("Events accepted and rejected per second", [
-            (rate("one2one_events_recorded_total", J + ', result="accepted"'), "accepted"),
-            (rate("one2one_events_rejected_total", by="field"), "rejected: {{field}}")], "reqps",
-            description="Needs the RecordEvents metrics."),
-        panel("Users with real-time state", [(f"sum(one2one_user_state_users{{{J}}})", "users")],
-              description="Needs the RecordEvents metrics."),
-    ]),
-    ("Bundle and reloads", [
-        panel("Bundle age by instance", [
-            (f"time() - (one2one_bundle_build_timestamp_seconds{{{J}}} > 0)", "{{instance}}"),
-            (f"max(one2one_bundle_max_age_seconds{{{J}}})", "stale after")], "s",
-            description="Since the served bundle was built; the stale-bundle alert fires past bundle_max_age_hours."),
-        panel("Instances per bundle version", [(f"count by (version) (one2one_bundle_info{{{J}}} == 1)", "{{version}}")],
-              description="During a rollout two versions show; afterwards one."),
-        panel("Serving instances and refused bundles", [
-            (f"sum(one2one_serving{{{J}}})", "serving"),
-            (f"sum(one2one_bundle_refused{{{J}}})", "refusing a new bundle"),
-            (f'count(up{{{J}}} == 1)', "scraped")]),
-        panel("Reloads by trigger and result", [
-            (f"sum by (trigger, result) (increase(one2one_bundle_reloads_total{{{J}}}[{RI}]))",
-             "{{trigger}} {{result}}"),
-            (f"sum by (reason) (increase(one2one_bundle_load_failures_total{{{J}}}[{RI}]))", "refused: {{reason}}")]),
-        panel("Bundle load duration and time since load", [
-            (f"max by (instance) (one2one_bundle_load_duration_seconds{{{J}}})", "load {{instance}}"),
-            (f"time() - (one2one_bundle_load_timestamp_seconds{{{J}}} > 0)", "since load {{instance}}")], "s",
-            description="Load covers opening, checksum verification and warm-up, off the request path."),
-    ]),
-    ("Process", [
-        panel("CPU by instance", [
-            (f"sum by (instance) (rate(process_cpu_seconds_total{{{J}}}[{RI}]))", "{{instance}}")], "percentunit"),
-        panel("Resident memory by instance", [
-            (f"process_resident_memory_bytes{{{J}}}", "{{instance}}")], "bytes"),
-        panel("Open file descriptors by instance", [(f"process_open_fds{{{J}}}", "{{instance}}")]),
-        panel("Time stood still in garbage collection, by generation", [
-            (f"sum by (generation) (rate(one2one_gc_pause_seconds_sum{{{J}}}[{RI}]))", "generation {{generation}}")],
-            "percentunit",
-            description="Share of wall time worker processes spent in Python's cyclic collector, summed over "
-                        "workers; every request in flight on a worker waits meanwhile. Long-lived objects are "
-                        "frozen at start and after each reload, so full collections (generation 2) stay rare "
-                        "and short."),
-        panel("Garbage-collection pause p99 by generation", [
-            (quantile(0.99, "one2one_gc_pause_seconds", by="generation"), "generation {{generation}}")], "s"),
-    ]),
+    (
+        "Traffic and errors",
+        [
+            panel(
+                "Requests per second by method and code",
+                [(rate("one2one_rpc_requests_total", by="method, code"), "{{method}} {{code}}")],
+                "reqps",
+            ),
+            panel(
+                "Server error ratio (alert above 1%)",
+                [(f"one2one:rpc_errors:ratio_rate5m{{{J}}}", "{{method}}")],
+                "percentunit",
+                description="Calls ending in a server-side error; bad requests are the caller's and excluded.",
+                thresholds=[("green", None), ("red", 0.01)],
+            ),
+            panel(
+                "Client errors per second by code",
+                [(rate("one2one_rpc_requests_total", f'{J}, code=~"{CLIENT_CODES}"', by="code"), "{{code}}")],
+                "reqps",
+                description="Refused requests: INVALID_ARGUMENT names the bad field in its details.",
+            ),
+            panel(
+                "Requests in flight by instance",
+                [(f"sum by (instance) (one2one_rpc_in_flight_requests{{{J}}})", "{{instance}}")],
+            ),
+        ],
+    ),
+    (
+        "Latency against the budget",
+        [
+            panel(
+                "Rank latency percentiles (server side)",
+                [
+                    (quantile(0.5, "one2one_rpc_duration_seconds", f"{J}, {RANK}"), "p50"),
+                    (quantile(0.9, "one2one_rpc_duration_seconds", f"{J}, {RANK}"), "p90"),
+                    (quantile(0.99, "one2one_rpc_duration_seconds", f"{J}, {RANK}"), "p99"),
+                    budget_line(),
+                ],
+                "s",
+            ),
+            panel(
+                "Rank p99 by stage",
+                [(quantile(0.99, "one2one_rank_stage_duration_seconds", by="stage"), "{{stage}}"), budget_line()],
+                "s",
+                description="queue (waiting for a pipeline slot), realtime (events since the bundle, rules, "
+                "experiment arm), resolve, retrieve, features, score, respond; "
+                "the budget is an exact bucket edge.",
+            ),
+            panel(
+                "Share of Rank calls over the default budget (alert above 1%)",
+                [(f"one2one:rank_over_budget:ratio_rate5m{{{J}}}", "{{job}}")],
+                "percentunit",
+                thresholds=[("green", None), ("red", 0.01)],
+            ),
+            panel(
+                "Share of Rank responses sent after their own budget + 1 ms (alert above 0.1%)",
+                [(f"one2one:rank_late:ratio_rate5m{{{J}}}", "{{job}}")],
+                "percentunit",
+                thresholds=[("green", None), ("orange", 0.001)],
+                description="Exact, per request: each request's own budget against the server's clock. "
+                "The server logs one 'rank answered late' line a second with the stage times.",
+            ),
+            panel(
+                "Candidates retrieved and scored per request (median)",
+                [
+                    (quantile(0.5, "one2one_rank_candidates"), "retrieved"),
+                    (quantile(0.5, "one2one_rank_scored_candidates"), "scored"),
+                ],
+            ),
+        ],
+    ),
+    (
+        "Ladder: rungs, fallbacks, degraded, empty",
+        [
+            panel(
+                "Rung mix",
+                [(share("one2one_rank_responses_total", "strategy"), "{{strategy}}")],
+                "percentunit",
+                description="Share of Rank responses served by each rung of the ladder.",
+            ),
+            panel(
+                "Fallback ratio by reason",
+                [(share("one2one_rank_fallbacks_total", "reason"), "{{reason}}")],
+                "percentunit",
+                description="Served below ONE_TO_ONE: unknown_user, no_history, no_user_id.",
+            ),
+            panel(
+                "Degraded ratio by stage (alert above 5%)",
+                [(share("one2one_rank_degraded_total", "stage"), "{{stage}}")],
+                "percentunit",
+                thresholds=[("green", None), ("orange", 0.05)],
+            ),
+            panel(
+                "Embedding searches answered exactly by the head",
+                [
+                    (
+                        rate("one2one_rank_retrieval_total", J + ', path="exact_head"')
+                        + "\n/\n"
+                        + rate("one2one_rank_retrieval_total", J + ', path=~"exact_head|ann"'),
+                        "exact head",
+                    )
+                ],
+                "percentunit",
+                description="Share of embedding searches the exact head (the exact_head_items largest-norm items) "
+                "proved exact; the rest searched the ANN index, slower and approximate. A falling share "
+                "means the new bundle's popular items no longer dominate: raise exact_head_items.",
+            ),
+            panel(
+                "Empty results ratio",
+                [(f"{rate('one2one_rank_empty_results_total')}\n/\n{rate('one2one_rank_responses_total')}", "empty")],
+                "percentunit",
+            ),
+        ],
+    ),
+    (
+        "Experiments and events",
+        [
+            panel(
+                "Arm mix",
+                [
+                    (
+                        f"{rate('one2one_experiment_impressions_total', by='experiment, arm')}\n"
+                        f"/ ignoring (arm) group_left\n"
+                        f"{rate('one2one_experiment_impressions_total', by='experiment')}",
+                        "{{experiment}} {{arm}}",
+                    )
+                ],
+                "percentunit",
+                description="Rank responses per arm (one2one_experiment_impressions_total{experiment, arm}).",
+            ),
+            panel(
+                "Per-arm conversion (attributed purchases per impression)",
+                [
+                    (
+                        rate("one2one_experiment_events_total", J + ', event_type="purchase"', by="experiment, arm")
+                        + "\n/\n"
+                        + rate("one2one_experiment_impressions_total", by="experiment, arm"),
+                        "{{experiment}} {{arm}}",
+                    )
+                ],
+                "percentunit",
+                description="Events carrying a request_id of the arm's responses; intervals and lift: "
+                "python -m index_builder experiment-report.",
+            ),
+            panel(
+                "Events accepted and rejected per second",
+                [
+                    (rate("one2one_events_recorded_total", J + ', result="accepted"'), "accepted"),
+                    (rate("one2one_events_rejected_total", by="field"), "rejected: {{field}}"),
+                ],
+                "reqps",
+                description="Needs the RecordEvents metrics.",
+            ),
+            panel(
+                "Users with real-time state",
+                [(f"sum(one2one_user_state_users{{{J}}})", "users")],
+                description="Needs the RecordEvents metrics.",
+            ),
+        ],
+    ),
+    (
+        "Bundle and reloads",
+        [
+            panel(
+                "Bundle age by instance",
+                [
+                    (f"time() - (one2one_bundle_build_timestamp_seconds{{{J}}} > 0)", "{{instance}}"),
+                    (f"max(one2one_bundle_max_age_seconds{{{J}}})", "stale after"),
+                ],
+                "s",
+                description="Since the served bundle was built; "
+                "the stale-bundle alert fires past bundle_max_age_hours.",
+            ),
+            panel(
+                "Instances per bundle version",
+                [(f"count by (version) (one2one_bundle_info{{{J}}} == 1)", "{{version}}")],
+                description="During a rollout two versions show; afterwards one.",
+            ),
+            panel(
+                "Serving instances and refused bundles",
+                [
+                    (f"sum(one2one_serving{{{J}}})", "serving"),
+                    (f"sum(one2one_bundle_refused{{{J}}})", "refusing a new bundle"),
+                    (f"count(up{{{J}}} == 1)", "scraped"),
+                ],
+            ),
+            panel(
+                "Reloads by trigger and result",
+                [
+                    (
+                        f"sum by (trigger, result) (increase(one2one_bundle_reloads_total{{{J}}}[{RI}]))",
+                        "{{trigger}} {{result}}",
+                    ),
+                    (
+                        f"sum by (reason) (increase(one2one_bundle_load_failures_total{{{J}}}[{RI}]))",
+                        "refused: {{reason}}",
+                    ),
+                ],
+            ),
+            panel(
+                "Bundle load duration and time since load",
+                [
+                    (f"max by (instance) (one2one_bundle_load_duration_seconds{{{J}}})", "load {{instance}}"),
+                    (f"time() - (one2one_bundle_load_timestamp_seconds{{{J}}} > 0)", "since load {{instance}}"),
+                ],
+                "s",
+                description="Load covers opening, checksum verification and warm-up, off the request path.",
+            ),
+        ],
+    ),
+    (
+        "Process",
+        [
+            panel(
+                "CPU by instance",
+                [(f"sum by (instance) (rate(process_cpu_seconds_total{{{J}}}[{RI}]))", "{{instance}}")],
+                "percentunit",
+            ),
+            panel("Resident memory by instance", [(f"process_resident_memory_bytes{{{J}}}", "{{instance}}")], "bytes"),
+            panel("Open file descriptors by instance", [(f"process_open_fds{{{J}}}", "{{instance}}")]),
+            panel(
+                "Time stood still in garbage collection, by generation",
+                [
+                    (
+                        f"sum by (generation) (rate(one2one_gc_pause_seconds_sum{{{J}}}[{RI}]))",
+                        "generation {{generation}}",
+                    )
+                ],
+                "percentunit",
+                description="Share of wall time worker processes spent in Python's cyclic collector, summed over "
+                "workers; every request in flight on a worker waits meanwhile. Long-lived objects are "
+                "frozen at start and after each reload, so full collections (generation 2) stay rare "
+                "and short.",
+            ),
+            panel(
+                "Garbage-collection pause p99 by generation",
+                [(quantile(0.99, "one2one_gc_pause_seconds", by="generation"), "generation {{generation}}")],
+                "s",
+            ),
+        ],
+    ),
 ]
 
 
 def dashboard() -> dict:
     panels, y, pid = [], 0, 1
     for title, row in ROWS:
-        panels.append({"type": "row", "title": title, "id": pid, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        panels.append(
+            {
+                "type": "row",
+                "title": title,
+                "id": pid,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         pid, y = pid + 1, y + 1
         for i, p in enumerate(row):
             p = dict(p, id=pid, gridPos={"h": 8, "w": 12, "x": 12 * (i % 2), "y": y + 8 * (i // 2)})
@@ -194,7 +356,7 @@ def dashboard() -> dict:
         "uid": "one2one-ops",
         "title": "one2one ranking service",
         "description": "Traffic, errors, latency per stage against the budget, the ladder, experiments, "
-                       "bundle freshness and reloads. Alerts: deploy/prometheus/rules.yml.",
+        "bundle freshness and reloads. Alerts: deploy/prometheus/rules.yml.",
         "tags": ["one2one", "grpc", "ranking"],
         "timezone": "utc",
         "schemaVersion": 39,
@@ -202,20 +364,44 @@ def dashboard() -> dict:
         "editable": True,
         "refresh": "30s",
         "time": {"from": "now-6h", "to": "now"},
-        "templating": {"list": [
-            {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source",
-             "current": {}, "hide": 0},
-            {"name": "job", "type": "query", "label": "Job",
-             "datasource": {"type": "prometheus", "uid": "${datasource}"},
-             "query": {"query": "label_values(one2one_serving, job)", "refId": "job"},
-             "definition": "label_values(one2one_serving, job)",
-             "refresh": 2, "includeAll": True, "multi": True, "current": {}, "hide": 0},
-        ]},
-        "annotations": {"list": [{
-            "name": "Bundle loaded", "enable": True, "iconColor": "blue",
-            "datasource": {"type": "prometheus", "uid": "${datasource}"},
-            "expr": f"changes(one2one_bundle_load_timestamp_seconds{{{J}}}[1m]) > 0",
-            "titleFormat": "bundle loaded on {{instance}}", "step": "1m"}]},
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "type": "datasource",
+                    "query": "prometheus",
+                    "label": "Data source",
+                    "current": {},
+                    "hide": 0,
+                },
+                {
+                    "name": "job",
+                    "type": "query",
+                    "label": "Job",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": {"query": "label_values(one2one_serving, job)", "refId": "job"},
+                    "definition": "label_values(one2one_serving, job)",
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": True,
+                    "current": {},
+                    "hide": 0,
+                },
+            ]
+        },
+        "annotations": {
+            "list": [
+                {
+                    "name": "Bundle loaded",
+                    "enable": True,
+                    "iconColor": "blue",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "expr": f"changes(one2one_bundle_load_timestamp_seconds{{{J}}}[1m]) > 0",
+                    "titleFormat": "bundle loaded on {{instance}}",
+                    "step": "1m",
+                }
+            ]
+        },
         "panels": panels,
     }
 

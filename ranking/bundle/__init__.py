@@ -1,1 +1,1 @@
-"""The bundle format: versioned directories and their manifest, the loaded model's arrays, id maps and segment scheme."""
+"""The bundle format: versioned directories, manifest and declared arrays; the loaded model's arrays and id maps."""

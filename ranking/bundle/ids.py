@@ -1,7 +1,8 @@
 """String id <-> dense row index maps that load from plain arrays without a dict."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -1,4 +1,5 @@
 """The loaded, read-only ranking model: a verified bundle's arrays, id maps and ANN index."""
+
 from __future__ import annotations
 
 import time
@@ -22,7 +23,7 @@ class Csr:
     values: np.ndarray | None = None
 
     def row(self, r: int) -> np.ndarray:
-        return self.indices[self.indptr[r]:self.indptr[r + 1]]
+        return self.indices[self.indptr[r] : self.indptr[r + 1]]
 
     def row_len(self, r: int) -> int:
         """How many ids row ``r`` holds."""
@@ -30,7 +31,7 @@ class Csr:
 
     def row_values(self, r: int) -> np.ndarray:
         assert self.values is not None
-        return self.values[self.indptr[r]:self.indptr[r + 1]]
+        return self.values[self.indptr[r] : self.indptr[r + 1]]
 
     @property
     def n_rows(self) -> int:

@@ -10,10 +10,12 @@ tables' lengths; ``"items+1"`` is a CSR indptr over them; any other name (``"fac
 ``"nnz_covis"``) is bound by the first array that uses it and must agree everywhere
 else; ``"*"`` is free.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Protocol
 
 from ranking.errors import BundleError
 
@@ -74,8 +76,12 @@ ARRAYS: tuple[ArraySpec, ...] = tuple(
         ArraySpec("segment_keys", "str", ("segments",)),
         *_csr("item_cat_", "items", "nnz_item_cat", [("item_cat_ids", "int32")]),
         *_csr("consumed_", "users", "nnz_consumed", [("consumed_indices", "int32")]),
-        *_csr("segment_pop_", "segments", "nnz_segment_pop",
-              [("segment_pop_items", "int32"), ("segment_pop_scores", "float32")]),
+        *_csr(
+            "segment_pop_",
+            "segments",
+            "nnz_segment_pop",
+            [("segment_pop_items", "int32"), ("segment_pop_scores", "float32")],
+        ),
         # Reranker feature tables (index_builder.feature_tables).
         ArraySpec("item_event_keys", "int64", ("n_item_events",)),
         *[ArraySpec(f"item_events_{days}d_at_end", "float32", ("items",)) for days in WINDOW_DAYS],
@@ -94,17 +100,29 @@ ARRAYS: tuple[ArraySpec, ...] = tuple(
         *_csr("covis_", "items", "nnz_covis", [("covis_items", "int32"), ("covis_scores", "float32")]),
         # (items, items), or (0, 0) for a catalogue above ease_max_items.
         ArraySpec("ease_weights", "float32", ("*", "*")),
-        *[spec for f in CONTEXT_FIELDS for spec in (
-            ArraySpec(f"context_{f}_values", "str", (f"vocab_{f}",)),
-            ArraySpec(f"item_{f}_lift", "float16", ("items", f"vocab_{f}")),
-            ArraySpec(f"user_{f}_share", "float16", ("users", f"vocab_{f}")),
-        )],
+        *[
+            spec
+            for f in CONTEXT_FIELDS
+            for spec in (
+                ArraySpec(f"context_{f}_values", "str", (f"vocab_{f}",)),
+                ArraySpec(f"item_{f}_lift", "float16", ("items", f"vocab_{f}")),
+                ArraySpec(f"user_{f}_share", "float16", ("users", f"vocab_{f}")),
+            )
+        ],
         # The learned reranker's trees (ranking.scoring.TreeArrays), when one was trained.
         ArraySpec("rerank_roots", "int32", ("trees",), group="trees"),
         ArraySpec("rerank_leaf_value", "float64", ("leaves",), group="trees"),
-        *[ArraySpec(f"rerank_{name}", dtype, ("nodes",), group="trees") for name, dtype in (
-            ("feature", "int32"), ("threshold", "float64"), ("left", "int32"), ("right", "int32"),
-            ("flags", "uint8"), ("node_value", "float64"))],
+        *[
+            ArraySpec(f"rerank_{name}", dtype, ("nodes",), group="trees")
+            for name, dtype in (
+                ("feature", "int32"),
+                ("threshold", "float64"),
+                ("left", "int32"),
+                ("right", "int32"),
+                ("flags", "uint8"),
+                ("node_value", "float64"),
+            )
+        ],
     ]
 )
 SPECS: dict[str, ArraySpec] = {s.name: s for s in ARRAYS}
@@ -144,9 +162,9 @@ def check_arrays(arrays: Mapping[str, ArrayLike], schema_version: int, where: st
     groups_present = {s.group for s in ARRAYS if s.group and s.name in arrays}
     dims: dict[str, int] = {}
     bound_by: dict[str, str] = {}
-    for dim, name in (("items", "item_ids"), ("users", "user_ids"), ("segments", "segment_keys")):
+    for table, name in (("items", "item_ids"), ("users", "user_ids"), ("segments", "segment_keys")):
         if name in arrays:
-            dims[dim], bound_by[dim] = int(arrays[name].shape[0]), name
+            dims[table], bound_by[table] = int(arrays[name].shape[0]), name
     for spec in ARRAYS:
         if spec.since > schema_version:
             continue
@@ -173,5 +191,8 @@ def check_arrays(arrays: Mapping[str, ArrayLike], schema_version: int, where: st
             if int(got) != want:
                 problems.append(f"{spec.name} axis {axis} is {got}, expected {what}")
     if problems:
-        raise BundleError(f"{where} does not match the declared arrays: " + "; ".join(problems)
-                          + "; rebuild it with this version's index_builder")
+        raise BundleError(
+            f"{where} does not match the declared arrays: "
+            + "; ".join(problems)
+            + "; rebuild it with this version's index_builder"
+        )

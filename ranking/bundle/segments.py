@@ -1,9 +1,10 @@
 """Segment keys (one-to-many): which user attributes define a segment and how values are banded."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class SegmentScheme:
     bands: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "SegmentScheme":
+    def from_dict(cls, d: Mapping) -> SegmentScheme:
         return cls(columns=tuple(d.get("columns", ())), bands=dict(d.get("bands", {})))
 
     def to_dict(self) -> dict:

@@ -1,4 +1,5 @@
 """The artifact bundle on disk: versioned directories, manifest, checksums, CURRENT pointer."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -13,8 +14,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ranking.errors import BundleError
 from ranking.bundle.schema import SCHEMA_VERSION, check_arrays
+from ranking.errors import BundleError
+
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 _HASH_CHUNK = 1 << 22
@@ -31,7 +33,7 @@ def sha256_file(path: Path) -> str:
 
 def new_version() -> str:
     """A sortable, collision-safe version name: UTC time plus a random suffix."""
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
     return f"{now}Z-{secrets.token_hex(3)}"
 
 
@@ -70,7 +72,7 @@ class BundleWriter:
         self.tmp.mkdir()
         self._published = False
 
-    def __enter__(self) -> "BundleWriter":
+    def __enter__(self) -> BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -244,8 +246,9 @@ class Bundle:
 
     def check_schema(self) -> None:
         """Check the arrays' names, dtypes and shapes against ``ranking.bundle.schema`` (headers only)."""
-        check_arrays({n: self.array(n) for n in self.array_names()},
-                     int(self.manifest["schema_version"]), f"{self.path}")
+        check_arrays(
+            {n: self.array(n) for n in self.array_names()}, int(self.manifest["schema_version"]), f"{self.path}"
+        )
 
     def load_index(self) -> faiss.Index:
         """Read the FAISS index into memory.
@@ -281,8 +284,13 @@ class MemoryBundle:
         The arrays do not match the declared schema.
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], manifest: dict[str, Any], index: faiss.Index,
-                 name: str = "the bundle being built"):
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        manifest: dict[str, Any],
+        index: faiss.Index,
+        name: str = "the bundle being built",
+    ):
         check_arrays(arrays, SCHEMA_VERSION, name)
         self.arrays = arrays
         self.manifest = {**manifest, "schema_version": SCHEMA_VERSION, "version": name}

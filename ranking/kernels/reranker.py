@@ -5,6 +5,7 @@ the arrays under the ``rerank_*`` names; the server reads them back with
 :func:`load_scorer`, which also accepts the older linear ``scoring`` section and
 refuses any other model kind with a :class:`~ranking.errors.BundleError`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,13 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from ranking.errors import BundleError
 from ranking.bundle.schema import TREE_ARRAYS
+from ranking.errors import BundleError
 from ranking.kernels import scoring
 from ranking.kernels.scoring import TopK, TreeArrays
 
-__all__ = ["TreeScorer", "LinearScorer", "trees_from_lightgbm", "load_scorer", "tree_arrays", "TREE_ARRAYS",
-           "SCORING_MODELS"]
+__all__ = [
+    "TreeScorer",
+    "LinearScorer",
+    "trees_from_lightgbm",
+    "load_scorer",
+    "tree_arrays",
+    "TREE_ARRAYS",
+    "SCORING_MODELS",
+]
 
 SCORING_MODELS = ("linear", "trees")
 
@@ -80,8 +88,7 @@ def trees_from_lightgbm(booster, scale: float = 1.0) -> TreeArrays:
 
     for info in dump["tree_info"]:
         roots.append(visit(info["tree_structure"]))
-    return TreeArrays.checked(roots, feature, threshold, left, right, flags, node_value, leaf_value,
-                              n_features)
+    return TreeArrays.checked(roots, feature, threshold, left, right, flags, node_value, leaf_value, n_features)
 
 
 def concat_trees(parts: list[TreeArrays]) -> TreeArrays:
@@ -109,8 +116,17 @@ def concat_trees(parts: list[TreeArrays]) -> TreeArrays:
         n_nodes += len(p.feature)
         n_leaves += len(p.leaf_value)
     cat = np.concatenate
-    return TreeArrays.checked(cat(roots), cat(feature), cat(threshold), cat(left), cat(right), cat(flags),
-                              cat(node_value), cat(leaf_value), n_features)
+    return TreeArrays.checked(
+        cat(roots),
+        cat(feature),
+        cat(threshold),
+        cat(left),
+        cat(right),
+        cat(flags),
+        cat(node_value),
+        cat(leaf_value),
+        n_features,
+    )
 
 
 @dataclass(frozen=True)
@@ -121,8 +137,9 @@ class TreeScorer:
     trees: TreeArrays
     kind: str = "trees"
 
-    def score_topk(self, features: np.ndarray, mask: np.ndarray, k: int, *, offsets=None,
-                   deadline_ns: int = 0) -> TopK:
+    def score_topk(
+        self, features: np.ndarray, mask: np.ndarray | None, k: int, *, offsets=None, deadline_ns: int = 0
+    ) -> TopK:
         return scoring.score_trees_topk(features, self.trees, mask, k, offsets=offsets, deadline_ns=deadline_ns)
 
     def contributions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,10 +164,12 @@ class LinearScorer:
     bias: float
     kind: str = "linear"
 
-    def score_topk(self, features: np.ndarray, mask: np.ndarray, k: int, *, offsets=None,
-                   deadline_ns: int = 0) -> TopK:
-        return scoring.score_topk(features, self.weights, mask, k, bias=self.bias, offsets=offsets,
-                                  deadline_ns=deadline_ns)
+    def score_topk(
+        self, features: np.ndarray, mask: np.ndarray | None, k: int, *, offsets=None, deadline_ns: int = 0
+    ) -> TopK:
+        return scoring.score_topk(
+            features, self.weights, mask, k, bias=self.bias, offsets=offsets, deadline_ns=deadline_ns
+        )
 
     def contributions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         contrib = scoring.linear_contributions(rows, self.weights).astype(np.float64)
@@ -187,14 +206,20 @@ def load_scorer(bundle) -> TreeScorer | LinearScorer:
             raise BundleError(f"{where}: scoring.weights has {weights.size} entries for {len(names)} features")
         return LinearScorer(tuple(names), weights, float(section.get("bias", 0.0)))
     if kind == "trees":
-        arrays = [bundle.array(f"rerank_{name}", mmap=False) for name in TREE_ARRAYS]
+        roots, feature, threshold, left, right, flags, node_value, leaf_value = (
+            bundle.array(f"rerank_{name}", mmap=False) for name in TREE_ARRAYS
+        )
         try:
-            trees = TreeArrays.checked(*arrays, n_features=len(names))
+            trees = TreeArrays.checked(
+                roots, feature, threshold, left, right, flags, node_value, leaf_value, n_features=len(names)
+            )
         except ValueError as exc:
             raise BundleError(f"{bundle.path}: the reranker's trees are inconsistent: {exc}") from None
         return TreeScorer(tuple(names), trees)
-    raise BundleError(f"{where}: scoring.model is {kind!r}; this server scores only {list(SCORING_MODELS)}: "
-                      "rebuild the bundle with a matching index_builder or upgrade the server")
+    raise BundleError(
+        f"{where}: scoring.model is {kind!r}; this server scores only {list(SCORING_MODELS)}: "
+        "rebuild the bundle with a matching index_builder or upgrade the server"
+    )
 
 
 def tree_arrays(trees: TreeArrays) -> dict[str, np.ndarray]:

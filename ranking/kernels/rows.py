@@ -6,10 +6,11 @@ item row (an item's position, a visited mark), lent to one
 request at a time and handed back clean, so a request costs what it touches and
 not what the catalog holds. Other packages import only this module.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 
@@ -21,7 +22,7 @@ _NO_ITEMS = np.zeros(0, np.int32)  # sum_rows without grow records no items
 
 
 class _Buffers:
-    __slots__ = ("slot", "mark")
+    __slots__ = ("mark", "slot")
 
     def __init__(self, n_items: int):
         self.slot = np.full(n_items, -1, np.int32)  # position per item row, -1 elsewhere
@@ -60,8 +61,10 @@ def _weights(weights, n: int) -> np.ndarray:
 
 def _check(status: int, what: str) -> int:
     if status < 0:
-        raise ValueError(f"{what} names an item outside the catalog (at entry {-1 - status}); "
-                         "the bundle's tables disagree with its item count: rebuild it")
+        raise ValueError(
+            f"{what} names an item outside the catalog (at entry {-1 - status}); "
+            "the bundle's tables disagree with its item count: rebuild it"
+        )
     return status
 
 
@@ -89,8 +92,12 @@ class CandidateIndex:
         indptr, indices, values = _csr_arrays(csr)
         src = _int32_rows("sources", sources, len(indptr) - 1)
         if len(src):
-            _check(_rows.sum_rows(indptr, indices, values, src, _weights(weights, len(src)), self._slot, False,
-                                  out, _NO_ITEMS, 0), "a CSR row")
+            _check(
+                _rows.sum_rows(
+                    indptr, indices, values, src, _weights(weights, len(src)), self._slot, False, out, _NO_ITEMS, 0
+                ),
+                "a CSR row",
+            )
         return out.astype(np.float32)
 
 
@@ -138,8 +145,9 @@ class ItemScratch:
         items = np.empty(total, np.int32)
         totals = np.zeros(total, np.float64)
         with self._lend() as buf:
-            n = _rows.sum_rows(indptr, indices, values, src, _weights(weights, len(src)), buf.slot, True,
-                               totals, items, 0)
+            n = _rows.sum_rows(
+                indptr, indices, values, src, _weights(weights, len(src)), buf.slot, True, totals, items, 0
+            )
             if n >= 0:
                 buf.slot[items[:n]] = -1  # handed back clean (a failed walk cleans up after itself)
         _check(n, "a CSR row")
@@ -177,6 +185,8 @@ def max_share(csr, rows, share) -> np.ndarray:
     out = np.empty(len(rows), np.float32)
     status = _rows.max_share(indptr, indices, rows, share, out)
     if status < 0:
-        raise ValueError(f"row {int(rows[-1 - status])} names a category outside the {len(share)} known; "
-                         "the bundle's tables disagree: rebuild it")
+        raise ValueError(
+            f"row {int(rows[-1 - status])} names a category outside the {len(share)} known; "
+            "the bundle's tables disagree: rebuild it"
+        )
     return out

@@ -9,6 +9,7 @@ excluded when its mask entry is nonzero or its score is NaN; the others are
 ranked by score descending (``+inf`` first, ``-inf`` last but still returned),
 ties going to the lower row index, so results are deterministic.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -18,8 +19,7 @@ import numpy as np
 
 from ranking.kernels import _scoring
 
-__all__ = ["TopK", "TreeArrays", "score_topk", "score_trees_topk", "topk", "linear_contributions",
-           "tree_contributions"]
+__all__ = ["TopK", "TreeArrays", "score_topk", "score_trees_topk", "topk", "linear_contributions", "tree_contributions"]
 
 _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MAX = np.iinfo(np.int64).max
@@ -50,18 +50,15 @@ class TopK(NamedTuple):
 # Validation helpers: each names the argument and says what was wrong.
 # ---------------------------------------------------------------------------
 
+
 def _as_float32(name: str, x, ndim: int) -> np.ndarray:
     # Real numbers of any width are accepted and cast; bool, complex and object
     # arrays are almost always a caller bug, so they are refused.
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiu":
-        raise ValueError(
-            f"{name} must be a float32 array (real numbers), got dtype {arr.dtype}"
-        )
+        raise ValueError(f"{name} must be a float32 array (real numbers), got dtype {arr.dtype}")
     if arr.ndim != ndim:
-        raise ValueError(
-            f"{name} must be {ndim}-dimensional, got shape {arr.shape}"
-        )
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -70,9 +67,7 @@ def _as_mask(mask, n: int) -> np.ndarray:
         return np.zeros(n, dtype=np.uint8)
     arr = np.asarray(mask)
     if arr.dtype.kind not in "biu":
-        raise ValueError(
-            f"mask must be a bool or uint8 array (nonzero = excluded), got dtype {arr.dtype}"
-        )
+        raise ValueError(f"mask must be a bool or uint8 array (nonzero = excluded), got dtype {arr.dtype}")
     if arr.ndim != 1 or arr.shape[0] != n:
         raise ValueError(f"mask must have shape ({n},), got shape {arr.shape}")
     if arr.dtype.itemsize != 1:
@@ -86,9 +81,7 @@ def _as_mask(mask, n: int) -> np.ndarray:
 def _as_int(name: str, value, minimum: int, maximum: int) -> int:
     if type(value) is not int:  # fast path first: ABC checks cost ~0.3 us each
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise ValueError(
-                f"{name} must be an integer, got {type(value).__name__} {value!r}"
-            )
+            raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
         value = int(value)
     if not minimum <= value <= maximum:
         raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {value}")
@@ -108,8 +101,11 @@ def _loop_args(offsets, n: int, deadline_ns, check_every) -> tuple[np.ndarray, i
         offsets = _as_float32("offsets", offsets, 1)
         if offsets.shape[0] != n:
             raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
-    return (offsets, _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
-            _as_int("check_every", check_every, 1, _INT64_MAX))
+    return (
+        offsets,
+        _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
+        _as_int("check_every", check_every, 1, _INT64_MAX),
+    )
 
 
 def _alloc(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +115,7 @@ def _alloc(k: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
+
 
 def score_topk(
     features,
@@ -183,14 +180,13 @@ def score_topk(
     weights = _as_float32("weights", weights, 1)
     if weights.shape[0] != f:
         raise ValueError(
-            f"weights must have shape ({f},) to match features with {f} columns, "
-            f"got shape {weights.shape}"
+            f"weights must have shape ({f},) to match features with {f} columns, got shape {weights.shape}"
         )
     mask = _as_mask(mask, n)
     k = _as_int("k", k, 0, _INT64_MAX)
-    if (type(bias) is not float and (isinstance(bias, (bool, np.bool_))
-                                      or not isinstance(bias, numbers.Real))
-            or not abs(float(bias)) <= _FLOAT32_MAX):
+    if (
+        type(bias) is not float and (isinstance(bias, (bool, np.bool_)) or not isinstance(bias, numbers.Real))
+    ) or not abs(float(bias)) <= _FLOAT32_MAX:
         raise ValueError(f"bias must be a finite real number within float32 range, got {bias!r}")
     offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
 
@@ -198,8 +194,15 @@ def score_topk(
     if k == 0 or n == 0:
         return TopK(out_indices, out_scores, n)
     n_kept, n_scored = _scoring.score_topk(
-        features, weights, mask, offsets, float(bias), deadline_ns, check_every,
-        out_scores, out_indices,
+        features,
+        weights,
+        mask,
+        offsets,
+        float(bias),
+        deadline_ns,
+        check_every,
+        out_scores,
+        out_indices,
     )
     return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored))
 
@@ -268,8 +271,7 @@ def linear_contributions(features_rows, weights) -> np.ndarray:
     f = features_rows.shape[1]
     if weights.shape[0] != f:
         raise ValueError(
-            f"weights must have shape ({f},) to match features_rows with {f} columns, "
-            f"got shape {weights.shape}"
+            f"weights must have shape ({f},) to match features_rows with {f} columns, got shape {weights.shape}"
         )
     return features_rows * weights
 
@@ -277,6 +279,7 @@ def linear_contributions(features_rows, weights) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Tree ensembles
 # ---------------------------------------------------------------------------
+
 
 class TreeArrays(NamedTuple):
     """A tree ensemble as flat arrays, the form the compiled loop walks.
@@ -317,8 +320,9 @@ class TreeArrays(NamedTuple):
     n_features: int
 
     @classmethod
-    def checked(cls, roots, feature, threshold, left, right, flags, node_value, leaf_value,
-                n_features: int) -> "TreeArrays":
+    def checked(
+        cls, roots, feature, threshold, left, right, flags, node_value, leaf_value, n_features: int
+    ) -> TreeArrays:
         """Validate and normalise the arrays of an ensemble.
 
         Raises
@@ -329,8 +333,10 @@ class TreeArrays(NamedTuple):
             names the array and the first offending position.
         """
         n_features = _as_int("n_features", n_features, 0, _INT32_MAX)
-        ints = {name: np.ascontiguousarray(a, dtype=np.int32) for name, a in
-                (("roots", roots), ("feature", feature), ("left", left), ("right", right))}
+        ints = {
+            name: np.ascontiguousarray(a, dtype=np.int32)
+            for name, a in (("roots", roots), ("feature", feature), ("left", left), ("right", right))
+        }
         for name, a in ints.items():
             if a.ndim != 1:
                 raise ValueError(f"tree array {name} must be 1-dimensional, got shape {a.shape}")
@@ -339,8 +345,13 @@ class TreeArrays(NamedTuple):
         node_value = np.ascontiguousarray(node_value, dtype=np.float64)
         leaf_value = np.ascontiguousarray(leaf_value, dtype=np.float64)
         n_nodes = len(ints["feature"])
-        for name, a in (("threshold", threshold), ("left", ints["left"]), ("right", ints["right"]),
-                        ("flags", flags), ("node_value", node_value)):
+        for name, a in (
+            ("threshold", threshold),
+            ("left", ints["left"]),
+            ("right", ints["right"]),
+            ("flags", flags),
+            ("node_value", node_value),
+        ):
             if a.shape != (n_nodes,):
                 raise ValueError(f"tree array {name} must have shape ({n_nodes},) like feature, got {a.shape}")
         n_leaves = len(leaf_value)
@@ -359,13 +370,15 @@ class TreeArrays(NamedTuple):
         here = np.arange(n_nodes)
         for name in ("left", "right"):
             c = ints[name]
-            first_bad((c >= 0) & ((c <= here) | (c >= n_nodes)), name,
-                      "must name a later node (children come after their parent)")
+            first_bad(
+                (c >= 0) & ((c <= here) | (c >= n_nodes)),
+                name,
+                "must name a later node (children come after their parent)",
+            )
             first_bad((c < 0) & (~c >= n_leaves), name, f"names a leaf outside [0, {n_leaves})")
         r = ints["roots"]
         first_bad((r >= n_nodes) | ((r < 0) & (~r >= n_leaves)), "roots", "is out of range")
-        return cls(r, feat, threshold, ints["left"], ints["right"], flags, node_value, leaf_value,
-                   n_features)
+        return cls(r, feat, threshold, ints["left"], ints["right"], flags, node_value, leaf_value, n_features)
 
     @property
     def n_trees(self) -> int:
@@ -428,8 +441,20 @@ def score_trees_topk(
         return TopK(out_indices, out_scores, n)
     t = trees
     n_kept, n_scored = _scoring.score_trees_topk(
-        features, t.roots, t.feature, t.threshold, t.left, t.right, t.flags, t.leaf_value,
-        mask, offsets, deadline_ns, check_every, out_scores, out_indices,
+        features,
+        t.roots,
+        t.feature,
+        t.threshold,
+        t.left,
+        t.right,
+        t.flags,
+        t.leaf_value,
+        mask,
+        offsets,
+        deadline_ns,
+        check_every,
+        out_scores,
+        out_indices,
     )
     return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored))
 
@@ -468,6 +493,17 @@ def tree_contributions(features_rows, trees: TreeArrays) -> tuple[np.ndarray, np
     if m == 0:
         return contrib, bias
     t = trees
-    _scoring.tree_contributions(features_rows, t.roots, t.feature, t.threshold, t.left, t.right,
-                                t.flags, t.node_value, t.leaf_value, contrib, bias)
+    _scoring.tree_contributions(
+        features_rows,
+        t.roots,
+        t.feature,
+        t.threshold,
+        t.left,
+        t.right,
+        t.flags,
+        t.node_value,
+        t.leaf_value,
+        contrib,
+        bias,
+    )
     return contrib, bias

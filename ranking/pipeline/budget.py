@@ -1,4 +1,5 @@
 """The per-request latency budget: one deadline on the monotonic clock every stage reads."""
+
 from __future__ import annotations
 
 import time
@@ -51,12 +52,12 @@ class Budget:
     total_ms: float
 
     @classmethod
-    def start(cls, budget_ms: float, now_ns: int | None = None) -> "Budget":
+    def start(cls, budget_ms: float, now_ns: int | None = None) -> Budget:
         now = time.monotonic_ns() if now_ns is None else now_ns
         return cls(deadline_ns=now + int(budget_ms * 1e6), total_ms=budget_ms)
 
     @classmethod
-    def unlimited(cls) -> "Budget":
+    def unlimited(cls) -> Budget:
         return cls(deadline_ns=0, total_ms=float("inf"))
 
     def remaining_ms(self) -> float:

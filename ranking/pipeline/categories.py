@@ -1,4 +1,5 @@
 """Category membership of candidate rows: the walk the request's filters and the rules share."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ trees route it the way they learned to, so it is never confused with zero.
 The same code serves ``Rank``, trains the reranker in the builder and runs
 the evaluation, so the three can never disagree about what a feature means.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranking.bundle.model import Csr, RankingModel
-from ranking.errors import BundleError
 from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS
+from ranking.errors import BundleError
 from ranking.kernels.rows import CandidateIndex, ItemScratch, max_share
 
 DAY = 86_400
@@ -25,49 +26,53 @@ KEY_SHIFT = np.int64(1) << np.int64(32)  # item row and timestamp packed in one 
 
 FEATURE_NAMES = (
     # retrieval
-    "als_score",            # user (or session) embedding · item embedding; NaN without one
-    "covis_user",           # item-to-item similarity summed over the user's recent items
-    "covis_session",        # ... over this session's items
-    "session_similarity",   # max cosine between the item and a session item; NaN without a session
-    "ease_score",           # EASE item-item weights summed over the user's and session's items; NaN without
+    "als_score",  # user (or session) embedding · item embedding; NaN without one
+    "covis_user",  # item-to-item similarity summed over the user's recent items
+    "covis_session",  # ... over this session's items
+    "session_similarity",  # max cosine between the item and a session item; NaN without a session
+    "ease_score",  # EASE item-item weights summed over the user's and session's items; NaN without
     # item
-    "popularity",           # all-time distinct users, log-scaled to [0, 1]
-    "popularity_7d",        # log1p(distinct events in the 7 days before the request)
-    "popularity_30d",       # log1p(... 30 days ...)
-    "trend",                # log of the 7-day rate over the 30-day rate
-    "item_age_days",        # request time minus the item's first event; NaN if never seen
-    "price",                # NaN when unknown
-    "segment_popularity",   # popularity in the request's segment (0 outside its top list)
+    "popularity",  # all-time distinct users, log-scaled to [0, 1]
+    "popularity_7d",  # log1p(distinct events in the 7 days before the request)
+    "popularity_30d",  # log1p(... 30 days ...)
+    "trend",  # log of the 7-day rate over the 30-day rate
+    "item_age_days",  # request time minus the item's first event; NaN if never seen
+    "price",  # NaN when unknown
+    "segment_popularity",  # popularity in the request's segment (0 outside its top list)
     # user × item
-    "category_affinity",    # the user's share of events in the item's categories; NaN without history
-    "price_fit",            # |log price - the user's mean log price|; NaN when either is unknown
-    "touched_not_consumed", # the user viewed/clicked/carted it but did not buy it
+    "category_affinity",  # the user's share of events in the item's categories; NaN without history
+    "price_fit",  # |log price - the user's mean log price|; NaN when either is unknown
+    "touched_not_consumed",  # the user viewed/clicked/carted it but did not buy it
     # user
-    "user_stage",           # 0 new, 1 developing, 2 established; NaN unknown user
-    "user_value",           # log1p(consumed items)
-    "user_recency_days",    # request time minus the user's last event; NaN without history
-    "user_tenure_days",     # last minus first event
+    "user_stage",  # 0 new, 1 developing, 2 established; NaN unknown user
+    "user_value",  # log1p(consumed items)
+    "user_recency_days",  # request time minus the user's last event; NaN without history
+    "user_tenure_days",  # last minus first event
     # context × history
-    "hour_item_lift",       # the item's share of events in the request's hour block / everyone's share
-    "weekday_item_lift",    # ... on the request's day of week
-    "hour_user_share",      # the user's share of own events in the request's hour block; NaN without history
-    "rung",                 # the ladder rung that retrieved the candidates (1 popular .. 4 one-to-one)
+    "hour_item_lift",  # the item's share of events in the request's hour block / everyone's share
+    "weekday_item_lift",  # ... on the request's day of week
+    "hour_user_share",  # the user's share of own events in the request's hour block; NaN without history
+    "rung",  # the ladder rung that retrieved the candidates (1 popular .. 4 one-to-one)
     "days_after_data_end",  # request time minus the bundle's last event: how stale the windows are
     # within-request standing: scores differ in scale from user to user, ranks do not
-    "als_rank",             # rank of als_score among this request's candidates, 0 = best, / n
+    "als_rank",  # rank of als_score among this request's candidates, 0 = best, / n
     "ease_rank",
     "covis_user_rank",
     "popularity_30d_rank",
     # request context × history: NaN without a value in the request, or one the bundle has no column for
-    "channel_item_lift",    # the item's share of events on the request's channel / everyone's share
-    "device_item_lift",     # ... on its device
-    "region_item_lift",     # ... in its region
-    "channel_user_share",   # the user's share of own events on the request's channel; NaN without history
+    "channel_item_lift",  # the item's share of events on the request's channel / everyone's share
+    "device_item_lift",  # ... on its device
+    "region_item_lift",  # ... in its region
+    "channel_user_share",  # the user's share of own events on the request's channel; NaN without history
     "device_user_share",
     "region_user_share",
 )
-RANKED = (("als_rank", "als_score"), ("ease_rank", "ease_score"), ("covis_user_rank", "covis_user"),
-          ("popularity_30d_rank", "popularity_30d"))
+RANKED = (
+    ("als_rank", "als_score"),
+    ("ease_rank", "ease_score"),
+    ("covis_user_rank", "covis_user"),
+    ("popularity_30d_rank", "popularity_30d"),
+)
 N_FEATURES = len(FEATURE_NAMES)
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
 
@@ -110,7 +115,7 @@ class _ContextTable:
     user_share: np.ndarray  # (n_users, n_columns) float16, NaN for users without a known value
 
     @classmethod
-    def load(cls, bundle, field: str) -> "_ContextTable":
+    def load(cls, bundle, field: str) -> _ContextTable:
         values = [str(v) for v in bundle.array(f"context_{field}_values")]
         item_lift = bundle.array(f"item_{field}_lift")
         other = len(values) if item_lift.shape[1] > len(values) else -1
@@ -236,7 +241,7 @@ class FeatureTables:
         X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), index)
         X[:, c["covis_session"]] = self._covis_to(req.session, index)
         hist = self.history(urow, req.session) if self.ease is not None else ()
-        if len(hist):
+        if self.ease is not None and len(hist):
             X[:, c["ease_score"]] = np.asarray(self.ease[hist][:, cands], np.float32).sum(axis=0)
         else:
             X[:, c["ease_score"]] = np.nan
@@ -292,14 +297,14 @@ class FeatureTables:
         X[:, c["hour_item_lift"]] = self.item_hour_lift[cands, block]
         X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
         X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
-        for f, table in self.context.items():
-            col = table.column(getattr(req, f))
+        for field, table in self.context.items():
+            col = table.column(getattr(req, field))
             if col < 0:
-                X[:, c[f"{f}_item_lift"]] = np.nan
-                X[:, c[f"{f}_user_share"]] = np.nan
+                X[:, c[f"{field}_item_lift"]] = np.nan
+                X[:, c[f"{field}_user_share"]] = np.nan
                 continue
-            X[:, c[f"{f}_item_lift"]] = table.item_lift[cands, col]
-            X[:, c[f"{f}_user_share"]] = table.user_share[urow, col] if known else np.nan
+            X[:, c[f"{field}_item_lift"]] = table.item_lift[cands, col]
+            X[:, c[f"{field}_user_share"]] = table.user_share[urow, col] if known else np.nan
         X[:, c["rung"]] = req.rung
         X[:, c["days_after_data_end"]] = (t - self.data_end) / DAY
         for rank_name, source in RANKED:

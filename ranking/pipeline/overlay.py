@@ -1,5 +1,6 @@
 """The per-request overlay on a bundle: what real-time events, context rules and the experiment
 variant change about one Rank (query vector, rung cap, mask, score offsets, explain)."""
+
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,6 @@ from ranking.policy.experiments import FULL, Variant
 from ranking.policy.rules import Rule
 from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
 from ranking.realtime.user_state import Weighting, fold_in, item_gram
-
 
 # The builder stores the Gram matrix in the bundle. A bundle without it (made by hand, or
 # by an older builder) gets it computed: up to this many multiply-adds (items × k²) on the
@@ -46,7 +46,7 @@ class _ModelCache:
         log.info("fold-in ready", extra={"version": version, "seconds": round(time.perf_counter() - t0, 3)})
 
 
-_caches: "weakref.WeakKeyDictionary[object, _ModelCache]" = weakref.WeakKeyDictionary()
+_caches: weakref.WeakKeyDictionary[object, _ModelCache] = weakref.WeakKeyDictionary()
 _caches_lock = threading.Lock()
 
 
@@ -65,8 +65,9 @@ def model_cache(model) -> _ModelCache:
         if n * k * k <= SYNC_GRAM_LIMIT:
             c.compute(model.item_factors, model.version)
             return c
-    threading.Thread(target=c.compute, args=(model.item_factors, model.version),
-                     name=f"gram-{model.version}", daemon=True).start()
+    threading.Thread(
+        target=c.compute, args=(model.item_factors, model.version), name=f"gram-{model.version}", daemon=True
+    ).start()
     return c
 
 
@@ -120,19 +121,20 @@ class RankOverlay:
         """
         parts: dict[str, np.ndarray] = {}
         cache = model_cache(model)
-        if len(cands) and len(self.negative_rows) and self.variant.use_context and cache.ready.is_set():
-            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * cache.inv_norms[cands, None]
-            nf = np.asarray(model.item_factors[self.negative_rows], dtype=np.float32) \
-                * cache.inv_norms[self.negative_rows, None]
+        inv_norms = cache.inv_norms if self.variant.use_context and cache.ready.is_set() else None
+        if len(cands) and len(self.negative_rows) and inv_norms is not None:
+            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * inv_norms[cands, None]
+            nf = (
+                np.asarray(model.item_factors[self.negative_rows], dtype=np.float32)
+                * inv_norms[self.negative_rows, None]
+            )
             sim = np.clip((cf @ nf.T).max(axis=1), 0.0, 1.0)
             # The skipped item itself has no factor when the build never saw it; push it down anyway.
             sim[np.isin(cands, self.negative_rows)] = 1.0
             parts["realtime_skip"] = (-self.settings.skip_penalty * sim).astype(np.float32)
-        if len(cands) and len(self.recent_rows) and self.variant.use_context and cache.ready.is_set() \
-                and self.settings.interest_boost > 0:
-            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * cache.inv_norms[cands, None]
-            rf = np.asarray(model.item_factors[self.recent_rows], dtype=np.float32) \
-                * cache.inv_norms[self.recent_rows, None]
+        if len(cands) and len(self.recent_rows) and inv_norms is not None and self.settings.interest_boost > 0:
+            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * inv_norms[cands, None]
+            rf = np.asarray(model.item_factors[self.recent_rows], dtype=np.float32) * inv_norms[self.recent_rows, None]
             sim = np.clip((cf @ rf.T).max(axis=1), 0.0, 1.0)
             sim[np.isin(cands, self.recent_rows)] = 0.0
             # Relative to this request's candidates: the closest get the whole boost, the
@@ -146,11 +148,21 @@ class RankOverlay:
                 parts[f"rule:{rule.name}"] = np.where(hit, -rule.demote_by, 0.0).astype(np.float32)
         if not parts:
             return None, parts
-        return np.sum(list(parts.values()), axis=0, dtype=np.float32), parts
+        total = np.zeros(len(cands), np.float32)
+        for part in parts.values():
+            total += part
+        return total, parts
 
 
-def build_overlay(model, user_id: str, events: list[Event], now: float, variant: Variant = FULL,
-                  rules: list[Rule] | None = None, settings: OverlaySettings | None = None) -> RankOverlay:
+def build_overlay(
+    model,
+    user_id: str,
+    events: list[Event],
+    now: float,
+    variant: Variant = FULL,
+    rules: list[Rule] | None = None,
+    settings: OverlaySettings | None = None,
+) -> RankOverlay:
     """The overlay of one request from the user's recent events.
 
     Events at or before the end of the bundle's data window are already in the bundle
@@ -191,17 +203,23 @@ def build_overlay(model, user_id: str, events: list[Event], now: float, variant:
     evs = [e for e, k in zip(events, known) if k]
     types = np.array([e.event_type for e in evs])
     ov.exclude_rows = np.unique(rows[np.isin(types, w.consumed_event_types)]).astype(np.int32)
-    if not variant.use_context or not cache.ready.is_set():
+    yty = cache.yty if variant.use_context and cache.ready.is_set() else None
+    if yty is None:
         return ov
     ov.n_realtime_events = len(evs)
     ov.negative_rows = np.unique(rows[np.isin(types, NEGATIVE_EVENT_TYPES)]).astype(np.int32)
-    positive = rows[~np.isin(types, NEGATIVE_EVENT_TYPES)][np.argsort([e.timestamp for e, neg in zip(
-        evs, np.isin(types, NEGATIVE_EVENT_TYPES)) if not neg], kind="stable")]
+    positive = rows[~np.isin(types, NEGATIVE_EVENT_TYPES)][
+        np.argsort([e.timestamp for e, neg in zip(evs, np.isin(types, NEGATIVE_EVENT_TYPES)) if not neg], kind="stable")
+    ]
     # Most recent occurrence of each item, oldest first, at most MAX_RECENT.
     last = {int(r): i for i, r in enumerate(positive)}
-    ov.recent_rows = np.array(sorted(last, key=last.get)[-MAX_RECENT:], dtype=np.int32)
-    weights = w.weights(types, np.array([e.value for e in evs], dtype=np.float64),
-                        np.array([e.timestamp for e in evs], dtype=np.float64), now)
+    ov.recent_rows = np.array(sorted(last, key=last.__getitem__)[-MAX_RECENT:], dtype=np.int32)
+    weights = w.weights(
+        types,
+        np.array([e.value for e in evs], dtype=np.float64),
+        np.array([e.timestamp for e in evs], dtype=np.float64),
+        now,
+    )
     uniq, inv = np.unique(rows, return_inverse=True)
     summed = np.zeros(len(uniq))
     np.add.at(summed, inv, weights)
@@ -214,7 +232,7 @@ def build_overlay(model, user_id: str, events: list[Event], now: float, variant:
     prior = None
     if urow >= 0 and model.user_has_history[urow]:
         prior = np.asarray(model.user_factors[urow], dtype=np.float64)
-    vec = fold_in(model.item_factors, cache.yty, uniq[keep], w.alpha * summed[keep], w.regularization, prior)
+    vec = fold_in(model.item_factors, yty, uniq[keep], w.alpha * summed[keep], w.regularization, prior)
     if np.all(np.isfinite(vec)) and np.any(vec != 0):
         ov.user_vector = vec
     return ov

@@ -1,4 +1,5 @@
 """The domain form of a Rank request and the limits it is validated against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,9 +59,15 @@ class RankQuery:
         if len(self.user_id) > limits.max_id_chars:
             bad.append(FieldViolation("user_id", f"is longer than {limits.max_id_chars} characters"))
         if self.num_results < 0:
-            bad.append(FieldViolation("num_results", f"is {self.num_results}; it must be >= 0 (0 means {limits.default_results})"))
+            bad.append(
+                FieldViolation(
+                    "num_results", f"is {self.num_results}; it must be >= 0 (0 means {limits.default_results})"
+                )
+            )
         if self.budget_ms < 0:
-            bad.append(FieldViolation("budget_ms", f"is {self.budget_ms}; it must be >= 0 (0 means the server default)"))
+            bad.append(
+                FieldViolation("budget_ms", f"is {self.budget_ms}; it must be >= 0 (0 means the server default)")
+            )
         check_ids("candidate_item_ids", self.candidate_item_ids, limits.max_request_items)
         check_ids("exclude_item_ids", self.exclude_item_ids, limits.max_request_items)
         check_ids("context.session_item_ids", self.session_item_ids, limits.max_session_items)
@@ -68,18 +75,29 @@ class RankQuery:
             if len(getattr(self, name)) > limits.max_text_chars:
                 bad.append(FieldViolation(f"context.{name}", f"is longer than {limits.max_text_chars} characters"))
         if len(self.attributes) > limits.max_attributes:
-            bad.append(FieldViolation("context.attributes", f"has {len(self.attributes)} entries; at most {limits.max_attributes} are allowed"))
+            bad.append(
+                FieldViolation(
+                    "context.attributes",
+                    f"has {len(self.attributes)} entries; at most {limits.max_attributes} are allowed",
+                )
+            )
         for key, value in self.attributes.items():
             if not key or len(key) > limits.max_attribute_chars or len(value) > limits.max_attribute_chars:
-                bad.append(FieldViolation(f"context.attributes[{key[:32]!r}]",
-                                          f"keys must be non-empty; keys and values at most {limits.max_attribute_chars} characters"))
+                bad.append(
+                    FieldViolation(
+                        f"context.attributes[{key[:32]!r}]",
+                        f"keys must be non-empty; keys and values at most {limits.max_attribute_chars} characters",
+                    )
+                )
                 break
         for name in ("min_price", "max_price"):
             v = getattr(self, name)
             if not (v >= 0):  # also catches NaN
                 bad.append(FieldViolation(f"filter.{name}", f"is {v}; it must be >= 0 (0 means no bound)"))
         if self.min_price > 0 and self.max_price > 0 and self.min_price > self.max_price:
-            bad.append(FieldViolation("filter.max_price", f"{self.max_price} is below filter.min_price {self.min_price}"))
+            bad.append(
+                FieldViolation("filter.max_price", f"{self.max_price} is below filter.min_price {self.min_price}")
+            )
         for name in ("include_categories", "exclude_categories"):
             check_ids(f"filter.{name}", getattr(self, name), limits.max_request_items)
         if bad:

@@ -1,4 +1,5 @@
 """The Rank pipeline: resolve the user, choose the rung, retrieve, score, apply the rules."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,8 +105,9 @@ class Ranker:
         reranker yet).
     """
 
-    def __init__(self, model: RankingModel | ServingModel, config: RankerConfig | None = None, *,
-                 reranker_features: bool = False):
+    def __init__(
+        self, model: RankingModel | ServingModel, config: RankerConfig | None = None, *, reranker_features: bool = False
+    ):
         self.serving = model if isinstance(model, ServingModel) else ServingModel(model)
         model = self.model = self.serving.model
         self.config = config or RankerConfig()
@@ -118,8 +120,10 @@ class Ranker:
         if self.scorer.kind == "trees":
             # The trees index columns by position: the names must be exactly ours, in order.
             if tuple(self.feature_names) != FEATURE_NAMES:
-                raise BundleError(f"bundle {model.version} was trained on features {self.feature_names}; "
-                                  f"this code computes {list(FEATURE_NAMES)}: rebuild the bundle")
+                raise BundleError(
+                    f"bundle {model.version} was trained on features {self.feature_names}; "
+                    f"this code computes {list(FEATURE_NAMES)}: rebuild the bundle"
+                )
             self.tables = FeatureTables(model, self.scratch)
             self._feature_pos = []
         if self.scorer.kind != "trees":
@@ -175,9 +179,12 @@ class Ranker:
                     return int(r)
         return -1
 
-    def _resolve(self, q: RankQuery, max_rung: Rung = Rung.ONE_TO_ONE,
-                 user_vector: np.ndarray | None = None) -> tuple[Rung, str, int, np.ndarray | None, int, np.ndarray]:
-        """Choose the highest rung that can serve; returns (rung, reason, user row, query vector, segment, session rows).
+    def _resolve(
+        self, q: RankQuery, max_rung: Rung = Rung.ONE_TO_ONE, user_vector: np.ndarray | None = None
+    ) -> tuple[Rung, str, int, np.ndarray | None, int, np.ndarray]:
+        """Choose the highest rung that can serve.
+
+        Returns (rung, reason, user row, query vector, segment, session rows).
 
         ``max_rung`` caps the ladder (an experiment arm); ``user_vector`` is the user's vector
         re-solved from real-time events, which serves ONE_TO_ONE even for a user the bundle
@@ -206,8 +213,17 @@ class Ranker:
         return Rung.POPULAR, reason, urow, None, -1, session
 
     # -- retrieve --------------------------------------------------------------
-    def _retrieve(self, q: RankQuery, rung: Rung, urow: int, qvec: np.ndarray | None, seg: int,
-                  n_candidates: int, effort: int, remaining_ms: float = float("inf")) -> tuple[np.ndarray, str]:
+    def _retrieve(
+        self,
+        q: RankQuery,
+        rung: Rung,
+        urow: int,
+        qvec: np.ndarray | None,
+        seg: int,
+        n_candidates: int,
+        effort: int,
+        remaining_ms: float = float("inf"),
+    ) -> tuple[np.ndarray, str]:
         """Candidate rows, and how the embedding search found them ("exact_head", "ann", "none")."""
         m, cfg = self.model, self.config
         if q.candidate_item_ids:
@@ -240,8 +256,9 @@ class Ranker:
             ids = m.category_names.lookup(q.include_categories)
             unknown = [c for c, i in zip(q.include_categories, ids) if i < 0]
             if len(unknown) == len(ids):
-                raise InvalidRequest([FieldViolation(
-                    "filter.include_categories", f"no category of the catalog matches {unknown[:5]}")])
+                raise InvalidRequest(
+                    [FieldViolation("filter.include_categories", f"no category of the catalog matches {unknown[:5]}")]
+                )
             mask |= ~in_categories(m, cands, ids[ids >= 0])
         if q.exclude_categories:
             ids = m.category_names.lookup(q.exclude_categories)
@@ -280,8 +297,9 @@ class Ranker:
                 full[:, 3] = np.where(hit, seg_scores[order][pos], 0.0)
         return full[:, self._feature_pos]
 
-    def _more_candidates(self, q: RankQuery, urow: int, session: np.ndarray, cands: np.ndarray,
-                         scale: float = 1.0) -> np.ndarray:
+    def _more_candidates(
+        self, q: RankQuery, urow: int, session: np.ndarray, cands: np.ndarray, scale: float = 1.0
+    ) -> np.ndarray:
         """Add the reranker's extra sources: neighbours of the user's recent and session items, recent popularity.
 
         ``scale`` shrinks every source with the budget's plan, as the ANN pool shrinks.
@@ -299,9 +317,15 @@ class Ranker:
             pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
         return self.scratch.unique_in_order(np.concatenate(pools))
 
-    def prepare(self, q: RankQuery, clock: "_StageClock | None" = None, *,
-                overlay: "RankOverlay | None" = None, plan: RetrievalPlan | None = None,
-                budget: Budget | None = None) -> "Prepared":
+    def prepare(
+        self,
+        q: RankQuery,
+        clock: _StageClock | None = None,
+        *,
+        overlay: RankOverlay | None = None,
+        plan: RetrievalPlan | None = None,
+        budget: Budget | None = None,
+    ) -> Prepared:
         """Resolve, retrieve, mask and compute features: everything before scoring.
 
         The builder trains the reranker on exactly these rows and features, and the
@@ -316,7 +340,8 @@ class Ranker:
             rung, reason, urow, qvec, seg, session = self._resolve(q)
         else:
             rung, reason, urow, qvec, seg, session = self._resolve(
-                q, Rung(overlay.variant.max_rung), overlay.user_vector)
+                q, Rung(overlay.variant.max_rung), overlay.user_vector
+            )
         if overlay is not None and len(overlay.recent_rows):
             # What the user did since the bundle counts as this session's items.
             session = self.scratch.unique_in_order(np.concatenate([session, overlay.recent_rows]))
@@ -327,7 +352,8 @@ class Ranker:
         cands = self._more_candidates(q, urow, session, cands, n_cands / max(cfg.n_candidates, 1))
         self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
-        offsets, offset_parts = None, {}
+        offsets: np.ndarray | None = None
+        offset_parts: dict[str, np.ndarray] = {}
         if overlay is not None:
             mask |= overlay.mask(self.model, cands)
             offsets, offset_parts = overlay.offsets(self.model, cands)
@@ -335,8 +361,9 @@ class Ranker:
         feats = None
         if (budget is None or not budget.expired()) and (plan is None or plan.score):
             if self.tables is not None:
-                feats = self.tables.assemble(Request(int(rung), urow, qvec, seg, session, q.event_time,
-                                                     q.channel, q.device, q.region), cands)
+                feats = self.tables.assemble(
+                    Request(int(rung), urow, qvec, seg, session, q.event_time, q.channel, q.device, q.region), cands
+                )
             else:
                 feats = self._features(cands, qvec, seg)
             self._debug_delay("features", len(cands))
@@ -344,8 +371,9 @@ class Ranker:
         return Prepared(rung, reason, urow, cands, mask, feats, offsets, offset_parts, path)
 
     # -- rank ------------------------------------------------------------------
-    def rank(self, q: RankQuery, budget: Budget | None = None, overlay: "RankOverlay | None" = None, *,
-             cheapest: bool = False) -> RankResult:
+    def rank(
+        self, q: RankQuery, budget: Budget | None = None, overlay: RankOverlay | None = None, *, cheapest: bool = False
+    ) -> RankResult:
         """Rank items for one request.
 
         Parameters

@@ -1,4 +1,5 @@
 """What serving computes from one loaded bundle: the scorer, the exact-search heads, the scratch."""
+
 from __future__ import annotations
 
 from ranking.bundle.model import RankingModel

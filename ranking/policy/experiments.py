@@ -21,12 +21,13 @@ user id) enter none. The arm is ``bucket(user_id, salt)`` against the cumulative
 weights, where bucket is the first 8 bytes of SHA-256 as a fraction of 2⁶⁴, so it
 is stable across processes, restarts and machines.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ranking.errors import FieldViolation, InvalidRequest
 from ranking.policy.tomltables import named_tables
@@ -46,13 +47,16 @@ class Variant:
 
 
 # Rung numbers as in ranking.pipeline.Rung (kept literal so this module needs no pipeline import).
-VARIANTS = {v.name: v for v in (
-    Variant("POPULAR", 1, False),
-    Variant("SEGMENT", 2, True),
-    Variant("SESSION", 3, True),
-    Variant("ONE_TO_ONE_NO_CONTEXT", 4, False),
-    Variant("ONE_TO_ONE", 4, True),
-)}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("POPULAR", 1, False),
+        Variant("SEGMENT", 2, True),
+        Variant("SESSION", 3, True),
+        Variant("ONE_TO_ONE_NO_CONTEXT", 4, False),
+        Variant("ONE_TO_ONE", 4, True),
+    )
+}
 FULL = VARIANTS["ONE_TO_ONE"]
 
 
@@ -105,7 +109,7 @@ class Experiment:
 def bucket(user_id: str, salt: str) -> float:
     """A uniform number in [0, 1) fixed by (user id, salt)."""
     digest = hashlib.sha256(f"{salt}\x00{user_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -155,10 +159,17 @@ class Experiments:
             variant = VARIANTS.get(override.strip().upper())
             if variant is None:
                 arms = [a.name for a in exp.arms] if exp else []
-                raise InvalidRequest([FieldViolation("variant", (
-                    f"{override[:64]!r} is neither a variant ({', '.join(VARIANTS)})"
-                    + (f" nor an arm of experiment {exp.name!r} ({', '.join(arms)})" if exp else ""))
-                )])
+                raise InvalidRequest(
+                    [
+                        FieldViolation(
+                            "variant",
+                            (
+                                f"{override[:64]!r} is neither a variant ({', '.join(VARIANTS)})"
+                                + (f" nor an arm of experiment {exp.name!r} ({', '.join(arms)})" if exp else "")
+                            ),
+                        )
+                    ]
+                )
             # A forced variant is not a sample of the experiment: it is labelled but not in an arm.
             return Assignment("", variant.name.lower(), variant)
         if exp is None:
@@ -182,8 +193,9 @@ def parse_experiments(doc: list[dict], source: str) -> list[Experiment]:
         Naming the experiment, the key and what is wrong.
     """
     out = []
-    for t, name, where in named_tables(doc, source, "experiments", "experiment",
-                                       {"name", "salt", "control", "arms", "target"}, 32):
+    for t, name, where in named_tables(
+        doc, source, "experiments", "experiment", {"name", "salt", "control", "arms", "target"}, 32
+    ):
         salt = t.get("salt", name)
         if not isinstance(salt, str):
             raise ValueError(f"{where}: salt must be a string")
@@ -198,7 +210,9 @@ def parse_experiments(doc: list[dict], source: str) -> list[Experiment]:
             arm_names.add(an)
             vn = str(a.get("variant", "")).upper()
             if vn not in VARIANTS:
-                raise ValueError(f"{where}: arm {an!r} variant {a.get('variant')!r} is not one of {', '.join(VARIANTS)}")
+                raise ValueError(
+                    f"{where}: arm {an!r} variant {a.get('variant')!r} is not one of {', '.join(VARIANTS)}"
+                )
             unknown = sorted(set(a) - {"name", "variant", "weight"})
             if unknown:
                 raise ValueError(f"{where}: arm {an!r}: unknown key(s) {', '.join(unknown)}")
@@ -218,7 +232,10 @@ def parse_experiments(doc: list[dict], source: str) -> list[Experiment]:
         channels = tt.get("channels", [])
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise ValueError(f"{where}: target.channels must be a list of strings")
-        target = Target(int(_num(f"{where}: target.min_consumed", tt.get("min_consumed", 0), 0)),
-                        tuple(c.strip().lower() for c in channels), fraction)
+        target = Target(
+            int(_num(f"{where}: target.min_consumed", tt.get("min_consumed", 0), 0)),
+            tuple(c.strip().lower() for c in channels),
+            fraction,
+        )
         out.append(Experiment(name, salt, tuple(arms), control, target))
     return out

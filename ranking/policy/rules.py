@@ -16,6 +16,7 @@ other key tests ``context.attributes[key]``. A value is a string or a list of st
 Rules act through the scoring loop: exclusions and suppression via the mask,
 demotions via the per-candidate offsets, so they cost nothing extra per item.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -71,8 +72,9 @@ def parse_rules(doc: list[dict], source: str) -> list[Rule]:
         when = table.get("when", {})
         if not isinstance(when, dict) or not when:
             raise ValueError(f"{where}: 'when' must be a non-empty table of conditions")
-        conditions = {str(k): tuple(v.strip().lower() for v in _strings(f"{where}: when.{k}", v))
-                      for k, v in when.items()}
+        conditions = {
+            str(k): tuple(v.strip().lower() for v in _strings(f"{where}: when.{k}", v)) for k, v in when.items()
+        }
         suppress = table.get("suppress", False)
         if not isinstance(suppress, bool):
             raise ValueError(f"{where}: suppress must be true or false")
@@ -80,15 +82,18 @@ def parse_rules(doc: list[dict], source: str) -> list[Rule]:
         if not isinstance(demote_by, (int, float)) or isinstance(demote_by, bool) or not demote_by > 0:
             raise ValueError(f"{where}: demote_by must be a number > 0, got {demote_by!r}")
         rule = Rule(
-            name=name, when=conditions, suppress=suppress,
+            name=name,
+            when=conditions,
+            suppress=suppress,
             exclude_categories=_strings(f"{where}: exclude_categories", table.get("exclude_categories", [])),
             only_categories=_strings(f"{where}: only_categories", table.get("only_categories", [])),
             demote_categories=_strings(f"{where}: demote_categories", table.get("demote_categories", [])),
             demote_by=float(demote_by),
         )
         if not (rule.suppress or rule.exclude_categories or rule.only_categories or rule.demote_categories):
-            raise ValueError(f"{where}: does nothing; set suppress, exclude_categories, only_categories "
-                             f"or demote_categories")
+            raise ValueError(
+                f"{where}: does nothing; set suppress, exclude_categories, only_categories or demote_categories"
+            )
         rules.append(rule)
     return rules
 

@@ -1,12 +1,14 @@
 """The checks every named ``[[table]]`` of the experiments/rules TOML shares."""
+
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 
-def named_tables(doc: list, source: str, section: str, kind: str, known: set[str],
-                 max_name: int) -> Iterator[tuple[dict, str, str]]:
+def named_tables(
+    doc: list, source: str, section: str, kind: str, known: set[str], max_name: int
+) -> Iterator[tuple[dict, str, str]]:
     """Yield ``(table, name, where)`` for each table of ``[[section]]``.
 
     Each must be a table with only ``known`` keys and a unique lower_snake_case ``name``

@@ -21,6 +21,7 @@ survives a machine crash; ``interval`` fsyncs from a background thread every
 that much); ``never`` leaves it to the OS. A process crash alone loses nothing
 written in any policy, since written bytes are in the page cache.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -32,9 +33,9 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ranking.bundle.store import fsync_dir
 from ranking.config import EventLogSettings
@@ -61,8 +62,9 @@ class EventLogCorrupt(EventLogError):
 
     def __init__(self, path: Path, offset: int, reason: str):
         self.path, self.offset = path, offset
-        super().__init__(f"{path}: corrupt record at byte {offset}: {reason}; "
-                         f"move the damaged segment aside to serve without it")
+        super().__init__(
+            f"{path}: corrupt record at byte {offset}: {reason}; move the damaged segment aside to serve without it"
+        )
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ def _scan(path: Path, data: bytes, base: int = 0) -> tuple[list[tuple[int, dict]
             return [], 0, f"segment header is {len(data)} bytes, expected {len(MAGIC)}" if data else "empty segment"
         if data[: len(MAGIC)] != MAGIC:
             raise EventLogCorrupt(path, 0, "not an event log segment (bad magic)")
-        out, pos, n = [], len(MAGIC), len(data)
+        out: list[tuple[int, dict]] = []
+        pos, n = len(MAGIC), len(data)
     else:
         out, pos, n = [], 0, len(data)
     while pos < n:
@@ -110,7 +113,7 @@ def _scan(path: Path, data: bytes, base: int = 0) -> tuple[list[tuple[int, dict]
         end = pos + _HEADER.size + length
         if end > n:
             return out, base + pos, f"record of {length} bytes is cut off after {n - pos - _HEADER.size}"
-        payload = data[pos + _HEADER.size:end]
+        payload = data[pos + _HEADER.size : end]
         if zlib.crc32(payload) != crc:
             return out, base + pos, "checksum mismatch"
         try:
@@ -125,8 +128,9 @@ def _scan(path: Path, data: bytes, base: int = 0) -> tuple[list[tuple[int, dict]
     return out, base + pos, ""
 
 
-def read_log(directory: Path | str, *, repair: bool = False,
-             modified_since: float | None = None) -> Iterator[tuple[Position, dict]]:
+def read_log(
+    directory: Path | str, *, repair: bool = False, modified_since: float | None = None
+) -> Iterator[tuple[Position, dict]]:
     """Every record of the log in append order.
 
     Parameters
@@ -161,9 +165,15 @@ def read_log(directory: Path | str, *, repair: bool = False,
             if not last:
                 raise EventLogCorrupt(path, good_end, problem)
             if repair:
-                log.warning("truncating torn tail of the event log", extra={
-                    "segment": str(path), "offset": good_end, "bytes_dropped": len(data) - good_end,
-                    "reason": problem})
+                log.warning(
+                    "truncating torn tail of the event log",
+                    extra={
+                        "segment": str(path),
+                        "offset": good_end,
+                        "bytes_dropped": len(data) - good_end,
+                        "reason": problem,
+                    },
+                )
                 _truncate(path, good_end)
 
 
@@ -202,9 +212,13 @@ class EventLog:
         race on rollover, and each would serve only the events it recorded itself).
     """
 
-    def __init__(self, directory: Path | str, fsync: str = EventLogSettings.fsync,
-                 segment_bytes: int = EventLogSettings.segment_bytes,
-                 fsync_interval_seconds: float = EventLogSettings.fsync_interval_seconds):
+    def __init__(
+        self,
+        directory: Path | str,
+        fsync: str = EventLogSettings.fsync,
+        segment_bytes: int = EventLogSettings.segment_bytes,
+        fsync_interval_seconds: float = EventLogSettings.fsync_interval_seconds,
+    ):
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {', '.join(FSYNC_POLICIES)}, got {fsync!r}")
         if segment_bytes < 1024:
@@ -221,8 +235,10 @@ class EventLog:
             self._lockfile.seek(0)
             holder = self._lockfile.read().strip() or "unknown"
             self._lockfile.close()
-            raise EventLogError(f"event log {self.directory} is already open for writing by another process "
-                                f"(pid {holder}); give each server its own event_log_dir") from None
+            raise EventLogError(
+                f"event log {self.directory} is already open for writing by another process "
+                f"(pid {holder}); give each server its own event_log_dir"
+            ) from None
         # The kernel drops the lock when the process dies, kill -9 included; the pid is for the message.
         self._lockfile.truncate(0)
         self._lockfile.write(str(os.getpid()))
@@ -231,13 +247,12 @@ class EventLog:
         self._dirty = False
         self._closed = False
         self.bytes_appended = 0
-        self.records_appended = 0
         files = segments(self.directory)
         if files:
             # Only the tail can be torn; recovering it here means appends continue after good data.
             for _ in read_log(self.directory, repair=True, modified_since=time.time() + 1):
                 pass
-            self._number = int(_SEGMENT_RE.match(files[-1].name).group(1))
+            self._number = int(files[-1].stem)  # segments() kept only <20 digits>.log names
             self._fh = open(files[-1], "ab")
         else:
             self._number = 0
@@ -312,7 +327,6 @@ class EventLog:
                     log.exception("cannot undo a failed append", extra={"segment": str(self.current_segment)})
                 raise EventLogError(f"cannot append to event log {self.current_segment}: {exc}") from exc
             self.bytes_appended += len(blob)
-            self.records_appended += len(records)
 
     def sync(self) -> None:
         """Fsync whatever was written but not yet synced."""
@@ -419,8 +433,9 @@ class LogTailer:
 
     def _signature(self) -> tuple | None:
         try:
-            return tuple(os.stat(p).st_mtime_ns if i % 2 == 0 else os.stat(p).st_size
-                         for i, p in enumerate(self._watch))
+            return tuple(
+                os.stat(p).st_mtime_ns if i % 2 == 0 else os.stat(p).st_size for i, p in enumerate(self._watch)
+            )
         except OSError:
             return None
 
@@ -441,8 +456,7 @@ class LogTailer:
         nothing rather than a silently shortened history); otherwise it stops following
         that writer, with an error logged (a Rank must not fail on another process's disk).
         """
-        if modified_since is None and self._quiet_signature is not None \
-                and self._signature() == self._quiet_signature:
+        if modified_since is None and self._quiet_signature is not None and self._signature() == self._quiet_signature:
             return []  # nothing appended, rolled over or added since the last full poll
         before = self._signature() if self._watch else None
         watch_before = self._watch

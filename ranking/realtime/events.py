@@ -1,4 +1,5 @@
 """The domain form of a user event and its per-event validation (what RecordEvents accepts)."""
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,13 @@ class Event:
 
     def to_record(self) -> dict:
         """The JSON-able form written to the event log (empty fields left out)."""
-        rec = {"user_id": self.user_id, "item_id": self.item_id, "event_type": self.event_type,
-               "timestamp": self.timestamp, "value": self.value}
+        rec = {
+            "user_id": self.user_id,
+            "item_id": self.item_id,
+            "event_type": self.event_type,
+            "timestamp": self.timestamp,
+            "value": self.value,
+        }
         for name in ("request_id", "channel", "device", "region"):
             if getattr(self, name):
                 rec[name] = getattr(self, name)
@@ -54,12 +60,19 @@ class Event:
         return rec
 
     @classmethod
-    def from_record(cls, rec: dict) -> "Event":
-        return cls(user_id=rec["user_id"], item_id=rec["item_id"], event_type=rec["event_type"],
-                   timestamp=float(rec["timestamp"]), value=float(rec.get("value", 0.0)),
-                   request_id=rec.get("request_id", ""), channel=rec.get("channel", ""),
-                   device=rec.get("device", ""), region=rec.get("region", ""),
-                   attributes=dict(rec.get("attributes", {})))
+    def from_record(cls, rec: dict) -> Event:
+        return cls(
+            user_id=rec["user_id"],
+            item_id=rec["item_id"],
+            event_type=rec["event_type"],
+            timestamp=float(rec["timestamp"]),
+            value=float(rec.get("value", 0.0)),
+            request_id=rec.get("request_id", ""),
+            channel=rec.get("channel", ""),
+            device=rec.get("device", ""),
+            region=rec.get("region", ""),
+            attributes=dict(rec.get("attributes", {})),
+        )
 
 
 @dataclass(frozen=True)
@@ -95,8 +108,10 @@ def check_event(event: Event, limits: EventLimits, now: float) -> tuple[str, str
     if not math.isfinite(event.timestamp):
         return "event_time", "is not a finite time"
     if event.timestamp > now + limits.max_future_seconds:
-        return "event_time", (f"is {event.timestamp - now:.0f} s ahead of the server clock; "
-                              f"at most {limits.max_future_seconds:.0f} s are tolerated")
+        return "event_time", (
+            f"is {event.timestamp - now:.0f} s ahead of the server clock; "
+            f"at most {limits.max_future_seconds:.0f} s are tolerated"
+        )
     if event.timestamp < 0:
         return "event_time", "is before 1970"
     if not math.isfinite(event.value) or event.value < 0:
@@ -110,8 +125,9 @@ def check_event(event: Event, limits: EventLimits, now: float) -> tuple[str, str
         return "context.attributes", f"has {len(event.attributes)} entries; at most {limits.max_attributes} are allowed"
     for key, value in event.attributes.items():
         if not key or len(key) > limits.max_attribute_chars or len(value) > limits.max_attribute_chars:
-            return "context.attributes", (f"keys must be non-empty; keys and values at most "
-                                          f"{limits.max_attribute_chars} characters")
+            return "context.attributes", (
+                f"keys must be non-empty; keys and values at most {limits.max_attribute_chars} characters"
+            )
     return None
 
 

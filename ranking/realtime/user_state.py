@@ -1,5 +1,6 @@
 """Per-user real-time state: recent events with a TTL and an LRU bound, and the ALS fold-in
 that turns them into this user's vector for the next Rank."""
+
 from __future__ import annotations
 
 import collections
@@ -29,7 +30,7 @@ class Weighting:
     alpha: float
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "Weighting":
+    def from_manifest(cls, manifest: dict) -> Weighting:
         """Read the settings the bundle was built with (``manifest["config"]``)."""
         c = manifest.get("config", {})
         return cls(
@@ -78,8 +79,8 @@ def row_norms(vectors: np.ndarray, chunk: int = _GRAM_CHUNK) -> np.ndarray:
     20x faster than converting to float64 at a million rows, within 1.5e-7 of it."""
     out = np.empty(len(vectors), np.float64)
     for i in range(0, len(vectors), chunk):
-        block = np.asarray(vectors[i:i + chunk], np.float32)
-        out[i:i + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block))
+        block = np.asarray(vectors[i : i + chunk], np.float32)
+        out[i : i + chunk] = np.sqrt(np.einsum("ij,ij->i", block, block))
     return out
 
 
@@ -93,15 +94,21 @@ def item_gram(item_factors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = item_factors.shape[1]
     yty = np.zeros((k, k))
     for start in range(0, item_factors.shape[0], _GRAM_CHUNK):
-        c = np.asarray(item_factors[start:start + _GRAM_CHUNK], dtype=np.float32)
+        c = np.asarray(item_factors[start : start + _GRAM_CHUNK], dtype=np.float32)
         yty += c.T @ c
     norms = row_norms(item_factors).astype(np.float32)
     inv_norms = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
     return yty, inv_norms
 
 
-def fold_in(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray, confidence: np.ndarray,
-            regularization: float, prior: np.ndarray | None = None) -> np.ndarray:
+def fold_in(
+    item_factors: np.ndarray,
+    yty: np.ndarray,
+    rows: np.ndarray,
+    confidence: np.ndarray,
+    regularization: float,
+    prior: np.ndarray | None = None,
+) -> np.ndarray:
     """Solve one user's ALS vector against fixed item factors (implicit-feedback ALS).
 
     The normal equations are implicit's (Hu, Koren, Volinsky 2008), including its
@@ -143,13 +150,6 @@ def fold_in(item_factors: np.ndarray, yty: np.ndarray, rows: np.ndarray, confide
     return np.linalg.solve(a, b).astype(np.float32)
 
 
-@dataclass
-class UserEvents:
-    """What the store knows about one user: recent events, oldest first."""
-
-    events: collections.deque
-
-
 class UserStateStore:
     """Recent events per user, bounded by time (TTL) and memory (LRU over users).
 
@@ -167,9 +167,12 @@ class UserStateStore:
         Only a user's most recent events are kept.
     """
 
-    def __init__(self, ttl_seconds: float = UserStateSettings.ttl_seconds,
-                 max_users: int = UserStateSettings.max_users,
-                 max_events_per_user: int = UserStateSettings.max_events_per_user):
+    def __init__(
+        self,
+        ttl_seconds: float = UserStateSettings.ttl_seconds,
+        max_users: int = UserStateSettings.max_users,
+        max_events_per_user: int = UserStateSettings.max_events_per_user,
+    ):
         self.ttl_seconds = ttl_seconds
         self.max_users = max_users
         self.max_events_per_user = max_events_per_user

@@ -1,4 +1,5 @@
 """Micro-batching of concurrent ANN queries into one FAISS search, with a bounded wait."""
+
 from __future__ import annotations
 
 import threading
@@ -49,8 +50,9 @@ class AnnBatcher:
         self.batches = 0
         self.queries = 0
 
-    def search(self, query: np.ndarray, k: int, effort: int,
-               remaining_ms: float = float("inf")) -> tuple[np.ndarray, bool]:
+    def search(
+        self, query: np.ndarray, k: int, effort: int, remaining_ms: float = float("inf")
+    ) -> tuple[np.ndarray, bool]:
         """Rows of the ``k`` nearest items to ``query`` (int64, -1 padded), and whether the
         exact head found them (:class:`~ranking.retrieval.Retriever`)."""
         if self.max_batch == 1:
@@ -82,7 +84,7 @@ class AnnBatcher:
             batch, self._queue = self._queue, []
             self._collecting = False  # the next arrival leads the next batch
         for i in range(0, len(batch), self.max_batch):
-            self._run(batch[i:i + self.max_batch])
+            self._run(batch[i : i + self.max_batch])
         return slot.rows, slot.exact  # type: ignore[return-value]
 
     def _run(self, batch: list[_Slot]) -> None:

@@ -1,6 +1,9 @@
 """Candidate retrieval: exact search over the largest-norm items when it provably finds the
 top k, approximate nearest neighbours over all item factors otherwise."""
+
 from __future__ import annotations
+
+import itertools
 
 import faiss
 import numpy as np
@@ -20,10 +23,12 @@ def search_params(index: faiss.Index, k: int, effort: int) -> faiss.SearchParame
     return k results.
     """
     base = faiss.downcast_index(index)
+    # faiss's bundled stubs lack SearchParametersHNSW and the keyword constructors its
+    # Python layer adds to every SearchParameters class (faiss/python/class_wrappers.py).
     if isinstance(base, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=max(effort, k))
+        return faiss.SearchParametersHNSW(efSearch=max(effort, k))  # type: ignore[attr-defined]
     if isinstance(base, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=max(1, effort))
+        return faiss.SearchParametersIVF(nprobe=max(1, effort))  # type: ignore[call-arg]
     return None
 
 
@@ -94,7 +99,7 @@ class ExactHead:
         # Tiers: (first position, flat index over its items, bound on every item after it).
         self.tiers: list[tuple[int, faiss.IndexFlatIP, float]] = []
         cuts = [0, size // 2, size] if size >= 2 else [0, size]
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             index = faiss.IndexFlatIP(d)
             index.add(np.ascontiguousarray(item_factors[rows[lo:hi]], dtype=np.float32))
             after = float(norms[rows[hi]]) * (1.0 + _BOUND_SLACK) if hi < size else self.bound
@@ -111,16 +116,15 @@ class ExactHead:
             raise ValueError(f"k must be in 1..{self.size} for this head, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
-        scores = pos = None
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        pos = np.full((len(queries), k), -1, np.int64)
         todo = np.arange(len(queries))
         certified = np.zeros(len(queries), bool)
         for i, (lo, index, after) in enumerate(self.tiers):
             s, p = index.search(queries[todo], min(k, index.ntotal))
             p = np.where(p >= 0, p + lo, -1)
-            if scores is None:
-                scores = np.full((len(queries), k), -np.inf, np.float32)
-                pos = np.full((len(queries), k), -1, np.int64)
-                scores[:, :s.shape[1]], pos[:, :p.shape[1]] = s, p
+            if i == 0:
+                scores[:, : s.shape[1]], pos[:, : p.shape[1]] = s, p
             else:
                 # Merge with the earlier tiers' best; on a tie the earlier (larger-norm) tier first.
                 s = np.concatenate([scores[todo], s], axis=1)

@@ -1,4 +1,5 @@
 """The bench's floors: real forked workers on a real port, as the bench starts them."""
+
 import signal
 import subprocess
 import sys
@@ -13,12 +14,17 @@ from one2one.v1.ranking_pb2_grpc import RankingServiceStub
 from ranking import Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ServingModel, resolve_current
 
 
+@pytest.mark.slow
 def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real_shape(tmp_path):
     users = tmp_path / "users.txt"
     users.write_text("u1\nu2\n")
     ready = tmp_path / "ready.json"
-    proc, info, _ = start([sys.executable, "-m", "bench.bare_server", "--workers", "2", "--ready-file", str(ready)],
-                          ready, tmp_path / "bare.log", timeout=60)
+    proc, info, _ = start(
+        [sys.executable, "-m", "bench.bare_server", "--workers", "2", "--ready-file", str(ready)],
+        ready,
+        tmp_path / "bare.log",
+        timeout=60,
+    )
     try:
         assert len(info["worker_pids"]) == 2 and info["pid"] == proc.pid
         # The load generator's first (warm-up) requests go out right after the ready file.
@@ -35,8 +41,12 @@ def test_bare_floor_is_ready_only_when_every_worker_listens_and_answers_the_real
 
 def _floor(tmp_path, *args):
     ready = tmp_path / "ready.json"
-    return start([sys.executable, "-m", "bench.bare_server", "--workers", "1", "--ready-file", str(ready), *args],
-                 ready, tmp_path / "floor.log", timeout=120)
+    return start(
+        [sys.executable, "-m", "bench.bare_server", "--workers", "1", "--ready-file", str(ready), *args],
+        ready,
+        tmp_path / "floor.log",
+        timeout=120,
+    )
 
 
 def _rank(port: int, user_id: str):
@@ -48,8 +58,19 @@ def test_search_floor_answers_the_servers_candidate_search_for_the_user(artifact
     m = RankingModel(resolve_current(artifacts), verify=False)
     retriever = Retriever(m.index, ServingModel(m).exact_head(64))
     users = np.flatnonzero(np.asarray(m.user_has_history))[:5]
-    proc, info, _ = _floor(tmp_path, "--artifacts", str(artifacts), "--work", "search", "--candidates", "50",
-                           "--effort", "40", "--exact-head-items", "64")
+    proc, info, _ = _floor(
+        tmp_path,
+        "--artifacts",
+        str(artifacts),
+        "--work",
+        "search",
+        "--candidates",
+        "50",
+        "--effort",
+        "40",
+        "--exact-head-items",
+        "64",
+    )
     try:
         for urow in users:
             slack = m.consumed.row_len(urow)
@@ -72,8 +93,19 @@ def test_score_floor_answers_the_learned_scorers_top10_of_a_matrix_the_pipeline_
     first = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
     prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[first])))
     top = ranker.scorer.score_topk(prep.features, prep.mask, 10)
-    proc, info, _ = _floor(tmp_path, "--artifacts", str(artifacts), "--work", "score", "--candidates", "50",
-                           "--effort", "40", "--exact-head-items", "64")
+    proc, info, _ = _floor(
+        tmp_path,
+        "--artifacts",
+        str(artifacts),
+        "--work",
+        "score",
+        "--candidates",
+        "50",
+        "--effort",
+        "40",
+        "--exact-head-items",
+        "64",
+    )
     try:
         # The first request of the one worker scores the pool's first matrix (its first user's),
         # whoever asks: the floor times the scorer, it does not compute features per request.
@@ -85,13 +117,20 @@ def test_score_floor_answers_the_learned_scorers_top10_of_a_matrix_the_pipeline_
         assert proc.wait(timeout=30) == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--work", "search"], "--artifacts goes with --work search or score"),
-    (["--artifacts", "somewhere"], "--artifacts goes with --work search or score"),
-    (["--work", "sort"], "invalid choice: 'sort'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--work", "search"], "--artifacts goes with --work search or score"),
+        (["--artifacts", "somewhere"], "--artifacts goes with --work search or score"),
+        (["--work", "sort"], "invalid choice: 'sort'"),
+    ],
+)
 def test_floor_refuses_work_without_a_bundle_and_a_bundle_without_work(tmp_path, args, message):
-    done = subprocess.run([sys.executable, "-m", "bench.bare_server", "--ready-file", str(tmp_path / "r.json"), *args],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bare_server", "--ready-file", str(tmp_path / "r.json"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and message in done.stderr
     assert not (tmp_path / "r.json").exists()

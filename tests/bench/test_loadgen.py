@@ -1,4 +1,5 @@
 """The benchmark's load generator against a real two-worker server on a real port."""
+
 import asyncio
 import signal
 import subprocess
@@ -47,8 +48,9 @@ def test_load_run_reports_client_server_and_outside_server_times(server, users_f
 
 def test_a_budget_is_sent_and_counted(server, users_file):
     _, ready = server
-    r = asyncio.run(run(f"127.0.0.1:{ready['grpc_port']}", 2, 40, 30, ["u1", "u2"], budget_ms=1, num_results=5,
-                        warmup=0))
+    r = asyncio.run(
+        run(f"127.0.0.1:{ready['grpc_port']}", 2, 40, 30, ["u1", "u2"], budget_ms=1, num_results=5, warmup=0)
+    )
     assert r["requests"] == 40 and r["errors"] == {}
     # A 1 ms budget is too short for the full pipeline on every request: some degrade, none fail.
     assert r["degraded"] > 0

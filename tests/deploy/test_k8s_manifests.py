@@ -1,13 +1,14 @@
 """The Kubernetes manifests agree with the code: config keys, ports, probes, paths, CLI flags."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
+from ops_tools import DEPLOY
 
 from index_builder.__main__ import _parser as builder_parser
-from ops_tools import DEPLOY
 from server.app import LIVENESS_SERVICE
 from server.config import ServerConfig
 
@@ -44,8 +45,15 @@ def _pod(obj: dict) -> dict:
 
 def test_every_piece_is_there(objects):
     kinds = {k for k, _ in objects}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "CronJob",
-            "PersistentVolumeClaim", "PodDisruptionBudget"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+        "CronJob",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+    } <= kinds
 
 
 def test_configmap_is_a_valid_server_config(server_config):
@@ -71,8 +79,7 @@ def test_deployment_probes_ports_resources_and_grace(objects, server_config):
     assert int(annotations["prometheus.io/port"]) == server_config.metrics_port
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["artifacts"] == server_config.artifacts
-    assert "--config" in c["args"] and Path(c["args"][c["args"].index("--config") + 1]).parent == \
-        Path(mounts["config"])
+    assert "--config" in c["args"] and Path(c["args"][c["args"].index("--config") + 1]).parent == Path(mounts["config"])
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
@@ -103,8 +110,10 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert str(parsed.out) == mounts["artifacts"]["mountPath"] and not mounts["artifacts"].get("readOnly")
     claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
-    dep_claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
-                  for v in _pod(objects[("Deployment", "one2one-server")])["volumes"]}
+    dep_claims = {
+        v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
+        for v in _pod(objects[("Deployment", "one2one-server")])["volumes"]
+    }
     assert claim["artifacts"] == dep_claims["artifacts"]
     assert ("PersistentVolumeClaim", claim["artifacts"]) in objects
     assert "ReadWriteMany" in objects[("PersistentVolumeClaim", claim["artifacts"])]["spec"]["accessModes"]

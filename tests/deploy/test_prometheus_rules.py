@@ -1,12 +1,14 @@
 """The Prometheus rules: promtool-clean, every alert unit-tested, thresholds tied to the metrics."""
+
 from __future__ import annotations
 
 import re
 import subprocess
 
+import pytest
 import yaml
-
 from ops_tools import DEPLOY, require_tool
+
 from server.config import ServerConfig
 from server.metrics import budget_boundaries_seconds
 
@@ -29,16 +31,24 @@ def _rules() -> list[dict]:
     return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
 
 
+@pytest.mark.slow
 def test_promtool_check_rules_is_clean():
-    out = subprocess.run([require_tool("promtool"), "check", "rules", str(RULES)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [require_tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass():
-    out = subprocess.run([require_tool("promtool"), "test", "rules", RULES_TEST.name],
-                         capture_output=True, text=True, timeout=300, cwd=RULES_TEST.parent)
+    out = subprocess.run(
+        [require_tool("promtool"), "test", "rules", RULES_TEST.name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=RULES_TEST.parent,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
 

@@ -1,16 +1,17 @@
 """The offline build end to end on small shops: what it publishes, and what it refuses."""
+
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from tests_support import SMALL_BUILD
 
 from index_builder.build import build, build_index
 from index_builder.config import BuildConfig
 from index_builder.io import InputError
 from ranking import Bundle, resolve_current
-from tests_support import SMALL_BUILD
 
 
 def test_manifest_records_window_counts_checksums_and_evaluation(bundle_path, shop):
@@ -31,9 +32,25 @@ def test_manifest_records_window_counts_checksums_and_evaluation(bundle_path, sh
 
 def test_cli_build_prints_the_published_path(shop_files, tmp_path):
     out = tmp_path / "art"
-    cmd = [sys.executable, "-m", "index_builder", "build", "--quiet", "--events", str(shop_files["events"]),
-           "--items", str(shop_files["items"]), "--users", str(shop_files["users"]), "--out", str(out),
-           "--set", "factors=8", "--set", "iterations=3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "index_builder",
+        "build",
+        "--quiet",
+        "--events",
+        str(shop_files["events"]),
+        "--items",
+        str(shop_files["items"]),
+        "--users",
+        str(shop_files["users"]),
+        "--out",
+        str(out),
+        "--set",
+        "factors=8",
+        "--set",
+        "iterations=3",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     printed = done.stdout.strip().splitlines()[-1]
@@ -48,13 +65,34 @@ def test_malformed_events_publish_nothing_and_name_the_row(shop_files, tmp_path)
     bad.write_text("\n".join(lines) + "\n")
     out = tmp_path / "art"
     with pytest.raises(InputError) as err:
-        build(bad, shop_files["items"], shop_files["users"], out, BuildConfig.load(overrides=SMALL_BUILD),
-              show_progress=False)
+        build(
+            bad,
+            shop_files["items"],
+            shop_files["users"],
+            out,
+            BuildConfig.load(overrides=SMALL_BUILD),
+            show_progress=False,
+        )
     assert err.value.row == 6 and err.value.column == "timestamp"
     assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
-    done = subprocess.run([sys.executable, "-m", "index_builder", "build", "--quiet", "--events", str(bad),
-                           "--items", str(shop_files["items"]), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index_builder",
+            "build",
+            "--quiet",
+            "--events",
+            str(bad),
+            "--items",
+            str(shop_files["items"]),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "row 6" in done.stderr and "timestamp" in done.stderr
@@ -65,8 +103,14 @@ def test_skip_mode_counts_bad_rows_in_the_manifest(shop_files, tmp_path):
     lines = shop_files["events"].read_text().splitlines()
     lines[5] = lines[5].rsplit(",", 1)[0] + ",not-a-time"
     bad.write_text("\n".join(lines) + "\n")
-    path = build(bad, shop_files["items"], None, tmp_path / "art",
-                 BuildConfig.load(overrides={**SMALL_BUILD, "on_bad_row": "skip"}), show_progress=False)
+    path = build(
+        bad,
+        shop_files["items"],
+        None,
+        tmp_path / "art",
+        BuildConfig.load(overrides={**SMALL_BUILD, "on_bad_row": "skip"}),
+        show_progress=False,
+    )
     m = json.loads((path / "manifest.json").read_text())
     assert m["skipped"]["events"]["total"] == 1
     assert m["counts"]["events"] == len(lines) - 2
@@ -75,8 +119,9 @@ def test_skip_mode_counts_bad_rows_in_the_manifest(shop_files, tmp_path):
 def test_events_for_unknown_items_are_dropped_and_counted(shop, shop_files, tmp_path):
     ev = tmp_path / "events.csv"
     ev.write_text(shop_files["events"].read_text() + "u1,ghost-item,view,1700000000\n")
-    path = build(ev, shop_files["items"], None, tmp_path / "art", BuildConfig.load(overrides=SMALL_BUILD),
-                 show_progress=False)
+    path = build(
+        ev, shop_files["items"], None, tmp_path / "art", BuildConfig.load(overrides=SMALL_BUILD), show_progress=False
+    )
     counts = json.loads((path / "manifest.json").read_text())["counts"]
     assert counts["events_unknown_item"] == 1 and counts["events"] == shop.events.num_rows
 
@@ -105,9 +150,21 @@ def test_user_factors_are_zero_without_history(bundle_path):
 def test_manifest_lists_the_named_steps_and_each_split_is_fitted_once(bundle_path):
     steps = Bundle(bundle_path).manifest["steps"]
     names = [s["name"] for s in steps]
-    assert names == ["read", "fit[temporal q=0.8]", "fit[last_n n=10]", "rerank rows", "rerank fit",
-                     "ladder[temporal]", "ladder[last_n]", "fit weights", "fit als", "fit tables",
-                     "fit features", "fit index", "ann eval"]
+    assert names == [
+        "read",
+        "fit[temporal q=0.8]",
+        "fit[last_n n=10]",
+        "rerank rows",
+        "rerank fit",
+        "ladder[temporal]",
+        "ladder[last_n]",
+        "fit weights",
+        "fit als",
+        "fit tables",
+        "fit features",
+        "fit index",
+        "ann eval",
+    ]
     assert all(s["seconds"] >= 0 for s in steps)
 
 

@@ -1,4 +1,5 @@
 """`index_builder build` reads a server's event log directory as an events source."""
+
 from __future__ import annotations
 
 import subprocess
@@ -6,11 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from tests_support import SMALL_BUILD
 
 from index_builder.io import InputError, read_events
 from ranking import RankingModel, resolve_current
 from ranking.realtime.eventlog import EventLog, segments
-from tests_support import SMALL_BUILD
 
 
 def write_log(directory, rows, segment_bytes=4096):
@@ -18,8 +19,19 @@ def write_log(directory, rows, segment_bytes=4096):
     for r in rows:
         log.append([{"kind": "event", **r}])
     # Impressions share the log; the builder must ignore them.
-    log.append([{"kind": "impression", "request_id": "r1", "user_id": "u1", "timestamp": 1.0,
-                 "experiment": "e", "arm": "a", "items": ["i1"]}])
+    log.append(
+        [
+            {
+                "kind": "impression",
+                "request_id": "r1",
+                "user_id": "u1",
+                "timestamp": 1.0,
+                "experiment": "e",
+                "arm": "a",
+                "items": ["i1"],
+            }
+        ]
+    )
     log.close()
 
 
@@ -35,9 +47,13 @@ def test_log_reads_like_the_csv_it_was_made_from(shop, tmp_path):
 
 
 def test_bad_event_in_the_log_is_named_by_record(tmp_path):
-    write_log(tmp_path / "log", [
-        {"user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000.0, "value": 0.0},
-        {"user_id": " ", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000.0, "value": 0.0}])
+    write_log(
+        tmp_path / "log",
+        [
+            {"user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000.0, "value": 0.0},
+            {"user_id": " ", "item_id": "i1", "event_type": "click", "timestamp": 1_700_000_000.0, "value": 0.0},
+        ],
+    )
     with pytest.raises(InputError) as err:
         read_events(tmp_path / "log")
     assert err.value.row == 2 and err.value.column == "user_id"
@@ -48,14 +64,35 @@ def test_bad_event_in_the_log_is_named_by_record(tmp_path):
 
 def test_build_combines_history_file_and_event_log(shop, shop_files, tmp_path):
     t = int(shop.events["timestamp"].to_numpy().max()) + 3600
-    write_log(tmp_path / "log", [
-        {"user_id": "newcomer", "item_id": f"i{i}", "event_type": "purchase", "timestamp": float(t), "value": 9.5}
-        for i in np.flatnonzero(shop.item_category == 1)[:8]])
+    write_log(
+        tmp_path / "log",
+        [
+            {"user_id": "newcomer", "item_id": f"i{i}", "event_type": "purchase", "timestamp": float(t), "value": 9.5}
+            for i in np.flatnonzero(shop.item_category == 1)[:8]
+        ],
+    )
     sets = [a for k, v in SMALL_BUILD.items() for a in ("--set", f"{k}={v}")]
-    done = subprocess.run([sys.executable, "-m", "index_builder", "build", "--quiet",
-                           "--events", str(shop_files["events"]), "--events", str(tmp_path / "log"),
-                           "--items", str(shop_files["items"]), "--out", str(tmp_path / "art"), *sets],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index_builder",
+            "build",
+            "--quiet",
+            "--events",
+            str(shop_files["events"]),
+            "--events",
+            str(tmp_path / "log"),
+            "--items",
+            str(shop_files["items"]),
+            "--out",
+            str(tmp_path / "art"),
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     m = RankingModel(resolve_current(tmp_path / "art"))
     row = m.users.row("newcomer")
@@ -66,15 +103,35 @@ def test_build_combines_history_file_and_event_log(shop, shop_files, tmp_path):
 
 
 def test_corrupt_log_stops_the_build_with_the_segment_named(shop_files, tmp_path):
-    write_log(tmp_path / "log", [{"user_id": "u1", "item_id": f"i{k}", "event_type": "view",
-                                  "timestamp": 1_700_000_000.0, "value": 0.0} for k in range(200)],
-              segment_bytes=2048)
+    write_log(
+        tmp_path / "log",
+        [
+            {"user_id": "u1", "item_id": f"i{k}", "event_type": "view", "timestamp": 1_700_000_000.0, "value": 0.0}
+            for k in range(200)
+        ],
+        segment_bytes=2048,
+    )
     first = segments(tmp_path / "log")[0]
     data = bytearray(first.read_bytes())
     data[20] ^= 0x55
     first.write_bytes(bytes(data))
-    done = subprocess.run([sys.executable, "-m", "index_builder", "build", "--quiet", "--events",
-                           str(tmp_path / "log"), "--items", str(shop_files["items"]), "--out", str(tmp_path / "a")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index_builder",
+            "build",
+            "--quiet",
+            "--events",
+            str(tmp_path / "log"),
+            "--items",
+            str(shop_files["items"]),
+            "--out",
+            str(tmp_path / "a"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and first.name in done.stderr and "corrupt record" in done.stderr
     assert not (tmp_path / "a" / "CURRENT").exists()

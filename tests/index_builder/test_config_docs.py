@@ -1,10 +1,12 @@
 """docs/builder.md's settings table is the one generated from BuildConfig, whose defaults shared with
 the pipeline are the pipeline's own."""
+
 from __future__ import annotations
 
 import dataclasses
 
 from config_probe import ROOT, probe_defaults
+
 from index_builder.config import BuildConfig, config_table_markdown
 from ranking.config import marked_table
 
@@ -12,7 +14,8 @@ from ranking.config import marked_table
 def test_the_builder_page_shows_the_generated_table():
     text = (ROOT / "docs" / "builder.md").read_text()
     assert marked_table(text) == config_table_markdown(), (
-        "docs/builder.md's settings table differs from BuildConfig's fields: run `make docs`")
+        "docs/builder.md's settings table differs from BuildConfig's fields: run `make docs`"
+    )
 
 
 def test_every_build_setting_has_a_line_of_help():
@@ -23,8 +26,9 @@ def test_every_build_setting_has_a_line_of_help():
 
 def test_ann_recall_is_measured_at_the_pipelines_candidate_count():
     # Changing the pipeline's n_candidates must move the builder's recall measurement with it.
-    new, got = probe_defaults({"eval_candidates": ("ranking.config", "RankerConfig", "n_candidates")},
-                              "index_builder.config", "BuildConfig")
+    new, got = probe_defaults(
+        {"eval_candidates": ("ranking.config", "RankerConfig", "n_candidates")}, "index_builder.config", "BuildConfig"
+    )
     assert got == new
 
 

@@ -1,5 +1,6 @@
 """Request-context features (channel, device, region): the reader's optional columns, the bundle's
 tables, and a reranker that learns a planted context effect and serves it through ``Ranker``."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tests_support import SMALL_BUILD
 
 from index_builder.build import build
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_codes, context_tables
 from index_builder.io import InputError, ReadOptions, read_events
 from index_builder.synthetic import DEVICES, make_shop, write_shop
-from ranking import (FEATURE_NAMES, BundleError, EventLog, Ranker, RankingModel, RankQuery,
-    resolve_current)
-from tests_support import SMALL_BUILD
+from ranking import FEATURE_NAMES, BundleError, EventLog, Ranker, RankingModel, RankQuery, resolve_current
 
 COL = {n: j for j, n in enumerate(FEATURE_NAMES)}
 CONTEXT_FEATURES = [f"{f}_{kind}" for kind in ("item_lift", "user_share") for f in ("channel", "device", "region")]
@@ -28,10 +28,13 @@ HEADER = "user_id,item_id,event_type,timestamp"
 
 def test_context_columns_are_trimmed_blank_is_unknown_and_dictionary_encoded(tmp_path):
     path = tmp_path / "events.csv"
-    path.write_text(f"{HEADER},device,channel,region\n"
-                    "u1,i1,view,10, mobile ,app,R1\n"
-                    "u2,i2,view,20,,web,\n"
-                    "u3,i1,view,30,desktop,app,R1\n", encoding="utf-8")
+    path.write_text(
+        f"{HEADER},device,channel,region\n"
+        "u1,i1,view,10, mobile ,app,R1\n"
+        "u2,i2,view,20,,web,\n"
+        "u3,i1,view,30,desktop,app,R1\n",
+        encoding="utf-8",
+    )
     table, report = read_events(path)
     assert report.total == 0
     assert table["device"].to_pylist() == ["mobile", None, "desktop"]
@@ -51,9 +54,19 @@ def test_missing_context_columns_read_as_unknown(tmp_path):
 
 def test_parquet_context_of_any_scalar_type_is_read_as_text(tmp_path):
     path = tmp_path / "events.parquet"
-    pq.write_table(pa.table({"user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "event_type": ["view", "view"],
-                             "timestamp": [10, 20], "region": pa.array([7, None], pa.int64()),
-                             "channel": pa.array(["app", "web"]).dictionary_encode()}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": ["u1", "u2"],
+                "item_id": ["i1", "i2"],
+                "event_type": ["view", "view"],
+                "timestamp": [10, 20],
+                "region": pa.array([7, None], pa.int64()),
+                "channel": pa.array(["app", "web"]).dictionary_encode(),
+            }
+        ),
+        path,
+    )
     table, _ = read_events(path)
     assert table["region"].to_pylist() == ["7", None]
     assert table["channel"].to_pylist() == ["app", "web"]
@@ -72,10 +85,21 @@ def test_too_long_context_value_names_file_row_and_column(tmp_path):
 
 def test_event_log_context_fields_become_the_columns(tmp_path):
     log = EventLog(tmp_path / "log", fsync="never")
-    log.append([{"kind": "event", "user_id": "u1", "item_id": "i1", "event_type": "view", "timestamp": 10.0,
-                 "value": 0.0, "channel": "app", "device": "mobile"},
-                {"kind": "event", "user_id": "u2", "item_id": "i2", "event_type": "view", "timestamp": 11.0,
-                 "value": 0.0}])
+    log.append(
+        [
+            {
+                "kind": "event",
+                "user_id": "u1",
+                "item_id": "i1",
+                "event_type": "view",
+                "timestamp": 10.0,
+                "value": 0.0,
+                "channel": "app",
+                "device": "mobile",
+            },
+            {"kind": "event", "user_id": "u2", "item_id": "i2", "event_type": "view", "timestamp": 11.0, "value": 0.0},
+        ]
+    )
     log.close()
     table, _ = read_events(tmp_path / "log")
     assert table["channel"].to_pylist() == ["app", None]
@@ -181,9 +205,16 @@ def test_email_visitors_see_the_newsletter(context_model, context_shop):
     counts = {}
     for channel in ("web", "email"):
         counts[channel] = sum(
-            len(news & set(context_model.items.lookup(
-                ranker.rank(RankQuery(user_id=f"u{u}", channel=channel, num_results=10)).item_ids).tolist()))
-            for u in range(40))
+            len(
+                news
+                & set(
+                    context_model.items.lookup(
+                        ranker.rank(RankQuery(user_id=f"u{u}", channel=channel, num_results=10)).item_ids
+                    ).tolist()
+                )
+            )
+            for u in range(40)
+        )
     assert counts["email"] > counts["web"] + 20
 
 
@@ -200,8 +231,10 @@ def test_without_context_tables_the_device_changes_nothing(blind_model, context_
 
 def test_shop_without_context_columns_has_unknown_context_features(bundle_path):
     model = RankingModel(bundle_path)
-    assert model.manifest["data_profile"]["context"]["device"] == {"share_of_events_with_value": 0.0,
-                                                                 "distinct_values": 0}
+    assert model.manifest["data_profile"]["context"]["device"] == {
+        "share_of_events_with_value": 0.0,
+        "distinct_values": 0,
+    }
     ranker = Ranker(model)
     prep = ranker.prepare(RankQuery(user_id="u1", device="mobile", channel="app", region="R1"))
     assert np.isnan(prep.features[:, [COL[f] for f in CONTEXT_FEATURES]]).all()
@@ -239,8 +272,14 @@ def test_bundles_from_before_the_context_tables_ask_for_a_rebuild(blind_model, t
     # them it is what a build of the older code wrote: 28 features and no context tables.
     old = tmp_path / "old"
     shutil.copytree(blind_model.bundle.path, old)
-    _strip_context(old, [f"{kind}_{f}_{what}" for f in ("channel", "device", "region")
-                         for kind, what in (("context", "values"), ("item", "lift"), ("user", "share"))])
+    _strip_context(
+        old,
+        [
+            f"{kind}_{f}_{what}"
+            for f in ("channel", "device", "region")
+            for kind, what in (("context", "values"), ("item", "lift"), ("user", "share"))
+        ],
+    )
     # The loader refuses it by the declared schema (ranking.bundle.schema), naming what is missing.
     with pytest.raises(BundleError, match=r"context_channel_values is missing.*rebuild"):
         RankingModel(old)
@@ -255,8 +294,11 @@ def test_evaluation_asks_in_the_context_of_the_first_test_event(context_shop, tm
 
     files = write_shop(context_shop, tmp_path / "shop", "csv")
     events, _ = read_events(files["events"])
-    ecfg = EvalConfig(protocols=("temporal",), max_users=40,
-                      build=BuildConfig.load(overrides={**SMALL_BUILD, "rerank": False, "ladder_report": False}))
+    ecfg = EvalConfig(
+        protocols=("temporal",),
+        max_users=40,
+        build=BuildConfig.load(overrides={**SMALL_BUILD, "rerank": False, "ladder_report": False}),
+    )
     result = run_all(files["events"], files["items"], files["users"], ecfg)["protocols"]["temporal"]
     n = result["n_test_users"]
     assert n == 40
@@ -265,5 +307,6 @@ def test_evaluation_asks_in_the_context_of_the_first_test_event(context_shop, tm
     pq.write_table(blind, tmp_path / "blind.parquet")
     result = run_all(tmp_path / "blind.parquet", files["items"], files["users"], ecfg)["protocols"]["temporal"]
     assert result["requests_with_context"]["device"] == 0 and result["requests_with_context"]["channel"] == n
-    assert context_of(events, [1, 0]) == {f: [events[f][1].as_py(), events[f][0].as_py()]
-                                          for f in ("channel", "device", "region")}
+    assert context_of(events, [1, 0]) == {
+        f: [events[f][1].as_py(), events[f][0].as_py()] for f in ("channel", "device", "region")
+    }

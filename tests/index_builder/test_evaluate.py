@@ -1,17 +1,17 @@
 """The ladder evaluation and report on small synthetic shops."""
+
 import json
 import math
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from tests_support import SMALL_BUILD
 
-from index_builder.config import BuildConfig
 from index_builder.build import evaluate
+from index_builder.config import BuildConfig
 from index_builder.evaluate import EvalConfig, user_metrics
 from index_builder.synthetic import make_shop, write_shop
-
-from tests_support import SMALL_BUILD
 
 
 def test_user_metrics_exact_values():
@@ -42,6 +42,7 @@ def report(tmp_path_factory):
     return evaluate(files["events"], files["items"], files["users"], out, ecfg), out
 
 
+@pytest.mark.slow
 def test_report_files_and_every_rung(report):
     results, out = report
     assert (out / "report.md").is_file() and (out / "ladder.json").is_file()
@@ -56,6 +57,7 @@ def test_report_files_and_every_rung(report):
     assert "one2one (full pipeline)" in md and "Data profile" in md and "long tail" in md
 
 
+@pytest.mark.slow
 def test_full_pipeline_beats_mass_on_planted_taste(report):
     results, _ = report
     g = results["protocols"]["last_n"]["groups"]["all"]
@@ -70,8 +72,13 @@ def test_too_little_data_is_said_plainly(tmp_path):
     ev = shop.events.set_column(3, "timestamp", pa.array(np.full(shop.events.num_rows, 1_700_000_000)))
     shop.events = ev
     files = write_shop(shop, tmp_path / "shop")
-    results = evaluate(files["events"], files["items"], files["users"], tmp_path / "out",
-                       EvalConfig(build=BuildConfig.load(overrides=SMALL_BUILD)))
+    results = evaluate(
+        files["events"],
+        files["items"],
+        files["users"],
+        tmp_path / "out",
+        EvalConfig(build=BuildConfig.load(overrides=SMALL_BUILD)),
+    )
     for protocol in ("last_n", "temporal"):
         assert "error" in results["protocols"][protocol]
     md = (tmp_path / "out" / "report.md").read_text()

@@ -1,4 +1,5 @@
 """The experiment report recovers a known lift from a simulated event log, and its intervals cover."""
+
 from __future__ import annotations
 
 import json
@@ -22,20 +23,64 @@ def simulate(log_dir, n_per_arm, rates, revenue_mean, seed):
         for k in range(n_per_arm):
             rid = f"{arm}-{k}"
             user = f"u{rng.integers(0, n_per_arm // 2)}"
-            batch.append({"kind": "impression", "request_id": rid, "user_id": user, "timestamp": t,
-                          "experiment": "ladder", "arm": arm, "items": ["i1", "i2"]})
+            batch.append(
+                {
+                    "kind": "impression",
+                    "request_id": rid,
+                    "user_id": user,
+                    "timestamp": t,
+                    "experiment": "ladder",
+                    "arm": arm,
+                    "items": ["i1", "i2"],
+                }
+            )
             if rng.random() < click_p:
-                batch.append({"kind": "event", "user_id": user, "item_id": "i1", "event_type": "click",
-                              "timestamp": t, "value": 0.0, "request_id": rid})
+                batch.append(
+                    {
+                        "kind": "event",
+                        "user_id": user,
+                        "item_id": "i1",
+                        "event_type": "click",
+                        "timestamp": t,
+                        "value": 0.0,
+                        "request_id": rid,
+                    }
+                )
                 if rng.random() < buy_p / click_p:
-                    batch.append({"kind": "event", "user_id": user, "item_id": "i1", "event_type": "purchase",
-                                  "timestamp": t, "value": float(rng.exponential(revenue_mean)),
-                                  "request_id": rid})
+                    batch.append(
+                        {
+                            "kind": "event",
+                            "user_id": user,
+                            "item_id": "i1",
+                            "event_type": "purchase",
+                            "timestamp": t,
+                            "value": float(rng.exponential(revenue_mean)),
+                            "request_id": rid,
+                        }
+                    )
         # Noise the report must ignore: other experiments' forced variants and unknown requests.
-        batch.append({"kind": "impression", "request_id": "forced", "user_id": "x", "timestamp": t,
-                      "experiment": "", "arm": "popular", "items": []})
-        batch.append({"kind": "event", "user_id": "x", "item_id": "i9", "event_type": "purchase",
-                      "timestamp": t, "value": 5.0, "request_id": "never-served"})
+        batch.append(
+            {
+                "kind": "impression",
+                "request_id": "forced",
+                "user_id": "x",
+                "timestamp": t,
+                "experiment": "",
+                "arm": "popular",
+                "items": [],
+            }
+        )
+        batch.append(
+            {
+                "kind": "event",
+                "user_id": "x",
+                "item_id": "i9",
+                "event_type": "purchase",
+                "timestamp": t,
+                "value": 5.0,
+                "request_id": "never-served",
+            }
+        )
         log.append(batch)
     log.close()
 
@@ -63,20 +108,43 @@ def test_report_recovers_a_known_lift(tmp_path):
     assert rev["low"] < 0.30 < rev["high"]
 
 
+@pytest.mark.slow
 def test_report_without_effect_brackets_zero_and_cli_prints_it(tmp_path):
     simulate(tmp_path, 20_000, {"a": (0.1, 0.04), "b": (0.1, 0.04)}, 10.0, seed=5)
-    done = subprocess.run([sys.executable, "-m", "index_builder", "experiment-report", "--log", str(tmp_path),
-                           "--control", "ladder=a", "--json"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "index_builder",
+            "experiment-report",
+            "--log",
+            str(tmp_path),
+            "--control",
+            "ladder=a",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     rep = json.loads(done.stdout)
     b = rep["experiments"]["ladder"]["arms"][1]
     assert b["arm"] == "b" and b["purchase_lift"]["low"] < 0 < b["purchase_lift"]["high"]
-    text = subprocess.run([sys.executable, "-m", "index_builder", "experiment-report", "--log", str(tmp_path),
-                           "--control", "ladder=a"], capture_output=True, text=True, timeout=120)
+    text = subprocess.run(
+        [sys.executable, "-m", "index_builder", "experiment-report", "--log", str(tmp_path), "--control", "ladder=a"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert text.returncode == 0 and "experiment ladder (control: a)" in text.stdout
     assert "a *" in text.stdout
-    bad = subprocess.run([sys.executable, "-m", "index_builder", "experiment-report", "--log", str(tmp_path),
-                          "--experiment", "nope"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "index_builder", "experiment-report", "--log", str(tmp_path), "--experiment", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "no impression of experiment 'nope'" in bad.stderr
 
 
@@ -94,6 +162,6 @@ def test_lift_interval_covers_the_true_lift():
     n, pc, pa = 5000, 0.05, 0.06
     covered = 0
     for _ in range(1000):
-        lift, lo, hi, _ = rate_lift(int(rng.binomial(n, pa)), n, int(rng.binomial(n, pc)), n, 1.959964)
+        _, lo, hi, _ = rate_lift(int(rng.binomial(n, pa)), n, int(rng.binomial(n, pc)), n, 1.959964)
         covered += lo <= pa / pc - 1 <= hi
     assert covered >= 925  # 95% nominal, Binomial(1000, 0.95) minus ~3.5 sd

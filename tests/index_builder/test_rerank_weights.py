@@ -1,4 +1,5 @@
 """The reranker's two training splits weigh what rerank_temporal_share says, whatever their sizes."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """Micro-batched retrieval gives every request exactly what a search of its own would."""
+
 import threading
 
 import faiss
@@ -51,10 +52,10 @@ def test_concurrent_queries_get_their_own_results(index, retriever, max_batch):
     exact_alone = np.zeros(40, bool)
     for i in range(40):
         # The ANN index here is exact too, so every answer is the true top k, whichever path found it.
-        want = ann_search(index, queries[i:i + 1], int(ks[i]), 64)[1][0]
+        want = ann_search(index, queries[i : i + 1], int(ks[i]), 64)[1][0]
         rows, exact = got[i]
         np.testing.assert_array_equal(rows, want)
-        exact_alone[i] = retriever.search(queries[i:i + 1], int(ks[i]), 64)[1][0]
+        exact_alone[i] = retriever.search(queries[i : i + 1], int(ks[i]), 64)[1][0]
         # A batch proves its top max(k); a query is never called exact when its own search could not prove it.
         assert not exact or exact_alone[i]
     assert exact_alone.any() and not exact_alone.all()

@@ -1,12 +1,11 @@
 """The request budget: effective budget, the cost model, and degradation in a fixed order."""
+
 import time
 
 import numpy as np
-
 import pytest
 
-from ranking import (Budget, CostModel, Ranker, RankerConfig, RankingModel, RankQuery,
-    effective_budget_ms)
+from ranking import Budget, CostModel, Ranker, RankerConfig, RankingModel, RankQuery, effective_budget_ms
 
 
 def test_effective_budget_is_the_smallest_limit():

@@ -1,4 +1,5 @@
 """Bundle format: atomic publish, CURRENT pointer, verification of every file."""
+
 import json
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The event log: framing, replay order, segment rollover, torn tails and real corruption."""
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ def test_replay_returns_every_record_in_append_order(tmp_path):
     log = EventLog(tmp_path, fsync="always")
     sent = [{"n": i, "text": "ünïcode ✓" * (i % 3)} for i in range(50)]
     for i in range(0, 50, 7):
-        log.append(sent[i:i + 7])
+        log.append(sent[i : i + 7])
     log.close()
     assert records(tmp_path) == sent
 
@@ -150,7 +151,7 @@ def test_modified_since_skips_old_segments_but_never_the_newest(tmp_path):
     for f in files[:-1]:
         os.utime(f, (1_000_000, 1_000_000))
     got = records(tmp_path, modified_since=2_000_000)
-    assert got and got == records(tmp_path)[-len(got):] and len(got) < 30
+    assert got and got == records(tmp_path)[-len(got) :] and len(got) < 30
 
 
 def test_one_writer_per_log(tmp_path):

@@ -1,4 +1,5 @@
 """Experiment assignment (stable, split as configured, targeting, override) and rule parsing/matching."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,13 +11,19 @@ from scipy.stats import binomtest, chisquare
 from ranking import InvalidRequest, RuleSet, parse_rules
 from ranking.policy.experiments import Experiments, bucket, parse_experiments
 
-CONFIG = [{
-    "name": "ladder", "salt": "s1", "control": "full",
-    "arms": [{"name": "popular", "variant": "POPULAR", "weight": 1},
-             {"name": "segment", "variant": "segment", "weight": 1},
-             {"name": "no_context", "variant": "ONE_TO_ONE_NO_CONTEXT", "weight": 1},
-             {"name": "full", "variant": "ONE_TO_ONE", "weight": 7}],
-}]
+CONFIG = [
+    {
+        "name": "ladder",
+        "salt": "s1",
+        "control": "full",
+        "arms": [
+            {"name": "popular", "variant": "POPULAR", "weight": 1},
+            {"name": "segment", "variant": "segment", "weight": 1},
+            {"name": "no_context", "variant": "ONE_TO_ONE_NO_CONTEXT", "weight": 1},
+            {"name": "full", "variant": "ONE_TO_ONE", "weight": 7},
+        ],
+    }
+]
 
 
 def test_split_matches_the_configured_weights():
@@ -34,9 +41,11 @@ def test_split_matches_the_configured_weights():
 def test_assignment_is_stable_across_processes_and_depends_on_the_salt():
     exps = Experiments(parse_experiments(CONFIG, "t"))
     here = [exps.assign(f"u{i}", "", lambda: 0).arm for i in range(200)]
-    code = ("from ranking import Experiments, parse_experiments; import json, sys;"
-            f"e = Experiments(parse_experiments({CONFIG!r}, 't'));"
-            "print(json.dumps([e.assign(f'u{i}', '', lambda: 0).arm for i in range(200)]))")
+    code = (
+        "from ranking import Experiments, parse_experiments; import json, sys;"
+        f"e = Experiments(parse_experiments({CONFIG!r}, 't'));"
+        "print(json.dumps([e.assign(f'u{i}', '', lambda: 0).arm for i in range(200)]))"
+    )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert here == __import__("json").loads(there.stdout)
     assert bucket("u1", "a") == bucket("u1", "a") != bucket("u1", "b")
@@ -46,11 +55,12 @@ def test_assignment_is_stable_across_processes_and_depends_on_the_salt():
 
 
 def test_targeting_pilot_cohort_channels_and_fraction():
-    exps = Experiments(parse_experiments([{**CONFIG[0], "target": {
-        "min_consumed": 20, "channels": ["Web"], "fraction": 0.5}}], "t"))
-    assert exps.assign("u1", "web", lambda: 19).experiment == ""      # not active enough
-    assert exps.assign("", "web", lambda: 99).experiment == ""        # anonymous: never
-    assert exps.assign("u1", "email", lambda: 99).experiment == ""    # other channel
+    exps = Experiments(
+        parse_experiments([{**CONFIG[0], "target": {"min_consumed": 20, "channels": ["Web"], "fraction": 0.5}}], "t")
+    )
+    assert exps.assign("u1", "web", lambda: 19).experiment == ""  # not active enough
+    assert exps.assign("", "web", lambda: 99).experiment == ""  # anonymous: never
+    assert exps.assign("u1", "email", lambda: 99).experiment == ""  # other channel
     inside = sum(exps.assign(f"u{i}", "web", lambda: 50).experiment == "ladder" for i in range(4000))
     assert binomtest(inside, 4000, 0.5).pvalue > 0.001
 
@@ -66,24 +76,40 @@ def test_variant_override():
     assert err.value.violations[0].field == "variant" and "popular" in err.value.violations[0].description
 
 
-@pytest.mark.parametrize("bad,match", [
-    ([{"name": "x", "arms": [{"name": "a", "variant": "POPULAR"}]}], "at least two"),
-    ([{"name": "x", "arms": [{"name": "a", "variant": "BEST"}, {"name": "b", "variant": "POPULAR"}]}], "BEST"),
-    ([{"name": "x", "control": "c", "arms": [{"name": "a", "variant": "POPULAR"},
-                                             {"name": "b", "variant": "SEGMENT"}]}], "control 'c'"),
-    ([{"name": "X y", "arms": []}], "lower_snake_case"),
-    ([{**CONFIG[0], "target": {"fraction": 2}}], "fraction"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([{"name": "x", "arms": [{"name": "a", "variant": "POPULAR"}]}], "at least two"),
+        ([{"name": "x", "arms": [{"name": "a", "variant": "BEST"}, {"name": "b", "variant": "POPULAR"}]}], "BEST"),
+        (
+            [
+                {
+                    "name": "x",
+                    "control": "c",
+                    "arms": [{"name": "a", "variant": "POPULAR"}, {"name": "b", "variant": "SEGMENT"}],
+                }
+            ],
+            "control 'c'",
+        ),
+        ([{"name": "X y", "arms": []}], "lower_snake_case"),
+        ([{**CONFIG[0], "target": {"fraction": 2}}], "fraction"),
+    ],
+)
 def test_bad_experiment_config_names_the_problem(bad, match):
     with pytest.raises(ValueError, match=match):
         parse_experiments(bad, "exp.toml")
 
 
 def test_rules_match_context_case_insensitively_and_bad_rules_are_named():
-    rules = RuleSet(parse_rules([
-        {"name": "support", "when": {"support_case_open": True}, "exclude_categories": ["cat1"]},
-        {"name": "kids", "when": {"channel": ["kids_app", "kids_web"], "region": "DE"}, "suppress": True},
-    ], "r.toml"))
+    rules = RuleSet(
+        parse_rules(
+            [
+                {"name": "support", "when": {"support_case_open": True}, "exclude_categories": ["cat1"]},
+                {"name": "kids", "when": {"channel": ["kids_app", "kids_web"], "region": "DE"}, "suppress": True},
+            ],
+            "r.toml",
+        )
+    )
     assert [r.name for r in rules.matching("", "", "", {"support_case_open": " TRUE "})] == ["support"]
     assert rules.matching("", "", "", {"support_case_open": "false"}) == []
     assert [r.name for r in rules.matching("KIDS_APP", "", "de", {})] == ["kids"]

@@ -1,14 +1,14 @@
 """Reranker features from the bundle (ranking.features) and the scoring section's formats."""
+
 import json
 
 import numpy as np
 import pytest
+from tests_support import SMALL_BUILD
 
 from index_builder.build import build
 from index_builder.config import BuildConfig
 from ranking import FEATURE_NAMES, N_FEATURES, BundleError, Ranker, RankingModel, RankQuery, ServingModel
-
-from tests_support import SMALL_BUILD
 
 COL = {n: j for j, n in enumerate(FEATURE_NAMES)}
 
@@ -48,8 +48,14 @@ def test_known_user_features_reflect_planted_taste(ranker, shop):
 
 def test_unknown_visitor_has_missing_user_features(ranker):
     X = ranker.prepare(RankQuery(user_id="nobody")).features
-    for name in ("als_score", "category_affinity", "user_recency_days", "user_stage", "hour_user_share",
-                 "session_similarity"):
+    for name in (
+        "als_score",
+        "category_affinity",
+        "user_recency_days",
+        "user_stage",
+        "hour_user_share",
+        "session_similarity",
+    ):
         assert np.isnan(X[:, COL[name]]).all(), name
     assert np.all(X[:, COL["rung"]] == 1)
 
@@ -73,7 +79,7 @@ def test_windows_counted_once_at_the_data_end_match_the_per_request_search(ranke
     keys = np.asarray(tables.item_event_keys)
     for days in (7, 30):
         base = cands.astype(np.int64) << 32
-        searched = (np.searchsorted(keys, base + end + 1) - np.searchsorted(keys, base + end + 1 - days * 86_400))
+        searched = np.searchsorted(keys, base + end + 1) - np.searchsorted(keys, base + end + 1 - days * 86_400)
         assert np.array_equal(tables._window_counts(cands, end + 1, days), searched.astype(np.float32))
         assert searched.sum() > 0
     later = ranker.prepare(RankQuery(user_id="u1", event_time=float(end + 5 * 86_400))).features
@@ -101,8 +107,14 @@ def test_session_items_feed_session_features(ranker, shop):
 
 def test_linear_bundles_still_load_and_unknown_models_are_refused(shop_files, tmp_path):
     out = tmp_path / "linear"
-    path = build(shop_files["events"], shop_files["items"], shop_files["users"], out,
-                 BuildConfig.load(overrides={**SMALL_BUILD, "rerank": False}), show_progress=False)
+    path = build(
+        shop_files["events"],
+        shop_files["items"],
+        shop_files["users"],
+        out,
+        BuildConfig.load(overrides={**SMALL_BUILD, "rerank": False}),
+        show_progress=False,
+    )
     m = RankingModel(path)
     linear = Ranker(m)
     assert linear.scorer.kind == "linear" and m.manifest["scoring"]["fallback"]["reason"] == "rerank = false"

@@ -1,4 +1,5 @@
 """The Ranker with an overlay: variants cap the ladder or drop context; purchases always excluded."""
+
 from __future__ import annotations
 
 import threading
@@ -7,8 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from ranking import (VARIANTS, Event, Ranker, RankingModel, RankQuery, Rung, build_overlay,
-    parse_rules)
+from ranking import VARIANTS, Event, Ranker, RankingModel, RankQuery, Rung, build_overlay, parse_rules
 from ranking.realtime.eventlog import EventLog, read_log
 
 

@@ -1,4 +1,5 @@
 """The Rank pipeline in process against a bundle built from a shop with planted structure."""
+
 import numpy as np
 import pytest
 
@@ -55,8 +56,7 @@ def test_exclusions_filters_and_rerank_only(ranker, shop):
 
     cands = ["i3", "i7", "nope", "i3", "i11"]
     res = ranker.rank(RankQuery(user_id="u1", num_results=10, candidate_item_ids=cands))
-    assert sorted(res.item_ids) == sorted(set(cands) - {"nope"} - set(
-        i for i in cands if i in _consumed(shop, "u1")))
+    assert sorted(res.item_ids) == sorted(set(cands) - {"nope"} - set(i for i in cands if i in _consumed(shop, "u1")))
 
 
 def _consumed(shop, user):

@@ -1,10 +1,10 @@
 """Retrieval: the exact head answers exactly when it proves its answer, the ANN index otherwise."""
+
 import faiss
 import numpy as np
 import pytest
 
-from ranking import (ExactHead, Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ServingModel,
-    ann_search)
+from ranking import ExactHead, Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ServingModel, ann_search
 from ranking.realtime.user_state import row_norms
 
 D = 24
@@ -80,7 +80,7 @@ def test_a_query_the_first_tier_cannot_prove_gets_one_scan_of_the_whole_head(ite
         assert 0.05 < proven.mean() < 0.95  # and some stay unproven after both tiers
     # One query at a time answers as the batch does.
     for i in (*np.flatnonzero(by_first)[:1], *np.flatnonzero(~by_first)[:1], *np.flatnonzero(~proven)[:1]):
-        s1, r1, p1 = head.search(queries[i:i + 1], k)
+        s1, r1, p1 = head.search(queries[i : i + 1], k)
         np.testing.assert_array_equal(s1[0], scores[i])
         assert set(r1[0]) == set(rows[i]) and p1[0] == proven[i]
 

@@ -1,4 +1,5 @@
 """The compiled per-request row walks (ranking.rows) against plain NumPy statements of the same thing."""
+
 from __future__ import annotations
 
 import threading
@@ -180,7 +181,7 @@ def test_max_share_matches_maximum_at(seed):
     rows = rng.integers(0, N_ITEMS, 200)
     want = np.zeros(len(rows), np.float32)
     for i, r in enumerate(rows):
-        for cat in item_cats.indices[item_cats.indptr[r]:item_cats.indptr[r + 1]]:
+        for cat in item_cats.indices[item_cats.indptr[r] : item_cats.indptr[r + 1]]:
             np.maximum.at(want, i, share[cat])
     np.testing.assert_array_equal(max_share(item_cats, rows, share), want)
     share[item_cats.indices[0]] = np.nan

@@ -1,12 +1,13 @@
 """The bundle's arrays are declared once (ranking.bundle.schema); writer and reader refuse what disagrees."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from ranking.bundle.schema import SCHEMA_VERSION, SPECS, check_arrays
 from ranking.bundle.store import Bundle
 from ranking.errors import BundleError
-from ranking.bundle.schema import SCHEMA_VERSION, SPECS, check_arrays
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +22,18 @@ def test_a_built_bundle_has_exactly_the_declared_arrays(arrays):
     assert set(arrays) == required  # the fixture's bundle has a trained reranker: every group is present
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.update(extra=np.zeros(3, np.float32)), "extra is not declared"),
-    (lambda a: a.pop("item_price"), "item_price is missing"),
-    (lambda a: a.update(item_price=a["item_price"].astype(np.float64)), "item_price has dtype float64"),
-    (lambda a: a.update(item_price=a["item_price"][:-1]), r"item_price axis 0 is \d+, expected items"),
-    (lambda a: a.update(covis_scores=a["covis_scores"][:-1]), r"covis_scores axis 0 is \d+, expected nnz_covis"),
-    (lambda a: a.update(consumed_indptr=a["consumed_indptr"][:-1]), r"consumed_indptr axis 0 .* expected users\+1"),
-    (lambda a: a.pop("rerank_roots"), "rerank_roots is missing"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(extra=np.zeros(3, np.float32)), "extra is not declared"),
+        (lambda a: a.pop("item_price"), "item_price is missing"),
+        (lambda a: a.update(item_price=a["item_price"].astype(np.float64)), "item_price has dtype float64"),
+        (lambda a: a.update(item_price=a["item_price"][:-1]), r"item_price axis 0 is \d+, expected items"),
+        (lambda a: a.update(covis_scores=a["covis_scores"][:-1]), r"covis_scores axis 0 is \d+, expected nnz_covis"),
+        (lambda a: a.update(consumed_indptr=a["consumed_indptr"][:-1]), r"consumed_indptr axis 0 .* expected users\+1"),
+        (lambda a: a.pop("rerank_roots"), "rerank_roots is missing"),
+    ],
+)
 def test_what_disagrees_with_the_declaration_is_refused_by_name(arrays, change, message):
     bad = dict(arrays)
     change(bad)

@@ -1,4 +1,5 @@
 """ranking.scoring (compiled top-k kernels) against a plain NumPy reference."""
+
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ FAR_FUTURE_NS = time.monotonic_ns() + 3600 * 10**9
 # Reference and fixtures
 # ---------------------------------------------------------------------------
 
+
 def ref_select(scores, mask, k):
     """Top-k by -score then index, excluding masked and NaN entries."""
     scores = np.asarray(scores, dtype=np.float32)
@@ -30,8 +32,7 @@ def ref_select(scores, mask, k):
 def ref_scores(features, weights, bias=0.0):
     # Float64 then rounded: exact for the dyadic fixtures below, whatever order
     # the kernel sums in.
-    return (np.asarray(features, np.float64) @ np.asarray(weights, np.float64)
-            + bias).astype(np.float32)
+    return (np.asarray(features, np.float64) @ np.asarray(weights, np.float64) + bias).astype(np.float32)
 
 
 def dyadic(rng, shape, lo=-64, hi=64, denom=16):
@@ -48,13 +49,23 @@ def assert_topk(result, indices, scores, n_scored):
     assert result.n_scored == n_scored
 
 
-SHAPES = [(1, 1, 1), (7, 3, 3), (50, 5, 10), (200, 16, 10), (1000, 16, 100),
-          (3000, 40, 50), (5000, 7, 10), (64, 4, 64), (33, 9, 5)]
+SHAPES = [
+    (1, 1, 1),
+    (7, 3, 3),
+    (50, 5, 10),
+    (200, 16, 10),
+    (1000, 16, 100),
+    (3000, 40, 50),
+    (5000, 7, 10),
+    (64, 4, 64),
+    (33, 9, 5),
+]
 
 
 # ---------------------------------------------------------------------------
 # score_topk: random inputs
 # ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("n,f,k", SHAPES)
@@ -113,16 +124,15 @@ def test_score_topk_small_exact_example_with_bias():
 # Edge cases: empty, k = 0, k > n, all masked, NaN, infinities
 # ---------------------------------------------------------------------------
 
+
 def test_empty_candidates():
-    got = score_topk(np.zeros((0, 4), np.float32), np.ones(4, np.float32),
-                     np.zeros(0, bool), 10)
+    got = score_topk(np.zeros((0, 4), np.float32), np.ones(4, np.float32), np.zeros(0, bool), 10)
     assert_topk(got, [], [], 0)
     assert_topk(topk(np.zeros(0, np.float32), np.zeros(0, bool), 10), [], [], 0)
 
 
 def test_zero_features_scores_equal_bias():
-    got = score_topk(np.zeros((4, 0), np.float32), np.zeros(0, np.float32),
-                     np.array([0, 1, 0, 0], bool), 2, bias=1.5)
+    got = score_topk(np.zeros((4, 0), np.float32), np.zeros(0, np.float32), np.array([0, 1, 0, 0], bool), 2, bias=1.5)
     assert_topk(got, [0, 2], [1.5, 1.5], 4)
 
 
@@ -163,8 +173,7 @@ def test_nan_weight_excludes_everything():
 
 def test_infinite_scores_are_ranked_not_excluded():
     scores = np.array([0, -np.inf, np.inf, 1, -np.inf], np.float32)
-    assert_topk(topk(scores, None, 5), [2, 3, 0, 1, 4],
-                [np.inf, 1, 0, -np.inf, -np.inf], 5)
+    assert_topk(topk(scores, None, 5), [2, 3, 0, 1, 4], [np.inf, 1, 0, -np.inf, -np.inf], 5)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -184,6 +193,7 @@ def test_nan_mixed_into_random_scores(seed):
 # Deadline
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("check_every", [1, 7, 32])
 def test_expired_deadline_scores_only_first_chunk(check_every):
     rng = np.random.default_rng(check_every)
@@ -191,8 +201,7 @@ def test_expired_deadline_scores_only_first_chunk(check_every):
     X = dyadic(rng, (n, 8))
     w = dyadic(rng, 8)
     mask = rng.random(n) < 0.2
-    got = score_topk(X, w, mask, 5, deadline_ns=time.monotonic_ns() - 1,
-                     check_every=check_every)
+    got = score_topk(X, w, mask, 5, deadline_ns=time.monotonic_ns() - 1, check_every=check_every)
     # The clock is read before rows check_every, 2*check_every, ...; the first
     # check finds the deadline passed, so exactly one chunk was consumed.
     assert got.n_scored == check_every
@@ -205,8 +214,7 @@ def test_expired_deadline_scores_only_first_chunk(check_every):
 def test_expired_deadline_prefix_competes_for_topk():
     # Rows 0..3 are scored (check_every=4); the much better row 10 is not.
     X = np.array([[1], [4], [2], [4], [0], [0], [0], [0], [0], [0], [99]], np.float32)
-    got = score_topk(X, np.ones(1, np.float32), None, 2,
-                     deadline_ns=1, check_every=4)
+    got = score_topk(X, np.ones(1, np.float32), None, 2, deadline_ns=1, check_every=4)
     assert_topk(got, [1, 3], [4, 4], 4)
 
 
@@ -226,8 +234,7 @@ def test_deadline_passing_mid_loop_stops_on_chunk_boundary():
     n = 400_000
     X = dyadic(rng, (n, 40))
     w = dyadic(rng, 40)
-    got = score_topk(X, w, None, 10, deadline_ns=time.monotonic_ns() + 200_000,
-                     check_every=64)
+    got = score_topk(X, w, None, 10, deadline_ns=time.monotonic_ns() + 200_000, check_every=64)
     assert 0 < got.n_scored < n
     assert got.n_scored % 64 == 0
     m = got.n_scored
@@ -285,6 +292,7 @@ def test_gil_is_released_while_scoring():
 # topk over precomputed scores
 # ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (100, 100), (1000, 10), (5000, 100)])
 def test_topk_matches_reference(seed, n, k):
@@ -304,6 +312,7 @@ def test_topk_descending_input_keeps_retrieval_order():
 # ---------------------------------------------------------------------------
 # Input handling: dtypes, contiguity, validation
 # ---------------------------------------------------------------------------
+
 
 def test_non_contiguous_inputs_give_same_result():
     rng = np.random.default_rng(7)
@@ -347,39 +356,44 @@ def test_read_only_inputs_are_accepted():
     assert_topk(score_topk(X, w, mask, 2), [0, 1], [-1, -1], 2)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(features=np.ones(5, np.float32)), "features must be 2-dimensional"),
-    (dict(features=np.ones((5, 3), bool)), "features must be a float32 array"),
-    (dict(features=np.ones((5, 3), complex)), "features must be a float32 array"),
-    (dict(weights=np.ones(4, np.float32)), r"weights must have shape \(3,\)"),
-    (dict(weights=np.ones((3, 1), np.float32)), "weights must be 1-dimensional"),
-    (dict(weights=np.array(["a", "b", "c"])), "weights must be a float32 array"),
-    (dict(mask=np.zeros(4, bool)), r"mask must have shape \(5,\)"),
-    (dict(mask=np.zeros(5, np.float32)), "mask must be a bool or uint8 array"),
-    (dict(k=-1), "k must be in"),
-    (dict(k=2.0), "k must be an integer"),
-    (dict(k=True), "k must be an integer"),
-    (dict(bias=float("nan")), "bias must be a finite"),
-    (dict(bias=1e300), "bias must be a finite"),
-    (dict(deadline_ns=-5), "deadline_ns must be in"),
-    (dict(deadline_ns=1.5), "deadline_ns must be an integer"),
-    (dict(check_every=0), "check_every must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(features=np.ones(5, np.float32)), "features must be 2-dimensional"),
+        (dict(features=np.ones((5, 3), bool)), "features must be a float32 array"),
+        (dict(features=np.ones((5, 3), complex)), "features must be a float32 array"),
+        (dict(weights=np.ones(4, np.float32)), r"weights must have shape \(3,\)"),
+        (dict(weights=np.ones((3, 1), np.float32)), "weights must be 1-dimensional"),
+        (dict(weights=np.array(["a", "b", "c"])), "weights must be a float32 array"),
+        (dict(mask=np.zeros(4, bool)), r"mask must have shape \(5,\)"),
+        (dict(mask=np.zeros(5, np.float32)), "mask must be a bool or uint8 array"),
+        (dict(k=-1), "k must be in"),
+        (dict(k=2.0), "k must be an integer"),
+        (dict(k=True), "k must be an integer"),
+        (dict(bias=float("nan")), "bias must be a finite"),
+        (dict(bias=1e300), "bias must be a finite"),
+        (dict(deadline_ns=-5), "deadline_ns must be in"),
+        (dict(deadline_ns=1.5), "deadline_ns must be an integer"),
+        (dict(check_every=0), "check_every must be in"),
+    ],
+)
 def test_score_topk_rejects_bad_arguments(kwargs, match):
-    args = dict(features=np.ones((5, 3), np.float32), weights=np.ones(3, np.float32),
-                mask=np.zeros(5, bool), k=2)
+    args = dict(features=np.ones((5, 3), np.float32), weights=np.ones(3, np.float32), mask=np.zeros(5, bool), k=2)
     args.update(kwargs)
     features, weights, mask, k = (args.pop(name) for name in ("features", "weights", "mask", "k"))
     with pytest.raises(ValueError, match=match):
         score_topk(features, weights, mask, k, **args)
 
 
-@pytest.mark.parametrize("scores,mask,k,match", [
-    (np.ones((2, 2), np.float32), None, 1, "scores must be 1-dimensional"),
-    (np.ones(3, object), None, 1, "scores must be a float32 array"),
-    (np.ones(3, np.float32), np.zeros(2, bool), 1, r"mask must have shape \(3,\)"),
-    (np.ones(3, np.float32), None, -2, "k must be in"),
-])
+@pytest.mark.parametrize(
+    "scores,mask,k,match",
+    [
+        (np.ones((2, 2), np.float32), None, 1, "scores must be 1-dimensional"),
+        (np.ones(3, object), None, 1, "scores must be a float32 array"),
+        (np.ones(3, np.float32), np.zeros(2, bool), 1, r"mask must have shape \(3,\)"),
+        (np.ones(3, np.float32), None, -2, "k must be in"),
+    ],
+)
 def test_topk_rejects_bad_arguments(scores, mask, k, match):
     with pytest.raises(ValueError, match=match):
         topk(scores, mask, k)
@@ -388,6 +402,7 @@ def test_topk_rejects_bad_arguments(scores, mask, k, match):
 # ---------------------------------------------------------------------------
 # linear_contributions
 # ---------------------------------------------------------------------------
+
 
 def test_linear_contributions_exact_values():
     rows = np.array([[1, 2, 3], [0, -1, 0.5]], np.float64)

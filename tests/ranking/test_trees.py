@@ -1,4 +1,5 @@
 """The tree-ensemble kernel and its LightGBM export against LightGBM's own predict."""
+
 import lightgbm as lgb
 import numpy as np
 import pytest
@@ -18,8 +19,17 @@ def _data(rng, n, f, missing):
 
 
 def _booster(X, y, objective="regression", group=None, seed=0, **params):
-    p = {"objective": objective, "num_leaves": 15, "learning_rate": 0.1, "min_data_in_leaf": 5,
-         "verbose": -1, "seed": seed, "deterministic": True, "num_threads": 1, **params}
+    p = {
+        "objective": objective,
+        "num_leaves": 15,
+        "learning_rate": 0.1,
+        "min_data_in_leaf": 5,
+        "verbose": -1,
+        "seed": seed,
+        "deterministic": True,
+        "num_threads": 1,
+        **params,
+    }
     ds = lgb.Dataset(X, y, group=group, params={"verbose": -1})
     return lgb.train(p, ds, num_boost_round=40)
 
@@ -112,17 +122,28 @@ def test_expired_deadline_scores_a_prefix():
     assert got.indices.max() < 32
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(left=[0]), "later node"),
-    (dict(feature=[3]), "not a column"),
-    (dict(right=[~7]), "outside"),
-    (dict(flags=[9]), "flag"),
-    (dict(leaf_value=[1.0, np.inf]), "not finite"),
-    (dict(threshold=[0.5, 1.0]), "shape"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(left=[0]), "later node"),
+        (dict(feature=[3]), "not a column"),
+        (dict(right=[~7]), "outside"),
+        (dict(flags=[9]), "flag"),
+        (dict(leaf_value=[1.0, np.inf]), "not finite"),
+        (dict(threshold=[0.5, 1.0]), "shape"),
+    ],
+)
 def test_corrupt_trees_are_refused_with_the_array_named(change, match):
-    args = dict(roots=[0], feature=[0], threshold=[0.5], left=[~0], right=[~1], flags=[0],
-                node_value=[0.0], leaf_value=[1.0, 2.0])
+    args = dict(
+        roots=[0],
+        feature=[0],
+        threshold=[0.5],
+        left=[~0],
+        right=[~1],
+        flags=[0],
+        node_value=[0.0],
+        leaf_value=[1.0, 2.0],
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         TreeArrays.checked(**args, n_features=1)

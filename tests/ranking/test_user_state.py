@@ -1,4 +1,5 @@
 """User state: fold-in against a NumPy reference and implicit, the builder's weighting, TTL and LRU."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,18 +64,34 @@ def test_event_weights_are_the_builders():
     cfg = BuildConfig()
     w = Weighting.from_manifest({"config": cfg.to_dict()})
     t_end = 1_700_000_000
-    evs = [Event("u", "i", t, t_end - age * DAY, value) for t, age, value in
-           [("view", 0, 0), ("click", 10, 0), ("purchase", 200, 30.0), ("rating", 3, 4.0), ("rating", 0, 0.0),
-            ("skip", 1, 0), ("something_else", 0, 0)]]
-    table = pa.table({"event_type": [e.event_type for e in evs],
-                      "timestamp": pa.array([int(e.timestamp) for e in evs], pa.int64()),
-                      "value": pa.array([e.value if e.event_type == "rating" and e.value else None for e in evs],
-                                        pa.float64())})
+    evs = [
+        Event("u", "i", t, t_end - age * DAY, value)
+        for t, age, value in [
+            ("view", 0, 0),
+            ("click", 10, 0),
+            ("purchase", 200, 30.0),
+            ("rating", 3, 4.0),
+            ("rating", 0, 0.0),
+            ("skip", 1, 0),
+            ("something_else", 0, 0),
+        ]
+    ]
+    table = pa.table(
+        {
+            "event_type": [e.event_type for e in evs],
+            "timestamp": pa.array([int(e.timestamp) for e in evs], pa.int64()),
+            "value": pa.array([e.value if e.event_type == "rating" and e.value else None for e in evs], pa.float64()),
+        }
+    )
     want = event_weights(table, cfg, t_end)
     got = [w.weight(e, t_end) for e in evs]
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    many = w.weights(np.array([e.event_type for e in evs]), np.array([e.value for e in evs]),
-                     np.array([e.timestamp for e in evs]), t_end)
+    many = w.weights(
+        np.array([e.event_type for e in evs]),
+        np.array([e.value for e in evs]),
+        np.array([e.timestamp for e in evs]),
+        t_end,
+    )
     np.testing.assert_allclose(many, want, rtol=1e-6)
 
 
@@ -96,8 +113,12 @@ def test_overlay_excludes_purchases_and_skips_what_the_bundle_already_has(bundle
     model = RankingModel(bundle_path)
     end = model.manifest["data_window"]["end_unix"]
     now = end + 1000.0
-    evs = [Event("u3", "i1", "purchase", now - 10, 9.0), Event("u3", "i2", "purchase", end - 10, 9.0),
-           Event("u3", "no-such-item", "purchase", now - 5), Event("u3", "i3", "click", now - 1)]
+    evs = [
+        Event("u3", "i1", "purchase", now - 10, 9.0),
+        Event("u3", "i2", "purchase", end - 10, 9.0),
+        Event("u3", "no-such-item", "purchase", now - 5),
+        Event("u3", "i3", "click", now - 1),
+    ]
     ov = build_overlay(model, "u3", evs, now)
     assert model.items.id_of(ov.exclude_rows) == ["i1"]
     assert ov.user_vector is not None and ov.n_realtime_events == 2

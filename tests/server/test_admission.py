@@ -1,4 +1,5 @@
 """Admission: at most N Rank pipelines at once per worker, the wait inside the budget."""
+
 import contextlib
 import threading
 

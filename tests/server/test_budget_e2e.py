@@ -1,4 +1,5 @@
 """The request budget over a real server: a slow stage makes budgeted requests degrade, in time."""
+
 import json
 import time
 import urllib.request
@@ -14,7 +15,7 @@ from server.demo import start_server, wait_serving
 def _serve(artifacts, tmp, settings: str):
     """A real one-worker server with ``settings`` added to its [server] table; yields (ready, stub)."""
     cfg = tmp / "server.toml"
-    cfg.write_text('[server]\nworkers = 1\ndefault_budget_ms = 5000\nmax_budget_ms = 5000\n' + settings)
+    cfg.write_text("[server]\nworkers = 1\ndefault_budget_ms = 5000\nmax_budget_ms = 5000\n" + settings)
     proc, ready = start_server(artifacts, tmp, extra=["--config", str(cfg)])
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     wait_serving(channel)
@@ -26,8 +27,9 @@ def _serve(artifacts, tmp, settings: str):
 
 @pytest.fixture(scope="module")
 def slow_server(artifacts, tmp_path_factory):
-    yield from _serve(artifacts, tmp_path_factory.mktemp("slow"),
-                      'debug_delay_us_per_candidate = "retrieve:100,features:100"\n')
+    yield from _serve(
+        artifacts, tmp_path_factory.mktemp("slow"), 'debug_delay_us_per_candidate = "retrieve:100,features:100"\n'
+    )
 
 
 def test_budgeted_request_degrades_and_answers_in_time(slow_server):
@@ -71,8 +73,11 @@ def test_server_time_is_reported_in_trailing_metadata(slow_server):
 def one_at_a_time(artifacts, tmp_path_factory):
     """A server whose single worker runs one Rank pipeline at a time and whose unbudgeted
     pipeline takes over a second (a slow features stage: sleeping, so no CPU is needed)."""
-    yield from _serve(artifacts, tmp_path_factory.mktemp("admission"),
-                      'max_concurrent_ranks = 1\ndebug_delay_us_per_candidate = "features:6000"\n')
+    yield from _serve(
+        artifacts,
+        tmp_path_factory.mktemp("admission"),
+        'max_concurrent_ranks = 1\ndebug_delay_us_per_candidate = "features:6000"\n',
+    )
 
 
 def _queue_seconds(metrics_port: int) -> tuple[float, float]:
@@ -127,8 +132,9 @@ def late_server(artifacts, tmp_path_factory):
 
 def _late_total(metrics_port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("one2one_rank_late_total "))
+    return next(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("one2one_rank_late_total ")
+    )
 
 
 def test_responses_sent_after_their_budget_are_counted_and_logged_once_a_second(late_server):

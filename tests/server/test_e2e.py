@@ -1,4 +1,5 @@
 """End to end: a real bundle, `python -m server` as a real process on a free port, a real channel."""
+
 from __future__ import annotations
 
 import signal
@@ -63,8 +64,9 @@ def test_session_only_and_unknown_users(stub, shop):
     resp = stub.Rank(pb.RankRequest(num_results=5, context=pb.Context(session_item_ids=session)), timeout=5)
     assert resp.strategy == pb.SESSION and resp.fallback_reason == "no_user_id"
     assert len(resp.items) == 5
-    resp = stub.Rank(pb.RankRequest(user_id="nobody", num_results=5,
-                                    context=pb.Context(attributes={"region": "R0"})), timeout=5)
+    resp = stub.Rank(
+        pb.RankRequest(user_id="nobody", num_results=5, context=pb.Context(attributes={"region": "R0"})), timeout=5
+    )
     assert resp.strategy == pb.SEGMENT and resp.fallback_reason == "unknown_user"
     resp = stub.Rank(pb.RankRequest(user_id="nobody", num_results=5), timeout=5)
     assert resp.strategy == pb.POPULAR and len(resp.items) == 5
@@ -79,8 +81,9 @@ def test_exclusions_filters_and_explain(stub, shop):
     for it in resp.items:
         assert set(it.contributions) >= {"als_score", "popularity", "bias"}
         assert sum(it.contributions.values()) == pytest.approx(it.score, abs=1e-4)
-    resp = stub.Rank(pb.RankRequest(user_id="u9", num_results=8,
-                                    filter=pb.Filter(include_categories=["cat3"])), timeout=5)
+    resp = stub.Rank(
+        pb.RankRequest(user_id="u9", num_results=8, filter=pb.Filter(include_categories=["cat3"])), timeout=5
+    )
     assert len(resp.items) == 8 and all(cat[it.item_id] == 3 for it in resp.items)
     assert not first.items[0].contributions  # only filled when explain is set
 
@@ -108,11 +111,14 @@ def test_health_and_reflection(running):
     channel = running[2]
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "one2one.v1.RankingService"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                             timeout=5))
+    answers = list(
+        refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    )
     names = {s.name for s in answers[0].list_services_response.service}
     assert {"one2one.v1.RankingService", "grpc.health.v1.Health"} <= names
 

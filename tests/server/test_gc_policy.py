@@ -1,4 +1,5 @@
 """The server's garbage-collector policy: long-lived objects frozen, and a frozen bundle still freed on reload."""
+
 from __future__ import annotations
 
 import gc
@@ -6,10 +7,10 @@ import time
 import weakref
 
 import pytest
+from ops_tools import publish_copy
 from prometheus_client import CollectorRegistry, Histogram
 
 from one2one.v1 import ranking_pb2 as pb
-from ops_tools import publish_copy
 from ranking import Event
 from server import gc_policy
 from server.config import ServerConfig
@@ -64,7 +65,10 @@ def test_pause_watch_times_each_collection_and_writes_metrics_only_on_flush():
         watch.flush()  # whatever ran before this test
         gc.collect(1)
         gc.collect(2)
-        count = lambda gen: registry.get_sample_value("gc_pause_seconds_count", {"generation": gen}) or 0.0
+
+        def count(gen: str) -> float:
+            return registry.get_sample_value("gc_pause_seconds_count", {"generation": gen}) or 0.0
+
         # The callback only queued the pauses: metrics are written by flush, on the serve loop.
         assert count("2") == 0
         assert watch.flush() >= 2
@@ -96,9 +100,11 @@ def test_a_served_bundle_is_freed_on_reload_without_the_collector(collector_paus
     user, item = str(old.model.users.ids[0]), str(old.model.items.ids[0])
     accepted, _ = realtime.record([Event(user_id=user, item_id=item, event_type="click", timestamp=time.time())])
     assert accepted == 1
-    for req in (pb.RankRequest(user_id=user, num_results=5, explain=True),
-                pb.RankRequest(context=pb.Context(session_item_ids=[item])),
-                pb.RankRequest(user_id="nobody-known")):
+    for req in (
+        pb.RankRequest(user_id=user, num_results=5, explain=True),
+        pb.RankRequest(context=pb.Context(session_item_ids=[item])),
+        pb.RankRequest(user_id="nobody-known"),
+    ):
         assert servicer.Rank(req, _Context()).items
     gc_policy.freeze()
     ranker_ref, model_ref = weakref.ref(old), weakref.ref(old.model)
@@ -108,4 +114,3 @@ def test_a_served_bundle_is_freed_on_reload_without_the_collector(collector_paus
     assert servicer.Rank(pb.RankRequest(user_id=user), _Context()).model_version == "v-new"
     assert ranker_ref() is None and model_ref() is None
     realtime.close()
-

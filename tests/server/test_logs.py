@@ -1,4 +1,5 @@
 """The log sampler that keeps per-request warnings to one line an interval."""
+
 import time
 
 from server.logs import Sampler

@@ -1,4 +1,5 @@
 """Every RPC thread searches FAISS with one OpenMP thread: requests, not threads, use the cores."""
+
 import os
 import threading
 

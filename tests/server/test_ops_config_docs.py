@@ -1,17 +1,24 @@
 """docs/operations.md's configuration table is the one generated from ServerConfig, and ServerConfig
 derives the library's defaults instead of writing them a second time."""
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
-
 from config_probe import probe_defaults
 from ops_tools import ROOT
-from ranking.config import (EventLogSettings, OverlaySettings, RankerConfig, UserStateSettings, marked_table,
-                            settings_table)
-from ranking.config import QueryLimits
+
+from ranking.config import (
+    EventLogSettings,
+    OverlaySettings,
+    QueryLimits,
+    RankerConfig,
+    UserStateSettings,
+    marked_table,
+    settings_table,
+)
 from ranking.realtime.events import EventLimits
 from server.config import ServerConfig, config_table_markdown
 
@@ -45,7 +52,8 @@ SECTIONS = (RankerConfig, QueryLimits, EventLimits, EventLogSettings, UserStateS
 def test_the_operations_page_shows_the_generated_table():
     text = (ROOT / "docs" / "operations.md").read_text()
     assert marked_table(text) == config_table_markdown(), (
-        "docs/operations.md's configuration table differs from ServerConfig's fields: run `make docs`")
+        "docs/operations.md's configuration table differs from ServerConfig's fields: run `make docs`"
+    )
 
 
 def test_every_setting_has_a_line_of_help_and_its_real_default_in_the_table():
@@ -58,9 +66,13 @@ def test_every_setting_has_a_line_of_help_and_its_real_default_in_the_table():
             assert row.split(" | ")[1].startswith("("), row  # "(none)", "(required)"
         else:
             shown = row.split(" | ")[1].strip("`")
-            assert shown == (str(f.default).lower() if isinstance(f.default, bool) else
-                             str(int(f.default)) if isinstance(f.default, float) and f.default.is_integer()
-                             else str(f.default)), row
+            assert shown == (
+                str(f.default).lower()
+                if isinstance(f.default, bool)
+                else str(int(f.default))
+                if isinstance(f.default, float) and f.default.is_integer()
+                else str(f.default)
+            ), row
 
 
 def test_a_field_without_help_is_refused_by_the_generator():
@@ -87,5 +99,7 @@ def test_a_setting_named_like_a_library_field_is_derived_from_it():
     for section in SECTIONS:
         for f in dataclasses.fields(section):
             if f.name in server and f.name not in OTHER_FORM:
-                assert f.name in DERIVED, (f"ServerConfig.{f.name} repeats {section.__name__}.{f.name}: "
-                                           "derive its default and list it in DERIVED")
+                assert f.name in DERIVED, (
+                    f"ServerConfig.{f.name} repeats {section.__name__}.{f.name}: "
+                    "derive its default and list it in DERIVED"
+                )

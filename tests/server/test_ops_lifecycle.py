@@ -1,5 +1,6 @@
 """Lifecycle of a real server process: health before and after the first bundle, hot reload
 under load, refused bundles, SIGHUP and admin reloads, SIGTERM drain, request ids in logs."""
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,27 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ops_tools import (
+    RankLoad,
+    corrupt_an_array,
+    future_schema,
+    percentile,
+    publish_copy,
+    sample,
+    scrape,
+    start_one_process,
+    wait_for,
+    write_config,
+)
+from tests_support import SMALL_BUILD
 
 from index_builder.build import build
 from index_builder.config import BuildConfig
-from one2one.v1 import admin_pb2, admin_pb2_grpc
+from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2_grpc
 from one2one.v1 import ranking_pb2 as pb
-from one2one.v1 import ranking_pb2_grpc
-from ops_tools import (RankLoad, corrupt_an_array, future_schema, percentile, publish_copy, sample, scrape,
-                       start_one_process, wait_for, write_config)
 from ranking import resolve_current, set_current
 from server.app import LIVENESS_SERVICE
 from server.demo import wait_serving
-from tests_support import SMALL_BUILD
 
 RANK = 'method="one2one.v1.RankingService/Rank"'
 
@@ -57,8 +67,14 @@ def own_artifacts(bundle_path, tmp_path) -> Path:
 def second_build(shop_files, tmp_path_factory) -> Path:
     """A second, independently built bundle (staged, not yet published anywhere)."""
     staging = tmp_path_factory.mktemp("staging")
-    return build(shop_files["events"], shop_files["items"], shop_files["users"], staging,
-                 BuildConfig.load(overrides=SMALL_BUILD), show_progress=False)
+    return build(
+        shop_files["events"],
+        shop_files["items"],
+        shop_files["users"],
+        staging,
+        BuildConfig.load(overrides=SMALL_BUILD),
+        show_progress=False,
+    )
 
 
 def test_health_serving_only_once_a_bundle_is_loaded(bundle_path, tmp_path):
@@ -103,7 +119,8 @@ def test_hot_reload_under_load_fails_no_request(own_artifacts, second_build, tmp
     try:
         wait_serving(channel)
         requests = [pb.RankRequest(user_id=f"u{i}", num_results=10) for i in range(40)] + [
-            pb.RankRequest(user_id="nobody", context=pb.Context(session_item_ids=["i1", "i2"]))]
+            pb.RankRequest(user_id="nobody", context=pb.Context(session_item_ids=["i1", "i2"]))
+        ]
         new_version = second_build.name
         with RankLoad(target, requests, threads=3, max_requests=30000) as load:
             t_start = time.monotonic()
@@ -128,11 +145,13 @@ def test_hot_reload_under_load_fails_no_request(own_artifacts, second_build, tmp
         before = [s for t0, s, _, _ in outcomes if t_start + 0.5 <= t0 < t_publish]
         during = [s for t0, s, _, _ in outcomes if t_publish - 0.1 <= t0 <= t_swapped + 0.5]
         after = [s for t0, s, _, _ in outcomes if t0 > t_swapped + 0.5]
-        print(f"\nhot reload under load: {len(outcomes)} requests, 0 failed; p99 before swap (after 0.5 s warm-up) "
-              f"{percentile(before, 99) * 1e3:.2f} ms (n={len(before)}), during swap "
-              f"{percentile(during, 99) * 1e3:.2f} ms (n={len(during)}), after "
-              f"{percentile(after, 99) * 1e3:.2f} ms (n={len(after)}); swap seen "
-              f"{(t_swapped - t_publish) * 1e3:.0f} ms after CURRENT changed (poll every 200 ms)")
+        print(
+            f"\nhot reload under load: {len(outcomes)} requests, 0 failed; p99 before swap (after 0.5 s warm-up) "
+            f"{percentile(before, 99) * 1e3:.2f} ms (n={len(before)}), during swap "
+            f"{percentile(during, 99) * 1e3:.2f} ms (n={len(during)}), after "
+            f"{percentile(after, 99) * 1e3:.2f} ms (n={len(after)}); swap seen "
+            f"{(t_swapped - t_publish) * 1e3:.0f} ms after CURRENT changed (poll every 200 ms)"
+        )
         text = scrape(ready["metrics_port"])
         assert sample(text, f'one2one_bundle_info{{version="{new_version}"}}') == 1
         assert 'one2one_bundle_info{version="v-first"}' not in text
@@ -154,8 +173,11 @@ def test_corrupt_and_incompatible_bundles_are_refused_and_the_old_one_keeps_serv
         wait_serving(channel)
         good = resolve_current(own_artifacts)
         publish_copy(good, own_artifacts, "v-corrupt", mutate=corrupt_an_array)
-        wait_for(lambda: sample(scrape(port), 'one2one_bundle_load_failures_total{reason="corrupt"}') == 1,
-                 30, "the corrupt bundle to be refused")
+        wait_for(
+            lambda: sample(scrape(port), 'one2one_bundle_load_failures_total{reason="corrupt"}') == 1,
+            30,
+            "the corrupt bundle to be refused",
+        )
         assert stub.Rank(pb.RankRequest(user_id="u2"), timeout=5).model_version == "v-first"
         text = scrape(port)
         assert sample(text, "one2one_bundle_refused") == 1
@@ -178,14 +200,18 @@ def test_corrupt_and_incompatible_bundles_are_refused_and_the_old_one_keeps_serv
         assert stub.Rank(pb.RankRequest(user_id="u2"), timeout=5).model_version == "v-first"
 
         publish_copy(good, own_artifacts, "v-fixed")
-        wait_for(lambda: sample(scrape(port), 'one2one_bundle_info{version="v-fixed"}', 0) == 1, 30,
-                 "the fixed bundle to serve")
+        wait_for(
+            lambda: sample(scrape(port), 'one2one_bundle_info{version="v-fixed"}', 0) == 1,
+            30,
+            "the fixed bundle to serve",
+        )
         assert sample(scrape(port), "one2one_bundle_refused") == 0
     finally:
         channel.close()
         assert stop(proc) == 0
-    refusals = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()
-                if '"refused bundle"' in line]
+    refusals = [
+        json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if '"refused bundle"' in line
+    ]
     assert {r["reason"] for r in refusals} == {"corrupt", "incompatible"}
     assert all(r["level"] == "error" and r["still_serving"] == "v-first" for r in refusals)
 
@@ -202,8 +228,11 @@ def test_sighup_and_admin_reload_without_polling(own_artifacts, bundle_path, tmp
         publish_copy(bundle_path, own_artifacts, "v-hup")
         assert admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=5).version == "v-first"
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: sample(scrape(port), 'one2one_bundle_reloads_total{result="loaded",trigger="signal"}') == 1,
-                 30, "SIGHUP to reload")
+        wait_for(
+            lambda: sample(scrape(port), 'one2one_bundle_reloads_total{result="loaded",trigger="signal"}') == 1,
+            30,
+            "SIGHUP to reload",
+        )
         resp = stub.Rank(pb.RankRequest(user_id="u5"), timeout=5)
         assert resp.model_version == "v-hup"
 
@@ -230,8 +259,7 @@ def test_sighup_and_admin_reload_without_polling(own_artifacts, bundle_path, tmp
 def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifacts, tmp_path):
     # debug_rank_delay_ms holds every Rank for 8 s (test-only setting, off by default);
     # the 5 s notice keeps accepting while health already says NOT_SERVING.
-    cfg = write_config(tmp_path / "server.toml", debug_rank_delay_ms=8000, drain_notice_seconds=5.0,
-                       drain_seconds=20.0)
+    cfg = write_config(tmp_path / "server.toml", debug_rank_delay_ms=8000, drain_notice_seconds=5.0, drain_seconds=20.0)
     proc, ready = start_one_process(own_artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
@@ -248,11 +276,18 @@ def test_sigterm_lets_a_slow_in_flight_request_finish_then_exits_zero(own_artifa
 
         caller = threading.Thread(target=call)
         caller.start()
-        wait_for(lambda: sample(scrape(port), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1, 30,
-                 "the slow request to be in flight")
+        wait_for(
+            lambda: sample(scrape(port), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1,
+            30,
+            "the slow request to be in flight",
+        )
         proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 4.5,
-                 "health NOT_SERVING after SIGTERM", every=0.05)
+        wait_for(
+            lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            4.5,
+            "health NOT_SERVING after SIGTERM",
+            every=0.05,
+        )
         caller.join(timeout=60)
         assert proc.wait(timeout=60) == 0
     finally:
@@ -278,11 +313,15 @@ def test_a_request_in_flight_during_a_swap_finishes_on_the_old_bundle(own_artifa
     result: dict = {}
     try:
         wait_serving(channel)
-        caller = threading.Thread(target=lambda: result.update(
-            old=stub.Rank(pb.RankRequest(user_id="u8", budget_ms=500), timeout=60)))
+        caller = threading.Thread(
+            target=lambda: result.update(old=stub.Rank(pb.RankRequest(user_id="u8", budget_ms=500), timeout=60))
+        )
         caller.start()
-        wait_for(lambda: sample(scrape(ready["metrics_port"]), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1,
-                 30, "the request to be in flight")
+        wait_for(
+            lambda: sample(scrape(ready["metrics_port"]), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1,
+            30,
+            "the request to be in flight",
+        )
         publish_copy(bundle_path, own_artifacts, "v-next")
         answer = admin_pb2_grpc.AdminServiceStub(channel).ReloadBundle(admin_pb2.ReloadBundleRequest(), timeout=60)
         assert answer.result == admin_pb2.LOADED

@@ -6,6 +6,7 @@ serves from an empty directory (not serving, errors), the other is made slow wit
 test-only ``debug_rank_delay_ms`` (over budget, degraded), is told that a bundle is stale
 after a second, and is handed a corrupt bundle (a refused reload).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,10 +18,20 @@ import time
 import grpc
 import pytest
 import yaml
+from ops_tools import (
+    DEPLOY,
+    Prometheus,
+    RankLoad,
+    corrupt_an_array,
+    publish_copy,
+    sample,
+    scrape,
+    start_one_process,
+    wait_for,
+    write_config,
+)
 
 from one2one.v1 import ranking_pb2 as pb
-from ops_tools import (DEPLOY, Prometheus, RankLoad, corrupt_an_array, publish_copy, sample, scrape,
-                       start_one_process, wait_for, write_config)
 from server.demo import wait_serving
 
 RULES = DEPLOY / "prometheus" / "rules.yml"
@@ -30,11 +41,19 @@ GRAFANA_VARS = {"$__rate_interval": "20s", "$job": "one2one"}
 # The fallback spike compares 5 minutes with 6 hours of history: a Prometheus started
 # seconds ago has one window, not two, so here its two sides must return data instead
 # (promtool test rules shows it firing on 8 hours of series).
-NEEDS_HISTORY = {"One2oneFallbackRatioSpike": ["one2one:rank_fallbacks:ratio_rate5m",
-                                               "one2one:rank_fallbacks:ratio_rate6h"]}
+NEEDS_HISTORY = {
+    "One2oneFallbackRatioSpike": ["one2one:rank_fallbacks:ratio_rate5m", "one2one:rank_fallbacks:ratio_rate6h"]
+}
 # Alerts whose condition the setup creates: each must be pending or firing.
-CREATED = {"One2oneErrorRatioHigh", "One2oneRankP99OverBudget", "One2oneRankAnsweredLate", "One2oneDegradedRatioHigh",
-           "One2oneBundleStale", "One2oneBundleReloadFailed", "One2oneNotServing"}
+CREATED = {
+    "One2oneErrorRatioHigh",
+    "One2oneRankP99OverBudget",
+    "One2oneRankAnsweredLate",
+    "One2oneDegradedRatioHigh",
+    "One2oneBundleStale",
+    "One2oneBundleReloadFailed",
+    "One2oneNotServing",
+}
 
 
 def _dashboard_module():
@@ -77,8 +96,9 @@ def stack(bundle_path, tmp_path_factory):
     art_a.mkdir()
     art_b.mkdir()
     publish_copy(bundle_path, art_a, "v-served")
-    cfg_a = write_config(work / "a" / "server.toml", reload_interval_seconds=0.3, debug_rank_delay_ms=60,
-                         bundle_max_age_hours=0.0003)
+    cfg_a = write_config(
+        work / "a" / "server.toml", reload_interval_seconds=0.3, debug_rank_delay_ms=60, bundle_max_age_hours=0.0003
+    )
     procs = []
     prom = None
     loads = []
@@ -90,29 +110,45 @@ def stack(bundle_path, tmp_path_factory):
         channel = grpc.insecure_channel(f"127.0.0.1:{ready_a['grpc_port']}")
         wait_serving(channel)
         channel.close()
-        prom = Prometheus(work / "prometheus", {"one2one": [f"127.0.0.1:{ready_a['metrics_port']}",
-                                                           f"127.0.0.1:{ready_b['metrics_port']}"]}, [RULES])
+        prom = Prometheus(
+            work / "prometheus",
+            {"one2one": [f"127.0.0.1:{ready_a['metrics_port']}", f"127.0.0.1:{ready_b['metrics_port']}"]},
+            [RULES],
+        )
         prom.wait_targets_up(2)
         mix = [pb.RankRequest(user_id=f"u{i}", num_results=10) for i in range(12)] + [
-            pb.RankRequest(user_id="nobody", num_results=5),                                   # unknown_user
+            pb.RankRequest(user_id="nobody", num_results=5),  # unknown_user
             pb.RankRequest(num_results=5, context=pb.Context(session_item_ids=["i1", "i2"])),  # no_user_id
             pb.RankRequest(user_id="ghost", context=pb.Context(attributes={"region": "R0"})),  # SEGMENT
-            pb.RankRequest(user_id="u3", candidate_item_ids=["no-such-item"]),                 # empty
-            pb.RankRequest(num_results=-1),                                                    # INVALID_ARGUMENT
+            pb.RankRequest(user_id="u3", candidate_item_ids=["no-such-item"]),  # empty
+            pb.RankRequest(num_results=-1),  # INVALID_ARGUMENT
         ]
         loads.append(RankLoad(f"127.0.0.1:{ready_a['grpc_port']}", mix, threads=3, max_requests=4000).__enter__())
-        loads.append(RankLoad(f"127.0.0.1:{ready_b['grpc_port']}", [pb.RankRequest(user_id="u1")], threads=1,
-                              max_requests=1000, pause=0.05).__enter__())
+        loads.append(
+            RankLoad(
+                f"127.0.0.1:{ready_b['grpc_port']}",
+                [pb.RankRequest(user_id="u1")],
+                threads=1,
+                max_requests=1000,
+                pause=0.05,
+            ).__enter__()
+        )
         # A hot reload Prometheus sees (reload panels, the "bundle loaded" annotation),
         # then a corrupt bundle that is refused while v-second keeps serving.
         time.sleep(3.0)
         publish_copy(bundle_path, art_a, "v-second")
-        wait_for(lambda: sample(scrape(ready_a["metrics_port"]), 'one2one_bundle_info{version="v-second"}', 0) == 1,
-                 30, "the second bundle to serve")
+        wait_for(
+            lambda: sample(scrape(ready_a["metrics_port"]), 'one2one_bundle_info{version="v-second"}', 0) == 1,
+            30,
+            "the second bundle to serve",
+        )
         time.sleep(2.0)
         publish_copy(bundle_path, art_a, "v-corrupt", mutate=corrupt_an_array)
-        wait_for(lambda: sample(scrape(ready_a["metrics_port"]), "one2one_bundle_refused") == 1, 30,
-                 "the corrupt bundle to be refused")
+        wait_for(
+            lambda: sample(scrape(ready_a["metrics_port"]), "one2one_bundle_refused") == 1,
+            30,
+            "the corrupt bundle to be refused",
+        )
         yield {"prom": prom, "a": ready_a, "b": ready_b, "loads": loads}
     finally:
         for load in loads:
@@ -154,9 +190,14 @@ def test_every_rule_expression_evaluates_and_returns_data(stack):
     assert len(rules) == len(rule_exprs())
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
     # The conditions the setup created show as pending or firing alerts; nothing else does.
-    active = wait_for(lambda: {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]} >= CREATED
-                      and {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]}, 60,
-                      f"alerts {sorted(CREATED)} to be active")
+    active = wait_for(
+        lambda: (
+            {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]} >= CREATED
+            and {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"]}
+        ),
+        60,
+        f"alerts {sorted(CREATED)} to be active",
+    )
     assert active == CREATED
 
 
@@ -174,12 +215,18 @@ def test_every_dashboard_expression_evaluates_and_returns_data(stack):
         return bool(missing) and missing <= experiment
 
     exprs = [(n, substitute(e)) for n, e in dashboard_exprs()]
-    unknown = {name for _, e in exprs for name in re.findall(r"\b(one2one_[a-z_]+)\{", e)
-               if name not in exported and name not in experiment}
+    unknown = {
+        name
+        for _, e in exprs
+        for name in re.findall(r"\b(one2one_[a-z_]+)\{", e)
+        if name not in exported and name not in experiment
+    }
     assert not unknown, f"dashboard uses series no server exports: {unknown}"
     empty = _evaluate_all(prom, exprs, allowed_empty=other_branch_only)
     assert not empty, f"no data for: {sorted(empty)}"
     outcomes = [o for load in stack["loads"] for o in load.snapshot()]
-    print(f"\nprometheus integration: {len(exprs)} dashboard expressions and {len(rule_exprs())} rule "
-          f"expressions checked; load sent {len(outcomes)} Rank calls "
-          f"({sum(o[2] == 'OK' for o in outcomes)} OK)")
+    print(
+        f"\nprometheus integration: {len(exprs)} dashboard expressions and {len(rule_exprs())} rule "
+        f"expressions checked; load sent {len(outcomes)} Rank calls "
+        f"({sum(o[2] == 'OK' for o in outcomes)} OK)"
+    )

@@ -1,4 +1,5 @@
 """Rank on its own threads, in arrival order, with the wait for one counted from the call's arrival."""
+
 from __future__ import annotations
 
 import signal
@@ -7,10 +8,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ops_tools import sample, scrape, start_one_process, wait_for, write_config
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
-from ops_tools import sample, scrape, start_one_process, wait_for, write_config
 from server.config import ServerConfig
 from server.demo import wait_serving
 from server.interceptors import call_arrived_ns
@@ -25,16 +26,21 @@ def server_ms(call) -> float:
 
 def test_a_rank_waiting_for_the_rank_thread_is_charged_the_wait_and_health_is_not_held_up(artifacts, tmp_path):
     # One Rank thread, and every Rank held 400 ms before its pipeline (test-only setting).
-    cfg = write_config(tmp_path / "server.toml", rank_threads=1, debug_rank_delay_ms=DELAY_MS,
-                       reload_interval_seconds=0)
+    cfg = write_config(
+        tmp_path / "server.toml", rank_threads=1, debug_rank_delay_ms=DELAY_MS, reload_interval_seconds=0
+    )
     proc, ready = start_one_process(artifacts, tmp_path, cfg)
     channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
     try:
         wait_serving(channel)
         first = stub.Rank.future(pb.RankRequest(user_id="u1", budget_ms=500), timeout=30)
-        wait_for(lambda: sample(scrape(ready["metrics_port"]), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1,
-                 10, "the first Rank to hold the Rank thread", every=0.01)
+        wait_for(
+            lambda: sample(scrape(ready["metrics_port"]), f"one2one_rpc_in_flight_requests{{{RANK}}}", 0) == 1,
+            10,
+            "the first Rank to hold the Rank thread",
+            every=0.01,
+        )
         second = stub.Rank.future(pb.RankRequest(user_id="u2", budget_ms=500), timeout=30)
         # Health runs on the server's other threads: answered while both Ranks are pending.
         t0 = time.perf_counter()

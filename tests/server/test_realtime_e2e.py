@@ -1,5 +1,6 @@
 """End to end over a real server process: RecordEvents changes the next Rank, nothing accepted
 is lost across kill -9, invalid events are rejected with reasons, rules and arms show up."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,8 @@ class Server:
         (workdir / "experiments.toml").write_text(EXPERIMENTS)
         (workdir / "server.toml").write_text(
             f'[server]\nexperiments_file = "{workdir / "experiments.toml"}"\n'
-            f'event_log_fsync = "{fsync}"\nreload_interval_seconds = 0\n')
+            f'event_log_fsync = "{fsync}"\nreload_interval_seconds = 0\n'
+        )
         self.runs = 0
         self.start()
 
@@ -59,8 +61,12 @@ class Server:
         self.runs += 1
         run_dir = self.workdir / f"run{self.runs}"
         run_dir.mkdir()
-        self.proc, self.ready = start_server(self.artifacts, run_dir, event_log_dir=self.workdir / "events",
-                                             extra=["--config", str(self.workdir / "server.toml")])
+        self.proc, self.ready = start_server(
+            self.artifacts,
+            run_dir,
+            event_log_dir=self.workdir / "events",
+            extra=["--config", str(self.workdir / "server.toml")],
+        )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.ready['grpc_port']}")
         wait_serving(self.channel)
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
@@ -85,8 +91,9 @@ class Server:
             self.proc.wait(timeout=30)
 
     def metrics(self) -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{self.ready['metrics_port']}/metrics",
-                                      timeout=5).read().decode()
+        return (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.ready['metrics_port']}/metrics", timeout=5).read().decode()
+        )
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +151,10 @@ def cat_of(shop):
 def test_purchase_disappears_from_the_next_rank(server):
     before = server.stub.Rank(pb.RankRequest(user_id="u9", num_results=20), timeout=10)
     bought = before.items[0].item_id
-    resp = server.stub.RecordEvents(pb.RecordEventsRequest(events=[
-        ev("u9", bought, "purchase", value=19.99, request_id=before.request_id)]), timeout=10)
+    resp = server.stub.RecordEvents(
+        pb.RecordEventsRequest(events=[ev("u9", bought, "purchase", value=19.99, request_id=before.request_id)]),
+        timeout=10,
+    )
     assert resp.accepted_count == 1 and not resp.rejections
     after = server.stub.Rank(pb.RankRequest(user_id="u9", num_results=20), timeout=10)
     assert bought not in ids(after)
@@ -200,13 +209,13 @@ def test_skip_pushes_the_item_and_its_neighbours_down(server):
 def test_invalid_events_are_rejected_with_reasons_and_valid_ones_kept(server):
     now = time.time()
     batch = [
-        ev("u20", "i5", "view"),                          # 0 ok
-        ev("", "i5", "click"),                            # 1 no user
-        ev("u20", "i6", "teleport"),                      # 2 unknown type
-        ev("u20", "i7", "purchase", value=-3),            # 3 negative value
-        ev("u20", "i8", "click", when=now + 86_400),      # 4 in the future
-        ev("u20", "i9", "PURCHASE", value=5.0),           # 5 ok (case-insensitive)
-        ev("u20", "", "click"),                           # 6 no item
+        ev("u20", "i5", "view"),  # 0 ok
+        ev("", "i5", "click"),  # 1 no user
+        ev("u20", "i6", "teleport"),  # 2 unknown type
+        ev("u20", "i7", "purchase", value=-3),  # 3 negative value
+        ev("u20", "i8", "click", when=now + 86_400),  # 4 in the future
+        ev("u20", "i9", "PURCHASE", value=5.0),  # 5 ok (case-insensitive)
+        ev("u20", "", "click"),  # 6 no item
     ]
     resp = server.stub.RecordEvents(pb.RecordEventsRequest(events=batch), timeout=10)
     assert resp.accepted_count == 2
@@ -234,12 +243,15 @@ def test_empty_or_oversized_batch_is_invalid_argument(server):
 def test_context_rules_restrict_the_ranking_and_are_explained(server, cat_of):
     plain = server.stub.Rank(pb.RankRequest(user_id="u30", num_results=30), timeout=10)
     assert any(cat_of[i] in (1, 2) for i in ids(plain))
-    support = server.stub.Rank(pb.RankRequest(user_id="u30", num_results=30, context=pb.Context(
-        attributes={"support_case_open": "True"})), timeout=10)
+    support = server.stub.Rank(
+        pb.RankRequest(user_id="u30", num_results=30, context=pb.Context(attributes={"support_case_open": "True"})),
+        timeout=10,
+    )
     assert list(support.applied_rules) == ["no_cross_sell_during_support"]
     assert support.items and all(cat_of[i] not in (1, 2) for i in ids(support))
-    email = server.stub.Rank(pb.RankRequest(user_id="u30", num_results=10, explain=True,
-                                            context=pb.Context(channel="email")), timeout=10)
+    email = server.stub.Rank(
+        pb.RankRequest(user_id="u30", num_results=10, explain=True, context=pb.Context(channel="email")), timeout=10
+    )
     assert list(email.applied_rules) == ["email_demotes_cat0"]
     for it in email.items:
         assert it.contributions.get("rule:email_demotes_cat0", 0.0) == (-5.0 if cat_of[it.item_id] == 0 else 0.0)
@@ -248,24 +260,31 @@ def test_context_rules_restrict_the_ranking_and_are_explained(server, cat_of):
 
 
 def test_arm_in_response_and_metrics_with_variant_override(server):
-    resp = server.stub.Rank(pb.RankRequest(user_id="u40", num_results=5, context=pb.Context(channel="web")),
-                            timeout=10)
+    resp = server.stub.Rank(pb.RankRequest(user_id="u40", num_results=5, context=pb.Context(channel="web")), timeout=10)
     assert resp.experiment == "ladder" and resp.arm in ("popular", "one_to_one")
     assert (resp.strategy == pb.POPULAR) == (resp.arm == "popular")
-    again = server.stub.Rank(pb.RankRequest(user_id="u40", num_results=5, context=pb.Context(channel="web")),
-                             timeout=10)
+    again = server.stub.Rank(
+        pb.RankRequest(user_id="u40", num_results=5, context=pb.Context(channel="web")), timeout=10
+    )
     assert again.arm == resp.arm  # stable
-    server.stub.RecordEvents(pb.RecordEventsRequest(events=[
-        ev("u40", resp.items[0].item_id, "click", request_id=resp.request_id),
-        ev("u40", resp.items[0].item_id, "purchase", value=12.5, request_id=resp.request_id)]), timeout=10)
+    server.stub.RecordEvents(
+        pb.RecordEventsRequest(
+            events=[
+                ev("u40", resp.items[0].item_id, "click", request_id=resp.request_id),
+                ev("u40", resp.items[0].item_id, "purchase", value=12.5, request_id=resp.request_id),
+            ]
+        ),
+        timeout=10,
+    )
     text = server.metrics()
     arm = {"experiment": "ladder", "arm": resp.arm}
     assert sample(text, "one2one_experiment_impressions_total", arm) == 2
     assert sample(text, "one2one_experiment_events_total", {**arm, "event_type": "purchase"}) == 1
     assert sample(text, "one2one_experiment_events_total", {**arm, "event_type": "click"}) == 1
     assert sample(text, "one2one_experiment_revenue_total", arm) == 12.5
-    forced = server.stub.Rank(pb.RankRequest(user_id="u40", variant="popular",
-                                             context=pb.Context(channel="web")), timeout=10)
+    forced = server.stub.Rank(
+        pb.RankRequest(user_id="u40", variant="popular", context=pb.Context(channel="web")), timeout=10
+    )
     assert forced.arm == "popular" and forced.strategy == pb.POPULAR and forced.fallback_reason == "variant"
     off = server.stub.Rank(pb.RankRequest(user_id="u40"), timeout=10)  # not on the targeted channel
     assert off.experiment == "" and off.arm == ""
@@ -292,8 +311,11 @@ def test_kill_9_loses_no_accepted_event(artifacts, tmp_path, shop, cat_of):
         assert not set(bought) & set(ids(after))
         anon = s.stub.Rank(pb.RankRequest(user_id="anon-kill", num_results=10), timeout=10)
         assert anon.strategy == pb.ONE_TO_ONE and category_share(anon, cat_of, 2) >= 0.7
-        logged = [(r["user_id"], r["item_id"], r["event_type"]) for _, r in read_all(tmp_path / "events")
-                  if r["kind"] == "event"]
+        logged = [
+            (r["user_id"], r["item_id"], r["event_type"])
+            for _, r in read_all(tmp_path / "events")
+            if r["kind"] == "event"
+        ]
         # Worker processes each write their own log, so only the order within one writer is kept.
         assert sorted(logged) == sorted((e.user_id, e.item_id, e.event_type) for e in sent)
         assert "one2one_event_log_replayed_records_total" in s.metrics()
@@ -306,8 +328,18 @@ def test_corrupt_log_stops_the_server_naming_the_segment(artifacts, tmp_path):
 
     log = EventLog(tmp_path / "events", segment_bytes=1024)
     for i in range(40):
-        log.append([{"kind": "event", "user_id": "u1", "item_id": f"i{i}", "event_type": "view",
-                     "timestamp": time.time(), "value": 0.0}])
+        log.append(
+            [
+                {
+                    "kind": "event",
+                    "user_id": "u1",
+                    "item_id": f"i{i}",
+                    "event_type": "view",
+                    "timestamp": time.time(),
+                    "value": 0.0,
+                }
+            ]
+        )
     log.close()
     first = segments(tmp_path / "events")[0]
     data = bytearray(first.read_bytes())

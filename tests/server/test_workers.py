@@ -1,4 +1,5 @@
 """Several worker processes behind one port: shared traffic, metrics that add up, self-healing."""
+
 import os
 import signal
 import time
@@ -53,8 +54,10 @@ def test_workers_share_the_port_and_the_metrics_add_up(two_workers):
     assert sample(text, RANK_OK) == sent
     assert sample(text, "one2one_serving") == 1
     # process_* cover the supervisor and both workers: more than any one of them.
-    rss = {pid: int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-           for pid in [proc.pid, *ready["worker_pids"]]}
+    rss = {
+        pid: int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        for pid in [proc.pid, *ready["worker_pids"]]
+    }
     assert sample(text, "process_resident_memory_bytes") > max(rss.values()) * 1.5
 
 
@@ -166,8 +169,9 @@ def test_one_channel_moves_between_workers_only_with_a_connection_age(artifacts,
     # With max_connection_age_seconds the server has the client reconnect (GOAWAY) every
     # ~0.3 s, and each new connection is assigned again: over some 25 of them, one
     # channel's calls reach both workers, and calls in flight at a GOAWAY still succeed.
-    proc, ready = start_server(artifacts, tmp_path, extra=["--workers", "2"],
-                               env={"ONE2ONE_MAX_CONNECTION_AGE_SECONDS": age})
+    proc, ready = start_server(
+        artifacts, tmp_path, extra=["--workers", "2"], env={"ONE2ONE_MAX_CONNECTION_AGE_SECONDS": age}
+    )
     try:
         workers = ready["worker_pids"]
         with grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}") as ch:
@@ -180,8 +184,10 @@ def test_one_channel_moves_between_workers_only_with_a_connection_age(artifacts,
                 calls += 1
             used = {pid: _cpu_seconds(pid) - before[pid] for pid in workers}
         share = min(used.values()) / max(sum(used.values()), 1e-9)
-        print(f"\nmax_connection_age_seconds={age}: {calls} calls on one channel, "
-              f"CPU seconds per worker {sorted(round(v, 2) for v in used.values())}")
+        print(
+            f"\nmax_connection_age_seconds={age}: {calls} calls on one channel, "
+            f"CPU seconds per worker {sorted(round(v, 2) for v in used.values())}"
+        )
         if age == "0":
             assert share < 0.05  # one worker served the channel; the other only ticked
         else:
