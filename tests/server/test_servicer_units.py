@@ -1,7 +1,7 @@
 """Units of the servicer module that need no running server."""
 
 from one2one.v1 import ranking_pb2
-from ranking.pipeline import Rung
+from ranking import Rung
 
 
 def test_every_rung_is_the_strategy_of_the_same_name_and_number():
