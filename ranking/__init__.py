@@ -79,6 +79,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "UserStateSettings",
         "marked_table",
         "replace_marked_table",
+        "settings_main",
         "settings_table",
     ),
     "ranking.pipeline.features": ("CONTEXT_FIELDS", "FEATURE_NAMES", "N_FEATURES"),
@@ -103,6 +104,7 @@ if TYPE_CHECKING:
         UserStateSettings,
         marked_table,
         replace_marked_table,
+        settings_main,
         settings_table,
     )
     from ranking.errors import (

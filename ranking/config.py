@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Items in the exact head by default: 16 384 x 64 float32 is 4 MB, which stays in cache
@@ -156,3 +158,18 @@ def replace_marked_table(text: str, table: str) -> str:
     marked_table(text)  # raises when the markers are missing
     start, end = text.index(TABLE_START) + len(TABLE_START) + 1, text.index(TABLE_END)
     return text[:start] + table + text[end:]
+
+
+def settings_main(cls: type, module: str, args: list[str]) -> int:
+    """``python -m <module> --markdown [FILE]``: print ``cls``'s settings table, or rewrite it in
+    FILE between the config-table markers (what ``make docs`` runs)."""
+    if not args or args[0] != "--markdown" or len(args) > 2:
+        print(f"usage: python -m {module} --markdown [FILE]", file=sys.stderr)
+        return 2
+    table = settings_table(cls)
+    if len(args) == 1:
+        sys.stdout.write(table)
+        return 0
+    path = Path(args[1])
+    path.write_text(replace_marked_table(path.read_text(), table))
+    return 0

@@ -18,7 +18,7 @@ from ranking import (
     QueryLimits,
     RankerConfig,
     UserStateSettings,
-    replace_marked_table,
+    settings_main,
     settings_table,
 )
 
@@ -336,18 +336,8 @@ def config_table_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.config --markdown [FILE]``: print the table, or rewrite it in FILE between
-    the config-table markers."""
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "--markdown" or len(args) > 2:
-        print("usage: python -m server.config --markdown [FILE]", file=sys.stderr)
-        return 2
-    if len(args) == 1:
-        sys.stdout.write(config_table_markdown())
-        return 0
-    path = Path(args[1])
-    path.write_text(replace_marked_table(path.read_text(), config_table_markdown()))
-    return 0
+    """``python -m server.config --markdown [FILE]``: print the settings table, or rewrite it in FILE."""
+    return settings_main(ServerConfig, "server.config", sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
