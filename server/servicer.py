@@ -34,13 +34,21 @@ SERVER_TIME_KEY = "one2one-server-ms"
 _LATE_LOG = logs.Sampler(1.0)
 
 
-def query_from_proto(req: ranking_pb2.RankRequest) -> RankQuery:
-    """The domain query of a RankRequest (no validation; the pipeline validates)."""
+def query_from_proto(req: ranking_pb2.RankRequest, now: float | None = None) -> RankQuery:
+    """The domain query of a RankRequest (no validation; the pipeline validates).
+
+    An untimed request happens now, by the server's clock (``now``, default the current
+    time), as the API documents: the reranker learned from queries asked at the time of
+    each user's later event, days after its training data ended, so taking an untimed live
+    request to come just after the bundle's data end would make every feature of elapsed
+    time (``days_after_data_end``, recency, the hour and weekday lifts) disagree with
+    training once the bundle is a day old.
+    """
     ctx = req.context
     return RankQuery(
         user_id=req.user_id,
         num_results=req.num_results,
-        event_time=ctx.event_time.ToSeconds() if ctx.HasField("event_time") else None,
+        event_time=ctx.event_time.ToSeconds() if ctx.HasField("event_time") else (time.time() if now is None else now),
         channel=ctx.channel,
         device=ctx.device,
         region=ctx.region,

@@ -228,7 +228,8 @@ class FeatureTables:
         m = self.model
         cands = index.cands
         n = len(cands)
-        # Without an event time the request is taken to come just after the bundle's data.
+        # Without an event time (offline callers only: the server fills in its clock) the
+        # request is taken to come just after the bundle's data.
         t = int(req.event_time) if req.event_time is not None else self._t_end
         c = _COL
         urow = req.urow
