@@ -143,6 +143,11 @@ class BuildConfig:
 
     # Run the ladder evaluation (both protocols, every rung) and put its NDCG@10 in the manifest.
     ladder_report: bool = _setting(True, "run the ladder evaluation and put its NDCG@10 in the manifest")
+    ladder_max_users: int = _setting(
+        5000,
+        "test users the build's ladder measures per protocol (a random sample when more; 0 = all); "
+        "`python -m index_builder evaluate` measures all unless `--max-users`",
+    )
 
     eval_users: int = _setting(2000, "users sampled to measure ANN recall and the exact head's share")
     # Recall is measured at the number of candidates the server retrieves.
@@ -187,6 +192,8 @@ class BuildConfig:
         return cfg
 
     def validate(self) -> None:
+        if self.ladder_max_users < 0:
+            raise ValueError(f"ladder_max_users must be >= 0 (0 = every test user), got {self.ladder_max_users}")
         if self.factors < 1 or self.iterations < 1:
             raise ValueError("factors and iterations must be >= 1")
         if self.half_life_days <= 0 or self.recent_days <= 0:

@@ -185,3 +185,15 @@ def test_the_ladder_scores_each_user_with_a_bag_that_never_trained_on_them():
     one = RerankOutcome(None, held_folds=[2], n_folds=5, seed=cfg.random_seed)
     b1 = one.bag_of(users[0::2])
     assert ((b1 == 0) == (user_folds(users[0::2], 5, cfg.random_seed) == 2)).all() and (b1 == -1).any()
+
+
+def test_the_builds_ladder_measures_a_sample_of_test_users(shop_files, tmp_path):
+    cfg = BuildConfig.load(overrides={**SMALL_BUILD, "ladder_max_users": 40})
+    path = build(
+        shop_files["events"], shop_files["items"], shop_files["users"], tmp_path / "a", cfg, show_progress=False
+    )
+    ladder = Bundle(path).manifest["evaluation"]["ladder"]
+    for protocol in ("last_n", "temporal"):
+        assert ladder[protocol]["test_users"]["all"] == 40, protocol
+    with pytest.raises(ValueError, match="ladder_max_users must be >= 0"):
+        BuildConfig.load(overrides={"ladder_max_users": -1})
