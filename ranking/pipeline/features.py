@@ -16,7 +16,6 @@ import numpy as np
 
 from ranking.bundle.model import Csr, RankingModel
 from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS
-from ranking.errors import BundleError
 from ranking.kernels.rows import CandidateIndex, ItemScratch, max_share
 
 DAY = 86_400
@@ -130,38 +129,30 @@ class _ContextTable:
 
 
 class FeatureTables:
-    """The bundle arrays features are computed from (memory-mapped, read-only).
-
-    Raises
-    ------
-    BundleError
-        The bundle lacks one of the feature tables (built before the reranker existed).
-    """
+    """The bundle arrays features are computed from (memory-mapped, read-only)."""
 
     def __init__(self, model: RankingModel, scratch: ItemScratch):
         b = model.bundle
-        try:
-            self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
-            self.item_event_keys = b.array("item_event_keys")
-            self.item_first_seen = b.array("item_first_seen")
-            self.item_hour_lift = b.array("item_hour_lift")
-            self.item_weekday_lift = b.array("item_weekday_lift")
-            self.user_first_seen = b.array("user_first_seen")
-            self.user_last_seen = b.array("user_last_seen")
-            self.user_stage = b.array("user_stage")
-            self.user_value = b.array("user_value")
-            self.user_hour_share = b.array("user_hour_share")
-            self.user_log_price = b.array("user_log_price")
-            self.user_categories = Csr(b.array("user_cat_indptr"), b.array("user_cat_ids"), b.array("user_cat_share"))
-            self.user_recent = Csr(b.array("user_recent_indptr"), b.array("user_recent_items"))
-            self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
-            self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
-            self.recent_popular_items = b.array("recent_popular_items")
-            self._end_counts = {days: b.array(f"item_events_{days}d_at_end") for days in WINDOW_DAYS}
-            ease = b.array("ease_weights")
-            self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
-        except BundleError as exc:
-            raise BundleError(f"{b.path} has no feature tables for the reranker ({exc}); rebuild it") from None
+        # Every table is there: the bundle's schema (ranking.bundle.schema) was checked at load.
+        self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
+        self.item_event_keys = b.array("item_event_keys")
+        self.item_first_seen = b.array("item_first_seen")
+        self.item_hour_lift = b.array("item_hour_lift")
+        self.item_weekday_lift = b.array("item_weekday_lift")
+        self.user_first_seen = b.array("user_first_seen")
+        self.user_last_seen = b.array("user_last_seen")
+        self.user_stage = b.array("user_stage")
+        self.user_value = b.array("user_value")
+        self.user_hour_share = b.array("user_hour_share")
+        self.user_log_price = b.array("user_log_price")
+        self.user_categories = Csr(b.array("user_cat_indptr"), b.array("user_cat_ids"), b.array("user_cat_share"))
+        self.user_recent = Csr(b.array("user_recent_indptr"), b.array("user_recent_items"))
+        self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
+        self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
+        self.recent_popular_items = b.array("recent_popular_items")
+        self._end_counts = {days: b.array(f"item_events_{days}d_at_end") for days in WINDOW_DAYS}
+        ease = b.array("ease_weights")
+        self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
         self.data_end = int(model.manifest["data_window"]["end_unix"])
         self.model = model
         self.scratch = scratch
