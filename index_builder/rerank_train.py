@@ -210,9 +210,9 @@ def _fit_bag(rows: TrainingRows, fold: np.ndarray, row_fold: np.ndarray, f: int,
         "lambdarank_truncation_level": 20,
         "verbose": -1,
         "seed": seed,
-        # Every allowed core (bags in forked processes instead hung in libgomp after the
-        # fork, and two threads fit a bag 1.6-1.9x faster than one: bench/README.md);
-        # deterministic with row-wise histograms keeps one machine's builds identical.
+        # Every allowed core: faster than one thread per bag, and bags in forked processes
+        # hung in libgomp after the fork (bench/README.md, "Build time"). Deterministic
+        # with row-wise histograms keeps one machine's builds identical.
         "deterministic": True,
         "force_row_wise": True,
         "num_threads": len(os.sched_getaffinity(0)),
