@@ -92,7 +92,7 @@ class BuildConfig:
         metadata={"help": "weights of the linear fallback scorer, used when no reranker is trained"},
     )
 
-    # Reranker features (ranking.features) and the learned reranker (index_builder.rerank_train).
+    # Reranker features (ranking.pipeline.features) and the learned reranker (index_builder.rerank_train).
     lifecycle_new_events: int = _setting(
         10, "a user with fewer events (and a shorter tenure than `lifecycle_established_days`) is new (`user_stage` 0)"
     )

@@ -2,7 +2,7 @@
 
 The protocols' splits are ``index_builder.splits``'s; the builder fits each earlier
 part once (``index_builder.fit``) and hands it here. The full pipeline is asked
-through :meth:`ranking.pipeline.Ranker.rank` (the code that serves ``Rank``), each
+through :meth:`ranking.pipeline.ranker.Ranker.rank` (the code that serves ``Rank``), each
 user scored by the reranker bag that never trained on them, and the lower rungs
 (``index_builder.baselines``) score from the same training part. Items a user
 touched in training are never counted as hits.

@@ -1,4 +1,4 @@
-"""The bundle tables the reranker's features are read from (see ``ranking.features``).
+"""The bundle tables the reranker's features are read from (see ``ranking.pipeline.features``).
 
 Item event times for windowed popularity, first-seen dates, hour/weekday lifts,
 per-user activity, category shares, price level, recent items, touched items,

@@ -18,7 +18,7 @@ __all__ = ["CONTEXT_COLUMNS", "InputError", "ReadOptions", "SkipReport", "read_e
 
 # Optional per-event context; a missing column or a blank cell means "not known".
 CONTEXT_COLUMNS = ("channel", "device", "region")
-# The length RecordEvents accepts for the same fields (ranking.events.EventLimits.max_text_chars),
+# The length RecordEvents accepts for the same fields (ranking.realtime.events.EventLimits.max_text_chars),
 # so a history export and the server's own log agree on what a context value can be.
 MAX_CONTEXT_CHARS = 64
 CONTEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
@@ -350,7 +350,7 @@ def _read_parquet(path) -> _Raw:
 
 
 def _read_eventlog(path) -> _Raw:
-    """The events of a server's event log directory (ranking.eventlog), as a raw table that goes
+    """The events of a server's event log directory (ranking.realtime.eventlog), as a raw table that goes
     through the same checks as a file. Rows are numbered by event record, 1-based."""
     from ranking import EventLogCorrupt, log_dirs, read_all
 

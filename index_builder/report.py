@@ -164,8 +164,9 @@ def write_report(results: dict, out: Path, k: int = 10) -> Path:
         f"`{results['inputs']['users']}`. Settings: {results['settings']}.",
         "",
         "Every rung is scored from the training part only; items a user touched in training never count "
-        "as hits. The full pipeline is asked through `ranking.pipeline.Ranker.rank` against a bundle "
-        "built from the training part, at the time of the user's first test event.",
+        "as hits. The full pipeline is asked through `ranking.pipeline.ranker.Ranker.rank` over the arrays "
+        "fitted on the training part, at the time of the user's first test event, each user scored by the "
+        "reranker bag that never trained on them.",
         "",
     ]
     for p in results["protocols"].values():

@@ -2,7 +2,7 @@
 
 Each protocol's earlier part (``index_builder.splits``) is fitted once
 (``index_builder.fit``) and served in memory; for every user active in the part
-that came next the serving pipeline (:meth:`ranking.pipeline.Ranker.prepare`)
+that came next the serving pipeline (:meth:`ranking.pipeline.ranker.Ranker.prepare`)
 retrieves candidates and computes their features exactly as ``Rank`` would at
 the user's first later event; the label is whether the user went on to interact
 with the item. LightGBM ``lambdarank`` bags, grouped per user and each
@@ -95,7 +95,7 @@ def collect_rows(
 
     Parameters
     ----------
-    ranker : ranking.pipeline.Ranker
+    ranker : ranking.pipeline.ranker.Ranker
         Over the bundle built from the earlier events, computing reranker features.
     later : pyarrow.Table
         Events after the cutoff (``user_id``, ``item_id``, ``timestamp``, ``event_type``).

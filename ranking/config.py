@@ -65,7 +65,7 @@ class OverlaySettings:
 
 @dataclass(frozen=True)
 class UserStateSettings:
-    """Bounds of the per-user real-time state (:class:`ranking.user_state.UserStateStore`)."""
+    """Bounds of the per-user real-time state (:class:`ranking.realtime.user_state.UserStateStore`)."""
 
     # Events older than this (by event time) stop counting: a week.
     ttl_seconds: float = 7 * 86_400.0
@@ -76,7 +76,7 @@ class UserStateSettings:
 
 @dataclass(frozen=True)
 class EventLogSettings:
-    """How the durable event log (:class:`ranking.eventlog.EventLog`) writes."""
+    """How the durable event log (:class:`ranking.realtime.eventlog.EventLog`) writes."""
 
     # "always" is what makes an acknowledged event survive a crash of the machine.
     fsync: str = "always"

@@ -132,7 +132,7 @@ class ServerConfig:
         "test/debug only: every Rank waits this long inside its budget (a slow dependency); never set in production",
     )
     # Real-time events and experiments (RecordEvents, user state, rules, arms); defaults are
-    # the library's own sections (ranking.config, ranking.events).
+    # the library's own sections (ranking.config, ranking.realtime.events).
     event_log_dir: str = _setting(
         "",
         "the durable event log (segments `<n>.log`), next to (never inside) the "

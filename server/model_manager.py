@@ -54,7 +54,7 @@ class ReloadOutcome:
 
 
 class ModelManager:
-    """The current :class:`~ranking.pipeline.Ranker`, replaced whole, never mutated.
+    """The current :class:`~ranking.pipeline.ranker.Ranker`, replaced whole, never mutated.
 
     Requests take a reference with :meth:`current` and finish on it even if a new
     bundle is swapped in meanwhile; the old ranker is released when the last of them

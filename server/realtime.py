@@ -1,5 +1,5 @@
 """The server's real-time side: event log, user state, rules and experiments wired together,
-with their metrics (the logic lives in ranking.eventlog/user_state/overlay/rules/experiments)."""
+with their metrics (the logic lives in ranking.realtime.eventlog/user_state/overlay/rules/experiments)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Realtime:
     ------
     ValueError
         The experiments file is malformed.
-    ranking.eventlog.EventLogCorrupt
+    ranking.realtime.eventlog.EventLogCorrupt
         The event log is damaged before its tail.
     """
 
@@ -164,7 +164,7 @@ class Realtime:
         ------
         InvalidRequest
             The batch is empty or larger than the limit.
-        ranking.eventlog.EventLogError
+        ranking.realtime.eventlog.EventLogError
             The log cannot be written; then nothing of the batch is applied.
         """
         if not events:

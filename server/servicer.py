@@ -86,7 +86,7 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
 
 
 def events_from_proto(req: ranking_pb2.RecordEventsRequest, now: float) -> list[Event]:
-    """The domain events of a RecordEventsRequest (no validation; ranking.events validates)."""
+    """The domain events of a RecordEventsRequest (no validation; ranking.realtime.events validates)."""
     out = []
     for ev in req.events:
         ctx = ev.context

@@ -39,7 +39,7 @@ class Csr:
 
 
 class RankingModel:
-    """Everything a :class:`~ranking.pipeline.Ranker` needs from one bundle version.
+    """Everything a :class:`~ranking.pipeline.ranker.Ranker` needs from one bundle version.
 
     Parameters
     ----------

@@ -21,7 +21,7 @@ from ranking.errors import BundleError
 
 SCHEMA_VERSION = 1
 
-# The request Context fields the builder keeps offline history of (ranking.features uses them).
+# The request Context fields the builder keeps offline history of (ranking.pipeline.features uses them).
 CONTEXT_FIELDS = ("channel", "device", "region")
 # Item popularity windows, in days, counted at the data end.
 WINDOW_DAYS = (7, 30)
@@ -109,7 +109,7 @@ ARRAYS: tuple[ArraySpec, ...] = tuple(
                 ArraySpec(f"user_{f}_share", "float16", ("users", f"vocab_{f}")),
             )
         ],
-        # The learned reranker's trees (ranking.scoring.TreeArrays), when one was trained.
+        # The learned reranker's trees (ranking.kernels.scoring.TreeArrays), when one was trained.
         ArraySpec("rerank_roots", "int32", ("trees",), group="trees"),
         ArraySpec("rerank_leaf_value", "float64", ("leaves",), group="trees"),
         *[

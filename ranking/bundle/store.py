@@ -265,7 +265,7 @@ class MemoryBundle:
     """A bundle that is still in memory: the builder's fitted arrays, read like a published one.
 
     The builder fits models on earlier parts of the data to train the reranker and to
-    evaluate the ladder; they are served by the same :class:`~ranking.model.RankingModel`
+    evaluate the ladder; they are served by the same :class:`~ranking.bundle.model.RankingModel`
     and pipeline code as a published bundle, without a round trip through the disk.
 
     Parameters

@@ -1,4 +1,4 @@
-"""Types of the compiled kernels in _rows.pyx (layer 3: inputs already validated by ranking.rows)."""
+"""Types of the compiled kernels in _rows.pyx (layer 3: inputs already validated by ranking.kernels.rows)."""
 
 import numpy as np
 import numpy.typing as npt

@@ -1,6 +1,6 @@
 """Private compiled kernels: one request's walks over CSR rows of item ids.
 
-Do not import this module outside ``ranking/``; ``ranking.rows`` validates
+Do not import this module outside ``ranking/``; ``ranking.kernels.rows`` validates
 inputs, fixes dtypes and contiguity, lends the scratch arrays (dense over every
 item row) and allocates the outputs. Compiler directives come from ``setup.py``.
 
@@ -24,7 +24,7 @@ Layers (as in sklearn's ``_loss``):
    behind whichever thread took it (another request's Python, the gRPC poller),
    which costs more than the walk. The scoring loop, hundreds of microseconds,
    does release it.
-4. ``ranking.rows``: the public wrapper.
+4. ``ranking.kernels.rows``: the public wrapper.
 
 Sums match ``np.bincount``: each entry's ``value * weight`` is formed in
 float32, then added in float64 in entry order (sources in order, each row in
@@ -159,7 +159,7 @@ cdef Py_ssize_t _max_share_loop(
 
 
 # ---------------------------------------------------------------------------
-# Layer 3: Python-visible entries (inputs already validated by ranking.rows)
+# Layer 3: Python-visible entries (inputs already validated by ranking.kernels.rows)
 # ---------------------------------------------------------------------------
 
 def unique_in_order(const int32_t[::1] rows, uint8_t[::1] mark, int32_t[::1] out):

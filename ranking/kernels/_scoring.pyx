@@ -1,6 +1,6 @@
 """Private compiled kernels: linear or tree-ensemble scoring fused with masked top-k selection.
 
-Do not import this module outside ``ranking/``; ``ranking.scoring`` validates
+Do not import this module outside ``ranking/``; ``ranking.kernels.scoring`` validates
 inputs, fixes dtypes and contiguity, and allocates the outputs these entry
 points expect. Compiler directives come from ``setup.py``.
 
@@ -12,7 +12,7 @@ Layers (as in sklearn's ``_loss``):
 3. ``score_topk`` / ``score_trees_topk`` / ``topk`` / ``tree_contributions``:
    Python-visible entries taking memoryviews and output buffers, releasing the
    GIL around the loop.
-4. ``ranking.scoring``: the public wrapper.
+4. ``ranking.kernels.scoring``: the public wrapper.
 
 Selection rule shared by every kernel: a candidate is excluded when its mask
 byte is nonzero (checked before it is scored) or when its score is NaN;
@@ -25,7 +25,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
-# Tree node flags (see ranking.reranker): bit 0 = missing values go left;
+# Tree node flags (see ranking.kernels.reranker): bit 0 = missing values go left;
 # bits 1-2 = LightGBM's missing type (0 none, 1 zero, 2 NaN).
 cdef enum:
     FLAG_DEFAULT_LEFT = 1
@@ -423,7 +423,7 @@ cdef Py_ssize_t _topk_loop(
 
 
 # ---------------------------------------------------------------------------
-# Layer 3: Python-visible entries (inputs already validated by ranking.scoring)
+# Layer 3: Python-visible entries (inputs already validated by ranking.kernels.scoring)
 # ---------------------------------------------------------------------------
 
 def score_topk(
@@ -440,7 +440,7 @@ def score_topk(
     """Fill ``out_*`` with the top-k rows; return ``(n_kept, n_scored)``.
 
     The GIL is released for the whole scoring and selection loop. Callers
-    must pass shapes that agree (``ranking.scoring.score_topk`` does).
+    must pass shapes that agree (``ranking.kernels.scoring.score_topk`` does).
     """
     cdef Py_ssize_t n_kept = 0
     cdef Py_ssize_t n_scored
@@ -485,7 +485,7 @@ def score_trees_topk(
     """Fill ``out_*`` with the top-k rows under the tree ensemble; return ``(n_kept, n_scored)``.
 
     The GIL is released for the whole loop. The trees must have been checked by
-    ``ranking.scoring.TreeArrays.checked`` (child order, index ranges).
+    ``ranking.kernels.scoring.TreeArrays.checked`` (child order, index ranges).
     """
     cdef Py_ssize_t n_kept = 0
     cdef Py_ssize_t n_scored

@@ -34,7 +34,7 @@ _MISSING_TYPES = {"None": 0, "Zero": 1, "NaN": 2}
 
 
 def trees_from_lightgbm(booster, scale: float = 1.0) -> TreeArrays:
-    """Flatten a LightGBM booster's trees into :class:`~ranking.scoring.TreeArrays`.
+    """Flatten a LightGBM booster's trees into :class:`~ranking.kernels.scoring.TreeArrays`.
 
     Nodes are numbered in pre-order across all trees, so every child comes after
     its parent. Numerical ``<=`` splits with any missing type are supported; the

@@ -1,7 +1,7 @@
 """Public API of the per-request row walks: distinct candidates, neighbour sums, category shares.
 
 This wrapper owns validation, dtype/contiguity fixing, output allocation and the
-scratch arrays the compiled loops in ``ranking._rows`` need: dense over every
+scratch arrays the compiled loops in ``ranking.kernels._rows`` need: dense over every
 item row (an item's position, a visited mark), lent to one
 request at a time and handed back clean, so a request costs what it touches and
 not what the catalog holds. Other packages import only this module.

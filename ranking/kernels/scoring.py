@@ -1,7 +1,7 @@
 """Public scoring API: linear or tree-ensemble scores fused with masked, deadline-aware top-k selection.
 
 This wrapper owns validation, dtype/contiguity fixing and output allocation; the
-hot loop lives in the private compiled module ``ranking._scoring``. Other
+hot loop lives in the private compiled module ``ranking.kernels._scoring``. Other
 packages import only this module.
 
 Selection rule shared by :func:`score_topk` and :func:`topk`: a candidate is

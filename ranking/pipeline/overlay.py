@@ -78,7 +78,7 @@ def category_rows(model, names: tuple[str, ...]) -> np.ndarray:
 
 @dataclass
 class RankOverlay:
-    """What a :class:`~ranking.pipeline.Ranker` applies on top of the bundle for one request."""
+    """What a :class:`~ranking.pipeline.ranker.Ranker` applies on top of the bundle for one request."""
 
     variant: Variant = FULL
     user_vector: np.ndarray | None = None
@@ -175,7 +175,7 @@ def build_overlay(
     model : RankingModel
     user_id : str
     events : list of Event
-        The user's unexpired events from the :class:`~ranking.user_state.UserStateStore`.
+        The user's unexpired events from the :class:`~ranking.realtime.user_state.UserStateStore`.
     now : float
         Unix seconds (time decay of the events' weights).
     variant : Variant

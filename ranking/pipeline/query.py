@@ -10,7 +10,7 @@ from ranking.errors import FieldViolation, InvalidRequest
 
 @dataclass
 class RankQuery:
-    """What a caller asks of :meth:`ranking.pipeline.Ranker.rank`."""
+    """What a caller asks of :meth:`ranking.pipeline.ranker.Ranker.rank`."""
 
     user_id: str = ""
     num_results: int = 0

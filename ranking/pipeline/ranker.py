@@ -384,7 +384,7 @@ class Ranker:
             The request's deadline; unlimited when not given.
         overlay : RankOverlay, optional
             Real-time events, context rules and experiment variant for this request
-            (see :mod:`ranking.overlay`); none when not given.
+            (see :mod:`ranking.pipeline.overlay`); none when not given.
         cheapest : bool
             Answer by the cheapest path whatever the budget says: no ANN search, a
             minimal candidate set from the precomputed lists, no features or scoring

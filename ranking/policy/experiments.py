@@ -46,7 +46,7 @@ class Variant:
     use_context: bool
 
 
-# Rung numbers as in ranking.pipeline.Rung (kept literal so this module needs no pipeline import).
+# Rung numbers as in ranking.pipeline.ranker.Rung (kept literal so this module needs no pipeline import).
 VARIANTS = {
     v.name: v
     for v in (

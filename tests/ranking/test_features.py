@@ -1,4 +1,4 @@
-"""Reranker features from the bundle (ranking.features) and the scoring section's formats."""
+"""Reranker features from the bundle (ranking.pipeline.features) and the scoring section's formats."""
 
 import json
 

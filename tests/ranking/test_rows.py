@@ -1,4 +1,4 @@
-"""The compiled per-request row walks (ranking.rows) against plain NumPy statements of the same thing."""
+"""The compiled per-request row walks (ranking.kernels.rows) against plain NumPy statements of the same thing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ranking.scoring (compiled top-k kernels) against a plain NumPy reference."""
+"""ranking.kernels.scoring (compiled top-k kernels) against a plain NumPy reference."""
 
 import sys
 import threading
