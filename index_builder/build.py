@@ -36,7 +36,7 @@ from ranking import (
     tree_arrays,
 )
 
-__all__ = ["build", "evaluate", "run_all", "build_index", "read_inputs", "ann_recall", "exact_head_share", "Inputs"]
+__all__ = ["build", "evaluate", "run_all", "build_index", "read_inputs", "ann_recall", "exact_head_share"]
 
 log = logging.getLogger(__name__)
 

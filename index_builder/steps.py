@@ -38,12 +38,6 @@ class Steps:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
         self._bar.update()
 
-    def skip(self, name: str) -> None:
-        """A planned step that turned out to have nothing to do (recorded as not run)."""
-        self.plan.remove(name)
-        self._bar.total = len(self.plan)
-        self._bar.refresh()
-
     def close(self) -> None:
         self._bar.close()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ranking.config import QueryLimits
+
 # What the server accepts unless configured otherwise. "dislike" is an explicit
 # negative signal like "skip"; both push similar items down.
 DEFAULT_EVENT_TYPES = ("view", "click", "add_to_cart", "purchase", "rating", "skip", "dislike")
@@ -13,14 +15,18 @@ NEGATIVE_EVENT_TYPES = ("skip", "dislike")
 
 @dataclass(frozen=True)
 class EventLimits:
-    """Limits an event is validated against; every default is written down here once."""
+    """Limits an event is validated against; every default is written down here once.
+
+    Ids, context text and attributes arrive by the same API as a Rank request's, so their
+    lengths are the request's (``QueryLimits``), not a second spelling of them.
+    """
 
     event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
-    max_id_chars: int = 256
+    max_id_chars: int = QueryLimits.max_id_chars
     max_request_id_chars: int = 64
-    max_text_chars: int = 64
-    max_attributes: int = 64
-    max_attribute_chars: int = 256
+    max_text_chars: int = QueryLimits.max_text_chars
+    max_attributes: int = QueryLimits.max_attributes
+    max_attribute_chars: int = QueryLimits.max_attribute_chars
     max_future_seconds: float = 300.0
     max_events_per_batch: int = 1000
 
