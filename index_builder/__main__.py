@@ -42,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
     e.add_argument("--out", required=True, type=Path, help="directory for report.md, ladder.json and the plots")
     e.add_argument(
-        "--protocol", action="append", choices=["last_n", "temporal"], help="protocol to run (repeatable; default both)"
+        "--protocol",
+        action="append",
+        choices=["temporal", "last_n", "last_basket"],
+        help="protocol to run (repeatable; default all)",
     )
     # No defaults here: EvalConfig holds them (an option not given keeps its default).
     e.add_argument(

@@ -1,9 +1,10 @@
 """The lower rungs of the personalization ladder as plain scorers, for the ladder report.
 
 Each baseline scores every item for a batch of users from the training part
-only: POPULAR (all time and recent), SEGMENT, item-to-item, ALS alone and
-EASE. Segment lists, item-to-item neighbours and ALS factors are read from the
-bundle built on the same training part, so a baseline and the full pipeline
+only: POPULAR (all time and recent), SEGMENT, item-to-item, BUY_AGAIN (the
+customer's own most bought items), ALS alone and EASE. Segment lists,
+item-to-item neighbours and ALS factors are read from the bundle built on the
+same training part, so a baseline and the full pipeline
 see the same learned tables.
 """
 
@@ -75,3 +76,23 @@ def ease_weights(pos: sp.csr_matrix, lam: float) -> np.ndarray | None:
     B = -P / np.diag(P)[None, :]
     B[np.diag_indices(n)] = 0.0
     return B
+
+
+def buy_again_scores(model, urows: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Per user, their most frequently bought items (baskets with the item; ties by the latest
+    purchase) among those the bundle's policy offers again, then the ``fallback`` popular items."""
+    n_items = len(fallback)
+    out = np.tile(fallback / max(float(fallback.max()), 1.0) * 1e-3, (len(urows), 1))
+    b = model.bundle
+    indptr, items = b.array("user_buy_indptr"), b.array("user_buy_items")
+    baskets, last = b.array("user_buy_baskets"), b.array("user_buy_last")
+    reoffer = np.asarray(model.item_reoffer) > 0
+    for j, r in enumerate(urows):
+        if r < 0:
+            continue
+        lo, hi = int(indptr[r]), int(indptr[r + 1])
+        own = np.asarray(items[lo:hi])
+        keep = reoffer[own] if n_items else np.zeros(0, bool)
+        # 1 + baskets puts every bought item above the fill; last / 1e10 (< 0.2) only breaks ties.
+        out[j, own[keep]] = 1.0 + baskets[lo:hi][keep] + last[lo:hi][keep] / 1e10
+    return out

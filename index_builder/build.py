@@ -21,6 +21,7 @@ from index_builder.config import BuildConfig
 from index_builder.evaluate import EvalConfig, ladder_summary, run_protocol
 from index_builder.fit import FIT_STEPS, Fitted, Inputs, PartFit, build_index, fit, linear_scoring, read_inputs
 from index_builder.profile import data_profile
+from index_builder.repeat import rebought_pairs
 from index_builder.rerank_train import RerankOutcome, attributes_of, train_reranker
 from index_builder.splits import Protocol, SplitError, split
 from index_builder.steps import Steps
@@ -72,10 +73,15 @@ def exact_head_share(
 # ---------------------------------------------------------------------------
 
 
-def _rerank_protocols(cfg: BuildConfig) -> list[Protocol]:
+def _rerank_protocols(cfg: BuildConfig, rebought: int) -> list[Protocol]:
+    """The reranker's training splits; ``both`` adds ``last_basket`` on a shop whose customers buy again
+    (``rebought`` pairs), so what it learns includes which staples come back in the next basket."""
     if not cfg.rerank:
         return []
-    names = ("temporal", "last_n") if cfg.rerank_split == "both" else (cfg.rerank_split,)
+    if cfg.rerank_split == "both":
+        names: tuple[str, ...] = ("temporal", "last_n") + (("last_basket",) if rebought else ())
+    else:
+        names = (cfg.rerank_split,)
     return [Protocol(n, cfg.rerank_cutoff_quantile, cfg.rerank_holdout) for n in names]
 
 
@@ -91,7 +97,9 @@ def _plan(rerank: list[Protocol], ladder: list[Protocol]) -> tuple[list[Protocol
 
 
 def _label(p: Protocol) -> str:
-    return f"{p.name} q={p.cutoff_quantile}" if p.name == "temporal" else f"{p.name} n={p.holdout}"
+    if p.name == "temporal":
+        return f"{p.name} q={p.cutoff_quantile}"
+    return f"{p.name} n={p.holdout}" if p.name == "last_n" else p.name
 
 
 def _learn(inp: Inputs, cfg: BuildConfig, ladder: EvalConfig | None, steps: Steps) -> tuple[dict, dict | None]:
@@ -103,7 +111,7 @@ def _learn(inp: Inputs, cfg: BuildConfig, ladder: EvalConfig | None, steps: Step
         The manifest's ``scoring`` section (tree arrays under ``"_trees"``), and the ladder's
         results (None without ``ladder``).
     """
-    rerank = _rerank_protocols(cfg)
+    rerank = _rerank_protocols(cfg, rebought_pairs(inp.events, cfg))
     ladder_protocols = [ladder.protocol(n) for n in ladder.protocols] if ladder is not None else []
     needed, _ = _plan(rerank, ladder_protocols)
     parts: dict[tuple, PartFit | str] = {}
@@ -212,7 +220,9 @@ def build(
         else None
     )
     ladder_protocols = [ladder.protocol(n) for n in ladder.protocols] if ladder is not None else []
-    _, learn_steps = _plan(_rerank_protocols(cfg), ladder_protocols)
+    # Planned before the data is read: with the splits a re-buying shop adds (a step that does
+    # not run is left out of the manifest).
+    _, learn_steps = _plan(_rerank_protocols(cfg, rebought=1), ladder_protocols)
     steps = Steps(["read", *learn_steps, *(f"fit {s}" for s in FIT_STEPS), "ann eval", "write"], show_progress)
     try:
         with steps.step("read"):
@@ -305,7 +315,7 @@ def run_all(events: Path, items: Path, users: Path | None, ecfg: EvalConfig, sho
     index_builder.io.InputError
         An input file is malformed.
     """
-    _, learn_steps = _plan(_rerank_protocols(ecfg.build), [ecfg.protocol(n) for n in ecfg.protocols])
+    _, learn_steps = _plan(_rerank_protocols(ecfg.build, rebought=1), [ecfg.protocol(n) for n in ecfg.protocols])
     steps = Steps(["read", *learn_steps], show_progress, desc="evaluate")
     try:
         with steps.step("read"):

@@ -50,7 +50,29 @@ class BuildConfig:
     default_event_weight: float = _setting(1.0, "weight of an event type `event_weights` does not list")
     consumed_event_types: list[str] = field(
         default_factory=lambda: ["purchase", "rating"],
-        metadata={"help": "event types after which an item is consumed: never offered to that user again"},
+        metadata={
+            "help": "event types that are purchases: the item is then excluded for that user, or offered "
+            "again when due, as `repeat_policy` says"
+        },
+    )
+    repeat_policy: str = _setting(
+        "learned",
+        "what a purchase does to an item: `learned` (per item from its buyers' repeat rate: a durable "
+        "stays excluded, a staple is offered again when due), `never` (always excluded) or `always`",
+    )
+    repeat_categories: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": 'per-category override of `repeat_policy`: `{"Dairy" = "always", "TV" = "never"}`'},
+    )
+    repeat_min_rate: float = _setting(
+        0.05,
+        "with the learned policy, an item is offered again after purchase when at least this share of "
+        "its buyers (shrunk, below) bought it in another basket",
+    )
+    repeat_shrink: float = _setting(
+        20.0,
+        "buyers' worth of prior pulling an item's repeat rate and interval towards its category's "
+        "(and a category's towards the shop's)",
     )
     half_life_days: float = _setting(
         120.0, "time decay: an event's weight halves every this many days before the data's end"
@@ -117,7 +139,11 @@ class BuildConfig:
         True, "build the context tables (false: their features are NaN, to measure what context adds)"
     )
     rerank: bool = _setting(True, "train the learned reranker (false: the linear fallback scorer)")
-    rerank_split: str = _setting("both", "training splits: `temporal`, `last_n` or `both`")
+    rerank_split: str = _setting(
+        "both",
+        "training splits: `temporal`, `last_n`, `last_basket` or `both` (temporal and last_n, and "
+        "last_basket on a shop whose customers buy items again)",
+    )
     rerank_holdout: int = _setting(10, "positives held out per user by the `last_n` split")
     rerank_temporal_share: float = _setting(0.5, "weight of the temporal split's queries in training")
     rerank_cutoff_quantile: float = _setting(0.8, "timestamp quantile where the temporal split cuts")
@@ -204,12 +230,21 @@ class BuildConfig:
             raise ValueError("rerank_session_share must be in [0, 1] and rerank_valid_share in (0, 1)")
         if not 0.0 < self.rerank_temporal_share < 1.0:
             raise ValueError(f"rerank_temporal_share must be in (0, 1), got {self.rerank_temporal_share}")
-        if self.rerank_split not in ("temporal", "last_n", "both"):
-            raise ValueError(f"rerank_split must be 'temporal', 'last_n' or 'both', got {self.rerank_split!r}")
+        if self.rerank_split not in ("temporal", "last_n", "last_basket", "both"):
+            raise ValueError(
+                f"rerank_split must be 'temporal', 'last_n', 'last_basket' or 'both', got {self.rerank_split!r}"
+            )
         if self.rerank_trees < 1 or self.rerank_leaves < 2:
             raise ValueError("rerank_trees must be >= 1 and rerank_leaves >= 2")
         if not 1 <= self.context_vocabulary <= 255:
             raise ValueError(f"context_vocabulary must be in [1, 255], got {self.context_vocabulary}")
+        if self.repeat_policy not in ("learned", "never", "always"):
+            raise ValueError(f"repeat_policy must be 'learned', 'never' or 'always', got {self.repeat_policy!r}")
+        bad = {k: v for k, v in self.repeat_categories.items() if v not in ("never", "always")}
+        if bad:
+            raise ValueError(f"repeat_categories values must be 'never' or 'always', got {bad}")
+        if not 0.0 <= self.repeat_min_rate <= 1.0 or self.repeat_shrink < 0:
+            raise ValueError("repeat_min_rate must be in [0, 1] and repeat_shrink >= 0")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
 

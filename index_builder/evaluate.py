@@ -5,7 +5,9 @@ part once (``index_builder.fit``) and hands it here. The full pipeline is asked
 through :meth:`ranking.pipeline.ranker.Ranker.rank` (the code that serves ``Rank``), each
 user scored by the reranker bag that never trained on them, and the lower rungs
 (``index_builder.baselines``) score from the same training part. Items a user
-touched in training are never counted as hits.
+touched in training are never counted as hits, except a re-purchase of an item the
+learned policy offers again (``index_builder.repeat``): every rung may rank those, and
+the metrics are split between such repeat items and new ones.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from index_builder import baselines as bl
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
 from index_builder.fit import PartFit
-from index_builder.splits import PROTOCOLS, Protocol, SplitError, positive_mask
+from index_builder.splits import PROTOCOLS, Protocol, SplitError, consumed_mask, positive_mask
 from ranking import Ranker, RankingModel, RankQuery
 
 log = logging.getLogger(__name__)
 
-RUNGS = ("POPULAR", "POPULAR_RECENT", "SEGMENT", "ITEM_TO_ITEM", "ALS", "EASE", "ONE2ONE")
+RUNGS = ("POPULAR", "POPULAR_RECENT", "SEGMENT", "ITEM_TO_ITEM", "BUY_AGAIN", "ALS", "EASE", "ONE2ONE")
 METRICS = ("recall", "ndcg", "map", "coverage", "novelty")
 
 
@@ -162,9 +164,20 @@ def run_protocol(
     okk = (all_u >= 0) & (all_i >= 0)
     seen = sp.csr_matrix((np.ones(int(okk.sum())), (all_u[okk], all_i[okk])), shape=(n_users, n_items))
     seen.sum_duplicates()
+    seen.data[:] = 1.0
+    # Bought in training: a repeat item when bought again. What the policy offers again is not excluded.
+    b = model.bundle
+    buy_items = b.array("user_buy_items")
+    bought = sp.csr_matrix((np.ones(len(buy_items)), buy_items, b.array("user_buy_indptr")), shape=(n_users, n_items))
+    again = sp.csr_matrix(bought.multiply((np.asarray(model.item_reoffer) > 0).astype(np.float64)[None, :]))
+    seen = sp.csr_matrix(seen - seen.multiply(again))
+    seen.eliminate_zeros()
     seen.sort_indices()
+    bought.sort_indices()
 
-    te_pos = test.filter(pa.array(positive_mask(test, bcfg))).sort_by("timestamp")
+    # last_basket is judged on the basket itself: its purchases.
+    is_truth = consumed_mask(test, bcfg) if protocol == "last_basket" else positive_mask(test, bcfg)
+    te_pos = test.filter(pa.array(is_truth & positive_mask(test, bcfg))).sort_by("timestamp")
     qu = te_pos["user_id"].to_pylist()
     qi = model.items.lookup(te_pos["item_id"].to_pylist())
     qt = te_pos["timestamp"].to_numpy()
@@ -217,6 +230,7 @@ def run_protocol(
         lists["SEGMENT"] += _topk(bl.segment_scores(model, rr, pop), seen, rr, kmax)
         i2i = bl.item_to_item_scores(model, h) + 1e-9 * pop
         lists["ITEM_TO_ITEM"] += _topk(i2i, seen, rr, kmax)
+        lists["BUY_AGAIN"] += _topk(bl.buy_again_scores(model, rr, pop), seen, rr, kmax)
         als = bl.als_scores(model, safe[lo : lo + 256])
         als[rr < 0] = pop / max(pop.max(), 1.0)
         lists["ALS"] += _topk(als, seen, rr, kmax)
@@ -271,6 +285,7 @@ def run_protocol(
         "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
         "scoring_model": model.manifest["scoring"]["model"],
     }
+    result["repeat_new"] = repeat_new_metrics(lists, rungs, idx_truth, urows, bought, ecfg.ks)
     if B is None:
         result["ease_skipped"] = f"the catalog has {n_items} items, more than {bl.EASE_MAX_ITEMS}"
     for g, members in groups.items():
@@ -292,6 +307,45 @@ def run_protocol(
     return result
 
 
+def repeat_new_metrics(
+    lists: dict[str, list[np.ndarray]],
+    rungs: list[str],
+    truth: dict[int, set],
+    urows: np.ndarray,
+    bought: sp.csr_matrix,
+    ks,
+) -> dict:
+    """Every rung's metrics with the truth split into repeat items (bought in training) and new ones.
+
+    ``repeat``/``new``: recall, NDCG and AP@k over the users with such items in their truth;
+    ``hits``: items of that kind in the top k, per user of all users (how many new items a
+    list adds that the customer then bought).
+    """
+    parts: dict[str, dict[int, set]] = {"repeat": {}, "new": {}}
+    for j, t in truth.items():
+        r = urows[j]
+        own = set(bought.indices[bought.indptr[r] : bought.indptr[r + 1]].tolist()) if r >= 0 else set()
+        parts["repeat"][j] = {x for x in t if x in own}
+        parts["new"][j] = t - parts["repeat"][j]
+    n_all = max(len(truth), 1)
+    out: dict = {"users": {name: sum(1 for t in p.values() if t) for name, p in parts.items()}}
+    for rung in rungs:
+        out[rung] = {}
+        for name, p in parts.items():
+            users = [j for j, t in p.items() if t]
+            out[rung][name] = {}
+            for k in ks:
+                vals = np.array([user_metrics(lists[rung][j], p[j], k) for j in users]) if users else None
+                hits = sum(sum(int(x) in p[j] for x in lists[rung][j][:k]) for j in users)
+                out[rung][name][k] = {
+                    "recall": float(vals[:, 0].mean()) if vals is not None else None,
+                    "ndcg": float(vals[:, 1].mean()) if vals is not None else None,
+                    "map": float(vals[:, 2].mean()) if vals is not None else None,
+                    "hits": hits / n_all,
+                }
+    return out
+
+
 def ladder_summary(results: dict, k: int = 10) -> dict:
     """The manifest's compact form: NDCG@k per rung and group for each protocol, or its error."""
     out = {}
@@ -305,4 +359,14 @@ def ladder_summary(results: dict, k: int = 10) -> dict:
                 g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()
             },
         }
+        split = p.get("repeat_new")
+        if split and split["users"]["repeat"]:
+            out[name][f"ndcg_at_{k}_repeat_new"] = {
+                r: {part: _round(split[r][part][k]["ndcg"]) for part in ("repeat", "new")} for r in p["rungs"]
+            }
+            out[name][f"new_hits_at_{k}"] = {r: round(split[r]["new"][k]["hits"], 4) for r in p["rungs"]}
     return out
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)

@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from index_builder import io as bio
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_codes, context_tables, feature_tables
+from index_builder.repeat import basket_keys, repeat_tables
 from index_builder.splits import Protocol
 from index_builder.steps import Steps
 from index_builder.tables import (
@@ -229,8 +230,11 @@ def fit(
         )
         is_consumed = pc.is_in(ev["event_type"], value_set=pa.array(cfg.consumed_event_types, pa.string()))
         cmask = is_consumed.to_numpy(zero_copy_only=False)
-        consumed_indptr, consumed_indices = consumed_csr(u[cmask], i[cmask], n_users, n_items)
         cat_indptr, cat_ids, cat_names = item_categories(inp.items)
+        repeat = repeat_tables(u, i, ts, basket_keys(ev), cmask, n_users, n_items, cat_indptr, cat_ids, cat_names, cfg)
+        # What a purchase excludes: the items the policy does not offer again.
+        gone = cmask & (repeat.reoffer[i] == 0)
+        consumed_indptr, consumed_indices = consumed_csr(u[gone], i[gone], n_users, n_items)
 
         scheme = choose_scheme(inp.users, cfg)
         attrs: list[dict[str, str]] = [{} for _ in range(n_users)]
@@ -285,6 +289,7 @@ def fit(
         "segment_pop_items": seg.items,
         "segment_pop_scores": seg.scores,
         **ftables,
+        **repeat.arrays,
     }
     sections = {
         "data_window": {"start": _iso(t_begin), "end": _iso(t_end), "start_unix": t_begin, "end_unix": t_end},
@@ -300,5 +305,6 @@ def fit(
             "consumed_pairs": len(consumed_indices),
         },
         "segments": {**seg.scheme.to_dict(), "users_per_segment": seg.users_per_segment},
+        "repeat": repeat.profile,
     }
     return Fitted(arrays, index, sections, ev)

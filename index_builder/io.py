@@ -137,7 +137,8 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     ----------
     path : str or os.PathLike
         A .csv, .csv.gz, .parquet or .pq file with columns user_id, item_id,
-        event_type, timestamp and optionally value, channel, device and region;
+        event_type, timestamp and optionally value, channel, device, region and
+        order_id (the order or basket the event belongs to);
         or a server's event log directory (its "event" records, whose context
         fields fill channel, device and region; rows are numbered by event record).
     options : ReadOptions, optional
@@ -150,7 +151,7 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
         event_type (string, stripped and lowercased), timestamp (int64 unix
         seconds), value (float64, null where absent), then channel, device and
         region (dictionary-encoded strings, surrounding whitespace removed; null
-        where the column is missing or the cell blank).
+        where the column is missing or the cell blank), and order_id (the same way).
     report : SkipReport
         The rows dropped.
 
@@ -185,9 +186,16 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
         else:
             # Every events table has the same schema, so sources with and without context concatenate.
             context.append(_unknown_context(raw.table.num_rows))
+    # The order (basket) an event belongs to; without one, a customer's purchases of one day
+    # are one basket (index_builder.repeat).
+    if "order_id" in raw.table.column_names:
+        order_id, order_check = _context(raw, "order_id")
+        checks.append(order_check)
+    else:
+        order_id = _unknown_context(raw.table.num_rows)
     keep, report = _settle(raw, checks, options, "events")
     table = pa.Table.from_arrays(
-        [user_ids, item_ids, event_types, pa.array(seconds, pa.int64()), values, *context],
+        [user_ids, item_ids, event_types, pa.array(seconds, pa.int64()), values, *context, order_id],
         schema=pa.schema(
             [
                 ("user_id", pa.string()),
@@ -196,6 +204,7 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
                 ("timestamp", pa.int64()),
                 ("value", pa.float64()),
                 *((name, CONTEXT_TYPE) for name in CONTEXT_COLUMNS),
+                ("order_id", CONTEXT_TYPE),
             ]
         ),
     )

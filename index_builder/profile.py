@@ -7,6 +7,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index_builder.config import BuildConfig
+from index_builder.repeat import basket_keys, repeat_tables
+from index_builder.tables import item_categories
 
 DAY = 86_400
 
@@ -86,6 +88,7 @@ def data_profile(events: pa.Table, items: pa.Table, cfg: BuildConfig) -> dict:
         variety["distinct_categories_per_user_median"] = _q(ncat, 0.5)
         variety["categories_in_catalog"] = len({c for v in cats.values() if v for c in v})
     return {
+        "repeat": _repeat_profile(events, items, consumed, u, n_users, cfg),
         "context": _context_profile(events),
         "events": int(events.num_rows),
         "users": n_users,
@@ -138,3 +141,18 @@ def _context_profile(events: pa.Table) -> dict:
                 distinct = int(pc.count_distinct(column).as_py())
         out[name] = {"share_of_events_with_value": round(n_known / max(len(column), 1), 3), "distinct_values": distinct}
     return out
+
+
+def _repeat_profile(
+    events: pa.Table, items: pa.Table, consumed: np.ndarray, u: np.ndarray, n_users: int, cfg: BuildConfig
+) -> dict:
+    """The shop's re-purchase figures (``index_builder.repeat``): repeat share, intervals, categories."""
+    rows = pc.index_in(events["item_id"], value_set=items["item_id"].combine_chunks())
+    known = pc.is_valid(rows).to_numpy(zero_copy_only=False)
+    i = pc.fill_null(rows, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    cat_indptr, cat_ids, cat_names = item_categories(items)
+    ts = events["timestamp"].to_numpy().astype(np.int64)
+    tables = repeat_tables(
+        u, i, ts, basket_keys(events), consumed & known, n_users, items.num_rows, cat_indptr, cat_ids, cat_names, cfg
+    )
+    return tables.profile

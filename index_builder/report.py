@@ -12,6 +12,7 @@ LABELS = {
     "POPULAR_RECENT": "Popular (recent)",
     "SEGMENT": "Segment",
     "ITEM_TO_ITEM": "Item-to-item",
+    "BUY_AGAIN": "Buy again (own most bought)",
     "ALS": "ALS alone",
     "EASE": "EASE",
     "ONE2ONE": "one2one (full pipeline)",
@@ -31,7 +32,9 @@ def _lift(hi, lo) -> str:
 
 def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
     name = p["protocol"]
-    title = {"temporal": "Temporal split", "last_n": "Last-N held out"}.get(name, name)
+    title = {"temporal": "Temporal split", "last_n": "Last-N held out", "last_basket": "Last basket held out"}.get(
+        name, name
+    )
     lines = [f"## {title} (`{name}`)", ""]
     if "error" in p:
         return lines + [f"**Not evaluated:** {p['error']}", ""]
@@ -79,8 +82,33 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
             cells.append(_fmt(gm[r][k]["ndcg"]) if gm else "no users")
         lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _repeat_new_md(p, k)
     lines += [f"![lift per rung]({plots[0]})", "", f"![NDCG vs K]({plots[1]})", ""]
     return lines
+
+
+def _repeat_new_md(p: dict, k: int) -> list[str]:
+    """The metrics split into re-purchases (items the user bought in training) and new items."""
+    split = p.get("repeat_new")
+    if not split or not split["users"]["repeat"]:
+        return []
+    n = split["users"]
+    lines = [
+        f"### Repeat and new items, @{k}",
+        "",
+        f"Re-purchases of items the learned policy offers again count as hits. {n['repeat']} test users "
+        f"bought a repeat item, {n['new']} a new one; hits are per test user.",
+        "",
+        f"| rung | NDCG@{k} repeat | NDCG@{k} new | repeat hits@{k} | new hits@{k} |",
+        "|---|---|---|---|---|",
+    ]
+    for r in p["rungs"]:
+        rep, new = split[r]["repeat"], split[r]["new"]
+        rep, new = rep.get(k, rep.get(str(k))), new.get(k, new.get(str(k)))
+        lines.append(
+            f"| {LABELS[r]} | {_fmt(rep['ndcg'])} | {_fmt(new['ndcg'])} | {rep['hits']:.3f} | {new['hits']:.3f} |"
+        )
+    return lines + [""]
 
 
 def _plots(p: dict, out: Path, k: int) -> list[str]:
@@ -138,6 +166,32 @@ def _profile_md(prof: dict) -> list[str]:
             "",
         ]
     lines += ["A visit is one user's events on one UTC day.", ""]
+    rep = prof.get("repeat")
+    if rep and rep.get("purchase_lines"):
+
+        def cats(rows: list[dict]) -> str:
+            return ", ".join(
+                f"{c['category']} {c['repeat_rate']:.0%}"
+                + (f" every {c['interval_days']} days" if c["interval_days"] is not None else "")
+                for c in rows
+            )
+
+        interval = rep["typical_interval_days"]
+        lines += [
+            f"**re-purchase**: {rep['repeat_share']:.0%} of purchase lines are items the customer bought before "
+            f"(baskets by {rep['basket_from']}; {rep['baskets']} baskets); {rep['buyers_who_rebuy']:.0%} of an "
+            f"item's buyers buy it again"
+            + (f", typically every {interval} days" if interval is not None else "")
+            + f"; the `{rep['policy']}` policy offers {rep['items_reoffered']} of {rep['items_bought']} bought "
+            "items again after purchase.",
+            "",
+        ]
+        if rep["most_replenished_categories"]:
+            lines += [
+                f"Most replenished categories: {cats(rep['most_replenished_categories'])}. "
+                f"Least: {cats(rep['least_replenished_categories'])}.",
+                "",
+            ]
     ctx = {k: v for k, v in prof.get("context", {}).items() if v["share_of_events_with_value"] > 0}
     lines += [
         "**context**: "
@@ -164,7 +218,8 @@ def write_report(results: dict, out: Path, k: int = 10) -> Path:
         f"`{results['inputs']['users']}`. Settings: {results['settings']}.",
         "",
         "Every rung is scored from the training part only; items a user touched in training never count "
-        "as hits. The full pipeline is asked through `ranking.pipeline.ranker.Ranker.rank` over the arrays "
+        "as hits, except re-purchases of items the learned policy offers again. The full pipeline is asked "
+        "through `ranking.pipeline.ranker.Ranker.rank` over the arrays "
         "fitted on the training part, at the time of the user's first test event, each user scored by the "
         "reranker bag that never trained on them.",
         "",

@@ -298,7 +298,9 @@ def split_weights(n_groups: list[int], protocols: tuple[str, ...], cfg: BuildCon
     """
     if len(n_groups) < 2 or "temporal" not in protocols or min(n_groups) == 0:
         return None
-    share = {p: (cfg.rerank_temporal_share if p == "temporal" else 1.0 - cfg.rerank_temporal_share) for p in protocols}
+    # The other splits share the rest equally.
+    rest = (1.0 - cfg.rerank_temporal_share) / max(len(protocols) - 1, 1)
+    share = {p: (cfg.rerank_temporal_share if p == "temporal" else rest) for p in protocols}
     total = sum(n_groups)
     w = np.concatenate([np.full(n, share[p] * total / n) for n, p in zip(n_groups, protocols)])
     return (w / w.mean()).astype(np.float64)

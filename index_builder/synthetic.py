@@ -150,6 +150,112 @@ def make_shop(
     return SyntheticShop(events, items_t, users_t, fav, item_cat, **shop_context)
 
 
+def make_grocery(
+    n_users: int = 400,
+    n_items: int = 300,
+    n_categories: int = 10,
+    days: int = 120,
+    durable_share: float = 0.3,
+    seed: int = 0,
+    start_unix: int = 1_700_000_000,
+) -> SyntheticShop:
+    """A grocery shop with planted replenishment: staples bought again on personal cycles, and durables.
+
+    Categories are durable (``durable_share`` of them: an item there is bought once per
+    customer) or replenished. Each customer visits every few days (their own mean gap) and
+    has a set of staples from replenished categories, mostly their favourite, each with a
+    cycle (the item's typical cycle times a personal factor); at a visit a staple that is
+    due (its cycle, with noise, has passed since its last purchase) is bought with high
+    probability. Each basket also holds a few discoveries, popular items of the favourite
+    category more often than not, some of which become staples. Purchases carry the visit's
+    ``order_id`` and follow a view of the item; a few more views browse the favourite category.
+    """
+    rng = np.random.default_rng([seed, 7])
+    item_cat = np.arange(n_items) % n_categories
+    rng.shuffle(item_cat)
+    n_durable = round(durable_share * n_categories)
+    durable_cat = np.zeros(n_categories, bool)
+    durable_cat[rng.choice(n_categories, n_durable, replace=False)] = True
+    weights = np.empty(n_items)
+    by_cat = [np.flatnonzero(item_cat == c) for c in range(n_categories)]
+    for members in by_cat:
+        weights[members] = (rng.permutation(len(members)) + 1.0) ** -1.1
+    item_cycle = np.exp(rng.normal(np.log(12.0), 0.5, n_items))  # days
+    fav = rng.integers(0, n_categories, n_users)
+    replenished = np.flatnonzero(~durable_cat[item_cat])
+    cols: dict[str, list] = {"user_id": [], "item_id": [], "event_type": [], "timestamp": [], "order_id": []}
+
+    def draw(c_pool: np.ndarray, k: int) -> np.ndarray:
+        p = weights[c_pool] / weights[c_pool].sum()
+        return rng.choice(c_pool, min(k, len(c_pool)), replace=False, p=p)
+
+    def emit(user: int, item: int, kind: str, t: int, order: str) -> None:
+        cols["user_id"].append(f"u{user}")
+        cols["item_id"].append(f"i{item}")
+        cols["event_type"].append(kind)
+        cols["timestamp"].append(t)
+        cols["order_id"].append(order)
+
+    for user in range(n_users):
+        own_pool = by_cat[fav[user]]
+        fav_staples = own_pool[~durable_cat[item_cat[own_pool]]]
+        n_staples = int(rng.integers(4, 13))
+        n_fav = min(len(fav_staples), round(n_staples * 0.6))
+        staples = list(draw(fav_staples, n_fav)) if n_fav else []
+        others = np.setdiff1d(replenished, staples)
+        if len(others) and n_staples > n_fav:
+            staples += list(draw(others, n_staples - n_fav))
+        cycle = {int(s): item_cycle[s] * np.exp(rng.normal(0.0, 0.3)) for s in staples}
+        last = {s: -rng.uniform(0, cycle[s]) for s in cycle}  # phase: when each was last bought
+        bought: set[int] = set()
+        gap = rng.uniform(3.0, 10.0)
+        day = rng.uniform(0, gap)
+        visit = 0
+        while day < days:
+            t0 = start_unix + int(day) * 86_400 + int(rng.integers(8, 21)) * 3600
+            order = f"o{user}-{visit}"
+            basket = [s for s in cycle if day - last[s] >= cycle[s] * np.exp(rng.normal(0.0, 0.2))]
+            basket = [s for s in basket if rng.random() < 0.85]
+            for _ in range(int(rng.poisson(1.2))):
+                pool = own_pool if rng.random() < 0.7 else np.arange(n_items)
+                pool = pool[~np.isin(pool, list(bought))] if durable_cat[item_cat[pool]].any() else pool
+                if len(pool) == 0:
+                    continue
+                item = int(draw(pool, 1)[0])
+                if durable_cat[item_cat[item]] and item in bought:
+                    continue
+                basket.append(item)
+                if not durable_cat[item_cat[item]] and item not in cycle and rng.random() < 0.3:
+                    cycle[item] = item_cycle[item] * np.exp(rng.normal(0.0, 0.3))
+            for j, item in enumerate(dict.fromkeys(basket)):
+                t = t0 + 60 * j
+                emit(user, item, "view", t - 30, order)
+                emit(user, item, "purchase", t, order)
+                bought.add(item)
+                if item in cycle:
+                    last[item] = day
+            for item in draw(own_pool, int(rng.integers(0, 4))):
+                emit(user, int(item), "view", t0 - 300, "")
+            visit += 1
+            day += max(1.0, rng.exponential(gap))
+    uid = np.char.add("u", np.arange(n_users).astype(str))
+    iid = np.char.add("i", np.arange(n_items).astype(str))
+    cat_names = np.array([f"{'durable' if durable_cat[c] else 'fresh'}{c}" for c in range(n_categories)])
+    order_col = pa.array([o or None for o in cols.pop("order_id")], pa.string())
+    events = pa.table({**{k: np.asarray(v) for k, v in cols.items()}, "order_id": order_col})
+    events = events.set_column(3, "timestamp", pa.array(cols["timestamp"], pa.int64()))
+    items_t = pa.table(
+        {
+            "item_id": iid,
+            "title": np.char.add("Item ", np.arange(n_items).astype(str)),
+            "category": cat_names[item_cat],
+            "price": np.round(rng.lognormal(1.5, 0.6, n_items), 2),
+        }
+    )
+    users_t = pa.table({"user_id": uid, "region": np.array([f"R{c % 4}" for c in fav])})
+    return SyntheticShop(events, items_t, users_t, fav, item_cat)
+
+
 def _plant_context(
     users, ts, in_fav, items, cat_cdf, region_of, regions, n_users, n_items, n_categories, strength, seed, start_unix
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -41,6 +41,8 @@ class RankerConfig:
     ann_effort: int = 128
     max_consumed_slack: int = 1000
     covis_candidates: int = 100
+    # The user's own re-offerable purchases added as candidates, most due first (ONE_TO_ONE only).
+    buy_again_candidates: int = 50
     limits: QueryLimits = field(default_factory=QueryLimits)
     # Test/debug only, empty in production: microseconds of artificial work per
     # candidate in a stage ("retrieve", "features"), to prove budget handling.

@@ -75,7 +75,9 @@ class RankingModel:
         self.item_categories = Csr(b.array("item_cat_indptr"), b.array("item_cat_ids"))
         self.category_names = IdMap(b.array("category_names", mmap=False))
         self.popular_items = b.array("popular_items")
+        # Items a purchase excludes for good (the builder's re-purchase policy): the others come back when due.
         self.consumed = Csr(b.array("consumed_indptr"), b.array("consumed_indices"))
+        self.item_reoffer = b.array("item_reoffer")
         self.segments = SegmentScheme.from_dict(m["segments"])
         self.segment_keys = IdMap(b.array("segment_keys", mmap=False))
         self.segment_popular = Csr(

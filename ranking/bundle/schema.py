@@ -19,7 +19,7 @@ from typing import Protocol
 
 from ranking.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the re-purchase tables (index_builder.repeat)
 
 # The request Context fields the builder keeps offline history of (ranking.pipeline.features uses them).
 CONTEXT_FIELDS = ("channel", "device", "region")
@@ -97,6 +97,28 @@ ARRAYS: tuple[ArraySpec, ...] = tuple(
         *_csr("user_cat_", "users", "nnz_user_cat", [("user_cat_ids", "int32"), ("user_cat_share", "float32")]),
         *_csr("user_recent_", "users", "nnz_user_recent", [("user_recent_items", "int32")]),
         *_csr("touched_", "users", "nnz_touched", [("touched_items", "int32")]),
+        # Re-purchase tables (index_builder.repeat): what each item's buyers buy again and when,
+        # and per user x item their baskets with it, its last purchase and their own interval.
+        ArraySpec("item_repeat_rate", "float32", ("items",), since=2),
+        ArraySpec("item_repeat_interval", "float32", ("items",), since=2),
+        ArraySpec("item_reoffer", "uint8", ("items",), since=2),
+        ArraySpec("user_baskets", "int32", ("users",), since=2),
+        ArraySpec("user_repeat_share", "float32", ("users",), since=2),
+        *[
+            ArraySpec(s.name, s.dtype, s.shape, since=2)
+            for s in _csr(
+                "user_buy_",
+                "users",
+                "nnz_user_buy",
+                [
+                    ("user_buy_items", "int32"),
+                    ("user_buy_baskets", "float32"),
+                    ("user_buy_last", "int64"),
+                    ("user_buy_interval", "float32"),
+                    ("user_buy_in_last", "uint8"),
+                ],
+            )
+        ],
         *_csr("covis_", "items", "nnz_covis", [("covis_items", "int32"), ("covis_scores", "float32")]),
         # (items, items), or (0, 0) for a catalogue above ease_max_items.
         ArraySpec("ease_weights", "float32", ("*", "*")),

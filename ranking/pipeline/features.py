@@ -42,6 +42,15 @@ FEATURE_NAMES = (
     "category_affinity",  # the user's share of events in the item's categories; NaN without history
     "price_fit",  # |log price - the user's mean log price|; NaN when either is unknown
     "touched_not_consumed",  # the user viewed/clicked/carted it but did not buy it
+    # user × item re-purchase (index_builder.repeat), real-time purchases included; NaN unknown user
+    "buy_count",  # baskets of the user's with the item (0 never bought)
+    "buy_share",  # ... over the user's baskets; NaN for a user who never bought anything
+    "days_since_bought",  # request time minus the user's last purchase of it; NaN never bought
+    "buy_interval_days",  # the user's own mean interval for it, the item's when bought once; NaN never bought
+    "buy_due",  # days_since_bought / buy_interval_days: 1 = due now; NaN never bought
+    "in_last_basket",  # the item was in the user's last basket
+    "item_repeat_rate",  # share of the item's buyers who bought it again (shrunk to its category)
+    "user_repeat_share",  # share of the user's purchase lines that were re-purchases; NaN never bought
     # user
     "user_stage",  # 0 new, 1 developing, 2 established; NaN unknown user
     "user_value",  # log1p(consumed items)
@@ -89,6 +98,30 @@ class Request:
     channel: str = ""
     device: str = ""
     region: str = ""
+    # Purchases since the bundle's data end (real-time events): item rows and unix seconds.
+    purchases: Purchases | None = None
+
+
+@dataclass(frozen=True)
+class Purchases:
+    """A user's purchases after the bundle: item rows and their unix seconds, one per event."""
+
+    rows: np.ndarray
+    times: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class BuyStats:
+    """One user's purchase history of some items (the bundle's, real-time purchases added)."""
+
+    baskets: np.ndarray  # float32 baskets with the item, 0 never
+    last: np.ndarray  # int64 unix seconds of the last purchase, -1 never
+    interval: np.ndarray  # float32 days, the user's own mean interval; NaN with one basket
+    in_last: np.ndarray  # float32 1 in the user's last basket
+    n_baskets: int  # the user's baskets of any item
 
 
 def window_counts_at(item_event_keys: np.ndarray, t: int, days: int, n_items: int) -> np.ndarray:
@@ -148,6 +181,17 @@ class FeatureTables:
         self.user_categories = Csr(b.array("user_cat_indptr"), b.array("user_cat_ids"), b.array("user_cat_share"))
         self.user_recent = Csr(b.array("user_recent_indptr"), b.array("user_recent_items"))
         self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
+        buy = b.array("user_buy_indptr")
+        self.bought = Csr(buy, b.array("user_buy_items"))
+        self.buy_baskets = b.array("user_buy_baskets")
+        self.buy_last = b.array("user_buy_last")
+        self.buy_interval = b.array("user_buy_interval")
+        self.buy_in_last = b.array("user_buy_in_last")
+        self.user_baskets = b.array("user_baskets")
+        self.user_repeat_share = b.array("user_repeat_share")
+        self.item_repeat_rate = b.array("item_repeat_rate")
+        self.item_repeat_interval = b.array("item_repeat_interval")
+        self.item_reoffer = b.array("item_reoffer")
         self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
         self.recent_popular_items = b.array("recent_popular_items")
         self._end_counts = {days: b.array(f"item_events_{days}d_at_end") for days in WINDOW_DAYS}
@@ -183,6 +227,80 @@ class FeatureTables:
         if self.ease is None or len(hist) == 0:
             return None
         return np.asarray(self.ease[hist], np.float32).sum(axis=0)
+
+    def buy_stats(self, urow: int, rows: np.ndarray, purchases: Purchases | None) -> BuyStats:
+        """The user's purchase history of ``rows`` (distinct item rows): the bundle's, with the
+        purchases since its data end folded in as one newer basket per day."""
+        n = len(rows)
+        baskets = np.zeros(n, np.float32)
+        last = np.full(n, -1, np.int64)
+        interval = np.full(n, np.nan, np.float32)
+        in_last = np.zeros(n, np.float32)
+        n_baskets = 0
+        if urow >= 0:
+            lo, hi = int(self.bought.indptr[urow]), int(self.bought.indptr[urow + 1])
+            n_baskets = int(self.user_baskets[urow])
+            if hi > lo:
+                own = np.asarray(self.bought.indices[lo:hi])
+                # The CSR row is sorted by item row: one binary search per candidate.
+                at = np.minimum(np.searchsorted(own, rows), len(own) - 1)
+                hit = own[at] == rows
+                src = lo + at[hit]
+                baskets[hit] = self.buy_baskets[src]
+                last[hit] = self.buy_last[src]
+                interval[hit] = self.buy_interval[src]
+                in_last[hit] = self.buy_in_last[src]
+        if purchases is not None and len(purchases):
+            days = purchases.times.astype(np.int64) // DAY
+            n_baskets += len(np.unique(days))
+            # The latest real-time day is now the last basket.
+            in_last[:] = 0.0
+            position = {int(r): j for j, r in enumerate(rows)}
+            latest = int(days.max())
+            for r in np.unique(purchases.rows):
+                j = position.get(int(r))
+                if j is None:
+                    continue
+                mine = purchases.rows == r
+                new_days = np.unique(days[mine])
+                t_new = int(purchases.times[mine].max())
+                n_old = float(baskets[j])
+                if n_old >= 1:
+                    first = last[j] - (float(interval[j]) * DAY * (n_old - 1) if n_old >= 2 else 0.0)
+                    # A purchase on the day of the bundle's last one is the same basket.
+                    new_days = new_days[new_days != last[j] // DAY]
+                    n_new = n_old + len(new_days)
+                    if n_new >= 2:
+                        interval[j] = (t_new - first) / DAY / (n_new - 1)
+                else:
+                    n_new = float(len(new_days))
+                    if n_new >= 2:
+                        interval[j] = (t_new - int(purchases.times[mine].min())) / DAY / (n_new - 1)
+                baskets[j] = n_new
+                last[j] = max(int(last[j]), t_new)
+                in_last[j] = float(latest in set(days[mine].tolist()))
+        return BuyStats(baskets, last, interval, in_last, n_baskets)
+
+    def buy_again(self, urow: int, t: int, purchases: Purchases | None, n: int) -> np.ndarray:
+        """The user's own re-offerable purchases, best first by a cheap due-ness: the buy-again candidates.
+
+        An item scores its baskets times how close it is to due (days since its last purchase
+        over its interval, 1 best, on a log scale), so a staple just bought waits for its turn.
+        """
+        own = self.bought.row(urow) if urow >= 0 else np.zeros(0, np.int32)
+        if purchases is not None and len(purchases):
+            own = np.union1d(own, purchases.rows).astype(np.int32)
+        own = own[self.item_reoffer[own] > 0] if len(own) else own
+        if len(own) == 0 or n <= 0:
+            return np.zeros(0, np.int32)
+        st = self.buy_stats(urow, own, purchases)
+        typical = np.where(np.isnan(st.interval), self.item_repeat_interval[own], st.interval)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            due = (t - st.last) / DAY / typical
+            closeness = np.exp(-np.abs(np.log(np.maximum(due, 1e-3))))
+        score = st.baskets * np.nan_to_num(closeness, nan=0.5)
+        top = np.lexsort((-st.last, -score))[:n]
+        return own[top].astype(np.int32)
 
     def _covis_to(self, sources: np.ndarray, index: CandidateIndex) -> np.ndarray:
         # Later items (the user's most recent, the session's last) weigh more.
@@ -272,7 +390,7 @@ class FeatureTables:
             with np.errstate(invalid="ignore", divide="ignore"):
                 X[:, c["price_fit"]] = np.abs(np.log(price) - ulp)
             tnc = X[:, c["touched_not_consumed"]]
-            for rows, flag in ((self.touched.row(urow), 1.0), (m.consumed.row(urow), 0.0)):
+            for rows, flag in ((self.touched.row(urow), 1.0), (self.bought.row(urow), 0.0)):
                 pos = index.positions(rows)
                 tnc[pos[pos >= 0]] = flag
             X[:, c["user_stage"]] = self.user_stage[urow]
@@ -283,6 +401,8 @@ class FeatureTables:
             for name in ("category_affinity", "price_fit", "user_recency_days", "user_tenure_days"):
                 X[:, c[name]] = np.nan
             X[:, c["user_stage"]] = np.nan if urow < 0 else 0.0
+
+        self._fill_repeat(X, req, cands, t)
 
         block = (t // 3600) % 24 // (24 // HOUR_BLOCKS)
         weekday = (t // DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
@@ -309,3 +429,27 @@ class FeatureTables:
             r = np.empty(n, np.float32)
             r[order] = np.arange(n, dtype=np.float32) / n
             X[:, c[rank_name]] = r
+
+    def _fill_repeat(self, X: np.ndarray, req: Request, cands: np.ndarray, t: int) -> None:
+        """The re-purchase features (``buy_count`` .. ``user_repeat_share``)."""
+        c = _COL
+        X[:, c["item_repeat_rate"]] = self.item_repeat_rate[cands]
+        names = ("buy_count", "buy_share", "days_since_bought", "buy_interval_days", "buy_due", "in_last_basket")
+        if req.urow < 0 and (req.purchases is None or not len(req.purchases)):
+            for name in (*names, "user_repeat_share"):
+                X[:, c[name]] = np.nan
+            return
+        st = self.buy_stats(req.urow, cands, req.purchases)
+        bought = st.baskets > 0
+        X[:, c["buy_count"]] = st.baskets
+        X[:, c["buy_share"]] = st.baskets / st.n_baskets if st.n_baskets else np.nan
+        since = np.where(bought, (t - st.last) / DAY, np.nan)
+        own = np.where(np.isnan(st.interval), self.item_repeat_interval[cands], st.interval)
+        own = np.where(bought, own, np.nan)
+        X[:, c["days_since_bought"]] = since
+        X[:, c["buy_interval_days"]] = own
+        with np.errstate(invalid="ignore", divide="ignore"):
+            X[:, c["buy_due"]] = since / np.maximum(own, 1.0)
+        X[:, c["in_last_basket"]] = st.in_last
+        share = float(self.user_repeat_share[req.urow]) if req.urow >= 0 else np.nan
+        X[:, c["user_repeat_share"]] = share

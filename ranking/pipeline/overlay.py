@@ -13,6 +13,7 @@ import numpy as np
 
 from ranking.config import OverlaySettings  # re-exported: its home is the light ranking.config
 from ranking.pipeline.categories import in_categories
+from ranking.pipeline.features import Purchases
 from ranking.policy.experiments import FULL, Variant
 from ranking.policy.rules import Rule
 from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
@@ -89,6 +90,8 @@ class RankOverlay:
     # treats them as session items, so the reranker's session features and the
     # co-visitation candidates follow what the user did a minute ago.
     recent_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    # Purchases since the bundle (every variant): the re-purchase features count them.
+    purchases: Purchases | None = None
     rules: list[Rule] = field(default_factory=list)
     settings: OverlaySettings = field(default_factory=OverlaySettings)
 
@@ -167,7 +170,8 @@ def build_overlay(
 
     Events at or before the end of the bundle's data window are already in the bundle
     and are left out. Items the bundle does not know are ignored. Purchases (the bundle's
-    ``consumed_event_types``) are excluded in every variant; the re-solved vector and the
+    ``consumed_event_types``) of items its re-purchase policy does not offer again are
+    excluded in every variant, and every purchase feeds the re-purchase features; the re-solved vector and the
     skip penalties only where the variant uses context.
 
     Parameters
@@ -202,7 +206,14 @@ def build_overlay(
     rows = rows[known].astype(np.int64)
     evs = [e for e, k in zip(events, known) if k]
     types = np.array([e.event_type for e in evs])
-    ov.exclude_rows = np.unique(rows[np.isin(types, w.consumed_event_types)]).astype(np.int32)
+    is_buy = np.isin(types, w.consumed_event_types)
+    bought = rows[is_buy]
+    # A purchase ends the need for an item the bundle's policy does not offer again (a durable);
+    # a staple stays, and the re-purchase features see it was just bought.
+    ov.exclude_rows = np.unique(bought[model.item_reoffer[bought] == 0]).astype(np.int32)
+    ov.purchases = Purchases(
+        bought.astype(np.int32), np.array([e.timestamp for e in evs], dtype=np.float64)[is_buy].astype(np.int64)
+    )
     yty = cache.yty if variant.use_context and cache.ready.is_set() else None
     if yty is None:
         return ov

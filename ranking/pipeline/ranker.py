@@ -16,7 +16,7 @@ from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
 from ranking.pipeline.categories import in_categories
-from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Request
+from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Purchases, Request
 from ranking.pipeline.query import RankQuery
 from ranking.pipeline.serving import ServingModel
 from ranking.retrieval.batcher import AnnBatcher
@@ -298,9 +298,18 @@ class Ranker:
         return full[:, self._feature_pos]
 
     def _more_candidates(
-        self, q: RankQuery, urow: int, session: np.ndarray, cands: np.ndarray, scale: float = 1.0
+        self,
+        q: RankQuery,
+        urow: int,
+        session: np.ndarray,
+        cands: np.ndarray,
+        scale: float = 1.0,
+        *,
+        rung: Rung = Rung.POPULAR,
+        purchases: Purchases | None = None,
     ) -> np.ndarray:
-        """Add the reranker's extra sources: neighbours of the user's recent and session items, recent popularity.
+        """Add the reranker's extra sources: neighbours of the user's recent and session items, recent
+        popularity, and on the ONE_TO_ONE rung the user's own purchases that are due again ("buy again").
 
         ``scale`` shrinks every source with the budget's plan, as the ANN pool shrinks.
         """
@@ -315,6 +324,10 @@ class Ranker:
         if ease is not None:
             n = min(n_covis, len(ease))
             pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
+        if rung == Rung.ONE_TO_ONE and cfg.buy_again_candidates > 0:
+            when = int(q.event_time) if q.event_time is not None else t.data_end + 1
+            n_again = max(1, int(cfg.buy_again_candidates * scale))
+            pools.insert(1, t.buy_again(urow, when, purchases, n_again))
         return self.scratch.unique_in_order(np.concatenate(pools))
 
     def prepare(
@@ -349,7 +362,10 @@ class Ranker:
         n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, cfg.ann_effort)
         remaining = budget.remaining_ms() if budget else float("inf")
         cands, path = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
-        cands = self._more_candidates(q, urow, session, cands, n_cands / max(cfg.n_candidates, 1))
+        purchases = overlay.purchases if overlay is not None else None
+        cands = self._more_candidates(
+            q, urow, session, cands, n_cands / max(cfg.n_candidates, 1), rung=rung, purchases=purchases
+        )
         self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
         offsets: np.ndarray | None = None
@@ -362,7 +378,10 @@ class Ranker:
         if (budget is None or not budget.expired()) and (plan is None or plan.score):
             if self.tables is not None:
                 feats = self.tables.assemble(
-                    Request(int(rung), urow, qvec, seg, session, q.event_time, q.channel, q.device, q.region), cands
+                    Request(
+                        int(rung), urow, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
+                    ),
+                    cands,
                 )
             else:
                 feats = self._features(cands, qvec, seg)

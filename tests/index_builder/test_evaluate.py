@@ -46,10 +46,19 @@ def report(tmp_path_factory):
 def test_report_files_and_every_rung(report):
     results, out = report
     assert (out / "report.md").is_file() and (out / "ladder.json").is_file()
-    for protocol in ("last_n", "temporal"):
+    for protocol in ("last_n", "temporal", "last_basket"):
         p = results["protocols"][protocol]
         assert "error" not in p
-        assert p["rungs"] == ["POPULAR", "POPULAR_RECENT", "SEGMENT", "ITEM_TO_ITEM", "ALS", "EASE", "ONE2ONE"]
+        assert p["rungs"] == [
+            "POPULAR",
+            "POPULAR_RECENT",
+            "SEGMENT",
+            "ITEM_TO_ITEM",
+            "BUY_AGAIN",
+            "ALS",
+            "EASE",
+            "ONE2ONE",
+        ]
         assert (out / f"lift_{protocol}.png").stat().st_size > 1000
         assert (out / f"ndcg_vs_k_{protocol}.png").stat().st_size > 1000
     assert _no_nan(json.loads((out / "ladder.json").read_text()))

@@ -20,13 +20,14 @@ EVENTS_SCHEMA = pa.schema(
         ("channel", CONTEXT),
         ("device", CONTEXT),
         ("region", CONTEXT),
+        ("order_id", CONTEXT),
     ]
 )
 
 
 def no_context(n):
-    """The context columns of a file that has none: null for every event."""
-    return {"channel": [None] * n, "device": [None] * n, "region": [None] * n}
+    """The context columns (and order id) of a file that has none: null for every event."""
+    return {"channel": [None] * n, "device": [None] * n, "region": [None] * n, "order_id": [None] * n}
 
 
 SKIP = ReadOptions(on_bad_row="skip", max_bad_fraction=0.5)

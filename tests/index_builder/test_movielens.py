@@ -87,6 +87,7 @@ def test_fetched_files_are_accepted_by_the_readers(tmp_path):
         "channel": [None, None],
         "device": [None, None],
         "region": [None, None],
+        "order_id": [None, None],
     }
     assert items.to_pydict() == {
         "item_id": ["1", "12", "242", "243"],
@@ -158,6 +159,7 @@ def test_real_movielens_100k_from_pypi(tmp_path):
             "channel": None,
             "device": None,
             "region": None,
+            "order_id": None,
         }
     ]
     assert sorted(set(events.column("value").to_pylist())) == [1.0, 2.0, 3.0, 4.0, 5.0]
