@@ -373,3 +373,16 @@ def test_ladder_measures_buy_again_and_the_repeat_new_split(grocery_files, tmp_p
     report = write_report(results, tmp_path).read_text()
     assert "Repeat and new items" in report and "re-purchase" in report
     json.dumps(results, default=str)
+
+
+@pytest.mark.slow
+def test_explain_shows_the_re_purchase_contributions(grocery_bundle):
+    m = grocery_bundle
+    uid = str(m.users.ids[int(np.argmax(np.diff(m.bundle.array("user_buy_indptr"))))])
+    res = Ranker(m).rank(RankQuery(user_id=uid, num_results=5, explain=True))
+    names = ("buy_count", "buy_share", "days_since_bought", "buy_interval_days", "buy_due", "in_last_basket")
+    for score, contrib in zip(res.scores, res.contributions):
+        assert set(names) <= set(contrib)
+        assert sum(contrib.values()) == pytest.approx(score, abs=1e-4)
+    # The learned trees use them: on a grocery shop they carry much of the score.
+    assert any(abs(c[n]) > 0.01 for c in res.contributions for n in names)
