@@ -8,8 +8,8 @@ data the same way and a split asked for twice is fitted once (:func:`split_key`)
 least one positive in the earlier part, or they would be cold).
 ``last_basket``: each user's last basket (their last order, or last day with a purchase
 where the log has no ``order_id``; ``index_builder.repeat``) and everything they did from
-its start on are held out, for users with at least two baskets; its truth is the basket's
-purchases: what a grocer's next-basket prediction is judged on.
+the start of that visit on are held out, for users with at least two baskets; its truth
+is the basket's purchases: what a grocer's next-basket prediction is judged on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from index_builder.config import BuildConfig
-from index_builder.repeat import basket_keys
+from index_builder.repeat import DAY, basket_keys
 
 PROTOCOLS = ("temporal", "last_n", "last_basket")
 
@@ -114,8 +114,13 @@ def consumed_mask(events: pa.Table, cfg: BuildConfig) -> np.ndarray:
 
 
 def _last_basket(events: pa.Table, cfg: BuildConfig) -> np.ndarray:
-    """Events held out by ``last_basket``: from the start of each user's last basket on, for users with two or more."""
-    ts = events["timestamp"].to_numpy()
+    """Events held out by ``last_basket``: each user's last visit with a purchase, for users with two baskets or more.
+
+    The cut is the start of the last basket's UTC day (or just after the user's previous
+    basket, when that was the same day): what the user browsed on that visit before paying
+    is held out with the basket, so no rung learns the basket from the views that led to it.
+    """
+    ts = events["timestamp"].to_numpy().astype(np.int64)
     bought = consumed_mask(events, cfg)
     users = pc.dictionary_encode(events["user_id"]).combine_chunks().indices.to_numpy(zero_copy_only=False)
     n_users = int(users.max()) + 1 if len(users) else 0
@@ -123,12 +128,18 @@ def _last_basket(events: pa.Table, cfg: BuildConfig) -> np.ndarray:
     order = np.lexsort((bt, bk, bu))
     bu, bk, bt = bu[order], bk[order], bt[order]
     first = np.r_[True, (bu[1:] != bu[:-1]) | (bk[1:] != bk[:-1])] if len(bu) else np.zeros(0, bool)
-    n_baskets = np.bincount(bu[first], minlength=n_users)
-    last_start = np.full(n_users, np.iinfo(np.int64).max, np.int64)
-    starts = np.full(n_users, np.iinfo(np.int64).min, np.int64)
-    np.maximum.at(starts, bu[first], bt[first])
-    last_start[n_baskets >= 2] = starts[n_baskets >= 2]
-    return ts >= last_start[users]
+    b_user = bu[first]
+    b_start = bt[first]
+    b_end = np.maximum.reduceat(bt, np.flatnonzero(first)) if len(bt) else np.zeros(0, np.int64)
+    # Baskets in time order within each user: the last one and the one before.
+    by_time = np.lexsort((b_start, b_user))
+    b_user, b_start, b_end = b_user[by_time], b_start[by_time], b_end[by_time]
+    last = np.r_[b_user[1:] != b_user[:-1], True] if len(b_user) else np.zeros(0, bool)
+    n_baskets = np.bincount(b_user, minlength=n_users)
+    cut = np.full(n_users, np.iinfo(np.int64).max, np.int64)
+    rows = np.flatnonzero(last & (n_baskets[b_user] >= 2))
+    cut[b_user[rows]] = np.maximum(b_start[rows] // DAY * DAY, b_end[rows - 1] + 1)
+    return ts >= cut[users]
 
 
 def user_folds(user_ids: list[str] | np.ndarray, n_folds: int, seed: int) -> np.ndarray:

@@ -131,18 +131,26 @@ def test_last_basket_split_holds_out_from_the_last_basket_on():
         ("a", "i1", "purchase", T0, "o1"),
         ("a", "i2", "view", T0 + 5 * DAY, None),
         ("a", "i1", "purchase", T0 + 10 * DAY, "o2"),
-        ("a", "i3", "view", T0 + 10 * DAY - 60, None),  # browsing just before the last order: kept
+        ("a", "i5", "view", T0 + 9 * DAY + 60, None),  # the day before: kept
+        ("a", "i3", "view", T0 + 10 * DAY - 60, None),  # browsing the same visit before paying: held out
         ("a", "i3", "purchase", T0 + 10 * DAY + 30, "o2"),
         ("a", "i4", "view", T0 + 11 * DAY, None),  # after it: held out with it
         ("b", "i1", "purchase", T0 + 3 * DAY, "o3"),  # one basket only: stays in training
+        # Two orders on one day: the cut falls just after the earlier one.
+        ("c", "i1", "purchase", T0 + 20 * DAY + 100, "o4"),
+        ("c", "i2", "view", T0 + 20 * DAY + 150, None),
+        ("c", "i2", "purchase", T0 + 20 * DAY + 200, "o5"),
     ]
     train, test = split(_events(rows), Protocol("last_basket"), BuildConfig())
-    assert sorted(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist())) == [
-        ("a", "i1"),
-        ("a", "i3"),
-        ("a", "i4"),
+    assert sorted(zip(test["user_id"].to_pylist(), test["item_id"].to_pylist(), test["event_type"].to_pylist())) == [
+        ("a", "i1", "purchase"),
+        ("a", "i3", "purchase"),
+        ("a", "i3", "view"),
+        ("a", "i4", "view"),
+        ("c", "i2", "purchase"),
+        ("c", "i2", "view"),
     ]
-    assert train.num_rows == 4
+    assert train.num_rows == 5
     with pytest.raises(SplitError, match="two baskets or more"):
         split(_events([r for r in rows if r[0] == "b"]), Protocol("last_basket"), BuildConfig())
 
