@@ -146,7 +146,7 @@ def supervise(config: ServerConfig) -> int:
     """Fork ``config.n_workers`` workers and run until a stop signal; returns the exit code."""
     mp_dir = tempfile.mkdtemp(prefix="one2one-metrics-")
     os.environ[MULTIPROC_ENV] = mp_dir  # before prometheus_client is first imported
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
 
     from ranking import BundleError, RankingModel, ServingModel, resolve_current
     from server import logs
@@ -210,8 +210,10 @@ def supervise(config: ServerConfig) -> int:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         registry.register(GroupProcessCollector(lambda: list(workers)))
-        httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
-        metrics_port = httpd.server_port
+        from server.security import start_metrics_server
+
+        # No reload counter here: the supervisor creates no metric of its own (see above).
+        metrics_port = start_metrics_server(config, registry=registry)
     log.info(
         "workers started",
         extra={
@@ -277,11 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if config.n_workers > 1:
-        return supervise(config)
-    from server import app, logs
+    from server import logs, security
 
     logs.setup(config.log_level)
+    problem = security.exposure_problem(config)
+    if problem:
+        log.error(problem, extra={"host": config.host})
+        return 1
+    try:
+        security.check_files(config)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    security.log_exposure(config)
+    if config.n_workers > 1:
+        return supervise(config)
+    from server import app
+
     from ranking import RankingError
 
     try:
