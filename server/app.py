@@ -126,6 +126,24 @@ def create_server(
     return server, port, health_servicer
 
 
+def create_probe_server(
+    config: ServerConfig, health_servicer: health.HealthServicer, reuse_port: bool = False
+) -> tuple[grpc.Server, int] | None:
+    """The plaintext health-only server on ``health_port`` (None when it is -1), bound, not started.
+
+    The kubelet's gRPC probe speaks neither TLS nor tokens; this port shows it the same
+    health answers as the main port and nothing else.
+    """
+    if config.health_port < 0:
+        return None
+    probe = grpc.server(request_executor(2, "probe"), options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+    port = probe.add_insecure_port(f"{config.host}:{config.health_port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.health_port} (health_port)")
+    return probe, port
+
+
 def _count_file_reload(kind: str, result: str) -> None:
     metrics.SECURITY_FILE_RELOADS.labels(kind, result).inc()
 
@@ -140,7 +158,8 @@ def make_guard(
     ValueError, OSError
         The callers file is missing or invalid.
     """
-    pools = {role: CountedPool(rank_pool if role == "rank" else server_pool) for role in ("rank", "events", "admin", "other")}
+    roles = ("rank", "events", "admin", "other")
+    pools = {role: CountedPool(rank_pool if role == "rank" else server_pool) for role in roles}
     shedder = LoadShedder(pools, config.max_concurrent_calls, config.role_limits(), config.max_queued_ranks)
     callers = security.Callers(config.auth_tokens_file, _count_file_reload) if config.auth_tokens_file else None
     metrics.init_security_label_sets(auth=callers is not None or config.require_client_auth)
@@ -214,6 +233,7 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     realtime = Realtime(config)
     realtime.replay()
     server, port, health_servicer = create_server(config, models, reuse_port=reuse_port, realtime=realtime)
+    probe = create_probe_server(config, health_servicer, reuse_port=reuse_port)
     metrics_port = None
     if config.metrics_port >= 0:
         metrics_port = security.start_metrics_server(config, on_reload=_count_file_reload)
@@ -235,10 +255,13 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     # A worker process starts with these blocked (server.workers); deliver any held now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     server.start()
+    if probe is not None:
+        probe[0].start()
     log.info(
         "listening",
         extra={
             "grpc_port": port,
+            "health_port": probe[1] if probe else None,
             "metrics_port": metrics_port,
             "artifacts": config.artifacts,
             "tls": config.tls_enabled,
@@ -265,7 +288,15 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     if on_ready is not None:
         on_ready(port)
     if config.ready_file:
-        write_ready(config.ready_file, {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid()})
+        write_ready(
+            config.ready_file,
+            {
+                "grpc_port": port,
+                "metrics_port": metrics_port,
+                "health_port": probe[1] if probe else None,
+                "pid": os.getpid(),
+            },
+        )
 
     interval = config.reload_interval_seconds
     next_poll = time.monotonic() + interval
@@ -285,6 +316,8 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
             next_poll = time.monotonic() + interval
 
     drain(server, health_servicer, config)
+    if probe is not None:  # answered NOT_SERVING through the drain; now it goes too
+        probe[0].stop(None)
     realtime.close()
     gc_pauses.close()
     return 0

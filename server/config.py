@@ -201,6 +201,11 @@ class ServerConfig:
         "callers file (TOML `[[callers]]`: name, roles, `token_sha256` and/or `certificate`); every call but "
         "health must then present a listed token or certificate with the method's role. Re-read on change",
     )
+    health_port: int = _setting(
+        -1,
+        "a second, plaintext port serving only `grpc.health.v1`, for probes that cannot do TLS or "
+        "tokens (the kubelet's gRPC probe); `-1`: off, 0 picks a free one",
+    )
     allow_insecure: bool = _setting(
         False,
         "let the server bind a non-loopback `host` with neither TLS nor caller authentication "
@@ -222,7 +227,7 @@ class ServerConfig:
         "more are answered `RESOURCE_EXHAUSTED` at once (0: no limit)",
     )
     max_queued_ranks: int = _setting(
-        16,
+        32,
         "Rank calls one worker lets wait for a free Rank thread; more are answered "
         "`RESOURCE_EXHAUSTED` at once instead of waiting out their deadline (0: no limit)",
     )
@@ -352,6 +357,8 @@ class ServerConfig:
                 "tls_client_ca_file is only used with require_client_auth = true (gRPC verifies client "
                 "certificates only when it requires them)"
             )
+        if not -1 <= self.health_port < 65536:
+            problems.append(f"health_port {self.health_port} is out of range (-1 turns it off)")
         if self.max_concurrent_calls < 0 or self.max_queued_ranks < 0:
             problems.append("max_concurrent_calls and max_queued_ranks must be >= 0 (0: no limit)")
         try:

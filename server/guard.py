@@ -19,7 +19,7 @@ import grpc
 
 from server import errors, logs
 from server.security import Caller, Callers, bearer_token, peer_identities
-from server.shedding import CountedPool, LoadShedder
+from server.shedding import LoadShedder
 
 log = logging.getLogger("server.guard")
 

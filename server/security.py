@@ -216,8 +216,8 @@ def grpc_server_credentials(config: ServerConfig, on_reload: ReloadHook = _no_ho
     """
     import grpc
 
-    paths = [config.tls_cert_file, config.tls_key_file] + ([config.tls_client_ca_file] if config.require_client_auth else [])
     ca_file = config.tls_client_ca_file if config.require_client_auth else ""
+    paths = [config.tls_cert_file, config.tls_key_file] + ([ca_file] if ca_file else [])
     watch = FileWatch("tls", paths, lambda: _read_tls(config.tls_cert_file, config.tls_key_file, ca_file), on_reload)
 
     def configuration(files: tuple[bytes, bytes, bytes | None]):
@@ -327,9 +327,7 @@ def parse_callers(text: str, source: str) -> tuple[Caller, ...]:
             raise ValueError(f"{where}.token_sha256 is listed twice; each token belongs to one caller")
         if token:
             seen_tokens.add(token)
-        out.append(
-            Caller(name, frozenset(roles), bytes.fromhex(token) if token else None, cert.strip())  # type: ignore[arg-type]
-        )
+        out.append(Caller(name, frozenset(roles), bytes.fromhex(token) if token else None, cert.strip()))
     return tuple(out)
 
 

@@ -156,7 +156,11 @@ def supervise(config: ServerConfig) -> int:
     logs.setup(config.log_level)
     reserved = _reserve_port(config.host, config.port)
     port = reserved.getsockname()[1]
-    worker_config = ServerConfig(**{**vars(config), "port": port, "metrics_port": -1, "ready_file": ""})
+    reserved_health = _reserve_port(config.host, config.health_port) if config.health_port >= 0 else None
+    health_port = reserved_health.getsockname()[1] if reserved_health else None
+    worker_config = ServerConfig(
+        **{**vars(config), "port": port, "metrics_port": -1, "ready_file": "", "health_port": health_port or -1}
+    )
     t0 = time.perf_counter()
     preloaded = None
     try:
@@ -227,7 +231,13 @@ def supervise(config: ServerConfig) -> int:
     if config.ready_file:
         write_ready(
             config.ready_file,
-            {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(), "worker_pids": sorted(workers)},
+            {
+                "grpc_port": port,
+                "metrics_port": metrics_port,
+                "health_port": health_port,
+                "pid": os.getpid(),
+                "worker_pids": sorted(workers),
+            },
         )
 
     stopping = False
@@ -268,6 +278,8 @@ def supervise(config: ServerConfig) -> int:
         log.error("worker died; replacing it", extra={"pid": pid, "slot": slot, "exit_code": code})
         spawn(slot)
     reserved.close()
+    if reserved_health is not None:
+        reserved_health.close()
     shutil.rmtree(mp_dir, ignore_errors=True)
     log.info("stopped", extra={"exit_code": exit_code})
     return exit_code
@@ -294,9 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     security.log_exposure(config)
     if config.n_workers > 1:
         return supervise(config)
-    from server import app
-
     from ranking import RankingError
+    from server import app
 
     try:
         return app.serve(config)

@@ -22,9 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ops_tools import sample, wait_for, write_config
 from tls_certs import issue, make_ca, server_cert, write
 
-from one2one.v1 import admin_pb2, admin_pb2_grpc
+from one2one.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2_grpc
 from one2one.v1 import ranking_pb2 as pb
-from one2one.v1 import ranking_pb2_grpc
 from server.demo import start_server
 from server.security import hash_token
 
@@ -103,6 +102,7 @@ def secured(artifacts, pki, tmp_path_factory):
         metrics_tls_key_file=str(pki["server_key"]),
         metrics_tls_client_ca_file=str(pki["client_ca"]),
         reload_interval_seconds=0,
+        health_port=0,
     )
     proc, ready = start_server(artifacts, work, cfg)
     channel = grpc.secure_channel(f"127.0.0.1:{ready['grpc_port']}", channel_creds(pki))
@@ -288,11 +288,12 @@ def test_callers_file_is_reread_and_the_cli_stores_only_a_hash(secured, pki):
             call = ranking_pb2_grpc.RankingServiceStub(ch).Rank
             assert rpc_code(call, pb.RankRequest(user_id="u1"), metadata=token(new_token)) == grpc.StatusCode.OK
     # Taken out again: refused at once.
-    original = callers.read_text().split("[[callers]]\nname = \"late\"")[0]
+    original = callers.read_text().split('[[callers]]\nname = "late"')[0]
     callers.write_text(original)
     wait_for(
-        lambda: rpc_code(rank, pb.RankRequest(user_id="u1"), metadata=token(new_token))
-        == grpc.StatusCode.UNAUTHENTICATED
+        lambda: (
+            rpc_code(rank, pb.RankRequest(user_id="u1"), metadata=token(new_token)) == grpc.StatusCode.UNAUTHENTICATED
+        )
     )
     # A broken file is refused and the last good version keeps serving.
     refused = 'one2one_security_file_reloads_total{file="callers",result="refused"}'
@@ -301,3 +302,13 @@ def test_callers_file_is_reread_and_the_cli_stores_only_a_hash(secured, pki):
     assert rpc_code(rank, pb.RankRequest(user_id="u1"), metadata=token(RANK_TOKEN)) == grpc.StatusCode.OK
     assert sample(https_metrics(pki, secured["ready"]["metrics_port"]), refused) > before
     callers.write_text(original)
+
+
+def test_plaintext_health_port_serves_probes_and_nothing_else(secured):
+    # The kubelet's gRPC probe can do neither TLS nor tokens: health alone, in the clear.
+    with grpc.insecure_channel(f"127.0.0.1:{secured['ready']['health_port']}") as ch:
+        assert _serving(ch)
+        code = rpc_code(ranking_pb2_grpc.RankingServiceStub(ch).Rank, pb.RankRequest(), metadata=token(RANK_TOKEN))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+        code = rpc_code(admin_pb2_grpc.AdminServiceStub(ch).GetStatus, admin_pb2.GetStatusRequest())
+        assert code == grpc.StatusCode.UNIMPLEMENTED

@@ -102,8 +102,8 @@ def _entry(**fields) -> str:
         (_entry(name="a", roles=["rank"]), "needs token_sha256 or certificate"),
         (_entry(name="a", roles=["rank"], token_sha256="A" * 64), "64 lower-case hex"),
         (_entry(name="a", roles=["rank"], token="x"), "unknown key"),
-        (_entry(name="a", roles=["rank"], token_sha256="a" * 64) + _entry(name="b", roles=["admin"], token_sha256="a" * 64),
-         r"callers\[1\].token_sha256 is listed twice"),
+        (_entry(name="a", roles=["rank"], token_sha256="a" * 64)
+         + _entry(name="b", roles=["admin"], token_sha256="a" * 64), r"callers\[1\].token_sha256 is listed twice"),
     ],
 )  # fmt: skip
 def test_callers_file_errors_name_the_entry_and_field(text, message):
@@ -193,4 +193,3 @@ def test_every_served_method_has_a_decided_role():
     assert method_role("grpc.health.v1.Health/Watch") == OPEN
     assert method_role("grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") == "other"
     assert method_role("one2one.v1.RankingService/SomethingNew") == "admin"  # fails closed
-
