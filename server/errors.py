@@ -14,7 +14,23 @@ from ranking import BundleError, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
+
+class Unauthenticated(Exception):
+    """The call carries no credential, or one that names no caller (server.guard)."""
+
+
+class PermissionDenied(Exception):
+    """The caller is known but lacks the role the method needs (server.guard)."""
+
+
+class Overloaded(Exception):
+    """The call was shed on arrival: too many calls held already (server.shedding)."""
+
+
 _CODES = [
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (BundleError, grpc.StatusCode.UNAVAILABLE),

@@ -74,7 +74,8 @@ class CallInterceptor(grpc.ServerInterceptor):
                 metrics.RPC_REQUESTS.labels(method, code.name).inc()
                 metrics.RPC_DURATION.labels(method).observe((time.monotonic_ns() - arrived) / 1e9)
 
-        pool = self.thread_pools.get(method)
+        # A pool chosen by an inner interceptor (server.guard) wins over this one's map.
+        pool = getattr(inner, "experimental_thread_pool", None) or self.thread_pools.get(method)
         if pool is not None:
             # gRPC reads this attribute off the behaviour function; functions carry no declared attributes.
             wrapper.experimental_thread_pool = pool  # type: ignore[attr-defined]

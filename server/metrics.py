@@ -244,3 +244,46 @@ ARM_REVENUE = Counter(
     "Purchase value attributed (by request_id) to an experiment arm.",
     ["experiment", "arm"],
 )
+
+# --- Security and load shedding (owner: server/guard.py, server/security.py, server/shedding.py) ---
+# Never labelled by caller, token or peer: refusals are logged (sampled) with the caller's name.
+GUARDED_METHODS = (
+    "one2one.v1.RankingService/Rank",
+    "one2one.v1.RankingService/RecordEvents",
+    "one2one.v1.AdminService/ReloadBundle",
+    "one2one.v1.AdminService/GetStatus",
+)
+AUTH_REFUSALS = Counter(
+    "one2one_auth_refusals",
+    "Calls refused for their credentials, by method and reason: missing (no credential), bad_token, "
+    "unknown_certificate (UNAUTHENTICATED), wrong_role (PERMISSION_DENIED).",
+    ["method", "reason"],
+)
+RPC_SHED = Counter(
+    "one2one_rpc_shed",
+    "Calls answered RESOURCE_EXHAUSTED on arrival, by method and the bound that was full: process "
+    "(max_concurrent_calls), role (max_calls_per_role), rank_queue (max_queued_ranks).",
+    ["method", "reason"],
+)
+SECURITY_FILE_RELOADS = Counter(
+    "one2one_security_file_reloads",
+    "New versions of the TLS and callers files seen by a worker, by file (tls, callers) and result "
+    "(loaded; refused: unreadable or invalid, the last good version kept).",
+    ["file", "result"],
+)
+
+
+def init_security_label_sets(auth: bool) -> None:
+    """Zero series for the refusal and shedding counters (``auth``: the server checks callers)."""
+    from server.guard import AUTH_REASONS
+    from server.shedding import SHED_REASONS
+
+    for method in GUARDED_METHODS:
+        for reason in SHED_REASONS:
+            RPC_SHED.labels(method, reason)
+        if auth:
+            for reason in AUTH_REASONS:
+                AUTH_REFUSALS.labels(method, reason)
+    for file in ("tls", "callers"):
+        for result in ("loaded", "refused"):
+            SECURITY_FILE_RELOADS.labels(file, result)
