@@ -31,6 +31,7 @@ from server.model_manager import ModelManager
 from server.ready import write_ready
 from server.realtime import Realtime
 from server.servicer import RankingServicer
+from server.stall_guard import StallGuard
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -57,8 +58,11 @@ def one_openmp_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def request_executor(max_workers: int, name: str = "rpc") -> futures.ThreadPoolExecutor:
-    """Threads that handle RPCs, each set to one OpenMP thread before its first request."""
+def request_executor(max_workers: int, name: str = "rpc", guard: StallGuard | None = None) -> futures.ThreadPoolExecutor:
+    """Threads that handle RPCs, each set to one OpenMP thread before its first request; with a
+    ``guard``, a call whose request stalls is cancelled rather than holding its thread."""
+    if guard is not None:
+        return guard.executor(max_workers, name, initializer=one_openmp_thread)
     return futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name, initializer=one_openmp_thread)
 
 
@@ -93,9 +97,15 @@ def create_server(
     # Rank runs on its own few threads, taking calls in arrival order; health, reflection,
     # admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank
     # and no burst of Rank calls holds up a health check (docs/operations.md, "Processes").
-    rank_pools = {f"{SERVICE_NAME}/Rank": request_executor(config.rank_threads, "rank")} if config.rank_threads else {}
+    # A client whose request never finishes arriving would hold its handler thread for as long
+    # as its connection lives (server.stall_guard): such calls are cancelled after
+    # request_read_timeout_seconds.
+    guard = StallGuard(config.request_read_timeout_seconds, on_cancel=metrics.RPC_STALLED.inc)
+    rank_pools = (
+        {f"{SERVICE_NAME}/Rank": request_executor(config.rank_threads, "rank", guard)} if config.rank_threads else {}
+    )
     server = grpc.server(
-        request_executor(config.max_workers),
+        request_executor(config.max_workers, guard=guard),
         interceptors=[CallInterceptor(rank_pools)],
         options=options,
     )

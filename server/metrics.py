@@ -67,6 +67,11 @@ RPC_IN_FLIGHT = Gauge(
     ["method"],
     multiprocess_mode="livesum",
 )
+RPC_STALLED = Counter(
+    "one2one_rpc_stalled_requests",
+    "Calls cancelled because their request message had not fully arrived request_read_timeout_seconds "
+    "after their headers (a stalled or hostile client holding a handler thread).",
+)
 
 # -- Rank: where the time goes and what was served -----------------------------------
 STAGE_DURATION = Histogram(
