@@ -10,7 +10,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ranking import BundleError, InvalidRequest, Unavailable
+from ranking import BundleError, EventLogError, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,25 @@ _CODES = [
 ]
 
 
+_LOG_FAILURES = {
+    "no_space": "its disk is full",
+    "read_only": "its disk is read-only",
+    "io_error": "I/O error",
+    "closed": "the server is shutting down",
+    "busy": "another process holds it",
+}
+
+
 def to_status(exc: Exception) -> grpc.Status:
     """The gRPC status for a domain error; INVALID_ARGUMENT carries BadRequest field violations."""
     code = next((c for t, c in _CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
     message = str(exc) if code != grpc.StatusCode.INTERNAL else "internal error"
+    if isinstance(exc, EventLogError):
+        # The log's message names the server's files; the caller needs what happened and what to do.
+        message = (
+            f"the event log cannot be written ({_LOG_FAILURES.get(exc.reason, exc.reason)}); "
+            "nothing of this request was recorded, retry later"
+        )
     details = []
     if isinstance(exc, InvalidRequest):
         bad = error_details_pb2.BadRequest(

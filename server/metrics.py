@@ -215,6 +215,18 @@ EVENT_LOG_APPEND_DURATION = Histogram(
 EVENT_LOG_BYTES = Counter(
     "one2one_event_log_appended_bytes", "Bytes appended to the event log (events and impressions)."
 )
+EVENT_LOG_WRITE_FAILURE_REASONS = ("no_space", "read_only", "io_error")
+EVENT_LOG_WRITABLE = Gauge(
+    "one2one_event_log_writable",
+    "1 while the last append to this worker's event log succeeded, 0 after one failed (disk full, "
+    "read-only, I/O error): RecordEvents answers UNAVAILABLE until an append succeeds again.",
+    multiprocess_mode="livemin",
+)
+EVENT_LOG_WRITE_FAILURES = Counter(
+    "one2one_event_log_write_failures",
+    "Appends to the event log that failed and were taken back, by reason (no_space, read_only, io_error).",
+    ["reason"],
+)
 EVENT_LOG_IMPRESSIONS_LOST = Counter(
     "one2one_event_log_impressions_lost", "Rank impressions that could not be written to the event log."
 )
