@@ -134,6 +134,10 @@ BUNDLE_LOAD_DURATION = Gauge(
     "How long loading, verifying and warming the served bundle took.",
     multiprocess_mode="livemax",
 )
+WORKER_REPLACEMENTS = Counter(
+    "one2one_worker_replacements",
+    "Worker processes started to replace one that died (killed, crashed); 0 with a single process.",
+)
 BUNDLE_LOAD_FAILURES = Counter(
     "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).", ["reason"]
 )
