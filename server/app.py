@@ -58,7 +58,9 @@ def one_openmp_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def request_executor(max_workers: int, name: str = "rpc", guard: StallGuard | None = None) -> futures.ThreadPoolExecutor:
+def request_executor(
+    max_workers: int, name: str = "rpc", guard: StallGuard | None = None
+) -> futures.ThreadPoolExecutor:
     """Threads that handle RPCs, each set to one OpenMP thread before its first request; with a
     ``guard``, a call whose request stalls is cancelled rather than holding its thread."""
     if guard is not None:

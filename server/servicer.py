@@ -18,6 +18,7 @@ from ranking import (
     EventLogError,
     FieldViolation,
     InvalidRequest,
+    QueryLimits,
     RankingError,
     RankQuery,
     RankResult,
@@ -117,7 +118,7 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
 
 
 def events_from_proto(
-    req: ranking_pb2.RecordEventsRequest, now: float
+    req: ranking_pb2.RecordEventsRequest, now: float, limits: QueryLimits | None = None
 ) -> tuple[list[Event], dict[int, tuple[str, str]]]:
     """The domain events of a RecordEventsRequest, and the events whose Timestamps are invalid.
 
@@ -126,7 +127,9 @@ def events_from_proto(
     with the arrival time and in the second result, index -> (field, reason), to be rejected
     on its own while the rest of the batch is kept.
     """
-    out, invalid = [], {}
+    limits = limits or QueryLimits()
+    out: list[Event] = []
+    invalid: dict[int, tuple[str, str]] = {}
     for i, ev in enumerate(req.events):
         ctx = ev.context
         for name, ts, present in (
@@ -135,6 +138,19 @@ def events_from_proto(
         ):
             if present and (problem := timestamp_problem(ts)) is not None:
                 invalid.setdefault(i, (name, problem))
+        # Not used for an event (nor logged), but bounded like every repeated field of the API.
+        if len(ctx.session_item_ids) > limits.max_session_items:
+            invalid.setdefault(
+                i,
+                (
+                    "context.session_item_ids",
+                    f"has {len(ctx.session_item_ids)} entries; at most {limits.max_session_items} are allowed",
+                ),
+            )
+        elif any(len(x) > limits.max_id_chars for x in ctx.session_item_ids):
+            invalid.setdefault(
+                i, ("context.session_item_ids", f"an id is longer than {limits.max_id_chars} characters")
+            )
         timed = ev.HasField("event_time") and i not in invalid
         out.append(
             Event(
@@ -202,6 +218,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.config = config
         self.realtime = realtime
         self.admission = Admission(config.max_concurrent_ranks)
+        self.limits = config.ranker_config().limits
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         # The budget and the server's time run from the call's arrival, so the wait for a
@@ -273,7 +290,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         try:
             if self.realtime is None:
                 raise Unavailable("this server runs without an event log")
-            events, invalid = events_from_proto(request, time.time())
+            events, invalid = events_from_proto(request, time.time(), self.limits)
             accepted, rejections = self.realtime.record(events, invalid)
         except EventLogError as exc:
             # The operator's side of the UNAVAILABLE (the client's message names no file); one a second.

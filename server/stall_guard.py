@@ -139,5 +139,5 @@ class _GuardedExecutor(futures.ThreadPoolExecutor):
         super().__init__(**kwargs)
         self._guard = guard
 
-    def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+    def submit(self, fn, /, *args, **kwargs):
         return super().submit(fn, *self._guard._wrap(args), **kwargs)

@@ -154,3 +154,23 @@ def test_full_disk_under_the_event_log(artifacts, tmp_path):
             assert s.metric("one2one_event_log_replayed_records_total", {"kind": "event"}) == len(acked)
         finally:
             s.stop()
+
+
+def test_an_events_context_is_bounded_like_a_rank_context(server):
+    """Every repeated field has a limit, also where it is unused (an Event's session items)."""
+    resp = server.stub.RecordEvents(
+        pb.RecordEventsRequest(
+            events=[
+                event("ctx-1", context=pb.Context(session_item_ids=["1"] * 101)),
+                event("ctx-2", context=pb.Context(session_item_ids=["1"] * 100)),
+                event("ctx-3", context=pb.Context(session_item_ids=["x" * 257])),
+            ]
+        ),
+        timeout=5,
+    )
+    assert resp.accepted_count == 1
+    assert [(r.index, r.field) for r in resp.rejections] == [
+        (0, "context.session_item_ids"),
+        (2, "context.session_item_ids"),
+    ]
+    assert "at most 100" in resp.rejections[0].reason
