@@ -48,9 +48,9 @@ demo: install $(DATA)/events.csv
 # System tools some tests need: Debian's prometheus package (prometheus, promtool).
 # Idempotent; CI runs it before the tests, which then never skip for want of them.
 deps-system:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; else \
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v mkfs.ext4 >/dev/null; then :; else \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus e2fsprogs util-linux; \
 	fi
 
 test: install $(if $(CI),deps-system,)

@@ -32,6 +32,7 @@ from server.ready import write_ready
 from server.realtime import Realtime
 from server.servicer import RankingServicer
 from server.shedding import CountedPool, LoadShedder
+from server.stall_guard import StallGuard
 
 log = logging.getLogger("server")
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -58,9 +59,40 @@ def one_openmp_thread() -> None:
     faiss.omp_set_num_threads(1)
 
 
-def request_executor(max_workers: int, name: str = "rpc") -> futures.ThreadPoolExecutor:
-    """Threads that handle RPCs, each set to one OpenMP thread before its first request."""
+def request_executor(
+    max_workers: int, name: str = "rpc", stall_guard: StallGuard | None = None
+) -> futures.ThreadPoolExecutor:
+    """Threads that handle RPCs, each set to one OpenMP thread before its first request; with a
+    ``stall_guard``, a call whose request stalls is cancelled rather than holding its thread."""
+    if stall_guard is not None:
+        return stall_guard.executor(max_workers, name, initializer=one_openmp_thread)
     return futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name, initializer=one_openmp_thread)
+
+
+def call_handling(config: ServerConfig) -> tuple[futures.ThreadPoolExecutor, list[grpc.ServerInterceptor]]:
+    """The server's default handler pool and its interceptors: every call timed and counted
+    (server.interceptors), its caller checked and its pool chosen with room (server.guard).
+
+    Rank runs on its own few threads, taking calls in arrival order; health, reflection,
+    admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank and
+    no burst of Rank calls holds up a health check (docs/operations.md, "Processes").
+    Refused and shed calls are answered on two threads of their own, never behind the work
+    they refuse. A client whose request never finishes arriving would hold its handler
+    thread for as long as its connection lives (server.stall_guard): all three pools are the
+    stall guard's, and the shedder counts calls on those very pools, so a stalled call is
+    cancelled after ``request_read_timeout_seconds`` wherever the guard sent it, and its
+    room is given back.
+
+    Raises
+    ------
+    ValueError, OSError
+        The callers file is missing or invalid.
+    """
+    stalls = StallGuard(config.request_read_timeout_seconds, on_cancel=metrics.RPC_STALLED.inc)
+    server_pool = request_executor(config.max_workers, stall_guard=stalls)
+    rank_pool = request_executor(config.rank_threads, "rank", stalls) if config.rank_threads else server_pool
+    refusal_pool = stalls.executor(2, "refuse")
+    return server_pool, [CallInterceptor(), make_guard(config, server_pool, rank_pool, refusal_pool)]
 
 
 def create_server(
@@ -92,17 +124,8 @@ def create_server(
             ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", int(config.drain_seconds * 1000)),
         ]
-    # Rank runs on its own few threads, taking calls in arrival order; health, reflection,
-    # admin and RecordEvents on the server's pool, so no stream or slow call holds up Rank
-    # and no burst of Rank calls holds up a health check (docs/operations.md, "Processes").
-    # The guard picks each call's pool, after checking its caller and the pool's room.
-    server_pool = request_executor(config.max_workers)
-    rank_pool = request_executor(config.rank_threads, "rank") if config.rank_threads else server_pool
-    server = grpc.server(
-        server_pool,
-        interceptors=[CallInterceptor(), make_guard(config, server_pool, rank_pool)],
-        options=options,
-    )
+    server_pool, interceptors = call_handling(config)
+    server = grpc.server(server_pool, interceptors=interceptors, options=options)
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(models, config, realtime), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -136,7 +159,9 @@ def create_probe_server(
     """
     if config.health_port < 0:
         return None
-    probe = grpc.server(request_executor(2, "probe"), options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
+    # Its two threads are guarded against stalled requests like the main port's.
+    stalls = StallGuard(config.request_read_timeout_seconds, on_cancel=metrics.RPC_STALLED.inc)
+    probe = grpc.server(stalls.executor(2, "probe"), options=[("grpc.so_reuseport", 1 if reuse_port else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
     port = probe.add_insecure_port(f"{config.host}:{config.health_port}")
     if port == 0:
@@ -149,9 +174,14 @@ def _count_file_reload(kind: str, result: str) -> None:
 
 
 def make_guard(
-    config: ServerConfig, server_pool: futures.ThreadPoolExecutor, rank_pool: futures.ThreadPoolExecutor
+    config: ServerConfig,
+    server_pool: futures.ThreadPoolExecutor,
+    rank_pool: futures.ThreadPoolExecutor,
+    refusal_pool: futures.ThreadPoolExecutor,
 ) -> GuardInterceptor:
-    """The interceptor that checks callers and sheds load, with a counted pool per role.
+    """The interceptor that checks callers and sheds load, with a counted pool per role (views
+    of ``server_pool`` and ``rank_pool``: the shedder counts calls on the very threads, stall
+    guard included, that run them), refusing on ``refusal_pool``.
 
     Raises
     ------
@@ -167,8 +197,7 @@ def make_guard(
         callers,
         certificates=config.require_client_auth,
         shedder=shedder,
-        # Refusals never wait behind the calls they refuse; two threads answer thousands a second.
-        refusal_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="refuse"),
+        refusal_pool=refusal_pool,
         count_refusal=lambda method, reason: metrics.AUTH_REFUSALS.labels(method, reason).inc(),
         count_shed=lambda method, reason: metrics.RPC_SHED.labels(method, reason).inc(),
     )

@@ -63,6 +63,11 @@ class ServerConfig:
         "`max_workers` threads",
     )
     max_message_bytes: int = _setting(1 << 20, "larger requests are refused with `RESOURCE_EXHAUSTED`")
+    request_read_timeout_seconds: float = _setting(
+        2.0,
+        "a call whose request message has not fully arrived this long after its headers is cancelled, "
+        "freeing its handler thread (a stalled client must not hold every thread; see Slow clients); 0: never",
+    )
     default_budget_ms: float = _setting(50.0, "budget of a request that sets none")
     max_budget_ms: float = _setting(500.0, "cap on any request's budget")
     reply_margin_ms: float = _setting(2.0, "kept back from the gRPC deadline to send the reply")
@@ -332,6 +337,8 @@ class ServerConfig:
             problems.append("debug_rank_delay_ms must be >= 0 (0 turns it off)")
         if self.max_workers < 1:
             problems.append("max_workers must be >= 1")
+        if self.request_read_timeout_seconds < 0:
+            problems.append(f"request_read_timeout_seconds {self.request_read_timeout_seconds} must be >= 0 (0: never)")
         if self.rank_threads < 0:
             problems.append(f"rank_threads {self.rank_threads} must be >= 0 (0: Rank on the max_workers threads)")
         if self.workers < 0:

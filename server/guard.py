@@ -152,14 +152,18 @@ class GuardInterceptor(grpc.ServerInterceptor):
                 self._refused(context, method, "unknown_certificate", "")
             elif not _allowed(caller, role):
                 self._refused(context, method, "wrong_role", caller.name)
+            if isinstance(request, errors.Undecodable):
+                errors.abort(context, request.error)
             return inner(request, context)
 
+        checked.judges_caller_first = True  # type: ignore[attr-defined]
         return checked
 
     def _refuse(self, handler: grpc.RpcMethodHandler, method: str, reason: str, caller: str = ""):
         def refuse(_request, context):
             self._refused(context, method, reason, caller)
 
+        refuse.judges_caller_first = True  # type: ignore[attr-defined]
         replaced = _replace_behavior(handler, refuse)
         refuse.experimental_thread_pool = self.refusal_pool  # type: ignore[attr-defined]
         return replaced

@@ -67,6 +67,11 @@ RPC_IN_FLIGHT = Gauge(
     ["method"],
     multiprocess_mode="livesum",
 )
+RPC_STALLED = Counter(
+    "one2one_rpc_stalled_requests",
+    "Calls cancelled because their request message had not fully arrived request_read_timeout_seconds "
+    "after their headers (a stalled or hostile client holding a handler thread).",
+)
 
 # -- Rank: where the time goes and what was served -----------------------------------
 STAGE_DURATION = Histogram(
@@ -128,6 +133,10 @@ BUNDLE_LOAD_DURATION = Gauge(
     "one2one_bundle_load_duration_seconds",
     "How long loading, verifying and warming the served bundle took.",
     multiprocess_mode="livemax",
+)
+WORKER_REPLACEMENTS = Counter(
+    "one2one_worker_replacements",
+    "Worker processes started to replace one that died (killed, crashed); 0 with a single process.",
 )
 BUNDLE_LOAD_FAILURES = Counter(
     "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).", ["reason"]
@@ -209,6 +218,18 @@ EVENT_LOG_APPEND_DURATION = Histogram(
 )
 EVENT_LOG_BYTES = Counter(
     "one2one_event_log_appended_bytes", "Bytes appended to the event log (events and impressions)."
+)
+EVENT_LOG_WRITE_FAILURE_REASONS = ("no_space", "read_only", "io_error")
+EVENT_LOG_WRITABLE = Gauge(
+    "one2one_event_log_writable",
+    "1 while the last append to this worker's event log succeeded, 0 after one failed (disk full, "
+    "read-only, I/O error): RecordEvents answers UNAVAILABLE until an append succeeds again.",
+    multiprocess_mode="livemin",
+)
+EVENT_LOG_WRITE_FAILURES = Counter(
+    "one2one_event_log_write_failures",
+    "Appends to the event log that failed and were taken back, by reason (no_space, read_only, io_error).",
+    ["reason"],
 )
 EVENT_LOG_IMPRESSIONS_LOST = Counter(
     "one2one_event_log_impressions_lost", "Rank impressions that could not be written to the event log."

@@ -42,18 +42,21 @@ class CountedPool(futures.ThreadPoolExecutor):
         with self._lock:
             self.queued += 1
 
-        def run():
+        def run(*job_args, **job_kwargs):
             with self._lock:
                 self.queued -= 1
                 self.running += 1
             try:
-                return fn(*args, **kwargs)
+                return fn(*job_args, **job_kwargs)
             finally:
                 with self._lock:
                     self.running -= 1
 
         try:
-            return self.executor.submit(run)
+            # The job's arguments go through the executor as they came, not inside a closure:
+            # the stall guard's executor (server.stall_guard) finds the call and its request
+            # reader among them.
+            return self.executor.submit(run, *args, **kwargs)
         except BaseException:  # the executor is shut down: the call never counted
             with self._lock:
                 self.queued -= 1

@@ -181,7 +181,7 @@ def supervise(config: ServerConfig) -> int:
     workers: dict[int, int] = {}  # pid -> slot
     supervisor_pid = os.getpid()
 
-    def spawn(slot: int) -> None:
+    def spawn(slot: int, replacing: bool = False) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(ready_r)
@@ -192,8 +192,12 @@ def supervise(config: ServerConfig) -> int:
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
                 _stop_with_parent(supervisor_pid)
                 pin_worker(cpus, slot)
-                from server import app
+                from server import app, metrics
 
+                if replacing:
+                    # Counted by the new worker: the supervisor writes no metric of its own
+                    # (see above), and a counter outlives the process that wrote it.
+                    metrics.WORKER_REPLACEMENTS.inc()
                 code = app.serve(
                     worker_config, preloaded=preloaded, reuse_port=True, on_ready=lambda _port: os.write(ready_w, b"r")
                 )
@@ -276,7 +280,7 @@ def supervise(config: ServerConfig) -> int:
             exit_code = exit_code or (0 if code == 0 else 1)
             continue
         log.error("worker died; replacing it", extra={"pid": pid, "slot": slot, "exit_code": code})
-        spawn(slot)
+        spawn(slot, replacing=True)
     reserved.close()
     if reserved_health is not None:
         reserved_health.close()

@@ -44,6 +44,9 @@ GRAFANA_VARS = {"$__rate_interval": "20s", "$job": "one2one"}
 NEEDS_HISTORY = {
     "One2oneFallbackRatioSpike": ["one2one:rank_fallbacks:ratio_rate5m", "one2one:rank_fallbacks:ratio_rate6h"]
 }
+# The event log's full disk needs a mount (created on a real tmpfs in
+# tests/server/test_faults_e2e.py): here its metric side must return data.
+NEEDS_HISTORY["One2oneEventLogUnwritable"] = ["min by (job, instance) (one2one_event_log_writable)"]
 # Alerts whose condition the setup creates: each must be pending or firing.
 CREATED = {
     "One2oneErrorRatioHigh",

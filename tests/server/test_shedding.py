@@ -14,9 +14,8 @@ import pytest
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
-from server.app import make_guard, request_executor
+from server.app import call_handling
 from server.config import ServerConfig
-from server.interceptors import CallInterceptor
 from server.shedding import CountedPool, LoadShedder
 
 
@@ -74,11 +73,9 @@ class HeldServer:
         self.config = ServerConfig(artifacts="unused", **settings)
         self.release = threading.Event()
         self.holding = threading.Semaphore(0)
-        server_pool = request_executor(self.config.max_workers)
-        rank_pool = request_executor(self.config.rank_threads, "rank")
-        self.server = grpc.server(
-            server_pool, interceptors=[CallInterceptor(), make_guard(self.config, server_pool, rank_pool)]
-        )
+        # The server's own pools and interceptors, as create_server assembles them.
+        server_pool, interceptors = call_handling(self.config)
+        self.server = grpc.server(server_pool, interceptors=interceptors)
 
         def held(response):
             def behavior(request, context):
