@@ -29,20 +29,21 @@ def grpc_frame(message: bytes) -> bytes:
 
 class StalledConnection:
     """One connection holding ``streams`` calls to ``path`` whose request body never finishes:
-    HEADERS, then a DATA frame announcing a 100-byte message and carrying 3 bytes of it.
+    HEADERS (with ``metadata``, e.g. a bearer token), then a DATA frame announcing a 100-byte
+    message and carrying 3 bytes of it.
 
     The connection otherwise behaves (it answers PINGs and SETTINGS from a reader thread), the
     way a slow client behind a healthy network does; it is closed by :meth:`close`.
     """
 
-    def __init__(self, port: int, path: str, streams: int):
+    def __init__(self, port: int, path: str, streams: int, metadata: tuple[tuple[str, str], ...] = ()):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.conn.initiate_connection()
         self.stream_ids = []
         for _ in range(streams):
             sid = self.conn.get_next_available_stream_id()
-            self.conn.send_headers(sid, grpc_headers(path))
+            self.conn.send_headers(sid, grpc_headers(path) + list(metadata))
             self.conn.send_data(sid, b"\x00" + struct.pack(">I", 100) + b"abc")
             self.stream_ids.append(sid)
         self.reset_streams: set[int] = set()

@@ -125,3 +125,86 @@ def test_without_the_guard_stalled_bodies_hold_every_thread(artifacts, tmp_path)
         channel.close()
     finally:
         stop(proc)
+
+
+def first_answer(call, seconds: float) -> tuple[grpc.StatusCode, float] | None:
+    """Retry ``call`` (each with a 0.5 s deadline) until it answers anything but
+    DEADLINE_EXCEEDED; its status code and the seconds it took, or None if never."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        try:
+            call()
+            return grpc.StatusCode.OK, time.monotonic() - t0
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                return exc.code(), time.monotonic() - t0
+    return None
+
+
+@pytest.mark.slow
+def test_stalled_calls_are_cancelled_on_every_pool_the_guard_picks(artifacts, tmp_path):
+    """With callers and shedding configured, the guard sends calls to pools of its own: the
+    counted events pool, the two refusal threads, health_port's two threads. A stalled call
+    on each is cancelled like any other, and a shed call's room is given back when it is."""
+    from server.security import hash_token
+
+    token = "events-token-0123456789abcdef"
+    (tmp_path / "callers.toml").write_text(
+        f'[[callers]]\nname = "ingest"\nroles = ["events"]\ntoken_sha256 = "{hash_token(token)}"\n'
+    )
+    (tmp_path / "server.toml").write_text(
+        "[server]\nworkers = 1\nmax_workers = 6\nrank_threads = 2\nreload_interval_seconds = 0\n"
+        f'request_read_timeout_seconds = {TIMEOUT}\nauth_tokens_file = "{tmp_path / "callers.toml"}"\n'
+        'max_calls_per_role = "events:3,admin:2"\nhealth_port = 0\n'
+    )
+    proc, ready = start_server(artifacts, tmp_path, extra=["--config", str(tmp_path / "server.toml")])
+    bearer = (("authorization", f"Bearer {token}"),)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ready['grpc_port']}")
+        probe_channel = grpc.insecure_channel(f"127.0.0.1:{ready['health_port']}")
+        wait_serving(channel)
+        stub = ranking_pb2_grpc.RankingServiceStub(channel)
+        record = pb.RecordEventsRequest(events=[pb.Event(user_id="u2", item_id="i1", event_type="click")])
+        stalled = [
+            StalledConnection(ready["grpc_port"], EVENTS, 3, bearer),  # the events role's whole room
+            StalledConnection(ready["grpc_port"], RANK, 2),  # no token: both refusal threads
+            StalledConnection(ready["health_port"], HEALTH, 2),  # both of health_port's threads
+        ]
+        time.sleep(0.2)
+        # While they hold it, the events role is full: shed on arrival, not queued.
+        with pytest.raises(grpc.RpcError) as shed:
+            stub.RecordEvents(record, metadata=bearer, timeout=5)
+        assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        bound = 1.25 * TIMEOUT + 1.0
+        refused = first_answer(lambda: stub.Rank(pb.RankRequest(user_id="u2"), timeout=0.5), 10 * TIMEOUT)
+        assert refused is not None and refused[0] == grpc.StatusCode.UNAUTHENTICATED and refused[1] < bound, refused
+        probed = first_answer(
+            lambda: health_pb2_grpc.HealthStub(probe_channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5),
+            10 * TIMEOUT,
+        )
+        assert probed is not None and probed[0] == grpc.StatusCode.OK and probed[1] < bound, probed
+        # The stalled RecordEvents were cancelled and their room given back.
+        deadline = time.monotonic() + 5
+        while sum(len(c.reset_streams) for c in stalled) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [len(c.reset_streams) for c in stalled] == [3, 2, 2]
+        assert stub.RecordEvents(record, metadata=bearer, timeout=5).accepted_count == 1
+        assert stalled_total(ready["metrics_port"]) == 7
+        # The caller is judged before the request: bytes that are not a message get
+        # UNAUTHENTICATED or PERMISSION_DENIED when the caller may not call, and
+        # INVALID_ARGUMENT only when it may.
+        garbage = b"\xff\xff\xff not a protobuf message"
+        for path, metadata, code in (
+            (RANK, (), grpc.StatusCode.UNAUTHENTICATED),
+            (RANK, bearer, grpc.StatusCode.PERMISSION_DENIED),
+            (EVENTS, bearer, grpc.StatusCode.INVALID_ARGUMENT),
+        ):
+            with pytest.raises(grpc.RpcError) as raw:
+                channel.unary_unary(path)(garbage, metadata=metadata, timeout=5)
+            assert raw.value.code() == code, (path, metadata, raw.value)
+        for c in stalled:
+            c.close()
+        channel.close()
+        probe_channel.close()
+    finally:
+        stop(proc)
