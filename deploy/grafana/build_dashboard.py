@@ -85,7 +85,9 @@ def panel(
             .placement(common.LegendPlacement.BOTTOM)
             .show_legend(True)
         )
-        .tooltip(common_builder.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
+        .tooltip(
+            common_builder.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)
+        )
     )
     for i, (expr, legend) in enumerate(targets):
         p = p.with_target(target(expr, legend, chr(ord("A") + i)))
@@ -343,8 +345,6 @@ ROWS: list[tuple[str, list[timeseries.Panel]]] = [
         ],
     ),
 ]
-
-
 
 
 def dashboard() -> model.Dashboard:

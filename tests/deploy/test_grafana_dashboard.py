@@ -46,7 +46,9 @@ def _mutations(doc: dict) -> dict[str, tuple[dict, str]]:
     """Broken copies of the dashboard, each with the tsc error code it must raise."""
     out = {}
     ts_panel = next(i for i, p in enumerate(doc["panels"]) if p["type"] == "timeseries")
-    thresholded = next(i for i, p in enumerate(doc["panels"]) if "thresholds" in p.get("fieldConfig", {}).get("defaults", {}))
+    thresholded = next(
+        i for i, p in enumerate(doc["panels"]) if "thresholds" in p.get("fieldConfig", {}).get("defaults", {})
+    )
     m = copy.deepcopy(doc)
     m["panels"][ts_panel]["gridPos"]["h"] = "8"
     out["wrong_type"] = (m, "TS2322")
@@ -103,7 +105,9 @@ def test_sdk_and_schema_pins_are_the_same_grafana_release():
     assert re.fullmatch(r"\d+\.\d+\.\d+", schema) and re.fullmatch(r"\d+\.\d+\.\d+", package["typescript"]), (
         "npm packages must be pinned exactly"
     )
-    assert sdk.split(".")[:2] == schema.split(".")[:2], f"grafana-foundation-sdk is for Grafana {sdk}, @grafana/schema {schema}"
+    assert sdk.split(".")[:2] == schema.split(".")[:2], (
+        f"grafana-foundation-sdk is for Grafana {sdk}, @grafana/schema {schema}"
+    )
     assert sdk.split(".")[0] == "11"
     lock = json.loads((SCHEMA_CHECK / "package-lock.json").read_text())["packages"]
     assert lock["node_modules/@grafana/schema"]["version"] == schema
