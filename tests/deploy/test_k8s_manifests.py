@@ -1,8 +1,17 @@
-"""The Kubernetes manifests agree with the code: config keys, ports, probes, paths, CLI flags."""
+"""The Kubernetes manifests: valid for `kubernetes-validate --strict`, hardened, and in agreement
+with the code (config keys, ports, probes, paths, CLI flags, the image's user)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -13,6 +22,24 @@ from server.app import LIVENESS_SERVICE
 from server.config import ServerConfig
 
 K8S = DEPLOY / "k8s"
+# The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+# Transport-security settings of the server (names agreed with that change). Until
+# ServerConfig has a field for one, the real loader would refuse it as unknown: it is
+# checked here by type and left out of the load; once the field exists the loader checks it.
+SECURITY_SETTINGS = {
+    "tls_cert_file": str,
+    "tls_key_file": str,
+    "tls_client_ca_file": str,
+    "require_client_auth": bool,
+    "auth_tokens_file": str,
+    "allow_insecure": bool,
+    "metrics_tls_cert_file": str,
+    "metrics_tls_key_file": str,
+    "reflection": bool,
+}
+SECRET_FILE_SETTINGS = [k for k, t in SECURITY_SETTINGS.items() if t is str]
+PROBE = "/opt/one2one/health_probe.py"
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +55,18 @@ def objects() -> dict[tuple[str, str], dict]:
 
 
 @pytest.fixture(scope="module")
-def server_config(objects, tmp_path_factory) -> ServerConfig:
-    toml = objects[("ConfigMap", "one2one-server")]["data"]["server.toml"]
+def settings(objects) -> dict:
+    """The ConfigMap's [server] table as written."""
+    return tomllib.loads(objects[("ConfigMap", "one2one-server")]["data"]["server.toml"])["server"]
+
+
+@pytest.fixture(scope="module")
+def server_config(settings, tmp_path_factory) -> ServerConfig:
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    pending = set(SECURITY_SETTINGS) - known
     path = tmp_path_factory.mktemp("cm") / "server.toml"
-    path.write_text(toml)
+    lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items() if k not in pending]
+    path.write_text("\n".join(lines) + "\n")
     # The real loader: an unknown key or a wrong type fails here, naming it.
     return ServerConfig.load(path, env={})
 
@@ -53,6 +88,7 @@ def test_every_piece_is_there(objects):
         "CronJob",
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     } <= kinds
 
 
@@ -67,8 +103,9 @@ def test_deployment_probes_ports_resources_and_grace(objects, server_config):
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": server_config.port, "metrics": server_config.metrics_port}
-    assert c["readinessProbe"]["grpc"] == {"port": server_config.port, "service": ""}
-    assert c["livenessProbe"]["grpc"] == {"port": server_config.port, "service": LIVENESS_SERVICE}
+    # Readiness on service "", liveness on LIVENESS_SERVICE: the probes run deploy/health_probe.py
+    # (test_probes_check_health_over_tls_with_the_mounted_ca).
+    assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(c)
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(c["resources"][kind])
     # A CPU limit is a quota the process cannot see: one worker per CPU of the limit, set
@@ -109,7 +146,7 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     parsed = builder_parser().parse_args(args[3:])  # the real CLI: unknown flags fail here
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert str(parsed.out) == mounts["artifacts"]["mountPath"] and not mounts["artifacts"].get("readOnly")
-    claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     dep_claims = {
         v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
         for v in _pod(objects[("Deployment", "one2one-server")])["volumes"]
@@ -119,3 +156,195 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     assert "ReadWriteMany" in objects[("PersistentVolumeClaim", claim["artifacts"])]["spec"]["accessModes"]
     for flag in (*parsed.events, parsed.items, parsed.users):  # --events may be repeated
         assert str(flag).startswith(mounts["inputs"]["mountPath"] + "/")
+
+
+# --- checked by Kubernetes' own schema -------------------------------------------------
+
+
+@pytest.mark.parametrize("k8s_version", KUBERNETES_VERSIONS)
+def test_every_manifest_passes_kubernetes_validate_strict(k8s_version):
+    files = sorted(str(p) for p in K8S.glob("*.yaml"))
+    out = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", k8s_version, *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    passed = re.findall(r"^INFO (\S+) passed for resource", out.stdout, re.M)
+    documents = sum(1 for p in K8S.glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d)
+    assert len(passed) == documents, out.stdout
+
+
+def test_kubernetes_validate_strict_refuses_an_unknown_field(objects, tmp_path):
+    # The check above can fail: a misspelt field (readOnlyRootFileSystem) is refused.
+    dep = json.loads(json.dumps(objects[("Deployment", "one2one-server")]))
+    sc = _pod(dep)["containers"][0]["securityContext"]
+    sc["readOnlyRootFileSystem"] = sc.pop("readOnlyRootFilesystem")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(dep))
+    out = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSIONS[0], str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0 and "readOnlyRootFileSystem" in out.stdout + out.stderr
+
+
+# --- hardening ---------------------------------------------------------------------------
+
+
+def _image_user() -> int:
+    """The numeric uid of the final stage's last USER in deploy/Dockerfile."""
+    users = re.findall(r"^USER\s+(\S+)", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert users, "deploy/Dockerfile sets no USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit(), "USER must be numeric for runAsNonRoot to verify it"
+    return int(uid)
+
+
+@pytest.mark.parametrize("key", [("Deployment", "one2one-server"), ("CronJob", "one2one-builder")])
+def test_pods_are_hardened(objects, key):
+    pod = _pod(objects[key])
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == _image_user() != 0
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert ("privileged" not in sc and "runAsUser" not in sc) or sc["runAsUser"] != 0
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly"), "Python and the libraries need a writable /tmp"
+        for m in c["volumeMounts"]:
+            vol = volumes[m["name"]]
+            if "configMap" in vol or "secret" in vol or "projected" in vol:
+                assert m.get("readOnly") is True, m
+            if not m.get("readOnly"):
+                assert "emptyDir" in vol or "persistentVolumeClaim" in vol, m
+            if "emptyDir" in vol:
+                assert vol["emptyDir"].get("sizeLimit"), f"{m['name']}: an unbounded emptyDir can fill the node"
+
+
+def _writable_mount(pod: dict, path: str) -> dict | None:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for m in pod["containers"][0]["volumeMounts"]:
+        if PurePosixPath(path).is_relative_to(m["mountPath"]) and not m.get("readOnly"):
+            return volumes[m["name"]]
+    return None
+
+
+def test_the_server_writes_only_to_its_writable_volumes(objects, server_config):
+    pod = _pod(objects[("Deployment", "one2one-server")])
+    # The event log (RecordEvents) and the worker metrics directory (tempfile under /tmp).
+    assert "emptyDir" in _writable_mount(pod, str(server_config.event_log_path()))
+    assert "emptyDir" in _writable_mount(pod, "/tmp/one2one-metrics-x")
+    # The bundle is read, never written, by the servers.
+    assert _writable_mount(pod, server_config.artifacts) is None
+
+
+# --- TLS and token secrets ---------------------------------------------------------------
+
+
+def _secret_files(pod: dict) -> dict[str, tuple[str, str, dict]]:
+    """Every file a Secret puts in the container: path -> (secret, key, mount)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    out = {}
+    for m in pod["containers"][0]["volumeMounts"]:
+        vol = volumes[m["name"]]
+        sources = [s["secret"] for s in vol.get("projected", {}).get("sources", []) if "secret" in s]
+        if "secret" in vol:
+            sources.append({"name": vol["secret"]["secretName"], "items": vol["secret"].get("items", [])})
+        for src in sources:
+            assert src.get("items"), f"{m['name']}: list the Secret's keys so a missing one fails the pod"
+            for item in src["items"]:
+                out[str(PurePosixPath(m["mountPath"]) / item["path"])] = (src["name"], item["key"], m)
+    return out
+
+
+def test_tls_and_token_secrets_are_mounted_where_the_settings_point(objects, settings):
+    for key, kind in SECURITY_SETTINGS.items():
+        assert key in settings, f"{key} missing from the ConfigMap"
+        assert isinstance(settings[key], kind), f"{key} must be {kind.__name__}"
+    assert settings["allow_insecure"] is False and settings["reflection"] is False
+    pod = _pod(objects[("Deployment", "one2one-server")])
+    files = _secret_files(pod)
+    for key in SECRET_FILE_SETTINGS:
+        assert settings[key] in files, f"{key} = {settings[key]!r} is not a file any mounted Secret provides"
+        mount = files[settings[key]][2]
+        # subPath mounts never see a renewed Secret: rotation needs the whole volume.
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+    assert files[settings["tls_cert_file"]][:2] == ("one2one-server-tls", "tls.crt")
+    assert files[settings["tls_key_file"]][:2] == ("one2one-server-tls", "tls.key")
+    assert files[settings["auth_tokens_file"]][0] != "one2one-server-tls"
+    # Secrets are not world-readable (the pod's fsGroup reads them).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name in {m["name"] for _, _, m in files.values()}:
+        vol = volumes[name]
+        mode = (vol.get("projected") or vol.get("secret"))["defaultMode"]
+        assert mode & 0o007 == 0, f"{name}: defaultMode {mode:o} lets any user read the secret"
+    # Prometheus scrapes over https when the metrics port has a certificate.
+    annotations = objects[("Deployment", "one2one-server")]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == ("https" if settings["metrics_tls_cert_file"] else "http")
+
+
+def _probe_parser():
+    spec = importlib.util.spec_from_file_location("health_probe", DEPLOY / "health_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._parser()
+
+
+def test_probes_check_health_over_tls_with_the_mounted_ca(objects, settings, server_config):
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(rf"^COPY deploy/health_probe.py {re.escape(PROBE)}$", dockerfile, re.M), "image lacks the probe"
+    pod = _pod(objects[("Deployment", "one2one-server")])
+    (c,) = pod["containers"]
+    files = _secret_files(pod)
+    expected = {"readinessProbe": "", "livenessProbe": LIVENESS_SERVICE, "startupProbe": LIVENESS_SERVICE}
+    for probe, service in expected.items():
+        command = c[probe]["exec"]["command"]
+        assert command[:2] == ["python", PROBE], shlex.join(command)
+        args = _probe_parser().parse_args(command[2:])  # the real CLI: unknown flags fail here
+        assert args.port == server_config.port and args.service == service, probe
+        # TLS on the port means the probe must speak it, verifying with a mounted CA.
+        assert (args.ca is not None) == bool(settings["tls_cert_file"]), probe
+        assert str(args.ca) in files and files[str(args.ca)][0] == "one2one-server-tls", probe
+        assert args.server_name, f"{probe}: the certificate names the Service, not 127.0.0.1"
+        if settings["require_client_auth"]:
+            assert args.cert and args.key, f"{probe}: mTLS is required, the probe needs a client certificate"
+        assert c[probe]["timeoutSeconds"] > args.timeout, f"{probe}: the kubelet would kill the probe first"
+
+
+# --- network policy ----------------------------------------------------------------------
+
+
+def test_network_policy_admits_only_labelled_callers_and_monitoring(objects):
+    dep = objects[("Deployment", "one2one-server")]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in _pod(dep)["containers"][0]["ports"]}
+    np = objects[("NetworkPolicy", "one2one-server")]["spec"]
+    assert np["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(np["policyTypes"]) == {"Ingress", "Egress"}
+    assert np["egress"] == [], "the server calls nothing"
+    by_port = {}
+    for rule in np["ingress"]:
+        assert rule.get("from") and rule.get("ports"), "a rule without from or ports admits everyone"
+        for port in rule["ports"]:
+            assert port["port"] in ports, f"{port['port']} is no container port"
+            by_port[port["port"]] = rule["from"]
+    assert set(by_port) == {"grpc", "metrics"}
+    (callers,) = by_port["grpc"]
+    assert callers["podSelector"]["matchLabels"] and callers["namespaceSelector"]["matchLabels"]
+    (monitoring,) = by_port["metrics"]
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    builder = objects[("NetworkPolicy", "one2one-builder")]["spec"]
+    cron_labels = objects[("CronJob", "one2one-builder")]["spec"]["jobTemplate"]["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    assert builder["podSelector"]["matchLabels"].items() <= cron_labels.items()
+    assert builder["ingress"] == [] and builder["egress"] == []
