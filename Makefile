@@ -19,7 +19,7 @@ help:
 	@echo "make lint   - ruff (lint and format), mypy, cython-lint"
 	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
-	@echo "make deps-system - Debian tools the tests run (prometheus, nodejs, npm, openssl)"
+	@echo "make deps-system - Debian tools the tests run (prometheus, e2fsprogs, util-linux, mount, nodejs, npm)"
 	@echo "make deps-node - npm packages the tests run (typescript, @grafana/schema) into build/node"
 	@echo "make docs   - regenerate the settings tables in docs/ from the config classes"
 

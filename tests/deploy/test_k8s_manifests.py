@@ -3,11 +3,8 @@ with the code (config keys, ports, probes, paths, CLI flags, the image's user)."
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import re
-import shlex
 import subprocess
 import sys
 import tomllib
@@ -20,26 +17,35 @@ from ops_tools import DEPLOY
 from index_builder.__main__ import _parser as builder_parser
 from server.app import LIVENESS_SERVICE
 from server.config import ServerConfig
+from server.security import exposure_problem
 
 K8S = DEPLOY / "k8s"
 # The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
-# Transport-security settings of the server (names agreed with that change). Until
-# ServerConfig has a field for one, the real loader would refuse it as unknown: it is
-# checked here by type and left out of the load; once the field exists the loader checks it.
-SECURITY_SETTINGS = {
-    "tls_cert_file": str,
-    "tls_key_file": str,
-    "tls_client_ca_file": str,
-    "require_client_auth": bool,
-    "auth_tokens_file": str,
-    "allow_insecure": bool,
-    "metrics_tls_cert_file": str,
-    "metrics_tls_key_file": str,
-    "reflection": bool,
-}
-SECRET_FILE_SETTINGS = [k for k, t in SECURITY_SETTINGS.items() if t is str]
-PROBE = "/opt/one2one/health_probe.py"
+# The transport-security settings the ConfigMap must set; the server's own loader checks
+# their types and how they combine (server_config below).
+SECURITY_SETTINGS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "require_client_auth",
+    "auth_tokens_file",
+    "health_port",
+    "allow_insecure",
+    "metrics_tls_cert_file",
+    "metrics_tls_key_file",
+    "metrics_tls_client_ca_file",
+    "reflection",
+)
+SECRET_FILE_SETTINGS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "auth_tokens_file",
+    "metrics_tls_cert_file",
+    "metrics_tls_key_file",
+    "metrics_tls_client_ca_file",
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +67,11 @@ def settings(objects) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server_config(settings, tmp_path_factory) -> ServerConfig:
-    known = {f.name for f in dataclasses.fields(ServerConfig)}
-    pending = set(SECURITY_SETTINGS) - known
+def server_config(objects, tmp_path_factory) -> ServerConfig:
     path = tmp_path_factory.mktemp("cm") / "server.toml"
-    lines = ["[server]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items() if k not in pending]
-    path.write_text("\n".join(lines) + "\n")
-    # The real loader: an unknown key or a wrong type fails here, naming it.
+    path.write_text(objects[("ConfigMap", "one2one-server")]["data"]["server.toml"])
+    # The real loader: an unknown key, a wrong type or settings that do not go together
+    # (a client CA without require_client_auth) fail here, naming the key.
     return ServerConfig.load(path, env={})
 
 
@@ -95,6 +99,23 @@ def test_every_piece_is_there(objects):
 def test_configmap_is_a_valid_server_config(server_config):
     assert server_config.host == "0.0.0.0" and server_config.metrics_host == "0.0.0.0"
     assert server_config.drain_notice_seconds > 0
+    # Reachable from the cluster, so secure by default must let it start: TLS and callers.
+    assert exposure_problem(server_config) is None
+    assert server_config.tls_enabled and server_config.metrics_tls_enabled and server_config.auth_enabled
+    assert server_config.require_client_auth and server_config.tls_client_ca_file
+    assert not server_config.allow_insecure and not server_config.reflection
+
+
+def test_configmap_with_an_unrequired_client_ca_is_refused(settings, tmp_path):
+    # The loader the tests above rely on refuses what gRPC cannot do: a client CA whose
+    # certificates are requested but not required.
+    path = tmp_path / "server.toml"
+    lines = ["[server]"] + [
+        f"{k} = {json.dumps(False if k == 'require_client_auth' else v)}" for k, v in settings.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="tls_client_ca_file"):
+        ServerConfig.load(path, env={})
 
 
 def test_deployment_probes_ports_resources_and_grace(objects, server_config):
@@ -102,10 +123,19 @@ def test_deployment_probes_ports_resources_and_grace(objects, server_config):
     pod = _pod(dep)
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": server_config.port, "metrics": server_config.metrics_port}
-    # Readiness on service "", liveness on LIVENESS_SERVICE: the probes run deploy/health_probe.py
-    # (test_probes_check_health_over_tls_with_the_mounted_ca).
-    assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(c)
+    assert ports == {
+        "grpc": server_config.port,
+        "metrics": server_config.metrics_port,
+        "health": server_config.health_port,
+    }
+    # Readiness on service "", liveness on LIVENESS_SERVICE, by the kubelet's own gRPC probe
+    # on the plaintext health-only port (it speaks neither TLS nor tokens).
+    expected = {"readinessProbe": "", "livenessProbe": LIVENESS_SERVICE, "startupProbe": LIVENESS_SERVICE}
+    for probe, service in expected.items():
+        assert set(c[probe]) - {"periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold"} == {
+            "grpc"
+        }, probe
+        assert c[probe]["grpc"] == {"port": server_config.health_port, "service": service}, probe
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(c["resources"][kind])
     # A CPU limit is a quota the process cannot see: one worker per CPU of the limit, set
@@ -130,6 +160,8 @@ def test_services_and_autoscaler_point_at_the_deployment(objects):
     for svc in services:
         assert svc["spec"]["selector"].items() <= labels.items()
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+        # The plaintext health port is the kubelet's; no Service offers it to callers.
+        assert "health" not in {p["targetPort"] for p in svc["spec"]["ports"]}
     hpa = objects[("HorizontalPodAutoscaler", "one2one-server")]
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
@@ -267,10 +299,8 @@ def _secret_files(pod: dict) -> dict[str, tuple[str, str, dict]]:
 
 
 def test_tls_and_token_secrets_are_mounted_where_the_settings_point(objects, settings):
-    for key, kind in SECURITY_SETTINGS.items():
+    for key in SECURITY_SETTINGS:
         assert key in settings, f"{key} missing from the ConfigMap"
-        assert isinstance(settings[key], kind), f"{key} must be {kind.__name__}"
-    assert settings["allow_insecure"] is False and settings["reflection"] is False
     pod = _pod(objects[("Deployment", "one2one-server")])
     files = _secret_files(pod)
     for key in SECRET_FILE_SETTINGS:
@@ -281,6 +311,9 @@ def test_tls_and_token_secrets_are_mounted_where_the_settings_point(objects, set
     assert files[settings["tls_cert_file"]][:2] == ("one2one-server-tls", "tls.crt")
     assert files[settings["tls_key_file"]][:2] == ("one2one-server-tls", "tls.key")
     assert files[settings["auth_tokens_file"]][0] != "one2one-server-tls"
+    # Callers' certificates are checked against the client CA, not the server's own CA.
+    assert files[settings["tls_client_ca_file"]][0] == "one2one-client-ca"
+    assert settings["metrics_tls_client_ca_file"] == settings["tls_client_ca_file"]
     # Secrets are not world-readable (the pod's fsGroup reads them).
     volumes = {v["name"]: v for v in pod["volumes"]}
     for name in {m["name"] for _, _, m in files.values()}:
@@ -290,34 +323,6 @@ def test_tls_and_token_secrets_are_mounted_where_the_settings_point(objects, set
     # Prometheus scrapes over https when the metrics port has a certificate.
     annotations = objects[("Deployment", "one2one-server")]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scheme"] == ("https" if settings["metrics_tls_cert_file"] else "http")
-
-
-def _probe_parser():
-    spec = importlib.util.spec_from_file_location("health_probe", DEPLOY / "health_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._parser()
-
-
-def test_probes_check_health_over_tls_with_the_mounted_ca(objects, settings, server_config):
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(rf"^COPY deploy/health_probe.py {re.escape(PROBE)}$", dockerfile, re.M), "image lacks the probe"
-    pod = _pod(objects[("Deployment", "one2one-server")])
-    (c,) = pod["containers"]
-    files = _secret_files(pod)
-    expected = {"readinessProbe": "", "livenessProbe": LIVENESS_SERVICE, "startupProbe": LIVENESS_SERVICE}
-    for probe, service in expected.items():
-        command = c[probe]["exec"]["command"]
-        assert command[:2] == ["python", PROBE], shlex.join(command)
-        args = _probe_parser().parse_args(command[2:])  # the real CLI: unknown flags fail here
-        assert args.port == server_config.port and args.service == service, probe
-        # TLS on the port means the probe must speak it, verifying with a mounted CA.
-        assert (args.ca is not None) == bool(settings["tls_cert_file"]), probe
-        assert str(args.ca) in files and files[str(args.ca)][0] == "one2one-server-tls", probe
-        assert args.server_name, f"{probe}: the certificate names the Service, not 127.0.0.1"
-        if settings["require_client_auth"]:
-            assert args.cert and args.key, f"{probe}: mTLS is required, the probe needs a client certificate"
-        assert c[probe]["timeoutSeconds"] > args.timeout, f"{probe}: the kubelet would kill the probe first"
 
 
 # --- network policy ----------------------------------------------------------------------
