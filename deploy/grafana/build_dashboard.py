@@ -25,7 +25,7 @@ OUT = Path(__file__).with_name("one2one.json")
 J = 'job=~"$job"'
 RI = "$__rate_interval"
 RANK = 'method="one2one.v1.RankingService/Rank"'
-CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED"
+CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED|UNAUTHENTICATED|PERMISSION_DENIED"
 # Every query goes to the data source the dashboard's variable picks.
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 PANEL_HEIGHT, PANEL_WIDTH = 8, 12  # two panels a row of the 24-column grid
@@ -122,7 +122,8 @@ ROWS: list[tuple[str, list[timeseries.Panel]]] = [
                 "Client errors per second by code",
                 [(rate("one2one_rpc_requests_total", f'{J}, code=~"{CLIENT_CODES}"', by="code"), "{{code}}")],
                 "reqps",
-                description="Refused requests: INVALID_ARGUMENT names the bad field in its details.",
+                description="Refused requests: INVALID_ARGUMENT names the bad field in its details; "
+                "UNAUTHENTICATED and PERMISSION_DENIED are callers' credentials or roles (see Security and faults).",
             ),
             panel(
                 "Requests in flight by instance",
@@ -314,6 +315,59 @@ ROWS: list[tuple[str, list[timeseries.Panel]]] = [
         ],
     ),
     (
+        "Security and faults",
+        [
+            panel(
+                "Calls refused for their credentials, by method and reason",
+                [(rate("one2one_auth_refusals_total", by="method, reason"), "{{method}} {{reason}}")],
+                "reqps",
+                description="UNAUTHENTICATED (missing, bad_token, unknown_certificate) and PERMISSION_DENIED "
+                "(wrong_role); the log line `call refused` names the caller, never the token.",
+            ),
+            panel(
+                "Calls shed on arrival, by method and bound",
+                [(rate("one2one_rpc_shed_total", by="method, reason"), "{{method}} {{reason}}")],
+                "reqps",
+                description="RESOURCE_EXHAUSTED before queueing: process (max_concurrent_calls), role "
+                "(max_calls_per_role), rank_queue (max_queued_ranks). Sustained shedding wants more pods.",
+            ),
+            panel(
+                "Stalled requests cancelled, by instance",
+                [(rate("one2one_rpc_stalled_requests_total", by="instance"), "{{instance}}")],
+                "reqps",
+                description="Calls whose request did not arrive within request_read_timeout_seconds of its "
+                "headers: a slow or hostile client, cancelled so it cannot hold a handler thread.",
+            ),
+            panel(
+                "Event log writable, and failed appends by reason",
+                [
+                    (f"min by (instance) (one2one_event_log_writable{{{J}}})", "writable {{instance}}"),
+                    (
+                        f"sum by (reason) (increase(one2one_event_log_write_failures_total{{{J}}}[{RI}]))",
+                        "failed: {{reason}}",
+                    ),
+                ],
+                description="0 while RecordEvents answers UNAVAILABLE because the log cannot be written (disk "
+                "full, read-only, I/O error); alert One2oneEventLogUnwritable.",
+            ),
+            panel(
+                "Worker replacements and security file reloads",
+                [
+                    (
+                        f"sum by (instance) (increase(one2one_worker_replacements_total{{{J}}}[{RI}]))",
+                        "workers replaced {{instance}}",
+                    ),
+                    (
+                        f"sum by (file, result) (increase(one2one_security_file_reloads_total{{{J}}}[{RI}]))",
+                        "{{file}} {{result}}",
+                    ),
+                ],
+                description="A worker that died and was started again; TLS and callers files re-read after a "
+                "change (refused: the last good version still serves).",
+            ),
+        ],
+    ),
+    (
         "Process",
         [
             panel(
@@ -354,7 +408,7 @@ def dashboard() -> model.Dashboard:
         .uid("one2one-ops")
         .description(
             "Traffic, errors, latency per stage against the budget, the ladder, experiments, "
-            "bundle freshness and reloads. Alerts: deploy/prometheus/rules.yml."
+            "bundle freshness and reloads, refusals, shedding and faults. Alerts: deploy/prometheus/rules.yml."
         )
         .tags(["one2one", "grpc", "ranking"])
         .timezone("utc")
