@@ -10,7 +10,7 @@ BUILD_DEPS := setuptools wheel "cython>=3.0" "numpy>=1.26" "grpcio-tools>=1.60"
 # release changes nothing until `make lock` is re-run and its diff reviewed.
 LOCK   := requirements/constraints.txt
 
-.PHONY: help venv install build demo test test-fast test-debug lint lock docs bench clean deps-system
+.PHONY: help venv install build demo test test-fast test-debug lint lock docs bench clean deps-system deps-node
 
 help:
 	@echo "make demo   - set up, build a bundle from MovieLens-100K, serve it, show rankings"
@@ -19,6 +19,8 @@ help:
 	@echo "make lint   - ruff (lint and format), mypy, cython-lint"
 	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
+	@echo "make deps-system - Debian tools the tests run (prometheus, e2fsprogs, util-linux, mount, nodejs, npm)"
+	@echo "make deps-node - npm packages the tests run (typescript, @grafana/schema) into build/node"
 	@echo "make docs   - regenerate the settings tables in docs/ from the config classes"
 
 $(VENV)/bin/python:
@@ -45,15 +47,38 @@ demo: install $(DATA)/events.csv
 	    --users $(DATA)/users.csv --out $(DEMO)/artifacts $(if $(CI),--quiet,)
 	$(PY) -m server.demo --artifacts $(DEMO)/artifacts --items $(DATA)/items.csv
 
-# System tools some tests need: Debian's prometheus package (prometheus, promtool).
-# Idempotent; CI runs it before the tests, which then never skip for want of them.
+# System tools some tests need: Debian's prometheus (prometheus, promtool), e2fsprogs,
+# util-linux and mount (a full tmpfs and a read-only ext4 image under the event log), nodejs
+# and npm (tsc checks the Grafana dashboard). Idempotent; CI runs it before the tests,
+# which then never skip for want of them.
 deps-system:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; else \
+	@missing=""; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v mkfs.ext4 >/dev/null || missing="$$missing e2fsprogs"; \
+	command -v findmnt >/dev/null || missing="$$missing util-linux"; \
+	command -v mount >/dev/null || missing="$$missing mount"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq prometheus; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-test: install $(if $(CI),deps-system,)
+# npm packages the tests run (typescript, @grafana/schema), pinned by
+# deploy/grafana/schema-check/package-lock.json, installed under build/ (never committed).
+NODE_DIR := build/node
+SCHEMA_CHECK := deploy/grafana/schema-check
+$(NODE_DIR)/.installed: $(SCHEMA_CHECK)/package.json $(SCHEMA_CHECK)/package-lock.json
+	@command -v npm >/dev/null || { echo "need npm on PATH: make deps-system"; exit 1; }
+	mkdir -p $(NODE_DIR)
+	cp $^ $(NODE_DIR)/
+	cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+deps-node: $(NODE_DIR)/.installed
+
+# CI installs every tool the tests need; locally the npm packages too when npm is there.
+test: install $(if $(CI),deps-system deps-node,$(if $(shell command -v npm),deps-node,))
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The edit loop: what is marked slow (bundle builds, real servers, promtool) is left out.

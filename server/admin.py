@@ -63,9 +63,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def GetStatus(self, request, context: grpc.ServicerContext) -> admin_pb2.GetStatusResponse:
         models = self.models
-        resp = admin_pb2.GetStatusResponse(
-            serving=models.loaded, version=models.version, artifacts=str(models.artifacts)
-        )
+        # `artifacts` stays empty: a filesystem path tells a caller about the host, nothing about
+        # what is served; `version` names the bundle.
+        resp = admin_pb2.GetStatusResponse(serving=models.loaded, version=models.version)
         if models.loaded:
             created = models.current().model.manifest.get("created_at")
             if created:

@@ -63,6 +63,11 @@ class ServerConfig:
         "`max_workers` threads",
     )
     max_message_bytes: int = _setting(1 << 20, "larger requests are refused with `RESOURCE_EXHAUSTED`")
+    request_read_timeout_seconds: float = _setting(
+        2.0,
+        "a call whose request message has not fully arrived this long after its headers is cancelled, "
+        "freeing its handler thread (a stalled client must not hold every thread; see Slow clients); 0: never",
+    )
     default_budget_ms: float = _setting(50.0, "budget of a request that sets none")
     max_budget_ms: float = _setting(500.0, "cap on any request's budget")
     reply_margin_ms: float = _setting(2.0, "kept back from the gRPC deadline to send the reply")
@@ -183,6 +188,92 @@ class ServerConfig:
         100_000, "recent request ids remembered to attribute events to arms in the metrics"
     )
 
+    # Security: TLS, callers and roles, load shedding (server.security, server.guard, server.shedding).
+    tls_cert_file: str = _setting(
+        "", "PEM certificate chain for the gRPC port; with `tls_key_file`, TLS on (re-read when the files change)"
+    )
+    tls_key_file: str = _setting("", "PEM private key (unencrypted) of `tls_cert_file`")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle that signs client certificates (needs `require_client_auth`; re-read when it changes)"
+    )
+    require_client_auth: bool = _setting(
+        False,
+        "mTLS: refuse connections without a client certificate signed by `tls_client_ca_file`; its CN or SAN "
+        "identifies the caller (`certificate` in the callers file)",
+    )
+    auth_tokens_file: str = _setting(
+        "",
+        "callers file (TOML `[[callers]]`: name, roles, `token_sha256` and/or `certificate`); every call but "
+        "health must then present a listed token or certificate with the method's role. Re-read on change",
+    )
+    health_port: int = _setting(
+        -1,
+        "a second, plaintext port serving only `grpc.health.v1`, for probes that cannot do TLS or "
+        "tokens (the kubelet's gRPC probe); `-1`: off, 0 picks a free one",
+    )
+    allow_insecure: bool = _setting(
+        False,
+        "let the server bind a non-loopback `host` with neither TLS nor caller authentication "
+        "(it refuses to start otherwise)",
+    )
+    reflection: bool = _setting(
+        False, "serve gRPC server reflection (lists every service; callers need any role when auth is on)"
+    )
+    metrics_tls_cert_file: str = _setting(
+        "", "PEM certificate chain for the metrics endpoint; with `metrics_tls_key_file`, HTTPS (re-read on change)"
+    )
+    metrics_tls_key_file: str = _setting("", "PEM private key (unencrypted) of `metrics_tls_cert_file`")
+    metrics_tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle: scrapers must present a client certificate it signed"
+    )
+    max_concurrent_calls: int = _setting(
+        64,
+        "calls one worker holds at once, running or waiting for a thread (health not counted); "
+        "more are answered `RESOURCE_EXHAUSTED` at once (0: no limit)",
+    )
+    max_queued_ranks: int = _setting(
+        32,
+        "Rank calls one worker lets wait for a free Rank thread; more are answered "
+        "`RESOURCE_EXHAUSTED` at once instead of waiting out their deadline (0: no limit)",
+    )
+    max_calls_per_role: str = _setting(
+        "events:8,admin:2",
+        "per-role ceilings on the calls one worker holds at once (`role:n`, roles `rank`, `events`, "
+        "`admin`), so one kind of caller cannot take every slot or thread from the others",
+    )
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file and self.tls_key_file)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Callers are authenticated: by a callers file, or by a client certificate (mTLS)."""
+        return bool(self.auth_tokens_file) or self.require_client_auth
+
+    @property
+    def metrics_tls_enabled(self) -> bool:
+        return bool(self.metrics_tls_cert_file and self.metrics_tls_key_file)
+
+    def role_limits(self) -> dict[str, int]:
+        """``max_calls_per_role`` parsed: {"events": 8, "admin": 2}."""
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in self.max_calls_per_role.split(","))):
+            role, sep, value = part.partition(":")
+            role = role.strip()
+            try:
+                if not sep or role not in ("rank", "events", "admin") or role in out:
+                    raise ValueError
+                out[role] = int(value)
+                if out[role] < 1:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(
+                    f"max_calls_per_role entry {part!r} must be <role>:<n>, role one of rank, events, admin "
+                    "(each once), n >= 1"
+                ) from None
+        return out
+
     @classmethod
     def load(
         cls,
@@ -246,6 +337,8 @@ class ServerConfig:
             problems.append("debug_rank_delay_ms must be >= 0 (0 turns it off)")
         if self.max_workers < 1:
             problems.append("max_workers must be >= 1")
+        if self.request_read_timeout_seconds < 0:
+            problems.append(f"request_read_timeout_seconds {self.request_read_timeout_seconds} must be >= 0 (0: never)")
         if self.rank_threads < 0:
             problems.append(f"rank_threads {self.rank_threads} must be >= 0 (0: Rank on the max_workers threads)")
         if self.workers < 0:
@@ -258,6 +351,27 @@ class ServerConfig:
             problems.append(f"exact_head_items {self.exact_head_items} must be >= 0 (0: ANN search only)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:
             problems.append("ann_batch_size must be >= 1 and ann_batch_wait_us >= 0")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("tls_cert_file and tls_key_file go together: set both or neither")
+        if bool(self.metrics_tls_cert_file) != bool(self.metrics_tls_key_file):
+            problems.append("metrics_tls_cert_file and metrics_tls_key_file go together: set both or neither")
+        if self.metrics_tls_client_ca_file and not self.metrics_tls_enabled:
+            problems.append("metrics_tls_client_ca_file needs metrics_tls_cert_file and metrics_tls_key_file")
+        if self.require_client_auth and not (self.tls_enabled and self.tls_client_ca_file):
+            problems.append("require_client_auth needs tls_cert_file, tls_key_file and tls_client_ca_file")
+        if self.tls_client_ca_file and not self.require_client_auth:
+            problems.append(
+                "tls_client_ca_file is only used with require_client_auth = true (gRPC verifies client "
+                "certificates only when it requires them)"
+            )
+        if not -1 <= self.health_port < 65536:
+            problems.append(f"health_port {self.health_port} is out of range (-1 turns it off)")
+        if self.max_concurrent_calls < 0 or self.max_queued_ranks < 0:
+            problems.append("max_concurrent_calls and max_queued_ranks must be >= 0 (0: no limit)")
+        try:
+            self.role_limits()
+        except ValueError as exc:
+            problems.append(str(exc))
         try:
             self.debug_delays()
         except ValueError as exc:

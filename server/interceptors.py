@@ -9,7 +9,7 @@ from concurrent import futures
 
 import grpc
 
-from server import metrics
+from server import errors, metrics
 
 # When the running call reached the server's Python layer, in time.monotonic_ns().
 _ARRIVED_NS: contextvars.ContextVar[int | None] = contextvars.ContextVar("one2one_call_arrived_ns", default=None)
@@ -55,12 +55,19 @@ class CallInterceptor(grpc.ServerInterceptor):
         method = _method_name(handler_call_details.method)
         inner = handler.unary_unary
         in_flight = metrics.RPC_IN_FLIGHT.labels(method)
+        deserialize = handler.request_deserializer
+        # A caller is judged before its request (server.guard): whoever may not call gets
+        # UNAUTHENTICATED or PERMISSION_DENIED whatever bytes it sent; a behaviour that judges
+        # on the handler thread (a client certificate) answers an undecodable request itself.
+        judged_first = getattr(inner, "judges_caller_first", False)
 
         def wrapper(request, context):
             _ARRIVED_NS.set(arrived)
             code = grpc.StatusCode.OK
             in_flight.inc()
             try:
+                if isinstance(request, errors.Undecodable) and not judged_first:
+                    errors.abort(context, request.error)
                 response = inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 return response
@@ -74,12 +81,13 @@ class CallInterceptor(grpc.ServerInterceptor):
                 metrics.RPC_REQUESTS.labels(method, code.name).inc()
                 metrics.RPC_DURATION.labels(method).observe((time.monotonic_ns() - arrived) / 1e9)
 
-        pool = self.thread_pools.get(method)
+        # A pool chosen by an inner interceptor (server.guard) wins over this one's map.
+        pool = getattr(inner, "experimental_thread_pool", None) or self.thread_pools.get(method)
         if pool is not None:
             # gRPC reads this attribute off the behaviour function; functions carry no declared attributes.
             wrapper.experimental_thread_pool = pool  # type: ignore[attr-defined]
         return grpc.unary_unary_rpc_method_handler(
             wrapper,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=errors.tolerant(deserialize),
             response_serializer=handler.response_serializer,
         )

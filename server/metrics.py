@@ -67,6 +67,11 @@ RPC_IN_FLIGHT = Gauge(
     ["method"],
     multiprocess_mode="livesum",
 )
+RPC_STALLED = Counter(
+    "one2one_rpc_stalled_requests",
+    "Calls cancelled because their request message had not fully arrived request_read_timeout_seconds "
+    "after their headers (a stalled or hostile client holding a handler thread).",
+)
 
 # -- Rank: where the time goes and what was served -----------------------------------
 STAGE_DURATION = Histogram(
@@ -128,6 +133,10 @@ BUNDLE_LOAD_DURATION = Gauge(
     "one2one_bundle_load_duration_seconds",
     "How long loading, verifying and warming the served bundle took.",
     multiprocess_mode="livemax",
+)
+WORKER_REPLACEMENTS = Counter(
+    "one2one_worker_replacements",
+    "Worker processes started to replace one that died (killed, crashed); 0 with a single process.",
 )
 BUNDLE_LOAD_FAILURES = Counter(
     "one2one_bundle_load_failures", "Bundles refused, by reason (missing, corrupt, incompatible, warmup).", ["reason"]
@@ -210,6 +219,18 @@ EVENT_LOG_APPEND_DURATION = Histogram(
 EVENT_LOG_BYTES = Counter(
     "one2one_event_log_appended_bytes", "Bytes appended to the event log (events and impressions)."
 )
+EVENT_LOG_WRITE_FAILURE_REASONS = ("no_space", "read_only", "io_error")
+EVENT_LOG_WRITABLE = Gauge(
+    "one2one_event_log_writable",
+    "1 while the last append to this worker's event log succeeded, 0 after one failed (disk full, "
+    "read-only, I/O error): RecordEvents answers UNAVAILABLE until an append succeeds again.",
+    multiprocess_mode="livemin",
+)
+EVENT_LOG_WRITE_FAILURES = Counter(
+    "one2one_event_log_write_failures",
+    "Appends to the event log that failed and were taken back, by reason (no_space, read_only, io_error).",
+    ["reason"],
+)
 EVENT_LOG_IMPRESSIONS_LOST = Counter(
     "one2one_event_log_impressions_lost", "Rank impressions that could not be written to the event log."
 )
@@ -244,3 +265,46 @@ ARM_REVENUE = Counter(
     "Purchase value attributed (by request_id) to an experiment arm.",
     ["experiment", "arm"],
 )
+
+# --- Security and load shedding (owner: server/guard.py, server/security.py, server/shedding.py) ---
+# Never labelled by caller, token or peer: refusals are logged (sampled) with the caller's name.
+GUARDED_METHODS = (
+    "one2one.v1.RankingService/Rank",
+    "one2one.v1.RankingService/RecordEvents",
+    "one2one.v1.AdminService/ReloadBundle",
+    "one2one.v1.AdminService/GetStatus",
+)
+AUTH_REFUSALS = Counter(
+    "one2one_auth_refusals",
+    "Calls refused for their credentials, by method and reason: missing (no credential), bad_token, "
+    "unknown_certificate (UNAUTHENTICATED), wrong_role (PERMISSION_DENIED).",
+    ["method", "reason"],
+)
+RPC_SHED = Counter(
+    "one2one_rpc_shed",
+    "Calls answered RESOURCE_EXHAUSTED on arrival, by method and the bound that was full: process "
+    "(max_concurrent_calls), role (max_calls_per_role), rank_queue (max_queued_ranks).",
+    ["method", "reason"],
+)
+SECURITY_FILE_RELOADS = Counter(
+    "one2one_security_file_reloads",
+    "New versions of the TLS and callers files seen by a worker, by file (tls, callers) and result "
+    "(loaded; refused: unreadable or invalid, the last good version kept).",
+    ["file", "result"],
+)
+
+
+def init_security_label_sets(auth: bool) -> None:
+    """Zero series for the refusal and shedding counters (``auth``: the server checks callers)."""
+    from server.guard import AUTH_REASONS
+    from server.shedding import SHED_REASONS
+
+    for method in GUARDED_METHODS:
+        for reason in SHED_REASONS:
+            RPC_SHED.labels(method, reason)
+        if auth:
+            for reason in AUTH_REASONS:
+                AUTH_REFUSALS.labels(method, reason)
+    for file in ("tls", "callers"):
+        for result in ("loaded", "refused"):
+            SECURITY_FILE_RELOADS.labels(file, result)

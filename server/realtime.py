@@ -106,6 +106,9 @@ class Realtime:
                 metrics.ARM_EVENTS.labels(exp, arm, t)
         for rule in self.rules.rules:
             metrics.RULE_APPLICATIONS.labels(rule.name)
+        for reason in metrics.EVENT_LOG_WRITE_FAILURE_REASONS:
+            metrics.EVENT_LOG_WRITE_FAILURES.labels(reason)
+        metrics.EVENT_LOG_WRITABLE.set(1)
 
     # -- startup -----------------------------------------------------------------
     def replay(self) -> dict[str, int]:
@@ -157,8 +160,14 @@ class Realtime:
         self.log.close()
 
     # -- RecordEvents --------------------------------------------------------------
-    def record(self, events: list[Event]) -> tuple[int, list[Rejection]]:
+    def record(
+        self, events: list[Event], invalid: dict[int, tuple[str, str]] | None = None
+    ) -> tuple[int, list[Rejection]]:
         """Validate, durably append, then apply; returns (accepted count, rejections).
+
+        ``invalid`` (index -> (field, reason)) names events the transport already found bad
+        (a Timestamp that cannot be converted): they are rejected with that reason, in batch
+        order with the others, and never validated or logged.
 
         Raises
         ------
@@ -178,11 +187,18 @@ class Realtime:
                 ]
             )
         now = time.time()
-        accepted, rejections = validate_batch(events, self.limits, now)
+        invalid = invalid or {}
+        keep = [i for i in range(len(events)) if i not in invalid]
+        accepted, found = validate_batch([events[i] for i in keep], self.limits, now)
+        rejections = sorted(
+            [Rejection(keep[r.index], r.field, r.reason) for r in found]
+            + [Rejection(i, name, reason) for i, (name, reason) in invalid.items()],
+            key=lambda r: r.index,
+        )
         if accepted:
             t0 = time.perf_counter()
             before = self.log.bytes_appended
-            self.log.append([{"kind": "event", **e.to_record()} for e in accepted], durable=True)
+            self._append([{"kind": "event", **e.to_record()} for e in accepted], durable=True)
             metrics.EVENT_LOG_APPEND_DURATION.observe(time.perf_counter() - t0)
             metrics.EVENT_LOG_BYTES.inc(self.log.bytes_appended - before)
             # Applied only once on disk: what a Rank reflects is never more than what a restart keeps.
@@ -197,6 +213,17 @@ class Realtime:
             for r in rejections:
                 metrics.EVENTS_REJECTED.labels(r.field).inc()
         return len(accepted), rejections
+
+    def _append(self, records: list[dict], durable: bool) -> None:
+        """Append to the log, exporting whether it is writable (a full or read-only disk)."""
+        try:
+            self.log.append(records, durable=durable)
+        except EventLogError as exc:
+            metrics.EVENT_LOG_WRITABLE.set(0)
+            reason = exc.reason if exc.reason in metrics.EVENT_LOG_WRITE_FAILURE_REASONS else "io_error"
+            metrics.EVENT_LOG_WRITE_FAILURES.labels(reason).inc()
+            raise
+        metrics.EVENT_LOG_WRITABLE.set(1)
 
     def _count_attributed(self, events: list[Event]) -> None:
         with self._arms_lock:
@@ -260,7 +287,7 @@ class Realtime:
         try:
             # Not fsynced on its own (an fsync per Rank would cost more than the ranking); it is
             # written at once, so only a machine crash, not a process crash, can lose it.
-            self.log.append(
+            self._append(
                 [
                     {
                         "kind": "impression",

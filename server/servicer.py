@@ -8,12 +8,17 @@ import uuid
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from one2one.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking import (
     LATE_ALLOWANCE_MS,
     Budget,
     Event,
+    EventLogError,
+    FieldViolation,
+    InvalidRequest,
+    QueryLimits,
     RankingError,
     RankQuery,
     RankResult,
@@ -32,6 +37,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SERVER_TIME_KEY = "one2one-server-ms"
 _LATE_LOG = logs.Sampler(1.0)
+_LOG_FAILURE_LOG = logs.Sampler(1.0)
+
+
+# google.protobuf.Timestamp's valid range (timestamp.proto): 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z. Outside it the protobuf runtime raises ValueError on any
+# conversion, which answered UNKNOWN before this check (issue 22).
+TIMESTAMP_MIN_SECONDS = -62_135_596_800
+TIMESTAMP_MAX_SECONDS = 253_402_300_799
+
+
+def timestamp_problem(ts: Timestamp) -> str | None:
+    """Why a Timestamp is outside protobuf's valid range, or None when it is valid."""
+    if not TIMESTAMP_MIN_SECONDS <= ts.seconds <= TIMESTAMP_MAX_SECONDS:
+        return (
+            f"seconds {ts.seconds} is outside the Timestamp range "
+            f"[{TIMESTAMP_MIN_SECONDS}, {TIMESTAMP_MAX_SECONDS}] (years 0001 to 9999)"
+        )
+    if not 0 <= ts.nanos <= 999_999_999:
+        return f"nanos {ts.nanos} is outside [0, 999999999]"
+    return None
 
 
 def query_from_proto(req: ranking_pb2.RankRequest, now: float | None = None) -> RankQuery:
@@ -43,8 +68,15 @@ def query_from_proto(req: ranking_pb2.RankRequest, now: float | None = None) -> 
     request to come just after the bundle's data end would make every feature of elapsed
     time (``days_after_data_end``, recency, the hour and weekday lifts) disagree with
     training once the bundle is a day old.
+
+    Raises
+    ------
+    InvalidRequest
+        ``context.event_time`` is not a valid Timestamp.
     """
     ctx = req.context
+    if ctx.HasField("event_time") and (problem := timestamp_problem(ctx.event_time)) is not None:
+        raise InvalidRequest([FieldViolation("context.event_time", problem)])
     return RankQuery(
         user_id=req.user_id,
         num_results=req.num_results,
@@ -85,17 +117,47 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
     )
 
 
-def events_from_proto(req: ranking_pb2.RecordEventsRequest, now: float) -> list[Event]:
-    """The domain events of a RecordEventsRequest (no validation; ranking.realtime.events validates)."""
-    out = []
-    for ev in req.events:
+def events_from_proto(
+    req: ranking_pb2.RecordEventsRequest, now: float, limits: QueryLimits | None = None
+) -> tuple[list[Event], dict[int, tuple[str, str]]]:
+    """The domain events of a RecordEventsRequest, and the events whose Timestamps are invalid.
+
+    Only the Timestamps are checked here (they cannot even be converted); everything else is
+    validated by ranking.realtime.events. An event with an invalid Timestamp is in the list
+    with the arrival time and in the second result, index -> (field, reason), to be rejected
+    on its own while the rest of the batch is kept.
+    """
+    limits = limits or QueryLimits()
+    out: list[Event] = []
+    invalid: dict[int, tuple[str, str]] = {}
+    for i, ev in enumerate(req.events):
         ctx = ev.context
+        for name, ts, present in (
+            ("event_time", ev.event_time, ev.HasField("event_time")),
+            ("context.event_time", ctx.event_time, ctx.HasField("event_time")),
+        ):
+            if present and (problem := timestamp_problem(ts)) is not None:
+                invalid.setdefault(i, (name, problem))
+        # Not used for an event (nor logged), but bounded like every repeated field of the API.
+        if len(ctx.session_item_ids) > limits.max_session_items:
+            invalid.setdefault(
+                i,
+                (
+                    "context.session_item_ids",
+                    f"has {len(ctx.session_item_ids)} entries; at most {limits.max_session_items} are allowed",
+                ),
+            )
+        elif any(len(x) > limits.max_id_chars for x in ctx.session_item_ids):
+            invalid.setdefault(
+                i, ("context.session_item_ids", f"an id is longer than {limits.max_id_chars} characters")
+            )
+        timed = ev.HasField("event_time") and i not in invalid
         out.append(
             Event(
                 user_id=ev.user_id,
                 item_id=ev.item_id,
                 event_type=ev.event_type,
-                timestamp=ev.event_time.ToNanoseconds() / 1e9 if ev.HasField("event_time") else now,
+                timestamp=ev.event_time.ToNanoseconds() / 1e9 if timed else now,
                 value=ev.value,
                 request_id=ev.request_id,
                 channel=ctx.channel,
@@ -104,7 +166,7 @@ def events_from_proto(req: ranking_pb2.RecordEventsRequest, now: float) -> list[
                 attributes=dict(ctx.attributes),
             )
         )
-    return out
+    return out, invalid
 
 
 def observe(result: RankResult) -> None:
@@ -156,6 +218,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.config = config
         self.realtime = realtime
         self.admission = Admission(config.max_concurrent_ranks)
+        self.limits = config.ranker_config().limits
 
     def Rank(self, request: ranking_pb2.RankRequest, context: grpc.ServicerContext) -> ranking_pb2.RankResponse:
         # The budget and the server's time run from the call's arrival, so the wait for a
@@ -227,7 +290,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         try:
             if self.realtime is None:
                 raise Unavailable("this server runs without an event log")
-            accepted, rejections = self.realtime.record(events_from_proto(request, time.time()))
+            events, invalid = events_from_proto(request, time.time(), self.limits)
+            accepted, rejections = self.realtime.record(events, invalid)
+        except EventLogError as exc:
+            # The operator's side of the UNAVAILABLE (the client's message names no file); one a second.
+            held = _LOG_FAILURE_LOG.take()
+            if held is not None:
+                log.error("events not recorded", extra={"error": str(exc), "not_logged": held})
+            errors.abort(context, exc)
         except RankingError as exc:
             log.debug("record events refused", extra={"error": str(exc)})
             errors.abort(context, exc)

@@ -146,7 +146,7 @@ def supervise(config: ServerConfig) -> int:
     """Fork ``config.n_workers`` workers and run until a stop signal; returns the exit code."""
     mp_dir = tempfile.mkdtemp(prefix="one2one-metrics-")
     os.environ[MULTIPROC_ENV] = mp_dir  # before prometheus_client is first imported
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
 
     from ranking import BundleError, RankingModel, ServingModel, resolve_current
     from server import logs
@@ -156,7 +156,11 @@ def supervise(config: ServerConfig) -> int:
     logs.setup(config.log_level)
     reserved = _reserve_port(config.host, config.port)
     port = reserved.getsockname()[1]
-    worker_config = ServerConfig(**{**vars(config), "port": port, "metrics_port": -1, "ready_file": ""})
+    reserved_health = _reserve_port(config.host, config.health_port) if config.health_port >= 0 else None
+    health_port = reserved_health.getsockname()[1] if reserved_health else None
+    worker_config = ServerConfig(
+        **{**vars(config), "port": port, "metrics_port": -1, "ready_file": "", "health_port": health_port or -1}
+    )
     t0 = time.perf_counter()
     preloaded = None
     try:
@@ -177,7 +181,7 @@ def supervise(config: ServerConfig) -> int:
     workers: dict[int, int] = {}  # pid -> slot
     supervisor_pid = os.getpid()
 
-    def spawn(slot: int) -> None:
+    def spawn(slot: int, replacing: bool = False) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(ready_r)
@@ -188,8 +192,12 @@ def supervise(config: ServerConfig) -> int:
                 signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
                 _stop_with_parent(supervisor_pid)
                 pin_worker(cpus, slot)
-                from server import app
+                from server import app, metrics
 
+                if replacing:
+                    # Counted by the new worker: the supervisor writes no metric of its own
+                    # (see above), and a counter outlives the process that wrote it.
+                    metrics.WORKER_REPLACEMENTS.inc()
                 code = app.serve(
                     worker_config, preloaded=preloaded, reuse_port=True, on_ready=lambda _port: os.write(ready_w, b"r")
                 )
@@ -210,8 +218,10 @@ def supervise(config: ServerConfig) -> int:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         registry.register(GroupProcessCollector(lambda: list(workers)))
-        httpd, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=registry)
-        metrics_port = httpd.server_port
+        from server.security import start_metrics_server
+
+        # No reload counter here: the supervisor creates no metric of its own (see above).
+        metrics_port = start_metrics_server(config, registry=registry)
     log.info(
         "workers started",
         extra={
@@ -225,7 +235,13 @@ def supervise(config: ServerConfig) -> int:
     if config.ready_file:
         write_ready(
             config.ready_file,
-            {"grpc_port": port, "metrics_port": metrics_port, "pid": os.getpid(), "worker_pids": sorted(workers)},
+            {
+                "grpc_port": port,
+                "metrics_port": metrics_port,
+                "health_port": health_port,
+                "pid": os.getpid(),
+                "worker_pids": sorted(workers),
+            },
         )
 
     stopping = False
@@ -264,8 +280,10 @@ def supervise(config: ServerConfig) -> int:
             exit_code = exit_code or (0 if code == 0 else 1)
             continue
         log.error("worker died; replacing it", extra={"pid": pid, "slot": slot, "exit_code": code})
-        spawn(slot)
+        spawn(slot, replacing=True)
     reserved.close()
+    if reserved_health is not None:
+        reserved_health.close()
     shutil.rmtree(mp_dir, ignore_errors=True)
     log.info("stopped", extra={"exit_code": exit_code})
     return exit_code
@@ -277,12 +295,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if config.n_workers > 1:
-        return supervise(config)
-    from server import app, logs
+    from server import logs, security
 
     logs.setup(config.log_level)
+    problem = security.exposure_problem(config)
+    if problem:
+        log.error(problem, extra={"host": config.host})
+        return 1
+    try:
+        security.check_files(config)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    security.log_exposure(config)
+    if config.n_workers > 1:
+        return supervise(config)
     from ranking import RankingError
+    from server import app
 
     try:
         return app.serve(config)

@@ -234,6 +234,8 @@ class RankLoad:
         Seconds each client waits between calls (0: none).
     max_requests : int
         Hard cap on the number of calls, so a test's load is bounded whatever happens.
+    metadata : tuple of (key, value), optional
+        Sent with every call (e.g. ``authorization``).
     """
 
     def __init__(
@@ -244,8 +246,10 @@ class RankLoad:
         max_requests: int = 20000,
         timeout: float = 10.0,
         pause: float = 0.0,
+        metadata: tuple[tuple[str, str], ...] = (),
     ):
         self.channel = grpc.insecure_channel(target)
+        self.metadata = metadata
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.requests = requests
         self.timeout = timeout
@@ -271,7 +275,7 @@ class RankLoad:
                 return
             t0 = time.monotonic()
             try:
-                resp = self.stub.Rank(req, timeout=self.timeout)
+                resp = self.stub.Rank(req, timeout=self.timeout, metadata=self.metadata)
                 code, version = "OK", resp.model_version
             except grpc.RpcError as exc:
                 code, version = exc.code().name, ""

@@ -1,20 +1,34 @@
-"""Builds deploy/grafana/one2one.json, the Grafana dashboard, from the panel list below.
+"""Builds deploy/grafana/one2one.json, the Grafana dashboard, with Grafana's own
+dashboards-as-code library (grafana-foundation-sdk, pinned to a Grafana 11 build).
 
-Run ``python deploy/grafana/build_dashboard.py`` after editing; a test checks that the
-committed JSON is what this script writes and that every expression evaluates against
-a real Prometheus scraping a real server (tests/server/test_ops_prometheus.py).
+Run ``python deploy/grafana/build_dashboard.py`` after editing. Tests check that the
+committed JSON is what this script writes, that it type-checks against Grafana's
+published schema types (``@grafana/schema`` with ``tsc``, tests/deploy/test_grafana_dashboard.py),
+and that every expression evaluates against a real Prometheus scraping a real server
+(tests/server/test_ops_prometheus.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as common_builder
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import prometheus, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
 
 OUT = Path(__file__).with_name("one2one.json")
 J = 'job=~"$job"'
 RI = "$__rate_interval"
 RANK = 'method="one2one.v1.RankingService/Rank"'
-CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED"
+CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED|UNAUTHENTICATED|PERMISSION_DENIED"
+# Every query goes to the data source the dashboard's variable picks.
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+PANEL_HEIGHT, PANEL_WIDTH = 8, 12  # two panels a row of the 24-column grid
 
 # Series that the experiments and real-time events change adds (RecordEvents, arms);
 # panels using them show "No data" until that change is deployed.
@@ -42,45 +56,45 @@ def share(metric: str, by: str) -> str:
     return f"{rate(metric, by=by)}\n/ ignoring ({by}) group_left\n{rate('one2one_rank_responses_total')}"
 
 
-def target(expr: str, legend: str, ref: str) -> dict:
-    return {
-        "datasource": {"type": "prometheus", "uid": "${datasource}"},
-        "expr": expr,
-        "legendFormat": legend,
-        "refId": ref,
-        "range": True,
-    }
+def target(expr: str, legend: str, ref: str) -> prometheus.Dataquery:
+    return prometheus.Dataquery().datasource(DATASOURCE).expr(expr).legend_format(legend).ref_id(ref).range()
 
 
 def panel(
     title: str,
     targets: list[tuple[str, str]],
     unit: str = "short",
-    kind: str = "timeseries",
     description: str = "",
     thresholds: list[tuple[str, float | None]] | None = None,
-) -> dict:
-    p = {
-        "type": kind,
-        "title": title,
-        "description": description,
-        "datasource": {"type": "prometheus", "uid": "${datasource}"},
-        "targets": [target(e, legend, chr(ord("A") + i)) for i, (e, legend) in enumerate(targets)],
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        }
-        if kind == "timeseries"
-        else {},
-    }
+) -> timeseries.Panel:
+    """A time series panel: one Prometheus query per ``(expr, legend)``, refIds A, B, ...
+
+    ``thresholds`` are ``(color, value)`` steps (the first with value None), drawn as lines.
+    """
+    p = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .height(PANEL_HEIGHT)
+        .span(PANEL_WIDTH)
+        .legend(
+            common_builder.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        .tooltip(
+            common_builder.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)
+        )
+    )
+    for i, (expr, legend) in enumerate(targets):
+        p = p.with_target(target(expr, legend, chr(ord("A") + i)))
     if thresholds:
-        p["fieldConfig"]["defaults"]["thresholds"] = {
-            "mode": "absolute",
-            "steps": [{"color": c, "value": v} for c, v in thresholds],
-        }
-        if kind == "timeseries":
-            p["fieldConfig"]["defaults"]["custom"] = {"thresholdsStyle": {"mode": "line"}}
+        steps = [model.Threshold(color=c, value=v) for c, v in thresholds]
+        p = p.thresholds(dash.ThresholdsConfig().mode(model.ThresholdsMode.ABSOLUTE).steps(steps))
+        p = p.thresholds_style(common_builder.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.LINE))
     return p
 
 
@@ -88,7 +102,7 @@ def budget_line(legend: str = "default budget") -> tuple[str, str]:
     return (f'max(one2one_rank_budget_seconds{{{J}, kind="default"}})', legend)
 
 
-ROWS: list[tuple[str, list[dict]]] = [
+ROWS: list[tuple[str, list[timeseries.Panel]]] = [
     (
         "Traffic and errors",
         [
@@ -108,7 +122,8 @@ ROWS: list[tuple[str, list[dict]]] = [
                 "Client errors per second by code",
                 [(rate("one2one_rpc_requests_total", f'{J}, code=~"{CLIENT_CODES}"', by="code"), "{{code}}")],
                 "reqps",
-                description="Refused requests: INVALID_ARGUMENT names the bad field in its details.",
+                description="Refused requests: INVALID_ARGUMENT names the bad field in its details; "
+                "UNAUTHENTICATED and PERMISSION_DENIED are callers' credentials or roles (see Security and faults).",
             ),
             panel(
                 "Requests in flight by instance",
@@ -300,6 +315,59 @@ ROWS: list[tuple[str, list[dict]]] = [
         ],
     ),
     (
+        "Security and faults",
+        [
+            panel(
+                "Calls refused for their credentials, by method and reason",
+                [(rate("one2one_auth_refusals_total", by="method, reason"), "{{method}} {{reason}}")],
+                "reqps",
+                description="UNAUTHENTICATED (missing, bad_token, unknown_certificate) and PERMISSION_DENIED "
+                "(wrong_role); the log line `call refused` names the caller, never the token.",
+            ),
+            panel(
+                "Calls shed on arrival, by method and bound",
+                [(rate("one2one_rpc_shed_total", by="method, reason"), "{{method}} {{reason}}")],
+                "reqps",
+                description="RESOURCE_EXHAUSTED before queueing: process (max_concurrent_calls), role "
+                "(max_calls_per_role), rank_queue (max_queued_ranks). Sustained shedding wants more pods.",
+            ),
+            panel(
+                "Stalled requests cancelled, by instance",
+                [(rate("one2one_rpc_stalled_requests_total", by="instance"), "{{instance}}")],
+                "reqps",
+                description="Calls whose request did not arrive within request_read_timeout_seconds of its "
+                "headers: a slow or hostile client, cancelled so it cannot hold a handler thread.",
+            ),
+            panel(
+                "Event log writable, and failed appends by reason",
+                [
+                    (f"min by (instance) (one2one_event_log_writable{{{J}}})", "writable {{instance}}"),
+                    (
+                        f"sum by (reason) (increase(one2one_event_log_write_failures_total{{{J}}}[{RI}]))",
+                        "failed: {{reason}}",
+                    ),
+                ],
+                description="0 while RecordEvents answers UNAVAILABLE because the log cannot be written (disk "
+                "full, read-only, I/O error); alert One2oneEventLogUnwritable.",
+            ),
+            panel(
+                "Worker replacements and security file reloads",
+                [
+                    (
+                        f"sum by (instance) (increase(one2one_worker_replacements_total{{{J}}}[{RI}]))",
+                        "workers replaced {{instance}}",
+                    ),
+                    (
+                        f"sum by (file, result) (increase(one2one_security_file_reloads_total{{{J}}}[{RI}]))",
+                        "{{file}} {{result}}",
+                    ),
+                ],
+                description="A worker that died and was started again; TLS and callers files re-read after a "
+                "change (refused: the last good version still serves).",
+            ),
+        ],
+    ),
+    (
         "Process",
         [
             panel(
@@ -333,81 +401,53 @@ ROWS: list[tuple[str, list[dict]]] = [
 ]
 
 
-def dashboard() -> dict:
-    panels, y, pid = [], 0, 1
-    for title, row in ROWS:
-        panels.append(
-            {
-                "type": "row",
-                "title": title,
-                "id": pid,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
-            }
+def dashboard() -> model.Dashboard:
+    """The dashboard model; panel ids run 1, 2, ... in reading order, rows included."""
+    builder = (
+        dash.Dashboard("one2one ranking service")
+        .uid("one2one-ops")
+        .description(
+            "Traffic, errors, latency per stage against the budget, the ladder, experiments, "
+            "bundle freshness and reloads, refusals, shedding and faults. Alerts: deploy/prometheus/rules.yml."
         )
-        pid, y = pid + 1, y + 1
-        for i, p in enumerate(row):
-            p = dict(p, id=pid, gridPos={"h": 8, "w": 12, "x": 12 * (i % 2), "y": y + 8 * (i // 2)})
-            panels.append(p)
+        .tags(["one2one", "grpc", "ranking"])
+        .timezone("utc")
+        .editable()
+        .refresh("30s")
+        .time("now-6h", "now")
+        .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(
+            dash.QueryVariable("job")
+            .label("Job")
+            .datasource(DATASOURCE)
+            .query("label_values(one2one_serving, job)")
+            .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .include_all(True)
+            .multi(True)
+        )
+        .annotation(
+            dash.AnnotationQuery()
+            .name("Bundle loaded")
+            .enable(True)
+            .icon_color("blue")
+            .datasource(DATASOURCE)
+            .expr(f"changes(one2one_bundle_load_timestamp_seconds{{{J}}}[1m]) > 0")
+        )
+    )
+    pid = 1
+    # Builders are mutable and with_panel() places panels on the grid: work on a copy so
+    # that every call builds the same dashboard.
+    for title, row in copy.deepcopy(ROWS):
+        builder = builder.with_row(dash.Row(title).id(pid))
+        pid += 1
+        for p in row:
+            builder = builder.with_panel(p.id(pid))
             pid += 1
-        y += 8 * ((len(row) + 1) // 2)
-    return {
-        "uid": "one2one-ops",
-        "title": "one2one ranking service",
-        "description": "Traffic, errors, latency per stage against the budget, the ladder, experiments, "
-        "bundle freshness and reloads. Alerts: deploy/prometheus/rules.yml.",
-        "tags": ["one2one", "grpc", "ranking"],
-        "timezone": "utc",
-        "schemaVersion": 39,
-        "version": 1,
-        "editable": True,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "label": "Data source",
-                    "current": {},
-                    "hide": 0,
-                },
-                {
-                    "name": "job",
-                    "type": "query",
-                    "label": "Job",
-                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": {"query": "label_values(one2one_serving, job)", "refId": "job"},
-                    "definition": "label_values(one2one_serving, job)",
-                    "refresh": 2,
-                    "includeAll": True,
-                    "multi": True,
-                    "current": {},
-                    "hide": 0,
-                },
-            ]
-        },
-        "annotations": {
-            "list": [
-                {
-                    "name": "Bundle loaded",
-                    "enable": True,
-                    "iconColor": "blue",
-                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "expr": f"changes(one2one_bundle_load_timestamp_seconds{{{J}}}[1m]) > 0",
-                    "titleFormat": "bundle loaded on {{instance}}",
-                    "step": "1m",
-                }
-            ]
-        },
-        "panels": panels,
-    }
+    return builder.build()
 
 
 def render() -> str:
-    return json.dumps(dashboard(), indent=2, sort_keys=False) + "\n"
+    return json.dumps(dashboard(), cls=JSONEncoder, indent=2, sort_keys=False) + "\n"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ written in any policy, since written bytes are in the page cache.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -54,7 +55,24 @@ _MAX_PAYLOAD = 16 << 20
 
 
 class EventLogError(Unavailable):
-    """The event log cannot be written; nothing of the failed append is kept."""
+    """The event log cannot be written; nothing of the failed append is kept.
+
+    ``reason`` says why, for metrics and alerts: "no_space" (the file system or a quota is
+    full), "read_only" (it is mounted or remounted read-only), "io_error" (any other
+    failure), or "closed" / "busy" for a writer that is closed or already taken.
+    """
+
+    def __init__(self, message: str, reason: str = "io_error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no_space"
+    if exc.errno == errno.EROFS:
+        return "read_only"
+    return "io_error"
 
 
 class EventLogCorrupt(EventLogError):
@@ -81,6 +99,16 @@ def encode(record: dict) -> bytes:
     if len(payload) > _MAX_PAYLOAD:
         raise EventLogError(f"record of {len(payload)} bytes exceeds the {_MAX_PAYLOAD}-byte limit")
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _write_all(fh, data: bytes) -> None:
+    """Write every byte with unbuffered writes (one may write less than asked), or raise OSError."""
+    view = memoryview(data)
+    while view:
+        n = fh.write(view)
+        if not n:  # FileIO returns None only for a non-blocking file; 0 would loop forever
+            raise OSError(errno.EIO, "write made no progress")
+        view = view[n:]
 
 
 def segments(directory: Path) -> list[Path]:
@@ -237,7 +265,8 @@ class EventLog:
             self._lockfile.close()
             raise EventLogError(
                 f"event log {self.directory} is already open for writing by another process "
-                f"(pid {holder}); give each server its own event_log_dir"
+                f"(pid {holder}); give each server its own event_log_dir",
+                reason="busy",
             ) from None
         # The kernel drops the lock when the process dies, kill -9 included; the pid is for the message.
         self._lockfile.truncate(0)
@@ -253,10 +282,17 @@ class EventLog:
             for _ in read_log(self.directory, repair=True, modified_since=time.time() + 1):
                 pass
             self._number = int(files[-1].stem)  # segments() kept only <20 digits>.log names
-            self._fh = open(files[-1], "ab")
+            # Unbuffered: a buffered writer keeps what a failed write could not put on disk
+            # and writes it with the next append, so events refused on a full disk appeared
+            # in the log once space returned (issue 22). Every byte here is written by one
+            # os.write or not at all.
+            self._fh = open(files[-1], "ab", buffering=0)
         else:
             self._number = 0
             self._fh = self._create(1)
+        # The end of the last whole record: a failed append is cut back to it.
+        self._size = os.fstat(self._fh.fileno()).st_size
+        self._torn: int | None = None
         self._flusher = None
         if fsync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="eventlog-fsync", daemon=True)
@@ -267,22 +303,27 @@ class EventLog:
         return Path(self._fh.name)
 
     def _create(self, number: int):
+        """A new segment holding its header, or nothing at all (a failed create leaves no file)."""
         path = self.directory / f"{number:020d}.log"
-        fh = open(path, "xb")
-        fh.write(MAGIC)
-        fh.flush()
-        if self.fsync != "never":
-            os.fsync(fh.fileno())
-            fsync_dir(self.directory)
+        fh = open(path, "xb", buffering=0)
+        try:
+            _write_all(fh, MAGIC)
+            if self.fsync != "never":
+                os.fsync(fh.fileno())
+                fsync_dir(self.directory)
+        except OSError:
+            fh.close()
+            path.unlink(missing_ok=True)
+            raise
         self._number = number
         return fh
 
     def _roll(self) -> None:
         old = self._fh
-        old.flush()
         if self.fsync != "never":
             os.fsync(old.fileno())
         self._fh = self._create(self._number + 1)
+        self._size, self._torn = len(MAGIC), None
         old.close()
 
     def append(self, records: list[dict], durable: bool = True) -> None:
@@ -306,33 +347,57 @@ class EventLog:
         blob = b"".join(encode(r) for r in records)
         with self._lock:
             if self._closed:
-                raise EventLogError(f"event log {self.directory} is closed")
-            if self._fh.tell() >= self.segment_bytes:
-                self._roll()
-            start = self._fh.tell()
+                raise EventLogError(f"event log {self.directory} is closed", reason="closed")
             try:
-                self._fh.write(blob)
-                self._fh.flush()
+                if self._torn is not None:
+                    # A failed append whose bytes could not be cut away: nothing may follow them.
+                    self._cut(self._torn)
+                if self._size >= self.segment_bytes:
+                    self._roll()
+            except OSError as exc:
+                raise EventLogError(
+                    f"cannot append to event log {self.current_segment}: {exc}", reason=_reason(exc)
+                ) from exc
+            start = self._size
+            try:
+                _write_all(self._fh, blob)
                 if durable and self.fsync == "always":
                     os.fsync(self._fh.fileno())
                 else:
                     self._dirty = True
             except OSError as exc:
-                # A partial write would look like a torn record in the middle of the log once
-                # later appends land after it, so take it back before anything else is written.
+                # Whatever part of the batch reached the file is cut away at once: left there,
+                # a later append would land after it and a reader would take it for a torn
+                # record mid-log, or (had it been whole) replay an event the caller was told
+                # had failed. If even that fails, the next append cuts it before writing.
+                self._torn = start
                 try:
-                    self._fh.truncate(start)
-                    self._fh.seek(start)
+                    self._cut(start)
                 except OSError:
-                    log.exception("cannot undo a failed append", extra={"segment": str(self.current_segment)})
-                raise EventLogError(f"cannot append to event log {self.current_segment}: {exc}") from exc
+                    log.exception(
+                        "cannot undo a failed append yet; retried before the next one",
+                        extra={"segment": str(self.current_segment), "offset": start},
+                    )
+                raise EventLogError(
+                    f"cannot append to event log {self.current_segment}: {exc}", reason=_reason(exc)
+                ) from exc
+            self._size = start + len(blob)
             self.bytes_appended += len(blob)
+
+    def _cut(self, size: int) -> None:
+        """Truncate the current segment to ``size`` bytes and make that durable."""
+        os.ftruncate(self._fh.fileno(), size)
+        # A new segment is open without O_APPEND: its position must come back too, or the
+        # next write lands past the cut and leaves a hole of zeros mid-log.
+        os.lseek(self._fh.fileno(), size, os.SEEK_SET)
+        if self.fsync != "never":
+            os.fsync(self._fh.fileno())
+        self._size, self._torn = size, None
 
     def sync(self) -> None:
         """Fsync whatever was written but not yet synced."""
         with self._lock:
             if self._dirty and not self._closed:
-                self._fh.flush()
                 os.fsync(self._fh.fileno())
                 self._dirty = False
 
@@ -347,7 +412,10 @@ class EventLog:
     def close(self) -> None:
         """Sync (unless the policy is "never") and close; later appends raise EventLogError."""
         if self.fsync != "never":
-            self.sync()
+            try:
+                self.sync()
+            except OSError:
+                log.exception("final fsync of the event log failed", extra={"segment": str(self.current_segment)})
         with self._lock:
             if self._closed:
                 return

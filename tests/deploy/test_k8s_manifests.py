@@ -1,8 +1,14 @@
-"""The Kubernetes manifests agree with the code: config keys, ports, probes, paths, CLI flags."""
+"""The Kubernetes manifests: valid for `kubernetes-validate --strict`, hardened, and in agreement
+with the code (config keys, ports, probes, paths, CLI flags, the image's user)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -11,8 +17,35 @@ from ops_tools import DEPLOY
 from index_builder.__main__ import _parser as builder_parser
 from server.app import LIVENESS_SERVICE
 from server.config import ServerConfig
+from server.security import exposure_problem
 
 K8S = DEPLOY / "k8s"
+# The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+# The transport-security settings the ConfigMap must set; the server's own loader checks
+# their types and how they combine (server_config below).
+SECURITY_SETTINGS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "require_client_auth",
+    "auth_tokens_file",
+    "health_port",
+    "allow_insecure",
+    "metrics_tls_cert_file",
+    "metrics_tls_key_file",
+    "metrics_tls_client_ca_file",
+    "reflection",
+)
+SECRET_FILE_SETTINGS = (
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "auth_tokens_file",
+    "metrics_tls_cert_file",
+    "metrics_tls_key_file",
+    "metrics_tls_client_ca_file",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +61,17 @@ def objects() -> dict[tuple[str, str], dict]:
 
 
 @pytest.fixture(scope="module")
+def settings(objects) -> dict:
+    """The ConfigMap's [server] table as written."""
+    return tomllib.loads(objects[("ConfigMap", "one2one-server")]["data"]["server.toml"])["server"]
+
+
+@pytest.fixture(scope="module")
 def server_config(objects, tmp_path_factory) -> ServerConfig:
-    toml = objects[("ConfigMap", "one2one-server")]["data"]["server.toml"]
     path = tmp_path_factory.mktemp("cm") / "server.toml"
-    path.write_text(toml)
-    # The real loader: an unknown key or a wrong type fails here, naming it.
+    path.write_text(objects[("ConfigMap", "one2one-server")]["data"]["server.toml"])
+    # The real loader: an unknown key, a wrong type or settings that do not go together
+    # (a client CA without require_client_auth) fail here, naming the key.
     return ServerConfig.load(path, env={})
 
 
@@ -53,12 +92,30 @@ def test_every_piece_is_there(objects):
         "CronJob",
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     } <= kinds
 
 
 def test_configmap_is_a_valid_server_config(server_config):
     assert server_config.host == "0.0.0.0" and server_config.metrics_host == "0.0.0.0"
     assert server_config.drain_notice_seconds > 0
+    # Reachable from the cluster, so secure by default must let it start: TLS and callers.
+    assert exposure_problem(server_config) is None
+    assert server_config.tls_enabled and server_config.metrics_tls_enabled and server_config.auth_enabled
+    assert server_config.require_client_auth and server_config.tls_client_ca_file
+    assert not server_config.allow_insecure and not server_config.reflection
+
+
+def test_configmap_with_an_unrequired_client_ca_is_refused(settings, tmp_path):
+    # The loader the tests above rely on refuses what gRPC cannot do: a client CA whose
+    # certificates are requested but not required.
+    path = tmp_path / "server.toml"
+    lines = ["[server]"] + [
+        f"{k} = {json.dumps(False if k == 'require_client_auth' else v)}" for k, v in settings.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="tls_client_ca_file"):
+        ServerConfig.load(path, env={})
 
 
 def test_deployment_probes_ports_resources_and_grace(objects, server_config):
@@ -66,9 +123,19 @@ def test_deployment_probes_ports_resources_and_grace(objects, server_config):
     pod = _pod(dep)
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": server_config.port, "metrics": server_config.metrics_port}
-    assert c["readinessProbe"]["grpc"] == {"port": server_config.port, "service": ""}
-    assert c["livenessProbe"]["grpc"] == {"port": server_config.port, "service": LIVENESS_SERVICE}
+    assert ports == {
+        "grpc": server_config.port,
+        "metrics": server_config.metrics_port,
+        "health": server_config.health_port,
+    }
+    # Readiness on service "", liveness on LIVENESS_SERVICE, by the kubelet's own gRPC probe
+    # on the plaintext health-only port (it speaks neither TLS nor tokens).
+    expected = {"readinessProbe": "", "livenessProbe": LIVENESS_SERVICE, "startupProbe": LIVENESS_SERVICE}
+    for probe, service in expected.items():
+        assert set(c[probe]) - {"periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold"} == {
+            "grpc"
+        }, probe
+        assert c[probe]["grpc"] == {"port": server_config.health_port, "service": service}, probe
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(c["resources"][kind])
     # A CPU limit is a quota the process cannot see: one worker per CPU of the limit, set
@@ -93,6 +160,8 @@ def test_services_and_autoscaler_point_at_the_deployment(objects):
     for svc in services:
         assert svc["spec"]["selector"].items() <= labels.items()
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+        # The plaintext health port is the kubelet's; no Service offers it to callers.
+        assert "health" not in {p["targetPort"] for p in svc["spec"]["ports"]}
     hpa = objects[("HorizontalPodAutoscaler", "one2one-server")]
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
     assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
@@ -109,7 +178,7 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     parsed = builder_parser().parse_args(args[3:])  # the real CLI: unknown flags fail here
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert str(parsed.out) == mounts["artifacts"]["mountPath"] and not mounts["artifacts"].get("readOnly")
-    claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    claim = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
     dep_claims = {
         v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
         for v in _pod(objects[("Deployment", "one2one-server")])["volumes"]
@@ -119,3 +188,168 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     assert "ReadWriteMany" in objects[("PersistentVolumeClaim", claim["artifacts"])]["spec"]["accessModes"]
     for flag in (*parsed.events, parsed.items, parsed.users):  # --events may be repeated
         assert str(flag).startswith(mounts["inputs"]["mountPath"] + "/")
+
+
+# --- checked by Kubernetes' own schema -------------------------------------------------
+
+
+@pytest.mark.parametrize("k8s_version", KUBERNETES_VERSIONS)
+def test_every_manifest_passes_kubernetes_validate_strict(k8s_version):
+    files = sorted(str(p) for p in K8S.glob("*.yaml"))
+    out = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", k8s_version, *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    passed = re.findall(r"^INFO (\S+) passed for resource", out.stdout, re.M)
+    documents = sum(1 for p in K8S.glob("*.yaml") for d in yaml.safe_load_all(p.read_text()) if d)
+    assert len(passed) == documents, out.stdout
+
+
+def test_kubernetes_validate_strict_refuses_an_unknown_field(objects, tmp_path):
+    # The check above can fail: a misspelt field (readOnlyRootFileSystem) is refused.
+    dep = json.loads(json.dumps(objects[("Deployment", "one2one-server")]))
+    sc = _pod(dep)["containers"][0]["securityContext"]
+    sc["readOnlyRootFileSystem"] = sc.pop("readOnlyRootFilesystem")
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(dep))
+    out = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSIONS[0], str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0 and "readOnlyRootFileSystem" in out.stdout + out.stderr
+
+
+# --- hardening ---------------------------------------------------------------------------
+
+
+def _image_user() -> int:
+    """The numeric uid of the final stage's last USER in deploy/Dockerfile."""
+    users = re.findall(r"^USER\s+(\S+)", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert users, "deploy/Dockerfile sets no USER"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit(), "USER must be numeric for runAsNonRoot to verify it"
+    return int(uid)
+
+
+@pytest.mark.parametrize("key", [("Deployment", "one2one-server"), ("CronJob", "one2one-builder")])
+def test_pods_are_hardened(objects, key):
+    pod = _pod(objects[key])
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True
+    assert psc["runAsUser"] == _image_user() != 0
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert ("privileged" not in sc and "runAsUser" not in sc) or sc["runAsUser"] != 0
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        assert "/tmp" in mounts and not mounts["/tmp"].get("readOnly"), "Python and the libraries need a writable /tmp"
+        for m in c["volumeMounts"]:
+            vol = volumes[m["name"]]
+            if "configMap" in vol or "secret" in vol or "projected" in vol:
+                assert m.get("readOnly") is True, m
+            if not m.get("readOnly"):
+                assert "emptyDir" in vol or "persistentVolumeClaim" in vol, m
+            if "emptyDir" in vol:
+                assert vol["emptyDir"].get("sizeLimit"), f"{m['name']}: an unbounded emptyDir can fill the node"
+
+
+def _writable_mount(pod: dict, path: str) -> dict | None:
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for m in pod["containers"][0]["volumeMounts"]:
+        if PurePosixPath(path).is_relative_to(m["mountPath"]) and not m.get("readOnly"):
+            return volumes[m["name"]]
+    return None
+
+
+def test_the_server_writes_only_to_its_writable_volumes(objects, server_config):
+    pod = _pod(objects[("Deployment", "one2one-server")])
+    # The event log (RecordEvents) and the worker metrics directory (tempfile under /tmp).
+    assert "emptyDir" in _writable_mount(pod, str(server_config.event_log_path()))
+    assert "emptyDir" in _writable_mount(pod, "/tmp/one2one-metrics-x")
+    # The bundle is read, never written, by the servers.
+    assert _writable_mount(pod, server_config.artifacts) is None
+
+
+# --- TLS and token secrets ---------------------------------------------------------------
+
+
+def _secret_files(pod: dict) -> dict[str, tuple[str, str, dict]]:
+    """Every file a Secret puts in the container: path -> (secret, key, mount)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    out = {}
+    for m in pod["containers"][0]["volumeMounts"]:
+        vol = volumes[m["name"]]
+        sources = [s["secret"] for s in vol.get("projected", {}).get("sources", []) if "secret" in s]
+        if "secret" in vol:
+            sources.append({"name": vol["secret"]["secretName"], "items": vol["secret"].get("items", [])})
+        for src in sources:
+            assert src.get("items"), f"{m['name']}: list the Secret's keys so a missing one fails the pod"
+            for item in src["items"]:
+                out[str(PurePosixPath(m["mountPath"]) / item["path"])] = (src["name"], item["key"], m)
+    return out
+
+
+def test_tls_and_token_secrets_are_mounted_where_the_settings_point(objects, settings):
+    for key in SECURITY_SETTINGS:
+        assert key in settings, f"{key} missing from the ConfigMap"
+    pod = _pod(objects[("Deployment", "one2one-server")])
+    files = _secret_files(pod)
+    for key in SECRET_FILE_SETTINGS:
+        assert settings[key] in files, f"{key} = {settings[key]!r} is not a file any mounted Secret provides"
+        mount = files[settings[key]][2]
+        # subPath mounts never see a renewed Secret: rotation needs the whole volume.
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+    assert files[settings["tls_cert_file"]][:2] == ("one2one-server-tls", "tls.crt")
+    assert files[settings["tls_key_file"]][:2] == ("one2one-server-tls", "tls.key")
+    assert files[settings["auth_tokens_file"]][0] != "one2one-server-tls"
+    # Callers' certificates are checked against the client CA, not the server's own CA.
+    assert files[settings["tls_client_ca_file"]][0] == "one2one-client-ca"
+    assert settings["metrics_tls_client_ca_file"] == settings["tls_client_ca_file"]
+    # Secrets are not world-readable (the pod's fsGroup reads them).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name in {m["name"] for _, _, m in files.values()}:
+        vol = volumes[name]
+        mode = (vol.get("projected") or vol.get("secret"))["defaultMode"]
+        assert mode & 0o007 == 0, f"{name}: defaultMode {mode:o} lets any user read the secret"
+    # Prometheus scrapes over https when the metrics port has a certificate.
+    annotations = objects[("Deployment", "one2one-server")]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scheme"] == ("https" if settings["metrics_tls_cert_file"] else "http")
+
+
+# --- network policy ----------------------------------------------------------------------
+
+
+def test_network_policy_admits_only_labelled_callers_and_monitoring(objects):
+    dep = objects[("Deployment", "one2one-server")]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    ports = {p["name"]: p["containerPort"] for p in _pod(dep)["containers"][0]["ports"]}
+    np = objects[("NetworkPolicy", "one2one-server")]["spec"]
+    assert np["podSelector"]["matchLabels"].items() <= labels.items()
+    assert set(np["policyTypes"]) == {"Ingress", "Egress"}
+    assert np["egress"] == [], "the server calls nothing"
+    by_port = {}
+    for rule in np["ingress"]:
+        assert rule.get("from") and rule.get("ports"), "a rule without from or ports admits everyone"
+        for port in rule["ports"]:
+            assert port["port"] in ports, f"{port['port']} is no container port"
+            by_port[port["port"]] = rule["from"]
+    assert set(by_port) == {"grpc", "metrics"}
+    (callers,) = by_port["grpc"]
+    assert callers["podSelector"]["matchLabels"] and callers["namespaceSelector"]["matchLabels"]
+    (monitoring,) = by_port["metrics"]
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    builder = objects[("NetworkPolicy", "one2one-builder")]["spec"]
+    cron_labels = objects[("CronJob", "one2one-builder")]["spec"]["jobTemplate"]["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    assert builder["podSelector"]["matchLabels"].items() <= cron_labels.items()
+    assert builder["ingress"] == [] and builder["egress"] == []

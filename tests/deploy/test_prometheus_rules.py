@@ -24,6 +24,7 @@ REQUIRED_ALERTS = {
     "stale bundle": "One2oneBundleStale",
     "failed reload": "One2oneBundleReloadFailed",
     "not serving": "One2oneNotServing",
+    "event log disk full or read-only": "One2oneEventLogUnwritable",
 }
 
 

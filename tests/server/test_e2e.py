@@ -107,7 +107,7 @@ def test_oversized_request_is_refused(stub):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_health_and_reflection(running):
+def test_health_open_and_reflection_off_by_default(running):
     channel = running[2]
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "one2one.v1.RankingService"):
@@ -115,12 +115,12 @@ def test_health_and_reflection(running):
             health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             == health_pb2.HealthCheckResponse.SERVING
         )
+    # Reflection lists every service to whoever asks: a setting, off unless configured
+    # (on: test_shedding_e2e).
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answers = list(
-        refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
-    )
-    names = {s.name for s in answers[0].list_services_response.service}
-    assert {"one2one.v1.RankingService", "grpc.health.v1.Health"} <= names
+    with pytest.raises(grpc.RpcError) as err:
+        list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_metrics_show_the_calls(running, stub):

@@ -33,8 +33,10 @@ from ops_tools import (
 
 from one2one.v1 import ranking_pb2 as pb
 from server.demo import wait_serving
+from server.security import hash_token
 
 RULES = DEPLOY / "prometheus" / "rules.yml"
+LOAD_TOKEN = "prometheus-stack-load-token-0123"
 DASHBOARD = DEPLOY / "grafana" / "one2one.json"
 # What Grafana would put for its variables; 20 s windows hold ~20 one-second scrapes.
 GRAFANA_VARS = {"$__rate_interval": "20s", "$job": "one2one"}
@@ -44,6 +46,9 @@ GRAFANA_VARS = {"$__rate_interval": "20s", "$job": "one2one"}
 NEEDS_HISTORY = {
     "One2oneFallbackRatioSpike": ["one2one:rank_fallbacks:ratio_rate5m", "one2one:rank_fallbacks:ratio_rate6h"]
 }
+# The event log's full disk needs a mount (created on a real tmpfs in
+# tests/server/test_faults_e2e.py): here its metric side must return data.
+NEEDS_HISTORY["One2oneEventLogUnwritable"] = ["min by (job, instance) (one2one_event_log_writable)"]
 # Alerts whose condition the setup creates: each must be pending or firing.
 CREATED = {
     "One2oneErrorRatioHigh",
@@ -96,8 +101,16 @@ def stack(bundle_path, tmp_path_factory):
     art_a.mkdir()
     art_b.mkdir()
     publish_copy(bundle_path, art_a, "v-served")
+    # Server A checks its callers, so the refusal series exist (and one refusal is made below).
+    (work / "a" / "callers.toml").write_text(
+        f'[[callers]]\nname = "load"\nroles = ["rank"]\ntoken_sha256 = "{hash_token(LOAD_TOKEN)}"\n'
+    )
     cfg_a = write_config(
-        work / "a" / "server.toml", reload_interval_seconds=0.3, debug_rank_delay_ms=60, bundle_max_age_hours=0.0003
+        work / "a" / "server.toml",
+        reload_interval_seconds=0.3,
+        debug_rank_delay_ms=60,
+        bundle_max_age_hours=0.0003,
+        auth_tokens_file=str(work / "a" / "callers.toml"),
     )
     procs = []
     prom = None
@@ -123,7 +136,22 @@ def stack(bundle_path, tmp_path_factory):
             pb.RankRequest(user_id="u3", candidate_item_ids=["no-such-item"]),  # empty
             pb.RankRequest(num_results=-1),  # INVALID_ARGUMENT
         ]
-        loads.append(RankLoad(f"127.0.0.1:{ready_a['grpc_port']}", mix, threads=3, max_requests=4000).__enter__())
+        bearer = (("authorization", f"Bearer {LOAD_TOKEN}"),)
+        loads.append(
+            RankLoad(
+                f"127.0.0.1:{ready_a['grpc_port']}", mix, threads=3, max_requests=4000, metadata=bearer
+            ).__enter__()
+        )
+        # And a caller without a token, refused (the refusals panel).
+        loads.append(
+            RankLoad(
+                f"127.0.0.1:{ready_a['grpc_port']}",
+                [pb.RankRequest(user_id="u1")],
+                threads=1,
+                max_requests=50,
+                pause=0.2,
+            ).__enter__()
+        )
         loads.append(
             RankLoad(
                 f"127.0.0.1:{ready_b['grpc_port']}",

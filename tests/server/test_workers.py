@@ -118,6 +118,13 @@ def test_a_killed_worker_is_replaced_and_service_continues(two_workers):
     # The replacement takes the dead worker's slot, and with it its CPU.
     (replacement,) = set(children) - set(ready["worker_pids"])
     assert os.sched_getaffinity(replacement) == victim_cpus
+    # Counted (issue 22): one replacement, summed over the workers' metric files (the new
+    # worker counts itself once it has imported the server, a moment after the fork).
+    while time.monotonic() < deadline:
+        if sample(scrape(ready["metrics_port"]), "one2one_worker_replacements_total") >= 1:
+            break
+        time.sleep(0.1)
+    assert sample(scrape(ready["metrics_port"]), "one2one_worker_replacements_total") == 1
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
 
