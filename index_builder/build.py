@@ -288,7 +288,11 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
     k = min(cfg.eval_candidates, len(itf))
     queries = np.ascontiguousarray(uf[sample], dtype=np.float32)
     if len(sample) == 0 or k == 0:
-        retrieval = {"ann_effort": DEFAULT_ANN_EFFORT, "reached": False, "warning": "no user to measure recall on"}
+        retrieval: dict = {
+            "ann_effort": DEFAULT_ANN_EFFORT,
+            "reached": False,
+            "warning": "no user to measure recall on",
+        }
     else:
         # The server's exact_head_items (its default unless the build says otherwise): the path it runs.
         retrieval = tune_effort(

@@ -197,7 +197,8 @@ class BuildConfig:
     ann_target_recall: float = _setting(
         0.95,
         "recall of the exact top `eval_candidates` the served path (exact head, then ANN index) must reach; "
-        "the builder records the lowest effort of 16, 32, ... `ann_max_effort` that reaches it as the bundle's `ann_effort`",
+        "the builder records the lowest effort of 16, 32, ... `ann_max_effort` that reaches it "
+        "as the bundle's `ann_effort`",
     )
     ann_max_effort: int = _setting(
         1024,
