@@ -100,7 +100,7 @@ class Work:
             raise KeyError(user_id)
         slack = min(m.consumed.row_len(urow), cfg.max_consumed_slack)
         rows, _ = self.ranker.ann.search(
-            np.asarray(m.user_factors[urow], dtype=np.float32), cfg.n_candidates + slack, cfg.ann_effort
+            np.asarray(m.user_factors[urow], dtype=np.float32), cfg.n_candidates + slack, self.ranker.ann_effort
         )
         if self.level == "search":
             top = rows[rows >= 0][:10]

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
+from index_builder.ann_tuning import tune_effort
 from index_builder.config import BuildConfig
 from index_builder.evaluate import EvalConfig, ladder_summary, run_protocol
 from index_builder.fit import FIT_STEPS, Fitted, Inputs, PartFit, build_index, fit, linear_scoring, read_inputs
@@ -26,12 +27,12 @@ from index_builder.rerank_train import RerankOutcome, attributes_of, train_reran
 from index_builder.splits import Protocol, SplitError, split
 from index_builder.steps import Steps
 from ranking import (
+    DEFAULT_ANN_EFFORT,
     DEFAULT_EXACT_HEAD_ITEMS,
     FEATURE_NAMES,
     SCHEMA_VERSION,
     BundleWriter,
     ExactHead,
-    RankerConfig,
     ann_search,
     check_arrays,
     tree_arrays,
@@ -230,7 +231,7 @@ def build(
         scoring, ladder_results = _learn(inp, cfg, ladder, steps)
         served = fit(inp, cfg, steps, prefix="fit ", show_progress=show_progress)
         with steps.step("ann eval"):
-            evaluation = _ann_evaluation(served, cfg)
+            retrieval, evaluation = _ann_evaluation(served, cfg)
         evaluation["ladder"] = (
             ladder_summary(ladder_results) if ladder_results is not None else {"skipped": "ladder_report = false"}
         )
@@ -250,6 +251,7 @@ def build(
                     **served.sections,
                     "skipped": inp.skipped,
                     "scoring": scoring,
+                    "retrieval": retrieval,
                     "evaluation": evaluation,
                     "data_profile": data_profile(served.events, inp.items, cfg),
                 }
@@ -268,21 +270,48 @@ def build(
     return path
 
 
-def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> dict:
-    """The ANN index's recall and the exact head's share on a sample of users with history."""
-    rcfg = RankerConfig()
+def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
+    """The search effort the bundle asks for, and the recall figures, on a sample of users with history.
+
+    Returns
+    -------
+    (retrieval, evaluation)
+        The manifest's ``retrieval`` section (``index_builder.ann_tuning.tune_effort``: the
+        lowest effort at which the served path reaches ``ann_target_recall``, and the figures
+        of every effort tried), and the ``evaluation`` figures at that effort: the ANN index's
+        own recall and the share of users the exact head proves.
+    """
     uf, itf = served.arrays["user_factors"], served.arrays["item_factors"]
     with_hist = np.flatnonzero(served.arrays["user_has_history"])
     rng = np.random.default_rng(cfg.random_seed)
     sample = rng.choice(with_hist, size=min(cfg.eval_users, len(with_hist)), replace=False)
     k = min(cfg.eval_candidates, len(itf))
-    return {
-        f"ann_recall_at_{k}": ann_recall(served.index, itf, uf[sample], k, rcfg.ann_effort),
+    queries = np.ascontiguousarray(uf[sample], dtype=np.float32)
+    if len(sample) == 0 or k == 0:
+        retrieval: dict = {
+            "ann_effort": DEFAULT_ANN_EFFORT,
+            "reached": False,
+            "warning": "no user to measure recall on",
+        }
+    else:
+        # The server's exact_head_items (its default unless the build says otherwise): the path it runs.
+        retrieval = tune_effort(
+            served.index, itf, queries, k, cfg.eval_exact_head_items, cfg.ann_target_recall, cfg.ann_max_effort
+        )
+    effort = int(retrieval["ann_effort"])
+    evaluation = {
+        f"ann_recall_at_{k}": ann_recall(served.index, itf, queries, k, effort),
+        "ann_effort": effort,
         "ann_eval_users": len(sample),
-        # The server's default exact_head_items, and the share of those users it proves exact.
-        "exact_head_items": rcfg.exact_head_items,
-        "exact_head_share": exact_head_share(itf, uf[sample], k, rcfg.exact_head_items),
+        # The share of those users the head proves exact (the rest go to the index).
+        "exact_head_items": cfg.eval_exact_head_items,
+        "exact_head_share": (
+            exact_head_share(itf, queries, k, cfg.eval_exact_head_items) if cfg.eval_exact_head_items else 0.0
+        ),
     }
+    if retrieval.get("efforts"):
+        evaluation[f"served_recall_at_{k}"] = retrieval["efforts"][-1]["served_recall"]
+    return retrieval, evaluation
 
 
 def evaluate(

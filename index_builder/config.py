@@ -166,6 +166,14 @@ class BuildConfig:
     rerank_valid_share: float = _setting(0.2, "share of users held out for early stopping in each bag")
     rerank_bags: int = _setting(5, "models averaged, each early-stopped on a different fold of users")
     rerank_early_stopping: int = _setting(50, "rounds without improvement that stop a model")
+    # The serving budget of the reranker (index_builder.rerank_cost); the reason for the default
+    # is in docs/builder.md, "The reranker's serving cost".
+    rerank_max_tree_nodes_per_candidate: int = _setting(
+        2500,
+        "ceiling on the tree nodes the exported ensemble walks per candidate (every bag's trees, "
+        "mean depth measured on the training rows); above it each bag is cut to fewer trees, "
+        "in proportion. 0: no ceiling",
+    )
 
     # Run the ladder evaluation (both protocols, every rung) and put its NDCG@10 in the manifest.
     ladder_report: bool = _setting(True, "run the ladder evaluation and put its NDCG@10 in the manifest")
@@ -179,6 +187,22 @@ class BuildConfig:
     # Recall is measured at the number of candidates the server retrieves.
     eval_candidates: int = _setting(
         RankerConfig.n_candidates, "candidates the ANN recall is measured at (the pipeline's `n_candidates`)"
+    )
+
+    eval_exact_head_items: int = _setting(
+        RankerConfig.exact_head_items,
+        "the exact head the served path's recall is measured with (the server's `exact_head_items`; 0: ANN only)",
+    )
+    # The search effort the bundle asks the server for (ranking.config.effective_ann_effort).
+    ann_target_recall: float = _setting(
+        0.95,
+        "recall of the exact top `eval_candidates` the served path (exact head, then ANN index) must reach; "
+        "the builder records the lowest effort of 16, 32, ... `ann_max_effort` that reaches it "
+        "as the bundle's `ann_effort`",
+    )
+    ann_max_effort: int = _setting(
+        1024,
+        "highest search effort tried; when none reaches `ann_target_recall` the bundle gets this one and a warning",
     )
 
     @classmethod
@@ -218,6 +242,17 @@ class BuildConfig:
         return cfg
 
     def validate(self) -> None:
+        if not 0.0 < self.ann_target_recall <= 1.0:
+            raise ValueError(f"ann_target_recall must be in (0, 1], got {self.ann_target_recall}")
+        if self.eval_exact_head_items < 0:
+            raise ValueError(f"eval_exact_head_items must be >= 0 (0: ANN only), got {self.eval_exact_head_items}")
+        if self.ann_max_effort < 1:
+            raise ValueError(f"ann_max_effort must be >= 1, got {self.ann_max_effort}")
+        if self.rerank_max_tree_nodes_per_candidate < 0:
+            raise ValueError(
+                f"rerank_max_tree_nodes_per_candidate must be >= 0 (0: no ceiling), "
+                f"got {self.rerank_max_tree_nodes_per_candidate}"
+            )
         if self.ladder_max_users < 0:
             raise ValueError(f"ladder_max_users must be >= 0 (0 = every test user), got {self.ladder_max_users}")
         if self.factors < 1 or self.iterations < 1:

@@ -25,6 +25,7 @@ import pyarrow as pa
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
 from index_builder.fit import PartFit
+from index_builder.rerank_cost import cost_rows, fit_ceiling, nodes_per_tree
 from index_builder.splits import positive_types, user_folds
 from index_builder.steps import Steps
 from ranking import FEATURE_NAMES, Ranker, RankingModel, RankQuery, TreeArrays, concat_trees, trees_from_lightgbm
@@ -257,17 +258,22 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
     n_folds, fold, held_folds = _folds(rows.users, n_groups, cfg)
     bounds = np.r_[0, np.cumsum(rows.groups)]
     row_fold = np.repeat(fold, rows.groups)
-    oof = np.full(len(rows.y), np.nan)
-    boosters = []
-    for b, f in enumerate(held_folds):
-        booster = _fit_bag(rows, fold, row_fold, f, cfg.random_seed + b, cfg)
-        oof[row_fold == f] = booster.predict(rows.X[row_fold == f])
-        boosters.append(booster)
-
+    boosters = [_fit_bag(rows, fold, row_fold, f, cfg.random_seed + b, cfg) for b, f in enumerate(held_folds)]
     held = np.flatnonzero(np.isin(fold, held_folds))
     labels = [rows.y[bounds[g] : bounds[g + 1]] for g in held]
     feats = [rows.X[bounds[g] : bounds[g + 1]] for g in held]
-    pred = [oof[bounds[g] : bounds[g + 1]] for g in held]
+
+    def held_out_ndcg(models: list) -> float:
+        # Each bag scores the fold it never trained on: no figure was seen in training.
+        oof = np.full(len(rows.y), np.nan)
+        for booster, f in zip(models, held_folds):
+            oof[row_fold == f] = booster.predict(rows.X[row_fold == f])
+        return round(ndcg_at([oof[bounds[g] : bounds[g + 1]] for g in held], labels, 10), 4)
+
+    ndcg = held_out_ndcg(boosters)
+    boosters, cost = _bounded(boosters, rows, cfg, held_out_ndcg, ndcg)
+    if cost["cut"]:
+        ndcg = cost["held_out_ndcg_at_10_after_cut"]
     col = {n: j for j, n in enumerate(FEATURE_NAMES)}
     gain = sum(b.feature_importance("gain") for b in boosters) / len(boosters)
     figures = {
@@ -275,8 +281,9 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
         "held_out_users": len(held),
         "rows": len(rows.y),
         "trees_per_bag": [int(b.num_trees()) for b in boosters],
+        "serving_cost": cost,
         "held_out_ndcg_at_10": {
-            "reranker": round(ndcg_at(pred, labels, 10), 4),
+            "reranker": ndcg,
             **{
                 f"by_{n}": round(ndcg_at([x[:, col[n]] for x in feats], labels, 10), 4)
                 for n in ("als_score", "ease_score", "covis_user", "popularity", "popularity_30d")
@@ -286,6 +293,54 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
         "feature_importance_gain": {n: round(float(v), 2) for n, v in zip(FEATURE_NAMES, gain)},
     }
     return boosters, figures, (n_folds, held_folds)
+
+
+def _bounded(boosters: list, rows: TrainingRows, cfg: BuildConfig, held_out_ndcg, ndcg: float) -> tuple[list, dict]:
+    """The bags cut to fit ``rerank_max_tree_nodes_per_candidate``, and the manifest's ``serving_cost``.
+
+    The exported ensemble walks every tree of every bag for each candidate, so its cost is
+    the sum over the bags of each tree's mean depth on the training rows. Over the ceiling,
+    every bag keeps the same share of its first trees (``rerank_cost.fit_ceiling``), and the
+    held-out NDCG@10 is measured again so the manifest shows what the cut cost.
+    """
+    X = cost_rows(rows.X, cfg.random_seed)
+    per_tree = [nodes_per_tree(b, X) for b in boosters]
+    before = [len(c) for c in per_tree]
+    ceiling = cfg.rerank_max_tree_nodes_per_candidate
+    keep = fit_ceiling(per_tree, ceiling)
+    cost: dict = {"ceiling_nodes_per_candidate": ceiling, "cut": keep != before, "cost_rows": len(X)}
+    if keep != before:
+        boosters = [_truncated(b, n) for b, n in zip(boosters, keep)]
+        cost["trees_per_bag_before_cut"] = before
+        cost["nodes_per_candidate_before_cut"] = round(float(sum(c.sum() for c in per_tree)), 1)
+        cost["held_out_ndcg_at_10_before_cut"] = ndcg
+        cost["held_out_ndcg_at_10_after_cut"] = held_out_ndcg(boosters)
+    nodes = float(sum(c[:n].sum() for c, n in zip(per_tree, keep)))
+    cost["trees"] = int(sum(keep))
+    cost["nodes_per_candidate"] = round(nodes, 1)
+    # What one request's scoring walks at the pipeline's candidate count (eval_candidates).
+    cost["n_candidates"] = cfg.eval_candidates
+    cost["nodes_per_request"] = round(nodes * cfg.eval_candidates)
+    cost["met"] = ceiling <= 0 or nodes <= ceiling
+    if keep != before:
+        log.info(
+            "reranker cut to %s trees per bag (from %s): %.0f nodes per candidate fit the ceiling of %d; "
+            "held-out NDCG@10 %.4f before the cut, %.4f after",
+            keep,
+            before,
+            nodes,
+            ceiling,
+            ndcg,
+            cost["held_out_ndcg_at_10_after_cut"],
+        )
+    if not cost["met"]:
+        log.warning(
+            "the reranker walks %.0f nodes per candidate with one tree per bag, above "
+            "rerank_max_tree_nodes_per_candidate = %d: raise the ceiling or lower rerank_bags",
+            nodes,
+            ceiling,
+        )
+    return boosters, cost
 
 
 def split_weights(n_groups: list[int], protocols: tuple[str, ...], cfg: BuildConfig) -> np.ndarray | None:
@@ -395,9 +450,10 @@ def attributes_of(users: pa.Table | None, model: RankingModel) -> dict[str, dict
     }
 
 
-def _truncated(booster):
-    """The booster cut to its best iteration, so the exported trees are the early-stopped model."""
+def _truncated(booster, n_trees: int | None = None):
+    """The booster cut to its first ``n_trees`` (by default its best iteration, so the exported
+    trees are the early-stopped model)."""
     import lightgbm as lgb
 
-    best = booster.best_iteration or booster.num_trees()
-    return lgb.Booster(model_str=booster.model_to_string(num_iteration=best))
+    keep = n_trees or booster.best_iteration or booster.num_trees()
+    return lgb.Booster(model_str=booster.model_to_string(num_iteration=keep))

@@ -71,12 +71,15 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ranking.pipeline.budget": ("LATE_ALLOWANCE_MS", "Budget", "CostModel", "effective_budget_ms"),
     "ranking.pipeline.query": ("RankQuery",),
     "ranking.config": (
+        "DEFAULT_ANN_EFFORT",
         "DEFAULT_EXACT_HEAD_ITEMS",
         "EventLogSettings",
         "OverlaySettings",
         "QueryLimits",
         "RankerConfig",
         "UserStateSettings",
+        "bundle_ann_effort",
+        "effective_ann_effort",
         "marked_table",
         "replace_marked_table",
         "settings_main",
@@ -96,12 +99,15 @@ if TYPE_CHECKING:
     from ranking.bundle.segments import SegmentScheme
     from ranking.bundle.store import CURRENT, MANIFEST, Bundle, BundleWriter, MemoryBundle, resolve_current, set_current
     from ranking.config import (
+        DEFAULT_ANN_EFFORT,
         DEFAULT_EXACT_HEAD_ITEMS,
         EventLogSettings,
         OverlaySettings,
         QueryLimits,
         RankerConfig,
         UserStateSettings,
+        bundle_ann_effort,
+        effective_ann_effort,
         marked_table,
         replace_marked_table,
         settings_main,

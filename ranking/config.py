@@ -17,6 +17,10 @@ from typing import Any
 # between requests where the whole index (hundreds of MB at a million items) cannot.
 DEFAULT_EXACT_HEAD_ITEMS = 16384
 
+# Search effort of a bundle that records no tuned one (built before the builder chose it,
+# or by the builder's own in-memory models); a bundle's ``retrieval.ann_effort`` replaces it.
+DEFAULT_ANN_EFFORT = 128
+
 
 @dataclass(frozen=True)
 class QueryLimits:
@@ -38,7 +42,10 @@ class RankerConfig:
 
     n_candidates: int = 200
     popular_candidates: int = 50
-    ann_effort: int = 128
+    # 0: the bundle's own (``retrieval.ann_effort`` in its manifest, chosen by the builder for
+    # recall of the served path), else DEFAULT_ANN_EFFORT. Any other value is the operator's
+    # and wins over the bundle's.
+    ann_effort: int = 0
     max_consumed_slack: int = 1000
     covis_candidates: int = 100
     # The user's own re-offerable purchases added as candidates, most due first (ONE_TO_ONE only).
@@ -51,6 +58,23 @@ class RankerConfig:
     ann_batch_wait_us: float = 300.0
     # Items of largest norm searched exactly before the ANN index (ranking.retrieval); 0: off.
     exact_head_items: int = DEFAULT_EXACT_HEAD_ITEMS
+
+
+def bundle_ann_effort(manifest: dict[str, Any]) -> int | None:
+    """The search effort a bundle's builder chose (``retrieval.ann_effort``), or None when it records none."""
+    effort = (manifest.get("retrieval") or {}).get("ann_effort")
+    return int(effort) if isinstance(effort, int) and effort > 0 else None
+
+
+def effective_ann_effort(config: RankerConfig, manifest: dict[str, Any]) -> tuple[int, str]:
+    """The effort a ranker searches with and where it came from: ``config`` (the operator set
+    ``ann_effort``), ``bundle`` (the builder's tuned choice) or ``default`` (neither)."""
+    if config.ann_effort > 0:
+        return config.ann_effort, "config"
+    tuned = bundle_ann_effort(manifest)
+    if tuned is not None:
+        return tuned, "bundle"
+    return DEFAULT_ANN_EFFORT, "default"
 
 
 @dataclass(frozen=True)

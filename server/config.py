@@ -94,7 +94,11 @@ class ServerConfig:
     # The pipeline's settings: defaults are RankerConfig's own (ranking.config).
     n_candidates: int = _setting(RankerConfig.n_candidates, "candidates retrieved by ANN search")
     popular_candidates: int = _setting(RankerConfig.popular_candidates, "popular items added to the candidates")
-    ann_effort: int = _setting(RankerConfig.ann_effort, "search effort on the request path: HNSW efSearch, IVF nprobe")
+    ann_effort: int = _setting(
+        RankerConfig.ann_effort,
+        "search effort on the request path: HNSW efSearch, IVF nprobe. 0: the bundle's own, which "
+        "its builder chose as the lowest reaching the recall target (see Retrieval); any other value wins over it",
+    )
     exact_head_items: int = _setting(
         RankerConfig.exact_head_items,
         "items of largest norm searched exactly "
@@ -347,6 +351,8 @@ class ServerConfig:
             problems.append("gil_switch_interval_us must be > 0")
         if self.max_concurrent_ranks < 0:
             problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
+        if self.ann_effort < 0:
+            problems.append(f"ann_effort {self.ann_effort} must be >= 0 (0: the bundle's tuned effort)")
         if self.exact_head_items < 0:
             problems.append(f"exact_head_items {self.exact_head_items} must be >= 0 (0: ANN search only)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:

@@ -157,6 +157,24 @@ BUNDLE_MAX_AGE = Gauge(
     "bundle counts as stale; the stale-bundle alert compares against it.",
     multiprocess_mode="livemax",
 )
+ANN_EFFORT = Gauge(
+    "one2one_ann_effort",
+    "Search effort of the served bundle's ANN index (HNSW efSearch, IVF nprobe), labelled by where it "
+    "came from: bundle (the builder's tuned choice), config (the operator's ann_effort) or default.",
+    ["source"],
+    multiprocess_mode="livemax",
+)
+SCORING_CANDIDATE_SECONDS = Gauge(
+    "one2one_scoring_candidate_seconds",
+    "The served bundle's scoring cost: seconds to score one candidate, measured at warm-up "
+    "(multiply by n_candidates for a request's scoring stage).",
+    multiprocess_mode="livemax",
+)
+SCORING_TREES = Gauge(
+    "one2one_scoring_trees",
+    "Trees the served bundle's reranker walks per candidate (0: the linear scorer).",
+    multiprocess_mode="livemax",
+)
 RANK_BUDGET = Gauge(
     "one2one_rank_budget_seconds",
     "The configured Rank budgets (kind: default, max), for dashboards.",

@@ -187,6 +187,13 @@ class ModelManager:
                 "users": m.n_users,
                 "load_seconds": round(seconds, 3),
                 "trigger": trigger,
+                "ann_effort": ranker.ann_effort,
+                "ann_effort_source": ranker.ann_effort_source,
+                "scoring_us_per_candidate": (
+                    round(ranker.scoring_seconds_per_candidate * 1e6, 3)
+                    if ranker.scoring_seconds_per_candidate is not None
+                    else None
+                ),
             },
         )
         return ReloadOutcome("loaded", version=m.version, serving_version=m.version, seconds=seconds)
@@ -251,3 +258,8 @@ class ModelManager:
         metrics.BUNDLE_RELOADS.labels(trigger, "loaded").inc()
         metrics.BUNDLE_REFUSED.set(0)
         metrics.SERVING.set(1)
+        for source in ("bundle", "config", "default"):
+            metrics.ANN_EFFORT.labels(source).set(ranker.ann_effort if source == ranker.ann_effort_source else 0)
+        if ranker.scoring_seconds_per_candidate is not None:
+            metrics.SCORING_CANDIDATE_SECONDS.set(ranker.scoring_seconds_per_candidate)
+        metrics.SCORING_TREES.set(ranker.scoring_trees)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranking.bundle.model import RankingModel
-from ranking.config import RankerConfig  # re-exported: its home is the light ranking.config
+from ranking.config import RankerConfig, effective_ann_effort  # re-exported: its home is the light ranking.config
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
@@ -132,6 +132,8 @@ class Ranker:
                 raise BundleError(f"bundle {model.version} scores features this code does not compute: {missing}")
             self._feature_pos = [FEATURES.index(f) for f in self.feature_names]
         self.costs = CostModel()
+        # The operator's ann_effort, else the one the builder tuned for this bundle's recall.
+        self.ann_effort, self.ann_effort_source = effective_ann_effort(self.config, model.manifest)
         n_head = self.config.exact_head_items
         retriever = Retriever(model.index, self.serving.exact_head(n_head) if n_head > 0 else None)
         self.ann = AnnBatcher(retriever, self.config.ann_batch_size, self.config.ann_batch_wait_us)
@@ -139,6 +141,10 @@ class Ranker:
         # score spread among a request's candidates, measured by warm(): a penalty of 1
         # then means the same for a linear model and for trees.
         self.offset_scale = 1.0
+        self.scoring_seconds_per_candidate: float | None = None
+        # Trees walked per candidate (0: the linear scorer), for the operator's view of the cost.
+        trees = getattr(self.scorer, "trees", None)
+        self.scoring_trees = int(trees.n_trees) if trees is not None else 0
 
     def warm(self, n_requests: int = 16) -> None:
         """Answer typical requests before serving: faults in the arrays and the index,
@@ -151,15 +157,27 @@ class Ranker:
         if m.n_items:
             self.rank(RankQuery(session_item_ids=m.items.id_of(np.arange(min(2, m.n_items)))))
         self.rank(RankQuery())
-        spreads = []
+        spreads, per_candidate = [], []
         for row in users[:8]:
             prep = self.prepare(RankQuery(user_id=str(m.users.ids[row])))
             ok = ~prep.mask
             if prep.features is not None and ok.sum() > 1:
-                scores = self.scorer.score_topk(prep.features[ok], None, int(ok.sum())).scores
+                feats = np.ascontiguousarray(prep.features[ok])
+                scores = self.scorer.score_topk(feats, None, int(ok.sum())).scores
                 spreads.append(float(np.std(scores)))
+                # The bundle's scoring cost on this machine: the fastest of a few repeats
+                # (the least disturbed by other work), per candidate scored.
+                best = np.inf
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    self.scorer.score_topk(feats, None, 10)
+                    best = min(best, time.perf_counter() - t0)
+                per_candidate.append(best / len(feats))
         if spreads and np.median(spreads) > 0:
             self.offset_scale = float(np.median(spreads))
+        # Seconds to score one candidate (median over the warm-up users), and so one request at
+        # n_candidates; None when no warm-up user had features to score.
+        self.scoring_seconds_per_candidate = float(np.median(per_candidate)) if per_candidate else None
 
     def _debug_delay(self, stage: str, n: int) -> None:
         us = self.config.debug_delay_us_per_candidate.get(stage)
@@ -359,7 +377,7 @@ class Ranker:
             # What the user did since the bundle counts as this session's items.
             session = self.scratch.unique_in_order(np.concatenate([session, overlay.recent_rows]))
         clock.lap("resolve")
-        n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, cfg.ann_effort)
+        n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, self.ann_effort)
         remaining = budget.remaining_ms() if budget else float("inf")
         cands, path = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
         purchases = overlay.purchases if overlay is not None else None
@@ -434,7 +452,7 @@ class Ranker:
         if cheapest:
             plan = RetrievalPlan(self.costs.min_candidates, 0, True, score=False)
         else:
-            plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.config.ann_effort)
+            plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.ann_effort)
         degraded = ["retrieve"] if plan.cut else []
         started = time.perf_counter()
         prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget)
