@@ -612,7 +612,8 @@ def run_portfolios(
         }
         manifest["customers_per_second"] = round(len(customers) / t_rank, 1) if t_rank > 0 else None
         manifest["files"] = sorted(str(p.relative_to(tmp)) for d in DATASETS for p in (tmp / d).glob("*.parquet"))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        text = json.dumps(manifest, indent=2) + "\n"
+        (tmp / MANIFEST).write_text(text)
         _fsync_tree(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
@@ -623,7 +624,7 @@ def run_portfolios(
             os.rename(tmp, out)
         _fsync_dir(out.parent)
         published = True
-        return manifest
+        return json.loads(text)  # as a reader of the file sees it
     finally:
         for fd in (read_fd, write_fd):
             if fd >= 0:
