@@ -121,7 +121,9 @@ def report(
     first_of_pair = np.unique(p_keys[offered], return_index=True)[1]
     pairs_bought = np.bincount(p_user[offered][first_of_pair], minlength=n_users)
 
-    groups = [a for a in manifest["arms"] if a != HOLDOUT] + ([HOLDOUT] if HOLDOUT in manifest["arms"] else [])
+    # The campaign's arms in its order, then the holdout (when the campaign has one).
+    groups = [a["name"] for a in manifest["campaign"]["measurement"]["arms"]]
+    groups += [HOLDOUT] if manifest["campaign"]["measurement"]["holdout"] > 0 else []
     stats: dict[str, dict] = {}
     for g in groups:
         sel = arms == g
