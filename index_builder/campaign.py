@@ -43,8 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ranking.policy.experiments import Experiment, bucket, parse_experiments
-from ranking.policy.rules import Rule, parse_rules
+from ranking import Experiment, Rule, bucket, parse_experiments, parse_rules
 
 HOLDOUT = "holdout"
 DEFAULT_ARM = "one_to_one"

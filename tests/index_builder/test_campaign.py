@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from index_builder.campaign import HOLDOUT, CampaignError, load_campaign
-from ranking.policy.experiments import bucket
+from ranking import bucket
 
 GOOD = """
 name = "week_49"
