@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "--build-set", action="append", default=["rerank_max_queries=5000", 'rerank_split="temporal"'], metavar="K=V"
     )
     p.add_argument("--workers", type=int, default=0, help="server workers and portfolio workers (0: one per core)")
-    p.add_argument("--concurrency", default="4,8,16", help="load levels; the best is the saturated throughput")
+    p.add_argument("--concurrency", default="4,8,16,32", help="load levels; the best is the saturated throughput")
     p.add_argument("--requests", type=int, default=6000, help="per load run, upper bound")
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
     p.add_argument("--k", type=int, default=10)
