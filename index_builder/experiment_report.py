@@ -8,6 +8,9 @@ of impressions with at least one click / add-to-cart / purchase (Wilson score
 interval); revenue per impression (normal interval); and for every arm but the
 control the relative lift over the control, ``rate_arm / rate_control - 1``, with
 the log-ratio (Katz) interval for rates and the delta-method interval for revenue.
+
+Its statistics (:func:`wilson`, :func:`rate_lift`, :func:`mean_ci`, :func:`mean_lift`) are
+also the campaign report's (index_builder.campaign_report): one implementation.
 """
 
 from __future__ import annotations
@@ -67,6 +70,22 @@ def mean_ci(values: list[float], n: int, z: float) -> tuple[float, float, float,
     var = max(s2 / n - mean * mean, 0.0) * n / max(n - 1, 1)
     half = z * math.sqrt(var / n)
     return mean, mean - half, mean + half, var
+
+
+def mean_lift(
+    values_a: list[float], n_a: int, values_c: list[float], n_c: int, z: float
+) -> tuple[float, float, float, float]:
+    """Relative lift of mean a over mean c (each over its ``n`` units, ``values`` the non-zero
+    ones, as :func:`mean_ci`), with the delta-method interval of the log ratio and its two-sided
+    z-test p-value: (lift, low, high, p_value). NaN where undefined (a mean of 0)."""
+    m_a, _, _, var_a = mean_ci(values_a, n_a, z)
+    m_c, _, _, var_c = mean_ci(values_c, n_c, z)
+    if not (m_a > 0 and m_c > 0):
+        return (float("nan"),) * 4
+    se = math.sqrt(var_a / (n_a * m_a * m_a) + var_c / (n_c * m_c * m_c))
+    log_ratio = math.log(m_a / m_c)
+    p_value = float(2 * norm.sf(abs(log_ratio) / se)) if se > 0 else float("nan")
+    return m_a / m_c - 1, math.exp(log_ratio - z * se) - 1, math.exp(log_ratio + z * se) - 1, p_value
 
 
 def collect(log_dir: Path | str) -> tuple[dict[tuple[str, str], ArmCounts], int]:
@@ -167,17 +186,14 @@ def report(
                 if name != control:
                     lift, llo, lhi, p = rate_lift(x, n, len(c.converted[t]), c.impressions, z)
                     row[f"{t}_lift"] = {"value": lift, "low": llo, "high": lhi, "p_value": p}
-            m, mlo, mhi, var = mean_ci(list(a.revenue_by_request.values()), n, z)
+            m, mlo, mhi, _ = mean_ci(list(a.revenue_by_request.values()), n, z)
             row["revenue_per_impression"] = {"value": m, "low": mlo, "high": mhi}
             if name != control:
-                mc, _, _, var_c = mean_ci(list(c.revenue_by_request.values()), c.impressions, z)
-                if m > 0 and mc > 0:
-                    se = math.sqrt(var / (n * m * m) + var_c / (c.impressions * mc * mc))
-                    row["revenue_lift"] = {
-                        "value": m / mc - 1,
-                        "low": math.exp(math.log(m / mc) - z * se) - 1,
-                        "high": math.exp(math.log(m / mc) + z * se) - 1,
-                    }
+                lift, llo, lhi, p = mean_lift(
+                    list(a.revenue_by_request.values()), n, list(c.revenue_by_request.values()), c.impressions, z
+                )
+                if lift == lift:
+                    row["revenue_lift"] = {"value": lift, "low": llo, "high": lhi, "p_value": p}
             rows.append(row)
         experiments[exp] = {"control": control, "arms": rows}
     return out

@@ -66,8 +66,16 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "read_all",
     ),
     "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
-    "ranking.policy.experiments": ("NO_EXPERIMENT", "VARIANTS", "Assignment", "Experiments", "parse_experiments"),
-    "ranking.policy.rules": ("RuleSet", "parse_rules"),
+    "ranking.policy.experiments": (
+        "NO_EXPERIMENT",
+        "VARIANTS",
+        "Assignment",
+        "Experiment",
+        "Experiments",
+        "bucket",
+        "parse_experiments",
+    ),
+    "ranking.policy.rules": ("Rule", "RuleSet", "parse_rules"),
     "ranking.pipeline.budget": ("LATE_ALLOWANCE_MS", "Budget", "CostModel", "effective_budget_ms"),
     "ranking.pipeline.query": ("RankQuery",),
     "ranking.config": (
@@ -136,8 +144,16 @@ if TYPE_CHECKING:
     from ranking.pipeline.query import RankQuery
     from ranking.pipeline.ranker import FEATURES, Ranker, RankResult, Rung
     from ranking.pipeline.serving import ServingModel
-    from ranking.policy.experiments import NO_EXPERIMENT, VARIANTS, Assignment, Experiments, parse_experiments
-    from ranking.policy.rules import RuleSet, parse_rules
+    from ranking.policy.experiments import (
+        NO_EXPERIMENT,
+        VARIANTS,
+        Assignment,
+        Experiment,
+        Experiments,
+        bucket,
+        parse_experiments,
+    )
+    from ranking.policy.rules import Rule, RuleSet, parse_rules
     from ranking.realtime.eventlog import (
         FSYNC_POLICIES,
         EventLog,
