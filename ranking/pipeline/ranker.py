@@ -381,8 +381,14 @@ class Ranker:
         remaining = budget.remaining_ms() if budget else float("inf")
         cands, path = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
         purchases = overlay.purchases if overlay is not None else None
+        # A variant capped below the user's rung (an experiment's POPULAR or SEGMENT arm) ranks
+        # as the lower rung would for a visitor: the user's history feeds neither candidates
+        # nor features, only the exclusions, so an arm measures what its rung is worth.
+        personal = -1 if reason == "variant" else urow
+        if personal < 0:
+            purchases = None
         cands = self._more_candidates(
-            q, urow, session, cands, n_cands / max(cfg.n_candidates, 1), rung=rung, purchases=purchases
+            q, personal, session, cands, n_cands / max(cfg.n_candidates, 1), rung=rung, purchases=purchases
         )
         self._debug_delay("retrieve", len(cands))
         mask = self._mask(q, rung, urow, cands, session)
@@ -397,7 +403,7 @@ class Ranker:
             if self.tables is not None:
                 feats = self.tables.assemble(
                     Request(
-                        int(rung), urow, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
+                        int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
                     ),
                     cands,
                 )

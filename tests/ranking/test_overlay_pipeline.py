@@ -76,3 +76,18 @@ def test_concurrent_appends_are_all_replayed_whole(tmp_path):
     for k in range(4):
         mine = [(r["j"], r.get("second", False)) for r in got if r["w"] == k]
         assert mine == [(j, s) for j in range(100) for s in (False, True)]  # per-writer order, batches unsplit
+
+
+def test_a_popular_arm_ranks_as_for_a_visitor_minus_the_users_exclusions(ranker):
+    """The user's history feeds neither the candidates nor the features of a capped arm: a
+    POPULAR arm's list is the anonymous POPULAR list without what the user may not get."""
+    from ranking import RankOverlay
+
+    m = ranker.model
+    for row in np.flatnonzero(np.asarray(m.user_has_history))[:5]:
+        uid = str(m.users.ids[row])
+        arm = ranker.rank(RankQuery(user_id=uid, num_results=10), None, RankOverlay(variant=VARIANTS["POPULAR"]))
+        anon = ranker.rank(RankQuery(num_results=60), None, RankOverlay(variant=VARIANTS["POPULAR"]))
+        gone = set(m.items.id_of(np.asarray(m.consumed.row(row))))
+        assert arm.rung.name == "POPULAR" and arm.fallback_reason == "variant"
+        assert arm.item_ids == [i for i in anon.item_ids if i not in gone][:10]
