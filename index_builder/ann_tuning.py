@@ -8,8 +8,7 @@ import time
 import faiss
 import numpy as np
 
-from ranking import ExactHead
-from ranking.retrieval.search import Retriever
+from ranking import ExactHead, Retriever
 
 log = logging.getLogger(__name__)
 
