@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from scipy.stats import norm
 
 from index_builder.campaign import HOLDOUT
-from index_builder.experiment_report import mean_ci, mean_lift, rate_lift, wilson
+from index_builder.experiment_report import format_rate, mean_ci, mean_lift, rate_lift, wilson
 from index_builder.portfolio import MANIFEST, read_dataset
 
 DAY = 86_400.0
@@ -192,12 +192,6 @@ def _pct(d: dict | None) -> str:
     return f"{100 * d['value']:+.1f}% [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] p={d['p_value']:.3g}"
 
 
-def _rate(d: dict) -> str:
-    if d["value"] != d["value"]:
-        return "n/a"
-    return f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}, {100 * d['high']:.2f}]"
-
-
 def format_text(rep: dict) -> str:
     """The report as an aligned text table, the holdout last."""
     lines = [
@@ -227,7 +221,7 @@ def format_text(rep: dict) -> str:
                 str(r["offered_items_bought"]),
                 f"{r['offered_revenue']:.2f}",
                 f"{r['revenue']:.2f}",
-                _rate(r["redemption_rate"]),
+                format_rate(r["redemption_rate"]),
                 "-" if r["holdout"] else _pct(r.get("redemption_lift")),
                 "-" if r["holdout"] else _pct(r.get("revenue_lift")),
             ]

@@ -205,7 +205,8 @@ def _pct(d: dict | None) -> str:
     return f"{100 * d['value']:+.1f}% [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
-def _rate(d: dict) -> str:
+def format_rate(d: dict) -> str:
+    """A rate and its interval, in percent (``n/a`` without data); both reports print rates so."""
     if d["value"] != d["value"]:
         return "n/a"
     return f"{100 * d['value']:.2f}% [{100 * d['low']:.2f}, {100 * d['high']:.2f}]"
@@ -244,9 +245,9 @@ def format_text(rep: dict) -> str:
                     str(r["add_to_carts"]),
                     str(r["purchases"]),
                     f"{r['revenue']:.2f}",
-                    _rate(r["purchase_rate"]),
+                    format_rate(r["purchase_rate"]),
                     _pct(r.get("purchase_lift")) if not r["control"] else "-",
-                    _rate(r["click_rate"]),
+                    format_rate(r["click_rate"]),
                     _pct(r.get("click_lift")) if not r["control"] else "-",
                     _pct(r.get("revenue_lift")) if not r["control"] else "-",
                 ]
