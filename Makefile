@@ -19,7 +19,7 @@ help:
 	@echo "make lint   - ruff (lint and format), mypy, cython-lint"
 	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
-	@echo "make deps-system - Debian tools the tests run (prometheus, e2fsprogs, util-linux, mount, nodejs, npm)"
+	@echo "make deps-system - Debian tools the tests run (prometheus, e2fsprogs, util-linux, mount, nodejs, npm, redis-server)"
 	@echo "make deps-node - npm packages the tests run (typescript, @grafana/schema) into build/node"
 	@echo "make docs   - regenerate the settings tables in docs/ from the config classes"
 
@@ -49,7 +49,7 @@ demo: install $(DATA)/events.csv
 
 # System tools some tests need: Debian's prometheus (prometheus, promtool), e2fsprogs,
 # util-linux and mount (a full tmpfs and a read-only ext4 image under the event log), nodejs
-# and npm (tsc checks the Grafana dashboard). Idempotent; CI runs it before the tests,
+# and npm (tsc checks the Grafana dashboard), redis-server (the shared event store's tests). Idempotent; CI runs it before the tests,
 # which then never skip for want of them.
 deps-system:
 	@missing=""; \
@@ -59,6 +59,7 @@ deps-system:
 	command -v mount >/dev/null || missing="$$missing mount"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \

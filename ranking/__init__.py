@@ -65,6 +65,14 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "open_writer",
         "read_all",
     ),
+    "ranking.realtime.redis_layout": (
+        "BUILDER_GROUP",
+        "RECORD_FIELD",
+        "RedisLayout",
+        "is_store_url",
+        "redacted",
+        "split_store_url",
+    ),
     "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
     "ranking.policy.experiments": (
         "NO_EXPERIMENT",
@@ -165,6 +173,14 @@ if TYPE_CHECKING:
         read_all,
     )
     from ranking.realtime.events import Event, EventLimits, Rejection, validate_batch
+    from ranking.realtime.redis_layout import (
+        BUILDER_GROUP,
+        RECORD_FIELD,
+        RedisLayout,
+        is_store_url,
+        redacted,
+        split_store_url,
+    )
     from ranking.realtime.user_state import UserStateStore, item_gram
     from ranking.retrieval.search import ExactHead, Retriever, ann_search
 

@@ -263,6 +263,57 @@ USER_STATE_USERS = Gauge(
 USER_STATE_EVICTIONS = Counter(
     "one2one_user_state_evictions", "Users evicted from real-time state by the memory bound (LRU)."
 )
+# -- the event store (config event_store: "local" or a redis:// URL) ------------------------
+EVENT_STORE_OPS = ("rank_read", "record", "impression", "attribution")
+EVENT_STORE_ERROR_REASONS = ("timeout", "connection", "error")
+EVENT_STORE_INFO = Gauge(
+    "one2one_event_store_info",
+    "1 on the series naming the event store this server writes to (store: local or redis).",
+    ["store"],
+    multiprocess_mode="livemax",
+)
+EVENT_STORE_ROUND_TRIP = Histogram(
+    "one2one_event_store_round_trip_seconds",
+    "Round trips to the shared event store, by operation (rank_read: a customer's real-time "
+    "state for one Rank; record: a RecordEvents batch and its state update in one transaction; "
+    "impression; attribution: the arm lookup of attributed events).",
+    ["op"],
+    buckets=LATENCY_BUCKETS,
+)
+EVENT_STORE_ERRORS = Counter(
+    "one2one_event_store_errors",
+    "Failed round trips to the shared event store, by operation and reason (timeout, connection, error).",
+    ["op", "reason"],
+)
+EVENT_STORE_AVAILABLE = Gauge(
+    "one2one_event_store_available",
+    "1 while the last round trip to the shared event store succeeded, 0 after one failed: Rank "
+    "answers without real-time state and RecordEvents is UNAVAILABLE until it is back.",
+    multiprocess_mode="livemin",
+)
+EVENT_STORE_DURABLE = Gauge(
+    "one2one_event_store_durable",
+    "1 when an acknowledged event survives a crash of the store (the local log fsyncs every "
+    "append; Redis has appendonly yes and appendfsync always), 0 when it could be lost or the "
+    "settings cannot be read.",
+    multiprocess_mode="livemin",
+)
+EVENT_STORE_STREAM_LENGTH = Gauge(
+    "one2one_event_store_stream_entries",
+    "Entries held in the shared event store's streams (all shards), sampled by the server.",
+    multiprocess_mode="livemax",
+)
+EVENT_STORE_CONSUMER_LAG = Gauge(
+    "one2one_event_store_consumer_lag_entries",
+    "Stream entries the builder's consumer group has not yet acknowledged (read but unpublished, "
+    "or not read), sampled by the server.",
+    multiprocess_mode="livemax",
+)
+EVENTS_STALE = Counter(
+    "one2one_events_stale",
+    "Accepted events timed at or before the served bundle's data end: logged, already in the "
+    "bundle's window, so not applied to real-time state.",
+)
 RANK_REALTIME = Counter("one2one_rank_realtime", "Rank requests whose user vector was re-solved from real-time events.")
 RULE_APPLICATIONS = Counter(
     "one2one_rule_applications", "Rank requests restricted by a context rule, by rule.", ["rule"]
