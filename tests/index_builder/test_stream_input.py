@@ -7,6 +7,8 @@ as a server would, following ranking.realtime.redis_layout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -28,6 +30,12 @@ from ranking import RankingModel, resolve_current
 from ranking.realtime.redis_layout import BUILDER_GROUP, RECORD_FIELD, RedisLayout, encode
 
 PREFIX = "shop"
+# The ACL docs/operations.md gives the builder's user (the one line, with its placeholders).
+BUILDER_ACL = next(
+    line.strip().removeprefix("ACL SETUSER ")
+    for line in (Path(__file__).parents[2] / "docs" / "operations.md").read_text().splitlines()
+    if line.strip().startswith("ACL SETUSER one2one-builder")
+)
 
 
 @pytest.fixture
@@ -200,6 +208,23 @@ def test_experiment_report_reads_the_archive(store, tmp_path):
     arms, unattributed = collect(tmp_path / "out" / ARCHIVE_DIR)
     assert unattributed == 0
     assert arms[("e", "b")].impressions == 2 and arms[("e", "b")].events["click"] == 1
+
+
+def test_the_builder_needs_only_the_documented_acl(store, tmp_path):
+    # docs/operations.md, "Shared event store": the builder's least-privilege ACL user.
+    rows = [{"kind": "event", "user_id": "u1", "item_id": "i1", "event_type": "click", "timestamp": 1e9}]
+    layout = write_stream(store, rows)
+    acl = BUILDER_ACL.replace("BUILDER_PASSWORD", "pw").replace("~one2one:*", f"~{PREFIX}:*")
+    store.client().execute_command("ACL", "SETUSER", *acl.split())
+    stream = StreamInput(f"redis://one2one-builder:pw@127.0.0.1:{store.port}/0?prefix={PREFIX}", tmp_path).consume()
+    assert [r["item_id"] for r in stream.records()] == ["i1"]
+    stream.commit()
+    assert pending(store, layout) == 0 and stream_length(store, layout) == 0
+    # And no more: it cannot write to the streams it reads.
+    import redis
+
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        redis.Redis(port=store.port, username="one2one-builder", password="pw").xadd(layout.stream(0), {"r": b"{}"})
 
 
 def test_unreachable_store_is_named_without_its_password(tmp_path):
