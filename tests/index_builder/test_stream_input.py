@@ -7,6 +7,11 @@ as a server would, following ranking.realtime.redis_layout.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +86,10 @@ def impression(request_id: str, user_id: str) -> dict:
 
 
 def pending(store: RedisServer, layout: RedisLayout) -> int:
+    """Entries delivered to the builder's group and not acknowledged (0 before the group exists)."""
     r = store.client()
-    return sum(r.xpending(s, BUILDER_GROUP)["pending"] for s in layout.streams())
+    groups = {s: {g["name"].decode() for g in r.xinfo_groups(s)} for s in layout.streams() if r.exists(s)}
+    return sum(r.xpending(s, BUILDER_GROUP)["pending"] for s, names in groups.items() if BUILDER_GROUP in names)
 
 
 def stream_length(store: RedisServer, layout: RedisLayout) -> int:
@@ -321,3 +328,34 @@ def test_consumer_group_survives_a_crash_mid_build(shop, store, tmp_path, monkey
     assert pending(store, layout) == 0 and stream_length(store, layout) == 0
     assert len(list((out / ARCHIVE_DIR).glob("*.parquet"))) == 2
     assert pq.read_table(sorted((out / ARCHIVE_DIR).glob("*.parquet"))[-1]).num_rows == 1
+
+
+@pytest.mark.slow
+def test_a_build_killed_after_reading_loses_nothing(shop, store, tmp_path):
+    """kill -9 of a real build process once it holds every entry unacknowledged."""
+    files = write_shop(shop, tmp_path / "shop", "csv")
+    layout = write_stream(store, event_records(shop.events))
+    n = shop.events.num_rows
+    out = tmp_path / "art"
+    sets = [a for k, v in SMALL_BUILD.items() for a in ("--set", f"{k}={v}")] + ["--set", "ladder_report=false"]
+    argv = [sys.executable, "-m", "index_builder", "build", "--quiet", "--events", url(store)]
+    argv += ["--items", str(files["items"]), "--out", str(out), *sets]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while pending(store, layout) < n:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the build never read the stream"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert not (out / "CURRENT").exists(), "the build finished before it was killed: nothing was tested"
+    assert pending(store, layout) == n and stream_length(store, layout) == n
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    m = RankingModel(resolve_current(out))
+    assert m.manifest["counts"]["events"] == n and m.manifest["event_store"]["reread_pending"] == n
+    assert pending(store, layout) == 0 and stream_length(store, layout) == 0
+    assert len(archived(out)) == n
