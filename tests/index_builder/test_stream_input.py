@@ -29,6 +29,7 @@ from index_builder.config import BuildConfig
 from index_builder.event_archive import ARCHIVE_DIR, archive_records
 from index_builder.experiment_report import collect
 from index_builder.io import read_events
+from index_builder.portfolio import load_event_state
 from index_builder.stream_input import StreamInput, StreamInputError
 from index_builder.synthetic import write_shop
 from ranking import RankingModel, resolve_current
@@ -196,7 +197,7 @@ def test_entries_appended_during_the_read_are_left_for_the_next_build(store, tmp
     assert [r["item_id"] for r in archived(tmp_path / "out")] == [r["item_id"] for r in first + late]
 
 
-def test_experiment_report_reads_the_archive(store, tmp_path):
+def test_reports_read_the_archive(store, tmp_path):
     records = [
         impression("r1", "u1"),
         impression("r2", "u2"),
@@ -215,6 +216,9 @@ def test_experiment_report_reads_the_archive(store, tmp_path):
     arms, unattributed = collect(tmp_path / "out" / ARCHIVE_DIR)
     assert unattributed == 0
     assert arms[("e", "b")].impressions == 2 and arms[("e", "b")].events["click"] == 1
+    # A portfolio run's real-time events (--event-log) from the archive too.
+    state, kept = load_event_state(tmp_path / "out" / ARCHIVE_DIR, until=1e9 + 60)
+    assert kept == 1 and [e.item_id for e in state.events("u1", 1e9 + 60)] == ["i1"]
 
 
 def test_the_builder_needs_only_the_documented_acl(store, tmp_path):
