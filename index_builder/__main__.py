@@ -119,10 +119,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _events_source(value: str) -> Path | str:
     """A store URL stays text (a Path would fold its ``//``); anything else is a path."""
-    from ranking import is_store_url, split_store_url
+    from ranking import is_store_url, redacted, split_store_url
 
     if is_store_url(value):
-        split_store_url(value)  # a malformed URL is a usage error, before anything runs
+        try:
+            split_store_url(value)  # a malformed URL is a usage error, before anything runs
+        except ValueError as e:
+            # The message quotes the URL: never its password.
+            raise argparse.ArgumentTypeError(str(e).replace(value, redacted(value))) from None
         return value
     return Path(value)
 

@@ -246,6 +246,13 @@ def test_unreachable_store_is_named_without_its_password(tmp_path):
     assert "hunter2" not in str(err.value) and "ConnectionError" in str(err.value)
 
 
+def test_malformed_store_url_is_a_usage_error_without_its_password(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["build", "--events", "redis://:hunter2@/0?prefix=P", "--items", "i.csv", "--out", "o"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "names no host" in err and "hunter2" not in err
+
+
 def test_store_without_events_of_the_prefix_is_an_error(store, tmp_path, capsys):
     with pytest.raises(StreamInputError, match=r"no shop:meta hash"):
         StreamInput(url(store), tmp_path).consume()
