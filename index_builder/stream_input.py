@@ -26,9 +26,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pyarrow.parquet as pq
+import redis
 
 from index_builder.event_archive import (
     ARCHIVE_DIR,
@@ -49,9 +50,6 @@ from ranking.realtime.redis_layout import (
     split_store_url,
 )
 
-if TYPE_CHECKING:
-    import redis
-
 __all__ = ["CONSUMER", "StreamInput", "StreamInputError", "is_store_url"]
 
 log = logging.getLogger(__name__)
@@ -67,6 +65,14 @@ class StreamInputError(RuntimeError):
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _read_group(r: redis.Redis, stream: str, after: str, count: int) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    """One XREADGROUP of one stream: its entries, ``(id, fields)``; fields are empty or None for a
+    pending entry that was deleted since it was delivered."""
+    # redis-py annotates the reply for RESP3 as well; this client speaks RESP2: [[key, entries]].
+    got: Any = r.xreadgroup(BUILDER_GROUP, CONSUMER, {stream: after}, count=count)
+    return got[0][1] if got else []
 
 
 # ---------------------------------------------------------------------------
@@ -127,8 +133,6 @@ class StreamInput:
         return StreamInputError(f"event store {self.label}: {what}: {type(exc).__name__}: {exc}")
 
     def _connect(self) -> redis.Redis:
-        import redis
-
         if self._client is None:
             self._client = redis.Redis.from_url(
                 self._client_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
@@ -136,11 +140,9 @@ class StreamInput:
         return self._client
 
     def _read_layout(self) -> RedisLayout:
-        import redis
-
         r = self._connect()
         try:
-            meta = {_text(k): _text(v) for k, v in r.hgetall(f"{self.prefix}:meta").items()}
+            meta = {_text(k): _text(v) for k, v in r.hgetall(RedisLayout(self.prefix).meta).items()}
         except redis.RedisError as e:
             raise self._fail("cannot read the store", e) from e
         if not meta:
@@ -162,8 +164,6 @@ class StreamInput:
         StreamInputError
             The store is unreachable, holds no events of this prefix, or an entry is not a record.
         """
-        import redis
-
         self.layout = self._read_layout()
         last_archived = last_ids(self.archive_dir)
         r = self._connect()
@@ -187,9 +187,7 @@ class StreamInput:
         )
         return self
 
-    def _consume_stream(self, r, stream: str, archived: tuple[int, int] | None) -> _Consumed:
-        import redis
-
+    def _consume_stream(self, r: redis.Redis, stream: str, archived: tuple[int, int] | None) -> _Consumed:
         try:
             r.xgroup_create(stream, BUILDER_GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -199,7 +197,7 @@ class StreamInput:
         end = parse_id(_text(r.xinfo_stream(stream)["last-generated-id"]))
         done = _Consumed()
 
-        def take(entries, pending: bool) -> bool:
+        def take(entries: list[tuple[bytes, dict[bytes, bytes] | None]], pending: bool) -> bool:
             """Keep the entries up to the snapshot; False once past it."""
             for raw_id, fields in entries:
                 entry_id = _text(raw_id)
@@ -230,8 +228,7 @@ class StreamInput:
         # Entries an earlier build was given and never acknowledged: id 0 means "my pending ones".
         after = "0"
         while True:
-            got = r.xreadgroup(BUILDER_GROUP, CONSUMER, {stream: after}, count=self.batch)
-            entries = got[0][1] if got else []
+            entries = _read_group(r, stream, after, self.batch)
             if not entries:
                 break
             take(entries, pending=True)
@@ -239,13 +236,12 @@ class StreamInput:
         if end == (0, 0) or self._delivered(r, stream) >= end:
             return done
         while True:
-            got = r.xreadgroup(BUILDER_GROUP, CONSUMER, {stream: ">"}, count=self.batch)
-            entries = got[0][1] if got else []
+            entries = _read_group(r, stream, ">", self.batch)
             if not entries or not take(entries, pending=False) or (done.last or (0, 0)) >= end:
                 return done
 
     @staticmethod
-    def _delivered(r, stream: str) -> tuple[int, int]:
+    def _delivered(r: redis.Redis, stream: str) -> tuple[int, int]:
         for group in r.xinfo_groups(stream):
             if _text(group["name"]) == BUILDER_GROUP:
                 return parse_id(_text(group["last-delivered-id"]))
@@ -288,8 +284,6 @@ class StreamInput:
             The store failed while acknowledging; the archive is written, and the next build
             acknowledges the entries without reading them twice.
         """
-        import redis
-
         self.archive_path = write_archive(self.archive_dir, self._new) if self._new else None
         r = self._connect()
         try:
