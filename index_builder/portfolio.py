@@ -239,7 +239,8 @@ class PortfolioRanker:
         )
 
     def overlay(self, user_id: str, arm: str) -> RankOverlay:
-        events = self.state.events(user_id, self.campaign.context.send_time) if self.state is not None else []
+        # The overlay leaves out what the bundle's window already holds, as the server's state does.
+        events = self.state.events(user_id) if self.state is not None else []
         if not events:
             return self.base[arm]
         return build_overlay(
@@ -379,7 +380,7 @@ def check_campaign_against(model: RankingModel, campaign: Campaign) -> dict[str,
 
 def load_event_state(log_dir: Path, until: float) -> tuple[UserStateStore, int]:
     """Events of the server's event log up to ``until``, as the server's user state would hold them
-    at that time (its time-to-live and per-user cap)."""
+    at that time (every purchase, the latest other events per customer)."""
     events = [
         Event.from_record(rec)
         for _, rec in read_all(log_dir)
@@ -388,7 +389,7 @@ def load_event_state(log_dir: Path, until: float) -> tuple[UserStateStore, int]:
     # Several writers (server workers) each append in their own order: apply in event time.
     events.sort(key=lambda e: e.timestamp)
     state = UserStateStore(max_users=1 << 62)
-    kept = state.add(events, until)
+    kept = state.add(events)
     return state, kept
 
 

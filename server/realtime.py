@@ -1,34 +1,54 @@
-"""The server's real-time side: event log, user state, rules and experiments wired together,
-with their metrics (the logic lives in ranking.realtime.eventlog/user_state/overlay/rules/experiments)."""
+"""The server's real-time side: the event store, customer state, rules and experiments wired
+together, with their metrics (the logic lives in ranking.realtime and ranking.policy).
+
+Two event stores (setting ``event_store``):
+
+- ``local``: each process appends to its own directory of the segmented event log and keeps
+  customer state in memory, tailing the other processes' directories; one machine, or a
+  customer routed to one pod.
+- a ``redis://`` URL: events, customer state, impressions and request→arm attribution live
+  in Redis/Valkey (ranking.realtime.redis_store), so any pod's Rank sees what any pod recorded.
+
+Either way the state holds exactly the accepted events after the served bundle's data end:
+older ones are logged (the next build reads them) and reported stale, not applied.
+"""
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
 import tomllib
+from dataclasses import dataclass
 
 from ranking import (
+    MANIFEST,
     NO_EXPERIMENT,
     Assignment,
     Event,
     EventLimits,
     EventLogError,
+    EventStoreError,
     Experiments,
     FieldViolation,
     InvalidRequest,
     LogTailer,
     OverlaySettings,
+    RankingError,
     RankOverlay,
     RankQuery,
     RankResult,
+    RedisEventStore,
     Rejection,
     RuleSet,
+    UserStateStore,
     build_overlay,
     open_writer,
     parse_experiments,
     parse_rules,
+    resolve_current,
     validate_batch,
 )
 from server import metrics
@@ -57,8 +77,44 @@ def load_experiments_file(path: str) -> tuple[Experiments, RuleSet]:
     )
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What RecordEvents did with a batch: accepted (durably stored), of which stale (timed
+    inside the served bundle's window: stored for the next build, not applied), and the
+    rejections."""
+
+    accepted: int
+    stale: int
+    rejections: list[Rejection]
+
+
+def _bundle_horizon(model) -> tuple[float, tuple[str, ...]]:
+    """(the bundle's data end, its consumed event types): what real-time state is relative to."""
+    end = float(model.manifest.get("data_window", {}).get("end_unix", float("-inf")))
+    types = tuple(model.manifest.get("config", {}).get("consumed_event_types", UserStateStore().durable_types))
+    return end, types
+
+
+def current_data_end(artifacts: str) -> float | None:
+    """The data end of the bundle CURRENT names, read from its manifest (None without one)."""
+    try:
+        path = resolve_current(artifacts)
+        return float(json.loads((path / MANIFEST).read_text())["data_window"]["end_unix"])
+    except (OSError, ValueError, KeyError, TypeError, RankingError):
+        return None
+
+
+def _observe_store(op: str, seconds: float, reason: str | None) -> None:
+    metrics.EVENT_STORE_ROUND_TRIP.labels(op).observe(seconds)
+    if reason is None:
+        metrics.EVENT_STORE_AVAILABLE.set(1)
+        return
+    metrics.EVENT_STORE_ERRORS.labels(op, reason).inc()
+    metrics.EVENT_STORE_AVAILABLE.set(0)
+
+
 class Realtime:
-    """Owns the event log writer, the user state and the request→arm attribution memory.
+    """Owns the event store, the customer state and the request→arm attribution.
 
     Parameters
     ----------
@@ -67,10 +123,12 @@ class Realtime:
     Raises
     ------
     ValueError
-        The experiments file is malformed.
+        The experiments file is malformed, or a shared store was set up with other shards.
     ranking.realtime.eventlog.EventLogCorrupt
-        The event log is damaged before its tail.
+        The local event log is damaged before its tail.
     """
+
+    STATS_INTERVAL_SECONDS = 15.0
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -80,24 +138,49 @@ class Realtime:
             max_future_seconds=config.max_event_future_seconds,
             max_events_per_batch=config.max_events_per_batch,
         )
-        from ranking import UserStateStore
-
-        self.state = UserStateStore(
-            config.user_state_ttl_seconds, config.user_state_max_users, config.user_state_max_events
-        )
         self.settings = OverlaySettings(skip_penalty=config.skip_penalty, interest_boost=config.interest_boost)
+        # What the served bundle already holds: events at or before its data end.
+        self.horizon = float("-inf")
+        self.durable_types = frozenset(UserStateStore().durable_types)
+        self._model_version: str | None = None
+        self._sync_lock = threading.Lock()
         self._arms: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._arms_lock = threading.Lock()
-        # One writer directory per process (worker processes each get their own), and a tailer
-        # that brings in what the other processes' writers appended.
-        self.log = open_writer(
-            config.event_log_path(),
-            fsync=config.event_log_fsync,
-            segment_bytes=config.event_log_segment_bytes,
-            fsync_interval_seconds=config.event_log_fsync_interval_seconds,
-        )
-        self.tailer = LogTailer(config.event_log_path())
-        self._tail_lock = threading.Lock()
+        self._retry_at = 0.0
+        self._next_stats = 0.0
+        self.shared: RedisEventStore | None = None
+        self.state: UserStateStore | None = None
+        self.log = None
+        self.tailer: LogTailer | None = None
+        if config.event_store == "local":
+            self.state = UserStateStore(config.user_state_max_users, config.user_state_max_events)
+            # One writer directory per process (worker processes each get their own), and a tailer
+            # that brings in what the other processes' writers appended.
+            self.log = open_writer(
+                config.event_log_path(),
+                fsync=config.event_log_fsync,
+                segment_bytes=config.event_log_segment_bytes,
+                fsync_interval_seconds=config.event_log_fsync_interval_seconds,
+            )
+            self.tailer = LogTailer(config.event_log_path())
+            self._tail_lock = threading.Lock()
+            metrics.EVENT_STORE_INFO.labels("local").set(1)
+            metrics.EVENT_STORE_AVAILABLE.set(1)
+            metrics.EVENT_STORE_DURABLE.set(1 if config.event_log_fsync == "always" else 0)
+        else:
+            self.shared = RedisEventStore(
+                config.event_store,
+                shards=config.event_store_shards,
+                read_timeout_s=config.event_store_timeout_ms / 1000.0,
+                write_timeout_s=config.event_store_write_timeout_ms / 1000.0,
+                max_events_per_user=config.user_state_max_events,
+                key_ttl_seconds=config.event_store_key_ttl_seconds,
+                attribution_ttl_seconds=config.attribution_ttl_seconds,
+                observe=_observe_store,
+            )
+            metrics.EVENT_STORE_INFO.labels("redis").set(1)
+            self._checked = False
+            self._check_shared()
         # Fixed label sets: create every series up front so dashboards see zeros, not gaps.
         for exp, arm in self.experiments.arm_names():
             metrics.ARM_IMPRESSIONS.labels(exp, arm)
@@ -108,19 +191,53 @@ class Realtime:
             metrics.RULE_APPLICATIONS.labels(rule.name)
         for reason in metrics.EVENT_LOG_WRITE_FAILURE_REASONS:
             metrics.EVENT_LOG_WRITE_FAILURES.labels(reason)
+        for op in metrics.EVENT_STORE_OPS:
+            for reason in metrics.EVENT_STORE_ERROR_REASONS:
+                metrics.EVENT_STORE_ERRORS.labels(op, reason)
         metrics.EVENT_LOG_WRITABLE.set(1)
 
+    @property
+    def store_name(self) -> str:
+        return "local" if self.shared is None else "redis"
+
     # -- startup -----------------------------------------------------------------
-    def replay(self) -> dict[str, int]:
-        """Read every writer's log back into user state and the attribution memory (this
-        process's own directory included: it may hold what a crashed predecessor wrote);
-        returns counts by kind."""
-        now = time.time()
-        # A segment last written before the TTL horizon holds nothing the state would keep.
-        with self._tail_lock:
-            counts = self._apply(
-                self.tailer.poll(modified_since=now - self.config.user_state_ttl_seconds, strict=True), now
+    def _check_shared(self) -> None:
+        """Check the shared store's shard layout and durability (again at each tick until done)."""
+        assert self.shared is not None
+        try:
+            self.shared.check_meta()
+        except EventStoreError as exc:
+            log.error(
+                "event store unreachable at start; Rank serves without real-time state", extra={"error": str(exc)}
             )
+            metrics.EVENT_STORE_DURABLE.set(0)
+            return
+        d = self.shared.durability()
+        metrics.EVENT_STORE_DURABLE.set(1 if d.durable else 0)
+        if d.durable:
+            log.info("event store durable", extra={"store": self.shared.url, **d.settings})
+        else:
+            log.error(
+                "EVENT STORE NOT DURABLE: events acknowledged by RecordEvents could be lost if Redis "
+                "crashes; run it with appendonly yes, appendfsync always, maxmemory-policy noeviction",
+                extra={"store": self.shared.url, "problem": d.problem, **d.settings},
+            )
+        self._checked = True
+
+    def replay(self) -> dict[str, int]:
+        """Read every writer's log back into customer state and the attribution memory (this
+        process's own directory included: it may hold what a crashed predecessor wrote);
+        returns counts by kind. A shared store needs no replay: it holds the state."""
+        if self.log is None or self.tailer is None or self.state is None:
+            return {"event": 0, "impression": 0}
+        end = current_data_end(self.config.artifacts)
+        # A segment last written before the bundle's data end (less the future an event may be
+        # timed at) holds nothing after it: the state would not keep any of it.
+        since = None if end is None else end - self.config.max_event_future_seconds
+        if end is not None:
+            self.state.prune(end)
+        with self._tail_lock:
+            counts = self._apply(self.tailer.poll(modified_since=since, strict=True))
             # From now on this process applies its own writes directly.
             self.tailer.skip = self.log.directory.resolve()
         for kind, n in counts.items():
@@ -138,10 +255,12 @@ class Realtime:
 
     def catch_up(self) -> None:
         """Apply what other processes' writers appended since the last call (before each Rank)."""
+        if self.tailer is None:
+            return
         with self._tail_lock:
-            self._apply(self.tailer.poll(), time.time())
+            self._apply(self.tailer.poll())
 
-    def _apply(self, records: list[dict], now: float) -> dict[str, int]:
+    def _apply(self, records: list[dict]) -> dict[str, int]:
         counts = {"event": 0, "impression": 0}
         events: list[Event] = []
         for rec in records:
@@ -151,30 +270,69 @@ class Realtime:
             elif kind == "impression" and rec.get("experiment"):
                 self._remember(rec["request_id"], rec["experiment"], rec["arm"])
             counts[kind] = counts.get(kind, 0) + 1
-        if events:
-            self.state.add(events, now)
+        if events and self.state is not None:
+            # Several writers (worker processes) each append in their own order.
+            events.sort(key=lambda e: e.timestamp)
+            self.state.add(events)
             metrics.USER_STATE_USERS.set(len(self.state))
         return counts
 
+    def sync_model(self, model) -> None:
+        """Real-time state is relative to the served bundle: on a new one, drop what it holds."""
+        if model is None or model.version == self._model_version:
+            return
+        with self._sync_lock:
+            if model.version == self._model_version:
+                return
+            horizon, types = _bundle_horizon(model)
+            self.horizon, self.durable_types = horizon, frozenset(types)
+            if self.state is not None:
+                dropped = self.state.prune(horizon, types)
+                metrics.USER_STATE_USERS.set(len(self.state))
+                log.info("real-time state now after the bundle's data end", extra={"dropped_events": dropped})
+            elif horizon < time.time() - self.config.event_store_key_ttl_seconds:
+                log.warning(
+                    "the served bundle's data ends before event_store_key_ttl_seconds: customers' state "
+                    "in the shared store may have expired before a bundle held it; build more often "
+                    "or raise the setting",
+                    extra={"data_end": horizon, "event_store_key_ttl_seconds": self.config.event_store_key_ttl_seconds},
+                )
+            self._model_version = model.version
+
+    def tick(self) -> None:
+        """Periodic work of the serving loop: the shared store's checks and stream gauges."""
+        if self.shared is None or time.monotonic() < self._next_stats:
+            return
+        self._next_stats = time.monotonic() + self.STATS_INTERVAL_SECONDS
+        if not self._checked:
+            self._check_shared()
+        try:
+            length, lag = self.shared.stream_stats()
+        except EventStoreError:
+            return
+        metrics.EVENT_STORE_STREAM_LENGTH.set(length)
+        metrics.EVENT_STORE_CONSUMER_LAG.set(lag)
+
     def close(self) -> None:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
+        if self.shared is not None:
+            self.shared.close()
 
     # -- RecordEvents --------------------------------------------------------------
-    def record(
-        self, events: list[Event], invalid: dict[int, tuple[str, str]] | None = None
-    ) -> tuple[int, list[Rejection]]:
-        """Validate, durably append, then apply; returns (accepted count, rejections).
+    def record(self, events: list[Event], invalid: dict[int, tuple[str, str]] | None = None, model=None) -> Recorded:
+        """Validate, durably store, then apply the events after the served bundle's data end.
 
         ``invalid`` (index -> (field, reason)) names events the transport already found bad
         (a Timestamp that cannot be converted): they are rejected with that reason, in batch
-        order with the others, and never validated or logged.
+        order with the others, and never validated or stored. ``model`` is the served bundle.
 
         Raises
         ------
         InvalidRequest
             The batch is empty or larger than the limit.
-        ranking.realtime.eventlog.EventLogError
-            The log cannot be written; then nothing of the batch is applied.
+        ranking.realtime.eventlog.EventLogError, EventStoreError
+            The store cannot be written; then nothing of the batch is applied or acknowledged.
         """
         if not events:
             raise InvalidRequest([FieldViolation("events", "is empty; send at least one event")])
@@ -186,6 +344,7 @@ class Realtime:
                     )
                 ]
             )
+        self.sync_model(model)
         now = time.time()
         invalid = invalid or {}
         keep = [i for i in range(len(events)) if i not in invalid]
@@ -195,27 +354,40 @@ class Realtime:
             + [Rejection(i, name, reason) for i, (name, reason) in invalid.items()],
             key=lambda r: r.index,
         )
+        stale = sum(1 for e in accepted if e.timestamp <= self.horizon)
         if accepted:
-            t0 = time.perf_counter()
-            before = self.log.bytes_appended
-            self._append([{"kind": "event", **e.to_record()} for e in accepted], durable=True)
-            metrics.EVENT_LOG_APPEND_DURATION.observe(time.perf_counter() - t0)
-            metrics.EVENT_LOG_BYTES.inc(self.log.bytes_appended - before)
-            # Applied only once on disk: what a Rank reflects is never more than what a restart keeps.
-            evicted = self.state.evicted_users
-            self.state.add(accepted, now)
-            metrics.USER_STATE_EVICTIONS.inc(self.state.evicted_users - evicted)
-            metrics.USER_STATE_USERS.set(len(self.state))
-            self._count_attributed(accepted)
+            if self.shared is not None:
+                arms = self.shared.append(accepted, self.horizon, self.durable_types)
+            else:
+                arms = self._record_local(accepted)
+            self._count_attributed(accepted, arms)
         metrics.EVENTS_RECORDED.labels("accepted").inc(len(accepted))
+        metrics.EVENTS_STALE.inc(stale)
         if rejections:
             metrics.EVENTS_RECORDED.labels("rejected").inc(len(rejections))
             for r in rejections:
                 metrics.EVENTS_REJECTED.labels(r.field).inc()
-        return len(accepted), rejections
+        return Recorded(len(accepted), stale, rejections)
+
+    def _record_local(self, accepted: list[Event]) -> list[tuple[str, str] | None]:
+        assert self.log is not None and self.state is not None
+        t0 = time.perf_counter()
+        before = self.log.bytes_appended
+        self._append([{"kind": "event", **e.to_record()} for e in accepted], durable=True)
+        metrics.EVENT_LOG_APPEND_DURATION.observe(time.perf_counter() - t0)
+        metrics.EVENT_STORE_ROUND_TRIP.labels("record").observe(time.perf_counter() - t0)
+        metrics.EVENT_LOG_BYTES.inc(self.log.bytes_appended - before)
+        # Applied only once on disk: what a Rank reflects is never more than what a restart keeps.
+        evicted = self.state.evicted_users
+        self.state.add(accepted)
+        metrics.USER_STATE_EVICTIONS.inc(self.state.evicted_users - evicted)
+        metrics.USER_STATE_USERS.set(len(self.state))
+        with self._arms_lock:
+            return [self._arms.get(e.request_id) if e.request_id else None for e in accepted]
 
     def _append(self, records: list[dict], durable: bool) -> None:
-        """Append to the log, exporting whether it is writable (a full or read-only disk)."""
+        """Append to the local log, exporting whether it is writable (a full or read-only disk)."""
+        assert self.log is not None
         try:
             self.log.append(records, durable=durable)
         except EventLogError as exc:
@@ -225,9 +397,8 @@ class Realtime:
             raise
         metrics.EVENT_LOG_WRITABLE.set(1)
 
-    def _count_attributed(self, events: list[Event]) -> None:
-        with self._arms_lock:
-            arms = [self._arms.get(e.request_id) if e.request_id else None for e in events]
+    @staticmethod
+    def _count_attributed(events: list[Event], arms: list[tuple[str, str] | None]) -> None:
         for e, arm in zip(events, arms):
             if arm is None or e.event_type not in ATTRIBUTED_TYPES:
                 continue
@@ -242,8 +413,25 @@ class Realtime:
                 self._arms.popitem(last=False)
 
     # -- Rank ------------------------------------------------------------------------
-    def prepare(self, model, q: RankQuery, variant: str) -> tuple[RankOverlay, Assignment]:
-        """The overlay and experiment assignment of one Rank request.
+    def user_events(self, user_id: str) -> tuple[list[Event], bool]:
+        """The customer's real-time events, and False when the shared store could not give them
+        (then none: the Rank answers without real-time state, and says so)."""
+        if self.shared is None:
+            self.catch_up()
+            assert self.state is not None
+            return self.state.events(user_id), True
+        if time.monotonic() < self._retry_at:
+            return [], False
+        try:
+            return self.shared.events(user_id, self.horizon), True
+        except EventStoreError as exc:
+            self._retry_at = time.monotonic() + self.config.event_store_retry_seconds
+            log.warning("rank without real-time state", extra={"error": str(exc)})
+            return [], False
+
+    def prepare(self, model, q: RankQuery, variant: str) -> tuple[RankOverlay, Assignment, bool]:
+        """The overlay and experiment assignment of one Rank request, and whether the customer's
+        real-time state was read (False: the shared store failed; the Rank degrades).
 
         Raises
         ------
@@ -262,13 +450,12 @@ class Realtime:
             if (self.experiments.experiments or variant)
             else NO_EXPERIMENT
         )
-        self.catch_up()
+        self.sync_model(model)
+        events, fresh = self.user_events(q.user_id)
         now = time.time()
         rules = self.rules.matching(q.channel, q.device, q.region, q.attributes) if self.rules.rules else []
-        overlay = build_overlay(
-            model, q.user_id, self.state.events(q.user_id, now), now, assignment.variant, rules, self.settings
-        )
-        return overlay, assignment
+        overlay = build_overlay(model, q.user_id, events, now, assignment.variant, rules, self.settings)
+        return overlay, assignment, fresh
 
     def served(
         self, request_id: str, q: RankQuery, assignment: Assignment, overlay: RankOverlay, result: RankResult
@@ -281,27 +468,32 @@ class Realtime:
         if not assignment.experiment and not self.config.log_all_impressions:
             return
         if assignment.experiment:
-            self._remember(request_id, assignment.experiment, assignment.arm)
             metrics.ARM_IMPRESSIONS.labels(assignment.experiment, assignment.arm).inc()
+        record = {
+            "kind": "impression",
+            "request_id": request_id,
+            "user_id": q.user_id,
+            "timestamp": time.time(),
+            "experiment": assignment.experiment,
+            "arm": assignment.arm,
+            "strategy": result.rung.name,
+            "items": result.item_ids,
+        }
+        if self.shared is not None:
+            try:
+                self.shared.impression(record, assignment.experiment, assignment.arm)
+            except EventStoreError as exc:
+                metrics.EVENT_LOG_IMPRESSIONS_LOST.inc()
+                log.error("impression not logged", extra={"request_id": request_id, "error": str(exc)})
+            return
+        if assignment.experiment:
+            self._remember(request_id, assignment.experiment, assignment.arm)
+        assert self.log is not None
         before = self.log.bytes_appended
         try:
             # Not fsynced on its own (an fsync per Rank would cost more than the ranking); it is
             # written at once, so only a machine crash, not a process crash, can lose it.
-            self._append(
-                [
-                    {
-                        "kind": "impression",
-                        "request_id": request_id,
-                        "user_id": q.user_id,
-                        "timestamp": time.time(),
-                        "experiment": assignment.experiment,
-                        "arm": assignment.arm,
-                        "strategy": result.rung.name,
-                        "items": result.item_ids,
-                    }
-                ],
-                durable=False,
-            )
+            self._append([record], durable=False)
         except EventLogError as exc:
             # The ranking is already made; losing its impression must not fail the request.
             metrics.EVENT_LOG_IMPRESSIONS_LOST.inc()
