@@ -74,6 +74,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "split_store_url",
     ),
     "ranking.realtime.redis_store": ("EventStoreError", "RedisEventStore"),
+    "ranking.realtime.store": ("EventStore", "LocalEventStore"),
     "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
     "ranking.policy.experiments": (
         "NO_EXPERIMENT",
@@ -183,6 +184,7 @@ if TYPE_CHECKING:
         split_store_url,
     )
     from ranking.realtime.redis_store import EventStoreError, RedisEventStore
+    from ranking.realtime.store import EventStore, LocalEventStore
     from ranking.realtime.user_state import UserStateStore, item_gram
     from ranking.retrieval.search import ExactHead, Retriever, ann_search
 

@@ -3,11 +3,12 @@ together, with their metrics (the logic lives in ranking.realtime and ranking.po
 
 Two event stores (setting ``event_store``):
 
-- ``local``: each process appends to its own directory of the segmented event log and keeps
-  customer state in memory, tailing the other processes' directories; one machine, or a
-  customer routed to one pod.
-- a ``redis://`` URL: events, customer state, impressions and request→arm attribution live
-  in Redis/Valkey (ranking.realtime.redis_store), so any pod's Rank sees what any pod recorded.
+- ``local`` (ranking.realtime.store.LocalEventStore): each process appends to its own
+  directory of the segmented event log and keeps customer state in memory, tailing the
+  other processes' directories; one machine, or a customer routed to one pod.
+- a ``redis://`` URL (ranking.realtime.redis_store.RedisEventStore): events, customer state,
+  impressions and request→arm attribution live in Redis/Valkey, so any pod's Rank sees
+  what any pod recorded.
 
 Either way the state holds exactly the accepted events after the served bundle's data end:
 older ones are logged (the next build reads them) and reported stale, not applied.
@@ -15,7 +16,6 @@ older ones are logged (the next build reads them) and reported stale, not applie
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import threading
@@ -34,7 +34,7 @@ from ranking import (
     Experiments,
     FieldViolation,
     InvalidRequest,
-    LogTailer,
+    LocalEventStore,
     OverlaySettings,
     RankingError,
     RankOverlay,
@@ -43,9 +43,8 @@ from ranking import (
     RedisEventStore,
     Rejection,
     RuleSet,
-    UserStateStore,
+    UserStateSettings,
     build_overlay,
-    open_writer,
     parse_experiments,
     parse_rules,
     resolve_current,
@@ -91,7 +90,7 @@ class Recorded:
 def _bundle_horizon(model) -> tuple[float, tuple[str, ...]]:
     """(the bundle's data end, its consumed event types): what real-time state is relative to."""
     end = float(model.manifest.get("data_window", {}).get("end_unix", float("-inf")))
-    types = tuple(model.manifest.get("config", {}).get("consumed_event_types", UserStateStore().durable_types))
+    types = tuple(model.manifest.get("config", {}).get("consumed_event_types", UserStateSettings.durable_types))
     return end, types
 
 
@@ -114,7 +113,7 @@ def _observe_store(op: str, seconds: float, reason: str | None) -> None:
 
 
 class Realtime:
-    """Owns the event store, the customer state and the request→arm attribution.
+    """Owns the event store (ranking.realtime.store), rules and experiments, and their metrics.
 
     Parameters
     ----------
@@ -125,7 +124,7 @@ class Realtime:
     ValueError
         The experiments file is malformed, or a shared store was set up with other shards.
     ranking.realtime.eventlog.EventLogCorrupt
-        The local event log is damaged before its tail.
+        The local event log is damaged before its tail (from :meth:`replay`).
     """
 
     STATS_INTERVAL_SECONDS = 15.0
@@ -141,34 +140,25 @@ class Realtime:
         self.settings = OverlaySettings(skip_penalty=config.skip_penalty, interest_boost=config.interest_boost)
         # What the served bundle already holds: events at or before its data end.
         self.horizon = float("-inf")
-        self.durable_types = frozenset(UserStateStore().durable_types)
         self._model_version: str | None = None
         self._sync_lock = threading.Lock()
-        self._arms: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
-        self._arms_lock = threading.Lock()
-        self._retry_at = 0.0
         self._next_stats = 0.0
-        self.shared: RedisEventStore | None = None
-        self.state: UserStateStore | None = None
-        self.log = None
-        self.tailer: LogTailer | None = None
+        self._checked = True
+        self.store: LocalEventStore | RedisEventStore
         if config.event_store == "local":
-            self.state = UserStateStore(config.user_state_max_users, config.user_state_max_events)
-            # One writer directory per process (worker processes each get their own), and a tailer
-            # that brings in what the other processes' writers appended.
-            self.log = open_writer(
+            self.store = LocalEventStore(
                 config.event_log_path(),
                 fsync=config.event_log_fsync,
                 segment_bytes=config.event_log_segment_bytes,
                 fsync_interval_seconds=config.event_log_fsync_interval_seconds,
+                max_users=config.user_state_max_users,
+                max_events_per_user=config.user_state_max_events,
+                attribution_max_requests=config.attribution_max_requests,
             )
-            self.tailer = LogTailer(config.event_log_path())
-            self._tail_lock = threading.Lock()
-            metrics.EVENT_STORE_INFO.labels("local").set(1)
             metrics.EVENT_STORE_AVAILABLE.set(1)
             metrics.EVENT_STORE_DURABLE.set(1 if config.event_log_fsync == "always" else 0)
         else:
-            self.shared = RedisEventStore(
+            self.store = RedisEventStore(
                 config.event_store,
                 shards=config.event_store_shards,
                 read_timeout_s=config.event_store_timeout_ms / 1000.0,
@@ -176,11 +166,12 @@ class Realtime:
                 max_events_per_user=config.user_state_max_events,
                 key_ttl_seconds=config.event_store_key_ttl_seconds,
                 attribution_ttl_seconds=config.attribution_ttl_seconds,
+                retry_seconds=config.event_store_retry_seconds,
                 observe=_observe_store,
             )
-            metrics.EVENT_STORE_INFO.labels("redis").set(1)
             self._checked = False
             self._check_shared()
+        metrics.EVENT_STORE_INFO.labels(self.store.kind).set(1)
         # Fixed label sets: create every series up front so dashboards see zeros, not gaps.
         for exp, arm in self.experiments.arm_names():
             metrics.ARM_IMPRESSIONS.labels(exp, arm)
@@ -196,85 +187,57 @@ class Realtime:
                 metrics.EVENT_STORE_ERRORS.labels(op, reason)
         metrics.EVENT_LOG_WRITABLE.set(1)
 
-    @property
-    def store_name(self) -> str:
-        return "local" if self.shared is None else "redis"
-
     # -- startup -----------------------------------------------------------------
     def _check_shared(self) -> None:
         """Check the shared store's shard layout and durability (again at each tick until done)."""
-        assert self.shared is not None
+        store = self.store
+        assert isinstance(store, RedisEventStore)
         try:
-            self.shared.check_meta()
+            store.check_meta()
         except EventStoreError as exc:
             log.error(
                 "event store unreachable at start; Rank serves without real-time state", extra={"error": str(exc)}
             )
             metrics.EVENT_STORE_DURABLE.set(0)
             return
-        d = self.shared.durability()
+        d = store.durability()
         metrics.EVENT_STORE_DURABLE.set(1 if d.durable else 0)
         if d.durable:
-            log.info("event store durable", extra={"store": self.shared.url, **d.settings})
+            log.info("event store durable", extra={"store": store.url, **d.settings})
         else:
             log.error(
                 "EVENT STORE NOT DURABLE: events acknowledged by RecordEvents could be lost if Redis "
                 "crashes; run it with appendonly yes, appendfsync always, maxmemory-policy noeviction",
-                extra={"store": self.shared.url, "problem": d.problem, **d.settings},
+                extra={"store": store.url, "problem": d.problem, **d.settings},
             )
         self._checked = True
 
     def replay(self) -> dict[str, int]:
-        """Read every writer's log back into customer state and the attribution memory (this
-        process's own directory included: it may hold what a crashed predecessor wrote);
-        returns counts by kind. A shared store needs no replay: it holds the state."""
-        if self.log is None or self.tailer is None or self.state is None:
+        """Read the local log back into customer state and the attribution memory; returns
+        counts by kind. A shared store needs no replay: it holds the state."""
+        store = self.store
+        if not isinstance(store, LocalEventStore):
             return {"event": 0, "impression": 0}
         end = current_data_end(self.config.artifacts)
-        # A segment last written before the bundle's data end (less the future an event may be
-        # timed at) holds nothing after it: the state would not keep any of it.
-        since = None if end is None else end - self.config.max_event_future_seconds
+        since = None
         if end is not None:
-            self.state.prune(end)
-        with self._tail_lock:
-            counts = self._apply(self.tailer.poll(modified_since=since, strict=True))
-            # From now on this process applies its own writes directly.
-            self.tailer.skip = self.log.directory.resolve()
+            # A segment last written before the bundle's data end (less the future an event may
+            # be timed at) holds nothing after it: the state would keep none of it.
+            since = end - self.config.max_event_future_seconds
+            store.set_bundle(end, store.state.durable_types)
+        counts = store.replay(since)
         for kind, n in counts.items():
             metrics.EVENT_LOG_REPLAYED.labels(kind).inc(n)
+        metrics.USER_STATE_USERS.set(len(store.state))
         log.info(
             "replayed event log",
             extra={
-                "directory": str(self.tailer.root),
-                "writer": self.log.directory.name,
+                "directory": str(store.root),
+                "writer": store.log.directory.name,
                 **counts,
-                "users": len(self.state),
+                "users": len(store.state),
             },
         )
-        return counts
-
-    def catch_up(self) -> None:
-        """Apply what other processes' writers appended since the last call (before each Rank)."""
-        if self.tailer is None:
-            return
-        with self._tail_lock:
-            self._apply(self.tailer.poll())
-
-    def _apply(self, records: list[dict]) -> dict[str, int]:
-        counts = {"event": 0, "impression": 0}
-        events: list[Event] = []
-        for rec in records:
-            kind = rec.get("kind", "")
-            if kind == "event":
-                events.append(Event.from_record(rec))
-            elif kind == "impression" and rec.get("experiment"):
-                self._remember(rec["request_id"], rec["experiment"], rec["arm"])
-            counts[kind] = counts.get(kind, 0) + 1
-        if events and self.state is not None:
-            # Several writers (worker processes) each append in their own order.
-            events.sort(key=lambda e: e.timestamp)
-            self.state.add(events)
-            metrics.USER_STATE_USERS.set(len(self.state))
         return counts
 
     def sync_model(self, model) -> None:
@@ -285,10 +248,10 @@ class Realtime:
             if model.version == self._model_version:
                 return
             horizon, types = _bundle_horizon(model)
-            self.horizon, self.durable_types = horizon, frozenset(types)
-            if self.state is not None:
-                dropped = self.state.prune(horizon, types)
-                metrics.USER_STATE_USERS.set(len(self.state))
+            self.horizon = horizon
+            dropped = self.store.set_bundle(horizon, types)
+            if isinstance(self.store, LocalEventStore):
+                metrics.USER_STATE_USERS.set(len(self.store.state))
                 log.info("real-time state now after the bundle's data end", extra={"dropped_events": dropped})
             elif horizon < time.time() - self.config.event_store_key_ttl_seconds:
                 log.warning(
@@ -301,23 +264,21 @@ class Realtime:
 
     def tick(self) -> None:
         """Periodic work of the serving loop: the shared store's checks and stream gauges."""
-        if self.shared is None or time.monotonic() < self._next_stats:
+        store = self.store
+        if not isinstance(store, RedisEventStore) or time.monotonic() < self._next_stats:
             return
         self._next_stats = time.monotonic() + self.STATS_INTERVAL_SECONDS
         if not self._checked:
             self._check_shared()
         try:
-            length, lag = self.shared.stream_stats()
+            length, lag = store.stream_stats()
         except EventStoreError:
             return
         metrics.EVENT_STORE_STREAM_LENGTH.set(length)
         metrics.EVENT_STORE_CONSUMER_LAG.set(lag)
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-        if self.shared is not None:
-            self.shared.close()
+        self.store.close()
 
     # -- RecordEvents --------------------------------------------------------------
     def record(self, events: list[Event], invalid: dict[int, tuple[str, str]] | None = None, model=None) -> Recorded:
@@ -356,11 +317,7 @@ class Realtime:
         )
         stale = sum(1 for e in accepted if e.timestamp <= self.horizon)
         if accepted:
-            if self.shared is not None:
-                arms = self.shared.append(accepted, self.horizon, self.durable_types)
-            else:
-                arms = self._record_local(accepted)
-            self._count_attributed(accepted, arms)
+            self._count_attributed(accepted, self._append(accepted))
         metrics.EVENTS_RECORDED.labels("accepted").inc(len(accepted))
         metrics.EVENTS_STALE.inc(stale)
         if rejections:
@@ -369,33 +326,32 @@ class Realtime:
                 metrics.EVENTS_REJECTED.labels(r.field).inc()
         return Recorded(len(accepted), stale, rejections)
 
-    def _record_local(self, accepted: list[Event]) -> list[tuple[str, str] | None]:
-        assert self.log is not None and self.state is not None
+    def _append(self, accepted: list[Event]) -> list[tuple[str, str] | None]:
+        store = self.store
+        if not isinstance(store, LocalEventStore):
+            return store.append(accepted)  # its round trips are observed by the store
         t0 = time.perf_counter()
-        before = self.log.bytes_appended
-        self._append([{"kind": "event", **e.to_record()} for e in accepted], durable=True)
+        before, evicted = store.bytes_appended, store.state.evicted_users
+        arms = self._logged(lambda: store.append(accepted))
         metrics.EVENT_LOG_APPEND_DURATION.observe(time.perf_counter() - t0)
         metrics.EVENT_STORE_ROUND_TRIP.labels("record").observe(time.perf_counter() - t0)
-        metrics.EVENT_LOG_BYTES.inc(self.log.bytes_appended - before)
-        # Applied only once on disk: what a Rank reflects is never more than what a restart keeps.
-        evicted = self.state.evicted_users
-        self.state.add(accepted)
-        metrics.USER_STATE_EVICTIONS.inc(self.state.evicted_users - evicted)
-        metrics.USER_STATE_USERS.set(len(self.state))
-        with self._arms_lock:
-            return [self._arms.get(e.request_id) if e.request_id else None for e in accepted]
+        metrics.EVENT_LOG_BYTES.inc(store.bytes_appended - before)
+        metrics.USER_STATE_EVICTIONS.inc(store.state.evicted_users - evicted)
+        metrics.USER_STATE_USERS.set(len(store.state))
+        return arms
 
-    def _append(self, records: list[dict], durable: bool) -> None:
-        """Append to the local log, exporting whether it is writable (a full or read-only disk)."""
-        assert self.log is not None
+    @staticmethod
+    def _logged(write):
+        """Run a local log write, exporting whether the log is writable (a full or read-only disk)."""
         try:
-            self.log.append(records, durable=durable)
+            out = write()
         except EventLogError as exc:
             metrics.EVENT_LOG_WRITABLE.set(0)
             reason = exc.reason if exc.reason in metrics.EVENT_LOG_WRITE_FAILURE_REASONS else "io_error"
             metrics.EVENT_LOG_WRITE_FAILURES.labels(reason).inc()
             raise
         metrics.EVENT_LOG_WRITABLE.set(1)
+        return out
 
     @staticmethod
     def _count_attributed(events: list[Event], arms: list[tuple[str, str] | None]) -> None:
@@ -406,27 +362,15 @@ class Realtime:
             if e.event_type == "purchase" and e.value > 0:
                 metrics.ARM_REVENUE.labels(*arm).inc(e.value)
 
-    def _remember(self, request_id: str, experiment: str, arm: str) -> None:
-        with self._arms_lock:
-            self._arms[request_id] = (experiment, arm)
-            while len(self._arms) > self.config.attribution_max_requests:
-                self._arms.popitem(last=False)
-
     # -- Rank ------------------------------------------------------------------------
     def user_events(self, user_id: str) -> tuple[list[Event], bool]:
-        """The customer's real-time events, and False when the shared store could not give them
-        (then none: the Rank answers without real-time state, and says so)."""
-        if self.shared is None:
-            self.catch_up()
-            assert self.state is not None
-            return self.state.events(user_id), True
-        if time.monotonic() < self._retry_at:
-            return [], False
+        """The customer's real-time events, and False when the store could not give them (then
+        none: the Rank answers without real-time state, and says so)."""
         try:
-            return self.shared.events(user_id, self.horizon), True
+            return self.store.events(user_id), True
         except EventStoreError as exc:
-            self._retry_at = time.monotonic() + self.config.event_store_retry_seconds
-            log.warning("rank without real-time state", extra={"error": str(exc)})
+            if exc.reason != "skipped":
+                log.warning("rank without real-time state", extra={"error": str(exc)})
             return [], False
 
     def prepare(self, model, q: RankQuery, variant: str) -> tuple[RankOverlay, Assignment, bool]:
@@ -479,24 +423,15 @@ class Realtime:
             "strategy": result.rung.name,
             "items": result.item_ids,
         }
-        if self.shared is not None:
-            try:
-                self.shared.impression(record, assignment.experiment, assignment.arm)
-            except EventStoreError as exc:
-                metrics.EVENT_LOG_IMPRESSIONS_LOST.inc()
-                log.error("impression not logged", extra={"request_id": request_id, "error": str(exc)})
-            return
-        if assignment.experiment:
-            self._remember(request_id, assignment.experiment, assignment.arm)
-        assert self.log is not None
-        before = self.log.bytes_appended
+        store = self.store
         try:
-            # Not fsynced on its own (an fsync per Rank would cost more than the ranking); it is
-            # written at once, so only a machine crash, not a process crash, can lose it.
-            self._append([record], durable=False)
-        except EventLogError as exc:
+            if isinstance(store, LocalEventStore):
+                before = store.bytes_appended
+                self._logged(lambda: store.impression(record))
+                metrics.EVENT_LOG_BYTES.inc(store.bytes_appended - before)
+            else:
+                store.impression(record)
+        except (EventLogError, EventStoreError) as exc:
             # The ranking is already made; losing its impression must not fail the request.
             metrics.EVENT_LOG_IMPRESSIONS_LOST.inc()
             log.error("impression not logged", extra={"request_id": request_id, "error": str(exc)})
-            return
-        metrics.EVENT_LOG_BYTES.inc(self.log.bytes_appended - before)

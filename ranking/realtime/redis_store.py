@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ranking.config import UserStateSettings
 from ranking.errors import Unavailable
 from ranking.realtime.events import Event
 from ranking.realtime.redis_layout import (
@@ -79,9 +80,14 @@ class RedisEventStore:
         A customer's state keys expire this long after their last write.
     attribution_ttl_seconds : float
         How long a served request's arm is remembered for attribution.
+    retry_seconds : float
+        After a failed read, reads fail at once for this long instead of waiting out the
+        timeout on every Rank.
     observe : callable(op, seconds, reason or None), optional
         Told about every round trip (the server's metrics).
     """
+
+    kind = "redis"
 
     def __init__(
         self,
@@ -92,6 +98,7 @@ class RedisEventStore:
         max_events_per_user: int = 200,
         key_ttl_seconds: float = 90 * 86_400.0,
         attribution_ttl_seconds: float = 7 * 86_400.0,
+        retry_seconds: float = 1.0,
         observe: Callable[[str, float, str | None], None] | None = None,
     ):
         import redis
@@ -104,6 +111,10 @@ class RedisEventStore:
         self.max_events_per_user = max_events_per_user
         self.key_ttl_ms = int(key_ttl_seconds * 1000)
         self.attribution_ttl_ms = int(attribution_ttl_seconds * 1000)
+        self.retry_seconds = retry_seconds
+        self._retry_at = 0.0
+        self.horizon = float("-inf")
+        self.durable_types = frozenset(UserStateSettings.durable_types)
         self._observe = observe or (lambda op, seconds, reason: None)
         self._errors = (redis.RedisError, OSError)
         self._timeout = (redis.TimeoutError, TimeoutError)
@@ -191,13 +202,17 @@ class RedisEventStore:
     def _config_get(self, name: str) -> dict:
         return self._call("config", lambda: self.writer.config_get(name))
 
+    def set_bundle(self, horizon: float, durable_types) -> int:
+        """State is what came after ``horizon``: reads leave out older events, and each write
+        removes them from the customer's keys. Returns 0 (nothing is dropped at once)."""
+        self.horizon, self.durable_types = horizon, frozenset(durable_types)
+        return 0
+
     # -- RecordEvents -------------------------------------------------------------------
-    def append(
-        self, events: list[Event], horizon: float, durable_types: frozenset[str]
-    ) -> list[tuple[str, str] | None]:
-        """Append ``events`` to the streams and apply those after ``horizon`` to their customers'
-        state, in one transaction; returns the (experiment, arm) served for each event's
-        request id (None where unknown), read in the same round trip.
+    def append(self, events: list[Event]) -> list[tuple[str, str] | None]:
+        """Append ``events`` to the streams and apply those after the horizon to their
+        customers' state, in one transaction; returns the (experiment, arm) served for each
+        event's request id (None where unknown), read in the same round trip.
 
         Raises
         ------
@@ -207,6 +222,7 @@ class RedisEventStore:
             duplicate, never lose).
         """
         lay = self.layout
+        horizon, durable_types = self.horizon, self.durable_types
         touched: set[str] = set()
 
         def run():
@@ -237,10 +253,19 @@ class RedisEventStore:
         return [_arm(v) if r else None for r, v in zip(request_ids, replies[-1])]
 
     # -- Rank ---------------------------------------------------------------------------
-    def events(self, user_id: str, horizon: float) -> list[Event]:
-        """The customer's events after ``horizon``, oldest first, in one pipelined round trip."""
+    def events(self, user_id: str) -> list[Event]:
+        """The customer's events after the horizon, oldest first, in one pipelined round trip.
+
+        Raises
+        ------
+        EventStoreError
+            The read failed, or one failed less than ``retry_seconds`` ago.
+        """
         if not user_id:
             return []
+        if time.monotonic() < self._retry_at:
+            raise EventStoreError(f"event store {self.url}: skipped after a recent failure", "skipped")
+        horizon = self.horizon
         low = f"({horizon}" if horizon > float("-inf") else "-inf"
 
         def run():
@@ -249,14 +274,19 @@ class RedisEventStore:
             pipe.zrangebyscore(self.layout.buys(user_id), low, "+inf")
             return pipe.execute()
 
-        recent, buys = self._call("rank_read", run)
+        try:
+            recent, buys = self._call("rank_read", run)
+        except EventStoreError:
+            self._retry_at = time.monotonic() + self.retry_seconds
+            raise
         out = [self._event(m) for m in (*recent, *buys)]
         out.sort(key=lambda e: e.timestamp)
         return out
 
-    def impression(self, record: dict, experiment: str, arm: str) -> None:
+    def impression(self, record: dict) -> None:
         """Log a served ranking to its customer's stream; remember its arm for attribution."""
         lay = self.layout
+        experiment, arm = record.get("experiment", ""), record.get("arm", "")
 
         def run():
             pipe = self.reader.pipeline(transaction=False)

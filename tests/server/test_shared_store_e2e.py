@@ -131,6 +131,7 @@ def test_stale_events_are_stored_but_not_applied(pods, redis, artifacts):
 
 
 def test_the_store_reports_itself_durable(pods):
+    pods[0].stub.Rank(pb.RankRequest(user_id="u3", num_results=5), timeout=10)
     text = pods[0].metrics()
     assert sample(text, "one2one_event_store_durable", {}) == 1
     assert sample(text, "one2one_event_store_info", {"store": "redis"}) == 1
