@@ -124,3 +124,22 @@ def test_local_store_reads_its_log_whole(tmp_path):
     with pytest.raises(ValueError, match="from its start"):
         next(iter(store.read(after=3)))
     store.close()
+
+
+def test_a_full_redis_refuses_the_whole_batch(redis, tmp_path):
+    """Out of memory under noeviction: the script is refused before its first write, so a
+    refused batch leaves nothing behind (no stream entry, no state) for a retry to duplicate."""
+    store = RedisEventStore(f"{redis.url}?prefix={tmp_path.name}", shards=2, read_timeout_s=1.0)
+    store.check_meta()
+    client = redis.client()
+    client.config_set("maxmemory", 1)
+    try:
+        with pytest.raises(EventStoreError, match="used memory > 'maxmemory'"):
+            store.append([Event(f"u{k}", "i1", "purchase", 2000.0) for k in range(50)])
+    finally:
+        client.config_set("maxmemory", 0)
+    assert sum(client.xlen(key) for key in store.layout.streams()) == 0
+    assert store.events("u1") == []
+    store.append([Event("u1", "i1", "purchase", 2000.0)])
+    assert items(store.events("u1")) == ["i1"]
+    store.close()
