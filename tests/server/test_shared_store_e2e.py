@@ -248,3 +248,22 @@ def test_a_different_shard_count_refuses_to_start(artifacts, redis, tmp_path):
         )
     log = "".join(p.read_text() for p in (tmp_path / "pod").rglob("server.log"))
     assert "event_store_shards must not change" in log
+
+
+def test_a_slow_redis_costs_a_rank_its_timeout_not_its_budget(pods, redis):
+    """Redis stalls (CLIENT PAUSE): the Rank gives up after event_store_timeout_ms and answers
+    without real-time state, well inside its budget; once Redis answers, so does the state."""
+    a, _ = pods
+    a.stub.Rank(pb.RankRequest(user_id="u8", num_results=5), timeout=10)
+    # A separate client: the pause holds every other client's commands for 1.5 s.
+    redis.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    t0 = time.perf_counter()
+    slow = a.stub.Rank(pb.RankRequest(user_id="u8", num_results=5, budget_ms=200), timeout=10)
+    took = time.perf_counter() - t0
+    assert "realtime" in slow.degraded_stages and len(slow.items) == 5
+    assert took < 0.2, took
+    text = a.metrics()
+    assert sample(text, "one2one_event_store_errors_total", {"op": "rank_read", "reason": "timeout"}) >= 1
+    time.sleep(1.8)  # the pause is over and event_store_retry_seconds (0.2 s) has passed
+    again = a.stub.Rank(pb.RankRequest(user_id="u8", num_results=5), timeout=10)
+    assert "realtime" not in again.degraded_stages
