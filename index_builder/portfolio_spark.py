@@ -9,8 +9,8 @@ run's temporary directory, which must be on storage the driver and every executo
 The driver publishes the directory whole (renamed into place) only when every task has
 succeeded; a failed job leaves nothing at ``--out``.
 
-Needs the ``spark`` extra (``pip install 'one2one[spark]'``). Also runs under
-``spark-submit index_builder/portfolio_spark.py --artifacts ... --campaign ... --out ...``.
+Needs the ``spark`` extra (``pip install 'one2one[spark]'``). Run it with
+``python -m index_builder portfolios --engine spark`` or ``spark-submit deploy/spark/portfolios.py``.
 """
 
 from __future__ import annotations
@@ -355,12 +355,8 @@ def _remove_tree(path: Path, attempts: int = 50) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``spark-submit index_builder/portfolio_spark.py`` with the options of
-    ``python -m index_builder portfolios`` (the engine is Spark)."""
+    """``python -m index_builder portfolios --engine spark`` with these options (default:
+    ``sys.argv``); what ``spark-submit deploy/spark/portfolios.py`` runs."""
     from index_builder.__main__ import main as cli_main
 
     return cli_main(["portfolios", "--engine", ENGINE, *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -206,6 +206,29 @@ def test_the_cli_runs_the_spark_engine_with_its_own_session(artifacts, local_run
     assert proc.returncode == 2 and "--workers is for --engine local" in proc.stderr
 
 
+def test_spark_submit_runs_the_deploy_script_on_its_master(artifacts, local_run, tmp_path):
+    require_pyspark()
+    local_out, local = local_run
+    (tmp_path / "c.toml").write_text(CAMPAIGN)
+    out = tmp_path / "out"
+    submit = Path(sys.executable).parent / "spark-submit"  # pyspark installs it beside the interpreter
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false", "deploy/spark/portfolios.py"]
+        + ["--artifacts", str(artifacts), "--campaign", str(tmp_path / "c.toml"), "--out", str(out), "--quiet"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"] == "spark" and manifest["spark"]["master"] == "local[2]"
+    assert manifest["arms"] == local["arms"]
+    assert _sorted_rows(out, "holdout")[0] == _sorted_rows(local_out, "holdout")[0]
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in Path("/proc").iterdir():
