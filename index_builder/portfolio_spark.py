@@ -37,6 +37,7 @@ from index_builder.portfolio import (
     merge_counts,
     one_thread_per_process,
     open_part_writers,
+    partial_name,
     prepare_output,
     publish,
     rank_and_write,
@@ -274,11 +275,12 @@ def run_portfolios_spark(
     session = spark if spark is not None else spark_session(master, show_progress)
     sc = session.sparkContext
     n_parts = max(1, min(partitions or -(-len(customers) // chunk_size), len(customers)))
-    tmp = make_partial(out)
+    tmp = partial_name(out, os.getpid())
     tag = f"one2one-portfolios-{os.getpid()}-{int(generated_at * 1000)}"  # no comma: a tag may not hold one
     published = False
     broadcast = None
     try:
+        make_partial(out)
         sc.addJobTag(tag)
         sc.setInterruptOnCancel(True)  # a cancelled task's Python worker is stopped, not left writing
         broadcast = sc.broadcast(campaign)

@@ -206,6 +206,30 @@ def test_the_cli_runs_the_spark_engine_with_its_own_session(artifacts, local_run
     assert proc.returncode == 2 and "--workers is for --engine local" in proc.stderr
 
 
+def test_ctrl_c_cancels_the_job_and_publishes_nothing(artifacts, tmp_path):
+    require_pyspark()
+    (tmp_path / "c.toml").write_text(CAMPAIGN)
+    out = tmp_path / "out"
+    args = ["--artifacts", str(artifacts), "--campaign", str(tmp_path / "c.toml"), "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "index_builder", "portfolios", *args, "--engine", "spark", "--spark-master", "local[2]"]
+        + ["--chunk-size", "1", "--quiet"],  # one customer per task: still running when interrupted
+        cwd=ROOT,
+        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    t0 = time.monotonic()
+    while not list(tmp_path.glob(".out.partial-*/portfolios/part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() - t0 < 120, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; nothing was published" in err, err[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
 def test_spark_submit_runs_the_deploy_script_on_its_master(artifacts, local_run, tmp_path):
     require_pyspark()
     local_out, local = local_run
