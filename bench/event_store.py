@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=6000, help="per Rank load run, upper bound")
     p.add_argument("--duration", type=float, default=15.0, help="per Rank load run, upper bound (s)")
     p.add_argument("--record-batches", type=int, default=3000, help="RecordEvents batches of 1 (of 100: 1/20)")
-    p.add_argument("--record-concurrency", type=int, default=8)
+    p.add_argument(
+        "--record-concurrency", type=int, default=4, help="RecordEvents in flight (below the events role ceiling)"
+    )
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     a = p.parse_args(argv)
