@@ -19,7 +19,7 @@ help:
 	@echo "make lint   - ruff (lint and format), mypy, cython-lint"
 	@echo "make lock   - re-pin $(LOCK) from a fresh install"
 	@echo "make bench  - benchmarks (figures printed and written under bench/out)"
-	@echo "make deps-system - Debian tools the tests run (prometheus, e2fsprogs, util-linux, mount, nodejs, npm, redis-server)"
+	@echo "make deps-system - Debian tools the tests run (prometheus, e2fsprogs, util-linux, mount, nodejs, npm, redis-server, java)"
 	@echo "make deps-node - npm packages the tests run (typescript, @grafana/schema) into build/node"
 	@echo "make docs   - regenerate the settings tables in docs/ from the config classes"
 
@@ -31,7 +31,7 @@ $(VENV)/bin/python:
 # Stamp: reinstall when the build inputs change.
 $(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(LOCK) $(wildcard ranking/kernels/*.pyx) ranking/kernels/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
 	$(PIP) install -q -c $(LOCK) $(BUILD_DEPS)
-	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[test,report,lint]"
+	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[test,report,lint,spark]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -49,7 +49,8 @@ demo: install $(DATA)/events.csv
 
 # System tools some tests need: Debian's prometheus (prometheus, promtool), e2fsprogs,
 # util-linux and mount (a full tmpfs and a read-only ext4 image under the event log), nodejs
-# and npm (tsc checks the Grafana dashboard), redis-server (the shared event store's tests). Idempotent; CI runs it before the tests,
+# and npm (tsc checks the Grafana dashboard), redis-server (the shared event store's tests), a Java
+# 17 runtime (pyspark's: the portfolio run as a Spark job). Idempotent; CI runs it before the tests,
 # which then never skip for want of them.
 deps-system:
 	@missing=""; \
@@ -60,6 +61,7 @@ deps-system:
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
@@ -108,7 +110,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/pip install -q $(BUILD_DEPS)
-	$(LOCK_VENV)/bin/pip install -q --no-build-isolation ".[test,report,lint]"
+	$(LOCK_VENV)/bin/pip install -q --no-build-isolation ".[test,report,lint,spark]"
 	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/pip freeze --all --exclude one2one | grep -v '^pip=='; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf $(LOCK_VENV)

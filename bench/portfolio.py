@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,15 +35,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (a JVM starts its Python workers from other threads)."""
+    out: list[int] = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return []
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out += [int(x) for x in fh.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    """Children, theirs, and so on (a Spark run: the JVM, its Python daemon and workers)."""
+    out, todo = [], _children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo += _children(child)
+    return out
 
 
 class MemorySampler:
-    """Samples the summed Rss and Pss of a process and its children until stopped; keeps the peaks."""
+    """Samples the summed Rss and Pss of a process and its descendants until stopped; keeps the peaks."""
 
     def __init__(self, pid: int, every: float = 0.25):
         self.pid, self.every = pid, every
@@ -54,7 +73,7 @@ class MemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             total = {"rss_kb": 0, "pss_kb": 0}
-            pids = [self.pid, *_children(self.pid)]
+            pids = [self.pid, *_descendants(self.pid)]
             for pid in pids:
                 try:
                     m = memory_kb(pid)
@@ -82,11 +101,8 @@ def users_with_history(art: Path, n: int, seed: int) -> list[str]:
     return [str(u) for u in m.users.id_of(rows)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.portfolio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    # The shop and bundle: bench.run's parameters and cache (the same key reuses its bundle).
+def shop_arguments(p: argparse.ArgumentParser) -> None:
+    """The shop and bundle: bench.run's parameters and cache (the same key reuses its bundle)."""
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--users", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
@@ -99,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--build-set", action="append", default=["rerank_max_queries=5000", 'rerank_split="temporal"'], metavar="K=V"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.portfolio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    shop_arguments(p)
     p.add_argument("--workers", type=int, default=0, help="server workers and portfolio workers (0: one per core)")
     p.add_argument("--concurrency", default="4,8,16,32", help="load levels; the best is the saturated throughput")
     p.add_argument("--requests", type=int, default=6000, help="per load run, upper bound")

@@ -95,7 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="the server's event log directory or the builder's event archive: real-time events up to the send time",
     )
-    po.add_argument("--workers", type=int, default=0, help="worker processes (default 0: one per usable CPU)")
+    po.add_argument(
+        "--engine",
+        choices=["local", "spark"],
+        default="local",
+        help="local: worker processes on this machine (default); spark: a Spark job (the spark extra)",
+    )
+    po.add_argument(
+        "--spark-master",
+        help="--engine spark: the Spark master, e.g. local[2] (default: spark-submit's, else local[*])",
+    )
+    po.add_argument(
+        "--workers", type=int, default=0, help="--engine local: worker processes (default 0: one per usable CPU)"
+    )
     po.add_argument("--chunk-size", type=int, default=2000, help="customers per unit of work (default 2000)")
     po.add_argument("--replace", action="store_true", help="replace --out if it exists")
     po.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -119,14 +131,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _events_source(value: str) -> Path | str:
     """A store URL stays text (a Path would fold its ``//``); anything else is a path."""
-    from ranking import is_store_url, redacted, split_store_url
+    from ranking import is_store_url, split_store_url
 
     if is_store_url(value):
         try:
             split_store_url(value)  # a malformed URL is a usage error, before anything runs
         except ValueError as e:
-            # The message quotes the URL: never its password.
-            raise argparse.ArgumentTypeError(str(e).replace(value, redacted(value))) from None
+            raise argparse.ArgumentTypeError(str(e)) from None  # it names the URL, password redacted
         return value
     return Path(value)
 
@@ -174,18 +185,29 @@ def main(argv: list[str] | None = None) -> int:
             print(report_main(args.log, args.control, args.confidence, args.experiment, args.json, args.experiments))
         elif args.command == "portfolios":
             from index_builder.campaign import load_campaign
-            from index_builder.portfolio import run_portfolios
 
-            manifest = run_portfolios(
-                args.artifacts,
-                load_campaign(args.campaign),
-                args.out,
-                workers=args.workers,
-                event_log=args.event_log,
-                replace=args.replace,
-                chunk_size=args.chunk_size,
-                show_progress=not args.quiet,
-            )
+            common = {
+                "event_log": args.event_log,
+                "replace": args.replace,
+                "chunk_size": args.chunk_size,
+                "show_progress": not args.quiet,
+            }
+            if args.engine == "spark":
+                from index_builder.portfolio_spark import run_portfolios_spark
+
+                if args.workers:
+                    raise ValueError("--workers is for --engine local; Spark's master and executors set its cores")
+                manifest = run_portfolios_spark(
+                    args.artifacts, load_campaign(args.campaign), args.out, master=args.spark_master, **common
+                )
+            else:
+                from index_builder.portfolio import run_portfolios
+
+                if args.spark_master:
+                    raise ValueError("--spark-master is for --engine spark")
+                manifest = run_portfolios(
+                    args.artifacts, load_campaign(args.campaign), args.out, workers=args.workers, **common
+                )
             print(args.out)
             print(
                 f"{manifest['customers']} customers in {manifest['timings_seconds']['total']:.1f} s "

@@ -239,7 +239,8 @@ class PortfolioRanker:
         )
 
     def overlay(self, user_id: str, arm: str) -> RankOverlay:
-        events = self.state.events(user_id, self.campaign.context.send_time) if self.state is not None else []
+        # The overlay leaves out what the bundle's window already holds, as the server's state does.
+        events = self.state.events(user_id) if self.state is not None else []
         if not events:
             return self.base[arm]
         return build_overlay(
@@ -379,7 +380,8 @@ def check_campaign_against(model: RankingModel, campaign: Campaign) -> dict[str,
 
 def load_event_state(log_dir: Path, until: float) -> tuple[UserStateStore, int]:
     """Events of the server's event log (or the builder's event archive) up to ``until``, as the
-    server's user state would hold them at that time (its time-to-live and per-user cap)."""
+    server's user state would hold them at that time (every purchase, the latest other events per
+    customer)."""
     events = [
         Event.from_record(rec)
         for rec in log_records(log_dir)
@@ -388,7 +390,7 @@ def load_event_state(log_dir: Path, until: float) -> tuple[UserStateStore, int]:
     # Several writers (server workers) each append in their own order: apply in event time.
     events.sort(key=lambda e: e.timestamp)
     state = UserStateStore(max_users=1 << 62)
-    kept = state.add(events, until)
+    kept = state.add(events)
     return state, kept
 
 
@@ -405,6 +407,39 @@ def _stop_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def open_part_writers(paths: dict[str, Path]) -> dict[str, pq.ParquetWriter]:
+    """One Parquet writer per dataset (``DATASETS``), at these paths; closed by the caller."""
+    writers: dict[str, pq.ParquetWriter] = {}
+    try:
+        for d in DATASETS:
+            schema = CUSTOMER_SCHEMA if d == "customers" else OFFER_SCHEMA
+            writers[d] = pq.ParquetWriter(paths[d], schema, compression="zstd")
+    except BaseException:
+        for w in writers.values():
+            w.close()
+        raise
+    return writers
+
+
+def rank_and_write(pr: PortfolioRanker, user_ids: list[str], writers: dict[str, pq.ParquetWriter]) -> dict:
+    """Rank one chunk of customers and append it to the part files (a row group each); both
+    engines (forked workers, Spark tasks) run every chunk through here.
+
+    Returns
+    -------
+    dict
+        ``n`` customers, ``rank_s`` and ``write_s`` seconds, and the chunk's counts
+        (summed with :func:`merge_counts` into the manifest's).
+    """
+    t0 = time.perf_counter()
+    r = pr.rank_chunk(user_ids)
+    t_rank = time.perf_counter() - t0
+    for d, table in zip(DATASETS, (r.offers, r.holdout, r.customers)):
+        if table.num_rows:
+            writers[d].write_table(table)
+    return {"n": len(user_ids), "rank_s": t_rank, "write_s": time.perf_counter() - t0 - t_rank, **r.counts}
+
+
 def _worker(
     slot: int,
     serving: ServingModel,
@@ -419,11 +454,8 @@ def _worker(
 ) -> None:
     """One worker: takes chunks until none is left, appends each to its part files, reports counts."""
     pr = PortfolioRanker(serving, campaign, state, generated_at)
-    writers: dict[str, pq.ParquetWriter] = {}
+    writers = open_part_writers({d: tmp / d / f"part-{slot:04d}.parquet" for d in DATASETS})
     try:
-        for d in DATASETS:
-            schema = CUSTOMER_SCHEMA if d == "customers" else OFFER_SCHEMA
-            writers[d] = pq.ParquetWriter(tmp / d / f"part-{slot:04d}.parquet", schema, compression="zstd")
         while True:
             with next_chunk.get_lock():
                 i = next_chunk.value
@@ -431,20 +463,15 @@ def _worker(
             if i >= len(chunks):
                 break
             lo, hi = chunks[i]
-            t0 = time.perf_counter()
-            r = pr.rank_chunk(customers[lo:hi])
-            t_rank = time.perf_counter() - t0
-            for d, table in zip(DATASETS, (r.offers, r.holdout, r.customers)):
-                if table.num_rows:
-                    writers[d].write_table(table)
-            msg = {"n": hi - lo, "rank_s": t_rank, "write_s": time.perf_counter() - t0 - t_rank, **r.counts}
+            msg = rank_and_write(pr, customers[lo:hi], writers)
             os.write(report_fd, (json.dumps(msg) + "\n").encode())
     finally:
         for w in writers.values():
             w.close()
 
 
-def _merge(total: dict, part: dict) -> None:
+def merge_counts(total: dict, part: dict) -> None:
+    """Add one chunk's (or task's) counts into ``total``, nested dicts key by key."""
     for key, value in part.items():
         if isinstance(value, dict):
             sub = total.setdefault(key, {})
@@ -504,30 +531,14 @@ def run_portfolios(
     """
     t_start = time.perf_counter()
     generated_at = time.time()
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_partials(out):
-        log.info("removed the partial output of an interrupted run: %s", stale)
-    if out.exists() and not replace:
-        raise PortfolioError(f"{out} exists; choose another --out or pass --replace")
-    if chunk_size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+    out = prepare_output(out, replace, chunk_size)
     # One OpenMP and BLAS thread in this process and so in every worker forked from it: the
     # workers, not threads, use the cores (as the server's do, server/app.py). Set before the
     # first search, so no OpenMP thread pool exists when the workers are forked.
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    faiss.omp_set_num_threads(1)
-    threadpool_limits(1, "blas")
-
-    root = Path(artifacts)
-    version_dir = root if (root / MANIFEST).exists() else resolve_current(root)
+    one_thread_per_process()
+    version_dir = bundle_dir(artifacts)
     t0 = time.perf_counter()
-    serving = ServingModel(RankingModel(version_dir, verify=True))
-    cfg = ranker_config(campaign)
-    if cfg.exact_head_items > 0:
-        serving.exact_head(cfg.exact_head_items)  # shared by the workers, as in server.workers
+    serving = load_serving(version_dir, campaign)
     model = serving.model
     unknown = check_campaign_against(model, campaign)
     customers, who_counts = select_customers(model, campaign)
@@ -540,10 +551,7 @@ def run_portfolios(
 
     n_workers = max(1, min(workers or default_workers(), -(-len(customers) // chunk_size)))
     chunks = [(lo, min(lo + chunk_size, len(customers))) for lo in range(0, len(customers), chunk_size)]
-    tmp = partial_name(out, os.getpid())
-    shutil.rmtree(tmp, ignore_errors=True)
-    for d in DATASETS:
-        (tmp / d).mkdir(parents=True)
+    tmp = make_partial(out)
 
     import multiprocessing
 
@@ -588,7 +596,7 @@ def run_portfolios(
                 for line in lines:
                     msg = json.loads(line)
                     bar.update(msg["n"])
-                    _merge(totals, msg)
+                    merge_counts(totals, msg)
         failed = []
         for pid in pids:
             _, status = os.waitpid(pid, 0)
@@ -601,7 +609,7 @@ def run_portfolios(
                 f"{len(customers)} customers ranked; nothing was written to {out}"
             )
         t_rank = time.perf_counter() - t1
-        manifest = _manifest(
+        manifest = run_manifest(
             campaign, model, version_dir, customers, who_counts, unknown, totals, n_workers, n_events, event_log
         )
         manifest["generated_at"] = _dt.datetime.fromtimestamp(generated_at, _dt.UTC).isoformat()
@@ -611,20 +619,9 @@ def run_portfolios(
             "total": round(time.perf_counter() - t_start, 3),
         }
         manifest["customers_per_second"] = round(len(customers) / t_rank, 1) if t_rank > 0 else None
-        manifest["files"] = sorted(str(p.relative_to(tmp)) for d in DATASETS for p in (tmp / d).glob("*.parquet"))
-        text = json.dumps(manifest, indent=2) + "\n"
-        (tmp / MANIFEST).write_text(text)
-        _fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        written = publish(tmp, out, manifest)
         published = True
-        return json.loads(text)  # as a reader of the file sees it
+        return written
     finally:
         for fd in (read_fd, write_fd):
             if fd >= 0:
@@ -636,6 +633,78 @@ def run_portfolios(
                 os.waitpid(pid, 0)
         if not published:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_output(out: Path, replace: bool, chunk_size: int) -> Path:
+    """The output path made absolute, its parent created and what dead runs left beside it removed.
+
+    Raises
+    ------
+    PortfolioError
+        ``out`` exists and ``replace`` is not set.
+    ValueError
+        ``chunk_size`` is below 1.
+    """
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_partials(out):
+        log.info("removed the partial output of an interrupted run: %s", stale)
+    if out.exists() and not replace:
+        raise PortfolioError(f"{out} exists; choose another --out or pass --replace")
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+    return out
+
+
+def one_thread_per_process() -> None:
+    """One OpenMP (faiss) and one BLAS thread in this process: processes, not threads, use the cores."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(1, "blas")
+
+
+def bundle_dir(artifacts: Path) -> Path:
+    """The bundle version directory a run ranks with: ``artifacts`` itself or its CURRENT version."""
+    root = Path(artifacts)
+    return root if (root / MANIFEST).exists() else resolve_current(root)
+
+
+def load_serving(version_dir: Path, campaign: Campaign) -> ServingModel:
+    """The bundle, verified, as the ranking processes share it (with the exact head the pipeline uses)."""
+    serving = ServingModel(RankingModel(version_dir, verify=True))
+    cfg = ranker_config(campaign)
+    if cfg.exact_head_items > 0:
+        serving.exact_head(cfg.exact_head_items)  # shared by the workers, as in server.workers
+    return serving
+
+
+def make_partial(out: Path) -> Path:
+    """A fresh temporary output directory beside ``out``, with one folder per dataset."""
+    tmp = partial_name(out, os.getpid())
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in DATASETS:
+        (tmp / d).mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path, manifest: dict) -> dict:
+    """List the part files in the manifest, write it, flush everything and rename ``tmp`` to ``out``
+    (replacing an old ``out`` whole); returns the manifest as a reader of the file sees it."""
+    manifest["files"] = sorted(str(p.relative_to(tmp)) for d in DATASETS for p in (tmp / d).glob("*.parquet"))
+    text = json.dumps(manifest, indent=2) + "\n"
+    (tmp / MANIFEST).write_text(text)
+    _fsync_tree(tmp)
+    if out.exists():
+        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    return json.loads(text)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -658,7 +727,7 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(d)
 
 
-def _manifest(
+def run_manifest(
     campaign: Campaign,
     model: RankingModel,
     version_dir: Path,
@@ -670,6 +739,8 @@ def _manifest(
     n_events: int,
     event_log: Path | None,
 ) -> dict:
+    """The manifest of a run: its settings, who was chosen, and the counts per arm and strategy
+    summed from every chunk (``totals``); the engines add their timings."""
     by_arm: dict[str, dict] = {}
     for key, n in sorted(totals.get("arm_strategy", {}).items()):
         arm, strategy = key.split("/")

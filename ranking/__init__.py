@@ -73,6 +73,8 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "redacted",
         "split_store_url",
     ),
+    "ranking.realtime.redis_store": ("EventStoreError", "RedisEventStore"),
+    "ranking.realtime.store": ("EventStore", "LocalEventStore"),
     "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
     "ranking.policy.experiments": (
         "NO_EXPERIMENT",
@@ -181,6 +183,8 @@ if TYPE_CHECKING:
         redacted,
         split_store_url,
     )
+    from ranking.realtime.redis_store import EventStoreError, RedisEventStore
+    from ranking.realtime.store import EventStore, LocalEventStore
     from ranking.realtime.user_state import UserStateStore, item_gram
     from ranking.retrieval.search import ExactHead, Retriever, ann_search
 

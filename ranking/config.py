@@ -93,11 +93,12 @@ class OverlaySettings:
 class UserStateSettings:
     """Bounds of the per-user real-time state (:class:`ranking.realtime.user_state.UserStateStore`)."""
 
-    # Events older than this (by event time) stop counting: a week.
-    ttl_seconds: float = 7 * 86_400.0
-    # Least recently touched users are evicted beyond this many (their events stay in the log).
+    # Least recently touched users' recent events are evicted beyond this many (they stay in
+    # the event log); purchases are never evicted, only dropped once a served bundle holds them.
     max_users: int = 100_000
     max_events_per_user: int = 200
+    # Held as purchases when no bundle is served yet (then the bundle's consumed_event_types).
+    durable_types: tuple[str, ...] = ("purchase", "rating")
 
 
 @dataclass(frozen=True)

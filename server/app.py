@@ -332,6 +332,7 @@ def serve(config: ServerConfig, preloaded=None, reuse_port: bool = False, on_rea
     while not flags["stop"]:
         time.sleep(_TICK_SECONDS)
         gc_pauses.flush()
+        realtime.tick()
         if models.version != frozen_version:  # loaded since, by any trigger (admin RPCs too)
             gc_policy.freeze()
             frozen_version = models.version

@@ -165,11 +165,10 @@ class ServerConfig:
     max_event_future_seconds: float = _setting(
         EventLimits.max_future_seconds, "an event time further ahead of the server clock is rejected"
     )
-    user_state_ttl_seconds: float = _setting(
-        UserStateSettings.ttl_seconds, "real-time events older than this (by event time) stop counting"
-    )
     user_state_max_users: int = _setting(
-        UserStateSettings.max_users, "users held in memory (least recently used evicted; their events stay in the log)"
+        UserStateSettings.max_users,
+        "customers whose recent events are held in memory (`local` store; least recently used evicted, "
+        "their events stay in the log); purchases are never evicted",
     )
     user_state_max_events: int = _setting(UserStateSettings.max_events_per_user, "most recent events kept per user")
     skip_penalty: float = _setting(
@@ -189,7 +188,35 @@ class ServerConfig:
     experiments_file: str = _setting("", "TOML with `[[experiments]]` and `[[rules]]` (see docs/api.md)")
     log_all_impressions: bool = _setting(False, "log every Rank response, not only those in an experiment")
     attribution_max_requests: int = _setting(
-        100_000, "recent request ids remembered to attribute events to arms in the metrics"
+        100_000, "recent request ids remembered to attribute events to arms in the metrics (`local` store)"
+    )
+    event_store: str = _setting(
+        "local",
+        "`local`: the event log under `event_log_dir` and each process's memory (route a customer to one "
+        "pod); or a `redis://` / `rediss://` URL (Redis or Valkey; `?prefix=` names the keys) that every "
+        "pod shares: events, customer state, impressions and attribution",
+    )
+    event_store_shards: int = _setting(
+        8, "stream keys events are spread over by a hash of the customer (fixed once the store holds events)"
+    )
+    event_store_timeout_ms: float = _setting(
+        10.0,
+        "Rank's read of a customer's real-time state from a shared store; past it the Rank answers without "
+        "real-time state (`realtime` in `degraded_stages`)",
+    )
+    event_store_write_timeout_ms: float = _setting(
+        2000.0, "RecordEvents' transaction on a shared store; past it the batch is UNAVAILABLE"
+    )
+    event_store_retry_seconds: float = _setting(
+        1.0, "after a failed read, Ranks skip the shared store this long before trying it again"
+    )
+    event_store_key_ttl_seconds: float = _setting(
+        90 * 86_400.0,
+        "a customer's state in a shared store expires this long after their last event; keep it above the "
+        "time between builds (the server warns when the served bundle is older)",
+    )
+    attribution_ttl_seconds: float = _setting(
+        7 * 86_400.0, "how long a shared store remembers the arm a request was served, for attribution"
     )
 
     # Security: TLS, callers and roles, load shedding (server.security, server.guard, server.shedding).
@@ -398,8 +425,27 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
-        if self.user_state_ttl_seconds <= 0 or self.event_log_fsync_interval_seconds <= 0:
-            problems.append("user_state_ttl_seconds and event_log_fsync_interval_seconds must be > 0")
+        if self.event_log_fsync_interval_seconds <= 0:
+            problems.append("event_log_fsync_interval_seconds must be > 0")
+        if self.event_store != "local":
+            from ranking import split_store_url
+
+            try:
+                split_store_url(self.event_store)
+            except ValueError as exc:
+                problems.append(f"event_store: {exc}")
+        if self.event_store_shards < 1:
+            problems.append(f"event_store_shards {self.event_store_shards} must be >= 1")
+        for name in (
+            "event_store_timeout_ms",
+            "event_store_write_timeout_ms",
+            "event_store_key_ttl_seconds",
+            "attribution_ttl_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0")
+        if self.event_store_retry_seconds < 0:
+            problems.append("event_store_retry_seconds must be >= 0")
         if self.skip_penalty < 0 or self.interest_boost < 0:
             problems.append("skip_penalty and interest_boost must be >= 0")
         if problems:

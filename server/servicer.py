@@ -16,6 +16,7 @@ from ranking import (
     Budget,
     Event,
     EventLogError,
+    EventStoreError,
     FieldViolation,
     InvalidRequest,
     QueryLimits,
@@ -247,11 +248,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
                 q = query_from_proto(request)
                 with self.admission.slot(budget) as (waited, admitted):
-                    overlay, t0 = None, time.perf_counter()
+                    overlay, fresh, t0 = None, True, time.perf_counter()
                     if self.realtime is not None:
-                        overlay, assignment = self.realtime.prepare(ranker.model, q, request.variant)
+                        overlay, assignment, fresh = self.realtime.prepare(ranker.model, q, request.variant)
                     realtime_seconds = time.perf_counter() - t0
                     result = ranker.rank(q, budget, overlay, cheapest=not admitted)
+                if not fresh:
+                    # The shared event store failed: ranked without the customer's real-time state.
+                    result.degraded_stages.insert(0, "realtime")
                 result.stage_seconds["queue"] = thread_wait + waited
                 if not admitted:
                     # Waited out its pipeline slot: say so, ahead of what the cheapest path cut.
@@ -291,8 +295,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             if self.realtime is None:
                 raise Unavailable("this server runs without an event log")
             events, invalid = events_from_proto(request, time.time(), self.limits)
-            accepted, rejections = self.realtime.record(events, invalid)
-        except EventLogError as exc:
+            model = self.models.current().model if self.models.loaded else None
+            recorded = self.realtime.record(events, invalid, model)
+        except (EventLogError, EventStoreError) as exc:
             # The operator's side of the UNAVAILABLE (the client's message names no file); one a second.
             held = _LOG_FAILURE_LOG.take()
             if held is not None:
@@ -302,6 +307,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             log.debug("record events refused", extra={"error": str(exc)})
             errors.abort(context, exc)
         return ranking_pb2.RecordEventsResponse(
-            accepted_count=accepted,
-            rejections=[ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in rejections],
+            accepted_count=recorded.accepted,
+            stale_count=recorded.stale,
+            rejections=[
+                ranking_pb2.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in recorded.rejections
+            ],
         )

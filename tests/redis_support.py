@@ -1,101 +1,15 @@
-"""A real redis-server for tests: started on a free loopback port with its data in a
-temporary directory (AOF on, fsync on every write), stoppable, killable and restartable
-on the same port and data, as the fault tests need."""
+"""A real redis-server for tests (bench.redis_server's): skipped locally when Debian's
+redis-server is missing, a failure under CI=true, where `make deps-system` installs it."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 from ops_tools import require_tool
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.redis_server import RedisServer as _RedisServer
 
 
-class RedisServer:
-    """One redis-server process; ``url`` is what the server's ``event_store`` is set to.
-
-    Parameters
-    ----------
-    directory : Path
-        Its working directory (AOF files, the log).
-    appendonly, appendfsync : str
-        Durability settings ("yes"/"always" make an OK durable).
-    """
-
-    def __init__(self, directory: Path, appendonly: str = "yes", appendfsync: str = "always", port: int = 0):
-        self.binary = require_tool("redis-server")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.appendonly = appendonly
-        self.appendfsync = appendfsync
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        args = [
-            self.binary,
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.directory),
-            "--appendonly", self.appendonly,
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--protected-mode", "yes",
-            "--logfile", str(self.directory / "redis.log"),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = (self.directory / "redis.log").read_text() if (self.directory / "redis.log").exists() else ""
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {log[-2000:]}")
-            if self.ping():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server on port {self.port} did not answer within 15 s")
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def client(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, db=0)
-
-    def kill(self) -> None:
-        """kill -9: whatever was acknowledged must be in the AOF already."""
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def RedisServer(directory: Path, **kwargs) -> _RedisServer:
+    """A :class:`bench.redis_server.RedisServer` on the redis-server that ``require_tool`` found."""
+    return _RedisServer(directory, binary=require_tool("redis-server"), **kwargs)

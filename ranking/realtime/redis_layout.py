@@ -79,10 +79,11 @@ def split_store_url(url: str) -> tuple[str, str]:
         Not a redis:// or rediss:// URL, no host, or an empty prefix.
     """
     parts = urlsplit(url)
+    shown = redacted(url)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"event store {url!r}: expected 'local' or a redis:// or rediss:// URL")
+        raise ValueError(f"event store {shown!r}: expected 'local' or a redis:// or rediss:// URL")
     if not parts.hostname:
-        raise ValueError(f"event store {url!r}: the URL names no host")
+        raise ValueError(f"event store {shown!r}: the URL names no host")
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefix = DEFAULT_PREFIX
     rest = []
@@ -92,14 +93,18 @@ def split_store_url(url: str) -> tuple[str, str]:
         else:
             rest.append((k, v))
     if not prefix or any(c in prefix for c in "{} \t"):
-        raise ValueError(f"event store {url!r}: prefix must be non-empty, without braces or spaces")
+        raise ValueError(f"event store {shown!r}: prefix must be non-empty, without braces or spaces")
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), "")), prefix
 
 
 def redacted(url: str) -> str:
     """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if password is None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = f"{parts.username}:***@" if parts.username else ":***@"

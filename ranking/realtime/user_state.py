@@ -151,45 +151,67 @@ def fold_in(
 
 
 class UserStateStore:
-    """Recent events per user, bounded by time (TTL) and memory (LRU over users).
+    """Each customer's events after the served bundle's data end, until a bundle holding them is served.
 
-    Thread-safe. Events are kept by item id, not bundle row, so they survive a bundle
-    swap. The event log, not this store, is the record: an evicted user's events are
-    still on disk and in the next build.
+    Thread-safe. Events are kept by item id, not bundle row, so they survive a bundle swap.
+    Two parts, bounded differently:
+
+    - **purchases** (the bundle's ``consumed`` event types): every one is kept until
+      :meth:`prune` is called with a horizon (the served bundle's data end) at or after
+      it. Neither bound below drops one: a purchase that ends a need must keep ending it
+      until the bundle knows it, however old it is by the wall clock.
+    - **recent events** (everything else): the latest ``max_events_per_user`` per
+      customer, and at most ``max_users`` customers; the least recently touched are
+      evicted (their events stay in the event log and reach the next build).
+
+    There is no wall-clock time-to-live: an event is dropped when a bundle's window
+    covers it, not when it is old.
 
     Parameters
     ----------
-    ttl_seconds : float
-        Events older than this (by event time) are dropped.
     max_users : int
-        Least recently touched users are evicted beyond this many.
+        Customers whose recent events are held (least recently used evicted beyond).
     max_events_per_user : int
-        Only a user's most recent events are kept.
+        Only a customer's most recent non-purchase events are kept.
+    durable_types : tuple of str
+        The event types held as purchases (the served bundle's ``consumed_event_types``).
     """
 
     def __init__(
         self,
-        ttl_seconds: float = UserStateSettings.ttl_seconds,
         max_users: int = UserStateSettings.max_users,
         max_events_per_user: int = UserStateSettings.max_events_per_user,
+        durable_types: tuple[str, ...] = UserStateSettings.durable_types,
     ):
-        self.ttl_seconds = ttl_seconds
         self.max_users = max_users
         self.max_events_per_user = max_events_per_user
+        self.durable_types = frozenset(durable_types)
         self._users: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
+        self._purchases: dict[str, list[Event]] = {}
         self._lock = threading.Lock()
         self.evicted_users = 0
+        self.horizon = float("-inf")
 
     def __len__(self) -> int:
-        return len(self._users)
+        """Customers with any state held."""
+        with self._lock:
+            return len(self._users.keys() | self._purchases.keys())
 
-    def add(self, events: list[Event], now: float) -> int:
-        """Apply events (in order); returns how many were kept (not already expired)."""
+    @property
+    def n_purchases(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._purchases.values())
+
+    def add(self, events: list[Event]) -> int:
+        """Apply events (in order); returns how many were kept (after the current horizon)."""
         kept = 0
-        horizon = now - self.ttl_seconds
         with self._lock:
             for ev in events:
-                if ev.timestamp < horizon:
+                if ev.timestamp <= self.horizon:
+                    continue
+                kept += 1
+                if ev.event_type in self.durable_types:
+                    self._purchases.setdefault(ev.user_id, []).append(ev)
                     continue
                 q = self._users.get(ev.user_id)
                 if q is None:
@@ -197,25 +219,46 @@ class UserStateStore:
                 else:
                     self._users.move_to_end(ev.user_id)
                 q.append(ev)
-                kept += 1
             while len(self._users) > self.max_users:
                 self._users.popitem(last=False)
                 self.evicted_users += 1
         return kept
 
-    def events(self, user_id: str, now: float) -> list[Event]:
-        """The user's unexpired events, oldest first (a copy; expired ones are dropped)."""
+    def prune(self, horizon: float, durable_types: tuple[str, ...] | None = None) -> int:
+        """A bundle with data up to ``horizon`` is served: drop what it holds; returns how many
+        events were dropped. ``durable_types`` updates the types held as purchases."""
+        dropped = 0
+        with self._lock:
+            if durable_types is not None:
+                self.durable_types = frozenset(durable_types)
+            if horizon <= self.horizon:
+                return 0
+            self.horizon = horizon
+            for uid in list(self._purchases):
+                keep = [e for e in self._purchases[uid] if e.timestamp > horizon]
+                dropped += len(self._purchases[uid]) - len(keep)
+                if keep:
+                    self._purchases[uid] = keep
+                else:
+                    del self._purchases[uid]
+            for uid in list(self._users):
+                q = self._users[uid]
+                keep_q = [e for e in q if e.timestamp > horizon]
+                dropped += len(q) - len(keep_q)
+                if keep_q:
+                    self._users[uid] = collections.deque(keep_q, maxlen=self.max_events_per_user)
+                else:
+                    del self._users[uid]
+        return dropped
+
+    def events(self, user_id: str) -> list[Event]:
+        """The customer's held events after the horizon, oldest first (a copy)."""
         if not user_id:
             return []
-        horizon = now - self.ttl_seconds
         with self._lock:
             q = self._users.get(user_id)
-            if q is None:
-                return []
-            while q and q[0].timestamp < horizon:
-                q.popleft()
-            if not q:
-                del self._users[user_id]
-                return []
-            self._users.move_to_end(user_id)
-            return list(q)
+            if q is not None:
+                self._users.move_to_end(user_id)
+            held = [*(q or ()), *self._purchases.get(user_id, ())]
+        held.sort(key=lambda e: e.timestamp)
+        return held

@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 from ops_tools import DEPLOY, require_tool
-from redis_support import free_port
 
+from bench.redis_server import free_port
 from index_builder.__main__ import _parser as builder_parser
 from server.app import LIVENESS_SERVICE
 from server.config import ServerConfig

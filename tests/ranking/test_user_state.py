@@ -95,18 +95,37 @@ def test_event_weights_are_the_builders():
     np.testing.assert_allclose(many, want, rtol=1e-6)
 
 
-def test_store_expires_by_ttl_and_evicts_least_recent_users():
-    store = UserStateStore(ttl_seconds=100, max_users=3, max_events_per_user=4)
+def test_store_evicts_least_recent_users_but_never_a_purchase():
+    store = UserStateStore(max_users=3, max_events_per_user=4, durable_types=("purchase",))
     now = 10_000.0
-    store.add([Event("a", "i1", "click", now - 200)], now)  # already expired: not kept
-    assert store.events("a", now) == []
-    store.add([Event(u, f"i{k}", "click", now - 50 + k) for u in "abc" for k in range(6)], now)
-    assert [e.item_id for e in store.events("a", now)] == ["i2", "i3", "i4", "i5"]  # newest 4
-    store.events("b", now)  # reads count as use: the order is now c, a, b, so c goes first
-    store.add([Event("d", "i1", "view", now)], now)
-    assert len(store) == 3 and store.evicted_users == 1
-    assert store.events("a", now) != [] and store.events("c", now) == []
-    assert store.events("a", now + 100) == []  # everything of a has aged out
+    store.add([Event(u, f"i{k}", "click", now - 50 + k) for u in "abc" for k in range(6)])
+    store.add([Event("c", "bought", "purchase", now - 10)])
+    assert [e.item_id for e in store.events("a")] == ["i2", "i3", "i4", "i5"]  # newest 4 of the clicks
+    store.events("b")  # reads count as use: the order is now c, a, b, so c goes first
+    store.add([Event("d", "i1", "view", now)])
+    assert store.evicted_users == 1
+    # c's clicks were evicted, its purchase was not; a and b are untouched.
+    assert [e.item_id for e in store.events("c")] == ["bought"]
+    assert len(store.events("a")) == 4 and len(store.events("b")) == 4
+    # Many more purchases than the per-customer cap: every one is kept.
+    store.add([Event("c", f"p{k}", "purchase", now + k) for k in range(10)])
+    assert len(store.events("c")) == 11 and store.n_purchases == 11
+
+
+def test_store_keeps_events_until_a_bundle_holds_them_however_old():
+    """No wall-clock expiry: a purchase a year old by the clock stays until a bundle's window covers it."""
+    store = UserStateStore(max_users=10, max_events_per_user=10, durable_types=("purchase",))
+    year_ago = 1_000_000.0
+    store.add([Event("a", "tv", "purchase", year_ago), Event("a", "i1", "click", year_ago + 5)])
+    assert [e.item_id for e in store.events("a")] == ["tv", "i1"]
+    assert store.prune(year_ago - 1) == 0  # a bundle ending before them holds neither
+    assert [e.item_id for e in store.events("a")] == ["tv", "i1"]
+    assert store.prune(year_ago) == 1  # its window covers the purchase, not the click
+    assert [e.item_id for e in store.events("a")] == ["i1"]
+    store.add([Event("a", "old", "purchase", year_ago - 100)])  # inside the served window: not held
+    assert [e.item_id for e in store.events("a")] == ["i1"]
+    assert store.prune(year_ago + 5) == 1 and store.events("a") == [] and len(store) == 0
+    assert store.prune(0.0) == 0 and store.horizon == year_ago + 5  # the horizon never moves back
 
 
 def test_overlay_excludes_purchases_and_skips_what_the_bundle_already_has(bundle_path):

@@ -37,7 +37,6 @@ DERIVED = {
     "event_log_fsync": ("ranking.config", "EventLogSettings", "fsync"),
     "event_log_segment_bytes": ("ranking.config", "EventLogSettings", "segment_bytes"),
     "event_log_fsync_interval_seconds": ("ranking.config", "EventLogSettings", "fsync_interval_seconds"),
-    "user_state_ttl_seconds": ("ranking.config", "UserStateSettings", "ttl_seconds"),
     "user_state_max_users": ("ranking.config", "UserStateSettings", "max_users"),
     "user_state_max_events": ("ranking.config", "UserStateSettings", "max_events_per_user"),
     "skip_penalty": ("ranking.config", "OverlaySettings", "skip_penalty"),

@@ -3,97 +3,18 @@ is lost across kill -9, invalid events are rejected with reasons, rules and arms
 
 from __future__ import annotations
 
-import os
-import signal
+import json
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client.parser import text_string_to_metric_families
+from realtime_support import Server, category_share, ev, ids, sample
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
 from ranking import read_all
-from server.demo import start_server, wait_serving
-
-EXPERIMENTS = """
-[[rules]]
-name = "no_cross_sell_during_support"
-when = { support_case_open = "true" }
-exclude_categories = ["cat1", "cat2"]
-
-[[rules]]
-name = "email_demotes_cat0"
-when = { channel = "email" }
-demote_categories = ["cat0"]
-demote_by = 5.0
-
-[[experiments]]
-name = "ladder"
-salt = "s1"
-control = "one_to_one"
-arms = [
-  { name = "popular", variant = "POPULAR", weight = 1 },
-  { name = "one_to_one", variant = "ONE_TO_ONE", weight = 1 },
-]
-[experiments.target]
-channels = ["web"]
-"""
-
-
-class Server:
-    """A real `python -m server` process with its own event log, restartable on the same log."""
-
-    def __init__(self, artifacts, workdir, fsync="always"):
-        self.artifacts, self.workdir = artifacts, workdir
-        (workdir / "experiments.toml").write_text(EXPERIMENTS)
-        (workdir / "server.toml").write_text(
-            f'[server]\nexperiments_file = "{workdir / "experiments.toml"}"\n'
-            f'event_log_fsync = "{fsync}"\nreload_interval_seconds = 0\n'
-        )
-        self.runs = 0
-        self.start()
-
-    def start(self):
-        self.runs += 1
-        run_dir = self.workdir / f"run{self.runs}"
-        run_dir.mkdir()
-        self.proc, self.ready = start_server(
-            self.artifacts,
-            run_dir,
-            event_log_dir=self.workdir / "events",
-            extra=["--config", str(self.workdir / "server.toml")],
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.ready['grpc_port']}")
-        wait_serving(self.channel)
-        self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
-
-    def kill9(self):
-        """SIGKILL the supervisor and every worker: no drain, no close, no final fsync."""
-        self.channel.close()
-        for pid in self.ready.get("worker_pids", []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.kill()
-        self.proc.wait(timeout=30)
-        for pid in self.ready.get("worker_pids", []):
-            wait_gone(pid)
-
-    def stop(self):
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-
-    def metrics(self) -> str:
-        return (
-            urllib.request.urlopen(f"http://127.0.0.1:{self.ready['metrics_port']}/metrics", timeout=5).read().decode()
-        )
+from server.demo import start_server
 
 
 @pytest.fixture(scope="module")
@@ -101,46 +22,6 @@ def server(artifacts, tmp_path_factory):
     s = Server(artifacts, tmp_path_factory.mktemp("rt"))
     yield s
     s.stop()
-
-
-def wait_gone(pid: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} still alive after SIGKILL")
-
-
-def sample(text: str, name: str, labels: dict[str, str]) -> float:
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    raise AssertionError(f"{name}{labels} not in /metrics")
-
-
-def ts(seconds: float) -> Timestamp:
-    t = Timestamp()
-    t.FromNanoseconds(int(seconds * 1e9))
-    return t
-
-
-def ev(user, item, kind, value=0.0, request_id="", when=None):
-    e = pb.Event(user_id=user, item_id=item, event_type=kind, value=value, request_id=request_id)
-    if when is not None:
-        e.event_time.CopyFrom(ts(when))
-    return e
-
-
-def ids(resp):
-    return [it.item_id for it in resp.items]
-
-
-def category_share(resp, cat_of, c):
-    return float(np.mean([cat_of[i] == c for i in ids(resp)]))
 
 
 @pytest.fixture(scope="module")
@@ -390,5 +271,36 @@ def test_kill_9_in_the_middle_of_concurrent_writes_keeps_every_acknowledged_even
         # Still applied after the restart: the writers' real-time state came back from the log.
         resp = s.stub.Rank(pb.RankRequest(user_id="w0", num_results=5), timeout=10)
         assert resp.strategy == pb.ONE_TO_ONE
+    finally:
+        s.stop()
+
+
+def test_a_purchase_just_after_an_old_bundles_data_end_counts_and_survives_a_restart(artifacts, tmp_path):
+    """Real-time state is what came after the bundle's data end, however old by the wall clock."""
+    from ranking import MANIFEST, resolve_current
+
+    end = json.loads((resolve_current(artifacts) / MANIFEST).read_text())["data_window"]["end_unix"]
+    assert end < time.time() - 30 * 86_400  # the bundle's data is old: a purchase just after it is too
+    s = Server(artifacts, tmp_path)
+    try:
+        top = s.stub.Rank(pb.RankRequest(user_id="u61", num_results=20), timeout=10)
+        bought, covered = top.items[0].item_id, top.items[1].item_id
+        resp = s.stub.RecordEvents(
+            pb.RecordEventsRequest(
+                events=[
+                    ev("u61", bought, "purchase", value=5.0, when=end + 60),
+                    ev("u61", covered, "purchase", value=5.0, when=end - 60),  # inside the bundle's window
+                ]
+            ),
+            timeout=10,
+        )
+        assert resp.accepted_count == 2 and resp.stale_count == 1
+        after = ids(s.stub.Rank(pb.RankRequest(user_id="u61", num_results=20), timeout=10))
+        assert bought not in after and covered in after
+        assert sample(s.metrics(), "one2one_events_stale_total", {}) == 1
+        s.stop()
+        s.start()
+        again = ids(s.stub.Rank(pb.RankRequest(user_id="u61", num_results=20), timeout=10))
+        assert bought not in again and covered in again
     finally:
         s.stop()

@@ -1,0 +1,380 @@
+"""The shared event store on Redis/Valkey: what RecordEvents writes and what Rank reads on any pod.
+
+Keys as :mod:`ranking.realtime.redis_layout` describes them. A batch of events is appended
+to the streams and applied to each customer's state in one atomic script call (a Lua
+script with a ``#!lua`` shebang, so Redis 7 / Valkey refuses it whole, before any write,
+when out of memory), so a Rank never sees state the stream does not hold, and an OK is
+only given once Redis answered it (with ``appendfsync always`` it has then written and
+fsynced its AOF).
+
+Per customer the state is two sorted sets scored by event time: ``recent`` (other events,
+the latest ``max_events_per_user``) and ``buys`` (purchases, never cut by count). Every
+write drops what the served bundle's window already covers (score at or before its data
+end); a customer's keys expire ``key_ttl_seconds`` after their last write, a bound that
+must exceed the time between builds (the server warns when the served bundle is older).
+
+Failures surface as :class:`EventStoreError` (an ``Unavailable``): the caller decides
+whether that degrades a Rank or refuses a RecordEvents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ranking.config import UserStateSettings
+from ranking.errors import Unavailable
+from ranking.realtime.events import Event
+from ranking.realtime.redis_layout import (
+    BUILDER_GROUP,
+    FORMAT,
+    RECORD_FIELD,
+    RedisLayout,
+    decode,
+    encode,
+    redacted,
+    split_store_url,
+)
+
+# The settings under which an acknowledged write survives a crash of redis-server.
+DURABLE_SETTINGS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
+
+
+# RecordEvents' transaction, run atomically by Redis. With n events and u customers applied:
+# KEYS = n stream keys, n state keys (a sorted set, or the stream key when not applied),
+#        2u per-customer keys (recent, buys), then the arm keys of the events' request ids;
+# ARGV = n, u, max recent events, key ttl (ms), horizon, number of arm keys,
+#        then n records, n members ("" when not applied), n scores.
+# Appends every record, applies the members, trims each customer's recent events to the
+# latest ones and both keys to after the horizon, refreshes their expiry; returns the arms.
+_APPEND_LUA = """#!lua
+local n, u, maxr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local ttl, hz, na = ARGV[4], ARGV[5], tonumber(ARGV[6])
+for i = 1, n do
+  redis.call('XADD', KEYS[i], '*', '{field}', ARGV[6 + i])
+  local m = ARGV[6 + n + i]
+  if m ~= '' then redis.call('ZADD', KEYS[n + i], ARGV[6 + 2 * n + i], m) end
+end
+for j = 1, u do
+  local recent, buys = KEYS[2 * n + 2 * j - 1], KEYS[2 * n + 2 * j]
+  redis.call('ZREMRANGEBYRANK', recent, 0, -(maxr + 1))
+  if hz ~= '-inf' then
+    redis.call('ZREMRANGEBYSCORE', recent, '-inf', hz)
+    redis.call('ZREMRANGEBYSCORE', buys, '-inf', hz)
+  end
+  redis.call('PEXPIRE', recent, ttl)
+  redis.call('PEXPIRE', buys, ttl)
+end
+local arms = {}
+for k = 1, na do arms[k] = redis.call('GET', KEYS[2 * n + 2 * u + k]) end
+return arms
+""".replace("{field}", RECORD_FIELD)
+
+
+class EventStoreError(Unavailable):
+    """The shared event store did not answer, or answered with an error.
+
+    ``reason`` is one of ``timeout``, ``connection``, ``error``.
+    """
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Durability:
+    """What the store's settings promise about an acknowledged write."""
+
+    durable: bool
+    settings: dict[str, str]
+    problem: str = ""
+
+
+class RedisEventStore:
+    """A connection to the shared store (thread-safe: redis-py pools connections).
+
+    Parameters
+    ----------
+    url : str
+        ``redis://`` or ``rediss://`` URL, optionally with ``?prefix=``.
+    shards : int
+        Stream keys events are spread over (must agree with the store's ``meta``).
+    read_timeout_s : float
+        Socket timeout of Rank's read of a customer's state (its own budget).
+    write_timeout_s : float
+        Socket timeout of RecordEvents' transaction (an fsync may be in it).
+    max_events_per_user : int
+        Non-purchase events kept per customer.
+    key_ttl_seconds : float
+        A customer's state keys expire this long after their last write.
+    attribution_ttl_seconds : float
+        How long a served request's arm is remembered for attribution.
+    retry_seconds : float
+        After a failed read, reads fail at once for this long instead of waiting out the
+        timeout on every Rank.
+    observe : callable(op, seconds, reason or None), optional
+        Told about every round trip (the server's metrics).
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        shards: int = 8,
+        read_timeout_s: float = 0.01,
+        write_timeout_s: float = 2.0,
+        max_events_per_user: int = 200,
+        key_ttl_seconds: float = 90 * 86_400.0,
+        attribution_ttl_seconds: float = 7 * 86_400.0,
+        retry_seconds: float = 1.0,
+        observe: Callable[[str, float, str | None], None] | None = None,
+    ):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        base, prefix = split_store_url(url)
+        self.url = redacted(url)
+        self.layout = RedisLayout(prefix, shards)
+        self.max_events_per_user = max_events_per_user
+        self.key_ttl_ms = int(key_ttl_seconds * 1000)
+        self.attribution_ttl_ms = int(attribution_ttl_seconds * 1000)
+        self.retry_seconds = retry_seconds
+        self._retry_at = 0.0
+        self.horizon = float("-inf")
+        self.durable_types = frozenset(UserStateSettings.durable_types)
+        self._observe = observe or (lambda op, seconds, reason: None)
+        self._errors = (redis.RedisError, OSError)
+        self._timeout = (redis.TimeoutError, TimeoutError)
+        self._connection = (redis.ConnectionError, ConnectionError)
+
+        def client(timeout: float) -> redis.Redis:
+            # No retries: a Rank has its own budget, and a retried EXEC could append twice.
+            return redis.Redis.from_url(
+                base, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+            )
+
+        self.reader = client(read_timeout_s)
+        self.writer = client(write_timeout_s)
+        # One script call per batch: atomic, and one command to encode instead
+        # of several per event (the client's encoding was most of a 100-event batch's cost).
+        self._append_script = self.writer.register_script(_APPEND_LUA)
+        # Members of a sorted set are unique: a per-process token keeps two equal events two events.
+        self._token = os.urandom(4).hex()
+        self._seq = itertools.count()
+
+    # -- plumbing ---------------------------------------------------------------------
+    def _call(self, op: str, fn):
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+        except self._errors as exc:
+            reason = (
+                "timeout"
+                if isinstance(exc, self._timeout)
+                else "connection"
+                if isinstance(exc, self._connection)
+                else "error"
+            )
+            self._observe(op, time.perf_counter() - t0, reason)
+            raise EventStoreError(f"event store {self.url}: {op} failed ({reason}): {exc}", reason) from exc
+        self._observe(op, time.perf_counter() - t0, None)
+        return out
+
+    def _member(self, ev: Event) -> bytes:
+        return f"{self._token}.{next(self._seq)}|".encode() + encode(ev.to_record())
+
+    @staticmethod
+    def _event(member: bytes) -> Event:
+        return Event.from_record(decode(member.split(b"|", 1)[1]))
+
+    # -- start-up ---------------------------------------------------------------------
+    def check_meta(self) -> None:
+        """Record (or check) the shard count and format in ``meta``.
+
+        Raises
+        ------
+        ValueError
+            The store was set up with another shard count or format.
+        EventStoreError
+        """
+
+        def run():
+            pipe = self.writer.pipeline(transaction=True)
+            pipe.hsetnx(self.layout.meta, "shards", self.layout.shards)
+            pipe.hsetnx(self.layout.meta, "format", FORMAT)
+            pipe.hgetall(self.layout.meta)
+            return pipe.execute()[-1]
+
+        meta = {k.decode(): v.decode() for k, v in self._call("meta", run).items()}
+        if int(meta["shards"]) != self.layout.shards or int(meta["format"]) != FORMAT:
+            raise ValueError(
+                f"event store {self.url} (prefix {self.layout.prefix!r}) holds format {meta['format']} with "
+                f"{meta['shards']} shards; this server is set to format {FORMAT} with {self.layout.shards} "
+                "(event_store_shards must not change while the streams hold events)"
+            )
+
+    def durability(self) -> Durability:
+        """Whether an acknowledged write survives a crash: AOF on, fsynced on every write, no eviction."""
+        try:
+            got = {}
+            for name in DURABLE_SETTINGS:
+                got.update({k.decode() if isinstance(k, bytes) else k: v for k, v in self._config_get(name).items()})
+        except EventStoreError as exc:
+            return Durability(False, {}, f"cannot read its settings ({exc}); a managed store must document them")
+        settings = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in got.items()}
+        wrong = [
+            f"{k} is {settings.get(k)!r} (want {want!r})"
+            for k, want in DURABLE_SETTINGS.items()
+            if settings.get(k) != want
+        ]
+        return Durability(not wrong, settings, "; ".join(wrong))
+
+    def _config_get(self, name: str) -> dict:
+        return self._call("config", lambda: self.writer.config_get(name))
+
+    def set_bundle(self, horizon: float, durable_types) -> int:
+        """State is what came after ``horizon``: reads leave out older events, and each write
+        removes them from the customer's keys. Returns 0 (nothing is dropped at once)."""
+        self.horizon, self.durable_types = horizon, frozenset(durable_types)
+        return 0
+
+    # -- RecordEvents -------------------------------------------------------------------
+    def append(self, events: list[Event]) -> list[tuple[str, str] | None]:
+        """Append ``events`` to the streams and apply those after the horizon to their
+        customers' state, in one atomic script call; returns the (experiment, arm) served for
+        each event's request id (None where unknown), read in the same round trip.
+
+        Raises
+        ------
+        EventStoreError
+            Nothing of the batch is acknowledged (the script either ran whole or not at all;
+            a timeout after it was sent may still have applied it, so a client's retry can
+            duplicate, never lose).
+        """
+        lay = self.layout
+        horizon, durable_types = self.horizon, self.durable_types
+        n = len(events)
+        streams: list[str] = []
+        states: list[str] = []
+        records: list[bytes] = []
+        members: list[bytes] = []
+        scores: list[str] = []
+        touched: dict[str, None] = {}
+        for ev in events:
+            stream = lay.stream(lay.shard(ev.user_id))
+            streams.append(stream)
+            records.append(encode({"kind": "event", **ev.to_record()}))
+            if ev.timestamp <= horizon:
+                states.append(stream)  # a key of the same slot; not written
+                members.append(b"")
+                scores.append("0")
+                continue
+            states.append(lay.buys(ev.user_id) if ev.event_type in durable_types else lay.recent(ev.user_id))
+            members.append(self._member(ev))
+            scores.append(repr(ev.timestamp))
+            touched[ev.user_id] = None
+        per_user = [key for uid in touched for key in (lay.recent(uid), lay.buys(uid))]
+        asked = [i for i, ev in enumerate(events) if ev.request_id]
+        arm_keys = [lay.arm(events[i].request_id) for i in asked]
+        args: list[bytes | str | int] = [n, len(touched), self.max_events_per_user, self.key_ttl_ms, repr(horizon)]
+        args.append(len(arm_keys))
+        args.extend(records)
+        args.extend(members)
+        args.extend(scores)
+        keys = streams + states + per_user + arm_keys
+        replies = self._call("record", lambda: self._append_script(keys=keys, args=args))
+        arms: list[tuple[str, str] | None] = [None] * n
+        for i, value in zip(asked, replies):
+            arms[i] = _arm(value)
+        return arms
+
+    # -- Rank ---------------------------------------------------------------------------
+    def events(self, user_id: str) -> list[Event]:
+        """The customer's events after the horizon, oldest first, in one pipelined round trip.
+
+        Raises
+        ------
+        EventStoreError
+            The read failed, or one failed less than ``retry_seconds`` ago.
+        """
+        if not user_id:
+            return []
+        if time.monotonic() < self._retry_at:
+            raise EventStoreError(f"event store {self.url}: skipped after a recent failure", "skipped")
+        horizon = self.horizon
+        low = f"({horizon}" if horizon > float("-inf") else "-inf"
+
+        def run():
+            pipe = self.reader.pipeline(transaction=False)
+            pipe.zrangebyscore(self.layout.recent(user_id), low, "+inf")
+            pipe.zrangebyscore(self.layout.buys(user_id), low, "+inf")
+            return pipe.execute()
+
+        try:
+            recent, buys = self._call("rank_read", run)
+        except EventStoreError:
+            self._retry_at = time.monotonic() + self.retry_seconds
+            raise
+        out = [self._event(m) for m in (*recent, *buys)]
+        out.sort(key=lambda e: e.timestamp)
+        return out
+
+    def impression(self, record: dict) -> None:
+        """Log a served ranking to its customer's stream; remember its arm for attribution."""
+        lay = self.layout
+        experiment, arm = record.get("experiment", ""), record.get("arm", "")
+
+        def run():
+            pipe = self.reader.pipeline(transaction=False)
+            pipe.xadd(lay.stream(lay.shard(record.get("user_id", ""))), {RECORD_FIELD: encode(record)})
+            if experiment:
+                pipe.set(lay.arm(record["request_id"]), f"{experiment}\t{arm}", px=self.attribution_ttl_ms)
+            return pipe.execute()
+
+        self._call("impression", run)
+
+    # -- operations ---------------------------------------------------------------------
+    def stream_stats(self) -> tuple[int, int]:
+        """(entries in all streams, entries the builder's consumer group has not acknowledged)."""
+
+        def run():
+            pipe = self.reader.pipeline(transaction=False)
+            for key in self.layout.streams():
+                pipe.xlen(key)
+            return pipe.execute()
+
+        lengths = self._call("stats", run)
+        lag = 0
+        for key, length in zip(self.layout.streams(), lengths):
+            try:
+                groups = self._call("stats", lambda key=key: self.reader.xinfo_groups(key))
+            except EventStoreError:
+                groups = []  # no such stream yet
+            group = next((g for g in groups if _text(g.get("name")) == BUILDER_GROUP), None)
+            if group is None:
+                lag += int(length)
+            else:
+                unread = group.get("lag")
+                lag += int(group.get("pending", 0)) + (int(unread) if unread is not None else int(length))
+        return int(sum(lengths)), lag
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def _arm(value: bytes | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    experiment, _, arm = value.decode().partition("\t")
+    return experiment, arm
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
