@@ -19,9 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--events",
         required=True,
-        type=Path,
+        type=_events_source,
         action="append",
-        help="events file (.csv or .parquet) or a server's event log directory; repeat to combine sources",
+        help="events file (.csv or .parquet), a server's event log directory, or a shared event store "
+        "(redis://host:port/db?prefix=P, read through its consumer group, archived under --out and "
+        "acknowledged once the bundle is published); repeat to combine sources",
     )
     b.add_argument("--items", required=True, type=Path, help="items file (.csv or .parquet)")
     b.add_argument("--users", type=Path, help="users file with attribute columns (optional)")
@@ -61,7 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one build setting")
 
     r = sub.add_parser("experiment-report", help="per-arm conversion rates and lift over control from an event log")
-    r.add_argument("--log", required=True, type=Path, help="the server's event log directory")
+    r.add_argument(
+        "--log",
+        required=True,
+        type=Path,
+        help="the server's event log directory, or the builder's event archive (<artifacts>/event-archive) "
+        "when the servers record to a shared store",
+    )
     r.add_argument("--experiments", type=Path, help="the server's experiments TOML (for each control arm)")
     r.add_argument(
         "--control",
@@ -83,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     po.add_argument("--out", required=True, type=Path, help="output directory, written whole or not at all")
     po.add_argument(
-        "--event-log", type=Path, help="the server's event log directory: real-time events up to the send time"
+        "--event-log",
+        type=Path,
+        help="the server's event log directory or the builder's event archive: real-time events up to the send time",
     )
     po.add_argument(
         "--engine",
@@ -117,6 +127,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, type=Path)
     f.add_argument("--cache-dir", type=Path, help="where the downloaded wheel is kept")
     return p
+
+
+def _events_source(value: str) -> Path | str:
+    """A store URL stays text (a Path would fold its ``//``); anything else is a path."""
+    from ranking import is_store_url, split_store_url
+
+    if is_store_url(value):
+        try:
+            split_store_url(value)  # a malformed URL is a usage error, before anything runs
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None  # it names the URL, password redacted
+        return value
+    return Path(value)
 
 
 def _overrides(pairs: list[str]) -> dict:

@@ -21,11 +21,13 @@ from index_builder.ann_tuning import tune_effort
 from index_builder.config import BuildConfig
 from index_builder.evaluate import EvalConfig, ladder_summary, run_protocol
 from index_builder.fit import FIT_STEPS, Fitted, Inputs, PartFit, build_index, fit, linear_scoring, read_inputs
+from index_builder.io import EventRecords
 from index_builder.profile import data_profile
 from index_builder.repeat import rebought_pairs
 from index_builder.rerank_train import RerankOutcome, attributes_of, train_reranker
 from index_builder.splits import Protocol, SplitError, split
 from index_builder.steps import Steps
+from index_builder.stream_input import StreamInput, is_store_url
 from ranking import (
     DEFAULT_ANN_EFFORT,
     DEFAULT_EXACT_HEAD_ITEMS,
@@ -190,9 +192,20 @@ def _ladder_protocol(part: PartFit, outcome: RerankOutcome, scoring: dict, ecfg:
 
 
 def build(
-    events: Path | list[Path], items: Path, users: Path | None, out: Path, cfg: BuildConfig, show_progress: bool = True
+    events: Path | str | list[Path | str],
+    items: Path,
+    users: Path | None,
+    out: Path,
+    cfg: BuildConfig,
+    show_progress: bool = True,
 ) -> Path:
     """Build and publish one bundle version under ``out``.
+
+    ``events`` is one source or several: files, a server's event log directory, or a shared
+    event store's URL (``redis://...``, ``index_builder.stream_input``). A store's entries are
+    read through its consumer group, archived under ``out/event-archive/`` and acknowledged
+    only after the bundle is published; its earlier archives are read too, since the store
+    keeps only what no build has published.
 
     Returns
     -------
@@ -205,6 +218,9 @@ def build(
         An input file is malformed (names file, row and column). Nothing is published.
     ValueError
         The inputs are consistent but unusable (no event matches a catalog item, a bad setting).
+    index_builder.stream_input.StreamInputError
+        The event store is unreachable or holds no events of its prefix (nothing is published),
+        or it failed while acknowledging a published bundle's entries (the next build does it).
     """
     t_start = time.perf_counter()
     # The ladder cuts the data where the reranker does, so each split is fitted once for both.
@@ -225,9 +241,14 @@ def build(
     # not run is left out of the manifest).
     _, learn_steps = _plan(_rerank_protocols(cfg, rebought=1), ladder_protocols)
     steps = Steps(["read", *learn_steps, *(f"fit {s}" for s in FIT_STEPS), "ann eval", "write"], show_progress)
+    sources = events if isinstance(events, list) else [events]
+    streams = [StreamInput(s, out) for s in sources if isinstance(s, str) and is_store_url(s)]
+    if len(streams) > 1:
+        raise ValueError(f"--events names {len(streams)} event stores; a build reads at most one")
     try:
         with steps.step("read"):
-            inp = read_inputs(events, items, users, cfg)
+            read = _event_sources(sources, streams)
+            inp = read_inputs(read if isinstance(events, list) else read[0], items, users, cfg)
         scoring, ladder_results = _learn(inp, cfg, ladder, steps)
         served = fit(inp, cfg, steps, prefix="fit ", show_progress=show_progress)
         with steps.step("ann eval"):
@@ -255,12 +276,19 @@ def build(
                     "evaluation": evaluation,
                     "data_profile": data_profile(served.events, inp.items, cfg),
                 }
+                if streams:
+                    manifest["event_store"] = streams[0].summary()
                 # Every step but this one, which ends with the manifest written.
                 manifest["steps"] = steps.to_manifest()
                 manifest["build_seconds"] = round(time.perf_counter() - t_start, 3)
                 path = wr.publish(manifest)
+        # Only now: a crash before this line leaves the entries pending for the next build.
+        for stream in streams:
+            stream.commit()
     finally:
         steps.close()
+        for stream in streams:
+            stream.close()
     log.info(
         "built %s in %.1f s: %s",
         path,
@@ -268,6 +296,22 @@ def build(
         ", ".join(f"{s['name']} {s['seconds']:.1f} s" for s in steps.to_manifest()),
     )
     return path
+
+
+def _event_sources(sources: list[Path | str], streams: list[StreamInput]) -> list[Path | EventRecords]:
+    """The sources ``read_inputs`` reads: a store URL replaced by its consumed history. A store
+    with no event yet (a new deployment) is left out when other sources hold the history."""
+    out: list[Path | EventRecords] = []
+    for s in sources:
+        if isinstance(s, str) and is_store_url(s):
+            stream = streams[0].consume()
+            if stream.has_events() or len(sources) == 1:
+                out.append(stream)
+            else:
+                log.info("event store %s holds no events yet; building from the other sources", stream)
+        else:
+            out.append(Path(s))
+    return out
 
 
 def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:

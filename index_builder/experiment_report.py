@@ -22,7 +22,7 @@ from pathlib import Path
 
 from scipy.stats import norm
 
-from ranking import read_all
+from index_builder.event_archive import log_records
 
 OUTCOMES = ("click", "add_to_cart", "purchase")
 
@@ -89,21 +89,21 @@ def mean_lift(
 
 
 def collect(log_dir: Path | str) -> tuple[dict[tuple[str, str], ArmCounts], int]:
-    """Read the log once: per-(experiment, arm) counts (arms in first-seen order) and how many
-    events carried a request id with no logged impression."""
+    """Read the log (or the builder's event archive) once: per-(experiment, arm) counts (arms in
+    first-seen order) and how many events carried a request id with no logged impression."""
     arms: dict[tuple[str, str], ArmCounts] = {}
     owner: dict[str, tuple[str, str]] = {}
     unattributed = 0
     # Two passes: with several writers (worker processes) an event may sit in another
     # writer's log than the impression it answers, so every impression is known first.
-    for _, rec in read_all(log_dir):
+    for rec in log_records(log_dir):
         if rec.get("kind") == "impression" and rec.get("experiment"):
             key = (rec["experiment"], rec["arm"])
             c = arms.setdefault(key, ArmCounts())
             c.impressions += 1
             c.users.add(rec.get("user_id", ""))
             owner[rec["request_id"]] = key
-    for _, rec in read_all(log_dir):
+    for rec in log_records(log_dir):
         kind = rec.get("kind")
         if kind == "event" and rec.get("request_id") and rec.get("event_type") in OUTCOMES:
             owned = owner.get(rec["request_id"])

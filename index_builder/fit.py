@@ -59,11 +59,17 @@ class Inputs:
         return Inputs(events, self.items, self.users, self.skipped, self.sources)
 
 
-def read_inputs(events: Path | list[Path], items: Path, users: Path | None, cfg: BuildConfig) -> Inputs:
+def read_inputs(
+    events: Path | bio.EventRecords | list[Path | bio.EventRecords],
+    items: Path,
+    users: Path | None,
+    cfg: BuildConfig,
+) -> Inputs:
     """Read and validate the three inputs; an InputError names file, row and column.
 
-    ``events`` may be several sources (files or event log directories), e.g. the history
-    export and the server's log since; their events are concatenated.
+    ``events`` may be several sources (files, event log directories, an event archive, or a
+    store's consumed stream: ``index_builder.stream_input``), e.g. the history export and the
+    server's log since; their events are concatenated.
     """
     opts = bio.ReadOptions(on_bad_row=cfg.on_bad_row, max_bad_fraction=cfg.max_bad_fraction)
     sources = events if isinstance(events, list) else [events]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-__all__ = ["CONTEXT_COLUMNS", "InputError", "ReadOptions", "SkipReport", "read_events", "read_items", "read_users"]
+from index_builder.event_archive import ArchiveError, archive_records, is_archive
+
+__all__ = [
+    "CONTEXT_COLUMNS",
+    "EventRecords",
+    "InputError",
+    "ReadOptions",
+    "SkipReport",
+    "read_events",
+    "read_items",
+    "read_users",
+]
 
 # Optional per-event context; a missing column or a blank cell means "not known".
 CONTEXT_COLUMNS = ("channel", "device", "region")
@@ -34,6 +46,13 @@ _ISO_RE = (
     r"\s*(?:(?P<zulu>[Zz])|(?P<sign>[+-])(?P<tzh>\d{2})(?::?(?P<tzm>\d{2}))?)?$"
 )
 _DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
+
+
+class EventRecords(Protocol):
+    """Event-log records read from somewhere other than a file (a store's stream,
+    ``index_builder.stream_input.StreamInput``); ``str()`` names the source in errors."""
+
+    def records(self) -> Iterable[dict]: ...
 
 
 class InputError(ValueError):
@@ -135,12 +154,14 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, os.PathLike or EventRecords
         A .csv, .csv.gz, .parquet or .pq file with columns user_id, item_id,
         event_type, timestamp and optionally value, channel, device, region and
         order_id (the order or basket the event belongs to);
-        or a server's event log directory (its "event" records, whose context
-        fields fill channel, device and region; rows are numbered by event record).
+        or a server's event log directory, the builder's event archive directory
+        (``<out>/event-archive``) or a store's consumed stream (their "event"
+        records, whose context fields fill channel, device and region; rows are
+        numbered by event record).
     options : ReadOptions, optional
         Defaults to ``ReadOptions()``.
 
@@ -332,7 +353,15 @@ class _Raw:
 
 
 def _read_raw(path, options: ReadOptions, noun: str) -> _Raw:
+    if noun == "events" and hasattr(path, "records"):
+        # Records from somewhere other than a file (index_builder.stream_input): the shared store's stream.
+        return _raw_from_records(str(path), path.records(), "holds no events")
     if noun == "events" and Path(path).is_dir():
+        if is_archive(path):
+            try:
+                return _raw_from_records(str(path), archive_records(path), "the event archive holds no events")
+            except ArchiveError as e:
+                raise InputError(path, str(e)) from e
         return _read_eventlog(path)
     name = Path(path).name.lower()
     if name.endswith((".csv", ".csv.gz")):
@@ -366,8 +395,19 @@ def _read_eventlog(path) -> _Raw:
     if not log_dirs(path):
         raise InputError(
             path,
-            "is a directory but holds no event log (segments <number>.log, or writer directories w<k>/ holding them)",
+            "is a directory but holds no event log (segments <number>.log, or writer directories w<k>/ holding them), "
+            "nor an event archive (.parquet files the builder wrote from a store's stream)",
         )
+    try:
+        return _raw_from_records(str(path), (rec for _, rec in read_all(path)), "the event log holds no events")
+    except EventLogCorrupt as e:
+        raise InputError(path, str(e)) from e
+
+
+def _raw_from_records(path: str, records: Iterable[dict], empty: str) -> _Raw:
+    """The ``"event"`` records of the server's log format (a local log, the shared store's stream or
+    its archive) as a raw table that goes through the same checks as a file. Rows are numbered by
+    event record, 1-based; ``empty`` is the reason given when there is none."""
     cols: dict[str, list] = {
         "user_id": [],
         "item_id": [],
@@ -376,21 +416,18 @@ def _read_eventlog(path) -> _Raw:
         "value": [],
         **{name: [] for name in CONTEXT_COLUMNS},
     }
-    try:
-        for _, rec in read_all(path):
-            if rec.get("kind") != "event":
-                continue
-            for name in ("user_id", "item_id", "event_type", "timestamp"):
-                cols[name].append(rec.get(name))
-            for name in CONTEXT_COLUMNS:  # left out of the record when the event had none
-                cols[name].append(rec.get(name) or None)
-            # The API's value defaults to 0, meaning "not given": read it as absent, as a blank CSV cell.
-            value = rec.get("value")
-            cols["value"].append(float(value) if value else None)
-    except EventLogCorrupt as e:
-        raise InputError(path, str(e)) from e
+    for rec in records:
+        if rec.get("kind") != "event":
+            continue
+        for name in ("user_id", "item_id", "event_type", "timestamp"):
+            cols[name].append(rec.get(name))
+        for name in CONTEXT_COLUMNS:  # left out of the record when the event had none
+            cols[name].append(rec.get(name) or None)
+        # The API's value defaults to 0, meaning "not given": read it as absent, as a blank CSV cell.
+        value = rec.get("value")
+        cols["value"].append(float(value) if value else None)
     if not cols["user_id"]:
-        raise InputError(path, "the event log holds no events")
+        raise InputError(path, empty)
     table = pa.table(
         {
             "user_id": pa.array(cols["user_id"], pa.string()),
@@ -403,7 +440,7 @@ def _read_eventlog(path) -> _Raw:
         }
     )
     return _Raw(
-        str(path),
+        path,
         table,
         lambda positions: [int(p) + 1 for p in positions],
         [],

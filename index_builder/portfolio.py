@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index_builder.campaign import HOLDOUT, Campaign, CampaignError
+from index_builder.event_archive import log_records
 from ranking import (
     VARIANTS,
     Event,
@@ -48,7 +49,6 @@ from ranking import (
     ServingModel,
     UserStateStore,
     build_overlay,
-    read_all,
     resolve_current,
 )
 
@@ -379,11 +379,12 @@ def check_campaign_against(model: RankingModel, campaign: Campaign) -> dict[str,
 
 
 def load_event_state(log_dir: Path, until: float) -> tuple[UserStateStore, int]:
-    """Events of the server's event log up to ``until``, as the server's user state would hold them
-    at that time (every purchase, the latest other events per customer)."""
+    """Events of the server's event log (or the builder's event archive) up to ``until``, as the
+    server's user state would hold them at that time (every purchase, the latest other events per
+    customer)."""
     events = [
         Event.from_record(rec)
-        for _, rec in read_all(log_dir)
+        for rec in log_records(log_dir)
         if rec.get("kind") == "event" and float(rec.get("timestamp", 0.0)) <= until
     ]
     # Several writers (server workers) each append in their own order: apply in event time.

@@ -25,6 +25,7 @@ OUT = Path(__file__).with_name("one2one.json")
 J = 'job=~"$job"'
 RI = "$__rate_interval"
 RANK = 'method="one2one.v1.RankingService/Rank"'
+REALTIME = J + ', stage="realtime"'
 CLIENT_CODES = "INVALID_ARGUMENT|NOT_FOUND|RESOURCE_EXHAUSTED|CANCELLED|UNAUTHENTICATED|PERMISSION_DENIED"
 # Every query goes to the data source the dashboard's variable picks.
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -38,6 +39,18 @@ EXPERIMENT_SERIES = (
     "one2one_events_recorded_total",
     "one2one_events_rejected_total",
     "one2one_user_state_users",
+)
+
+# Series only a server whose event_store is a Redis/Valkey URL exports (one2one_event_store_*);
+# with the local log their panels show "No data".
+EVENT_STORE_SERIES = (
+    "one2one_event_store_info",
+    "one2one_event_store_round_trip_seconds_bucket",
+    "one2one_event_store_errors_total",
+    "one2one_event_store_available",
+    "one2one_event_store_durable",
+    "one2one_event_store_stream_entries",
+    "one2one_event_store_consumer_lag_entries",
 )
 
 
@@ -265,6 +278,65 @@ ROWS: list[tuple[str, list[timeseries.Panel]]] = [
         ],
     ),
     (
+        "Event store",
+        [
+            panel(
+                "Event store round trip p50 and p99 by operation",
+                [
+                    (quantile(0.5, "one2one_event_store_round_trip_seconds", by="op"), "p50 {{op}}"),
+                    (quantile(0.99, "one2one_event_store_round_trip_seconds", by="op"), "p99 {{op}}"),
+                ],
+                "s",
+                description="Round trips to the shared Redis/Valkey: rank_read (a customer's real-time state, "
+                "one per Rank), record (a RecordEvents batch and its state update), impression, attribution. "
+                "Alert One2oneEventStoreSlow above 10 ms at the p99.",
+                thresholds=[("green", None), ("orange", 0.01)],
+            ),
+            panel(
+                "Event store errors per second by operation and reason",
+                [(rate("one2one_event_store_errors_total", by="op, reason"), "{{op}} {{reason}}")],
+                "reqps",
+                description="timeout, connection or error. A failed rank_read serves the Rank without real-time "
+                "state; a failed record answers UNAVAILABLE and acknowledges nothing.",
+            ),
+            panel(
+                "Share of Rank responses without real-time state (alert above 1%)",
+                [
+                    (
+                        f"({rate('one2one_rank_degraded_total', REALTIME)} or vector(0))"
+                        f"\n/\n{rate('one2one_rank_responses_total')}",
+                        "without real-time state",
+                    )
+                ],
+                "percentunit",
+                description="Degraded stage realtime: the store was slow or down, so the customer's events since "
+                "the bundle were not applied.",
+                thresholds=[("green", None), ("orange", 0.01)],
+            ),
+            panel(
+                "Event store available and durable, by instance",
+                [
+                    (f"min by (instance) (one2one_event_store_available{{{J}}})", "available {{instance}}"),
+                    (f"min by (instance) (one2one_event_store_durable{{{J}}})", "durable {{instance}}"),
+                    (f"count by (store) (one2one_event_store_info{{{J}}} == 1)", "instances on {{store}}"),
+                ],
+                description="available 0: the last round trip failed (alert One2oneEventStoreUnavailable). "
+                "durable 0: the store does not fsync every write to its append-only file, so an acknowledged "
+                "event could be lost in a crash (alert One2oneEventStoreNotDurable).",
+            ),
+            panel(
+                "Stream entries and the builder's consumer lag",
+                [
+                    (f"max(one2one_event_store_stream_entries{{{J}}})", "entries in the streams"),
+                    (f"max(one2one_event_store_consumer_lag_entries{{{J}}})", "not yet acknowledged by a build"),
+                ],
+                description="The lag grows between builds and falls when a build publishes and acknowledges "
+                "(index_builder build --events redis://...); alert One2oneEventStoreNotConsumed when it has not "
+                "fallen below a million in 26 hours.",
+            ),
+        ],
+    ),
+    (
         "Bundle and reloads",
         [
             panel(
@@ -407,8 +479,9 @@ def dashboard() -> model.Dashboard:
         dash.Dashboard("one2one ranking service")
         .uid("one2one-ops")
         .description(
-            "Traffic, errors, latency per stage against the budget, the ladder, experiments, "
-            "bundle freshness and reloads, refusals, shedding and faults. Alerts: deploy/prometheus/rules.yml."
+            "Traffic, errors, latency per stage against the budget, the ladder, experiments, the shared "
+            "event store, bundle freshness and reloads, refusals, shedding and faults. "
+            "Alerts: deploy/prometheus/rules.yml."
         )
         .tags(["one2one", "grpc", "ranking"])
         .timezone("utc")

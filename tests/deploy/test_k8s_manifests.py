@@ -4,16 +4,19 @@ with the code (config keys, ports, probes, paths, CLI flags, the image's user)."
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
-from ops_tools import DEPLOY
+from ops_tools import DEPLOY, require_tool
 
+from bench.redis_server import free_port
 from index_builder.__main__ import _parser as builder_parser
 from server.app import LIVENESS_SERVICE
 from server.config import ServerConfig
@@ -93,6 +96,7 @@ def test_every_piece_is_there(objects):
         "PersistentVolumeClaim",
         "PodDisruptionBudget",
         "NetworkPolicy",
+        "StatefulSet",
     } <= kinds
 
 
@@ -155,7 +159,9 @@ def test_services_and_autoscaler_point_at_the_deployment(objects):
     dep = objects[("Deployment", "one2one-server")]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     port_names = {p["name"] for p in _pod(dep)["containers"][0]["ports"]}
-    services = [o for (k, _), o in objects.items() if k == "Service"]
+    services = [
+        o for (k, _), o in objects.items() if k == "Service" and o["spec"]["selector"].items() <= labels.items()
+    ]
     assert len(services) == 2
     for svc in services:
         assert svc["spec"]["selector"].items() <= labels.items()
@@ -236,15 +242,20 @@ def _image_user() -> int:
     return int(uid)
 
 
-@pytest.mark.parametrize("key", [("Deployment", "one2one-server"), ("CronJob", "one2one-builder")])
+@pytest.mark.parametrize(
+    "key", [("Deployment", "one2one-server"), ("CronJob", "one2one-builder"), ("StatefulSet", "one2one-redis")]
+)
 def test_pods_are_hardened(objects, key):
     pod = _pod(objects[key])
     psc = pod["securityContext"]
     assert psc["runAsNonRoot"] is True
-    assert psc["runAsUser"] == _image_user() != 0
+    # Our image's user; Redis runs as its own image's (non-root) user.
+    assert psc["runAsUser"] == (_image_user() if key[0] != "StatefulSet" else psc["runAsUser"]) != 0
     assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     volumes = {v["name"]: v for v in pod["volumes"]}
+    for claim in objects[key]["spec"].get("volumeClaimTemplates", []):
+        volumes[claim["metadata"]["name"]] = {"persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
     for c in pod["containers"]:
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
@@ -353,3 +364,122 @@ def test_network_policy_admits_only_labelled_callers_and_monitoring(objects):
     ]
     assert builder["podSelector"]["matchLabels"].items() <= cron_labels.items()
     assert builder["ingress"] == [] and builder["egress"] == []
+
+
+# --- the shared event store (Redis) ------------------------------------------------------
+
+
+def _redis_conf(objects) -> dict[str, str]:
+    conf = {}
+    for line in objects[("ConfigMap", "one2one-redis")]["data"]["redis.conf"].splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            conf[key] = value
+    return conf
+
+
+def test_redis_keeps_every_acknowledged_event_on_a_persistent_volume(objects):
+    conf = _redis_conf(objects)
+    # An OK from RecordEvents is durable only with every write fsynced to the AOF.
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == "always"
+    # A full Redis refuses writes rather than evicting purchases or stream entries.
+    assert conf["maxmemory-policy"] == "noeviction"
+    sts = objects[("StatefulSet", "one2one-redis")]
+    assert sts["spec"]["replicas"] == 1
+    pod = _pod(sts)
+    (c,) = pod["containers"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == conf["dir"], "the AOF must be written to the claimed volume"
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    # The config Redis reads is the ConfigMap's.
+    config_volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "one2one-redis")
+    assert PurePosixPath(mounts[config_volume["name"]]) / "redis.conf" == PurePosixPath(
+        re.search(r"redis-server (\S+)", c["args"][0]).group(1)
+    )
+    # maxmemory leaves the container room for the AOF rewrite's fork.
+    limit_mib = int(c["resources"]["limits"]["memory"].removesuffix("Gi")) * 1024
+    assert int(conf["maxmemory"].removesuffix("mb")) <= 0.8 * limit_mib
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert probe in c, probe
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    port = c["ports"][0]
+    assert port["containerPort"] == int(conf["port"])
+    # Headless Service: the stable per-pod name in the servers' URL.
+    svc = objects[("Service", sts["spec"]["serviceName"])]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == [port["name"]]
+
+
+def test_redis_password_comes_from_a_secret_never_an_argument(objects):
+    pod = _pod(objects[("StatefulSet", "one2one-redis")])
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_mounts = {
+        m["mountPath"]: volumes[m["name"]]["secret"]
+        for m in c["volumeMounts"]
+        if "secret" in volumes.get(m["name"], {})
+    }
+    ((path, secret),) = secret_mounts.items()
+    assert secret["secretName"] == "one2one-redis-auth" and secret["items"] == [{"key": "password", "path": "password"}]
+    assert secret["defaultMode"] & 0o007 == 0
+    assert f"{path}/password" in c["args"][0] and "requirepass" not in " ".join(c["command"])
+    assert "--requirepass" not in c["args"][0], "a password on the command line is in the process list"
+    np_ = objects[("NetworkPolicy", "one2one-redis")]["spec"]
+    assert np_["egress"] == [] and set(np_["policyTypes"]) == {"Ingress", "Egress"}
+    (rule,) = np_["ingress"]
+    components = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]}
+    assert components == {"server", "builder"}
+
+
+def test_redis_container_command_starts_a_durable_password_protected_redis(objects, tmp_path):
+    """The StatefulSet's own start-up script and readiness probe, run against Debian's
+    redis-server with the ConfigMap's redis.conf (only paths and the port moved to tmp_path)."""
+    redis_server = require_tool("redis-server")
+    require_tool("redis-cli")
+    pod = _pod(objects[("StatefulSet", "one2one-redis")])
+    (c,) = pod["containers"]
+    port = free_port()
+    password = "0123456789abcdef" * 4
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "password").write_text(password)
+    (tmp_path / "data").mkdir()
+    conf = objects[("ConfigMap", "one2one-redis")]["data"]["redis.conf"]
+    conf = conf.replace("port 6379", f"port {port}").replace("dir /data", f"dir {tmp_path / 'data'}")
+    conf = conf.replace("bind 0.0.0.0 -::*", "bind 127.0.0.1")
+    (tmp_path / "redis.conf").write_text(conf)
+
+    def local(script: str) -> str:
+        return (
+            script.replace("/tmp/auth.conf", str(tmp_path / "auth.conf"))
+            .replace("/run/secrets/one2one-redis", str(tmp_path / "secret"))
+            .replace("/etc/redis/redis.conf", str(tmp_path / "redis.conf"))
+            .replace("exec redis-server", f"exec {redis_server}")
+            .replace("redis-cli -h 127.0.0.1", f"redis-cli -h 127.0.0.1 -p {port}")
+        )
+
+    proc = subprocess.Popen(["sh", "-c", local(c["args"][0])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ready = local(c["readinessProbe"]["exec"]["command"][2])
+        deadline = time.monotonic() + 15
+        while subprocess.run(["sh", "-c", ready]).returncode != 0:
+            assert proc.poll() is None, "redis-server exited: the ConfigMap's redis.conf is refused"
+            assert time.monotonic() < deadline, "the readiness probe never passed"
+            time.sleep(0.1)
+        import redis
+
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        r = redis.Redis(port=port, password=password)
+        got = {k: r.config_get(k)[k] for k in ("appendonly", "appendfsync", "maxmemory-policy", "save")}
+        assert got == {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction", "save": ""}
+        # sh exec'd into redis-server: its arguments are what the process list shows.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"redis-server" in cmdline and password.encode() not in cmdline
+        assert os.stat(tmp_path / "auth.conf").st_mode & 0o077 == 0
+    finally:
+        proc.terminate()
+        proc.wait(10)

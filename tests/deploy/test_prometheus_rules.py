@@ -25,6 +25,11 @@ REQUIRED_ALERTS = {
     "failed reload": "One2oneBundleReloadFailed",
     "not serving": "One2oneNotServing",
     "event log disk full or read-only": "One2oneEventLogUnwritable",
+    "shared event store unavailable": "One2oneEventStoreUnavailable",
+    "shared event store not durable": "One2oneEventStoreNotDurable",
+    "Ranks without real-time state": "One2oneRealtimeDegradedHigh",
+    "event store round trip p99 high": "One2oneEventStoreSlow",
+    "builder not consuming the stream": "One2oneEventStoreNotConsumed",
 }
 
 
