@@ -354,11 +354,3 @@ def _remove_tree(path: Path, attempts: int = 50) -> None:
         if not path.exists():
             return
         time.sleep(0.1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m index_builder portfolios --engine spark`` with these options (default:
-    ``sys.argv``); what ``spark-submit deploy/spark/portfolios.py`` runs."""
-    from index_builder.__main__ import main as cli_main
-
-    return cli_main(["portfolios", "--engine", ENGINE, *(sys.argv[1:] if argv is None else argv)])

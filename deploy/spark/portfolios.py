@@ -10,7 +10,8 @@ where the package's modules would hide the standard library's of the same name (
 
 import sys
 
-from index_builder.portfolio_spark import main
+from index_builder.__main__ import main
+from index_builder.portfolio_spark import ENGINE
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["portfolios", "--engine", ENGINE, *sys.argv[1:]]))
