@@ -193,7 +193,8 @@ def test_builder_cronjob_publishes_to_the_volume_the_servers_read(objects, serve
     assert ("PersistentVolumeClaim", claim["artifacts"]) in objects
     assert "ReadWriteMany" in objects[("PersistentVolumeClaim", claim["artifacts"])]["spec"]["accessModes"]
     for flag in (*parsed.events, parsed.items, parsed.users):  # --events may be repeated
-        assert str(flag).startswith(mounts["inputs"]["mountPath"] + "/")
+        # Files come from the inputs volume; the shared store is a URL (its own test below).
+        assert str(flag).startswith((mounts["inputs"]["mountPath"] + "/", "redis://"))
 
 
 # --- checked by Kubernetes' own schema -------------------------------------------------
@@ -346,7 +347,7 @@ def test_network_policy_admits_only_labelled_callers_and_monitoring(objects):
     np = objects[("NetworkPolicy", "one2one-server")]["spec"]
     assert np["podSelector"]["matchLabels"].items() <= labels.items()
     assert set(np["policyTypes"]) == {"Ingress", "Egress"}
-    assert np["egress"] == [], "the server calls nothing"
+    _egress_only_to_redis_and_dns(objects, np)
     by_port = {}
     for rule in np["ingress"]:
         assert rule.get("from") and rule.get("ports"), "a rule without from or ports admits everyone"
@@ -363,7 +364,51 @@ def test_network_policy_admits_only_labelled_callers_and_monitoring(objects):
         "labels"
     ]
     assert builder["podSelector"]["matchLabels"].items() <= cron_labels.items()
-    assert builder["ingress"] == [] and builder["egress"] == []
+    assert builder["ingress"] == []
+    _egress_only_to_redis_and_dns(objects, builder)
+
+
+def _egress_only_to_redis_and_dns(objects, policy: dict) -> None:
+    redis_labels = objects[("StatefulSet", "one2one-redis")]["spec"]["template"]["metadata"]["labels"]
+    redis_port = objects[("Service", "one2one-redis")]["spec"]["ports"][0]["port"]
+    (to_redis, to_dns) = policy["egress"]
+    (peer,) = to_redis["to"]
+    assert peer["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert to_redis["ports"] == [{"port": redis_port, "protocol": "TCP"}]
+    (dns,) = to_dns["to"]
+    assert dns["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+
+
+def test_servers_and_builder_share_the_redis_store_with_its_secret(objects):
+    """The Deployment points at the StatefulSet's first pod through its headless Service, with the
+    password from the Secret Redis itself reads; the builder reads the same store and prefix."""
+    from ranking import split_store_url
+
+    sts = objects[("StatefulSet", "one2one-redis")]
+    svc = objects[("Service", "one2one-redis")]
+    host = f"{sts['metadata']['name']}-0.{svc['metadata']['name']}"
+    redis_secret = next(
+        v["secret"]["secretName"]
+        for v in _pod(sts)["volumes"]
+        if "secret" in v and "redis" in v["secret"]["secretName"]
+    )
+    server = _pod(objects[("Deployment", "one2one-server")])["containers"][0]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == redis_secret
+    url = env["ONE2ONE_EVENT_STORE"]["value"]
+    names = [e["name"] for e in server["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("ONE2ONE_EVENT_STORE"), "$(VAR) expands only earlier vars"
+    assert url.startswith(f"redis://:$(REDIS_PASSWORD)@{host}:{svc['spec']['ports'][0]['port']}/")
+    _, prefix = split_store_url(url)
+    # The server's own loader accepts it, as the environment gives it.
+    ServerConfig.load(None, env={"ONE2ONE_ARTIFACTS": "/artifacts", "ONE2ONE_EVENT_STORE": url}).validate()
+    builder = _pod(objects[("CronJob", "one2one-builder")])["containers"][0]
+    events = [a for i, a in enumerate(builder["args"]) if i and builder["args"][i - 1] == "--events"]
+    assert url in events, "the builder reads the store the servers write"
+    benv = {e["name"]: e for e in builder["env"]}
+    assert benv["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == redis_secret
+    assert split_store_url(url)[1] == prefix
 
 
 # --- the shared event store (Redis) ------------------------------------------------------
