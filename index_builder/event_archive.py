@@ -22,6 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ranking import parse_entry_id
+
 __all__ = [
     "ARCHIVE_DIR",
     "ArchiveError",
@@ -53,8 +55,7 @@ class ArchiveError(ValueError):
 
 def parse_id(entry_id: str) -> tuple[int, int]:
     """A stream entry id ``<ms>-<seq>`` as a tuple that compares as Redis orders them."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    return parse_entry_id(entry_id)
 
 
 def _sequence(path: Path) -> int:

@@ -21,15 +21,12 @@ One builder consumes a store at a time (the CronJob forbids concurrent runs).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
-import redis
 
 from index_builder.event_archive import (
     ARCHIVE_DIR,
@@ -40,11 +37,13 @@ from index_builder.event_archive import (
     parse_id,
     write_archive,
 )
-from ranking.realtime.redis_layout import (
+from ranking import (
+    BUILDER_CONSUMER,
     BUILDER_GROUP,
-    FORMAT,
-    RECORD_FIELD,
+    EventStoreError,
+    RedisEventStore,
     RedisLayout,
+    StreamOffset,
     is_store_url,
     redacted,
     split_store_url,
@@ -54,25 +53,11 @@ __all__ = ["CONSUMER", "StreamInput", "StreamInputError", "is_store_url"]
 
 log = logging.getLogger(__name__)
 
-# One fixed name: a build that crashed left its entries pending under it, and the next build,
-# reading as the same consumer, is given them again.
-CONSUMER = "index_builder"
+CONSUMER = BUILDER_CONSUMER
 
 
 class StreamInputError(RuntimeError):
     """The store cannot be read or acknowledged; the message names it (password redacted)."""
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _read_group(r: redis.Redis, stream: str, after: str, count: int) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
-    """One XREADGROUP of one stream: its entries, ``(id, fields)``; fields are empty or None for a
-    pending entry that was deleted since it was delivered."""
-    # redis-py annotates the reply for RESP3 as well; this client speaks RESP2: [[key, entries]].
-    got: Any = r.xreadgroup(BUILDER_GROUP, CONSUMER, {stream: after}, count=count)
-    return got[0][1] if got else []
 
 
 # ---------------------------------------------------------------------------
@@ -84,7 +69,7 @@ def _read_group(r: redis.Redis, stream: str, after: str, count: int) -> list[tup
 class _Consumed:
     """What one build read from one stream."""
 
-    ids: list[str] = field(default_factory=list)  # every entry to acknowledge
+    offsets: list[StreamOffset] = field(default_factory=list)  # every entry to acknowledge
     last: tuple[int, int] | None = None  # the last entry id read up to the snapshot
     pending: int = 0  # of them, delivered to an earlier build that never acknowledged them
     already_archived: int = 0  # of them, already in an archive: acknowledged, not read again
@@ -109,13 +94,12 @@ class StreamInput:
     def __init__(self, url: str, out: Path | str, batch: int = 10_000, timeout: float = 30.0):
         self.url = url
         self.label = redacted(url)
-        client_url, prefix = split_store_url(url)
+        prefix = split_store_url(url)[1]
         self.prefix = prefix
         self.archive_dir = Path(out) / ARCHIVE_DIR
         self.batch = batch
         self.timeout = timeout
-        self._client_url = client_url
-        self._client: redis.Redis | None = None
+        self.store: RedisEventStore | None = None
         self.layout: RedisLayout | None = None
         self._new: list[tuple[str, str, dict]] = []  # (stream, id, record) of this build
         self._consumed: dict[str, _Consumed] = {}
@@ -132,30 +116,6 @@ class StreamInput:
     def _fail(self, what: str, exc: Exception) -> StreamInputError:
         return StreamInputError(f"event store {self.label}: {what}: {type(exc).__name__}: {exc}")
 
-    def _connect(self) -> redis.Redis:
-        if self._client is None:
-            self._client = redis.Redis.from_url(
-                self._client_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-            )
-        return self._client
-
-    def _read_layout(self) -> RedisLayout:
-        r = self._connect()
-        try:
-            meta = {_text(k): _text(v) for k, v in r.hgetall(RedisLayout(self.prefix).meta).items()}
-        except redis.RedisError as e:
-            raise self._fail("cannot read the store", e) from e
-        if not meta:
-            raise StreamInputError(
-                f"event store {self.label}: no {self.prefix}:meta hash, so no server has written events under "
-                f"prefix {self.prefix!r} (check the URL's db and ?prefix= against the server's event_store)"
-            )
-        if meta.get("format") != str(FORMAT) or not meta.get("shards", "").isdigit():
-            raise StreamInputError(
-                f"event store {self.label}: {self.prefix}:meta is {meta}; this builder reads format {FORMAT}"
-            )
-        return RedisLayout(self.prefix, int(meta["shards"]))
-
     def consume(self) -> StreamInput:
         """Read every stream up to its last entry at this moment (module docstring, step 1).
 
@@ -164,14 +124,22 @@ class StreamInput:
         StreamInputError
             The store is unreachable, holds no events of this prefix, or an entry is not a record.
         """
-        self.layout = self._read_layout()
-        last_archived = last_ids(self.archive_dir)
-        r = self._connect()
         try:
-            for stream in self.layout.streams():
-                self._consumed[stream] = self._consume_stream(r, stream, last_archived.get(stream))
-        except redis.RedisError as e:
-            raise self._fail("reading the streams through consumer group " + BUILDER_GROUP, e) from e
+            self.store = RedisEventStore.existing(self.url, self.timeout)
+        except ValueError as e:
+            raise StreamInputError(str(e)) from e
+        except EventStoreError as e:
+            raise StreamInputError(f"{e} (cannot read the store)") from e
+        self.layout = self.store.layout
+        last_archived = last_ids(self.archive_dir)
+        self._consumed = {stream: _Consumed() for stream in self.layout.streams()}
+        try:
+            for off, record in self.store.read(self.batch):
+                self._take(off, record, last_archived.get(off.stream))
+        except EventStoreError as e:
+            raise StreamInputError(f"{e} (reading the streams through consumer group {BUILDER_GROUP})") from e
+        except ValueError as e:
+            raise StreamInputError(f"event store {self.label}: {e}") from e
         done = self._consumed.values()
         log.info(
             "event store %s: %d new entries (%d re-read from an unfinished build, %d already archived) "
@@ -187,65 +155,21 @@ class StreamInput:
         )
         return self
 
-    def _consume_stream(self, r: redis.Redis, stream: str, archived: tuple[int, int] | None) -> _Consumed:
-        try:
-            r.xgroup_create(stream, BUILDER_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
-        # The snapshot: entries appended from now on are the next build's.
-        end = parse_id(_text(r.xinfo_stream(stream)["last-generated-id"]))
-        done = _Consumed()
-
-        def take(entries: list[tuple[bytes, dict[bytes, bytes] | None]], pending: bool) -> bool:
-            """Keep the entries up to the snapshot; False once past it."""
-            for raw_id, fields in entries:
-                entry_id = _text(raw_id)
-                parsed = parse_id(entry_id)
-                if parsed > end:
-                    # Delivered by the last batch but appended during the build: left pending
-                    # (unacknowledged), so the next build reads it first.
-                    return False
-                done.ids.append(entry_id)
-                done.last = parsed
-                done.pending += pending
-                if archived is not None and parsed <= archived:
-                    done.already_archived += 1
-                    continue
-                if not fields or RECORD_FIELD.encode() not in fields:
-                    # A pending entry trimmed by hand has no fields left; nothing to read.
-                    log.warning("event store %s: %s %s has no field %r; skipped", self.label, stream, entry_id, "r")
-                    continue
-                try:
-                    record = json.loads(fields[RECORD_FIELD.encode()])
-                except ValueError as e:
-                    raise StreamInputError(
-                        f"event store {self.label}: {stream} entry {entry_id} is not a JSON record: {e}"
-                    ) from e
-                self._new.append((stream, entry_id, record))
-            return True
-
-        # Entries an earlier build was given and never acknowledged: id 0 means "my pending ones".
-        after = "0"
-        while True:
-            entries = _read_group(r, stream, after, self.batch)
-            if not entries:
-                break
-            take(entries, pending=True)
-            after = _text(entries[-1][0])
-        if end == (0, 0) or self._delivered(r, stream) >= end:
-            return done
-        while True:
-            entries = _read_group(r, stream, ">", self.batch)
-            if not entries or not take(entries, pending=False) or (done.last or (0, 0)) >= end:
-                return done
-
-    @staticmethod
-    def _delivered(r: redis.Redis, stream: str) -> tuple[int, int]:
-        for group in r.xinfo_groups(stream):
-            if _text(group["name"]) == BUILDER_GROUP:
-                return parse_id(_text(group["last-delivered-id"]))
-        return (0, 0)
+    def _take(self, off: StreamOffset, record: dict | None, archived: tuple[int, int] | None) -> None:
+        done = self._consumed[off.stream]
+        parsed = parse_id(off.id)
+        done.offsets.append(off)
+        done.last = parsed
+        done.pending += off.redelivered
+        if archived is not None and parsed <= archived:
+            # A build that crashed after archiving it, before acknowledging: not read twice.
+            done.already_archived += 1
+            return
+        if record is None:
+            # A pending entry trimmed by hand has no fields left; nothing to read.
+            log.warning("event store %s: %s %s has no field %r; skipped", self.label, off.stream, off.id, "r")
+            return
+        self._new.append((off.stream, off.id, record))
 
     def records(self) -> Iterator[dict]:
         """The whole history: the earlier builds' archives, then this build's entries."""
@@ -285,26 +209,20 @@ class StreamInput:
             acknowledges the entries without reading them twice.
         """
         self.archive_path = write_archive(self.archive_dir, self._new) if self._new else None
-        r = self._connect()
+        assert self.store is not None, "commit() before consume()"
         try:
-            for stream, done in self._consumed.items():
-                for start in range(0, len(done.ids), self.batch):
-                    r.xack(stream, BUILDER_GROUP, *done.ids[start : start + self.batch])
-                if done.last is not None:
-                    # Exact, not "~": what is left is precisely what no build has published.
-                    ms, seq = done.last
-                    r.xtrim(stream, minid=f"{ms}-{seq + 1}", approximate=False)
-        except redis.RedisError as e:
-            raise self._fail("the bundle is published, but acknowledging what it consumed failed", e) from e
+            self.store.ack(off for done in self._consumed.values() for off in done.offsets)
+        except EventStoreError as e:
+            raise StreamInputError(f"{e} (the bundle is published, but acknowledging what it consumed failed)") from e
         log.info(
             "event store %s: acknowledged and trimmed %d entries; archived %d to %s",
             self.label,
-            sum(len(c.ids) for c in self._consumed.values()),
+            sum(len(c.offsets) for c in self._consumed.values()),
             len(self._new),
             self.archive_path,
         )
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None

@@ -66,14 +66,16 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "read_all",
     ),
     "ranking.realtime.redis_layout": (
+        "BUILDER_CONSUMER",
         "BUILDER_GROUP",
         "RECORD_FIELD",
         "RedisLayout",
         "is_store_url",
+        "parse_entry_id",
         "redacted",
         "split_store_url",
     ),
-    "ranking.realtime.redis_store": ("EventStoreError", "RedisEventStore"),
+    "ranking.realtime.redis_store": ("EventStoreError", "RedisEventStore", "StreamOffset"),
     "ranking.realtime.store": ("EventStore", "LocalEventStore"),
     "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
     "ranking.policy.experiments": (
@@ -176,14 +178,16 @@ if TYPE_CHECKING:
     )
     from ranking.realtime.events import Event, EventLimits, Rejection, validate_batch
     from ranking.realtime.redis_layout import (
+        BUILDER_CONSUMER,
         BUILDER_GROUP,
         RECORD_FIELD,
         RedisLayout,
         is_store_url,
+        parse_entry_id,
         redacted,
         split_store_url,
     )
-    from ranking.realtime.redis_store import EventStoreError, RedisEventStore
+    from ranking.realtime.redis_store import EventStoreError, RedisEventStore, StreamOffset
     from ranking.realtime.store import EventStore, LocalEventStore
     from ranking.realtime.user_state import UserStateStore, item_gram
     from ranking.retrieval.search import ExactHead, Retriever, ann_search

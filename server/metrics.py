@@ -264,7 +264,7 @@ USER_STATE_EVICTIONS = Counter(
     "one2one_user_state_evictions", "Users evicted from real-time state by the memory bound (LRU)."
 )
 # -- the event store (config event_store: "local" or a redis:// URL) ------------------------
-EVENT_STORE_OPS = ("rank_read", "record", "impression", "meta", "config", "stats")
+EVENT_STORE_OPS = ("rank_read", "record", "impression", "meta", "config", "stats", "read", "ack")
 EVENT_STORE_ERROR_REASONS = ("timeout", "connection", "error")
 EVENT_STORE_INFO = Gauge(
     "one2one_event_store_info",
@@ -276,7 +276,8 @@ EVENT_STORE_ROUND_TRIP = Histogram(
     "one2one_event_store_round_trip_seconds",
     "Round trips to the shared event store, by operation (rank_read: a customer's real-time "
     "state for one Rank; record: a RecordEvents batch, its state update and its arm lookup in one "
-    "transaction; impression; meta, config: start-up checks; stats: stream length and lag).",
+    "transaction; impression; meta, config: start-up checks; stats: stream length and lag; read, "
+    "ack: the builder's).",
     ["op"],
     buckets=LATENCY_BUCKETS,
 )

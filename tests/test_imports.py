@@ -33,9 +33,6 @@ BOUNDARY_EXCEPTIONS = {
     # blocks, the popularity windows and their counting), which is that module's
     # internals, not something the server or anyone else should use.
     ("index_builder.feature_tables", "ranking.pipeline.features"),
-    # The builder reads the streams the servers write, so it checks the layout's format number
-    # (FORMAT, kept out of the public API: nothing else has a use for it) in the store's meta hash.
-    ("index_builder.stream_input", "ranking.realtime.redis_layout"),
 }
 
 

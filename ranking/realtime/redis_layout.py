@@ -32,6 +32,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 FORMAT = 1
 DEFAULT_PREFIX = "one2one"
 BUILDER_GROUP = "builder"
+# The builder reads as one fixed consumer: a build that crashed left its entries pending
+# under this name, and the next build, reading as the same consumer, is given them again.
+BUILDER_CONSUMER = "index_builder"
 RECORD_FIELD = "r"
 
 
@@ -95,6 +98,12 @@ def split_store_url(url: str) -> tuple[str, str]:
     if not prefix or any(c in prefix for c in "{} \t"):
         raise ValueError(f"event store {shown!r}: prefix must be non-empty, without braces or spaces")
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), "")), prefix
+
+
+def parse_entry_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ``<ms>-<seq>`` as a tuple that compares as Redis orders them."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def redacted(url: str) -> str:

@@ -20,21 +20,25 @@ whether that degrades a Rank or refuses a RecordEvents.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from ranking.config import UserStateSettings
 from ranking.errors import Unavailable
 from ranking.realtime.events import Event
 from ranking.realtime.redis_layout import (
+    BUILDER_CONSUMER,
     BUILDER_GROUP,
     FORMAT,
     RECORD_FIELD,
     RedisLayout,
     decode,
     encode,
+    parse_entry_id,
     redacted,
     split_store_url,
 )
@@ -83,6 +87,15 @@ class EventStoreError(Unavailable):
     def __init__(self, message: str, reason: str = "error"):
         super().__init__(message)
         self.reason = reason
+
+
+class StreamOffset(NamedTuple):
+    """Where a record is in the shared store: its stream, its entry id, and whether it was
+    delivered to the builder before (by a build that never acknowledged it)."""
+
+    stream: str
+    id: str
+    redelivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,34 @@ class RedisEventStore:
         # Members of a sorted set are unique: a per-process token keeps two equal events two events.
         self._token = os.urandom(4).hex()
         self._seq = itertools.count()
+
+    @classmethod
+    def existing(cls, url: str, timeout_s: float = 30.0) -> RedisEventStore:
+        """The store a server has written, with the shard count its ``meta`` records (the builder's
+        way in: it has no setting of its own for it).
+
+        Raises
+        ------
+        EventStoreError
+            The store is unreachable.
+        ValueError
+            No server has written under this prefix, or in another format.
+        """
+        prefix = split_store_url(url)[1]
+        probe = cls(url, shards=1, read_timeout_s=timeout_s, write_timeout_s=timeout_s)
+        try:
+            raw = probe._call("meta", lambda: probe.writer.hgetall(probe.layout.meta))
+        finally:
+            probe.close()
+        meta = {_text(k): _text(v) for k, v in raw.items()}
+        if not meta:
+            raise ValueError(
+                f"event store {probe.url}: no {prefix}:meta hash, so no server has written events under "
+                f"prefix {prefix!r} (check the URL's db and ?prefix= against the server's event_store)"
+            )
+        if meta.get("format") != str(FORMAT) or not meta.get("shards", "").isdigit():
+            raise ValueError(f"event store {probe.url}: {prefix}:meta is {meta}; this code reads format {FORMAT}")
+        return cls(url, shards=int(meta["shards"]), read_timeout_s=timeout_s, write_timeout_s=timeout_s)
 
     # -- plumbing ---------------------------------------------------------------------
     def _call(self, op: str, fn):
@@ -339,6 +380,89 @@ class RedisEventStore:
 
         self._call("impression", run)
 
+    # -- the builder's side: read through the consumer group, acknowledge once published ------
+    def read(self, batch: int = 10_000) -> Iterator[tuple[StreamOffset, dict | None]]:
+        """Every record no build has acknowledged, through the consumer group ``builder``.
+
+        Per stream: first the entries delivered to the builder before and never acknowledged
+        (a build that crashed), then new ones, up to the stream's last entry when its read
+        began; entries appended since are the next build's (left undelivered, or pending if a
+        batch brought them). The record is None for a pending entry deleted since.
+
+        Raises
+        ------
+        EventStoreError
+        ValueError
+            An entry is not a JSON record.
+        """
+        for stream in self.layout.streams():
+            yield from self._read_stream(stream, batch)
+
+    def _read_group(self, stream: str, after: str, count: int) -> list:
+        def run():
+            got: Any = self.writer.xreadgroup(BUILDER_GROUP, BUILDER_CONSUMER, {stream: after}, count=count)
+            return got[0][1] if got else []  # this client speaks RESP2: [[key, entries]]
+
+        return self._call("read", run)
+
+    def _read_stream(self, stream: str, batch: int) -> Iterator[tuple[StreamOffset, dict | None]]:
+        import redis
+
+        def create():
+            try:
+                self.writer.xgroup_create(stream, BUILDER_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+        self._call("read", create)
+        end = parse_entry_id(_text(self._call("read", lambda: self.writer.xinfo_stream(stream))["last-generated-id"]))
+
+        def entries(after: str, redelivered: bool) -> Iterator[tuple[StreamOffset, dict | None]]:
+            while True:
+                got = self._read_group(stream, after, batch)
+                if not got:
+                    return
+                for raw_id, fields in got:
+                    entry_id = _text(raw_id)
+                    if parse_entry_id(entry_id) > end:
+                        return  # appended during this read: the next build's, left pending
+                    yield StreamOffset(stream, entry_id, redelivered), _record(stream, entry_id, fields)
+                if redelivered:
+                    after = _text(got[-1][0])
+                if parse_entry_id(_text(got[-1][0])) >= end:
+                    return
+
+        # Id 0: the entries this consumer was given before and never acknowledged.
+        yield from entries("0", True)
+        groups = self._call("read", lambda: self.writer.xinfo_groups(stream))
+        delivered = next(
+            (parse_entry_id(_text(g["last-delivered-id"])) for g in groups if _text(g["name"]) == BUILDER_GROUP),
+            (0, 0),
+        )
+        if end != (0, 0) and delivered < end:
+            yield from entries(">", False)
+
+    def ack(self, offsets: Iterable[StreamOffset], batch: int = 10_000) -> None:
+        """Acknowledge what a published build consumed and trim each stream up to the last of it
+        (exactly: what is left is precisely what no build has published).
+
+        Raises
+        ------
+        EventStoreError
+        """
+        by_stream: dict[str, list[str]] = {}
+        for off in offsets:
+            by_stream.setdefault(off.stream, []).append(off.id)
+        for stream, ids in by_stream.items():
+            self._call("ack", lambda stream=stream, ids=ids: self._ack_stream(stream, ids, batch))
+
+    def _ack_stream(self, stream: str, ids: list[str], batch: int) -> None:
+        for start in range(0, len(ids), batch):
+            self.writer.xack(stream, BUILDER_GROUP, *ids[start : start + batch])
+        ms, seq = max(parse_entry_id(i) for i in ids)
+        self.writer.xtrim(stream, minid=f"{ms}-{seq + 1}", approximate=False)
+
     # -- operations ---------------------------------------------------------------------
     def stream_stats(self) -> tuple[int, int]:
         """(entries in all streams, entries the builder's consumer group has not acknowledged)."""
@@ -374,6 +498,15 @@ def _arm(value: bytes | None) -> tuple[str, str] | None:
         return None
     experiment, _, arm = value.decode().partition("\t")
     return experiment, arm
+
+
+def _record(stream: str, entry_id: str, fields) -> dict | None:
+    if not fields or RECORD_FIELD.encode() not in fields:
+        return None  # a pending entry deleted by hand since it was delivered
+    try:
+        return json.loads(fields[RECORD_FIELD.encode()])
+    except ValueError as e:
+        raise ValueError(f"{stream} entry {entry_id} is not a JSON record: {e}") from e
 
 
 def _text(v) -> str:

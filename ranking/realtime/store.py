@@ -54,12 +54,13 @@ class EventStore(Protocol):
     def impression(self, record: dict) -> None:
         """Keep a served ranking (``kind: impression``) and the arm it was served in."""
 
-    def read(self, after: Any = None) -> Iterator[tuple[Any, dict]]:
-        """Every stored record after offset ``after`` (None: from the start), with its offset."""
+    def read(self) -> Iterator[tuple[Any, dict | None]]:
+        """Every stored record no published build has acknowledged, with its offset: the store
+        keeps the reader's position (Redis: the consumer group ``builder``)."""
         ...
 
-    def ack(self, upto: Any) -> None:
-        """A published build has consumed everything up to ``upto``."""
+    def ack(self, offsets: Iterable[Any]) -> None:
+        """A build built from the records at ``offsets`` is published: they are consumed."""
 
     def close(self) -> None: ...
 
@@ -186,14 +187,12 @@ class LocalEventStore:
             self._remember(record["request_id"], record["experiment"], record["arm"])
         self.log.append([record], durable=False)
 
-    def read(self, after: Any = None) -> Iterator[tuple[Any, dict]]:
-        """Every record of every writer directory (``after`` is not supported: the local log is
-        read whole by each build, which gets it as a directory)."""
-        if after is not None:
-            raise ValueError("the local event log is read from its start")
+    def read(self) -> Iterator[tuple[Any, dict | None]]:
+        """Every record of every writer directory: the local log is kept whole, and each build
+        reads all of it (``index_builder build --events <log dir>``)."""
         return read_all(self.root)
 
-    def ack(self, upto: Any) -> None:
+    def ack(self, offsets: Iterable[Any]) -> None:
         """Nothing to do: segments a build consumed may be archived or removed by the operator."""
 
     def close(self) -> None:
