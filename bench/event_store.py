@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import percentiles
-from bench.portfolio import users_with_history
+from bench.portfolio import shop_arguments, users_with_history
 from bench.redis_server import RedisServer
 from bench.run import build_bundle, loadgen, metrics_text, start, stop, wait_serving
 from server.config import allowed_cpus
@@ -180,19 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.event_store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    # The shop and bundle: bench.run's parameters and cache.
-    p.add_argument("--items", type=int, default=50_000)
-    p.add_argument("--users", type=int, default=100_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--categories", type=int, default=50)
-    p.add_argument("--events-per-user", type=int, default=8)
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--index-type", default="HNSW32,SQ8")
-    p.add_argument("--ef-construction", type=int, default=40)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument(
-        "--build-set", action="append", default=["rerank_max_queries=5000", 'rerank_split="temporal"'], metavar="K=V"
-    )
+    shop_arguments(p)
+    p.set_defaults(items=50_000, users=100_000)  # the store's cost does not grow with the catalogue
     p.add_argument("--workers", type=int, default=0, help="server workers (0: one per core)")
     p.add_argument("--customers", type=int, default=2000, help="bench customers, each given real-time state")
     p.add_argument("--events-per-customer", type=int, default=10)

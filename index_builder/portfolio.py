@@ -612,13 +612,7 @@ def run_portfolios(
         manifest = run_manifest(
             campaign, model, version_dir, customers, who_counts, unknown, totals, n_workers, n_events, event_log
         )
-        manifest["generated_at"] = _dt.datetime.fromtimestamp(generated_at, _dt.UTC).isoformat()
-        manifest["timings_seconds"] = {
-            "load": round(t_load, 3),
-            "rank_and_write": round(t_rank, 3),
-            "total": round(time.perf_counter() - t_start, 3),
-        }
-        manifest["customers_per_second"] = round(len(customers) / t_rank, 1) if t_rank > 0 else None
+        stamp(manifest, generated_at, t_load, t_rank, t_start, len(customers))
         written = publish(tmp, out, manifest)
         published = True
         return written
@@ -687,6 +681,17 @@ def make_partial(out: Path) -> Path:
     for d in DATASETS:
         (tmp / d).mkdir(parents=True)
     return tmp
+
+
+def stamp(manifest: dict, generated_at: float, t_load: float, t_rank: float, t_start: float, n: int) -> None:
+    """The run's time and timings in its manifest: when, how long each part took, customers per second."""
+    manifest["generated_at"] = _dt.datetime.fromtimestamp(generated_at, _dt.UTC).isoformat()
+    manifest["timings_seconds"] = {
+        "load": round(t_load, 3),
+        "rank_and_write": round(t_rank, 3),
+        "total": round(time.perf_counter() - t_start, 3),
+    }
+    manifest["customers_per_second"] = round(n / t_rank, 1) if t_rank > 0 else None
 
 
 def publish(tmp: Path, out: Path, manifest: dict) -> dict:

@@ -15,7 +15,6 @@ Needs the ``spark`` extra (``pip install 'one2one[spark]'``). Run it with
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import shutil
 import sys
@@ -43,6 +42,7 @@ from index_builder.portfolio import (
     rank_and_write,
     run_manifest,
     select_customers,
+    stamp,
 )
 from ranking import RankingModel, ServingModel
 
@@ -314,13 +314,7 @@ def run_portfolios_spark(
             # Python worker processes that loaded the bundle (once each, then reused across tasks).
             "bundle_loads": totals.get("bundle_loads", 0),
         }
-        manifest["generated_at"] = _dt.datetime.fromtimestamp(generated_at, _dt.UTC).isoformat()
-        manifest["timings_seconds"] = {
-            "load": round(t_load, 3),
-            "rank_and_write": round(t_rank, 3),
-            "total": round(time.perf_counter() - t_start, 3),
-        }
-        manifest["customers_per_second"] = round(len(customers) / t_rank, 1) if t_rank > 0 else None
+        stamp(manifest, generated_at, t_load, t_rank, t_start, len(customers))
         written = publish(tmp, out, manifest)
         published = True
         return written

@@ -98,8 +98,10 @@ def test_a_served_bundle_is_freed_on_reload_without_the_collector(collector_paus
     servicer = RankingServicer(models, config, realtime)
     old = models.current()
     user, item = str(old.model.users.ids[0]), str(old.model.items.ids[0])
-    accepted, _ = realtime.record([Event(user_id=user, item_id=item, event_type="click", timestamp=time.time())])
-    assert accepted == 1
+    recorded = realtime.record(
+        [Event(user_id=user, item_id=item, event_type="click", timestamp=time.time())], model=old.model
+    )
+    assert recorded.accepted == 1 and recorded.stale == 0
     for req in (
         pb.RankRequest(user_id=user, num_results=5, explain=True),
         pb.RankRequest(context=pb.Context(session_item_ids=[item])),
