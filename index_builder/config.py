@@ -175,8 +175,10 @@ class BuildConfig:
         "in proportion. 0: no ceiling",
     )
     # Phased scoring (index_builder.rerank_phases, docs/builder.md "Phased scoring").
+    # 100: MovieLens-100K loses NDCG@10 beyond noise at 50 and not at 100 (bench/README.md,
+    # "Phased scoring").
     rerank_second_phase_candidates: int = _setting(
-        50,
+        100,
         "candidates the full reranker scores after a first phase (a prefix of every bag) ranked them all; "
         "the build records it (0 when the phases lose NDCG@10 beyond noise) and the server uses it unless "
         "configured otherwise. 0: one phase",
