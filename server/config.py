@@ -388,6 +388,11 @@ class ServerConfig:
             problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
         if self.ann_effort < 0:
             problems.append(f"ann_effort {self.ann_effort} must be >= 0 (0: the bundle's tuned effort)")
+        if self.second_phase_candidates < -1:
+            problems.append(
+                f"second_phase_candidates {self.second_phase_candidates} must be >= -1 "
+                "(-1: the bundle's own, 0: one phase)"
+            )
         if self.exact_head_items < 0:
             problems.append(f"exact_head_items {self.exact_head_items} must be >= 0 (0: ANN search only)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:

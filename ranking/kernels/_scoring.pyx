@@ -19,6 +19,9 @@ byte is nonzero (checked before it is scored) or when its score is NaN;
 the rest are ranked by score descending, ties by the lower row index first.
 The top-k is kept in a fixed-size min-heap whose root is the *worst* kept
 element under that order, so only the k kept elements are ever sorted.
+Phased scoring applies the rule twice: the first phase's best rows by their
+prefix score, then the top-k of those rows by their full score; rows that did
+not complete the second phase follow, by first-phase order, only to fill k.
 """
 from libc.math cimport fabs
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC

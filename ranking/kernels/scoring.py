@@ -8,6 +8,8 @@ Selection rule shared by :func:`score_topk` and :func:`topk`: a candidate is
 excluded when its mask entry is nonzero or its score is NaN; the others are
 ranked by score descending (``+inf`` first, ``-inf`` last but still returned),
 ties going to the lower row index, so results are deterministic.
+:func:`score_trees_phased_topk` ranks the rows its second phase completed by that
+rule, and only then, to fill k, the others by their first-phase score.
 """
 
 from __future__ import annotations

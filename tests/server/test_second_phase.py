@@ -7,6 +7,7 @@ import logging
 import urllib.request
 
 import grpc
+import pytest
 from ops_tools import publish_copy
 from prometheus_client import REGISTRY
 
@@ -93,3 +94,10 @@ def test_a_real_server_over_its_budget_serves_and_says_so(artifacts, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.startswith("{")]
     cut = [r for r in logged if r.get("msg") == "bundle scoring over budget: second phase cut to fit"]
     assert len(cut) == 1 and cut[0]["second_phase_candidates"] == values["one2one_second_phase_candidates"]
+
+
+def test_a_second_phase_below_minus_one_is_refused():
+    config = ServerConfig()
+    config._apply({"artifacts": "/nowhere", "second_phase_candidates": -2}, "test")
+    with pytest.raises(ValueError, match="second_phase_candidates -2 must be >= -1"):
+        config.validate()
