@@ -12,6 +12,7 @@ asserts a speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import numpy as np
 
 from index_builder.rerank_phases import prefix_counts
 from ranking import Ranker, RankerConfig, RankingModel, RankQuery, TreePhases, resolve_current
-from ranking.kernels.reranker import TreeScorer
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -44,13 +44,13 @@ def main(argv: list[str] | None = None) -> None:
     model = RankingModel(path)
     ranker = Ranker(model, RankerConfig(second_phase_candidates=0))
     scorer = ranker.scorer
-    if not isinstance(scorer, TreeScorer):
+    if scorer.kind != "trees":
         raise SystemExit(f"{path}: the bundle scores with a {scorer.kind} model; phases need trees")
     source = "the bundle's phases"
     if scorer.phases is None:
         sizes = model.manifest["scoring"]["training"]["trees_per_bag"]
         phases = TreePhases.of(scorer.trees, sizes, prefix_counts(sizes, args.first_share))
-        scorer = TreeScorer(scorer.feature_names, scorer.trees, phases=phases)
+        scorer = dataclasses.replace(scorer, phases=phases)
         source = f"a prefix of {args.first_share:g} of every bag (the bundle records no phases)"
     assert scorer.phases is not None
     users = np.flatnonzero(np.asarray(model.user_has_history))[: args.users]
