@@ -144,6 +144,7 @@ def _learn(inp: Inputs, cfg: BuildConfig, ladder: EvalConfig | None, steps: Step
             "features": list(FEATURE_NAMES),
             "training": outcome.section,
             "_trees": outcome.trees,
+            "_phases": outcome.phases,
         }
     else:
         scoring = linear_scoring(cfg, outcome.reason, outcome.section if rerank else None)
@@ -169,6 +170,28 @@ def _learn(inp: Inputs, cfg: BuildConfig, ladder: EvalConfig | None, steps: Step
     return scoring, results
 
 
+def _ladder_phase_veto(phases: dict, ladder_results: dict) -> dict:
+    """``phases`` with one phase chosen when the ladder saw phased NDCG@10 lose beyond noise.
+
+    The held-out rows chose the phases; the ladder ranks real test users through the serving
+    path both ways (``run_protocol``'s ``phases``): a loss there beyond noise on any protocol
+    also sends the bundle back to one phase.
+    """
+    lost = [
+        name
+        for name, p in ladder_results["protocols"].items()
+        if isinstance(p.get("phases"), dict) and p["phases"].get("lost")
+    ]
+    if lost and phases.get("second_phase_candidates"):
+        phases = {
+            **phases,
+            "second_phase_candidates": 0,
+            "one_phase_because": f"phased NDCG@10 lost beyond noise in the ladder's {', '.join(lost)} protocol",
+        }
+        log.info("scoring in one phase: %s", phases["one_phase_because"])
+    return phases
+
+
 def _ladder_protocol(part: PartFit, outcome: RerankOutcome, scoring: dict, ecfg: EvalConfig) -> dict:
     """One protocol of the ladder on its shared fit, the full pipeline cross-fitted over the reranker's bags."""
     if outcome.trees is None:
@@ -176,7 +199,12 @@ def _ladder_protocol(part: PartFit, outcome: RerankOutcome, scoring: dict, ecfg:
     else:
         section = {"model": "trees", "features": list(FEATURE_NAMES), "training": outcome.section}
         models = [
-            part.fitted.model(section, tree_arrays(bag), name=f"the {part.protocol.name} split, bag {b}")
+            part.fitted.model(
+                section,
+                tree_arrays(bag),
+                name=f"the {part.protocol.name} split, bag {b}",
+                sections={"phases": outcome.bag_phases(b)} if outcome.phases else None,
+            )
             for b, bag in enumerate(outcome.bags)
         ]
         bag_of = outcome.bag_of
@@ -258,6 +286,9 @@ def build(
         )
         with steps.step("write"):
             trees = scoring.pop("_trees", None)
+            phases = scoring.pop("_phases", None)
+            if phases and ladder_results is not None:
+                phases = _ladder_phase_veto(phases, ladder_results)
             arrays = {**served.arrays, **(tree_arrays(trees) if trees is not None else {})}
             check_arrays(arrays, SCHEMA_VERSION, "the bundle being built")
             with BundleWriter(out) as wr:
@@ -273,6 +304,7 @@ def build(
                     "skipped": inp.skipped,
                     "scoring": scoring,
                     "retrieval": retrieval,
+                    **({"phases": phases} if phases else {}),
                     "evaluation": evaluation,
                     "data_profile": data_profile(served.events, inp.items, cfg),
                 }

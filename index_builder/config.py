@@ -174,6 +174,20 @@ class BuildConfig:
         "mean depth measured on the training rows); above it each bag is cut to fewer trees, "
         "in proportion. 0: no ceiling",
     )
+    # Phased scoring (index_builder.rerank_phases, docs/builder.md "Phased scoring").
+    # 100: MovieLens-100K loses NDCG@10 beyond noise at 50 and not at 100 (bench/README.md,
+    # "Phased scoring").
+    rerank_second_phase_candidates: int = _setting(
+        100,
+        "candidates the full reranker scores after a first phase (a prefix of every bag) ranked them all; "
+        "the build records it (0 when the phases lose NDCG@10 beyond noise) and the server uses it unless "
+        "configured otherwise. 0: one phase",
+    )
+    rerank_phase_recall: float = _setting(
+        0.99,
+        "share of the full model's top 10 the first phase must keep in its top `rerank_second_phase_candidates` "
+        "on the held-out rows; the shortest prefix reaching it is the first phase",
+    )
 
     # Run the ladder evaluation (both protocols, every rung) and put its NDCG@10 in the manifest.
     ladder_report: bool = _setting(True, "run the ladder evaluation and put its NDCG@10 in the manifest")
@@ -253,6 +267,12 @@ class BuildConfig:
                 f"rerank_max_tree_nodes_per_candidate must be >= 0 (0: no ceiling), "
                 f"got {self.rerank_max_tree_nodes_per_candidate}"
             )
+        if self.rerank_second_phase_candidates < 0:
+            raise ValueError(
+                f"rerank_second_phase_candidates must be >= 0 (0: one phase), got {self.rerank_second_phase_candidates}"
+            )
+        if not 0.0 < self.rerank_phase_recall <= 1.0:
+            raise ValueError(f"rerank_phase_recall must be in (0, 1], got {self.rerank_phase_recall}")
         if self.ladder_max_users < 0:
             raise ValueError(f"ladder_max_users must be >= 0 (0 = every test user), got {self.ladder_max_users}")
         if self.factors < 1 or self.iterations < 1:

@@ -24,8 +24,9 @@ from index_builder import baselines as bl
 from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
 from index_builder.fit import PartFit
+from index_builder.rerank_phases import paired_loss
 from index_builder.splits import PROTOCOLS, Protocol, SplitError, consumed_mask, positive_mask
-from ranking import Ranker, RankingModel, RankQuery
+from ranking import Ranker, RankerConfig, RankingModel, RankQuery
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,15 @@ def run_protocol(
     train, test = part.earlier, part.later
     bcfg = ecfg.build
     model = models[0]
-    rankers = [Ranker(m) for m in models]
+    # ONE2ONE is ranked by the full model in one phase; a reranker with phases is ranked phased
+    # too, at the candidate count its phases were evaluated at, to show what they cost.
+    rankers = [Ranker(m, RankerConfig(second_phase_candidates=0)) for m in models]
+    n_second = int((model.manifest.get("phases") or {}).get("second_phase_candidates") or 0)
+    phased = (
+        [Ranker(m, RankerConfig(second_phase_candidates=n_second)) for m in models]
+        if n_second > 0 and rankers[0].phases is not None
+        else []
+    )
     n_users, n_items = model.n_users, model.n_items
 
     tr_pos = train.filter(pa.array(positive_mask(train, bcfg)))
@@ -240,20 +249,22 @@ def run_protocol(
     # The full pipeline, through the serving code path, asked at the time and in the context
     # (channel, device, region) of the user's first test event, as a live request would be.
     served_rungs = []
+    phased_lists: list[np.ndarray] = []
     context = context_of(te_pos, [first_row[u] for u in test_users])
     for j, uid in enumerate(test_users):
-        res = rankers[bags[j]].rank(
-            RankQuery(
-                user_id=uid,
-                num_results=kmax,
-                event_time=float(first_time[uid]),
-                channel=context["channel"][j],
-                device=context["device"][j],
-                region=context["region"][j],
-            )
+        query = RankQuery(
+            user_id=uid,
+            num_results=kmax,
+            event_time=float(first_time[uid]),
+            channel=context["channel"][j],
+            device=context["device"][j],
+            region=context["region"][j],
         )
+        res = rankers[bags[j]].rank(query)
         lists["ONE2ONE"].append(model.items.lookup(res.item_ids).astype(np.int64))
         served_rungs.append(res.rung.name)
+        if phased:
+            phased_lists.append(model.items.lookup(phased[bags[j]].rank(query).item_ids).astype(np.int64))
     rungs = [r for r in RUNGS if len(lists[r]) == len(test_users)]
 
     has_hist = np.array([r >= 0 and bool(model.user_has_history[r]) for r in urows])
@@ -285,6 +296,21 @@ def run_protocol(
         "reranker": model.manifest["scoring"].get("training", model.manifest["scoring"].get("fallback")),
         "scoring_model": model.manifest["scoring"]["model"],
     }
+    if phased:
+        k10 = 10 if 10 in ecfg.ks else kmax
+        one = np.array([user_metrics(lists["ONE2ONE"][j], idx_truth[j], k10)[1] for j in range(len(test_users))])
+        two = np.array([user_metrics(phased_lists[j], idx_truth[j], k10)[1] for j in range(len(test_users))])
+        result["phases"] = {
+            "second_phase_candidates": n_second,
+            # Summed over the cross-fitted bags, each ranking with its own prefix.
+            "first_trees": sum(r.first_phase_trees for r in rankers),
+            "trees": sum(r.scoring_trees for r in rankers),
+            "k": k10,
+            **paired_loss(one, two),
+            "same_top_k": round(
+                float(np.mean([np.array_equal(a[:k10], b[:k10]) for a, b in zip(lists["ONE2ONE"], phased_lists)])), 4
+            ),
+        }
     result["repeat_new"] = repeat_new_metrics(lists, rungs, idx_truth, urows, bought, ecfg.ks)
     if B is None:
         result["ease_skipped"] = f"the catalog has {n_items} items, more than {bl.EASE_MAX_ITEMS}"
@@ -359,6 +385,9 @@ def ladder_summary(results: dict, k: int = 10) -> dict:
                 g: {r: round(m[k]["ndcg"], 4) for r, m in rungs.items()} for g, rungs in p["groups"].items()
             },
         }
+        if "phases" in p:
+            # ONE2ONE's NDCG@10 ranked in one phase and phased, on the same users.
+            out[name]["phases"] = p["phases"]
         split = p.get("repeat_new")
         if split and split["users"]["repeat"]:
             out[name][f"ndcg_at_{k}_repeat_new"] = {

@@ -137,11 +137,17 @@ class Fitted:
     events: pa.Table  # the events that were fitted (those naming a catalogue item)
 
     def model(
-        self, scoring: dict, tree_arrays: dict[str, np.ndarray] | None = None, name: str = "the bundle being built"
+        self,
+        scoring: dict,
+        tree_arrays: dict[str, np.ndarray] | None = None,
+        name: str = "the bundle being built",
+        sections: dict | None = None,
     ) -> RankingModel:
-        """The fitted arrays served as a model, scored by ``scoring`` (and its trees)."""
+        """The fitted arrays served as a model, scored by ``scoring`` (and its trees); ``sections``
+        adds manifest sections (the reranker's ``phases``)."""
         arrays = {**self.arrays, **(tree_arrays or {})}
-        return RankingModel(MemoryBundle(arrays, {**self.sections, "scoring": scoring}, self.index, name))
+        manifest = {**self.sections, **(sections or {}), "scoring": scoring}
+        return RankingModel(MemoryBundle(arrays, manifest, self.index, name))
 
 
 @dataclass

@@ -83,8 +83,36 @@ def _protocol_md(p: dict, k: int, plots: list[str]) -> list[str]:
         lines.append(f"| {LABELS[r]} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += _repeat_new_md(p, k)
+    lines += _phases_md(p)
     lines += [f"![lift per rung]({plots[0]})", "", f"![NDCG vs K]({plots[1]})", ""]
     return lines
+
+
+def _phases_md(p: dict) -> list[str]:
+    """The full pipeline's NDCG ranked in one phase and phased, on the same test users."""
+    ph = p.get("phases")
+    if not ph:
+        return []
+    verdict = (
+        "**phased scoring loses beyond noise here**: the bundle scores in one phase"
+        if ph["lost"]
+        else "no loss beyond noise"
+    )
+    return [
+        f"### Phased scoring, @{ph['k']}",
+        "",
+        f"The first phase walks {ph['first_trees']} of {ph['trees']} trees (summed over the cross-fitted bags) "
+        f"over every candidate, the full "
+        f"model the best {ph['second_phase_candidates']}; {ph['same_top_k']:.1%} of {ph['queries']} test users "
+        f"got the same top {ph['k']}. Noise: two standard errors of the paired per-user difference.",
+        "",
+        f"| ranking | NDCG@{ph['k']} |",
+        "|---|---|",
+        f"| one phase (the full model over every candidate) | {_fmt(ph['one_phase'])} |",
+        f"| phased | {_fmt(ph['phased'])} |",
+        f"| difference (± standard error) | {ph['difference']:+.5f} ± {ph['difference_se']:.5f}: {verdict} |",
+        "",
+    ]
 
 
 def _repeat_new_md(p: dict, k: int) -> list[str]:

@@ -26,6 +26,7 @@ from index_builder.config import BuildConfig
 from index_builder.feature_tables import context_of
 from index_builder.fit import PartFit
 from index_builder.rerank_cost import cost_rows, fit_ceiling, nodes_per_tree
+from index_builder.rerank_phases import choose_phases
 from index_builder.splits import positive_types, user_folds
 from index_builder.steps import Steps
 from ranking import FEATURE_NAMES, Ranker, RankingModel, RankQuery, TreeArrays, concat_trees, trees_from_lightgbm
@@ -48,6 +49,19 @@ class RerankOutcome:
     held_folds: list[int] = field(default_factory=list)
     n_folds: int = 0
     seed: int = 0
+    # The manifest's ``phases`` section (index_builder.rerank_phases.choose_phases).
+    phases: dict = field(default_factory=dict)
+
+    def bag_phases(self, b: int) -> dict:
+        """The ``phases`` section of bag ``b`` served alone (the ladder's cross-fitted rankers):
+        its own prefix, and the candidate count the phases were evaluated at."""
+        if not self.phases:
+            return {}
+        return {
+            "trees_per_bag": [self.phases["trees_per_bag"][b]],
+            "first_trees_per_bag": [self.phases["first_trees_per_bag"][b]],
+            "second_phase_candidates": self.phases["evaluated_second_phase_candidates"],
+        }
 
     def bag_of(self, user_ids: list[str]) -> np.ndarray:
         """The bag that never saw each user (cross-fitting), or -1 where every bag did."""
@@ -274,6 +288,14 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
     boosters, cost = _bounded(boosters, rows, cfg, held_out_ndcg, ndcg)
     if cost["cut"]:
         ndcg = cost["held_out_ndcg_at_10_after_cut"]
+    # Phased scoring's first phase, chosen on the same held-out queries, each scored by its own bag.
+    bag_index = {f: b for b, f in enumerate(held_folds)}
+    phases = choose_phases(
+        boosters,
+        [(bag_index[int(fold[g])], rows.X[bounds[g] : bounds[g + 1]], rows.y[bounds[g] : bounds[g + 1]]) for g in held],
+        cfg.rerank_second_phase_candidates,
+        cfg.rerank_phase_recall,
+    )
     col = {n: j for j, n in enumerate(FEATURE_NAMES)}
     gain = sum(b.feature_importance("gain") for b in boosters) / len(boosters)
     figures = {
@@ -282,6 +304,7 @@ def fit_lambdarank(rows: TrainingRows, cfg: BuildConfig) -> tuple[list, dict, tu
         "rows": len(rows.y),
         "trees_per_bag": [int(b.num_trees()) for b in boosters],
         "serving_cost": cost,
+        "phases": phases,
         "held_out_ndcg_at_10": {
             "reranker": ndcg,
             **{
@@ -426,6 +449,7 @@ def train_reranker(
             boosters, figures, (n_folds, held_folds) = fit_lambdarank(rows, cfg)
     except ValueError as exc:
         return RerankOutcome(None, section, str(exc))
+    phases = figures.pop("phases")
     section.update(figures)
     trees = concat_trees([trees_from_lightgbm(b, scale=1.0 / len(boosters)) for b in boosters])
     section["n_trees"] = trees.n_trees
@@ -436,6 +460,7 @@ def train_reranker(
         held_folds=held_folds,
         n_folds=n_folds,
         seed=cfg.random_seed,
+        phases=phases,
     )
 
 

@@ -46,8 +46,10 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ranking.kernels.scoring": (
         "TopK",
         "TreeArrays",
+        "TreePhases",
         "linear_contributions",
         "score_topk",
+        "score_trees_phased_topk",
         "score_trees_topk",
         "topk",
         "tree_contributions",
@@ -144,8 +146,10 @@ if TYPE_CHECKING:
     from ranking.kernels.scoring import (
         TopK,
         TreeArrays,
+        TreePhases,
         linear_contributions,
         score_topk,
+        score_trees_phased_topk,
         score_trees_topk,
         topk,
         tree_contributions,

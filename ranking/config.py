@@ -58,6 +58,15 @@ class RankerConfig:
     ann_batch_wait_us: float = 300.0
     # Items of largest norm searched exactly before the ANN index (ranking.retrieval); 0: off.
     exact_head_items: int = DEFAULT_EXACT_HEAD_ITEMS
+    # Phased scoring: the first phase (a prefix of every bag of the reranker, chosen by the
+    # builder) scores every candidate, the full model the best N of them. -1: the bundle's own
+    # N (``phases.second_phase_candidates`` in its manifest, 0 when it records none); 0: one
+    # phase, the full model over every candidate; N > 0: the operator's N.
+    second_phase_candidates: int = -1
+    # Milliseconds of a request's budget the scoring must fit with the cost model's plan
+    # (ranking.pipeline.budget.CostModel): a bundle whose measured scoring cost is over it gets
+    # its second phase cut at warm-up. The server passes its default_budget_ms; 0: no check.
+    scoring_budget_ms: float = 0.0
 
 
 def bundle_ann_effort(manifest: dict[str, Any]) -> int | None:
@@ -75,6 +84,24 @@ def effective_ann_effort(config: RankerConfig, manifest: dict[str, Any]) -> tupl
     if tuned is not None:
         return tuned, "bundle"
     return DEFAULT_ANN_EFFORT, "default"
+
+
+def bundle_second_phase(manifest: dict[str, Any]) -> int | None:
+    """The second phase's N a bundle's builder chose (``phases.second_phase_candidates``; 0 when its
+    phases lost NDCG), or None when it records none."""
+    n = (manifest.get("phases") or {}).get("second_phase_candidates")
+    return int(n) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+
+def effective_second_phase(config: RankerConfig, manifest: dict[str, Any]) -> tuple[int, str]:
+    """The second phase's N a ranker scores with and where it came from: ``config`` (the operator
+    set ``second_phase_candidates >= 0``), ``bundle`` (the builder's choice) or ``default`` (one phase)."""
+    if config.second_phase_candidates >= 0:
+        return config.second_phase_candidates, "config"
+    chosen = bundle_second_phase(manifest)
+    if chosen is not None:
+        return chosen, "bundle"
+    return 0, "default"
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,14 @@ class ServerConfig:
         "search effort on the request path: HNSW efSearch, IVF nprobe. 0: the bundle's own, which "
         "its builder chose as the lowest reaching the recall target (see Retrieval); any other value wins over it",
     )
+    second_phase_candidates: int = _setting(
+        RankerConfig.second_phase_candidates,
+        "phased scoring: a first phase (a prefix of every bag of the reranker, chosen by the builder) "
+        "scores every candidate, the full model only the best this many. -1: the bundle's own "
+        "(`phases.second_phase_candidates` in its manifest); 0: one phase, the full model over every "
+        "candidate. A bundle whose measured scoring is over its share of `default_budget_ms` gets it cut "
+        "to fit (see The request budget)",
+    )
     exact_head_items: int = _setting(
         RankerConfig.exact_head_items,
         "items of largest norm searched exactly "
@@ -380,6 +388,11 @@ class ServerConfig:
             problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
         if self.ann_effort < 0:
             problems.append(f"ann_effort {self.ann_effort} must be >= 0 (0: the bundle's tuned effort)")
+        if self.second_phase_candidates < -1:
+            problems.append(
+                f"second_phase_candidates {self.second_phase_candidates} must be >= -1 "
+                "(-1: the bundle's own, 0: one phase)"
+            )
         if self.exact_head_items < 0:
             problems.append(f"exact_head_items {self.exact_head_items} must be >= 0 (0: ANN search only)")
         if self.ann_batch_size < 1 or self.ann_batch_wait_us < 0:
@@ -487,6 +500,9 @@ class ServerConfig:
             n_candidates=self.n_candidates,
             popular_candidates=self.popular_candidates,
             ann_effort=self.ann_effort,
+            second_phase_candidates=self.second_phase_candidates,
+            # A bundle's scoring is fitted to what a request that sets no budget may spend.
+            scoring_budget_ms=self.default_budget_ms,
             exact_head_items=self.exact_head_items,
             limits=QueryLimits(max_results=self.max_results),
             debug_delay_us_per_candidate=self.debug_delays(),

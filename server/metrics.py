@@ -175,6 +175,30 @@ SCORING_TREES = Gauge(
     "Trees the served bundle's reranker walks per candidate (0: the linear scorer).",
     multiprocess_mode="livemax",
 )
+SECOND_PHASE_CANDIDATES = Gauge(
+    "one2one_second_phase_candidates",
+    "Candidates the served bundle's full reranker scores after the first phase ranked them all "
+    "(0: one phase, the full model over every candidate), after any cut to fit the budget.",
+    multiprocess_mode="livemax",
+)
+FIRST_PHASE_TREES = Gauge(
+    "one2one_first_phase_trees",
+    "Trees the first phase of phased scoring walks per candidate (0: the bundle records no phases).",
+    multiprocess_mode="livemax",
+)
+PHASE_CANDIDATE_SECONDS = Gauge(
+    "one2one_phase_candidate_seconds",
+    "The served bundle's scoring cost per candidate in each phase (first: the prefix every candidate "
+    "gets; second: the trees the second phase adds), measured at warm-up.",
+    ["phase"],
+    multiprocess_mode="livemax",
+)
+SECOND_PHASE_CUT = Gauge(
+    "one2one_second_phase_cut",
+    "1 when the served bundle's measured scoring cost was over its share of default_budget_ms and its "
+    "second phase was cut to fit, else 0.",
+    multiprocess_mode="livemax",
+)
 RANK_BUDGET = Gauge(
     "one2one_rank_budget_seconds",
     "The configured Rank budgets (kind: default, max), for dashboards.",
@@ -199,7 +223,7 @@ def init_label_sets() -> None:
             BUNDLE_RELOADS.labels(trigger, result)
     for stage in STAGES:
         STAGE_DURATION.labels(stage)
-    for stage in ("queue", "retrieve", "score", "retrieval_order"):
+    for stage in ("queue", "retrieve", "second_phase", "score", "retrieval_order"):
         RANK_DEGRADED.labels(stage)
     for path in RETRIEVAL_PATHS:
         RANK_RETRIEVAL.labels(path)

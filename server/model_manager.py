@@ -194,8 +194,24 @@ class ModelManager:
                     if ranker.scoring_seconds_per_candidate is not None
                     else None
                 ),
+                "first_phase_trees": ranker.first_phase_trees,
+                "second_phase_candidates": ranker.second_phase_candidates,
+                "second_phase_source": ranker.second_phase_source,
             },
         )
+        if ranker.second_phase_cut:
+            n = self.ranker_config.n_candidates
+            log.warning(
+                "bundle scoring over budget: second phase cut to fit",
+                extra={
+                    "version": m.version,
+                    "budget_ms": self.ranker_config.scoring_budget_ms,
+                    "n_candidates": n,
+                    "one_phase_scoring_ms": round(ranker.scoring_ms(n, 0), 4),
+                    "second_phase_candidates": ranker.second_phase_candidates,
+                    "phased_scoring_ms": round(ranker.scoring_ms(n, ranker.second_phase_candidates), 4),
+                },
+            )
         return ReloadOutcome("loaded", version=m.version, serving_version=m.version, seconds=seconds)
 
     def _resolve(self) -> Path:
@@ -263,3 +279,9 @@ class ModelManager:
         if ranker.scoring_seconds_per_candidate is not None:
             metrics.SCORING_CANDIDATE_SECONDS.set(ranker.scoring_seconds_per_candidate)
         metrics.SCORING_TREES.set(ranker.scoring_trees)
+        metrics.FIRST_PHASE_TREES.set(ranker.first_phase_trees)
+        metrics.SECOND_PHASE_CANDIDATES.set(ranker.second_phase_candidates)
+        metrics.SECOND_PHASE_CUT.set(1 if ranker.second_phase_cut else 0)
+        if ranker.phase_seconds_per_candidate is not None:
+            for phase, seconds in zip(("first", "second"), ranker.phase_seconds_per_candidate):
+                metrics.PHASE_CANDIDATE_SECONDS.labels(phase).set(seconds)

@@ -7,11 +7,11 @@ points expect. Compiler directives come from ``setup.py``.
 Layers (as in sklearn's ``_loss``):
 
 1. ``_dot`` / ``_tree_leaf``: scalars, ``cdef inline ... noexcept nogil``.
-2. ``_score_topk_loop`` / ``_score_trees_topk_loop`` / ``_topk_loop`` /
-   ``_tree_contrib_loop``: loops over typed memoryviews, nogil.
-3. ``score_topk`` / ``score_trees_topk`` / ``topk`` / ``tree_contributions``:
-   Python-visible entries taking memoryviews and output buffers, releasing the
-   GIL around the loop.
+2. ``_score_topk_loop`` / ``_score_trees_topk_loop`` / ``_score_trees_phased_loop`` /
+   ``_topk_loop`` / ``_tree_contrib_loop``: loops over typed memoryviews, nogil.
+3. ``score_topk`` / ``score_trees_topk`` / ``score_trees_phased_topk`` / ``topk`` /
+   ``tree_contributions``: Python-visible entries taking memoryviews and output
+   buffers, releasing the GIL around the loop.
 4. ``ranking.kernels.scoring``: the public wrapper.
 
 Selection rule shared by every kernel: a candidate is excluded when its mask
@@ -19,6 +19,9 @@ byte is nonzero (checked before it is scored) or when its score is NaN;
 the rest are ranked by score descending, ties by the lower row index first.
 The top-k is kept in a fixed-size min-heap whose root is the *worst* kept
 element under that order, so only the k kept elements are ever sorted.
+Phased scoring applies the rule twice: the first phase's best rows by their
+prefix score, then the top-k of those rows by their full score; rows that did
+not complete the second phase follow, by first-phase order, only to fill k.
 """
 from libc.math cimport fabs
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -196,6 +199,46 @@ cdef inline void _heap_offer(
         _sift_down(heap_scores, heap_indices, capacity, 0)
 
 
+cdef inline void _heap_offer_any(
+    float32_t* heap_scores,  # IN/OUT (capacity,) heap keys
+    int32_t* heap_indices,  # IN/OUT (capacity,) heap payload
+    Py_ssize_t* size,  # IN/OUT number of live heap entries
+    Py_ssize_t capacity,  # IN k, > 0
+    float32_t s,  # IN candidate score, not NaN
+    int32_t idx,  # IN candidate row, in any order relative to the rows already offered
+) noexcept nogil:
+    # As _heap_offer, for rows that do not arrive in index order (the second phase
+    # visits them in first-phase order): a tie with the root is decided by the index.
+    if size[0] < capacity:
+        heap_scores[size[0]] = s
+        heap_indices[size[0]] = idx
+        _sift_up(heap_scores, heap_indices, size[0])
+        size[0] += 1
+    elif _worse(heap_scores[0], heap_indices[0], s, idx):
+        heap_scores[0] = s
+        heap_indices[0] = idx
+        _sift_down(heap_scores, heap_indices, capacity, 0)
+
+
+cdef inline float64_t _trees_sum(
+    const float32_t* x,  # IN (f,) one feature row
+    const int32_t* roots,  # IN (n_trees,) the trees to walk
+    Py_ssize_t n_trees,  # IN
+    const int32_t* feature,  # IN (n_nodes,)
+    const float64_t* threshold,  # IN (n_nodes,)
+    const int32_t* left,  # IN (n_nodes,)
+    const int32_t* right,  # IN (n_nodes,)
+    const uint8_t* flags,  # IN (n_nodes,)
+    const float64_t* leaf_value,  # IN (n_leaves,)
+) noexcept nogil:
+    # Sum in double as LightGBM does; the caller rounds once at the end.
+    cdef float64_t acc = 0.0
+    cdef Py_ssize_t t
+    for t in range(n_trees):
+        acc += _tree_leaf(x, roots[t], feature, threshold, left, right, flags, leaf_value)
+    return acc
+
+
 cdef inline void _heap_sort_best_first(
     float32_t* heap_scores,  # IN/OUT (size,) heap in, best-first order out
     int32_t* heap_indices,  # IN/OUT (size,)
@@ -349,6 +392,140 @@ cdef Py_ssize_t _score_trees_topk_loop(
 
     _heap_sort_best_first(heap_scores, heap_indices, size)
     n_kept[0] = size
+    return n_scored
+
+
+cdef Py_ssize_t _score_trees_phased_loop(
+    const float32_t[:, ::1] features,  # IN (n, f) one row per candidate
+    const int32_t[::1] roots_first,  # IN (t1,) the first phase's trees
+    const int32_t[::1] roots_second,  # IN (t2,) the trees the second phase adds
+    const int32_t[::1] feature,  # IN (n_nodes,) split feature per node, < f
+    const float64_t[::1] threshold,  # IN (n_nodes,)
+    const int32_t[::1] left,  # IN (n_nodes,)
+    const int32_t[::1] right,  # IN (n_nodes,)
+    const uint8_t[::1] flags,  # IN (n_nodes,)
+    const float64_t[::1] leaf_value,  # IN (n_leaves,)
+    const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
+    const float32_t[::1] offsets,  # IN (n,) added to each row's score after the model
+    Py_ssize_t n_second,  # IN rows the second phase completes at most, >= 1
+    int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
+    Py_ssize_t check_every,  # IN rows between clock reads, >= 1
+    float64_t[::1] first_acc,  # SCRATCH (n,) each row's first-phase leaf sum
+    float32_t[::1] first_scores,  # SCRATCH (m,) first-phase heap, m = min(n, max(n_second, k))
+    int32_t[::1] first_indices,  # SCRATCH (m,)
+    float32_t[::1] out_scores,  # OUT (k,) used as the heap, best first on return
+    int32_t[::1] out_indices,  # OUT (k,) rows matching out_scores
+    Py_ssize_t* n_kept,  # OUT number of valid entries written to out_*
+    Py_ssize_t* n_done,  # OUT rows the second phase completed
+    Py_ssize_t* n_planned,  # OUT rows the second phase was to complete: min(n_second, first-phase survivors)
+) noexcept nogil:
+    """Two-phase scoring; return the rows the first phase consumed.
+
+    Phase 1 walks ``roots_first`` for every row (in order, deadline-checked like
+    ``_score_trees_topk_loop``) and keeps the best ``m`` by first-phase score. Phase 2
+    visits the best ``n_second`` of them best first, adds the ``roots_second`` trees
+    to each one's first-phase sum (the full model's leaf sum, in another order) and
+    keeps the top-k of those full scores; it reads the clock too and stops at the
+    deadline. When fewer than k rows got a full score, the next rows by first-phase
+    order follow them, with their first-phase scores.
+    """
+    cdef Py_ssize_t n = features.shape[0]
+    cdef Py_ssize_t f = features.shape[1]
+    cdef Py_ssize_t k = out_scores.shape[0]
+    cdef Py_ssize_t m = first_scores.shape[0]
+    cdef Py_ssize_t t1 = roots_first.shape[0]
+    cdef Py_ssize_t t2 = roots_second.shape[0]
+    cdef Py_ssize_t i, j
+    cdef Py_ssize_t size1 = 0
+    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t planned, done
+    cdef Py_ssize_t next_check = check_every
+    cdef Py_ssize_t n_scored = n
+    cdef float64_t acc
+    cdef float32_t s
+    cdef int32_t row
+    cdef const float32_t* rows = NULL
+    cdef const int32_t* p_first = NULL
+    cdef const int32_t* p_second = NULL
+    cdef const int32_t* p_feature = NULL
+    cdef const float64_t* p_threshold = NULL
+    cdef const int32_t* p_left = NULL
+    cdef const int32_t* p_right = NULL
+    cdef const uint8_t* p_flags = NULL
+    cdef const float64_t* p_leaf = NULL
+    cdef float32_t* heap1_scores = NULL
+    cdef int32_t* heap1_indices = NULL
+    cdef float32_t* heap_scores = NULL
+    cdef int32_t* heap_indices = NULL
+
+    n_kept[0] = 0
+    n_done[0] = 0
+    n_planned[0] = 0
+    if k == 0 or n == 0 or m == 0:
+        return n
+    if f > 0:
+        rows = &features[0, 0]
+    if t1 > 0:
+        p_first = &roots_first[0]
+    if t2 > 0:
+        p_second = &roots_second[0]
+    if feature.shape[0] > 0:
+        p_feature = &feature[0]
+        p_threshold = &threshold[0]
+        p_left = &left[0]
+        p_right = &right[0]
+        p_flags = &flags[0]
+    if leaf_value.shape[0] > 0:
+        p_leaf = &leaf_value[0]
+    heap1_scores = &first_scores[0]
+    heap1_indices = &first_indices[0]
+    heap_scores = &out_scores[0]
+    heap_indices = &out_indices[0]
+
+    # Phase 1: the ensemble's prefix over every row.
+    for i in range(n):
+        if _out_of_time(i, &next_check, check_every, deadline_ns):
+            n_scored = i
+            break
+        if mask[i]:
+            continue
+        acc = _trees_sum(rows + i * f, p_first, t1, p_feature, p_threshold, p_left, p_right, p_flags, p_leaf)
+        s = <float32_t>acc + offsets[i]
+        if s != s:
+            continue
+        first_acc[i] = acc
+        _heap_offer(heap1_scores, heap1_indices, &size1, m, s, <int32_t>i)
+    _heap_sort_best_first(heap1_scores, heap1_indices, size1)
+
+    # Phase 2: the rest of the trees over the best rows, best first, so a deadline
+    # leaves the most promising rows complete. The clock is read before every
+    # check_every-th row; the first rows always complete.
+    planned = n_second if n_second < size1 else size1
+    done = planned
+    next_check = check_every
+    for j in range(planned):
+        if _out_of_time(j, &next_check, check_every, deadline_ns):
+            done = j
+            break
+        row = heap1_indices[j]
+        acc = first_acc[row] + _trees_sum(rows + row * f, p_second, t2, p_feature, p_threshold, p_left,
+                                          p_right, p_flags, p_leaf)
+        s = <float32_t>acc + offsets[row]
+        if s != s:
+            continue
+        _heap_offer_any(heap_scores, heap_indices, &size, k, s, row)
+    _heap_sort_best_first(heap_scores, heap_indices, size)
+
+    # Fewer than k rows complete: the others follow in first-phase order.
+    j = done
+    while size < k and j < size1:
+        heap_scores[size] = heap1_scores[j]
+        heap_indices[size] = heap1_indices[j]
+        size += 1
+        j += 1
+    n_kept[0] = size
+    n_done[0] = done
+    n_planned[0] = planned
     return n_scored
 
 
@@ -513,3 +690,43 @@ def tree_contributions(
     with nogil:
         _tree_contrib_loop(features, roots, feature, threshold, left, right, flags, node_value,
                            leaf_value, out_contrib, out_bias)
+
+
+def score_trees_phased_topk(
+    const float32_t[:, ::1] features not None,  # IN (n, f)
+    const int32_t[::1] roots_first not None,  # IN (t1,)
+    const int32_t[::1] roots_second not None,  # IN (t2,)
+    const int32_t[::1] feature not None,  # IN (n_nodes,)
+    const float64_t[::1] threshold not None,  # IN (n_nodes,)
+    const int32_t[::1] left not None,  # IN (n_nodes,)
+    const int32_t[::1] right not None,  # IN (n_nodes,)
+    const uint8_t[::1] flags not None,  # IN (n_nodes,)
+    const float64_t[::1] leaf_value not None,  # IN (n_leaves,)
+    const uint8_t[::1] mask not None,  # IN (n,)
+    const float32_t[::1] offsets not None,  # IN (n,)
+    Py_ssize_t n_second,  # IN >= 1
+    int64_t deadline_ns,  # IN
+    Py_ssize_t check_every,  # IN >= 1
+    float64_t[::1] first_acc not None,  # SCRATCH (n,)
+    float32_t[::1] first_scores not None,  # SCRATCH (m,)
+    int32_t[::1] first_indices not None,  # SCRATCH (m,)
+    float32_t[::1] out_scores not None,  # OUT (k,), k <= n
+    int32_t[::1] out_indices not None,  # OUT (k,)
+):
+    """Two-phase top-k under a tree ensemble split in two; return
+    ``(n_kept, n_scored, n_second_done, n_second_planned)``.
+
+    The GIL is released for both phases. The trees must have been checked by
+    ``ranking.kernels.scoring.TreeArrays.checked`` and the two root lists taken
+    from its ``roots`` (``ranking.kernels.scoring.TreePhases``).
+    """
+    cdef Py_ssize_t n_kept = 0
+    cdef Py_ssize_t n_done = 0
+    cdef Py_ssize_t n_planned = 0
+    cdef Py_ssize_t n_scored
+    with nogil:
+        n_scored = _score_trees_phased_loop(features, roots_first, roots_second, feature, threshold, left,
+                                            right, flags, leaf_value, mask, offsets, n_second, deadline_ns,
+                                            check_every, first_acc, first_scores, first_indices, out_scores,
+                                            out_indices, &n_kept, &n_done, &n_planned)
+    return n_kept, n_scored, n_done, n_planned

@@ -16,7 +16,7 @@ import numpy as np
 from ranking.bundle.schema import TREE_ARRAYS
 from ranking.errors import BundleError
 from ranking.kernels import scoring
-from ranking.kernels.scoring import TopK, TreeArrays
+from ranking.kernels.scoring import TopK, TreeArrays, TreePhases
 
 __all__ = [
     "TreeScorer",
@@ -131,15 +131,33 @@ def concat_trees(parts: list[TreeArrays]) -> TreeArrays:
 
 @dataclass(frozen=True)
 class TreeScorer:
-    """Scores feature rows with an exported tree ensemble."""
+    """Scores feature rows with an exported tree ensemble, in one phase or two.
+
+    ``phases`` (from the manifest's ``phases`` section) splits the trees into a first
+    phase (a prefix of every bag) and the rest; None when the bundle records no split.
+    """
 
     feature_names: tuple[str, ...]
     trees: TreeArrays
     kind: str = "trees"
+    phases: TreePhases | None = None
 
     def score_topk(
-        self, features: np.ndarray, mask: np.ndarray | None, k: int, *, offsets=None, deadline_ns: int = 0
+        self,
+        features: np.ndarray,
+        mask: np.ndarray | None,
+        k: int,
+        *,
+        offsets=None,
+        deadline_ns: int = 0,
+        n_second: int = 0,
     ) -> TopK:
+        """Top k; ``n_second > 0`` (with phases) scores the full model over only the best
+        ``n_second`` by the first phase (:func:`ranking.kernels.scoring.score_trees_phased_topk`)."""
+        if n_second > 0 and self.phases is not None:
+            return scoring.score_trees_phased_topk(
+                features, self.trees, self.phases, mask, k, n_second, offsets=offsets, deadline_ns=deadline_ns
+            )
         return scoring.score_trees_topk(features, self.trees, mask, k, offsets=offsets, deadline_ns=deadline_ns)
 
     def contributions(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +183,16 @@ class LinearScorer:
     kind: str = "linear"
 
     def score_topk(
-        self, features: np.ndarray, mask: np.ndarray | None, k: int, *, offsets=None, deadline_ns: int = 0
+        self,
+        features: np.ndarray,
+        mask: np.ndarray | None,
+        k: int,
+        *,
+        offsets=None,
+        deadline_ns: int = 0,
+        n_second: int = 0,
     ) -> TopK:
+        """Top k; a linear model has one phase, so ``n_second`` is ignored."""
         return scoring.score_topk(
             features, self.weights, mask, k, bias=self.bias, offsets=offsets, deadline_ns=deadline_ns
         )
@@ -215,11 +241,21 @@ def load_scorer(bundle) -> TreeScorer | LinearScorer:
             )
         except ValueError as exc:
             raise BundleError(f"{bundle.path}: the reranker's trees are inconsistent: {exc}") from None
-        return TreeScorer(tuple(names), trees)
+        return TreeScorer(tuple(names), trees, phases=_phases(bundle.manifest.get("phases"), trees, where))
     raise BundleError(
         f"{where}: scoring.model is {kind!r}; this server scores only {list(SCORING_MODELS)}: "
         "rebuild the bundle with a matching index_builder or upgrade the server"
     )
+
+
+def _phases(section: Any, trees: TreeArrays, where: str) -> TreePhases | None:
+    """The manifest's ``phases`` split of the trees, or None when it records none."""
+    if not isinstance(section, dict) or "first_trees_per_bag" not in section:
+        return None
+    try:
+        return TreePhases.of(trees, section.get("trees_per_bag", []), section["first_trees_per_bag"])
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{where}: phases does not split the reranker's trees: {exc}") from None
 
 
 def tree_arrays(trees: TreeArrays) -> dict[str, np.ndarray]:

@@ -8,6 +8,8 @@ Selection rule shared by :func:`score_topk` and :func:`topk`: a candidate is
 excluded when its mask entry is nonzero or its score is NaN; the others are
 ranked by score descending (``+inf`` first, ``-inf`` last but still returned),
 ties going to the lower row index, so results are deterministic.
+:func:`score_trees_phased_topk` ranks the rows its second phase completed by that
+rule, and only then, to fill k, the others by their first-phase score.
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ import numpy as np
 
 from ranking.kernels import _scoring
 
-__all__ = ["TopK", "TreeArrays", "score_topk", "score_trees_topk", "topk", "linear_contributions", "tree_contributions"]
+__all__ = [
+    "TopK",
+    "TreeArrays",
+    "TreePhases",
+    "score_topk",
+    "score_trees_topk",
+    "score_trees_phased_topk",
+    "topk",
+    "linear_contributions",
+    "tree_contributions",
+]
 
 _INT32_MAX = np.iinfo(np.int32).max
 _INT64_MAX = np.iinfo(np.int64).max
@@ -38,12 +50,21 @@ class TopK(NamedTuple):
         float32 scores matching ``indices``.
     n_scored : int
         Rows consumed before stopping, masked rows included; equals ``n`` unless
-        the deadline cut the loop short, so ``n_scored < n`` means "partial".
+        the deadline cut the loop short, so ``n_scored < n`` means "partial". In
+        phased scoring, the rows the first phase consumed.
+    n_second : int
+        Phased scoring only (``-1`` otherwise): rows the second phase gave the full
+        model's score.
+    second_cut : bool
+        Phased scoring only: the deadline stopped the second phase before it had
+        completed every row it was to complete.
     """
 
     indices: np.ndarray
     scores: np.ndarray
     n_scored: int
+    n_second: int = -1
+    second_cut: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -392,6 +413,55 @@ def _check_trees(trees, f: int) -> None:
         raise ValueError(f"trees read {trees.n_features} features but features has {f} columns")
 
 
+class TreePhases(NamedTuple):
+    """An ensemble's trees split in two phases: a prefix of every bag first, the rest second.
+
+    Build it with :meth:`of`. The first phase's trees are the first ``first_trees_per_bag[b]``
+    of each bag ``b`` (a boosted model's prefix is itself a model); the second phase's are
+    the others, so a row's first-phase sum plus its second-phase sum is the full model's.
+
+    Attributes
+    ----------
+    roots_first, roots_second : np.ndarray
+        int32 roots (entries of ``TreeArrays.roots``) of each phase's trees, in ensemble order.
+    first_trees_per_bag : tuple of int
+        The prefix length of each bag.
+    """
+
+    roots_first: np.ndarray
+    roots_second: np.ndarray
+    first_trees_per_bag: tuple[int, ...]
+
+    @classmethod
+    def of(cls, trees: TreeArrays, trees_per_bag, first_trees_per_bag) -> TreePhases:
+        """Split ``trees`` (bags concatenated in order, ``trees_per_bag[b]`` trees each).
+
+        Raises
+        ------
+        ValueError
+            The bag sizes do not add up to the ensemble's trees, or a prefix is negative
+            or longer than its bag; the message names the bag.
+        """
+        sizes = [_as_int("trees_per_bag", n, 0, _INT32_MAX) for n in trees_per_bag]
+        firsts = [_as_int("first_trees_per_bag", n, 0, _INT32_MAX) for n in first_trees_per_bag]
+        if sum(sizes) != trees.n_trees:
+            raise ValueError(f"trees_per_bag {sizes} adds up to {sum(sizes)} trees; the ensemble has {trees.n_trees}")
+        if len(firsts) != len(sizes):
+            raise ValueError(f"first_trees_per_bag has {len(firsts)} entries for {len(sizes)} bags")
+        first = np.zeros(trees.n_trees, dtype=bool)
+        start = 0
+        for b, (size, n1) in enumerate(zip(sizes, firsts)):
+            if n1 > size:
+                raise ValueError(f"first_trees_per_bag[{b}] = {n1} is more than the bag's {size} trees")
+            first[start : start + n1] = True
+            start += size
+        return cls(np.ascontiguousarray(trees.roots[first]), np.ascontiguousarray(trees.roots[~first]), tuple(firsts))
+
+    @property
+    def n_first(self) -> int:
+        return len(self.roots_first)
+
+
 def score_trees_topk(
     features,
     trees: TreeArrays,
@@ -507,3 +577,100 @@ def tree_contributions(features_rows, trees: TreeArrays) -> tuple[np.ndarray, np
         bias,
     )
     return contrib, bias
+
+
+def score_trees_phased_topk(
+    features,
+    trees: TreeArrays,
+    phases: TreePhases,
+    mask,
+    k: int,
+    n_second: int,
+    *,
+    offsets=None,
+    deadline_ns: int = 0,
+    check_every: int = 32,
+) -> TopK:
+    """Score in two phases: a prefix of the ensemble over every row, the full model over the best.
+
+    The first phase scores every unmasked row with ``phases.roots_first`` (plus its
+    offset) and keeps the best ``n_second``; the second phase adds the remaining trees
+    to those rows, best first, so their score is the full model's (the leaf sum is taken
+    in another order, so it can differ from :func:`score_trees_topk`'s in the last
+    float32 bit). The top k is taken among them. Rows that did not complete the
+    second phase rank below every row that did, by first-phase score, and only fill
+    the answer when fewer than ``k`` rows completed (``n_second < k``, or the deadline
+    stopped the second phase); their ``scores`` are first-phase scores.
+
+    ``n_second <= 0`` or ``n_second >= n`` is one phase: exactly :func:`score_trees_topk`.
+
+    Parameters
+    ----------
+    features, trees, mask, k, offsets, check_every
+        As in :func:`score_trees_topk`.
+    phases : TreePhases
+        The split of ``trees``, from :meth:`TreePhases.of`.
+    n_second : int
+        Rows the second phase scores at most.
+    deadline_ns : int
+        As in :func:`score_topk`; both phases read the clock every ``check_every``
+        rows, and the first ``check_every`` rows of each always complete.
+
+    Returns
+    -------
+    TopK
+        ``n_scored`` rows the first phase consumed, ``n_second`` rows the second phase
+        completed and ``second_cut`` whether the deadline stopped it early.
+
+    Raises
+    ------
+    ValueError
+        If an argument has the wrong dtype, shape or range; the message names it.
+    """
+    features = _as_float32("features", features, 2)
+    n, f = features.shape
+    n_second = _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX)
+    if n_second <= 0 or n_second >= n:
+        return score_trees_topk(
+            features, trees, mask, k, offsets=offsets, deadline_ns=deadline_ns, check_every=check_every
+        )
+    _check_n("features", n)
+    _check_trees(trees, f)
+    if not isinstance(phases, TreePhases):
+        raise ValueError(f"phases must be a TreePhases (build it with TreePhases.of), got {type(phases).__name__}")
+    if len(phases.roots_first) + len(phases.roots_second) != trees.n_trees:
+        raise ValueError(
+            f"phases split {len(phases.roots_first) + len(phases.roots_second)} trees; the ensemble has {trees.n_trees}"
+        )
+    mask = _as_mask(mask, n)
+    k = _as_int("k", k, 0, _INT64_MAX)
+    offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
+
+    out_scores, out_indices = _alloc(min(k, n))
+    if k == 0:
+        return TopK(out_indices, out_scores, n, 0, False)
+    first_scores, first_indices = _alloc(min(n, max(n_second, k)))
+    first_acc = np.empty(n, dtype=np.float64)
+    t = trees
+    n_kept, n_scored, n_done, n_planned = _scoring.score_trees_phased_topk(
+        features,
+        phases.roots_first,
+        phases.roots_second,
+        t.feature,
+        t.threshold,
+        t.left,
+        t.right,
+        t.flags,
+        t.leaf_value,
+        mask,
+        offsets,
+        n_second,
+        deadline_ns,
+        check_every,
+        first_acc,
+        first_scores,
+        first_indices,
+        out_scores,
+        out_indices,
+    )
+    return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored), int(n_done), bool(n_done < n_planned))

@@ -129,3 +129,37 @@ class CostModel:
         n = max(self.min_candidates, min(n, n_candidates))
         scaled_effort = max(n, int(effort * n / max(n_candidates, 1)))
         return RetrievalPlan(n, scaled_effort, True, score=affordable)
+
+    def plan_second_phase(
+        self, remaining_ms: float, n: int, n_second: int, first_ms: float, rest_ms: float
+    ) -> tuple[int, bool]:
+        """Shrink the second phase of a phased scoring until its estimate fits ``remaining_ms``.
+
+        The scoring of ``n`` candidates costs ``first_ms * n + rest_ms * m`` where ``m`` is the rows
+        the full model completes (``n`` when ``n_second`` is 0 or at least ``n``: one phase);
+        it may use the same ``safety`` share of what remains as :meth:`plan` gives the rest.
+
+        Parameters
+        ----------
+        remaining_ms : float
+            What is left of the budget for scoring (``inf``: no budget).
+        n : int
+            Candidates to score.
+        n_second : int
+            Rows the second phase would complete (0: every row, one phase).
+        first_ms, rest_ms : float
+            Milliseconds per row of the first phase and of the trees the second phase adds.
+
+        Returns
+        -------
+        (int, bool)
+            The second phase's rows (at least 1) and whether that is fewer than asked.
+        """
+        m = n if n_second <= 0 or n_second >= n else n_second
+        if remaining_ms == float("inf") or m <= 1:
+            return n_second, False
+        usable = remaining_ms * self.safety
+        if first_ms * n + rest_ms * m <= usable:
+            return n_second, False
+        fit = int((usable - first_ms * n) / rest_ms) if rest_ms > 0 else m
+        return max(1, min(fit, m - 1)), True

@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranking.bundle.model import RankingModel
-from ranking.config import RankerConfig, effective_ann_effort  # re-exported: its home is the light ranking.config
+from ranking.config import (  # re-exported: their home is the light ranking.config
+    RankerConfig,
+    effective_ann_effort,
+    effective_second_phase,
+)
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
@@ -145,6 +149,19 @@ class Ranker:
         # Trees walked per candidate (0: the linear scorer), for the operator's view of the cost.
         trees = getattr(self.scorer, "trees", None)
         self.scoring_trees = int(trees.n_trees) if trees is not None else 0
+        # Phased scoring: the first phase's trees (a prefix of every bag) over every candidate,
+        # the full model over the best second_phase_candidates (0: one phase). Without the
+        # bundle's split there is no first phase to run.
+        self.phases = getattr(self.scorer, "phases", None)
+        self.first_phase_trees = self.phases.n_first if self.phases is not None else 0
+        n_second, self.second_phase_source = effective_second_phase(self.config, model.manifest)
+        self.second_phase_candidates = n_second if self.phases is not None else 0
+        # Seconds per candidate of the first phase and of the trees the second adds, measured by
+        # warm(); None until then or without phases.
+        self.phase_seconds_per_candidate: tuple[float, float] | None = None
+        # True when warm() found the bundle's scoring over config.scoring_budget_ms and cut
+        # second_phase_candidates to fit.
+        self.second_phase_cut = False
 
     def warm(self, n_requests: int = 16) -> None:
         """Answer typical requests before serving: faults in the arrays and the index,
@@ -157,7 +174,7 @@ class Ranker:
         if m.n_items:
             self.rank(RankQuery(session_item_ids=m.items.id_of(np.arange(min(2, m.n_items)))))
         self.rank(RankQuery())
-        spreads, per_candidate = [], []
+        spreads, per_candidate, first_phase = [], [], []
         for row in users[:8]:
             prep = self.prepare(RankQuery(user_id=str(m.users.ids[row])))
             ok = ~prep.mask
@@ -173,11 +190,58 @@ class Ranker:
                     self.scorer.score_topk(feats, None, 10)
                     best = min(best, time.perf_counter() - t0)
                 per_candidate.append(best / len(feats))
+                if self.phases is not None:
+                    # The first phase alone: phased with one row in the second.
+                    best = np.inf
+                    for _ in range(3):
+                        t0 = time.perf_counter()
+                        self.scorer.score_topk(feats, None, 1, n_second=1)
+                        best = min(best, time.perf_counter() - t0)
+                    first_phase.append(best / len(feats))
         if spreads and np.median(spreads) > 0:
             self.offset_scale = float(np.median(spreads))
         # Seconds to score one candidate (median over the warm-up users), and so one request at
         # n_candidates; None when no warm-up user had features to score.
         self.scoring_seconds_per_candidate = float(np.median(per_candidate)) if per_candidate else None
+        if self.phases is not None and first_phase:
+            first = min(float(np.median(first_phase)), self.scoring_seconds_per_candidate or 0.0)
+            self.phase_seconds_per_candidate = (first, max((self.scoring_seconds_per_candidate or 0.0) - first, 0.0))
+        self._fit_scoring_budget()
+
+    def scoring_ms(self, n: int, n_second: int) -> float:
+        """Estimated milliseconds to score ``n`` candidates with ``n_second`` in the second phase
+        (0: one phase), from the costs warm() measured; 0 before warm()."""
+        full = (self.scoring_seconds_per_candidate or 0.0) * 1e3
+        if self.phase_seconds_per_candidate is None or n_second <= 0 or n_second >= n:
+            return full * n
+        first, rest = self.phase_seconds_per_candidate
+        return (first * n + rest * n_second) * 1e3
+
+    def _fit_scoring_budget(self) -> None:
+        """Cut the second phase when the bundle's scoring is over ``config.scoring_budget_ms``.
+
+        The cost model's plan lets the work after resolving use ``safety * budget`` (less its
+        fixed part); scoring gets what the other per-candidate work (retrieval, features) leaves
+        of it at ``n_candidates``. A model over that share still serves: phased, with the second
+        phase as large as fits (at least one candidate), and ``second_phase_cut`` set.
+        """
+        budget_ms, n = self.config.scoring_budget_ms, self.config.n_candidates
+        costs = self.costs
+        if budget_ms <= 0 or self.scoring_seconds_per_candidate is None or costs.per_candidate_ms is None:
+            return
+        if self.phase_seconds_per_candidate is None:
+            return
+        current = self.second_phase_candidates
+        other_ms = max(costs.per_candidate_ms * n - self.scoring_ms(n, current), 0.0)
+        share_ms = budget_ms * costs.safety - (costs.fixed_ms or 0.0) - other_ms
+        fit, cut = costs.plan_second_phase(share_ms / costs.safety, n, current, *self._phase_ms())
+        if cut:
+            self.second_phase_candidates = fit
+            self.second_phase_cut = True
+
+    def _phase_ms(self) -> tuple[float, float]:
+        first, rest = self.phase_seconds_per_candidate or (0.0, 0.0)
+        return first * 1e3, rest * 1e3
 
     def _debug_delay(self, stage: str, n: int) -> None:
         us = self.config.debug_delay_us_per_candidate.get(stage)
@@ -453,8 +517,11 @@ class Ranker:
             q = dataclasses.replace(q, session_item_ids=[], attributes={}, channel="", device="", region="")
         # Degradation order when time is short (docs/operations.md, "The request budget"):
         # 1. fewer candidates and less ANN effort ("retrieve"), planned from learned costs;
-        # 2. fewer candidates scored: the scoring loop stops at the deadline ("score");
-        # 3. no scoring at all: candidates in retrieval order ("retrieval_order").
+        # 2. fewer candidates scored by the full model: the second phase of phased scoring
+        #    shrinks to what the remaining time affords ("second_phase"), and stops at the
+        #    deadline;
+        # 3. fewer candidates scored: the scoring loop stops at the deadline ("score");
+        # 4. no scoring at all: candidates in retrieval order ("retrieval_order").
         if cheapest:
             plan = RetrievalPlan(self.costs.min_candidates, 0, True, score=False)
         else:
@@ -476,8 +543,19 @@ class Ranker:
             degraded.append("retrieval_order")
             feats = None
         else:
-            top = self.scorer.score_topk(feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns)
+            n_second = self.second_phase_candidates
+            if self.phase_seconds_per_candidate is not None and budget.deadline_ns:
+                n_second, cut = self.costs.plan_second_phase(
+                    budget.remaining_ms(), len(cands), n_second, *self._phase_ms()
+                )
+                if cut:
+                    degraded.append("second_phase")
+            top = self.scorer.score_topk(
+                feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns, n_second=n_second
+            )
             clock.lap("score")
+            if top.second_cut and "second_phase" not in degraded:
+                degraded.append("second_phase")
             if top.n_scored < len(cands):
                 degraded.append("score")
             else:

@@ -84,3 +84,17 @@ def test_too_little_data_is_said_plainly(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Not evaluated" in md and "no events to train on" in md
     assert "nan" not in md.lower()
+
+
+@pytest.mark.slow
+def test_report_shows_ndcg_with_and_without_phases(report):
+    results, out = report
+    md = (out / "report.md").read_text()
+    for protocol in ("last_n", "temporal"):
+        ph = results["protocols"][protocol]["phases"]
+        assert ph["second_phase_candidates"] > 0 and 0 < ph["first_trees"] < ph["trees"]
+        assert 0.0 <= ph["one_phase"] <= 1.0 and 0.0 <= ph["phased"] <= 1.0
+        assert ph["difference"] == pytest.approx(ph["phased"] - ph["one_phase"], abs=2e-4)
+        assert ph["queries"] == results["protocols"][protocol]["n_test_users"]
+    assert md.count("### Phased scoring, @10") == 3
+    assert "| one phase (the full model over every candidate) |" in md and "| phased |" in md

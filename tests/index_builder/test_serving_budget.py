@@ -5,10 +5,11 @@ import pytest
 from tests_support import SMALL_BUILD
 
 from index_builder.ann_tuning import effort_ladder, exact_top, recall, tune_effort
-from index_builder.build import build
+from index_builder.build import _ladder_phase_veto, build
 from index_builder.config import BuildConfig
 from index_builder.fit import build_index
 from index_builder.rerank_cost import fit_ceiling
+from index_builder.rerank_phases import paired_loss, phased_order, prefix_counts, topk_recall
 from index_builder.synthetic import make_shop, write_shop
 from ranking import ExactHead, Ranker, RankerConfig, RankingModel, resolve_current
 from ranking.retrieval.search import Retriever
@@ -134,3 +135,50 @@ def test_default_build_records_its_cost_uncut(bundle_path):
     # The small shop fits the exact head: the lowest effort already recalls everything.
     assert model.manifest["retrieval"]["ann_effort"] == 16
     assert [(e["effort"], e["served_recall"]) for e in model.manifest["retrieval"]["efforts"]] == [(16, 1.0)]
+
+
+def test_phased_order_recall_and_the_noise_rule():
+    first = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    full = np.array([0.0, 1.0, 2.0, 9.0, 3.0, 8.0])
+    # The best three by the first phase (0, 1, 2) reranked by the full model, then 3, 4, 5.
+    np.testing.assert_array_equal(phased_order(first, full, 3), [2, 1, 0, 3, 4, 5])
+    np.testing.assert_array_equal(phased_order(first, full, 0), np.argsort(-full, kind="stable"))
+    # The full top 2 (rows 3, 5) are outside the first phase's top 3, inside its top 4 once.
+    assert topk_recall([first], [full], 3, k=2) == 0.0
+    assert topk_recall([first], [full], 4, k=2) == 0.5
+    assert topk_recall([first], [full], 6, k=2) == 1.0
+    assert prefix_counts([40, 3, 0], 0.1) == [4, 1, 0]
+    same = paired_loss(np.full(50, 0.5), np.full(50, 0.5))
+    assert not same["lost"] and same["difference"] == 0.0
+    rng = np.random.default_rng(0)
+    one = rng.random(400)
+    assert paired_loss(one, one - 0.05 - 0.01 * rng.random(400))["lost"]
+    assert not paired_loss(one, one + rng.normal(0, 0.05, 400))["lost"]
+
+
+def test_the_ladder_vetoes_phases_that_lose():
+    phases = {"second_phase_candidates": 50, "first_trees_per_bag": [3]}
+    kept = {"protocols": {"temporal": {"phases": {"lost": False}}, "last_n": {"error": "too few"}}}
+    assert _ladder_phase_veto(phases, kept) == phases
+    lost = {"protocols": {"temporal": {"phases": {"lost": True}}}}
+    vetoed = _ladder_phase_veto(phases, lost)
+    assert vetoed["second_phase_candidates"] == 0 and "temporal" in vetoed["one_phase_because"]
+    assert vetoed["first_trees_per_bag"] == [3]  # the first phase stays for a server that must cut
+
+
+def test_default_build_records_its_phases(bundle_path):
+    model = RankingModel(bundle_path)
+    phases = model.manifest["phases"]
+    trees = model.manifest["scoring"]["training"]["trees_per_bag"]
+    assert phases["trees_per_bag"] == trees and phases["k"] == 10
+    assert all(1 <= t1 < t for t1, t in zip(phases["first_trees_per_bag"], trees) if t > 1)
+    assert phases["second_phase_candidates"] == BuildConfig().rerank_second_phase_candidates
+    assert phases["recall_at_10"] >= phases["target_recall"] == 0.99
+    ndcg = phases["held_out_ndcg_at_10"]
+    assert not ndcg["lost"] and ndcg["queries"] == phases["held_out_queries"] > 0
+    assert 0.0 <= ndcg["phased"] <= 1.0 and 0.0 <= ndcg["one_phase"] <= 1.0
+    # The ladder ranked the same test users both ways, through the serving path.
+    for protocol in ("temporal", "last_n"):
+        ladder = model.manifest["evaluation"]["ladder"][protocol]["phases"]
+        assert {"one_phase", "phased", "difference_se", "same_top_k"} <= set(ladder)
+        assert ladder["second_phase_candidates"] == phases["second_phase_candidates"]
