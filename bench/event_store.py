@@ -33,7 +33,7 @@ import numpy as np
 from bench.loadgen import percentiles
 from bench.portfolio import shop_arguments, users_with_history
 from bench.redis_server import RedisServer
-from bench.run import build_bundle, loadgen, metrics_text, start, stop, wait_serving
+from bench.run import build_bundle, cpu_seconds, measured_load, metrics_text, start, stop, wait_serving
 from server.config import allowed_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +129,9 @@ def store_round_trip(metrics_port: int) -> dict[str, float]:
     return {"reads": count, "mean_ms": 1000 * total / count, "p99_at_most_ms": 1000 * p99}
 
 
-def measure(store: str, a, art: Path, users_file: Path, users: list[str], items: list[str], tmp: Path) -> dict:
+def measure(
+    store: str, a, art: Path, users_file: Path, users: list[str], items: list[str], tmp: Path, redis_pid: int
+) -> dict:
     workers = a.workers or len(allowed_cpus())
     cfg = tmp / f"server-{store.split(':')[0]}.toml"
     cfg.write_text(
@@ -150,20 +152,24 @@ def measure(store: str, a, art: Path, users_file: Path, users: list[str], items:
             for u in users
         ]
         out["seed"] = asyncio.run(record_load(port, seed_batches, a.record_concurrency))
-        loadgen(port, users_file, 4, 500, 10)  # warm-up
+        pids = [proc.pid, *info.get("worker_pids", [])]
+        measured_load(pids, port, users_file, 4, 500, 10)  # warm-up
         runs = []
+        keys = ("concurrency", "qps", "requests", "errors", "degraded", "p50_ms", "p99_ms")
+        keys += ("server_cpu_ms_per_request", "redis_cpu_ms_per_request")
         for c in (int(x) for x in a.concurrency.split(",")):
-            r = loadgen(port, users_file, c, a.requests, a.duration)
-            runs.append(
-                {
-                    k: r[k]
-                    for k in ("concurrency", "qps", "requests", "errors", "degraded", "p50_ms", "p99_ms")
-                    if k in r
-                }
-            )
+            # CPU per Rank of the server's processes and of redis-server, which shares this
+            # machine's cores with them here (in a cluster it has its own).
+            redis_before = cpu_seconds([redis_pid])
+            r = measured_load(pids, port, users_file, c, a.requests, a.duration)
+            r["redis_cpu_ms_per_request"] = (cpu_seconds([redis_pid]) - redis_before) * 1000 / max(r["requests"], 1)
+            runs.append({k: r[k] for k in keys if k in r})
             print(out["store"], "rank", json.dumps(runs[-1]), flush=True)
         out["rank_runs"] = runs
-        out["rank_saturation_per_s"] = max(r["qps"] for r in runs)
+        best = max(runs, key=lambda r: r["qps"])
+        out["rank_saturation_per_s"] = best["qps"]
+        out["server_cpu_ms_per_rank"] = best["server_cpu_ms_per_request"]
+        out["redis_cpu_ms_per_rank"] = best["redis_cpu_ms_per_request"]
         out["store_round_trip_per_rank"] = store_round_trip(info["metrics_port"])
         for size in (1, 100):
             n = a.record_batches if size == 1 else max(a.record_batches // 20, 50)
@@ -207,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     items = item_ids(art, 20_000, a.seed)
     with RedisServer(tmp / "redis") as redis:
         report["redis"] = {"version": redis.client().info("server")["redis_version"], "appendfsync": "always"}
-        report["local"] = measure("local", a, art, users_file, users, items, tmp)
-        report["shared"] = measure(f"{redis.url}?prefix=bench", a, art, users_file, users, items, tmp)
+        assert redis.proc is not None
+        report["local"] = measure("local", a, art, users_file, users, items, tmp, redis.proc.pid)
+        report["shared"] = measure(f"{redis.url}?prefix=bench", a, art, users_file, users, items, tmp, redis.proc.pid)
     local, shared = report["local"], report["shared"]
     report["rank_ratio_redis_to_local"] = shared["rank_saturation_per_s"] / local["rank_saturation_per_s"]
     for size in (1, 100):
@@ -221,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"| Rank at saturation (/s) | {local['rank_saturation_per_s']:.0f} | {shared['rank_saturation_per_s']:.0f} "
         f"| **{report['rank_ratio_redis_to_local']:.2f}** (target >= 0.8) |"
+    )
+    print(
+        f"| CPU per Rank (ms): server; redis-server | {local['server_cpu_ms_per_rank']:.3f} | "
+        f"{shared['server_cpu_ms_per_rank']:.3f}; {shared['redis_cpu_ms_per_rank']:.3f} | "
+        f"{shared['server_cpu_ms_per_rank'] / local['server_cpu_ms_per_rank']:.2f} (server only) |"
     )
     rt = shared["store_round_trip_per_rank"]
     if rt:

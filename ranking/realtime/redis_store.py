@@ -78,6 +78,14 @@ return arms
 """.replace("{field}", RECORD_FIELD)
 
 
+# A customer's state for one Rank: both sorted sets after the horizon (ARGV[1], exclusive).
+_READ_LUA = """#!lua flags=no-writes
+local out = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')) do out[#out + 1] = m end
+return out
+"""
+
+
 class EventStoreError(Unavailable):
     """The shared event store did not answer, or answered with an error.
 
@@ -127,8 +135,8 @@ class RedisEventStore:
     attribution_ttl_seconds : float
         How long a served request's arm is remembered for attribution.
     retry_seconds : float
-        After a failed read, reads fail at once for this long instead of waiting out the
-        timeout on every Rank.
+        After a read the store refused (no connection), reads fail at once for this long
+        instead of trying on every Rank; a read that timed out is not held against the next.
     observe : callable(op, seconds, reason or None), optional
         Told about every round trip (the server's metrics).
     """
@@ -177,6 +185,7 @@ class RedisEventStore:
         # One script call per batch: atomic, and one command to encode instead
         # of several per event (the client's encoding was most of a 100-event batch's cost).
         self._append_script = self.writer.register_script(_APPEND_LUA)
+        self._read_script = self.reader.register_script(_READ_LUA)
         # Members of a sorted set are unique: a per-process token keeps two equal events two events.
         self._token = os.urandom(4).hex()
         self._seq = itertools.count()
@@ -337,7 +346,8 @@ class RedisEventStore:
 
     # -- Rank ---------------------------------------------------------------------------
     def events(self, user_id: str) -> list[Event]:
-        """The customer's events after the horizon, oldest first, in one pipelined round trip.
+        """The customer's events after the horizon, oldest first, in one round trip (one script
+        call reading both keys).
 
         Raises
         ------
@@ -351,18 +361,16 @@ class RedisEventStore:
         horizon = self.horizon
         low = f"({horizon}" if horizon > float("-inf") else "-inf"
 
-        def run():
-            pipe = self.reader.pipeline(transaction=False)
-            pipe.zrangebyscore(self.layout.recent(user_id), low, "+inf")
-            pipe.zrangebyscore(self.layout.buys(user_id), low, "+inf")
-            return pipe.execute()
-
+        keys = [self.layout.recent(user_id), self.layout.buys(user_id)]
         try:
-            recent, buys = self._call("rank_read", run)
-        except EventStoreError:
-            self._retry_at = time.monotonic() + self.retry_seconds
+            members = self._call("rank_read", lambda: self._read_script(keys=keys, args=[low]))
+        except EventStoreError as exc:
+            # A store that refuses connections is skipped for a while; one slow read under load
+            # is not a reason to drop every customer's state for a second.
+            if exc.reason == "connection":
+                self._retry_at = time.monotonic() + self.retry_seconds
             raise
-        out = [self._event(m) for m in (*recent, *buys)]
+        out = [self._event(m) for m in members]
         out.sort(key=lambda e: e.timestamp)
         return out
 
