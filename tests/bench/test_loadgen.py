@@ -66,3 +66,25 @@ def test_bad_targets_and_empty_user_files_are_refused(tmp_path, users_file):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "loopback targets only" in out.stderr
     assert out.stdout == ""  # nothing measured, nothing printed
+
+
+def test_open_loop_keeps_its_arrival_rate_and_counts_overflow(server, users_file):
+    from bench.loadgen import run_open_loop
+
+    _, ready = server
+    target = f"127.0.0.1:{ready['grpc_port']}"
+    users = ["u1", "u2", "u3"]
+    r = asyncio.run(run_open_loop(target, 50.0, 60, 30, users, budget_ms=0, num_results=5, warmup=0, seed=3))
+    assert r["mode"] == "open" and r["arrivals"] == r["requests"] == 60 and r["errors"] == {} and r["overflow"] == 0
+    # 60 Poisson arrivals at 50/s take about 1.2 s, whatever the answers do.
+    assert 25 <= r["achieved_rate"] <= 100, r
+    assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
+    # Far more arrivals than two outstanding requests can absorb: the rest overflow, and are
+    # counted rather than sent late (a closed loop would have slowed down instead).
+    flood = asyncio.run(
+        run_open_loop(target, 5000.0, 400, 30, users, budget_ms=0, num_results=5, warmup=0, max_in_flight=2, seed=4)
+    )
+    assert flood["overflow"] > 0 and flood["arrivals"] == 400
+    assert flood["requests"] + flood["overflow"] + sum(flood["errors"].values()) == 400
+    with pytest.raises(SystemExit, match="rate must be > 0"):
+        asyncio.run(run_open_loop(target, 0.0, 10, 5, users, budget_ms=0, num_results=5, warmup=0))
