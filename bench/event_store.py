@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.loadgen import percentiles
-from bench.portfolio import shop_arguments, users_with_history
+from bench.portfolio import parse_bench_args, shop_arguments, users_with_history
 from bench.redis_server import RedisServer
 from bench.run import build_bundle, cpu_seconds, measured_load, metrics_text, start, stop, wait_serving
-from server.config import allowed_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,9 +129,16 @@ def store_round_trip(metrics_port: int) -> dict[str, float]:
 
 
 def measure(
-    store: str, a, art: Path, users_file: Path, users: list[str], items: list[str], tmp: Path, redis_pid: int
+    store: str,
+    a,
+    art: Path,
+    users_file: Path,
+    users: list[str],
+    items: list[str],
+    tmp: Path,
+    redis_pid: int,
+    workers: int,
 ) -> dict:
-    workers = a.workers or len(allowed_cpus())
     cfg = tmp / f"server-{store.split(':')[0]}.toml"
     cfg.write_text(
         f'[server]\nworkers = {workers}\nlog_level = "WARNING"\nreload_interval_seconds = 0\n'
@@ -198,12 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--record-concurrency", type=int, default=4, help="RecordEvents in flight (below the events role ceiling)"
     )
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    a = p.parse_args(argv)
-    a.work.mkdir(parents=True, exist_ok=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    a, workers, report = parse_bench_args(p, argv)
 
     art = build_bundle(a, a.work)
     tmp = Path(tempfile.mkdtemp(prefix="one2one-bench-store-"))
@@ -214,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     with RedisServer(tmp / "redis") as redis:
         report["redis"] = {"version": redis.client().info("server")["redis_version"], "appendfsync": "always"}
         assert redis.proc is not None
-        report["local"] = measure("local", a, art, users_file, users, items, tmp, redis.proc.pid)
-        report["shared"] = measure(f"{redis.url}?prefix=bench", a, art, users_file, users, items, tmp, redis.proc.pid)
+        report["local"] = measure("local", a, art, users_file, users, items, tmp, redis.proc.pid, workers)
+        report["shared"] = measure(
+            f"{redis.url}?prefix=bench", a, art, users_file, users, items, tmp, redis.proc.pid, workers
+        )
     local, shared = report["local"], report["shared"]
     report["rank_ratio_redis_to_local"] = shared["rank_saturation_per_s"] / local["rank_saturation_per_s"]
     for size in (1, 100):

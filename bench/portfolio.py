@@ -117,6 +117,20 @@ def shop_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_bench_args(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, int, dict]:
+    """Add ``--work`` and ``--out``, parse, make both directories; returns the arguments, the
+    workers (``--workers``, 0: one per core) and a report holding the parameters."""
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    a = p.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    workers = a.workers or len(allowed_cpus())
+    report: dict = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    report["params"]["workers_resolved"] = workers
+    return a, workers, report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.portfolio", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,14 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=6000, help="per load run, upper bound")
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    a = p.parse_args(argv)
-    a.work.mkdir(parents=True, exist_ok=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    workers = a.workers or len(allowed_cpus())
-    report: dict = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
-    report["params"]["workers_resolved"] = workers
+    a, workers, report = parse_bench_args(p, argv)
 
     art = build_bundle(a, a.work)
     tmp = Path(tempfile.mkdtemp(prefix="one2one-bench-portfolio-"))

@@ -27,9 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.portfolio import ROOT, MemorySampler, shop_arguments
+from bench.portfolio import ROOT, MemorySampler, parse_bench_args, shop_arguments
 from bench.run import build_bundle
-from server.config import allowed_cpus
 
 
 def run_engine(art: Path, campaign: Path, out: Path, engine_args: list[str]) -> dict:
@@ -78,14 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="local workers and Spark's local[N] (0: one per core)")
     p.add_argument("--chunk-size", type=int, default=2000, help="customers per chunk (local) and per task (Spark)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "one2one-bench")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    a = p.parse_args(argv)
-    a.work.mkdir(parents=True, exist_ok=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    workers = a.workers or len(allowed_cpus())
-    report: dict = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
-    report["params"]["workers_resolved"] = workers
+    a, workers, report = parse_bench_args(p, argv)
 
     art = build_bundle(a, a.work)
     tmp = Path(tempfile.mkdtemp(prefix="one2one-bench-portfolio-spark-"))

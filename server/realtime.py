@@ -138,8 +138,6 @@ class Realtime:
             max_events_per_batch=config.max_events_per_batch,
         )
         self.settings = OverlaySettings(skip_penalty=config.skip_penalty, interest_boost=config.interest_boost)
-        # What the served bundle already holds: events at or before its data end.
-        self.horizon = float("-inf")
         self._model_version: str | None = None
         self._sync_lock = threading.Lock()
         self._next_stats = 0.0
@@ -248,7 +246,6 @@ class Realtime:
             if model.version == self._model_version:
                 return
             horizon, types = _bundle_horizon(model)
-            self.horizon = horizon
             dropped = self.store.set_bundle(horizon, types)
             if isinstance(self.store, LocalEventStore):
                 metrics.USER_STATE_USERS.set(len(self.store.state))
@@ -315,7 +312,8 @@ class Realtime:
             + [Rejection(i, name, reason) for i, (name, reason) in invalid.items()],
             key=lambda r: r.index,
         )
-        stale = sum(1 for e in accepted if e.timestamp <= self.horizon)
+        horizon = self.store.horizon  # what the served bundle already holds
+        stale = sum(1 for e in accepted if e.timestamp <= horizon)
         if accepted:
             self._count_attributed(accepted, self._append(accepted))
         metrics.EVENTS_RECORDED.labels("accepted").inc(len(accepted))

@@ -342,13 +342,14 @@ cdef Py_ssize_t _score_trees_topk_loop(
     cdef Py_ssize_t f = features.shape[1]
     cdef Py_ssize_t k = out_scores.shape[0]
     cdef Py_ssize_t n_trees = roots.shape[0]
-    cdef Py_ssize_t i, t
+    cdef Py_ssize_t i
     cdef Py_ssize_t size = 0
     cdef Py_ssize_t next_check = check_every
     cdef Py_ssize_t n_scored = n
     cdef float64_t acc
     cdef float32_t s
     cdef const float32_t* rows = NULL
+    cdef const int32_t* p_roots = NULL
     cdef const int32_t* p_feature = NULL
     cdef const float64_t* p_threshold = NULL
     cdef const int32_t* p_left = NULL
@@ -363,6 +364,8 @@ cdef Py_ssize_t _score_trees_topk_loop(
         return n
     if f > 0:
         rows = &features[0, 0]
+    if n_trees > 0:
+        p_roots = &roots[0]
     if feature.shape[0] > 0:  # an ensemble of single-leaf trees has no nodes
         p_feature = &feature[0]
         p_threshold = &threshold[0]
@@ -380,11 +383,7 @@ cdef Py_ssize_t _score_trees_topk_loop(
             break
         if mask[i]:
             continue
-        # Sum in double as LightGBM does; round once at the end.
-        acc = 0.0
-        for t in range(n_trees):
-            acc += _tree_leaf(rows + i * f, roots[t], p_feature, p_threshold, p_left, p_right,
-                              p_flags, p_leaf)
+        acc = _trees_sum(rows + i * f, p_roots, n_trees, p_feature, p_threshold, p_left, p_right, p_flags, p_leaf)
         s = <float32_t>acc + offsets[i]
         if s != s:
             continue

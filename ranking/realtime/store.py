@@ -38,6 +38,7 @@ class EventStore(Protocol):
     """
 
     kind: str
+    horizon: float  # the served bundle's data end (set_bundle's); -inf before one
 
     def set_bundle(self, horizon: float, durable_types: Iterable[str]) -> None:
         """A bundle with data up to ``horizon`` is served: state is what came after it."""
@@ -105,6 +106,11 @@ class LocalEventStore:
         self._arms: collections.OrderedDict[str, Arm] = collections.OrderedDict()
         self._arms_lock = threading.Lock()
         self._tail_lock = threading.Lock()
+
+    @property
+    def horizon(self) -> float:
+        """The served bundle's data end: state holds only what came after it."""
+        return self.state.horizon
 
     @property
     def bytes_appended(self) -> int:

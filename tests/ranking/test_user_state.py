@@ -107,6 +107,7 @@ def test_store_evicts_least_recent_users_but_never_a_purchase():
     # c's clicks were evicted, its purchase was not; a and b are untouched.
     assert [e.item_id for e in store.events("c")] == ["bought"]
     assert len(store.events("a")) == 4 and len(store.events("b")) == 4
+    assert len(store) == 4  # c is still held, by its purchase alone
     # Many more purchases than the per-customer cap: every one is kept.
     store.add([Event("c", f"p{k}", "purchase", now + k) for k in range(10)])
     assert len(store.events("c")) == 11 and store.n_purchases == 11
