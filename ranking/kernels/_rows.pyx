@@ -14,7 +14,8 @@ dense ``mark`` array; both are handed in clean and handed back clean.
 
 Layers (as in sklearn's ``_loss``):
 
-1. ``_first_visit``, ``_row_max``: scalars, ``cdef inline ... noexcept nogil``.
+1. ``_first_visit``, ``_row_max``: scalars, ``cdef inline ... noexcept nogil``
+   (in ``_common.pxd``).
 2. ``_unique_loop`` / ``_sum_rows_loop`` / ``_max_share_loop``: loops over
    typed memoryviews, nogil; a bad id is reported by a negative return value,
    never raised inside nogil.
@@ -30,44 +31,12 @@ Sums match ``np.bincount``: each entry's ``value * weight`` is formed in
 float32, then added in float64 in entry order (sources in order, each row in
 stored order).
 """
+from ranking.kernels._common cimport _first_visit, _row_max
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
 
-# ---------------------------------------------------------------------------
-# Layer 1: scalars
-# ---------------------------------------------------------------------------
-
-cdef inline bint _first_visit(
-    uint8_t* mark,  # IN/OUT (n_items,) nonzero once an item was visited
-    int32_t item,  # IN a valid item row
-) noexcept nogil:
-    if mark[item]:
-        return False
-    mark[item] = 1
-    return True
-
-
-cdef inline float32_t _row_max(
-    const int32_t* ids,  # IN (length,) one CSR row's ids
-    Py_ssize_t length,  # IN entries in the row
-    const float32_t* value_of,  # IN dense value per id
-    Py_ssize_t n_values,  # IN length of value_of
-    bint* bad,  # OUT set when an id is outside value_of
-) noexcept nogil:
-    # As np.maximum.at from 0: NaN wins and stays.
-    cdef float32_t best = 0.0, v
-    cdef Py_ssize_t j
-    for j in range(length):
-        if ids[j] < 0 or ids[j] >= n_values:
-            bad[0] = True
-            return 0.0
-        v = value_of[ids[j]]
-        if v != v or v > best:
-            best = v
-            if v != v:
-                return v
-    return best
-
+# Layer 1 (scalars: ``_first_visit``, ``_row_max``) is in ``_common.pxd``, shared with
+# the feature kernel.
 
 # ---------------------------------------------------------------------------
 # Layer 2: loops

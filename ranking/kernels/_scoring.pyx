@@ -6,7 +6,7 @@ points expect. Compiler directives come from ``setup.py``.
 
 Layers (as in sklearn's ``_loss``):
 
-1. ``_dot`` / ``_tree_leaf``: scalars, ``cdef inline ... noexcept nogil``.
+1. ``_dot`` (in ``_common.pxd``) / ``_tree_leaf``: scalars, ``cdef inline ... noexcept nogil``.
 2. ``_score_topk_loop`` / ``_score_trees_topk_loop`` / ``_score_trees_phased_loop`` /
    ``_topk_loop`` / ``_tree_contrib_loop``: loops over typed memoryviews, nogil.
 3. ``score_topk`` / ``score_trees_topk`` / ``score_trees_phased_topk`` / ``topk`` /
@@ -26,6 +26,7 @@ not complete the second phase follow, by first-phase order, only to fill k.
 from libc.math cimport fabs
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from ranking.kernels._common cimport _dot
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
 # Tree node flags (see ranking.kernels.reranker): bit 0 = missing values go left;
@@ -42,29 +43,6 @@ cdef float64_t ZERO_THRESHOLD = 1e-35
 # ---------------------------------------------------------------------------
 # Layer 1: scalars
 # ---------------------------------------------------------------------------
-
-cdef inline float32_t _dot(
-    const float32_t* x,  # IN (f,) one feature row
-    const float32_t* w,  # IN (f,) weights
-    Py_ssize_t f,  # IN number of features
-) noexcept nogil:
-    # Four independent accumulators break the add latency chain (f is small
-    # and only known at run time, so the compiler will not do it for us
-    # without -ffast-math). Summation order therefore differs from NumPy's
-    # BLAS by at most rounding in the last bits.
-    cdef float32_t a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
-    cdef Py_ssize_t j = 0
-    while j + 4 <= f:
-        a0 += x[j] * w[j]
-        a1 += x[j + 1] * w[j + 1]
-        a2 += x[j + 2] * w[j + 2]
-        a3 += x[j + 3] * w[j + 3]
-        j += 4
-    while j < f:
-        a0 += x[j] * w[j]
-        j += 1
-    return (a0 + a1) + (a2 + a3)
-
 
 cdef inline int32_t _tree_next(
     const float32_t* x,  # IN (f,) one feature row

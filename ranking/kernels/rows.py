@@ -74,9 +74,10 @@ class CandidateIndex:
     Obtained from :meth:`ItemScratch.index`; valid only inside that ``with`` block.
     """
 
-    def __init__(self, cands: np.ndarray, slot: np.ndarray):
+    def __init__(self, cands: np.ndarray, slot: np.ndarray, mark: np.ndarray):
         self.cands = cands
         self._slot = slot
+        self.mark = mark  # the lent visited marks, all zero: the feature kernel's scratch
 
     def positions(self, ids) -> np.ndarray:
         """Position of each item row among the candidates, -1 where it is not one."""
@@ -170,7 +171,7 @@ class ItemScratch:
             try:
                 if not np.array_equal(slot[cands], positions):  # a repeated row kept its last position
                     raise ValueError("candidates must be distinct item rows")
-                yield CandidateIndex(cands, slot)
+                yield CandidateIndex(cands, slot, buf.mark)
             finally:
                 slot[cands] = -1
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from ranking.bundle.model import Csr, RankingModel
 from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS
-from ranking.kernels.rows import CandidateIndex, ItemScratch, max_share
+from ranking.kernels.features import COLUMNS, FeatureKernel
+from ranking.kernels.rows import ItemScratch
 
 DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
@@ -82,7 +83,8 @@ RANKED = (
     ("popularity_30d_rank", "popularity_30d"),
 )
 N_FEATURES = len(FEATURE_NAMES)
-_COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
+if COLUMNS != FEATURE_NAMES:  # the compiled kernel writes its columns in this order
+    raise ImportError(f"ranking.kernels._features writes {COLUMNS}, the features are {FEATURE_NAMES}: rebuild it")
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class _ContextTable:
 class FeatureTables:
     """The bundle arrays features are computed from (memory-mapped, read-only)."""
 
-    def __init__(self, model: RankingModel, scratch: ItemScratch):
+    def __init__(self, model: RankingModel, scratch: ItemScratch, kernel: FeatureKernel):
         b = model.bundle
         # Every table is there: the bundle's schema (ranking.bundle.schema) was checked at load.
         self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
@@ -200,6 +202,7 @@ class FeatureTables:
         self.data_end = int(model.manifest["data_window"]["end_unix"])
         self.model = model
         self.scratch = scratch
+        self.kernel = kernel
         # A request at or after the data end sees the same windows for every item (the
         # bundle knows nothing later), which is every request a server answers: the
         # builder counted those once, so serving reads them instead of searching keys.
@@ -302,22 +305,10 @@ class FeatureTables:
         top = np.lexsort((-st.last, -score))[:n]
         return own[top].astype(np.int32)
 
-    def _covis_to(self, sources: np.ndarray, index: CandidateIndex) -> np.ndarray:
-        # Later items (the user's most recent, the session's last) weigh more.
-        w = np.linspace(0.5, 1.0, len(sources), dtype=np.float32)
-        return index.scatter_sum(self.covis, sources, w)
-
-    def _window_counts(self, cands: np.ndarray, t: int, days: int) -> np.ndarray:
-        if t == self._t_end:
-            return self._end_counts[days][cands]
-        base = cands.astype(np.int64) * KEY_SHIFT
-        hi = np.searchsorted(self.item_event_keys, base + max(t, 0))
-        lo = np.searchsorted(self.item_event_keys, base + max(t - days * DAY, 0))
-        return (hi - lo).astype(np.float32)
-
     # -- the matrix ------------------------------------------------------------------
     def assemble(self, req: Request, cands: np.ndarray) -> np.ndarray:
-        """The (n_candidates, N_FEATURES) float32 matrix of one request.
+        """The (n_candidates, N_FEATURES) float32 matrix of one request, written by the
+        compiled kernel (:class:`ranking.kernels.features.FeatureKernel`) in one call.
 
         Parameters
         ----------
@@ -326,130 +317,30 @@ class FeatureTables:
             Distinct item rows.
         """
         n = len(cands)
-        X = np.zeros((n, N_FEATURES), dtype=np.float32)
+        X = np.empty((n, N_FEATURES), dtype=np.float32)
         if n == 0:
             return X
-        with self.scratch.index(cands) as index:
-            self._fill(X, req, index)
-        return X
-
-    def _fill(self, X: np.ndarray, req: Request, index: CandidateIndex) -> None:
-        m = self.model
-        cands = index.cands
-        n = len(cands)
         # Without an event time (offline callers only: the server fills in its clock) the
         # request is taken to come just after the bundle's data.
         t = int(req.event_time) if req.event_time is not None else self._t_end
-        c = _COL
-        urow = req.urow
-        known = urow >= 0 and bool(m.user_has_history[urow])
-
-        if req.qvec is not None:
-            X[:, c["als_score"]] = np.asarray(m.item_factors[cands], np.float32) @ req.qvec
-        else:
-            X[:, c["als_score"]] = np.nan
-        X[:, c["covis_user"]] = self._covis_to(self.user_recent_items(urow) if known else np.zeros(0, np.int32), index)
-        X[:, c["covis_session"]] = self._covis_to(req.session, index)
-        hist = self.history(urow, req.session) if self.ease is not None else ()
-        if self.ease is not None and len(hist):
-            X[:, c["ease_score"]] = np.asarray(self.ease[hist][:, cands], np.float32).sum(axis=0)
-        else:
-            X[:, c["ease_score"]] = np.nan
-        if len(req.session):
-            f = np.asarray(m.item_factors[cands], np.float32)
-            s = np.asarray(m.item_factors[req.session], np.float32)
-            fn = np.linalg.norm(f, axis=1)
-            sn = np.linalg.norm(s, axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cos = (f @ s.T) / np.maximum(fn[:, None] * sn[None, :], 1e-12)
-            X[:, c["session_similarity"]] = cos.max(axis=1)
-        else:
-            X[:, c["session_similarity"]] = np.nan
-
-        X[:, c["popularity"]] = m.item_popularity[cands]
         # The bundle knows nothing after its data end: a later request sees the last windows it has.
         t_pop = min(t, self._t_end)
-        c7, c30 = (self._window_counts(cands, t_pop, days) for days in WINDOW_DAYS)
-        X[:, c["popularity_7d"]] = np.log1p(c7)
-        X[:, c["popularity_30d"]] = np.log1p(c30)
-        X[:, c["trend"]] = np.log((c7 + 1.0) / (c30 * (7.0 / 30.0) + 1.0))
-        first = self.item_first_seen[cands]
-        X[:, c["item_age_days"]] = np.where(first >= 0, (t - first) / DAY, np.nan)
-        price = np.asarray(m.item_price[cands], np.float32)
-        X[:, c["price"]] = price
-        if req.seg >= 0:
-            pos = index.positions(m.segment_popular.row(req.seg))
-            hit = pos >= 0
-            X[pos[hit], c["segment_popularity"]] = m.segment_popular.row_values(req.seg)[hit]
-
-        if known:
-            share = np.zeros(len(m.category_names), np.float32)  # the user's share per category, 0 for none
-            share[self.user_categories.row(urow)] = self.user_categories.row_values(urow)
-            X[:, c["category_affinity"]] = max_share(m.item_categories, cands, share)
-            ulp = float(self.user_log_price[urow])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                X[:, c["price_fit"]] = np.abs(np.log(price) - ulp)
-            tnc = X[:, c["touched_not_consumed"]]
-            for rows, flag in ((self.touched.row(urow), 1.0), (self.bought.row(urow), 0.0)):
-                pos = index.positions(rows)
-                tnc[pos[pos >= 0]] = flag
-            X[:, c["user_stage"]] = self.user_stage[urow]
-            X[:, c["user_value"]] = self.user_value[urow]
-            X[:, c["user_recency_days"]] = (t - int(self.user_last_seen[urow])) / DAY
-            X[:, c["user_tenure_days"]] = (int(self.user_last_seen[urow]) - int(self.user_first_seen[urow])) / DAY
-        else:
-            for name in ("category_affinity", "price_fit", "user_recency_days", "user_tenure_days"):
-                X[:, c[name]] = np.nan
-            X[:, c["user_stage"]] = np.nan if urow < 0 else 0.0
-
-        self._fill_repeat(X, req, cands, t)
-
-        block = (t // 3600) % 24 // (24 // HOUR_BLOCKS)
-        weekday = (t // DAY + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
-        X[:, c["hour_item_lift"]] = self.item_hour_lift[cands, block]
-        X[:, c["weekday_item_lift"]] = self.item_weekday_lift[cands, weekday]
-        X[:, c["hour_user_share"]] = self.user_hour_share[urow, block] if known else np.nan
-        for field, table in self.context.items():
-            col = table.column(getattr(req, field))
-            if col < 0:
-                X[:, c[f"{field}_item_lift"]] = np.nan
-                X[:, c[f"{field}_user_share"]] = np.nan
-                continue
-            X[:, c[f"{field}_item_lift"]] = table.item_lift[cands, col]
-            X[:, c[f"{field}_user_share"]] = table.user_share[urow, col] if known else np.nan
-        X[:, c["rung"]] = req.rung
-        X[:, c["days_after_data_end"]] = (t - self.data_end) / DAY
-        for rank_name, source in RANKED:
-            v = X[:, c[source]]
-            if np.isnan(v).all():
-                X[:, c[rank_name]] = np.nan
-                continue
-            # Stable: ties keep candidate order; NaN (unknown) sorts last.
-            order = np.argsort(-v, kind="stable")
-            r = np.empty(n, np.float32)
-            r[order] = np.arange(n, dtype=np.float32) / n
-            X[:, c[rank_name]] = r
-
-    def _fill_repeat(self, X: np.ndarray, req: Request, cands: np.ndarray, t: int) -> None:
-        """The re-purchase features (``buy_count`` .. ``user_repeat_share``)."""
-        c = _COL
-        X[:, c["item_repeat_rate"]] = self.item_repeat_rate[cands]
-        names = ("buy_count", "buy_share", "days_since_bought", "buy_interval_days", "buy_due", "in_last_basket")
-        if req.urow < 0 and (req.purchases is None or not len(req.purchases)):
-            for name in (*names, "user_repeat_share"):
-                X[:, c[name]] = np.nan
-            return
-        st = self.buy_stats(req.urow, cands, req.purchases)
-        bought = st.baskets > 0
-        X[:, c["buy_count"]] = st.baskets
-        X[:, c["buy_share"]] = st.baskets / st.n_baskets if st.n_baskets else np.nan
-        since = np.where(bought, (t - st.last) / DAY, np.nan)
-        own = np.where(np.isnan(st.interval), self.item_repeat_interval[cands], st.interval)
-        own = np.where(bought, own, np.nan)
-        X[:, c["days_since_bought"]] = since
-        X[:, c["buy_interval_days"]] = own
-        with np.errstate(invalid="ignore", divide="ignore"):
-            X[:, c["buy_due"]] = since / np.maximum(own, 1.0)
-        X[:, c["in_last_basket"]] = st.in_last
-        share = float(self.user_repeat_share[req.urow]) if req.urow >= 0 else np.nan
-        X[:, c["user_repeat_share"]] = share
+        purchases = req.purchases
+        with self.scratch.index(cands) as index:
+            self.kernel.fill(
+                X,
+                index,
+                rung=req.rung,
+                urow=req.urow,
+                seg=req.seg,
+                t=t,
+                t_pop=t_pop,
+                at_end=t_pop == self._t_end,
+                block=(t // 3600) % 24 // (24 // HOUR_BLOCKS),
+                weekday=(t // DAY + 3) % 7,  # 1970-01-01 was a Thursday; Monday = 0
+                qvec=req.qvec,
+                session=req.session,
+                context_columns=tuple(self.context[f].column(getattr(req, f)) for f in CONTEXT_FIELDS),
+                purchases=(purchases.rows, purchases.times) if purchases is not None and len(purchases) else None,
+            )
+        return X

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ranking.bundle.model import RankingModel
+from ranking.errors import BundleError
+from ranking.kernels.features import FeatureKernel
 from ranking.kernels.reranker import LinearScorer, TreeScorer, load_scorer
 from ranking.kernels.rows import ItemScratch
 from ranking.retrieval.search import ExactHead
@@ -34,6 +36,27 @@ class ServingModel:
         # Dense per-request scratch over the item rows (positions, visited marks).
         self.scratch = ItemScratch(model.n_items)
         self._heads: dict[int, ExactHead] = {}
+        self._features: FeatureKernel | None = None
+        if self.scorer.kind == "trees":
+            self.feature_kernel()  # built and checked here, before a server forks
+
+    def feature_kernel(self) -> FeatureKernel:
+        """The compiled feature kernel over the bundle's tables, built (and its tables checked) once.
+
+        Raises
+        ------
+        BundleError
+            A table is inconsistent with the catalog.
+        """
+        if self._features is None:
+            m = self.model
+            try:
+                self._features = FeatureKernel(
+                    m.bundle.array, len(m.category_names), int(m.manifest["data_window"]["end_unix"])
+                )
+            except ValueError as exc:
+                raise BundleError(f"bundle {m.version}: {exc}") from exc
+        return self._features
 
     def exact_head(self, size: int) -> ExactHead:
         """The exact-search head of the ``size`` largest-norm items, built once per size.

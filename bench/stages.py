@@ -1,0 +1,62 @@
+"""Benchmark: one Rank in process, stage by stage, on a built bundle.
+
+``python -m bench.stages --bundle DIR`` answers real requests (customers with history)
+with the bundle's own pipeline (``Ranker.rank``, no server around it) and prints the
+median milliseconds of each stage the pipeline times (resolve, retrieve, features,
+score) and of the whole call, plus the process CPU per request. Run it on two checkouts
+to see what a change to the Rank path moved; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ranking import Ranker, RankingModel, RankQuery, resolve_current
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, required=True, help="a bundle version directory or an artifacts root")
+    ap.add_argument("--users", type=int, default=500, help="requests (customers with history)")
+    ap.add_argument("--rounds", type=int, default=3, help="passes over the requests (the first warms caches)")
+    args = ap.parse_args(argv)
+
+    path = args.bundle if (args.bundle / "manifest.json").exists() else resolve_current(args.bundle)
+    model = RankingModel(path)
+    ranker = Ranker(model)
+    ranker.warm()
+    users = np.flatnonzero(np.asarray(model.user_has_history))[: args.users]
+    queries = [RankQuery(user_id=str(model.users.ids[row])) for row in users]
+    stages: dict[str, list[float]] = {}
+    total: list[float] = []
+    cpu0 = wall0 = 0.0
+    for r in range(args.rounds):
+        if r == 1:
+            stages.clear()
+            total.clear()
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+        for q in queries:
+            t0 = time.perf_counter()
+            res = ranker.rank(q)
+            total.append(time.perf_counter() - t0)
+            for name, s in res.stage_seconds.items():
+                stages.setdefault(name, []).append(s)
+    n = len(total)
+    out = {
+        "bundle": path.name,
+        "requests": n,
+        "rank_ms": 1e3 * float(np.median(total)),
+        "cpu_ms_per_rank": 1e3 * (time.process_time() - cpu0) / n,
+        "wall_ms_per_rank": 1e3 * (time.perf_counter() - wall0) / n,
+        **{f"{name}_ms": 1e3 * float(np.median(v)) for name, v in stages.items()},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

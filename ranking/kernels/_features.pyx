@@ -1,0 +1,744 @@
+"""Private compiled kernel: one request's reranker feature rows, in one pass without the GIL.
+
+Do not import this module outside ``ranking/``; ``ranking.kernels.features`` checks the
+bundle's tables once when it builds a :class:`FeatureKernel`, validates each request's
+small arrays and lends the scratch. Compiler directives come from ``setup.py``.
+
+What each feature means is documented once, beside its name in
+``ranking.pipeline.features.FEATURE_NAMES``; ``COLUMNS`` below lists the same names in the
+same order (checked at import). The NumPy version the serving path used before is kept
+as the test oracle (``tests/feature_oracle.py``): every feature agrees within
+float32 rounding on randomized requests.
+
+Layers (as in sklearn's ``_loss``):
+
+1. ``_half``, ``_rank_key``, ``_count_before``, ``_linspace_at``: scalars, ``cdef inline``.
+2. ``FeatureKernel._fill`` and the ``_fill_*`` helpers: loops over the bundle's typed
+   memoryviews, nogil; inputs are trusted (checked by the wrapper), and the one walk that
+   can meet a bad id (``_sum_rows_loop``) reports it by a negative return value.
+3. ``FeatureKernel.fill``: the Python-visible entry; releases the GIL around ``_fill``.
+4. ``ranking.kernels.features``: the public wrapper.
+"""
+from libc.math cimport NAN, fabsf, logf, log1pf, sqrtf, ldexpf, INFINITY
+from libc.stdlib cimport malloc, free, qsort
+from libc.string cimport memset
+
+import numpy as np
+
+from ranking.kernels._common cimport _dot, _row_max
+from ranking.kernels._rows cimport _sum_rows_loop
+from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
+
+ctypedef unsigned short uint16_t
+ctypedef unsigned int uint32_t
+ctypedef unsigned long long uint64_t
+ctypedef signed char int8_t
+
+cdef enum:
+    DAY = 86400
+
+# Columns of FeatureKernel.item_rows before the hour blocks (then 7 weekdays, then each
+# context field's values).
+cdef enum:
+    R_POP = 0
+    R_END_7D
+    R_END_30D
+    R_AGE_AT_END
+    R_PRICE
+    R_REPEAT_RATE
+    R_REPEAT_INTERVAL
+    R_HOUR
+
+# _fill's return value when scratch memory could not be had (any other negative value:
+# a bundle table names a row outside the catalog).
+NO_MEMORY = -(1 << 62)
+cdef Py_ssize_t _NO_MEMORY = NO_MEMORY
+
+COLUMNS = (
+    "als_score", "covis_user", "covis_session", "session_similarity", "ease_score",
+    "popularity", "popularity_7d", "popularity_30d", "trend", "item_age_days", "price",
+    "segment_popularity", "category_affinity", "price_fit", "touched_not_consumed",
+    "buy_count", "buy_share", "days_since_bought", "buy_interval_days", "buy_due",
+    "in_last_basket", "item_repeat_rate", "user_repeat_share", "user_stage", "user_value",
+    "user_recency_days", "user_tenure_days", "hour_item_lift", "weekday_item_lift",
+    "hour_user_share", "rung", "days_after_data_end", "als_rank", "ease_rank",
+    "covis_user_rank", "popularity_30d_rank", "channel_item_lift", "device_item_lift",
+    "region_item_lift", "channel_user_share", "device_user_share", "region_user_share",
+)
+
+cdef enum:
+    ALS = 0
+    COVIS_USER
+    COVIS_SESSION
+    SESSION_SIM
+    EASE
+    POP
+    POP_7D
+    POP_30D
+    TREND
+    ITEM_AGE
+    PRICE
+    SEG_POP
+    CAT_AFFINITY
+    PRICE_FIT
+    TOUCHED_NOT_CONSUMED
+    BUY_COUNT
+    BUY_SHARE
+    DAYS_SINCE_BOUGHT
+    BUY_INTERVAL
+    BUY_DUE
+    IN_LAST_BASKET
+    ITEM_REPEAT_RATE
+    USER_REPEAT_SHARE
+    USER_STAGE
+    USER_VALUE
+    USER_RECENCY
+    USER_TENURE
+    HOUR_ITEM_LIFT
+    WEEKDAY_ITEM_LIFT
+    HOUR_USER_SHARE
+    RUNG
+    DAYS_AFTER_END
+    ALS_RANK
+    EASE_RANK
+    COVIS_USER_RANK
+    POP_30D_RANK
+    CTX_ITEM_LIFT  # channel, device, region: CTX_ITEM_LIFT + field
+    CTX_USER_SHARE = CTX_ITEM_LIFT + 3
+    N_COLUMNS = CTX_USER_SHARE + 3
+
+assert len(COLUMNS) == N_COLUMNS
+
+
+# ---------------------------------------------------------------------------
+# Layer 1: scalars
+# ---------------------------------------------------------------------------
+
+cdef inline float32_t _half(uint16_t h) noexcept nogil:
+    """An IEEE half (the bundle's context tables are float16) as float32."""
+    cdef int exponent = (h >> 10) & 0x1F
+    cdef int mantissa = h & 0x3FF
+    cdef float32_t v
+    if exponent == 0:
+        v = ldexpf(<float32_t>mantissa, -24)
+    elif exponent == 31:
+        v = NAN if mantissa else INFINITY
+    else:
+        v = ldexpf(<float32_t>(mantissa + 1024), exponent - 25)
+    return -v if h & 0x8000 else v
+
+
+cdef inline uint64_t _rank_key(float32_t v, Py_ssize_t i) noexcept nogil:
+    """A key whose ascending order is: larger ``v`` first, NaN last, ties by ``i`` (as a
+    stable argsort of ``-v``)."""
+    cdef float32_t w = -v
+    cdef uint32_t sign = (<uint32_t>1) << 31
+    cdef uint32_t bits
+    if v != v:
+        bits = ~(<uint32_t>0)
+    else:
+        if w == 0:
+            w = 0.0  # -0.0 and 0.0 tie, as they compare equal
+        bits = (<uint32_t*>&w)[0]
+        bits = ~bits if bits & sign else bits | sign
+    return (<uint64_t>bits << 32) | <uint64_t>i
+
+
+cdef int _cmp_u64(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int _cmp_i64(const void* a, const void* b) noexcept nogil:
+    cdef int64_t x = (<const int64_t*>a)[0], y = (<const int64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef inline Py_ssize_t _count_before(const int64_t* keys, Py_ssize_t n, int64_t value) noexcept nogil:
+    """Entries of the sorted ``keys`` below ``value`` (np.searchsorted, side left)."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef inline float32_t _linspace_at(Py_ssize_t i, Py_ssize_t n) noexcept nogil:
+    """np.linspace(0.5, 1.0, n, dtype=float32)[i]: later sources weigh more."""
+    if n <= 1 or i == n - 1:
+        return 1.0 if n > 1 else 0.5
+    return <float32_t>(0.5 + i * (0.5 / (n - 1)))
+
+
+# ---------------------------------------------------------------------------
+# Layers 2 and 3: the kernel over one bundle's tables
+# ---------------------------------------------------------------------------
+
+cdef class FeatureKernel:
+    """The bundle's feature tables as typed views, built once per bundle (before the fork)."""
+
+    cdef const float32_t[:, ::1] item_factors
+    # Every per-item value a request reads, one row per item (see _pack_items): a candidate
+    # costs one or two cache lines here instead of a miss in each of a dozen tables.
+    cdef readonly object item_table
+    cdef const float32_t[:, ::1] item_rows
+    cdef Py_ssize_t r_weekday, r_context[3]
+    cdef const int64_t[::1] item_event_keys
+    cdef const int64_t[::1] item_cat_indptr
+    cdef const int32_t[::1] item_cat_ids
+    cdef const int64_t[::1] covis_indptr
+    cdef const int32_t[::1] covis_items
+    cdef const float32_t[::1] covis_scores
+    cdef const int64_t[::1] seg_indptr
+    cdef const int32_t[::1] seg_items
+    cdef const float32_t[::1] seg_scores
+    cdef const float32_t[:, ::1] ease
+    cdef const uint8_t[::1] user_has_history
+    cdef const int64_t[::1] user_first_seen, user_last_seen
+    cdef const int8_t[::1] user_stage
+    cdef const float32_t[::1] user_value, user_log_price, user_repeat_share
+    cdef const int32_t[::1] user_baskets
+    cdef const float32_t[:, ::1] user_hour_share
+    cdef const int64_t[::1] user_cat_indptr
+    cdef const int32_t[::1] user_cat_ids
+    cdef const float32_t[::1] user_cat_share
+    cdef const int64_t[::1] recent_indptr
+    cdef const int32_t[::1] recent_items
+    cdef const int64_t[::1] touched_indptr
+    cdef const int32_t[::1] touched_items
+    cdef const int64_t[::1] buy_indptr
+    cdef const int32_t[::1] buy_items
+    cdef const float32_t[::1] buy_baskets, buy_interval
+    cdef const int64_t[::1] buy_last
+    cdef const uint8_t[::1] buy_in_last
+    cdef const uint16_t[:, ::1] ctx_user_0, ctx_user_1, ctx_user_2
+    cdef readonly Py_ssize_t n_items, n_users, n_categories, n_segments
+    cdef readonly int64_t data_end
+    cdef readonly bint has_ease
+
+    def __init__(self, dict t, Py_ssize_t n_categories, int64_t data_end):
+        self.item_factors = t["item_factors"]
+        self.item_event_keys = t["item_event_keys"]
+        self.item_cat_indptr = t["item_cat_indptr"]
+        self.item_cat_ids = t["item_cat_ids"]
+        self.covis_indptr = t["covis_indptr"]
+        self.covis_items = t["covis_items"]
+        self.covis_scores = t["covis_scores"]
+        self.seg_indptr = t["segment_pop_indptr"]
+        self.seg_items = t["segment_pop_items"]
+        self.seg_scores = t["segment_pop_scores"]
+        self.ease = t["ease_weights"]
+        self.user_has_history = t["user_has_history"]
+        self.user_first_seen = t["user_first_seen"]
+        self.user_last_seen = t["user_last_seen"]
+        self.user_stage = t["user_stage"]
+        self.user_value = t["user_value"]
+        self.user_log_price = t["user_log_price"]
+        self.user_repeat_share = t["user_repeat_share"]
+        self.user_baskets = t["user_baskets"]
+        self.user_hour_share = t["user_hour_share"]
+        self.user_cat_indptr = t["user_cat_indptr"]
+        self.user_cat_ids = t["user_cat_ids"]
+        self.user_cat_share = t["user_cat_share"]
+        self.recent_indptr = t["user_recent_indptr"]
+        self.recent_items = t["user_recent_items"]
+        self.touched_indptr = t["touched_indptr"]
+        self.touched_items = t["touched_items"]
+        self.buy_indptr = t["user_buy_indptr"]
+        self.buy_items = t["user_buy_items"]
+        self.buy_baskets = t["user_buy_baskets"]
+        self.buy_interval = t["user_buy_interval"]
+        self.buy_last = t["user_buy_last"]
+        self.buy_in_last = t["user_buy_in_last"]
+        self.ctx_user_0 = t["user_channel_share"]
+        self.ctx_user_1 = t["user_device_share"]
+        self.ctx_user_2 = t["user_region_share"]
+        self.n_items = self.item_factors.shape[0]
+        self._pack_items(t, data_end)
+        self.n_users = self.user_has_history.shape[0]
+        self.n_categories = n_categories
+        self.n_segments = self.seg_indptr.shape[0] - 1
+        self.data_end = data_end
+        self.has_ease = self.ease.shape[0] > 0
+
+    def _pack_items(self, dict t, int64_t data_end):
+        """Gather the per-item tables into ``item_rows`` (n_items, width) float32, once."""
+        cdef Py_ssize_t hour_blocks = t["item_hour_lift"].shape[1]
+        widths = [t[f"item_{f}_lift"].shape[1] for f in ("channel", "device", "region")]
+        self.r_weekday = R_HOUR + hour_blocks
+        at = self.r_weekday + 7
+        for f in range(3):
+            self.r_context[f] = at
+            at += widths[f]
+        first = np.asarray(t["item_first_seen"])
+        # Days from the item's first event to the data end; NaN when it was never seen.
+        age = np.where(first >= 0, (data_end - first) / DAY, np.nan)
+        columns = [
+            t["item_popularity"], t["item_events_7d_at_end"], t["item_events_30d_at_end"], age,
+            t["item_price"], t["item_repeat_rate"], t["item_repeat_interval"], t["item_hour_lift"],
+            t["item_weekday_lift"],
+            *[np.asarray(t[f"item_{f}_lift"]).view(np.float16) for f in ("channel", "device", "region")],
+        ]
+        table = np.empty((self.n_items, at), np.float32)
+        j = 0
+        for col in columns:
+            col = np.asarray(col)
+            w = 1 if col.ndim == 1 else col.shape[1]
+            table[:, j : j + w] = col.reshape(self.n_items, w)
+            j += w
+        self.item_table = table
+        self.item_rows = table
+
+    def fill(
+        self,
+        float32_t[:, ::1] X,
+        const int32_t[::1] cands,
+        int32_t[::1] slot,
+        uint8_t[::1] mark,
+        float64_t[::1] work,
+        float32_t[::1] weights,
+        int rung,
+        Py_ssize_t urow,
+        Py_ssize_t seg,
+        int64_t t,
+        int64_t t_pop,
+        bint at_end,
+        int block,
+        int weekday,
+        const float32_t[::1] qvec,
+        const int32_t[::1] session,
+        const int32_t[::1] ctx_cols,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+    ):
+        """Write ``X`` (n_candidates, N_COLUMNS), every cell, with the GIL released.
+
+        ``slot`` holds each candidate's position (the wrapper set it; -1 elsewhere) and
+        ``mark`` is all zero, in and out. ``work`` (n,) and ``weights`` (at least the
+        longer of the user's recent items and the session) are scratch. ``qvec`` is
+        empty without a query vector, ``ctx_cols`` the request's column per context
+        field (-1: none). Returns 0, or a negative value when a bundle table named an
+        item outside the catalog.
+        """
+        cdef Py_ssize_t status
+        with nogil:
+            status = self._fill(X, cands, slot, mark, work, weights, rung, urow, seg, t, t_pop, at_end,
+                                block, weekday, qvec, session, ctx_cols, p_rows, p_times)
+        return status
+
+    cdef Py_ssize_t _fill(
+        self,
+        float32_t[:, ::1] X,
+        const int32_t[::1] cands,
+        int32_t[::1] slot,
+        uint8_t[::1] mark,
+        float64_t[::1] work,
+        float32_t[::1] weights,
+        int rung,
+        Py_ssize_t urow,
+        Py_ssize_t seg,
+        int64_t t,
+        int64_t t_pop,
+        bint at_end,
+        int block,
+        int weekday,
+        const float32_t[::1] qvec,
+        const int32_t[::1] session,
+        const int32_t[::1] ctx_cols,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+    ) noexcept nogil:
+        cdef Py_ssize_t n = cands.shape[0], i, j, c, d = self.item_factors.shape[1]
+        cdef bint known = urow >= 0 and self.user_has_history[urow] != 0
+        cdef float32_t c7, c30
+        cdef const float32_t* row
+        cdef float64_t after_end = (t - self.data_end) / <float64_t>DAY
+        cdef int64_t base
+        cdef Py_ssize_t status
+        if n == 0:
+            return 0
+        memset(&X[0, 0], 0, n * N_COLUMNS * sizeof(float32_t))
+
+        # Retrieval scores.
+        for i in range(n):
+            X[i, ALS] = _dot(&self.item_factors[cands[i], 0], &qvec[0], d) if qvec.shape[0] else NAN
+        if known:
+            status = self._covis(X, COVIS_USER, slot, work, weights,
+                                 self.recent_items[self.recent_indptr[urow]:self.recent_indptr[urow + 1]])
+        else:
+            status = self._covis(X, COVIS_USER, slot, work, weights, session[:0])
+        if status < 0:
+            return status
+        status = self._covis(X, COVIS_SESSION, slot, work, weights, session)
+        if status < 0:
+            return status
+        self._session_similarity(X, cands, session)
+        self._ease(X, cands, mark, urow, session)
+
+        # Item.
+        for i in range(n):
+            c = cands[i]
+            row = &self.item_rows[c, 0]
+            X[i, POP] = row[R_POP]
+            if at_end:
+                c7 = row[R_END_7D]
+                c30 = row[R_END_30D]
+            else:
+                base = <int64_t>c << 32
+                c7 = self._window(base, t_pop, 7)
+                c30 = self._window(base, t_pop, 30)
+            X[i, POP_7D] = log1pf(c7)
+            X[i, POP_30D] = log1pf(c30)
+            X[i, TREND] = logf((c7 + 1.0) / (c30 * <float32_t>(7.0 / 30.0) + 1.0))
+            X[i, ITEM_AGE] = <float32_t>(after_end + row[R_AGE_AT_END])  # NaN: never seen
+            X[i, PRICE] = row[R_PRICE]
+            X[i, ITEM_REPEAT_RATE] = row[R_REPEAT_RATE]
+            X[i, HOUR_ITEM_LIFT] = row[R_HOUR + block]
+            X[i, WEEKDAY_ITEM_LIFT] = row[self.r_weekday + weekday]
+            X[i, RUNG] = rung
+            X[i, DAYS_AFTER_END] = <float32_t>((t - self.data_end) / <float64_t>DAY)
+        if seg >= 0:
+            for j in range(self.seg_indptr[seg], self.seg_indptr[seg + 1]):
+                if slot[self.seg_items[j]] >= 0:
+                    X[slot[self.seg_items[j]], SEG_POP] = self.seg_scores[j]
+
+        # User and user x item.
+        if known:
+            status = self._user(X, cands, slot, urow, t, block)
+            if status < 0:
+                return status
+        else:
+            for i in range(n):
+                X[i, CAT_AFFINITY] = NAN
+                X[i, PRICE_FIT] = NAN
+                X[i, USER_RECENCY] = NAN
+                X[i, USER_TENURE] = NAN
+                X[i, USER_STAGE] = NAN if urow < 0 else 0.0
+                X[i, HOUR_USER_SHARE] = NAN
+        if self._repeat(X, cands, slot, urow, t, p_rows, p_times) < 0:
+            return _NO_MEMORY
+        self._context(X, cands, urow, known, ctx_cols)
+
+        # Standing within the request.
+        if (_ranks(X, n, ALS, ALS_RANK) < 0 or _ranks(X, n, EASE, EASE_RANK) < 0
+                or _ranks(X, n, COVIS_USER, COVIS_USER_RANK) < 0 or _ranks(X, n, POP_30D, POP_30D_RANK) < 0):
+            return _NO_MEMORY
+        return 0
+
+    cdef inline float32_t _window(self, int64_t base, int64_t t, int64_t days) noexcept nogil:
+        """Events of one item (``base`` = its row << 32) in the ``days`` before ``t``."""
+        cdef const int64_t* keys = &self.item_event_keys[0] if self.item_event_keys.shape[0] else NULL
+        cdef Py_ssize_t m = self.item_event_keys.shape[0]
+        cdef int64_t lo_t = t - days * DAY
+        return <float32_t>(_count_before(keys, m, base + (t if t > 0 else 0))
+                           - _count_before(keys, m, base + (lo_t if lo_t > 0 else 0)))
+
+    cdef Py_ssize_t _covis(
+        self,
+        float32_t[:, ::1] X,
+        int column,
+        int32_t[::1] slot,
+        float64_t[::1] work,
+        float32_t[::1] weights,
+        const int32_t[::1] sources,
+    ) noexcept nogil:
+        """Per candidate, co-visitation similarity summed over ``sources`` (later ones weigh more)."""
+        cdef Py_ssize_t s, i, n = X.shape[0], m = sources.shape[0], status
+        for i in range(n):
+            work[i] = 0.0
+        if m:
+            for s in range(m):
+                weights[s] = _linspace_at(s, m)
+            status = _sum_rows_loop(self.covis_indptr, self.covis_items, self.covis_scores, sources,
+                                    weights[:m], slot, False, work, slot[:0], 0)
+            if status < 0:
+                return status
+        for i in range(n):
+            X[i, column] = <float32_t>work[i]
+        return 0
+
+    cdef void _session_similarity(self, float32_t[:, ::1] X, const int32_t[::1] cands,
+                                  const int32_t[::1] session) noexcept nogil:
+        cdef Py_ssize_t i, s, n = cands.shape[0], d = self.item_factors.shape[1]
+        cdef float32_t best, cos, fn, sn
+        cdef const float32_t* f
+        cdef const float32_t* g
+        for i in range(n):
+            if session.shape[0] == 0:
+                X[i, SESSION_SIM] = NAN
+                continue
+            f = &self.item_factors[cands[i], 0]
+            fn = sqrtf(_dot(f, f, d))
+            best = -INFINITY
+            for s in range(session.shape[0]):
+                g = &self.item_factors[session[s], 0]
+                sn = sqrtf(_dot(g, g, d))
+                cos = _dot(f, g, d) / (fn * sn if fn * sn > 1e-12 else <float32_t>1e-12)
+                if cos != cos or cos > best:
+                    best = cos
+                    if cos != cos:
+                        break
+            X[i, SESSION_SIM] = best
+
+    cdef void _ease(self, float32_t[:, ::1] X, const int32_t[::1] cands, uint8_t[::1] mark,
+                    Py_ssize_t urow, const int32_t[::1] session) noexcept nogil:
+        """EASE weights summed over the user's touched items and the session's, each once."""
+        cdef Py_ssize_t i, j, n = cands.shape[0], h = 0
+        cdef Py_ssize_t lo = self.touched_indptr[urow] if urow >= 0 else 0
+        cdef Py_ssize_t hi = self.touched_indptr[urow + 1] if urow >= 0 else 0
+        cdef int32_t r
+        cdef const float32_t* row
+        if self.has_ease:
+            for j in range(lo, hi + session.shape[0]):
+                r = self.touched_items[j] if j < hi else session[j - hi]
+                if mark[r]:
+                    continue
+                mark[r] = 1
+                row = &self.ease[r, 0]
+                if h == 0:
+                    for i in range(n):
+                        X[i, EASE] = row[cands[i]]
+                else:
+                    for i in range(n):
+                        X[i, EASE] += row[cands[i]]
+                h += 1
+            for j in range(lo, hi + session.shape[0]):
+                mark[self.touched_items[j] if j < hi else session[j - hi]] = 0
+        if h == 0:
+            for i in range(n):
+                X[i, EASE] = NAN
+
+    cdef Py_ssize_t _user(self, float32_t[:, ::1] X, const int32_t[::1] cands, int32_t[::1] slot,
+                          Py_ssize_t urow, int64_t t, int block) noexcept nogil:
+        cdef Py_ssize_t i, j, n = cands.shape[0], k = self.n_categories
+        cdef float32_t* share = <float32_t*>malloc((k if k > 0 else 1) * sizeof(float32_t))
+        cdef float32_t ulp = self.user_log_price[urow], stage = self.user_stage[urow]
+        cdef float32_t value = self.user_value[urow], hour_share = self.user_hour_share[urow, block]
+        cdef float32_t recency = <float32_t>((t - self.user_last_seen[urow]) / <float64_t>DAY)
+        cdef float32_t tenure = <float32_t>((self.user_last_seen[urow] - self.user_first_seen[urow]) / <float64_t>DAY)
+        cdef int64_t start
+        cdef bint bad = False
+        if share == NULL:
+            return _NO_MEMORY
+        memset(share, 0, k * sizeof(float32_t))
+        for j in range(self.user_cat_indptr[urow], self.user_cat_indptr[urow + 1]):
+            share[self.user_cat_ids[j]] = self.user_cat_share[j]
+        for i in range(n):
+            start = self.item_cat_indptr[cands[i]]
+            X[i, CAT_AFFINITY] = _row_max(
+                &self.item_cat_ids[0] + start if self.item_cat_ids.shape[0] else NULL,
+                self.item_cat_indptr[cands[i] + 1] - start, share, k, &bad)
+            X[i, PRICE_FIT] = fabsf(logf(self.item_rows[cands[i], R_PRICE]) - ulp)
+            X[i, USER_STAGE] = stage
+            X[i, USER_VALUE] = value
+            X[i, USER_RECENCY] = recency
+            X[i, USER_TENURE] = tenure
+            X[i, HOUR_USER_SHARE] = hour_share
+        free(share)
+        # Touched but not bought: touched items first, then every bought one back to 0.
+        for j in range(self.touched_indptr[urow], self.touched_indptr[urow + 1]):
+            if slot[self.touched_items[j]] >= 0:
+                X[slot[self.touched_items[j]], TOUCHED_NOT_CONSUMED] = 1.0
+        for j in range(self.buy_indptr[urow], self.buy_indptr[urow + 1]):
+            if slot[self.buy_items[j]] >= 0:
+                X[slot[self.buy_items[j]], TOUCHED_NOT_CONSUMED] = 0.0
+        return -2 if bad else 0
+
+    cdef int _repeat(self, float32_t[:, ::1] X, const int32_t[::1] cands, int32_t[::1] slot,
+                     Py_ssize_t urow, int64_t t, const int32_t[::1] p_rows,
+                     const int64_t[::1] p_times) noexcept nogil:
+        """The re-purchase features: the bundle's purchase history of each candidate, with
+        the purchases since its data end folded in (one newer basket per day)."""
+        cdef Py_ssize_t i, j, n = cands.shape[0], n_p = p_rows.shape[0]
+        cdef int64_t n_baskets = 0
+        cdef int64_t* last
+        cdef float32_t baskets, own
+        cdef float64_t since
+        if urow < 0 and n_p == 0:
+            for i in range(n):
+                for j in range(BUY_COUNT, IN_LAST_BASKET + 1):
+                    X[i, j] = NAN
+                X[i, USER_REPEAT_SHARE] = NAN
+            return 0
+        last = <int64_t*>malloc(n * sizeof(int64_t))
+        if last == NULL:
+            return -1
+        # Defaults: never bought. BUY_COUNT holds the baskets, BUY_INTERVAL the user's own
+        # interval (NaN: one basket), IN_LAST_BASKET the flag, while the fold runs.
+        for i in range(n):
+            last[i] = -1
+            X[i, BUY_COUNT] = 0.0
+            X[i, BUY_INTERVAL] = NAN
+            X[i, IN_LAST_BASKET] = 0.0
+        if urow >= 0:
+            n_baskets = self.user_baskets[urow]
+            for j in range(self.buy_indptr[urow], self.buy_indptr[urow + 1]):
+                i = slot[self.buy_items[j]]
+                if i >= 0:
+                    X[i, BUY_COUNT] = self.buy_baskets[j]
+                    last[i] = self.buy_last[j]
+                    X[i, BUY_INTERVAL] = self.buy_interval[j]
+                    X[i, IN_LAST_BASKET] = self.buy_in_last[j]
+        if n_p:
+            j = _fold_purchases(X, slot, last, p_rows, p_times)
+            if j < 0:
+                free(last)
+                return -1
+            n_baskets += j
+        for i in range(n):
+            baskets = X[i, BUY_COUNT]
+            X[i, BUY_SHARE] = baskets / <float32_t>n_baskets if n_baskets else NAN
+            if baskets > 0:
+                since = (t - last[i]) / <float64_t>DAY
+                own = X[i, BUY_INTERVAL]
+                if own != own:
+                    own = self.item_rows[cands[i], R_REPEAT_INTERVAL]
+                X[i, DAYS_SINCE_BOUGHT] = <float32_t>since
+                X[i, BUY_INTERVAL] = own
+                X[i, BUY_DUE] = <float32_t>(since / (own if own >= 1.0 or own != own else 1.0))
+            else:
+                X[i, DAYS_SINCE_BOUGHT] = NAN
+                X[i, BUY_INTERVAL] = NAN
+                X[i, BUY_DUE] = NAN
+            X[i, USER_REPEAT_SHARE] = self.user_repeat_share[urow] if urow >= 0 else NAN
+        free(last)
+        return 0
+
+    cdef void _context(self, float32_t[:, ::1] X, const int32_t[::1] cands, Py_ssize_t urow, bint known,
+                       const int32_t[::1] ctx_cols) noexcept nogil:
+        """Each context field's item lift and user share at the request's value (NaN: none)."""
+        cdef Py_ssize_t i, f, n = cands.shape[0], at
+        cdef int col
+        cdef float32_t share
+        for f in range(3):
+            col = ctx_cols[f]
+            if col < 0:
+                for i in range(n):
+                    X[i, CTX_ITEM_LIFT + f] = NAN
+                    X[i, CTX_USER_SHARE + f] = NAN
+                continue
+            if f == 0:
+                share = _half(self.ctx_user_0[urow, col]) if known else NAN
+            elif f == 1:
+                share = _half(self.ctx_user_1[urow, col]) if known else NAN
+            else:
+                share = _half(self.ctx_user_2[urow, col]) if known else NAN
+            at = self.r_context[f] + col
+            for i in range(n):
+                X[i, CTX_ITEM_LIFT + f] = self.item_rows[cands[i], at]
+                X[i, CTX_USER_SHARE + f] = share
+
+
+cdef int _ranks(float32_t[:, ::1] X, Py_ssize_t n, int source, int column) noexcept nogil:
+    """Rank of each candidate's ``source`` among the request's, 0 = best, over n; NaN last;
+    all NaN when every value is. -1: no memory."""
+    cdef Py_ssize_t i
+    cdef bint any_known = False
+    cdef uint64_t* keys
+    for i in range(n):
+        if X[i, source] == X[i, source]:
+            any_known = True
+            break
+    if not any_known:
+        for i in range(n):
+            X[i, column] = NAN
+        return 0
+    keys = <uint64_t*>malloc(n * sizeof(uint64_t))
+    if keys == NULL:
+        return -1
+    for i in range(n):
+        keys[i] = _rank_key(X[i, source], i)
+    qsort(keys, n, sizeof(uint64_t), _cmp_u64)
+    for i in range(n):
+        X[<Py_ssize_t>(keys[i] & ((<uint64_t>1 << 32) - 1)), column] = <float32_t>i / <float32_t>n
+    free(keys)
+    return 0
+
+
+ctypedef struct _Buy:
+    int32_t row
+    int64_t time
+
+
+cdef int _cmp_buy(const void* a, const void* b) noexcept nogil:
+    cdef const _Buy* x = <const _Buy*>a
+    cdef const _Buy* y = <const _Buy*>b
+    if x.row != y.row:
+        return (x.row > y.row) - (x.row < y.row)
+    return (x.time > y.time) - (x.time < y.time)
+
+
+cdef inline int64_t _day(int64_t t) noexcept nogil:
+    """Floor division by a day, as Python's ``//``."""
+    return t // DAY if t >= 0 else -((-t + DAY - 1) // DAY)
+
+
+cdef int64_t _fold_purchases(
+    float32_t[:, ::1] X,  # IN/OUT BUY_COUNT, BUY_INTERVAL, IN_LAST_BASKET per candidate
+    int32_t[::1] slot,  # IN candidate position per item row, -1 elsewhere
+    int64_t* last,  # IN/OUT (n,) last purchase, unix seconds, -1 never
+    const int32_t[::1] p_rows,  # IN (p,) purchased item rows since the data end
+    const int64_t[::1] p_times,  # IN (p,) their unix seconds
+) noexcept nogil:
+    """Fold the purchases in; returns the baskets (distinct days) they add. The latest day
+    becomes the last basket."""
+    cdef Py_ssize_t p, q, start, i, n = X.shape[0], n_p = p_rows.shape[0]
+    cdef _Buy* buys = <_Buy*>malloc(n_p * sizeof(_Buy))
+    cdef int64_t* days = <int64_t*>malloc(n_p * sizeof(int64_t))
+    cdef int64_t latest, distinct = 0, t_new, t_min, old_day, day, prev
+    cdef int64_t n_new
+    cdef float64_t n_old, first
+    cdef bint has_latest
+    if buys == NULL or days == NULL:
+        free(buys)
+        free(days)
+        return -1
+    for p in range(n_p):
+        buys[p].row = p_rows[p]
+        buys[p].time = p_times[p]
+        days[p] = _day(p_times[p])
+    qsort(days, n_p, sizeof(int64_t), _cmp_i64)
+    for p in range(n_p):
+        if p == 0 or days[p] != days[p - 1]:
+            distinct += 1
+    latest = days[n_p - 1]
+    free(days)
+    for i in range(n):
+        X[i, IN_LAST_BASKET] = 0.0
+    qsort(buys, n_p, sizeof(_Buy), _cmp_buy)
+    p = 0
+    while p < n_p:
+        start = p
+        while p < n_p and buys[p].row == buys[start].row:
+            p += 1
+        i = slot[buys[start].row]
+        if i < 0:
+            continue
+        # buys[start:p]: this item's purchases, by time.
+        t_min, t_new = buys[start].time, buys[p - 1].time
+        n_old = X[i, BUY_COUNT]
+        old_day = _day(last[i]) if n_old >= 1 else -(1 << 62)
+        n_new = 0
+        has_latest = False
+        prev = -(1 << 62)
+        for q in range(start, p):
+            day = _day(buys[q].time)
+            has_latest = has_latest or day == latest
+            if day != prev and day != old_day:
+                n_new += 1
+            prev = day
+        if n_old >= 1:
+            first = last[i] - (<float64_t>X[i, BUY_INTERVAL] * DAY * (n_old - 1) if n_old >= 2 else 0.0)
+            n_new += <int64_t>n_old
+            if n_new >= 2:
+                X[i, BUY_INTERVAL] = <float32_t>((t_new - first) / DAY / (n_new - 1))
+        elif n_new >= 2:
+            X[i, BUY_INTERVAL] = <float32_t>((t_new - t_min) / <float64_t>DAY / (n_new - 1))
+        X[i, BUY_COUNT] = <float32_t>n_new
+        last[i] = last[i] if last[i] > t_new else t_new
+        X[i, IN_LAST_BASKET] = 1.0 if has_latest else 0.0
+    free(buys)
+    return distinct

@@ -1,0 +1,222 @@
+"""Public API of the compiled feature kernel: one request's feature matrix in one call without the GIL.
+
+:class:`FeatureKernel` is built once per bundle (where the bundle is loaded: before the
+server forks its workers) and checks the bundle's tables once, so a request pays only
+for validating its own small arrays. ``ranking.pipeline.features`` resolves the request
+(time, hour block, context columns) and calls :meth:`FeatureKernel.fill`; the kernel
+writes every cell of the matrix. Other packages import only this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ranking.kernels import _features
+from ranking.kernels.rows import CandidateIndex, _int32_rows
+
+__all__ = ["COLUMNS", "FeatureKernel"]
+
+COLUMNS: tuple[str, ...] = tuple(_features.COLUMNS)
+
+# Every table the kernel reads, by bundle array name, with its dtype (ranking.bundle.schema).
+_TABLES = {
+    "item_factors": np.float32,
+    "item_popularity": np.float32,
+    "item_price": np.float32,
+    "item_repeat_rate": np.float32,
+    "item_repeat_interval": np.float32,
+    "item_events_7d_at_end": np.float32,
+    "item_events_30d_at_end": np.float32,
+    "item_first_seen": np.int64,
+    "item_event_keys": np.int64,
+    "item_hour_lift": np.float32,
+    "item_weekday_lift": np.float32,
+    "item_cat_indptr": np.int64,
+    "item_cat_ids": np.int32,
+    "covis_indptr": np.int64,
+    "covis_items": np.int32,
+    "covis_scores": np.float32,
+    "segment_pop_indptr": np.int64,
+    "segment_pop_items": np.int32,
+    "segment_pop_scores": np.float32,
+    "ease_weights": np.float32,
+    "user_has_history": np.uint8,
+    "user_first_seen": np.int64,
+    "user_last_seen": np.int64,
+    "user_stage": np.int8,
+    "user_value": np.float32,
+    "user_log_price": np.float32,
+    "user_repeat_share": np.float32,
+    "user_baskets": np.int32,
+    "user_hour_share": np.float32,
+    "user_cat_indptr": np.int64,
+    "user_cat_ids": np.int32,
+    "user_cat_share": np.float32,
+    "user_recent_indptr": np.int64,
+    "user_recent_items": np.int32,
+    "touched_indptr": np.int64,
+    "touched_items": np.int32,
+    "user_buy_indptr": np.int64,
+    "user_buy_items": np.int32,
+    "user_buy_baskets": np.float32,
+    "user_buy_interval": np.float32,
+    "user_buy_last": np.int64,
+    "user_buy_in_last": np.uint8,
+}
+_CONTEXT_FIELDS = ("channel", "device", "region")  # the kernel's order
+# The CSR structures the kernel walks: (indptr, ids, what the rows are, what the ids name).
+_CSRS = (
+    ("covis_indptr", "covis_items", "items", "items"),
+    ("segment_pop_indptr", "segment_pop_items", None, "items"),
+    ("user_recent_indptr", "user_recent_items", "users", "items"),
+    ("touched_indptr", "touched_items", "users", "items"),
+    ("user_buy_indptr", "user_buy_items", "users", "items"),
+    ("item_cat_indptr", "item_cat_ids", "items", "categories"),
+    ("user_cat_indptr", "user_cat_ids", "users", "categories"),
+)
+_NO_PURCHASES = (np.zeros(0, np.int32), np.zeros(0, np.int64))
+_NO_VECTOR = np.zeros(0, np.float32)
+
+
+def _table(bundle_array, name: str, dtype) -> np.ndarray:
+    arr = np.asarray(bundle_array(name))
+    if arr.dtype != dtype:
+        raise ValueError(f"bundle array {name} has dtype {arr.dtype}, the feature kernel reads {np.dtype(dtype)}")
+    return np.ascontiguousarray(arr)
+
+
+class FeatureKernel:
+    """The bundle's feature tables, checked once, and the one call that writes a request's rows.
+
+    Parameters
+    ----------
+    bundle_array : callable
+        ``name -> array`` of the bundle (``ranking.bundle.Bundle.array``; memory-mapped).
+    n_categories : int
+        Entries of the bundle's category table.
+    data_end : int
+        Unix seconds of the bundle's last event.
+
+    Raises
+    ------
+    ValueError
+        A table the kernel reads has another dtype or shape, or names a row outside the
+        catalog: the bundle is inconsistent and must be rebuilt.
+    """
+
+    def __init__(self, bundle_array, n_categories: int, data_end: int):
+        t = {name: _table(bundle_array, name, dtype) for name, dtype in _TABLES.items()}
+        for field in _CONTEXT_FIELDS:
+            for kind in (f"item_{field}_lift", f"user_{field}_share"):
+                # float16 in the bundle: the kernel reads the bits and widens them itself.
+                t[kind] = _table(bundle_array, kind, np.float16).view(np.uint16)
+        n_items, n_users = len(t["item_factors"]), len(t["user_has_history"])
+        if t["ease_weights"].size == 0:
+            t["ease_weights"] = np.zeros((0, 0), np.float32)
+        elif t["ease_weights"].shape != (n_items, n_items):
+            raise ValueError(f"ease_weights has shape {t['ease_weights'].shape}, expected ({n_items}, {n_items})")
+        self._check(t, n_items, n_users, n_categories)
+        self.n_items, self.n_users = n_items, n_users
+        self.dim = t["item_factors"].shape[1]
+        self.widths = tuple(t[f"item_{f}_lift"].shape[1] for f in _CONTEXT_FIELDS)
+        self.n_segments = len(t["segment_pop_indptr"]) - 1
+        self._tables = t  # the kernel holds views of these; keep them alive with it
+        self._kernel = _features.FeatureKernel(t, int(n_categories), int(data_end))
+
+    @staticmethod
+    def _check(t: dict[str, np.ndarray], n_items: int, n_users: int, n_categories: int) -> None:
+        sizes = {"items": n_items, "users": n_users, "categories": n_categories}
+        for indptr, ids, rows, names in _CSRS:
+            ptr, got = t[indptr], t[ids]
+            if rows is not None and len(ptr) != sizes[rows] + 1:
+                raise ValueError(f"bundle array {indptr} has {len(ptr)} entries for {sizes[rows]} {rows}")
+            if len(ptr) == 0 or ptr[0] != 0 or ptr[-1] != len(got) or np.any(np.diff(ptr) < 0):
+                raise ValueError(f"bundle array {indptr} is not a CSR row index over {ids}: rebuild the bundle")
+            if got.size and (int(got.min()) < 0 or int(got.max()) >= sizes[names]):
+                raise ValueError(f"bundle array {ids} names {names} outside 0..{sizes[names] - 1}: rebuild the bundle")
+
+    def fill(
+        self,
+        X: np.ndarray,
+        index: CandidateIndex,
+        *,
+        rung: int,
+        urow: int,
+        seg: int,
+        t: int,
+        t_pop: int,
+        at_end: bool,
+        block: int,
+        weekday: int,
+        qvec: np.ndarray | None,
+        session: np.ndarray,
+        context_columns: Sequence[int],
+        purchases: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        """Write every cell of ``X`` (n_candidates, len(COLUMNS)) float32 C-contiguous.
+
+        ``t`` is the request's unix seconds, ``t_pop`` the time the item windows are read at
+        (``at_end``: the bundle's precomputed end windows), ``block``/``weekday`` its hour
+        block and day of week; ``context_columns`` the column of each context field's value
+        (-1: none); ``purchases`` the (item rows, unix seconds) bought since the data end.
+
+        Raises
+        ------
+        ValueError
+            An argument is out of range or of the wrong shape.
+        """
+        n = len(index.cands)
+        if X.shape != (n, len(COLUMNS)) or X.dtype != np.float32 or not X.flags.c_contiguous:
+            raise ValueError(f"X must be a C-contiguous float32 ({n}, {len(COLUMNS)}) array")
+        if not -1 <= urow < self.n_users or not -1 <= seg < self.n_segments:
+            raise ValueError(f"user row {urow} or segment {seg} outside the bundle")
+        if not (0 <= block < 24 and 0 <= weekday < 7):
+            raise ValueError(f"hour block {block} / weekday {weekday} out of range")
+        cols = np.asarray(context_columns, np.int32)
+        if cols.shape != (3,) or any(c >= w for c, w in zip(cols, self.widths)):
+            raise ValueError(f"context columns {tuple(cols)} outside the bundle's {self.widths}")
+        if qvec is None:
+            q = _NO_VECTOR
+        else:
+            q = np.ascontiguousarray(qvec, np.float32)
+            if q.shape != (self.dim,):
+                raise ValueError(f"query vector has shape {q.shape}, expected ({self.dim},)")
+        sess = _int32_rows("session", session, self.n_items)
+        p_rows, p_times = purchases if purchases is not None else _NO_PURCHASES
+        p_rows = _int32_rows("purchases", p_rows, self.n_items)
+        p_times = np.ascontiguousarray(p_times, np.int64)
+        if p_times.shape != p_rows.shape:
+            raise ValueError("purchases need one time per item row")
+        if n == 0:
+            return
+        recent = 0
+        if urow >= 0:
+            ptr = self._tables["user_recent_indptr"]
+            recent = int(ptr[urow + 1] - ptr[urow])
+        status = self._kernel.fill(
+            X,
+            index.cands,
+            index._slot,
+            index.mark,
+            np.empty(n, np.float64),
+            np.empty(max(recent, len(sess), 1), np.float32),
+            int(rung),
+            int(urow),
+            int(seg),
+            int(t),
+            int(t_pop),
+            bool(at_end),
+            int(block),
+            int(weekday),
+            q,
+            sess,
+            cols,
+            p_rows,
+            p_times,
+        )
+        if status == _features.NO_MEMORY:
+            raise MemoryError("no memory for the feature kernel's scratch")
+        if status < 0:
+            raise ValueError("the bundle's feature tables name a row outside the catalog: rebuild it")
