@@ -16,7 +16,9 @@ Layers (as in sklearn's ``_loss``):
 2. ``FeatureKernel._fill`` and the ``_fill_*`` helpers: loops over the bundle's typed
    memoryviews, nogil; inputs are trusted (checked by the wrapper), and the one walk that
    can meet a bad id (``_sum_rows_loop``) reports it by a negative return value.
-3. ``FeatureKernel.fill``: the Python-visible entry; releases the GIL around ``_fill``.
+3. ``FeatureKernel.fill`` and ``FeatureKernel.fill_score``: the Python-visible entries;
+   they release the GIL around ``_fill`` (and, for ``fill_score``, the tree scoring
+   that follows it: one crossing for a request's features, scores and top-k).
 4. ``ranking.kernels.features``: the public wrapper.
 """
 from libc.math cimport NAN, fabsf, logf, log1pf, sqrtf, ldexpf, INFINITY
@@ -27,6 +29,8 @@ import numpy as np
 
 from ranking.kernels._common cimport _dot, _row_max
 from ranking.kernels._rows cimport _sum_rows_loop
+from ranking.kernels._scoring cimport _score_trees_call
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
 ctypedef unsigned short uint16_t
@@ -328,6 +332,67 @@ cdef class FeatureKernel:
             status = self._fill(X, cands, slot, mark, work, weights, rung, urow, seg, t, t_pop, at_end,
                                 block, weekday, qvec, session, ctx_cols, p_rows, p_times)
         return status
+
+    def fill_score(
+        self,
+        float32_t[:, ::1] X,
+        const int32_t[::1] cands,
+        int32_t[::1] slot,
+        uint8_t[::1] mark,
+        float64_t[::1] work,
+        float32_t[::1] weights,
+        int rung,
+        Py_ssize_t urow,
+        Py_ssize_t seg,
+        int64_t t,
+        int64_t t_pop,
+        bint at_end,
+        int block,
+        int weekday,
+        const float32_t[::1] qvec,
+        const int32_t[::1] session,
+        const int32_t[::1] ctx_cols,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+        const int32_t[::1] roots_first,
+        const int32_t[::1] roots_second,
+        const int32_t[::1] feature,
+        const float64_t[::1] threshold,
+        const int32_t[::1] left,
+        const int32_t[::1] right,
+        const uint8_t[::1] flags,
+        const float64_t[::1] leaf_value,
+        const uint8_t[::1] mask,
+        const float32_t[::1] offsets,
+        Py_ssize_t n_second,
+        int64_t deadline_ns,
+        Py_ssize_t check_every,
+        float64_t[::1] first_acc,
+        float32_t[::1] first_scores,
+        int32_t[::1] first_indices,
+        float32_t[::1] out_scores,
+        int32_t[::1] out_indices,
+    ):
+        """:meth:`fill`, then the tree ensemble's top-k over the rows just written
+        (``_scoring._score_trees_call``), in one call without the GIL.
+
+        Returns ``(status, n_kept, n_scored, n_second_done, n_second_planned, filled_ns)``:
+        ``status`` as :meth:`fill` (nothing is scored unless it is 0) and ``filled_ns``
+        the CLOCK_MONOTONIC time the rows were written, so the caller can tell the two
+        stages apart.
+        """
+        cdef Py_ssize_t status, n_kept = 0, n_scored = 0, n_done = 0, n_planned = 0
+        cdef timespec ts
+        with nogil:
+            status = self._fill(X, cands, slot, mark, work, weights, rung, urow, seg, t, t_pop, at_end,
+                                block, weekday, qvec, session, ctx_cols, p_rows, p_times)
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            if status == 0:
+                n_scored = _score_trees_call(X, roots_first, roots_second, feature, threshold, left, right,
+                                             flags, leaf_value, mask, offsets, n_second, deadline_ns, check_every,
+                                             first_acc, first_scores, first_indices, out_scores, out_indices,
+                                             &n_kept, &n_done, &n_planned)
+        return status, n_kept, n_scored, n_done, n_planned, <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
     cdef Py_ssize_t _fill(
         self,

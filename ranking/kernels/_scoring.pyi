@@ -24,22 +24,6 @@ def topk(
     out_scores: npt.NDArray[np.float32],
     out_indices: npt.NDArray[np.int32],
 ) -> int: ...
-def score_trees_topk(
-    features: npt.NDArray[np.float32],
-    roots: npt.NDArray[np.int32],
-    feature: npt.NDArray[np.int32],
-    threshold: npt.NDArray[np.float64],
-    left: npt.NDArray[np.int32],
-    right: npt.NDArray[np.int32],
-    flags: npt.NDArray[np.uint8],
-    leaf_value: npt.NDArray[np.float64],
-    mask: npt.NDArray[np.uint8],
-    offsets: npt.NDArray[np.float32],
-    deadline_ns: int,
-    check_every: int,
-    out_scores: npt.NDArray[np.float32],
-    out_indices: npt.NDArray[np.int32],
-) -> tuple[int, int]: ...
 def tree_contributions(
     features: npt.NDArray[np.float32],
     roots: npt.NDArray[np.int32],
@@ -53,7 +37,7 @@ def tree_contributions(
     out_contrib: npt.NDArray[np.float64],
     out_bias: npt.NDArray[np.float64],
 ) -> None: ...
-def score_trees_phased_topk(
+def score_trees_call(
     features: npt.NDArray[np.float32],
     roots_first: npt.NDArray[np.int32],
     roots_second: npt.NDArray[np.int32],

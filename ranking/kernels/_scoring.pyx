@@ -9,9 +9,10 @@ Layers (as in sklearn's ``_loss``):
 1. ``_dot`` (in ``_common.pxd``) / ``_tree_leaf``: scalars, ``cdef inline ... noexcept nogil``.
 2. ``_score_topk_loop`` / ``_score_trees_topk_loop`` / ``_score_trees_phased_loop`` /
    ``_topk_loop`` / ``_tree_contrib_loop``: loops over typed memoryviews, nogil.
-3. ``score_topk`` / ``score_trees_topk`` / ``score_trees_phased_topk`` / ``topk`` /
-   ``tree_contributions``: Python-visible entries taking memoryviews and output
-   buffers, releasing the GIL around the loop.
+3. ``score_topk`` / ``score_trees_call`` / ``topk`` / ``tree_contributions``:
+   Python-visible entries taking memoryviews and output buffers, releasing the GIL
+   around the loop. ``_score_trees_call`` (one phase or two) is also called by the
+   feature kernel (``_features.pyx``) right after it writes the rows.
 4. ``ranking.kernels.scoring``: the public wrapper.
 
 Selection rule shared by every kernel: a candidate is excluded when its mask
@@ -620,36 +621,6 @@ def topk(
     return n_kept
 
 
-def score_trees_topk(
-    const float32_t[:, ::1] features not None,  # IN (n, f)
-    const int32_t[::1] roots not None,  # IN (n_trees,)
-    const int32_t[::1] feature not None,  # IN (n_nodes,)
-    const float64_t[::1] threshold not None,  # IN (n_nodes,)
-    const int32_t[::1] left not None,  # IN (n_nodes,)
-    const int32_t[::1] right not None,  # IN (n_nodes,)
-    const uint8_t[::1] flags not None,  # IN (n_nodes,)
-    const float64_t[::1] leaf_value not None,  # IN (n_leaves,)
-    const uint8_t[::1] mask not None,  # IN (n,)
-    const float32_t[::1] offsets not None,  # IN (n,)
-    int64_t deadline_ns,  # IN
-    Py_ssize_t check_every,  # IN >= 1
-    float32_t[::1] out_scores not None,  # OUT (k,), k <= n
-    int32_t[::1] out_indices not None,  # OUT (k,)
-):
-    """Fill ``out_*`` with the top-k rows under the tree ensemble; return ``(n_kept, n_scored)``.
-
-    The GIL is released for the whole loop. The trees must have been checked by
-    ``ranking.kernels.scoring.TreeArrays.checked`` (child order, index ranges).
-    """
-    cdef Py_ssize_t n_kept = 0
-    cdef Py_ssize_t n_scored
-    with nogil:
-        n_scored = _score_trees_topk_loop(features, roots, feature, threshold, left, right, flags,
-                                          leaf_value, mask, offsets, deadline_ns, check_every,
-                                          out_scores, out_indices, &n_kept)
-    return n_kept, n_scored
-
-
 def tree_contributions(
     const float32_t[:, ::1] features not None,  # IN (m, f)
     const int32_t[::1] roots not None,  # IN (n_trees,)
@@ -669,41 +640,73 @@ def tree_contributions(
                            leaf_value, out_contrib, out_bias)
 
 
-def score_trees_phased_topk(
-    const float32_t[:, ::1] features not None,  # IN (n, f)
-    const int32_t[::1] roots_first not None,  # IN (t1,)
-    const int32_t[::1] roots_second not None,  # IN (t2,)
-    const int32_t[::1] feature not None,  # IN (n_nodes,)
-    const float64_t[::1] threshold not None,  # IN (n_nodes,)
-    const int32_t[::1] left not None,  # IN (n_nodes,)
-    const int32_t[::1] right not None,  # IN (n_nodes,)
-    const uint8_t[::1] flags not None,  # IN (n_nodes,)
-    const float64_t[::1] leaf_value not None,  # IN (n_leaves,)
-    const uint8_t[::1] mask not None,  # IN (n,)
-    const float32_t[::1] offsets not None,  # IN (n,)
-    Py_ssize_t n_second,  # IN >= 1
+cdef Py_ssize_t _score_trees_call(
+    const float32_t[:, ::1] features,  # IN (n, f)
+    const int32_t[::1] roots_first,  # IN every tree (one phase) or the first phase's
+    const int32_t[::1] roots_second,  # IN the trees the second phase adds (empty: one phase)
+    const int32_t[::1] feature,  # IN (n_nodes,)
+    const float64_t[::1] threshold,  # IN (n_nodes,)
+    const int32_t[::1] left,  # IN (n_nodes,)
+    const int32_t[::1] right,  # IN (n_nodes,)
+    const uint8_t[::1] flags,  # IN (n_nodes,)
+    const float64_t[::1] leaf_value,  # IN (n_leaves,)
+    const uint8_t[::1] mask,  # IN (n,)
+    const float32_t[::1] offsets,  # IN (n,)
+    Py_ssize_t n_second,  # IN 0: one phase; else 1 <= n_second < n
     int64_t deadline_ns,  # IN
     Py_ssize_t check_every,  # IN >= 1
-    float64_t[::1] first_acc not None,  # SCRATCH (n,)
-    float32_t[::1] first_scores not None,  # SCRATCH (m,)
-    int32_t[::1] first_indices not None,  # SCRATCH (m,)
-    float32_t[::1] out_scores not None,  # OUT (k,), k <= n
-    int32_t[::1] out_indices not None,  # OUT (k,)
+    float64_t[::1] first_acc,  # SCRATCH (n,) when phased
+    float32_t[::1] first_scores,  # SCRATCH (m,) when phased
+    int32_t[::1] first_indices,  # SCRATCH (m,) when phased
+    float32_t[::1] out_scores,  # OUT (k,), k <= n
+    int32_t[::1] out_indices,  # OUT (k,)
+    Py_ssize_t* n_kept,  # OUT
+    Py_ssize_t* n_done,  # OUT rows the second phase completed (0: one phase)
+    Py_ssize_t* n_planned,  # OUT rows it was to complete
+) noexcept nogil:
+    """One tree-scoring call, one phase or two; return the rows the (first) phase consumed."""
+    n_kept[0] = n_done[0] = n_planned[0] = 0
+    if out_scores.shape[0] == 0 or features.shape[0] == 0:
+        return features.shape[0]
+    if n_second <= 0:
+        return _score_trees_topk_loop(features, roots_first, feature, threshold, left, right, flags, leaf_value,
+                                      mask, offsets, deadline_ns, check_every, out_scores, out_indices, n_kept)
+    return _score_trees_phased_loop(features, roots_first, roots_second, feature, threshold, left, right, flags,
+                                    leaf_value, mask, offsets, n_second, deadline_ns, check_every, first_acc,
+                                    first_scores, first_indices, out_scores, out_indices, n_kept, n_done, n_planned)
+
+
+def score_trees_call(
+    const float32_t[:, ::1] features not None,  # IN (n, f)
+    const int32_t[::1] roots_first not None,
+    const int32_t[::1] roots_second not None,
+    const int32_t[::1] feature not None,
+    const float64_t[::1] threshold not None,
+    const int32_t[::1] left not None,
+    const int32_t[::1] right not None,
+    const uint8_t[::1] flags not None,
+    const float64_t[::1] leaf_value not None,
+    const uint8_t[::1] mask not None,
+    const float32_t[::1] offsets not None,
+    Py_ssize_t n_second,
+    int64_t deadline_ns,
+    Py_ssize_t check_every,
+    float64_t[::1] first_acc not None,
+    float32_t[::1] first_scores not None,
+    int32_t[::1] first_indices not None,
+    float32_t[::1] out_scores not None,
+    int32_t[::1] out_indices not None,
 ):
-    """Two-phase top-k under a tree ensemble split in two; return
+    """Top-k under a tree ensemble, in one phase or two (``_score_trees_call``); return
     ``(n_kept, n_scored, n_second_done, n_second_planned)``.
 
-    The GIL is released for both phases. The trees must have been checked by
-    ``ranking.kernels.scoring.TreeArrays.checked`` and the two root lists taken
-    from its ``roots`` (``ranking.kernels.scoring.TreePhases``).
+    The GIL is released for the whole call. The arguments come from
+    ``ranking.kernels.scoring.TreeCall``, which checked them.
     """
-    cdef Py_ssize_t n_kept = 0
-    cdef Py_ssize_t n_done = 0
-    cdef Py_ssize_t n_planned = 0
-    cdef Py_ssize_t n_scored
+    cdef Py_ssize_t n_kept = 0, n_done = 0, n_planned = 0, n_scored
     with nogil:
-        n_scored = _score_trees_phased_loop(features, roots_first, roots_second, feature, threshold, left,
-                                            right, flags, leaf_value, mask, offsets, n_second, deadline_ns,
-                                            check_every, first_acc, first_scores, first_indices, out_scores,
-                                            out_indices, &n_kept, &n_done, &n_planned)
+        n_scored = _score_trees_call(features, roots_first, roots_second, feature, threshold, left, right, flags,
+                                     leaf_value, mask, offsets, n_second, deadline_ns, check_every, first_acc,
+                                     first_scores, first_indices, out_scores, out_indices, &n_kept, &n_done,
+                                     &n_planned)
     return n_kept, n_scored, n_done, n_planned

@@ -9,12 +9,14 @@ writes every cell of the matrix. Other packages import only this module.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from ranking.kernels import _features
 from ranking.kernels.rows import CandidateIndex, _int32_rows
+from ranking.kernels.scoring import TopK, TreeCall
 
 __all__ = ["COLUMNS", "FeatureKernel"]
 
@@ -121,6 +123,7 @@ class FeatureKernel:
         self.n_items, self.n_users = n_items, n_users
         self.dim = t["item_factors"].shape[1]
         self.widths = tuple(t[f"item_{f}_lift"].shape[1] for f in _CONTEXT_FIELDS)
+        self.hour_blocks = t["item_hour_lift"].shape[1]
         self.n_segments = len(t["segment_pop_indptr"]) - 1
         self._tables = t  # the kernel holds views of these; keep them alive with it
         self._kernel = _features.FeatureKernel(t, int(n_categories), int(data_end))
@@ -137,7 +140,49 @@ class FeatureKernel:
             if got.size and (int(got.min()) < 0 or int(got.max()) >= sizes[names]):
                 raise ValueError(f"bundle array {ids} names {names} outside 0..{sizes[names] - 1}: rebuild the bundle")
 
-    def fill(
+    def fill(self, X: np.ndarray, index: CandidateIndex, **request) -> None:
+        """Write every cell of ``X`` (n_candidates, len(COLUMNS)) float32 C-contiguous.
+
+        ``request`` holds ``rung``, ``urow``, ``seg``; ``t``, the request's unix seconds;
+        ``t_pop``, the time the item windows are read at (``at_end``: the bundle's
+        precomputed end windows); ``block`` and ``weekday``, its hour block and day of week;
+        ``qvec`` (None: no query vector); ``session`` (item rows); ``context_columns``, the
+        column of each context field's value (-1: none); ``purchases``, the (item rows,
+        unix seconds) bought since the data end, or None.
+
+        Raises
+        ------
+        ValueError
+            An argument is out of range or of the wrong shape.
+        """
+        args = self._args(X, index, **request)
+        if len(index.cands):
+            self._raise_for(self._kernel.fill(*args))
+
+    def fill_score(self, X: np.ndarray, index: CandidateIndex, call: TreeCall, **request) -> tuple[TopK, int]:
+        """:meth:`fill`, then the top-k of ``call`` (a validated tree-scoring call over these
+        rows) in the same compiled call, without the GIL in between.
+
+        Returns
+        -------
+        (TopK, int)
+            The answer, and the CLOCK_MONOTONIC nanoseconds at which the rows were written.
+        """
+        args = self._args(X, index, **request)
+        if not len(index.cands) or call.k == 0:
+            return call.top(0, len(index.cands), 0, 0), time.monotonic_ns()
+        status, n_kept, n_scored, n_done, n_planned, filled_ns = self._kernel.fill_score(*args, *call.kernel_args())
+        self._raise_for(status)
+        return call.top(n_kept, n_scored, n_done, n_planned), filled_ns
+
+    @staticmethod
+    def _raise_for(status: int) -> None:
+        if status == _features.NO_MEMORY:
+            raise MemoryError("no memory for the feature kernel's scratch")
+        if status < 0:
+            raise ValueError("the bundle's feature tables name a row outside the catalog: rebuild it")
+
+    def _args(
         self,
         X: np.ndarray,
         index: CandidateIndex,
@@ -154,25 +199,14 @@ class FeatureKernel:
         session: np.ndarray,
         context_columns: Sequence[int],
         purchases: tuple[np.ndarray, np.ndarray] | None,
-    ) -> None:
-        """Write every cell of ``X`` (n_candidates, len(COLUMNS)) float32 C-contiguous.
-
-        ``t`` is the request's unix seconds, ``t_pop`` the time the item windows are read at
-        (``at_end``: the bundle's precomputed end windows), ``block``/``weekday`` its hour
-        block and day of week; ``context_columns`` the column of each context field's value
-        (-1: none); ``purchases`` the (item rows, unix seconds) bought since the data end.
-
-        Raises
-        ------
-        ValueError
-            An argument is out of range or of the wrong shape.
-        """
+    ) -> tuple:
+        """The compiled entries' request arguments, checked."""
         n = len(index.cands)
         if X.shape != (n, len(COLUMNS)) or X.dtype != np.float32 or not X.flags.c_contiguous:
             raise ValueError(f"X must be a C-contiguous float32 ({n}, {len(COLUMNS)}) array")
         if not -1 <= urow < self.n_users or not -1 <= seg < self.n_segments:
             raise ValueError(f"user row {urow} or segment {seg} outside the bundle")
-        if not (0 <= block < 24 and 0 <= weekday < 7):
+        if not (0 <= block < self.hour_blocks and 0 <= weekday < 7):
             raise ValueError(f"hour block {block} / weekday {weekday} out of range")
         cols = np.asarray(context_columns, np.int32)
         if cols.shape != (3,) or any(c >= w for c, w in zip(cols, self.widths)):
@@ -189,13 +223,11 @@ class FeatureKernel:
         p_times = np.ascontiguousarray(p_times, np.int64)
         if p_times.shape != p_rows.shape:
             raise ValueError("purchases need one time per item row")
-        if n == 0:
-            return
         recent = 0
         if urow >= 0:
             ptr = self._tables["user_recent_indptr"]
             recent = int(ptr[urow + 1] - ptr[urow])
-        status = self._kernel.fill(
+        return (
             X,
             index.cands,
             index._slot,
@@ -216,7 +248,3 @@ class FeatureKernel:
             p_rows,
             p_times,
         )
-        if status == _features.NO_MEMORY:
-            raise MemoryError("no memory for the feature kernel's scratch")
-        if status < 0:
-            raise ValueError("the bundle's feature tables name a row outside the catalog: rebuild it")

@@ -15,6 +15,7 @@ rule, and only then, to fill k, the others by their first-phase score.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -127,6 +128,10 @@ def _loop_args(offsets, n: int, deadline_ns, check_every) -> tuple[np.ndarray, i
         _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
         _as_int("check_every", check_every, 1, _INT64_MAX),
     )
+
+
+_NO_ROOTS = np.zeros(0, np.int32)
+_NO_ACC = np.zeros(0, np.float64)
 
 
 def _alloc(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -498,35 +503,9 @@ def score_trees_topk(
     ValueError
         If an argument has the wrong dtype, shape or range; the message names it.
     """
-    features = _as_float32("features", features, 2)
-    n, f = features.shape
-    _check_n("features", n)
-    _check_trees(trees, f)
-    mask = _as_mask(mask, n)
-    k = _as_int("k", k, 0, _INT64_MAX)
-    offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
-
-    out_scores, out_indices = _alloc(min(k, n))
-    if k == 0 or n == 0:
-        return TopK(out_indices, out_scores, n)
-    t = trees
-    n_kept, n_scored = _scoring.score_trees_topk(
-        features,
-        t.roots,
-        t.feature,
-        t.threshold,
-        t.left,
-        t.right,
-        t.flags,
-        t.leaf_value,
-        mask,
-        offsets,
-        deadline_ns,
-        check_every,
-        out_scores,
-        out_indices,
+    return score_trees_phased_topk(
+        features, trees, None, mask, k, 0, offsets=offsets, deadline_ns=deadline_ns, check_every=check_every
     )
-    return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored))
 
 
 def tree_contributions(features_rows, trees: TreeArrays) -> tuple[np.ndarray, np.ndarray]:
@@ -582,7 +561,7 @@ def tree_contributions(features_rows, trees: TreeArrays) -> tuple[np.ndarray, np
 def score_trees_phased_topk(
     features,
     trees: TreeArrays,
-    phases: TreePhases,
+    phases: TreePhases | None,
     mask,
     k: int,
     n_second: int,
@@ -608,8 +587,8 @@ def score_trees_phased_topk(
     ----------
     features, trees, mask, k, offsets, check_every
         As in :func:`score_trees_topk`.
-    phases : TreePhases
-        The split of ``trees``, from :meth:`TreePhases.of`.
+    phases : TreePhases or None
+        The split of ``trees``, from :meth:`TreePhases.of`; None is one phase.
     n_second : int
         Rows the second phase scores at most.
     deadline_ns : int
@@ -629,48 +608,121 @@ def score_trees_phased_topk(
     """
     features = _as_float32("features", features, 2)
     n, f = features.shape
-    n_second = _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX)
-    if n_second <= 0 or n_second >= n:
-        return score_trees_topk(
-            features, trees, mask, k, offsets=offsets, deadline_ns=deadline_ns, check_every=check_every
-        )
-    _check_n("features", n)
-    _check_trees(trees, f)
-    if not isinstance(phases, TreePhases):
-        raise ValueError(f"phases must be a TreePhases (build it with TreePhases.of), got {type(phases).__name__}")
-    if len(phases.roots_first) + len(phases.roots_second) != trees.n_trees:
-        raise ValueError(
-            f"phases split {len(phases.roots_first) + len(phases.roots_second)} trees; the ensemble has {trees.n_trees}"
-        )
-    mask = _as_mask(mask, n)
-    k = _as_int("k", k, 0, _INT64_MAX)
-    offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
+    call = TreeCall.prepare(n, f, trees, phases, mask, k, n_second, offsets, deadline_ns, check_every)
+    if call.k == 0 or n == 0:
+        return call.top(0, n, 0, 0)
+    return call.top(*_scoring.score_trees_call(features, *call.kernel_args()))
 
-    out_scores, out_indices = _alloc(min(k, n))
-    if k == 0:
-        return TopK(out_indices, out_scores, n, 0, False)
-    first_scores, first_indices = _alloc(min(n, max(n_second, k)))
-    first_acc = np.empty(n, dtype=np.float64)
-    t = trees
-    n_kept, n_scored, n_done, n_planned = _scoring.score_trees_phased_topk(
-        features,
-        phases.roots_first,
-        phases.roots_second,
-        t.feature,
-        t.threshold,
-        t.left,
-        t.right,
-        t.flags,
-        t.leaf_value,
+
+@dataclass(slots=True)
+class TreeCall:
+    """One tree-scoring call, validated, with its output buffers: what the compiled loops take.
+
+    Built by :meth:`prepare`; :func:`score_trees_phased_topk` hands it to the scoring kernel
+    and ``ranking.kernels.features`` to the feature kernel, which scores the rows it has
+    just written in the same call without the GIL. ``n_second`` is 0 for one phase (the
+    whole ensemble in ``roots_first``).
+    """
+
+    k: int
+    n_second: int
+    roots_first: np.ndarray
+    roots_second: np.ndarray
+    trees: TreeArrays
+    mask: np.ndarray
+    offsets: np.ndarray
+    deadline_ns: int
+    check_every: int
+    first_acc: np.ndarray
+    first_scores: np.ndarray
+    first_indices: np.ndarray
+    out_scores: np.ndarray
+    out_indices: np.ndarray
+
+    @classmethod
+    def prepare(
+        cls,
+        n: int,
+        f: int,
+        trees: TreeArrays,
+        phases: TreePhases | None,
         mask,
-        offsets,
-        n_second,
-        deadline_ns,
-        check_every,
-        first_acc,
-        first_scores,
-        first_indices,
-        out_scores,
-        out_indices,
-    )
-    return TopK(out_indices[:n_kept], out_scores[:n_kept], int(n_scored), int(n_done), bool(n_done < n_planned))
+        k: int,
+        n_second: int,
+        offsets=None,
+        deadline_ns: int = 0,
+        check_every: int = 32,
+    ) -> TreeCall:
+        """Validate the arguments of a call over ``n`` rows of ``f`` features (see :func:`score_trees_phased_topk`).
+
+        Raises
+        ------
+        ValueError
+            An argument has the wrong dtype, shape or range; the message names it.
+        """
+        _check_n("features", n)
+        _check_trees(trees, f)
+        n_second = _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX)
+        if n_second <= 0 or n_second >= n or phases is None:
+            n_second, roots_first, roots_second = 0, trees.roots, _NO_ROOTS
+        else:
+            if not isinstance(phases, TreePhases):
+                raise ValueError(
+                    f"phases must be a TreePhases (build it with TreePhases.of), got {type(phases).__name__}"
+                )
+            if len(phases.roots_first) + len(phases.roots_second) != trees.n_trees:
+                raise ValueError(
+                    f"phases split {len(phases.roots_first) + len(phases.roots_second)} trees; "
+                    f"the ensemble has {trees.n_trees}"
+                )
+            roots_first, roots_second = phases.roots_first, phases.roots_second
+        mask = _as_mask(mask, n)
+        k = min(_as_int("k", k, 0, _INT64_MAX), n)
+        offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
+        m = min(n, max(n_second, k)) if n_second else 0
+        return cls(
+            k,
+            n_second,
+            roots_first,
+            roots_second,
+            trees,
+            mask,
+            offsets,
+            deadline_ns,
+            check_every,
+            np.empty(n, dtype=np.float64) if n_second else _NO_ACC,
+            *_alloc(m),
+            *_alloc(k),
+        )
+
+    def kernel_args(self) -> tuple:
+        """The arguments after the feature matrix, in the compiled entries' order."""
+        t = self.trees
+        return (
+            self.roots_first,
+            self.roots_second,
+            t.feature,
+            t.threshold,
+            t.left,
+            t.right,
+            t.flags,
+            t.leaf_value,
+            self.mask,
+            self.offsets,
+            self.n_second,
+            self.deadline_ns,
+            self.check_every,
+            self.first_acc,
+            self.first_scores,
+            self.first_indices,
+            self.out_scores,
+            self.out_indices,
+        )
+
+    def top(self, n_kept: int, n_scored: int, n_done: int, n_planned: int) -> TopK:
+        """The answer from the compiled loop's counts."""
+        if not self.n_second:
+            return TopK(self.out_indices[:n_kept], self.out_scores[:n_kept], int(n_scored))
+        return TopK(
+            self.out_indices[:n_kept], self.out_scores[:n_kept], int(n_scored), int(n_done), bool(n_done < n_planned)
+        )

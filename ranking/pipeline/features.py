@@ -18,6 +18,7 @@ from ranking.bundle.model import Csr, RankingModel
 from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS
 from ranking.kernels.features import COLUMNS, FeatureKernel
 from ranking.kernels.rows import ItemScratch
+from ranking.kernels.scoring import TopK, TreeCall
 
 DAY = 86_400
 HOUR_BLOCKS = 4  # 6-hour blocks of the (UTC) day: night, morning, afternoon, evening
@@ -316,31 +317,45 @@ class FeatureTables:
         cands : np.ndarray
             Distinct item rows.
         """
-        n = len(cands)
-        X = np.empty((n, N_FEATURES), dtype=np.float32)
-        if n == 0:
-            return X
+        X = np.empty((len(cands), N_FEATURES), dtype=np.float32)
+        if len(cands):
+            with self.scratch.index(cands) as index:
+                self.kernel.fill(X, index, **self._request(req))
+        return X
+
+    def assemble_and_score(self, req: Request, cands: np.ndarray, call: TreeCall) -> tuple[np.ndarray, TopK, int]:
+        """The matrix, and the top-k of the tree-scoring ``call`` over it, in one compiled call.
+
+        Returns
+        -------
+        (X, TopK, int)
+            The matrix, the answer and the CLOCK_MONOTONIC nanoseconds at which the matrix
+            was written (the end of the features stage).
+        """
+        X = np.empty((len(cands), N_FEATURES), dtype=np.float32)
+        with self.scratch.index(cands) as index:
+            top, filled_ns = self.kernel.fill_score(X, index, call, **self._request(req))
+        return X, top, filled_ns
+
+    def _request(self, req: Request) -> dict:
+        """The kernel's request arguments."""
         # Without an event time (offline callers only: the server fills in its clock) the
         # request is taken to come just after the bundle's data.
         t = int(req.event_time) if req.event_time is not None else self._t_end
         # The bundle knows nothing after its data end: a later request sees the last windows it has.
         t_pop = min(t, self._t_end)
         purchases = req.purchases
-        with self.scratch.index(cands) as index:
-            self.kernel.fill(
-                X,
-                index,
-                rung=req.rung,
-                urow=req.urow,
-                seg=req.seg,
-                t=t,
-                t_pop=t_pop,
-                at_end=t_pop == self._t_end,
-                block=(t // 3600) % 24 // (24 // HOUR_BLOCKS),
-                weekday=(t // DAY + 3) % 7,  # 1970-01-01 was a Thursday; Monday = 0
-                qvec=req.qvec,
-                session=req.session,
-                context_columns=tuple(self.context[f].column(getattr(req, f)) for f in CONTEXT_FIELDS),
-                purchases=(purchases.rows, purchases.times) if purchases is not None and len(purchases) else None,
-            )
-        return X
+        return {
+            "rung": req.rung,
+            "urow": req.urow,
+            "seg": req.seg,
+            "t": t,
+            "t_pop": t_pop,
+            "at_end": t_pop == self._t_end,
+            "block": (t // 3600) % 24 // (24 // HOUR_BLOCKS),
+            "weekday": (t // DAY + 3) % 7,  # 1970-01-01 was a Thursday; Monday = 0
+            "qvec": req.qvec,
+            "session": req.session,
+            "context_columns": tuple(self.context[f].column(getattr(req, f)) for f in CONTEXT_FIELDS),
+            "purchases": (purchases.rows, purchases.times) if purchases is not None and len(purchases) else None,
+        }

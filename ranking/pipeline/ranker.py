@@ -18,6 +18,8 @@ from ranking.config import (  # re-exported: their home is the light ranking.con
 )
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
+from ranking.kernels.reranker import TreeScorer
+from ranking.kernels.scoring import TreeCall
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
 from ranking.pipeline.categories import in_categories
 from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Purchases, Request
@@ -77,6 +79,8 @@ class Prepared:
     offsets: np.ndarray | None = None
     offset_parts: dict[str, np.ndarray] = field(default_factory=dict)
     retrieval: str = "none"
+    # What the feature kernel is to write when rank() fuses features and scoring (prepare(fuse=True)).
+    request: Request | None = None
 
 
 class _StageClock:
@@ -420,6 +424,7 @@ class Ranker:
         overlay: RankOverlay | None = None,
         plan: RetrievalPlan | None = None,
         budget: Budget | None = None,
+        fuse: bool = False,
     ) -> Prepared:
         """Resolve, retrieve, mask and compute features: everything before scoring.
 
@@ -427,7 +432,9 @@ class Ranker:
         evaluation ranks through :meth:`rank`, so the three share one code path.
         ``overlay`` (real-time state, rules, experiment variant), ``plan`` (the budget's
         candidate count and effort) and ``budget`` (features are skipped once it has
-        run out: ``features`` is then None) come from :meth:`rank`.
+        run out: ``features`` is then None) come from :meth:`rank`. With ``fuse`` (trees
+        only) the features are left to :meth:`rank`, which has the kernel write and score
+        them in one call: ``features`` is None and ``request`` says what to write.
         """
         clock = clock or _StageClock({})
         cfg = self.config
@@ -465,12 +472,13 @@ class Ranker:
         feats = None
         if (budget is None or not budget.expired()) and (plan is None or plan.score):
             if self.tables is not None:
-                feats = self.tables.assemble(
-                    Request(
-                        int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
-                    ),
-                    cands,
+                request = Request(
+                    int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
                 )
+                if fuse and self.scorer.kind == "trees":
+                    self._debug_delay("features", len(cands))
+                    return Prepared(rung, reason, urow, cands, mask, None, offsets, offset_parts, path, request)
+                feats = self.tables.assemble(request, cands)
             else:
                 feats = self._features(cands, qvec, seg)
             self._debug_delay("features", len(cands))
@@ -528,13 +536,13 @@ class Ranker:
             plan = self.costs.plan(budget.remaining_ms(), self.config.n_candidates, self.ann_effort)
         degraded = ["retrieve"] if plan.cut else []
         started = time.perf_counter()
-        prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget)
+        prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget, fuse=True)
         rung, reason, cands, mask, feats = prep.rung, prep.reason, prep.rows, prep.mask, prep.features
         offsets, offset_parts = prep.offsets, prep.offset_parts
         if offsets is not None and self.offset_scale != 1.0:
             offsets = offsets * np.float32(self.offset_scale)
             offset_parts = {name: part * np.float32(self.offset_scale) for name, part in offset_parts.items()}
-        if feats is None or budget.expired():
+        if (feats is None and prep.request is None) or budget.expired():
             order = np.linspace(1.0, 0.0, len(cands), endpoint=False, dtype=np.float32)
             if offsets is not None:
                 # Rules and real-time demotions still hold when there is no time to score.
@@ -550,10 +558,33 @@ class Ranker:
                 )
                 if cut:
                     degraded.append("second_phase")
-            top = self.scorer.score_topk(
-                feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns, n_second=n_second
-            )
-            clock.lap("score")
+            if prep.request is not None:
+                # One compiled call writes the features and scores them (ranking.kernels.features).
+                scorer = self.scorer
+                assert self.tables is not None and isinstance(scorer, TreeScorer)
+                call = TreeCall.prepare(
+                    len(cands),
+                    len(FEATURE_NAMES),
+                    scorer.trees,
+                    scorer.phases,
+                    mask,
+                    k,
+                    n_second,
+                    offsets,
+                    budget.deadline_ns,
+                )
+                feats, top, filled_ns = self.tables.assemble_and_score(prep.request, cands, call)
+                now = time.perf_counter()
+                scored_s = max(time.monotonic_ns() - filled_ns, 0) / 1e9
+                timings["features"] = max(now - clock.t - scored_s, 0.0)
+                timings["score"] = scored_s
+                clock.t = now
+            else:
+                assert feats is not None
+                top = self.scorer.score_topk(
+                    feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns, n_second=n_second
+                )
+                clock.lap("score")
             if top.second_cut and "second_phase" not in degraded:
                 degraded.append("second_phase")
             if top.n_scored < len(cands):

@@ -20,7 +20,7 @@ from tests_support import SMALL_BUILD
 from index_builder.build import build
 from index_builder.config import BuildConfig
 from index_builder.synthetic import make_grocery, make_shop, write_shop
-from ranking import FEATURE_NAMES, Ranker, RankingModel, RankQuery, ServingModel, resolve_current
+from ranking import FEATURE_NAMES, Ranker, RankerConfig, RankingModel, RankQuery, ServingModel, resolve_current
 from ranking.bundle.schema import CONTEXT_FIELDS
 from ranking.errors import BundleError
 from ranking.pipeline.features import DAY, RANKED, Purchases, Request
@@ -215,3 +215,23 @@ def test_an_inconsistent_bundle_is_refused_once_at_load(context_bundle, tmp_path
             ServingModel(m)
     finally:
         m.bundle.array = real
+
+
+@pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
+def test_rank_in_one_crossing_equals_features_then_scoring(which, request):
+    """Rank writes and scores the features in one compiled call; the answer is the one the
+    two separate steps (the matrix, then the scorer over it) give, phased or not."""
+    m = request.getfixturevalue(which)
+    for n_second in (0, 20):
+        ranker = Ranker(m, RankerConfig(second_phase_candidates=n_second))
+        assert ranker.scorer.kind == "trees"
+        users = [str(u) for u in m.users.ids[:30]]
+        queries = [RankQuery(user_id=u, num_results=15) for u in users] + [RankQuery(), RankQuery(user_id="nobody")]
+        for q in queries:
+            got = ranker.rank(q)
+            prep = ranker.prepare(q)
+            assert prep.features is not None and prep.request is None
+            want = ranker.scorer.score_topk(prep.features, prep.mask, q.num_results or 10, n_second=n_second)
+            assert got.item_ids == m.items.id_of(prep.rows[want.indices]), q
+            np.testing.assert_array_equal(np.asarray(got.scores, np.float32), want.scores)
+            assert {"features", "score"} <= set(got.stage_seconds) and got.stage_seconds["features"] > 0
