@@ -85,7 +85,12 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
         shares = [o["share"] for o in s["open_loop"]]
         assert shares == [0.5, 0.8]
         for o, run in zip(s["open_loop"], shop["open_loop"]):
-            assert run["mode"] == "open" and run["requests"] > 0 and run["errors"] == {}
+            # An open loop does not wait for answers, so a burst of arrivals may find a worker's
+            # queue full: the server sheds those (RESOURCE_EXHAUSTED), and the run counts them.
+            assert run["mode"] == "open" and run["requests"] > 0, (name, run)
+            assert set(run["errors"]) <= {"RESOURCE_EXHAUSTED"}, (name, run)
+            assert run["requests"] + sum(run["errors"].values()) + run["overflow"] == run["arrivals"]
+            assert o["errors"] == sum(run["errors"].values())
             assert o["rate"] == pytest.approx(o["share"] * s["saturation_qps"])
         # Served with the bundle's own tuned effort (the bench forced none), and the floors with it.
         serving, tuned = shop["serving"], shop["bundle_retrieval"]["ann_effort"]
