@@ -11,7 +11,12 @@ metrics or logs):
 - ``score``: that search, then the bundle's scorer (the learned trees) over a feature
   matrix the size of a served request's, taken in turn from matrices the real pipeline
   computed at start-up for users of the bundle (the features themselves are not
-  computed per request); it answers that matrix's top 10.
+  computed per request); it answers that matrix's top 10. It scores as the server does:
+  phased (the first phase over every candidate, the full model over the best
+  ``--second-phase``) when the bundle records phases and the second phase is on.
+
+``--effort 0`` and ``--second-phase -1`` take the bundle's own choices, as the server does;
+the bench passes the values the server it compares with reports, so both do the same work.
 
 Same process model as the real server (forked workers sharing the port through
 SO_REUSEPORT, pinned to their CPUs by the same rule, the same thread pool; a bundle is
@@ -47,10 +52,12 @@ class Work:
     level : str
         "search" or "score".
     n_candidates, effort, head_items : int
-        The server's ``n_candidates``, ``ann_effort`` and ``exact_head_items``.
+        The server's ``n_candidates``, ``ann_effort`` (0: the bundle's) and ``exact_head_items``.
     batch_size, batch_wait_us : int, float
         The server's ``ann_batch_size`` and ``ann_batch_wait_us``: concurrent requests'
         searches micro-batched as the server's are.
+    second_phase : int
+        The server's ``second_phase_candidates`` (-1: the bundle's; 0: one phase).
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class Work:
         head_items: int,
         batch_size: int = 1,
         batch_wait_us: float = 0.0,
+        second_phase: int = -1,
     ):
         import numpy as np
 
@@ -78,6 +86,7 @@ class Work:
                 exact_head_items=head_items,
                 ann_batch_size=batch_size,
                 ann_batch_wait_us=batch_wait_us,
+                second_phase_candidates=second_phase,
             ),
         )
         self.model, self.level = m, level
@@ -103,11 +112,12 @@ class Work:
             np.asarray(m.user_factors[urow], dtype=np.float32), cfg.n_candidates + slack, self.ranker.ann_effort
         )
         if self.level == "search":
-            top = rows[rows >= 0][:10]
-            return m.items.id_of(top), [1.0 - i / 10 for i in range(len(top))]
+            first = rows[rows >= 0][:10]
+            return m.items.id_of(first), [1.0 - i / 10 for i in range(len(first))]
         cands, mask, feats = self.pool[self.served % len(self.pool)]
         self.served += 1  # racy between threads; any matrix of the pool will do
-        top = self.ranker.scorer.score_topk(feats, mask, 10)
+        # The server's scoring call without a deadline: phased when its ranker is.
+        top = self.ranker.scorer.score_topk(feats, mask, 10, n_second=self.ranker.second_phase_candidates)
         return m.items.id_of(cands[top.indices]), [float(s) for s in top.scores]
 
 
@@ -160,7 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", choices=WORK, default="framework", help="what each request does (module docstring)")
     p.add_argument("--artifacts", type=Path, help="bundle root, for --work search / score")
     p.add_argument("--candidates", type=int, default=ServerConfig.n_candidates, help="the server's n_candidates")
-    p.add_argument("--effort", type=int, default=ServerConfig.ann_effort, help="the server's ann_effort")
+    p.add_argument(
+        "--effort", type=int, default=ServerConfig.ann_effort, help="the server's ann_effort (0: the bundle's)"
+    )
+    p.add_argument(
+        "--second-phase",
+        type=int,
+        default=ServerConfig.second_phase_candidates,
+        help="the server's second_phase_candidates (-1: the bundle's; 0: one phase)",
+    )
     p.add_argument(
         "--exact-head-items", type=int, default=ServerConfig.exact_head_items, help="the server's exact_head_items"
     )
@@ -174,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     if (a.work == "framework") != (a.artifacts is None):
         p.error("--artifacts goes with --work search or score, and only with them")
     work = (
-        Work(a.artifacts, a.work, a.candidates, a.effort, a.exact_head_items, a.ann_batch_size, a.ann_batch_wait_us)
+        Work(
+            a.artifacts,
+            a.work,
+            a.candidates,
+            a.effort,
+            a.exact_head_items,
+            a.ann_batch_size,
+            a.ann_batch_wait_us,
+            a.second_phase,
+        )
         if a.artifacts
         else None
     )

@@ -117,6 +117,41 @@ def test_score_floor_answers_the_learned_scorers_top10_of_a_matrix_the_pipeline_
         assert proc.wait(timeout=30) == 0
 
 
+def test_score_floor_scores_phased_as_the_server_does_when_given_its_second_phase(artifacts, tmp_path):
+    m = RankingModel(resolve_current(artifacts), verify=False)
+    ranker = Ranker(m, RankerConfig(n_candidates=50, ann_effort=40, exact_head_items=64))
+    assert ranker.phases is not None and ranker.second_phase_source == "bundle"
+    first = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
+    prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[first])))
+    # Fewer rows in the second phase than answered: the rest keep first-phase scores, so the
+    # phased answer differs from the one-phase one and the test can tell which was run.
+    phased = ranker.scorer.score_topk(prep.features, prep.mask, 10, n_second=3)
+    one = ranker.scorer.score_topk(prep.features, prep.mask, 10)
+    assert not np.allclose(phased.scores, one.scores)
+    proc, info, _ = _floor(
+        tmp_path,
+        "--artifacts",
+        str(artifacts),
+        "--work",
+        "score",
+        "--candidates",
+        "50",
+        "--effort",
+        "40",
+        "--exact-head-items",
+        "64",
+        "--second-phase",
+        "3",
+    )
+    try:
+        got = _rank(info["grpc_port"], str(m.users.ids[first]))
+        assert [i.item_id for i in got.items] == m.items.id_of(prep.rows[phased.indices])
+        assert np.allclose([i.score for i in got.items], phased.scores)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
