@@ -1,10 +1,12 @@
 """Benchmark: one Rank in process, stage by stage, on a built bundle.
 
-``python -m bench.stages --bundle DIR`` answers real requests (customers with history)
-with the bundle's own pipeline (``Ranker.rank``, no server around it) and prints the
-median milliseconds of each stage the pipeline times (resolve, retrieve, features,
-score) and of the whole call, plus the process CPU per request. Run it on two checkouts
-to see what a change to the Rank path moved; nothing here asserts a speed.
+``python -m bench.stages --bundle DIR`` answers real requests (customers with history,
+drawn at random from the whole bundle, each asked once, so the caches are as cold as a
+server's under traffic from many customers) with the bundle's own pipeline
+(``Ranker.rank``, no server around it) and prints the median milliseconds of each stage
+the pipeline times (resolve, retrieve, features, score) and of the whole call, plus the
+process CPU per request. Run it on two checkouts to see what a change to the Rank path
+moved; nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -22,30 +24,30 @@ from ranking import Ranker, RankingModel, RankQuery, resolve_current
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, required=True, help="a bundle version directory or an artifacts root")
-    ap.add_argument("--users", type=int, default=500, help="requests (customers with history)")
-    ap.add_argument("--rounds", type=int, default=3, help="passes over the requests (the first warms caches)")
+    ap.add_argument("--users", type=int, default=2000, help="requests (customers with history, each once)")
+    ap.add_argument("--warm", type=int, default=200, help="requests of other customers answered first, not timed")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     path = args.bundle if (args.bundle / "manifest.json").exists() else resolve_current(args.bundle)
     model = RankingModel(path)
     ranker = Ranker(model)
     ranker.warm()
-    users = np.flatnonzero(np.asarray(model.user_has_history))[: args.users]
-    queries = [RankQuery(user_id=str(model.users.ids[row])) for row in users]
+    rng = np.random.default_rng(args.seed)
+    with_history = np.flatnonzero(np.asarray(model.user_has_history))
+    rows = rng.choice(with_history, min(args.users + args.warm, len(with_history)), replace=False)
+    queries = [RankQuery(user_id=str(model.users.ids[row])) for row in rows]
+    for q in queries[: args.warm]:
+        ranker.rank(q)
     stages: dict[str, list[float]] = {}
     total: list[float] = []
-    cpu0 = wall0 = 0.0
-    for r in range(args.rounds):
-        if r == 1:
-            stages.clear()
-            total.clear()
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-        for q in queries:
-            t0 = time.perf_counter()
-            res = ranker.rank(q)
-            total.append(time.perf_counter() - t0)
-            for name, s in res.stage_seconds.items():
-                stages.setdefault(name, []).append(s)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for q in queries[args.warm :]:
+        t0 = time.perf_counter()
+        res = ranker.rank(q)
+        total.append(time.perf_counter() - t0)
+        for name, s in res.stage_seconds.items():
+            stages.setdefault(name, []).append(s)
     n = len(total)
     out = {
         "bundle": path.name,

@@ -33,6 +33,12 @@ from ranking.kernels._scoring cimport _score_trees_call
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
+cdef extern from *:
+    """
+    static inline void one2one_prefetch(const void *p) { __builtin_prefetch(p, 0, 1); }
+    """
+    void _prefetch "one2one_prefetch"(const void* p) noexcept nogil
+
 ctypedef unsigned short uint16_t
 ctypedef unsigned int uint32_t
 ctypedef unsigned long long uint64_t
@@ -426,6 +432,16 @@ cdef class FeatureKernel:
         if n == 0:
             return 0
         memset(&X[0, 0], 0, n * N_COLUMNS * sizeof(float32_t))
+        # Ask for every candidate's rows up front: the candidates are spread over a catalog
+        # far larger than the cache, and misses requested together overlap, where the passes
+        # below would otherwise meet them one at a time.
+        for i in range(n):
+            c = cands[i]
+            _prefetch(&self.item_rows[c, 0])
+            _prefetch(&self.item_rows[c, 0] + 16)
+            _prefetch(&self.item_cat_indptr[c])
+            for j in range(0, d, 16):
+                _prefetch(&self.item_factors[c, j])
 
         # Retrieval scores.
         for i in range(n):
