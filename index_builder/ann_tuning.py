@@ -76,7 +76,8 @@ def tune_effort(
         ``reached``, the settings it was measured with, and per pair tried (``efforts``) its
         effort, refine, recall and the mean search time of one query searched alone
         (``search_us_per_query``, as the server searches). When no pair reaches the target,
-        the one of highest recall (the later tried on a tie) and a ``warning``.
+        the one of highest recall (on a tie the smaller factor, then the higher effort) and a
+        ``warning``.
 
     Raises
     ------
@@ -120,8 +121,9 @@ def tune_effort(
     if reached:
         best = min(reaching, key=lambda e: (e["search_us_per_query"], e["refine"], e["effort"]))
     else:
-        # The highest recall; on a tie the later tried (the higher effort, as without refining).
-        best = max(enumerate(tried), key=lambda t: (t[1]["served_recall"], t[0]))[1]
+        # The highest recall; on a tie the smaller factor (refining that buys nothing is not paid
+        # for), then the higher effort (the highest measured, as before refining was tuned).
+        best = max(tried, key=lambda e: (e["served_recall"], -e["refine"], e["effort"]))
         log.warning(
             "no search effort up to ann_max_effort = %d with refine factors %s reaches the served-path recall "
             "target %.2f at k = %d (best %.3f): the bundle asks for effort %d, refine %g; raise ann_max_effort "

@@ -75,6 +75,14 @@ def test_unreachable_target_takes_the_highest_effort_and_says_so(caplog):
     assert [e["effort"] for e in section["efforts"]] == [16, 32]
     assert "no effort up to 32" in section["warning"]
     assert "no search effort up to ann_max_effort = 32" in caplog.text
+    # With refine factors too: the pair of highest recall, on a tie the smaller factor, then the higher effort.
+    section = tune_effort(index, items, users, 200, 0, 1.0, 32, [1, 2])
+    assert len(section["efforts"]) == 4 and not section["reached"]
+    top = max(e["served_recall"] for e in section["efforts"])
+    tied = [e for e in section["efforts"] if e["served_recall"] == top]
+    want = min(tied, key=lambda e: (e["refine"], -e["effort"]))
+    assert (section["ann_effort"], section["ann_refine"]) == (want["effort"], want["refine"])
+    assert section["served_recall"] == top and "refine factors [1.0, 2.0]" in section["warning"]
 
 
 def _sq4_shop() -> tuple[np.ndarray, np.ndarray]:
