@@ -347,15 +347,16 @@ def _event_sources(sources: list[Path | str], streams: list[StreamInput]) -> lis
 
 
 def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
-    """The search effort the bundle asks for, and the recall figures, on a sample of users with history.
+    """The effort and refine factor the bundle asks for, and the recall figures, on a sample of users with history.
 
     Returns
     -------
     (retrieval, evaluation)
         The manifest's ``retrieval`` section (``index_builder.ann_tuning.tune_effort``: the
-        lowest effort at which the served path reaches ``ann_target_recall``, and the figures
-        of every effort tried), and the ``evaluation`` figures at that effort: the ANN index's
-        own recall and the share of users the exact head proves.
+        pair of effort and refine factor at which the served path reaches ``ann_target_recall``
+        at the lowest measured cost, and the figures of every pair tried), and the ``evaluation``
+        figures at that effort: the ANN index's own recall and the share of users the exact head
+        proves.
     """
     uf, itf = served.arrays["user_factors"], served.arrays["item_factors"]
     with_hist = np.flatnonzero(served.arrays["user_has_history"])
@@ -372,7 +373,14 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
     else:
         # The server's exact_head_items (its default unless the build says otherwise): the path it runs.
         retrieval = tune_effort(
-            served.index, itf, queries, k, cfg.eval_exact_head_items, cfg.ann_target_recall, cfg.ann_max_effort
+            served.index,
+            itf,
+            queries,
+            k,
+            cfg.eval_exact_head_items,
+            cfg.ann_target_recall,
+            cfg.ann_max_effort,
+            cfg.ann_refine_factors,
         )
     effort = int(retrieval["ann_effort"])
     evaluation = {
@@ -385,8 +393,9 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
             exact_head_share(itf, queries, k, cfg.eval_exact_head_items) if cfg.eval_exact_head_items else 0.0
         ),
     }
-    if retrieval.get("efforts"):
-        evaluation[f"served_recall_at_{k}"] = retrieval["efforts"][-1]["served_recall"]
+    if "served_recall" in retrieval:
+        evaluation[f"served_recall_at_{k}"] = retrieval["served_recall"]
+        evaluation["ann_refine"] = retrieval["ann_refine"]
     return retrieval, evaluation
 
 

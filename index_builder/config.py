@@ -211,12 +211,22 @@ class BuildConfig:
     ann_target_recall: float = _setting(
         0.95,
         "recall of the exact top `eval_candidates` the served path (exact head, then ANN index) must reach; "
-        "the builder records the lowest effort of 16, 32, ... `ann_max_effort` that reaches it "
-        "as the bundle's `ann_effort`",
+        "the builder tries efforts 16, 32, ... `ann_max_effort` with each of `ann_refine_factors` and records "
+        "the cheapest pair that reaches it as the bundle's `ann_effort` and `ann_refine`",
     )
     ann_max_effort: int = _setting(
         1024,
-        "highest search effort tried; when none reaches `ann_target_recall` the bundle gets this one and a warning",
+        "highest search effort tried; when no pair of effort and refine factor reaches `ann_target_recall` "
+        "the bundle gets the one of highest recall and a warning",
+    )
+    ann_refine_factors: list[float] = field(
+        default_factory=lambda: [1.0, 2.0, 4.0],
+        metadata={
+            "help": "refine factors tried with each effort (each >= 1): the ANN index is asked for "
+            "`eval_candidates` x this many items, re-ranked by the exact inner product with the item factors "
+            "(recovers what a quantised index such as SQ8 misorders; 1: none). The bundle records the pair "
+            "reaching `ann_target_recall` at the lowest measured time per query as `ann_effort` and `ann_refine`"
+        },
     )
 
     @classmethod
@@ -262,6 +272,14 @@ class BuildConfig:
             raise ValueError(f"eval_exact_head_items must be >= 0 (0: ANN only), got {self.eval_exact_head_items}")
         if self.ann_max_effort < 1:
             raise ValueError(f"ann_max_effort must be >= 1, got {self.ann_max_effort}")
+        bad_refine = [
+            r for r in self.ann_refine_factors if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 1
+        ]
+        if not self.ann_refine_factors or bad_refine:
+            raise ValueError(
+                f"ann_refine_factors must be a non-empty list of numbers >= 1 (1: no re-ranking), "
+                f"got {self.ann_refine_factors!r}"
+            )
         if self.rerank_max_tree_nodes_per_candidate < 0:
             raise ValueError(
                 f"rerank_max_tree_nodes_per_candidate must be >= 0 (0: no ceiling), "

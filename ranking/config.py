@@ -46,6 +46,10 @@ class RankerConfig:
     # recall of the served path), else DEFAULT_ANN_EFFORT. Any other value is the operator's
     # and wins over the bundle's.
     ann_effort: int = 0
+    # 0: the bundle's own (``retrieval.ann_refine``, chosen with ann_effort), else 1. Any value
+    # >= 1 is the operator's: a query the exact head cannot prove asks the ANN index for
+    # ceil(k x ann_refine) items and keeps the k best by the exact inner product (1: none).
+    ann_refine: float = 0.0
     max_consumed_slack: int = 1000
     covis_candidates: int = 100
     # The user's own re-offerable purchases added as candidates, most due first (ONE_TO_ONE only).
@@ -84,6 +88,31 @@ def effective_ann_effort(config: RankerConfig, manifest: dict[str, Any]) -> tupl
     if tuned is not None:
         return tuned, "bundle"
     return DEFAULT_ANN_EFFORT, "default"
+
+
+def bundle_ann_refine(manifest: dict[str, Any]) -> float | None:
+    """The refine factor a bundle's builder chose (``retrieval.ann_refine``), or None when it records none."""
+    refine = (manifest.get("retrieval") or {}).get("ann_refine")
+    if isinstance(refine, (int, float)) and not isinstance(refine, bool) and refine >= 1:
+        return float(refine)
+    return None
+
+
+def effective_ann_refine(config: RankerConfig, manifest: dict[str, Any]) -> tuple[float, str]:
+    """The refine factor a ranker searches with and where it came from: ``config`` (the operator set
+    ``ann_refine``), ``bundle`` (the builder's choice, tuned with its effort) or ``default`` (1: none).
+
+    Raises
+    ------
+    ValueError
+        ``config.ann_refine`` is neither 0 nor >= 1.
+    """
+    if config.ann_refine == 0:
+        tuned = bundle_ann_refine(manifest)
+        return (tuned, "bundle") if tuned is not None else (1.0, "default")
+    if not config.ann_refine >= 1:  # also NaN
+        raise ValueError(f"ann_refine {config.ann_refine} must be 0 (the bundle's) or >= 1 (1: no re-ranking)")
+    return float(config.ann_refine), "config"
 
 
 def bundle_second_phase(manifest: dict[str, Any]) -> int | None:

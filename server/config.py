@@ -99,6 +99,13 @@ class ServerConfig:
         "search effort on the request path: HNSW efSearch, IVF nprobe. 0: the bundle's own, which "
         "its builder chose as the lowest reaching the recall target (see Retrieval); any other value wins over it",
     )
+    ann_refine: float = _setting(
+        RankerConfig.ann_refine,
+        "a query the exact head cannot prove asks the ANN index for `n_candidates` x this many items and keeps "
+        "the best `n_candidates` by the exact inner product with the item factors (recovers what a quantised "
+        "index such as SQ8 misorders; 1: none). 0: the bundle's own, which its builder chose with the effort "
+        "as the cheapest pair reaching the recall target (see Retrieval); any value >= 1 wins over it",
+    )
     second_phase_candidates: int = _setting(
         RankerConfig.second_phase_candidates,
         "phased scoring: a first phase (a prefix of every bag of the reranker, chosen by the builder) "
@@ -388,6 +395,8 @@ class ServerConfig:
             problems.append(f"max_concurrent_ranks {self.max_concurrent_ranks} must be >= 0 (0: no limit)")
         if self.ann_effort < 0:
             problems.append(f"ann_effort {self.ann_effort} must be >= 0 (0: the bundle's tuned effort)")
+        if not (self.ann_refine == 0 or self.ann_refine >= 1):
+            problems.append(f"ann_refine {self.ann_refine} must be 0 (the bundle's) or >= 1 (1: no re-ranking)")
         if self.second_phase_candidates < -1:
             problems.append(
                 f"second_phase_candidates {self.second_phase_candidates} must be >= -1 "
@@ -500,6 +509,7 @@ class ServerConfig:
             n_candidates=self.n_candidates,
             popular_candidates=self.popular_candidates,
             ann_effort=self.ann_effort,
+            ann_refine=self.ann_refine,
             second_phase_candidates=self.second_phase_candidates,
             # A bundle's scoring is fitted to what a request that sets no budget may spend.
             scoring_budget_ms=self.default_budget_ms,

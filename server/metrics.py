@@ -164,6 +164,14 @@ ANN_EFFORT = Gauge(
     ["source"],
     multiprocess_mode="livemax",
 )
+ANN_REFINE = Gauge(
+    "one2one_ann_refine",
+    "Refine factor of the served bundle's ANN search (the index is asked for n_candidates times this "
+    "many, re-ranked exactly; 1: none), labelled by where it came from: bundle (the builder's tuned "
+    "choice), config (the operator's ann_refine) or default.",
+    ["source"],
+    multiprocess_mode="livemax",
+)
 SCORING_CANDIDATE_SECONDS = Gauge(
     "one2one_scoring_candidate_seconds",
     "The served bundle's scoring cost: seconds to score one candidate, measured at warm-up "

@@ -189,6 +189,8 @@ class ModelManager:
                 "trigger": trigger,
                 "ann_effort": ranker.ann_effort,
                 "ann_effort_source": ranker.ann_effort_source,
+                "ann_refine": ranker.ann_refine,
+                "ann_refine_source": ranker.ann_refine_source,
                 "scoring_us_per_candidate": (
                     round(ranker.scoring_seconds_per_candidate * 1e6, 3)
                     if ranker.scoring_seconds_per_candidate is not None
@@ -276,6 +278,7 @@ class ModelManager:
         metrics.SERVING.set(1)
         for source in ("bundle", "config", "default"):
             metrics.ANN_EFFORT.labels(source).set(ranker.ann_effort if source == ranker.ann_effort_source else 0)
+            metrics.ANN_REFINE.labels(source).set(ranker.ann_refine if source == ranker.ann_refine_source else 0)
         if ranker.scoring_seconds_per_candidate is not None:
             metrics.SCORING_CANDIDATE_SECONDS.set(ranker.scoring_seconds_per_candidate)
         metrics.SCORING_TREES.set(ranker.scoring_trees)

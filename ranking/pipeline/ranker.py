@@ -14,6 +14,7 @@ from ranking.bundle.model import RankingModel
 from ranking.config import (  # re-exported: their home is the light ranking.config
     RankerConfig,
     effective_ann_effort,
+    effective_ann_refine,
     effective_second_phase,
 )
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
@@ -143,7 +144,10 @@ class Ranker:
         # The operator's ann_effort, else the one the builder tuned for this bundle's recall.
         self.ann_effort, self.ann_effort_source = effective_ann_effort(self.config, model.manifest)
         n_head = self.config.exact_head_items
-        retriever = Retriever(model.index, self.serving.exact_head(n_head) if n_head > 0 else None)
+        # The operator's ann_refine, else the one the builder tuned with the effort (1: none).
+        self.ann_refine, self.ann_refine_source = effective_ann_refine(self.config, model.manifest)
+        head = self.serving.exact_head(n_head) if n_head > 0 else None
+        retriever = Retriever(model.index, head, model.item_factors, self.ann_refine)
         self.ann = AnnBatcher(retriever, self.config.ann_batch_size, self.config.ann_batch_wait_us)
         # Offsets (rules, real-time signals) are given in units of the model's typical
         # score spread among a request's candidates, measured by warm(): a penalty of 1

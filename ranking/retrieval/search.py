@@ -4,6 +4,7 @@ top k, approximate nearest neighbours over all item factors otherwise."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import faiss
 import numpy as np
@@ -143,6 +144,58 @@ class ExactHead:
         return scores, self.rows[pos], certified
 
 
+def refine_search(
+    index: faiss.Index, item_factors: np.ndarray, queries: np.ndarray, k: int, effort: int, refine: float
+) -> np.ndarray:
+    """Top-``k`` item rows per query: the ANN index's top ``ceil(k * refine)``, re-ranked by the exact inner product.
+
+    A quantised index (SQ8, SQ4, PQ) scores items by their codes: near the k-th the approximate
+    scores reorder items and no search effort puts the right ones back. Asking for more than k
+    and re-scoring them with the float32 factors (what FAISS's ``IndexRefineFlat`` does, here with
+    the factors the bundle already holds, so the index file does not grow) recovers them.
+
+    Parameters
+    ----------
+    index : faiss.Index
+        The ANN index over every row of ``item_factors``.
+    item_factors : np.ndarray
+        (n_items, d) float32, possibly memory-mapped: the exact scores.
+    queries : np.ndarray
+        (n, d) query rows.
+    k : int
+        Results per query (at most ``index.ntotal``).
+    effort : int
+        The ANN search effort (:func:`search_params`).
+    refine : float
+        >= 1: how many more than ``k`` the index is asked for (capped at ``index.ntotal``).
+
+    Returns
+    -------
+    np.ndarray
+        int64 (n, k) item rows, best first; ties by the lower row; -1 where the index had
+        fewer than k results.
+    """
+    if refine < 1.0:
+        raise ValueError(f"refine must be >= 1 (1: no re-ranking), got {refine}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = int(min(k, index.ntotal))
+    wide = int(min(math.ceil(k * refine), index.ntotal))
+    _, rows = ann_search(index, queries, wide, effort)
+    if wide <= k or len(queries) == 0:
+        return rows
+    valid = rows >= 0
+    # Gather each query's candidates (a few hundred rows of d floats) and score them exactly.
+    vectors = np.asarray(item_factors[np.where(valid, rows, 0)], dtype=np.float32)
+    scores = np.einsum("nkd,nd->nk", vectors, queries)
+    scores[~valid] = -np.inf
+    # Deterministic ties: candidates in row order first, then a stable sort by falling score.
+    by_row = np.argsort(np.where(valid, rows, np.iinfo(np.int64).max), axis=1, kind="stable")
+    rows = np.take_along_axis(rows, by_row, axis=1)
+    scores = np.take_along_axis(scores, by_row, axis=1)
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(rows, best, axis=1)
+
+
 class Retriever:
     """Top-k item rows per query: the exact head when it can prove its answer, else the ANN index.
 
@@ -152,11 +205,41 @@ class Retriever:
         The bundle's ANN index over every item.
     head : ExactHead or None
         None searches the ANN index only.
+    item_factors : np.ndarray or None
+        The bundle's (n_items, d) item factors; needed when ``refine > 1``.
+    refine : float
+        >= 1. A query the head cannot prove asks the index for ``ceil(k * refine)`` items and
+        keeps the ``k`` best by the exact inner product (:func:`refine_search`); 1: the index's
+        own top ``k``.
+
+    Raises
+    ------
+    ValueError
+        ``refine`` below 1, or above 1 without ``item_factors``.
     """
 
-    def __init__(self, index: faiss.Index, head: ExactHead | None):
+    def __init__(
+        self,
+        index: faiss.Index,
+        head: ExactHead | None,
+        item_factors: np.ndarray | None = None,
+        refine: float = 1.0,
+    ):
+        if not refine >= 1.0:  # also refuses NaN
+            raise ValueError(f"refine must be >= 1 (1: no re-ranking), got {refine}")
+        if refine > 1.0 and item_factors is None:
+            raise ValueError(f"refine {refine} re-ranks by the exact inner product: it needs the item factors")
+        if item_factors is not None and item_factors.shape[0] != index.ntotal:
+            raise ValueError(f"{item_factors.shape[0]} item factor rows for an index of {index.ntotal} items")
         self.index = index
         self.head = head
+        self.item_factors = item_factors
+        self.refine = float(refine)
+
+    def _ann(self, queries: np.ndarray, k: int, effort: int) -> np.ndarray:
+        if self.refine > 1.0 and self.item_factors is not None:
+            return refine_search(self.index, self.item_factors, queries, k, effort, self.refine)
+        return ann_search(self.index, queries, k, effort)[1]
 
     def search(self, queries: np.ndarray, k: int, effort: int) -> tuple[np.ndarray, np.ndarray]:
         """Item rows (int64, (n, k), -1 padded) and, per query, whether the head answered exactly."""
@@ -165,9 +248,9 @@ class Retriever:
         k = int(min(k, self.index.ntotal))
         head = self.head
         if head is None or k <= 0 or k > head.size:
-            return ann_search(self.index, queries, k, effort)[1], np.zeros(n, bool)
+            return self._ann(queries, k, effort), np.zeros(n, bool)
         _, rows, exact = head.search(queries, k)
         if not exact.all():
             miss = ~exact
-            rows[miss] = ann_search(self.index, queries[miss], k, effort)[1]
+            rows[miss] = self._ann(queries[miss], k, effort)
         return rows, exact

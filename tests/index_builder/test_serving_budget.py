@@ -75,6 +75,68 @@ def test_unreachable_target_takes_the_highest_effort_and_says_so(caplog):
     assert [e["effort"] for e in section["efforts"]] == [16, 32]
     assert "no effort up to 32" in section["warning"]
     assert "no search effort up to ann_max_effort = 32" in caplog.text
+    # With refine factors too: the pair of highest recall, on a tie the smaller factor, then the higher effort.
+    section = tune_effort(index, items, users, 200, 0, 1.0, 32, [1, 2])
+    assert len(section["efforts"]) == 4 and not section["reached"]
+    top = max(e["served_recall"] for e in section["efforts"])
+    tied = [e for e in section["efforts"] if e["served_recall"] == top]
+    want = min(tied, key=lambda e: (e["refine"], -e["effort"]))
+    assert (section["ann_effort"], section["ann_refine"]) == (want["effort"], want["refine"])
+    assert section["served_recall"] == top and "refine factors [1.0, 2.0]" in section["warning"]
+
+
+def _sq4_shop() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(21)
+    return rng.standard_normal((20000, 32)).astype(np.float32), rng.standard_normal((300, 32)).astype(np.float32)
+
+
+def test_tuning_refines_when_the_codes_cap_recall_below_the_target():
+    items, users = _sq4_shop()
+    index = build_index(items, BuildConfig.load(overrides={"index_type": "HNSW32,SQ4"}))
+    section = tune_effort(index, items, users, 100, 0, 0.95, 64, [4, 1, 2])
+    assert section["reached"] and section["refine_factors"] == [1.0, 2.0, 4.0]
+    # No effort reaches the target with the codes' own order ...
+    plain = [e for e in section["efforts"] if e["refine"] == 1.0]
+    assert [e["effort"] for e in plain] == effort_ladder(64)
+    assert all(e["served_recall"] < 0.95 for e in plain)
+    # ... so a refined pair is chosen: the one reaching it at the lowest measured time.
+    reaching = [e for e in section["efforts"] if e["served_recall"] >= 0.95]
+    best = min(reaching, key=lambda e: e["search_us_per_query"])
+    assert section["ann_refine"] > 1 and (section["ann_effort"], section["ann_refine"]) == (
+        best["effort"],
+        best["refine"],
+    )
+    assert section["served_recall"] == best["served_recall"]
+    # Measured again here, independently, through the server's retriever.
+    got, _ = Retriever(index, None, items, section["ann_refine"]).search(users, 100, section["ann_effort"])
+    assert recall(exact_top(items, users, 100), got) >= 0.95
+    # No pair measured does more work (a larger factor, no less effort) than one already reaching the target.
+    assert not any(
+        r["refine"] < e["refine"] and r["effort"] <= e["effort"] for r in reaching for e in section["efforts"]
+    )
+
+
+def test_tuning_keeps_the_index_order_when_it_reaches_the_target():
+    items, users = _sq4_shop()
+    index = build_index(items, BuildConfig.load(overrides={"index_type": "HNSW32,Flat"}))
+    section = tune_effort(index, items, users, 100, 0, 0.95, 1024, [1, 2, 4])
+    assert section["reached"] and section["ann_refine"] == 1.0 and section["ann_effort"] == 16
+    # Every refined pair would do more work than (16, 1): none was measured.
+    assert [(e["effort"], e["refine"]) for e in section["efforts"]] == [(16, 1.0)]
+
+
+@pytest.mark.parametrize("bad", [[], [0.5], [1, 0], ["2"], [True]])
+def test_bad_refine_factors_are_named(bad):
+    with pytest.raises(ValueError, match="ann_refine_factors must be a non-empty list of numbers >= 1"):
+        BuildConfig.load(overrides={"ann_refine_factors": bad})
+    assert BuildConfig.load(overrides={"ann_refine_factors": [1, 3]}).ann_refine_factors == [1, 3]
+
+
+def test_tuning_refuses_a_refine_factor_below_1():
+    items, users = _sq4_shop()
+    flat = build_index(items[:500], BuildConfig.load(overrides={"index_type": "Flat"}))
+    with pytest.raises(ValueError, match=r"refine factors must be >= 1 \(1: no re-ranking\), got \[0.5, 2\]"):
+        tune_effort(flat, items[:500], users, 10, 0, 0.95, 16, [0.5, 2])
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +168,7 @@ def test_build_records_the_tuned_effort_and_the_server_path_reaches_it(budget_bu
     assert recall(exact_top(itf, users, 200), got) >= 0.95
     # A server left at ann_effort = 0 searches with the bundle's; an operator's setting wins.
     assert (Ranker(model).ann_effort, Ranker(model).ann_effort_source) == (effort, "bundle")
+    assert (Ranker(model).ann_refine, Ranker(model).ann_refine_source) == (retrieval["ann_refine"], "bundle")
     ranker = Ranker(model, RankerConfig(ann_effort=effort + 7))
     assert (ranker.ann_effort, ranker.ann_effort_source) == (effort + 7, "config")
 
@@ -135,6 +198,7 @@ def test_default_build_records_its_cost_uncut(bundle_path):
     # The small shop fits the exact head: the lowest effort already recalls everything.
     assert model.manifest["retrieval"]["ann_effort"] == 16
     assert [(e["effort"], e["served_recall"]) for e in model.manifest["retrieval"]["efforts"]] == [(16, 1.0)]
+    assert model.manifest["retrieval"]["ann_refine"] == 1.0
 
 
 def test_phased_order_recall_and_the_noise_rule():

@@ -1,5 +1,7 @@
 """Retrieval: the exact head answers exactly when it proves its answer, the ANN index otherwise."""
 
+import itertools
+
 import faiss
 import numpy as np
 import pytest
@@ -166,3 +168,90 @@ def test_the_builder_reports_the_share_the_head_proves(items, queries, hnsw):
     proven = Retriever(hnsw, ExactHead(items, 1800)).search(queries, 100, 64)[1]
     assert exact_head_share(items, queries, 100, 1800) == pytest.approx(proven.mean())
     assert exact_head_share(items, queries, 100, 50) == 0.0  # k beyond the head: nothing proven
+
+
+# --- Refining: a quantised index's top ceil(k x refine), re-ranked by the exact inner product ---
+
+
+@pytest.fixture(scope="module")
+def sq4():
+    """Items without a norm spread (the head proves nothing) behind 4-bit codes that misorder the k-th."""
+    rng = np.random.default_rng(21)
+    items = rng.standard_normal((20000, 32)).astype(np.float32)
+    users = rng.standard_normal((300, 32)).astype(np.float32)
+    index = faiss.index_factory(32, "HNSW32,SQ4", faiss.METRIC_INNER_PRODUCT)
+    index.train(items)
+    index.add(items)
+    return items, users, index
+
+
+def _recall(truth: np.ndarray, got: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(g, t)) / len(t) for g, t in zip(got, truth)]))
+
+
+def _reference(items, queries, candidates, k):
+    """Plain NumPy: each row's candidates ordered by exact score falling, then by row rising; the first k."""
+    out = []
+    for q, cand in zip(queries, candidates):
+        cand = cand[cand >= 0]
+        scores = items[cand] @ q
+        out.append(cand[np.lexsort((cand, -scores))][:k])
+    return np.array(out)
+
+
+def test_refining_lifts_the_recall_no_effort_gives_a_quantised_index(sq4):
+    items, users, index = sq4
+    k = 100
+    flat = faiss.IndexFlatIP(32)
+    flat.add(items)
+    truth = flat.search(users, k)[1]
+    plain = [_recall(truth, Retriever(index, None).search(users, k, e)[0]) for e in (64, 512)]
+    refined = Retriever(index, None, items, 2.0).search(users, k, 64)[0]
+    # The codes cap recall below the target at any effort; refining twice as many reaches it.
+    assert max(plain) < 0.95 <= _recall(truth, refined)
+    # The answer is the index's top 200 re-ranked exactly: the NumPy reference, row for row.
+    wide = ann_search(index, users, 200, 64)[1]
+    np.testing.assert_array_equal(refined, _reference(items, users, wide, k))
+
+
+def test_refine_1_is_the_index_own_answer_and_refine_above_1_needs_the_factors(sq4):
+    items, users, index = sq4
+    np.testing.assert_array_equal(
+        Retriever(index, None, items, 1.0).search(users[:20], 50, 32)[0], ann_search(index, users[:20], 50, 32)[1]
+    )
+    with pytest.raises(ValueError, match="refine 2.0 re-ranks by the exact inner product: it needs the item factors"):
+        Retriever(index, None, None, 2.0)
+    with pytest.raises(ValueError, match=r"refine must be >= 1 \(1: no re-ranking\), got 0.5"):
+        Retriever(index, None, items, 0.5)
+    with pytest.raises(ValueError, match="100 item factor rows for an index of 20000 items"):
+        Retriever(index, None, items[:100], 2.0)
+
+
+def test_refining_breaks_ties_by_row_and_stops_at_the_catalogue():
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((10, 8)).astype(np.float32)
+    items = np.repeat(base, 4, axis=0)  # every vector four times: ties everywhere
+    flat = faiss.IndexFlatIP(8)
+    flat.add(items)
+    queries = rng.standard_normal((7, 8)).astype(np.float32)
+    # k' = ceil(30 x 4) is capped at the 40 items: every item is re-ranked.
+    rows, proven = Retriever(flat, None, items, 4.0).search(queries, 30, 16)
+    assert not proven.any() and rows.shape == (7, 30)
+    np.testing.assert_array_equal(rows, _reference(items, queries, np.tile(np.arange(40), (7, 1)), 30))
+    # Equal vectors come out in row order.
+    for row in rows:
+        for a, b in itertools.pairwise(row):
+            if a // 4 == b // 4:
+                assert a < b
+
+
+def test_refining_leaves_the_heads_proven_answers_alone(items, queries, hnsw):
+    k = 100
+    head = ExactHead(items, 1800)
+    plain, proven = Retriever(hnsw, head).search(queries, k, 64)
+    refined, proven2 = Retriever(hnsw, head, items, 3.0).search(queries, k, 64)
+    np.testing.assert_array_equal(proven, proven2)
+    assert 0 < proven.sum() < len(queries)
+    np.testing.assert_array_equal(refined[proven], plain[proven])
+    wide = ann_search(hnsw, queries[~proven], 300, 64)[1]
+    np.testing.assert_array_equal(refined[~proven], _reference(items, queries[~proven], wide, k))

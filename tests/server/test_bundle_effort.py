@@ -12,15 +12,19 @@ from server.config import ServerConfig
 from server.model_manager import ModelManager
 
 
-def _manager(tmp_path, bundle_path, settings: dict, tuned: int | None) -> ModelManager:
+def _manager(tmp_path, bundle_path, settings: dict, tuned: int | None, refine: float | None = None) -> ModelManager:
     root = tmp_path / "artifacts"
-    root.mkdir()
+    root.mkdir(parents=True)
 
     def set_effort(path):
         if tuned is None:
             return
         manifest = json.loads((path / "manifest.json").read_text())
         manifest["retrieval"]["ann_effort"] = tuned
+        if refine is None:
+            manifest["retrieval"].pop("ann_refine", None)  # as written before the builder tuned it
+        else:
+            manifest["retrieval"]["ann_refine"] = refine
         (path / "manifest.json").write_text(json.dumps(manifest))
 
     publish_copy(bundle_path, root, "v1", mutate=set_effort)
@@ -32,8 +36,8 @@ def _manager(tmp_path, bundle_path, settings: dict, tuned: int | None) -> ModelM
     return models
 
 
-def _gauge(source: str) -> float | None:
-    return REGISTRY.get_sample_value("one2one_ann_effort", {"source": source})
+def _gauge(source: str, name: str = "one2one_ann_effort") -> float | None:
+    return REGISTRY.get_sample_value(name, {"source": source})
 
 
 def test_the_bundles_effort_serves_when_the_operator_sets_none(tmp_path, bundle_path):
@@ -72,3 +76,36 @@ def test_a_negative_ann_effort_is_refused():
     config._apply({"artifacts": "x", "ann_effort": -1}, "test")
     with pytest.raises(ValueError, match=r"ann_effort -1 must be >= 0 \(0: the bundle's tuned effort\)"):
         config.validate()
+
+
+def test_the_bundles_refine_factor_serves_unless_the_operator_sets_one(tmp_path, bundle_path):
+    ranker = _manager(tmp_path / "a", bundle_path, {}, tuned=96, refine=2.0).current()
+    assert (ranker.ann_refine, ranker.ann_refine_source) == (2.0, "bundle")
+    assert ranker.ann.retriever.refine == 2.0 and ranker.ann.retriever.item_factors is not None
+    assert _gauge("bundle", "one2one_ann_refine") == 2.0 and _gauge("config", "one2one_ann_refine") == 0
+    ranker = _manager(tmp_path / "b", bundle_path, {"ann_refine": 3}, tuned=96, refine=2.0).current()
+    assert (ranker.ann_refine, ranker.ann_refine_source) == (3.0, "config")
+    assert ranker.ann.retriever.refine == 3.0
+    assert _gauge("config", "one2one_ann_refine") == 3.0 and _gauge("bundle", "one2one_ann_refine") == 0
+
+
+def test_a_bundle_without_a_refine_factor_searches_unrefined(tmp_path, bundle_path):
+    ranker = _manager(tmp_path, bundle_path, {}, tuned=96).current()
+    assert (ranker.ann_refine, ranker.ann_refine_source) == (1.0, "default")
+    assert ranker.ann.retriever.refine == 1.0
+    assert _gauge("default", "one2one_ann_refine") == 1.0
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5])
+def test_a_refine_factor_below_1_is_refused(bad):
+    config = ServerConfig()
+    config._apply({"artifacts": "x", "ann_refine": bad}, "test")
+    with pytest.raises(ValueError, match=rf"ann_refine {float(bad)} must be 0 \(the bundle's\) or >= 1"):
+        config.validate()
+
+
+def test_the_library_refuses_a_refine_factor_below_1(bundle_path):
+    from ranking import Ranker, RankerConfig, RankingModel
+
+    with pytest.raises(ValueError, match=r"ann_refine 0.5 must be 0 \(the bundle's\) or >= 1"):
+        Ranker(RankingModel(bundle_path), RankerConfig(ann_refine=0.5))

@@ -27,6 +27,7 @@ DERIVED = {
     "n_candidates": ("ranking.config", "RankerConfig", "n_candidates"),
     "popular_candidates": ("ranking.config", "RankerConfig", "popular_candidates"),
     "ann_effort": ("ranking.config", "RankerConfig", "ann_effort"),
+    "ann_refine": ("ranking.config", "RankerConfig", "ann_refine"),
     "second_phase_candidates": ("ranking.config", "RankerConfig", "second_phase_candidates"),
     "exact_head_items": ("ranking.config", "RankerConfig", "exact_head_items"),
     "ann_batch_size": ("ranking.config", "RankerConfig", "ann_batch_size"),
