@@ -15,28 +15,6 @@ class FeatureKernel:
     data_end: int
     has_ease: bool
     def __init__(self, t: dict[str, np.ndarray], n_categories: int, data_end: int) -> None: ...
-    def fill(
-        self,
-        X: npt.NDArray[np.float32],
-        cands: npt.NDArray[np.int32],
-        slot: npt.NDArray[np.int32],
-        mark: npt.NDArray[np.uint8],
-        work: npt.NDArray[np.float64],
-        weights: npt.NDArray[np.float32],
-        rung: int,
-        urow: int,
-        seg: int,
-        t: int,
-        t_pop: int,
-        at_end: bool,
-        block: int,
-        weekday: int,
-        qvec: npt.NDArray[np.float32],
-        session: npt.NDArray[np.int32],
-        ctx_cols: npt.NDArray[np.int32],
-        p_rows: npt.NDArray[np.int32],
-        p_times: npt.NDArray[np.int64],
-    ) -> int: ...
     def fill_score(
         self,
         X: npt.NDArray[np.float32],

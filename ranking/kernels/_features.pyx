@@ -16,9 +16,9 @@ Layers (as in sklearn's ``_loss``):
 2. ``FeatureKernel._fill`` and the ``_fill_*`` helpers: loops over the bundle's typed
    memoryviews, nogil; inputs are trusted (checked by the wrapper), and the one walk that
    can meet a bad id (``_sum_rows_loop``) reports it by a negative return value.
-3. ``FeatureKernel.fill`` and ``FeatureKernel.fill_score``: the Python-visible entries;
-   they release the GIL around ``_fill`` (and, for ``fill_score``, the tree scoring
-   that follows it: one crossing for a request's features, scores and top-k).
+3. ``FeatureKernel.fill_score``: the Python-visible entry; it releases the GIL around
+   ``_fill`` and the tree scoring that follows it (one crossing for a request's
+   features, scores and top-k; without outputs to score into, the rows only).
 4. ``ranking.kernels.features``: the public wrapper.
 """
 from libc.math cimport NAN, fabsf, logf, log1pf, sqrtf, ldexpf, INFINITY
@@ -302,43 +302,6 @@ cdef class FeatureKernel:
         self.item_table = table
         self.item_rows = table
 
-    def fill(
-        self,
-        float32_t[:, ::1] X,
-        const int32_t[::1] cands,
-        int32_t[::1] slot,
-        uint8_t[::1] mark,
-        float64_t[::1] work,
-        float32_t[::1] weights,
-        int rung,
-        Py_ssize_t urow,
-        Py_ssize_t seg,
-        int64_t t,
-        int64_t t_pop,
-        bint at_end,
-        int block,
-        int weekday,
-        const float32_t[::1] qvec,
-        const int32_t[::1] session,
-        const int32_t[::1] ctx_cols,
-        const int32_t[::1] p_rows,
-        const int64_t[::1] p_times,
-    ):
-        """Write ``X`` (n_candidates, N_COLUMNS), every cell, with the GIL released.
-
-        ``slot`` holds each candidate's position (the wrapper set it; -1 elsewhere) and
-        ``mark`` is all zero, in and out. ``work`` (n,) and ``weights`` (at least the
-        longer of the user's recent items and the session) are scratch. ``qvec`` is
-        empty without a query vector, ``ctx_cols`` the request's column per context
-        field (-1: none). Returns 0, or a negative value when a bundle table named an
-        item outside the catalog.
-        """
-        cdef Py_ssize_t status
-        with nogil:
-            status = self._fill(X, cands, slot, mark, work, weights, rung, urow, seg, t, t_pop, at_end,
-                                block, weekday, qvec, session, ctx_cols, p_rows, p_times)
-        return status
-
     def fill_score(
         self,
         float32_t[:, ::1] X,
@@ -379,11 +342,19 @@ cdef class FeatureKernel:
         float32_t[::1] out_scores,
         int32_t[::1] out_indices,
     ):
-        """:meth:`fill`, then the tree ensemble's top-k over the rows just written
-        (``_scoring._score_trees_call``), in one call without the GIL.
+        """Write every cell of ``X`` (n_candidates, N_COLUMNS), then the tree ensemble's
+        top-k over the rows just written (``_scoring._score_trees_call``), in one call
+        without the GIL. Empty ``out_scores`` write the rows only.
+
+        ``slot`` holds each candidate's position (the wrapper set it; -1 elsewhere) and
+        ``mark`` is all zero, in and out. ``work`` (n,) and ``weights`` (at least the
+        longer of the user's recent items and the session) are scratch. ``qvec`` is
+        empty without a query vector, ``ctx_cols`` the request's column per context
+        field (-1: none). The scoring arguments are ``ranking.kernels.scoring.TreeCall``'s.
 
         Returns ``(status, n_kept, n_scored, n_second_done, n_second_planned, filled_ns)``:
-        ``status`` as :meth:`fill` (nothing is scored unless it is 0) and ``filled_ns``
+        ``status`` 0, or negative when a bundle table named a row outside the catalog
+        (``NO_MEMORY``: no scratch memory), in which case nothing is scored; ``filled_ns``
         the CLOCK_MONOTONIC time the rows were written, so the caller can tell the two
         stages apart.
         """

@@ -80,6 +80,9 @@ _CSRS = (
 )
 _NO_PURCHASES = (np.zeros(0, np.int32), np.zeros(0, np.int64))
 _NO_VECTOR = np.zeros(0, np.float32)
+_I32, _F64, _F32, _U8 = (np.zeros(0, t) for t in (np.int32, np.float64, np.float32, np.uint8))
+# fill_score's scoring arguments (in TreeCall.kernel_args' order) with nothing to score into: rows only.
+_NO_SCORING: tuple = (_I32, _I32, _I32, _F64, _I32, _I32, _U8, _F64, _U8, _F32, 0, 0, 1, _F64, _F32, _I32, _F32, _I32)
 
 
 def _table(bundle_array, name: str, dtype) -> np.ndarray:
@@ -157,7 +160,7 @@ class FeatureKernel:
         """
         args = self._args(X, index, **request)
         if len(index.cands):
-            self._raise_for(self._kernel.fill(*args))
+            self._raise_for(self._kernel.fill_score(*args, *_NO_SCORING)[0])
 
     def fill_score(self, X: np.ndarray, index: CandidateIndex, call: TreeCall, **request) -> tuple[TopK, int]:
         """:meth:`fill`, then the top-k of ``call`` (a validated tree-scoring call over these
