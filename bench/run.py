@@ -519,7 +519,7 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
     ``a`` carries the run's flags with this shop's parameters in place. Returns the
     shop's section of the report.
     """
-    from ranking.config import RankerConfig, effective_ann_effort, effective_second_phase
+    from ranking import RankerConfig, effective_ann_effort, effective_second_phase
 
     report: dict = {
         "shape": {
