@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ranking.bundle.model import Csr
 from ranking.bundle.schema import WINDOW_DAYS
 from ranking.kernels.rows import CandidateIndex, max_share
 from ranking.pipeline.features import (
@@ -25,8 +26,45 @@ from ranking.pipeline.features import (
 _COL = {name: j for j, name in enumerate(FEATURE_NAMES)}
 
 
-def assemble(self: FeatureTables, req: Request, cands: np.ndarray) -> np.ndarray:
+class OracleTables(FeatureTables):
+    """The pipeline's tables plus the arrays only this reference reads (the kernel packs them)."""
+
+    def __init__(self, tables: FeatureTables):
+        super().__init__(tables.model, tables.scratch, tables.kernel)
+        b = tables.model.bundle
+        for name in (
+            "item_event_keys",
+            "item_first_seen",
+            "item_hour_lift",
+            "item_weekday_lift",
+            "item_repeat_rate",
+            "user_first_seen",
+            "user_last_seen",
+            "user_stage",
+            "user_value",
+            "user_hour_share",
+            "user_log_price",
+            "user_repeat_share",
+        ):
+            setattr(self, name, b.array(name))
+        self.user_categories = Csr(b.array("user_cat_indptr"), b.array("user_cat_ids"), b.array("user_cat_share"))
+        self._end_counts = {days: b.array(f"item_events_{days}d_at_end") for days in WINDOW_DAYS}
+
+
+_ORACLES: dict[int, tuple[FeatureTables, OracleTables]] = {}
+
+
+def oracle_tables(tables: FeatureTables) -> OracleTables:
+    """The reference's tables for ``tables``, built once per tables object."""
+    held = _ORACLES.get(id(tables))
+    if held is None or held[0] is not tables:
+        held = _ORACLES[id(tables)] = (tables, OracleTables(tables))
+    return held[1]
+
+
+def assemble(tables: FeatureTables, req: Request, cands: np.ndarray) -> np.ndarray:
     """The (n_candidates, N_FEATURES) float32 matrix of one request, in NumPy."""
+    self = oracle_tables(tables)
     n = len(cands)
     X = np.zeros((n, N_FEATURES), dtype=np.float32)
     if n == 0:
@@ -36,13 +74,13 @@ def assemble(self: FeatureTables, req: Request, cands: np.ndarray) -> np.ndarray
     return X
 
 
-def _covis_to(self: FeatureTables, sources: np.ndarray, index: CandidateIndex) -> np.ndarray:
+def _covis_to(self: OracleTables, sources: np.ndarray, index: CandidateIndex) -> np.ndarray:
     # Later items (the user's most recent, the session's last) weigh more.
     w = np.linspace(0.5, 1.0, len(sources), dtype=np.float32)
     return index.scatter_sum(self.covis, sources, w)
 
 
-def window_counts(self: FeatureTables, cands: np.ndarray, t: int, days: int) -> np.ndarray:
+def window_counts(self: OracleTables, cands: np.ndarray, t: int, days: int) -> np.ndarray:
     if t == self._t_end:
         return self._end_counts[days][cands]
     base = cands.astype(np.int64) * KEY_SHIFT
@@ -51,7 +89,7 @@ def window_counts(self: FeatureTables, cands: np.ndarray, t: int, days: int) -> 
     return (hi - lo).astype(np.float32)
 
 
-def _fill(self: FeatureTables, X: np.ndarray, req: Request, index: CandidateIndex) -> None:
+def _fill(self: OracleTables, X: np.ndarray, req: Request, index: CandidateIndex) -> None:
     m = self.model
     cands = index.cands
     n = len(cands)
@@ -149,7 +187,7 @@ def _fill(self: FeatureTables, X: np.ndarray, req: Request, index: CandidateInde
         X[:, c[rank_name]] = r
 
 
-def _fill_repeat(self: FeatureTables, X: np.ndarray, req: Request, cands: np.ndarray, t: int) -> None:
+def _fill_repeat(self: OracleTables, X: np.ndarray, req: Request, cands: np.ndarray, t: int) -> None:
     """The re-purchase features (``buy_count`` .. ``user_repeat_share``)."""
     c = _COL
     X[:, c["item_repeat_rate"]] = self.item_repeat_rate[cands]

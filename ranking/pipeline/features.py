@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranking.bundle.model import Csr, RankingModel
-from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS
+from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS  # noqa: F401  (WINDOW_DAYS re-exported for the builder)
 from ranking.kernels.features import COLUMNS, FeatureKernel
 from ranking.kernels.rows import ItemScratch
 from ranking.kernels.scoring import TopK, TreeCall
@@ -165,23 +165,13 @@ class _ContextTable:
 
 
 class FeatureTables:
-    """The bundle arrays features are computed from (memory-mapped, read-only)."""
+    """A request's feature rows through the compiled kernel, and the bundle arrays the
+    pipeline's candidate sources read (memory-mapped, read-only): the kernel holds the rest."""
 
     def __init__(self, model: RankingModel, scratch: ItemScratch, kernel: FeatureKernel):
         b = model.bundle
         # Every table is there: the bundle's schema (ranking.bundle.schema) was checked at load.
         self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
-        self.item_event_keys = b.array("item_event_keys")
-        self.item_first_seen = b.array("item_first_seen")
-        self.item_hour_lift = b.array("item_hour_lift")
-        self.item_weekday_lift = b.array("item_weekday_lift")
-        self.user_first_seen = b.array("user_first_seen")
-        self.user_last_seen = b.array("user_last_seen")
-        self.user_stage = b.array("user_stage")
-        self.user_value = b.array("user_value")
-        self.user_hour_share = b.array("user_hour_share")
-        self.user_log_price = b.array("user_log_price")
-        self.user_categories = Csr(b.array("user_cat_indptr"), b.array("user_cat_ids"), b.array("user_cat_share"))
         self.user_recent = Csr(b.array("user_recent_indptr"), b.array("user_recent_items"))
         self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
         buy = b.array("user_buy_indptr")
@@ -191,13 +181,10 @@ class FeatureTables:
         self.buy_interval = b.array("user_buy_interval")
         self.buy_in_last = b.array("user_buy_in_last")
         self.user_baskets = b.array("user_baskets")
-        self.user_repeat_share = b.array("user_repeat_share")
-        self.item_repeat_rate = b.array("item_repeat_rate")
         self.item_repeat_interval = b.array("item_repeat_interval")
         self.item_reoffer = b.array("item_reoffer")
         self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
         self.recent_popular_items = b.array("recent_popular_items")
-        self._end_counts = {days: b.array(f"item_events_{days}d_at_end") for days in WINDOW_DAYS}
         ease = b.array("ease_weights")
         self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
         self.data_end = int(model.manifest["data_window"]["end_unix"])

@@ -74,14 +74,15 @@ def test_popularity_windows_follow_the_request_time(ranker, model):
 def test_windows_counted_once_at_the_data_end_match_the_per_request_search(ranker, model):
     # Serving requests (after the data end, or without a time) read counts made at load;
     # they must equal what searching the event keys gives for that moment.
-    tables = ranker.tables
     end = model.manifest["data_window"]["end_unix"]
     cands = np.arange(model.n_items, dtype=np.int32)
-    keys = np.asarray(tables.item_event_keys)
+    keys = np.asarray(model.bundle.array("item_event_keys"))
     for days in (7, 30):
         base = cands.astype(np.int64) << 32
         searched = np.searchsorted(keys, base + end + 1) - np.searchsorted(keys, base + end + 1 - days * 86_400)
-        assert np.array_equal(np.asarray(tables._end_counts[days])[cands], searched.astype(np.float32))
+        assert np.array_equal(
+            np.asarray(model.bundle.array(f"item_events_{days}d_at_end"))[cands], searched.astype(np.float32)
+        )
         assert searched.sum() > 0
     later = ranker.prepare(RankQuery(user_id="u1", event_time=float(end + 5 * 86_400))).features
     untimed = ranker.prepare(RankQuery(user_id="u1")).features
