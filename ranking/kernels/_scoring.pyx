@@ -7,7 +7,7 @@ points expect. Compiler directives come from ``setup.py``.
 Layers (as in sklearn's ``_loss``):
 
 1. ``_dot`` (in ``_common.pxd``) / ``_tree_leaf``: scalars, ``cdef inline ... noexcept nogil``.
-2. ``_score_topk_loop`` / ``_score_trees_topk_loop`` / ``_score_trees_phased_loop`` /
+2. ``_score_topk_loop`` / ``_score_trees_phased_loop`` (one phase or two) /
    ``_topk_loop`` / ``_tree_contrib_loop``: loops over typed memoryviews, nogil.
 3. ``score_topk`` / ``score_trees_call`` / ``topk`` / ``tree_contributions``:
    Python-visible entries taking memoryviews and output buffers, releasing the GIL
@@ -299,80 +299,6 @@ cdef Py_ssize_t _score_topk_loop(
     return n_scored
 
 
-cdef Py_ssize_t _score_trees_topk_loop(
-    const float32_t[:, ::1] features,  # IN (n, f) one row per candidate
-    const int32_t[::1] roots,  # IN (n_trees,) root of each tree: >= 0 node, < 0 ~leaf
-    const int32_t[::1] feature,  # IN (n_nodes,) split feature per node, < f
-    const float64_t[::1] threshold,  # IN (n_nodes,)
-    const int32_t[::1] left,  # IN (n_nodes,)
-    const int32_t[::1] right,  # IN (n_nodes,)
-    const uint8_t[::1] flags,  # IN (n_nodes,)
-    const float64_t[::1] leaf_value,  # IN (n_leaves,)
-    const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
-    const float32_t[::1] offsets,  # IN (n,) added to each row's score after the model
-    int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
-    Py_ssize_t check_every,  # IN rows between clock reads, >= 1
-    float32_t[::1] out_scores,  # OUT (k,) used as the heap, best first on return
-    int32_t[::1] out_indices,  # OUT (k,) rows matching out_scores
-    Py_ssize_t* n_kept,  # OUT number of valid entries written to out_*
-) noexcept nogil:
-    """Score rows with the tree ensemble in order, keep the top-k; return rows consumed."""
-    cdef Py_ssize_t n = features.shape[0]
-    cdef Py_ssize_t f = features.shape[1]
-    cdef Py_ssize_t k = out_scores.shape[0]
-    cdef Py_ssize_t n_trees = roots.shape[0]
-    cdef Py_ssize_t i
-    cdef Py_ssize_t size = 0
-    cdef Py_ssize_t next_check = check_every
-    cdef Py_ssize_t n_scored = n
-    cdef float64_t acc
-    cdef float32_t s
-    cdef const float32_t* rows = NULL
-    cdef const int32_t* p_roots = NULL
-    cdef const int32_t* p_feature = NULL
-    cdef const float64_t* p_threshold = NULL
-    cdef const int32_t* p_left = NULL
-    cdef const int32_t* p_right = NULL
-    cdef const uint8_t* p_flags = NULL
-    cdef const float64_t* p_leaf = NULL
-    cdef float32_t* heap_scores = NULL
-    cdef int32_t* heap_indices = NULL
-
-    n_kept[0] = 0
-    if k == 0 or n == 0:
-        return n
-    if f > 0:
-        rows = &features[0, 0]
-    if n_trees > 0:
-        p_roots = &roots[0]
-    if feature.shape[0] > 0:  # an ensemble of single-leaf trees has no nodes
-        p_feature = &feature[0]
-        p_threshold = &threshold[0]
-        p_left = &left[0]
-        p_right = &right[0]
-        p_flags = &flags[0]
-    if leaf_value.shape[0] > 0:
-        p_leaf = &leaf_value[0]
-    heap_scores = &out_scores[0]
-    heap_indices = &out_indices[0]
-
-    for i in range(n):
-        if _out_of_time(i, &next_check, check_every, deadline_ns):
-            n_scored = i
-            break
-        if mask[i]:
-            continue
-        acc = _trees_sum(rows + i * f, p_roots, n_trees, p_feature, p_threshold, p_left, p_right, p_flags, p_leaf)
-        s = <float32_t>acc + offsets[i]
-        if s != s:
-            continue
-        _heap_offer(heap_scores, heap_indices, &size, k, s, <int32_t>i)
-
-    _heap_sort_best_first(heap_scores, heap_indices, size)
-    n_kept[0] = size
-    return n_scored
-
-
 cdef Py_ssize_t _score_trees_phased_loop(
     const float32_t[:, ::1] features,  # IN (n, f) one row per candidate
     const int32_t[::1] roots_first,  # IN (t1,) the first phase's trees
@@ -385,7 +311,7 @@ cdef Py_ssize_t _score_trees_phased_loop(
     const float64_t[::1] leaf_value,  # IN (n_leaves,)
     const uint8_t[::1] mask,  # IN (n,) nonzero = excluded
     const float32_t[::1] offsets,  # IN (n,) added to each row's score after the model
-    Py_ssize_t n_second,  # IN rows the second phase completes at most, >= 1
+    Py_ssize_t n_second,  # IN rows the second phase completes at most; 0: one phase
     int64_t deadline_ns,  # IN CLOCK_MONOTONIC ns, 0 = none
     Py_ssize_t check_every,  # IN rows between clock reads, >= 1
     float64_t[::1] first_acc,  # SCRATCH (n,) each row's first-phase leaf sum
@@ -399,8 +325,10 @@ cdef Py_ssize_t _score_trees_phased_loop(
 ) noexcept nogil:
     """Two-phase scoring; return the rows the first phase consumed.
 
-    Phase 1 walks ``roots_first`` for every row (in order, deadline-checked like
-    ``_score_trees_topk_loop``) and keeps the best ``m`` by first-phase score. Phase 2
+    Phase 1 walks ``roots_first`` for every row in order (reading the clock every
+    ``check_every`` rows; the first rows always complete) and keeps the best ``m`` by
+    first-phase score. One phase is every tree in ``roots_first``, none in
+    ``roots_second`` and ``n_second`` 0: phase 1's best ``m = k`` are then the answer. Phase 2
     visits the best ``n_second`` of them best first, adds the ``roots_second`` trees
     to each one's first-phase sum (the full model's leaf sum, in another order) and
     keeps the top-k of those full scores; it reads the clock too and stops at the
@@ -668,9 +596,6 @@ cdef Py_ssize_t _score_trees_call(
     n_kept[0] = n_done[0] = n_planned[0] = 0
     if out_scores.shape[0] == 0 or features.shape[0] == 0:
         return features.shape[0]
-    if n_second <= 0:
-        return _score_trees_topk_loop(features, roots_first, feature, threshold, left, right, flags, leaf_value,
-                                      mask, offsets, deadline_ns, check_every, out_scores, out_indices, n_kept)
     return _score_trees_phased_loop(features, roots_first, roots_second, feature, threshold, left, right, flags,
                                     leaf_value, mask, offsets, n_second, deadline_ns, check_every, first_acc,
                                     first_scores, first_indices, out_scores, out_indices, n_kept, n_done, n_planned)

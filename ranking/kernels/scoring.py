@@ -131,7 +131,6 @@ def _loop_args(offsets, n: int, deadline_ns, check_every) -> tuple[np.ndarray, i
 
 
 _NO_ROOTS = np.zeros(0, np.int32)
-_NO_ACC = np.zeros(0, np.float64)
 
 
 def _alloc(k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -679,7 +678,7 @@ class TreeCall:
         mask = _as_mask(mask, n)
         k = min(_as_int("k", k, 0, _INT64_MAX), n)
         offsets, deadline_ns, check_every = _loop_args(offsets, n, deadline_ns, check_every)
-        m = min(n, max(n_second, k)) if n_second else 0
+        # The first phase keeps its best m rows (one phase: the top k, which are the answer).
         return cls(
             k,
             n_second,
@@ -690,8 +689,8 @@ class TreeCall:
             offsets,
             deadline_ns,
             check_every,
-            np.empty(n, dtype=np.float64) if n_second else _NO_ACC,
-            *_alloc(m),
+            np.empty(n, dtype=np.float64),
+            *_alloc(min(n, max(n_second, k))),
             *_alloc(k),
         )
 
