@@ -15,6 +15,30 @@ class FeatureKernel:
     data_end: int
     has_ease: bool
     def __init__(self, t: dict[str, np.ndarray], n_categories: int, data_end: int) -> None: ...
+    def candidates(
+        self,
+        pool: npt.NDArray[np.int32],
+        seg: int,
+        n_seg: int,
+        n_popular: int,
+        source_user: int,
+        session: npt.NDArray[np.int32],
+        n_again: int,
+        t: int,
+        p_rows: npt.NDArray[np.int32],
+        p_times: npt.NDArray[np.int64],
+        n_covis: int,
+        n_recent_popular: int,
+        n_ease: int,
+        mask_user: int,
+        exclude: npt.NDArray[np.int32],
+        category_codes: npt.NDArray[np.uint32],
+        include_bits: int,
+        min_price: float,
+        max_price: float,
+        slot: npt.NDArray[np.int32],
+        mark: npt.NDArray[np.uint8],
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]: ...
     def fill_score(
         self,
         X: npt.NDArray[np.float32],

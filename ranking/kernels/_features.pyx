@@ -21,7 +21,7 @@ Layers (as in sklearn's ``_loss``):
    features, scores and top-k; without outputs to score into, the rows only).
 4. ``ranking.kernels.features``: the public wrapper.
 """
-from libc.math cimport NAN, fabsf, logf, log1pf, sqrtf, ldexpf, INFINITY
+from libc.math cimport NAN, exp, fabs, fabsf, log, logf, log1pf, sqrtf, ldexpf, INFINITY
 from libc.stdlib cimport malloc, free, qsort
 from libc.string cimport memset
 
@@ -225,6 +225,11 @@ cdef class FeatureKernel:
     cdef const int64_t[::1] buy_last
     cdef const uint8_t[::1] buy_in_last
     cdef const uint16_t[:, ::1] ctx_user_0, ctx_user_1, ctx_user_2
+    # The candidate sources and exclusions only (candidates()).
+    cdef const int32_t[::1] popular_items, recent_popular_items
+    cdef const uint8_t[::1] item_reoffer
+    cdef const int64_t[::1] consumed_indptr
+    cdef const int32_t[::1] consumed_items
     cdef readonly Py_ssize_t n_items, n_users, n_categories, n_segments
     cdef readonly int64_t data_end
     cdef readonly bint has_ease
@@ -266,6 +271,11 @@ cdef class FeatureKernel:
         self.ctx_user_0 = t["user_channel_share"]
         self.ctx_user_1 = t["user_device_share"]
         self.ctx_user_2 = t["user_region_share"]
+        self.popular_items = t["popular_items"]
+        self.recent_popular_items = t["recent_popular_items"]
+        self.item_reoffer = t["item_reoffer"]
+        self.consumed_indptr = t["consumed_indptr"]
+        self.consumed_items = t["consumed_indices"]
         self.n_items = self.item_factors.shape[0]
         self._pack_items(t, data_end)
         self.n_users = self.user_has_history.shape[0]
@@ -301,6 +311,256 @@ cdef class FeatureKernel:
             j += w
         self.item_table = table
         self.item_rows = table
+
+    def candidates(
+        self,
+        const int32_t[::1] pool,
+        Py_ssize_t seg,
+        Py_ssize_t n_seg,
+        Py_ssize_t n_popular,
+        Py_ssize_t source_user,
+        const int32_t[::1] session,
+        Py_ssize_t n_again,
+        int64_t t,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+        Py_ssize_t n_covis,
+        Py_ssize_t n_recent_popular,
+        Py_ssize_t n_ease,
+        Py_ssize_t mask_user,
+        const int32_t[::1] exclude,
+        const uint32_t[::1] category_codes,
+        uint32_t include_bits,
+        float32_t min_price,
+        float32_t max_price,
+        int32_t[::1] slot,
+        uint8_t[::1] mark,
+    ):
+        """One request's candidates, merged from every source, and which of them to exclude.
+
+        The sources, in the order their items are kept (each item once, where first met):
+        ``pool`` (the embedding search's rows, or the caller's own candidates; -1 = none),
+        the first ``n_seg`` of segment ``seg``'s popular items (-1: none), the first
+        ``n_popular`` popular items, then the extra sources of ``source_user``'s history
+        (-1: none) and the ``session``: the ``n_again`` re-offerable purchases most due
+        again at ``t`` (the bundle's with ``p_rows``/``p_times``, the purchases since its
+        data end, folded in), the ``n_covis`` co-visitation neighbours of the user's recent
+        items and the session best first, the first ``n_recent_popular`` recently popular
+        items and the ``n_ease`` items of highest EASE score over the user's touched items
+        and the session (each 0: none).
+
+        Excluded (the mask): what ``mask_user`` (-1: nobody) consumed, ``exclude`` (item
+        rows, -1 skipped), and by category and price: ``category_codes`` (per category, empty: no
+        category filter) has bit 0 set for an excluded category, and an item must carry
+        each bit of ``include_bits`` (the OR of its categories' codes) to stay; an item
+        outside ``min_price``..``max_price`` (each 0: no bound), or without a price when
+        either is set, is excluded.
+
+        Inputs are trusted (``ranking.kernels.features`` checks the request's arrays;
+        the bundle's tables were checked at load). ``slot`` (-1 everywhere) and ``mark``
+        (all zero) are scratch over every item row, handed back as they came.
+
+        Returns ``(rows, mask)``: int32 item rows and a bool mask, one per candidate.
+        The call keeps the GIL: it is tens of microseconds of walks over small arrays.
+        """
+        cdef Py_ssize_t bound, n = 0, i, j
+        cdef uint32_t bits
+        cdef float32_t price
+        cdef Py_ssize_t lo = 0, hi = 0
+        # The extra sources, each ranked best first.
+        again = self._buy_again(source_user, t, p_rows, p_times, n_again, slot)
+        covis = self._covis_neighbours(source_user, session, n_covis, slot)
+        ease = self._ease_top(source_user, session, n_ease, mark)
+        cdef const int32_t[::1] again_v = again, covis_v = covis, ease_v = ease
+        cdef const int32_t[::1] seg_v = self.seg_items[:0]
+        if seg >= 0:
+            lo, hi = self.seg_indptr[seg], self.seg_indptr[seg + 1]
+            seg_v = self.seg_items[lo:min(hi, lo + n_seg)]
+        cdef const int32_t[::1] pop_v = self.popular_items[:min(n_popular, self.popular_items.shape[0])]
+        cdef const int32_t[::1] recent_v = self.recent_popular_items[
+            :min(n_recent_popular, self.recent_popular_items.shape[0])]
+        bound = (pool.shape[0] + seg_v.shape[0] + pop_v.shape[0] + again_v.shape[0] + covis_v.shape[0]
+                 + recent_v.shape[0] + ease_v.shape[0])
+        rows = np.empty(bound, np.int32)
+        mask = np.zeros(bound, np.uint8)
+        cdef int32_t[::1] out = rows
+        cdef uint8_t[::1] excluded = mask
+        with nogil:
+            n = _keep_new(pool, slot, out, n)
+            n = _keep_new(seg_v, slot, out, n)
+            n = _keep_new(pop_v, slot, out, n)
+            n = _keep_new(again_v, slot, out, n)
+            n = _keep_new(covis_v, slot, out, n)
+            n = _keep_new(recent_v, slot, out, n)
+            n = _keep_new(ease_v, slot, out, n)
+            for i in range(n):
+                slot[out[i]] = -1
+            # Exclusions by item: mark them, read the marks, clear them.
+            if mask_user >= 0:
+                for j in range(self.consumed_indptr[mask_user], self.consumed_indptr[mask_user + 1]):
+                    mark[self.consumed_items[j]] = 1
+            for j in range(exclude.shape[0]):
+                if exclude[j] >= 0:
+                    mark[exclude[j]] = 1
+            for i in range(n):
+                excluded[i] = mark[out[i]]
+            if mask_user >= 0:
+                for j in range(self.consumed_indptr[mask_user], self.consumed_indptr[mask_user + 1]):
+                    mark[self.consumed_items[j]] = 0
+            for j in range(exclude.shape[0]):
+                if exclude[j] >= 0:
+                    mark[exclude[j]] = 0
+            # By category and price.
+            if category_codes.shape[0]:
+                for i in range(n):
+                    bits = 0
+                    for j in range(self.item_cat_indptr[out[i]], self.item_cat_indptr[out[i] + 1]):
+                        bits |= category_codes[self.item_cat_ids[j]]
+                    if bits & 1 or (bits & include_bits) != include_bits:
+                        excluded[i] = 1
+            if min_price > 0 or max_price > 0:
+                for i in range(n):
+                    price = self.item_rows[out[i], R_PRICE]
+                    if (price != price or price == INFINITY or price == -INFINITY
+                            or (min_price > 0 and price < min_price) or (max_price > 0 and price > max_price)):
+                        excluded[i] = 1
+        return rows[:n], mask[:n].view(np.bool_)
+
+    cdef object _buy_again(self, Py_ssize_t urow, int64_t t, const int32_t[::1] p_rows,
+                           const int64_t[::1] p_times, Py_ssize_t n_again, int32_t[::1] slot):
+        """The user's own re-offerable purchases, best first by a cheap due-ness, at most ``n_again``.
+
+        An item scores its baskets times how close it is to due (days since its last purchase
+        over its interval, 1 best, on a log scale; 0.5 when either is unknown), so a staple just
+        bought waits for its turn; ties go to the more recent purchase, then the lower item row.
+        """
+        cdef Py_ssize_t i, j, n = 0, lo = 0, hi = 0, n_p = p_rows.shape[0]
+        cdef float64_t due, closeness
+        cdef _Ranked* ranked
+        if n_again <= 0 or (urow < 0 and n_p == 0):
+            return _NO_ROWS
+        if urow >= 0:
+            lo, hi = self.buy_indptr[urow], self.buy_indptr[urow + 1]
+        own = np.empty(hi - lo + n_p, np.int32)
+        cdef int32_t[::1] own_v = own
+        # The bought items (the CSR row is sorted, distinct) and the newer purchases, each
+        # re-offerable one once, in item row order.
+        for j in range(lo, hi):
+            if self.item_reoffer[self.buy_items[j]]:
+                own_v[n] = self.buy_items[j]
+                n += 1
+        for j in range(n_p):
+            if self.item_reoffer[p_rows[j]]:
+                own_v[n] = p_rows[j]
+                n += 1
+        if n == 0:
+            return _NO_ROWS
+        qsort(&own_v[0], n, sizeof(int32_t), _cmp_i32)
+        j = 0
+        for i in range(n):
+            if i == 0 or own_v[i] != own_v[i - 1]:
+                own_v[j] = own_v[i]
+                j += 1
+        n = j
+        # Their purchase history, as the re-purchase features see it.
+        X = np.empty((n, N_COLUMNS), np.float32)
+        last = np.empty(n, np.int64)
+        cdef float32_t[:, ::1] X_v = X
+        cdef int64_t[::1] last_v = last
+        cdef int status
+        for i in range(n):
+            slot[own_v[i]] = <int32_t>i
+        status = self._repeat(X_v, own_v[:n], slot, urow, t, p_rows, p_times, &last_v[0])
+        for i in range(n):
+            slot[own_v[i]] = -1
+        ranked = <_Ranked*>malloc(n * sizeof(_Ranked))
+        if status < 0 or ranked == NULL:
+            free(ranked)
+            raise MemoryError("no memory for the buy-again candidates")
+        for i in range(n):
+            # BUY_INTERVAL: the user's own interval, else the item's typical one.
+            due = (t - last_v[i]) / <float64_t>DAY / X_v[i, BUY_INTERVAL]
+            closeness = exp(-fabs(log(due if due > 1e-3 or due != due else 1e-3)))
+            ranked[i].score = X_v[i, BUY_COUNT] * (closeness if closeness == closeness else 0.5)
+            ranked[i].tie = last_v[i]
+            ranked[i].row = own_v[i]
+        return _best(ranked, n, n_again)
+
+    cdef object _covis_neighbours(self, Py_ssize_t urow, const int32_t[::1] session, Py_ssize_t n_covis,
+                                  int32_t[::1] slot):
+        """The co-visitation neighbours of the user's recent items and the session's, by summed
+        similarity (each source once per mention), best first, at most ``n_covis``."""
+        cdef Py_ssize_t lo = 0, hi = 0, s, n_src, total = 0, n, i
+        cdef int32_t src
+        if n_covis <= 0:
+            return _NO_ROWS
+        if urow >= 0:
+            lo, hi = self.recent_indptr[urow], self.recent_indptr[urow + 1]
+        n_src = hi - lo + session.shape[0]
+        if n_src == 0:
+            return _NO_ROWS
+        sources = np.empty(n_src, np.int32)
+        cdef int32_t[::1] sources_v = sources
+        for s in range(n_src):
+            src = self.recent_items[lo + s] if s < hi - lo else session[s - (hi - lo)]
+            sources_v[s] = src
+            total += self.covis_indptr[src + 1] - self.covis_indptr[src]
+        if total == 0:
+            return _NO_ROWS
+        items = np.empty(total, np.int32)
+        sums = np.zeros(total, np.float64)
+        ones = np.ones(n_src, np.float32)
+        cdef int32_t[::1] items_v = items
+        cdef float64_t[::1] sums_v = sums
+        n = _sum_rows_loop(self.covis_indptr, self.covis_items, self.covis_scores, sources_v, ones, slot, True,
+                           sums_v, items_v, 0)
+        if n < 0:  # cannot happen with the tables checked at load; the walk cleaned up after itself
+            raise ValueError("the bundle's co-visitation table names a row outside the catalog: rebuild it")
+        for i in range(n):
+            slot[items_v[i]] = -1
+        cdef _Ranked* ranked = <_Ranked*>malloc(n * sizeof(_Ranked))
+        if ranked == NULL:
+            raise MemoryError("no memory for the co-visitation candidates")
+        for i in range(n):
+            ranked[i].score = sums_v[i]
+            ranked[i].tie = 0
+            ranked[i].row = items_v[i]
+        return _best(ranked, n, n_covis)
+
+    cdef object _ease_top(self, Py_ssize_t urow, const int32_t[::1] session, Py_ssize_t n_ease,
+                          uint8_t[::1] mark):
+        """The ``n_ease`` items of highest EASE score (the weights summed over the user's touched
+        items and the session's, each once), best first; none without weights or history."""
+        cdef Py_ssize_t lo = 0, hi = 0, j, i, h = 0, n_items = self.n_items
+        cdef int32_t r
+        cdef const float32_t* row
+        if not self.has_ease or n_ease <= 0:
+            return _NO_ROWS
+        if urow >= 0:
+            lo, hi = self.touched_indptr[urow], self.touched_indptr[urow + 1]
+        total = np.zeros(n_items, np.float64)
+        cdef float64_t[::1] total_v = total
+        for j in range(lo, hi + session.shape[0]):
+            r = self.touched_items[j] if j < hi else session[j - hi]
+            if mark[r]:
+                continue
+            mark[r] = 1
+            h += 1
+            row = &self.ease[r, 0]
+            for i in range(n_items):
+                total_v[i] += row[i]
+        for j in range(lo, hi + session.shape[0]):
+            mark[self.touched_items[j] if j < hi else session[j - hi]] = 0
+        if h == 0:
+            return _NO_ROWS
+        cdef _Ranked* ranked = <_Ranked*>malloc(n_items * sizeof(_Ranked))
+        if ranked == NULL:
+            raise MemoryError("no memory for the EASE candidates")
+        for i in range(n_items):
+            ranked[i].score = total_v[i]
+            ranked[i].tie = 0
+            ranked[i].row = <int32_t>i
+        return _best(ranked, n_items, n_ease)
 
     def fill_score(
         self,
@@ -470,7 +730,7 @@ cdef class FeatureKernel:
                 X[i, USER_TENURE] = NAN
                 X[i, USER_STAGE] = NAN if urow < 0 else 0.0
                 X[i, HOUR_USER_SHARE] = NAN
-        if self._repeat(X, cands, slot, urow, t, p_rows, p_times) < 0:
+        if self._repeat(X, cands, slot, urow, t, p_rows, p_times, NULL) < 0:
             return _NO_MEMORY
         self._context(X, cands, urow, known, ctx_cols)
 
@@ -601,9 +861,10 @@ cdef class FeatureKernel:
 
     cdef int _repeat(self, float32_t[:, ::1] X, const int32_t[::1] cands, int32_t[::1] slot,
                      Py_ssize_t urow, int64_t t, const int32_t[::1] p_rows,
-                     const int64_t[::1] p_times) noexcept nogil:
+                     const int64_t[::1] p_times, int64_t* last_out) noexcept nogil:
         """The re-purchase features: the bundle's purchase history of each candidate, with
-        the purchases since its data end folded in (one newer basket per day)."""
+        the purchases since its data end folded in (one newer basket per day). ``last_out``
+        (n,), when given, receives each candidate's last purchase (unix seconds, -1 never)."""
         cdef Py_ssize_t i, j, n = cands.shape[0], n_p = p_rows.shape[0]
         cdef int64_t n_baskets = 0
         cdef int64_t* last
@@ -615,7 +876,7 @@ cdef class FeatureKernel:
                     X[i, j] = NAN
                 X[i, USER_REPEAT_SHARE] = NAN
             return 0
-        last = <int64_t*>malloc(n * sizeof(int64_t))
+        last = last_out if last_out != NULL else <int64_t*>malloc(n * sizeof(int64_t))
         if last == NULL:
             return -1
         # Defaults: never bought. BUY_COUNT holds the baskets, BUY_INTERVAL the user's own
@@ -637,7 +898,8 @@ cdef class FeatureKernel:
         if n_p:
             j = _fold_purchases(X, slot, last, p_rows, p_times)
             if j < 0:
-                free(last)
+                if last_out == NULL:
+                    free(last)
                 return -1
             n_baskets += j
         for i in range(n):
@@ -656,7 +918,8 @@ cdef class FeatureKernel:
                 X[i, BUY_INTERVAL] = NAN
                 X[i, BUY_DUE] = NAN
             X[i, USER_REPEAT_SHARE] = self.user_repeat_share[urow] if urow >= 0 else NAN
-        free(last)
+        if last_out == NULL:
+            free(last)
         return 0
 
     cdef void _context(self, float32_t[:, ::1] X, const int32_t[::1] cands, Py_ssize_t urow, bint known,
@@ -794,3 +1057,91 @@ cdef int64_t _fold_purchases(
         X[i, IN_LAST_BASKET] = 1.0 if has_latest else 0.0
     free(buys)
     return distinct
+
+
+# ---------------------------------------------------------------------------
+# The candidate sources' helpers (FeatureKernel.candidates)
+# ---------------------------------------------------------------------------
+
+_NO_ROWS = np.zeros(0, np.int32)
+
+ctypedef struct _Ranked:
+    float64_t score  # higher first
+    int64_t tie  # then higher first
+    int32_t row  # then lower first
+
+
+cdef inline bint _better(const _Ranked* a, const _Ranked* b) noexcept nogil:
+    if a.score != b.score:
+        return a.score > b.score
+    if a.tie != b.tie:
+        return a.tie > b.tie
+    return a.row < b.row
+
+
+cdef int _cmp_ranked(const void* a, const void* b) noexcept nogil:
+    cdef const _Ranked* x = <const _Ranked*>a
+    cdef const _Ranked* y = <const _Ranked*>b
+    if _better(x, y):
+        return -1
+    return 1 if _better(y, x) else 0
+
+
+cdef int _cmp_i32(const void* a, const void* b) noexcept nogil:
+    cdef int32_t x = (<const int32_t*>a)[0], y = (<const int32_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef void _sift_down(_Ranked* heap, Py_ssize_t k, Py_ssize_t i) noexcept nogil:
+    """Restore the heap below ``i``: the worst entry of ``heap[:k]`` at the root."""
+    cdef Py_ssize_t child
+    cdef _Ranked tmp
+    while True:
+        child = 2 * i + 1
+        if child >= k:
+            return
+        if child + 1 < k and _better(&heap[child], &heap[child + 1]):
+            child += 1  # the worse child
+        if not _better(&heap[i], &heap[child]):
+            return
+        tmp = heap[i]
+        heap[i] = heap[child]
+        heap[child] = tmp
+        i = child
+
+
+cdef object _best(_Ranked* ranked, Py_ssize_t n, Py_ssize_t k):
+    """The rows of the ``k`` best of ``ranked[:n]``, best first (int32); frees ``ranked``."""
+    cdef Py_ssize_t i
+    if k > n:
+        k = n
+    if k < n:
+        # Keep the k best in a heap whose root is the worst of them: O(n log k).
+        for i in range(k // 2 - 1, -1, -1):
+            _sift_down(ranked, k, i)
+        for i in range(k, n):
+            if _better(&ranked[i], &ranked[0]):
+                ranked[0] = ranked[i]
+                _sift_down(ranked, k, 0)
+    qsort(ranked, k, sizeof(_Ranked), _cmp_ranked)
+    rows = np.empty(k, np.int32)
+    cdef int32_t[::1] out = rows
+    for i in range(k):
+        out[i] = ranked[i].row
+    free(ranked)
+    return rows
+
+
+cdef Py_ssize_t _keep_new(const int32_t[::1] rows, int32_t[::1] slot, int32_t[::1] out,
+                          Py_ssize_t n) noexcept nogil:
+    """Append to ``out[n:]`` each of ``rows`` (-1 skipped) not met before (``slot`` -1), and
+    give it its position in ``slot``; returns the count in ``out``."""
+    cdef Py_ssize_t i
+    cdef int32_t r
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if r >= 0 and slot[r] < 0:
+            slot[r] = <int32_t>n
+            out[n] = r
+            n += 1
+    return n

@@ -13,9 +13,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from ranking.kernels import _features
-from ranking.kernels.rows import CandidateIndex, _int32_rows
+from ranking.kernels.rows import CandidateIndex, ItemScratch, _int32_rows
 from ranking.kernels.scoring import TopK, TreeCall
 
 __all__ = ["COLUMNS", "FeatureKernel"]
@@ -66,6 +67,11 @@ _TABLES = {
     "user_buy_interval": np.float32,
     "user_buy_last": np.int64,
     "user_buy_in_last": np.uint8,
+    "popular_items": np.int32,
+    "recent_popular_items": np.int32,
+    "item_reoffer": np.uint8,
+    "consumed_indptr": np.int64,
+    "consumed_indices": np.int32,
 }
 _CONTEXT_FIELDS = ("channel", "device", "region")  # the kernel's order
 # The CSR structures the kernel walks: (indptr, ids, what the rows are, what the ids name).
@@ -75,12 +81,14 @@ _CSRS = (
     ("user_recent_indptr", "user_recent_items", "users", "items"),
     ("touched_indptr", "touched_items", "users", "items"),
     ("user_buy_indptr", "user_buy_items", "users", "items"),
+    ("consumed_indptr", "consumed_indices", "users", "items"),
     ("item_cat_indptr", "item_cat_ids", "items", "categories"),
     ("user_cat_indptr", "user_cat_ids", "users", "categories"),
 )
 _NO_PURCHASES = (np.zeros(0, np.int32), np.zeros(0, np.int64))
 _NO_VECTOR = np.zeros(0, np.float32)
 _I32, _F64, _F32, _U8 = (np.zeros(0, t) for t in (np.int32, np.float64, np.float32, np.uint8))
+_U32: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
 # fill_score's scoring arguments (in TreeCall.kernel_args' order) with nothing to score into: rows only.
 _NO_SCORING: tuple = (_I32, _I32, _I32, _F64, _I32, _I32, _U8, _F64, _U8, _F32, 0, 0, 1, _F64, _F32, _I32, _F32, _I32)
 
@@ -123,7 +131,12 @@ class FeatureKernel:
         elif t["ease_weights"].shape != (n_items, n_items):
             raise ValueError(f"ease_weights has shape {t['ease_weights'].shape}, expected ({n_items}, {n_items})")
         self._check(t, n_items, n_users, n_categories)
-        self.n_items, self.n_users = n_items, n_users
+        for name in ("popular_items", "recent_popular_items"):
+            if t[name].size and (int(t[name].min()) < 0 or int(t[name].max()) >= n_items):
+                raise ValueError(f"bundle array {name} names items outside 0..{n_items - 1}: rebuild the bundle")
+        if len(t["item_reoffer"]) != n_items:
+            raise ValueError(f"bundle array item_reoffer has {len(t['item_reoffer'])} entries for {n_items} items")
+        self.n_items, self.n_users, self.n_categories = n_items, n_users, int(n_categories)
         self.dim = t["item_factors"].shape[1]
         self.widths = tuple(t[f"item_{f}_lift"].shape[1] for f in _CONTEXT_FIELDS)
         self.hour_blocks = t["item_hour_lift"].shape[1]
@@ -178,6 +191,115 @@ class FeatureKernel:
         self._raise_for(status)
         return call.top(n_kept, n_scored, n_done, n_planned), filled_ns
 
+    def candidates(
+        self,
+        scratch: ItemScratch,
+        pool,
+        *,
+        seg: int = -1,
+        n_seg: int = 0,
+        n_popular: int = 0,
+        source_user: int = -1,
+        session=_I32,
+        n_again: int = 0,
+        t: int = 0,
+        purchases: tuple[np.ndarray, np.ndarray] | None = None,
+        n_covis: int = 0,
+        n_recent_popular: int = 0,
+        n_ease: int = 0,
+        mask_user: int = -1,
+        exclude=_I32,
+        category_codes: np.ndarray | None = None,
+        include_bits: int = 0,
+        min_price: float = 0.0,
+        max_price: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One request's candidates from every source, merged, and which of them to exclude, in one call.
+
+        The sources, in the order their items are kept (each item once, where first met):
+        ``pool`` (the embedding search's item rows or the caller's own; -1 = none), the first
+        ``n_seg`` popular items of segment ``seg`` (-1: none), the first ``n_popular`` popular
+        items; then from ``source_user``'s history (-1: nobody) and ``session``: the
+        ``n_again`` re-offerable purchases most due again at ``t`` (``purchases``, the
+        (item rows, unix seconds) bought since the data end, folded in), the ``n_covis``
+        strongest co-visitation neighbours, the first ``n_recent_popular`` recently popular
+        items and the ``n_ease`` items of highest EASE score (each 0: none).
+
+        Excluded: what ``mask_user`` (-1: nobody) consumed, the ``exclude`` item rows (-1
+        ignored), items whose categories' ``category_codes`` (uint32 per category; None: no
+        category filter) OR to a value with bit 0 set or without every bit of
+        ``include_bits``, and, with ``min_price``/``max_price`` (0: no bound), items outside
+        the bounds or without a price.
+
+        Returns
+        -------
+        (rows, mask)
+            int32 distinct item rows, and a bool per row: True to exclude.
+
+        Raises
+        ------
+        ValueError
+            An argument is out of range or of the wrong shape.
+        """
+        self._check_rows(source_user, seg)
+        self._check_rows(mask_user, -1)
+        counts = {"n_seg": n_seg, "n_popular": n_popular, "n_again": n_again, "n_covis": n_covis}
+        counts |= {"n_recent_popular": n_recent_popular, "n_ease": n_ease}
+        bad = {k: v for k, v in counts.items() if v < 0}
+        if bad:
+            raise ValueError(f"candidate counts must be >= 0, got {bad}")
+        if not (min_price >= 0 and max_price >= 0):  # NaN too
+            raise ValueError(f"price bounds must be >= 0 (0: none), got {min_price}, {max_price}")
+        codes: npt.NDArray[np.uint32]
+        if category_codes is None:
+            codes = _U32
+        else:
+            codes = np.ascontiguousarray(category_codes, np.uint32)
+            if codes.shape != (self.n_categories,):
+                raise ValueError(f"category codes must have one entry per category ({self.n_categories})")
+        if not 0 <= include_bits < 1 << 32:
+            raise ValueError(f"include bits {include_bits} do not fit the uint32 category codes")
+        pool = _int32_rows("candidate pool", pool, self.n_items, allow_missing=True)
+        sess = _int32_rows("session", session, self.n_items)
+        excl = _int32_rows("excluded items", exclude, self.n_items, allow_missing=True)
+        p_rows, p_times = self._purchases(purchases)
+        with scratch.buffers() as (slot, mark):
+            return self._kernel.candidates(
+                pool,
+                int(seg),
+                int(n_seg),
+                int(n_popular),
+                int(source_user),
+                sess,
+                int(n_again),
+                int(t),
+                p_rows,
+                p_times,
+                int(n_covis),
+                int(n_recent_popular),
+                int(n_ease),
+                int(mask_user),
+                excl,
+                codes,
+                int(include_bits),
+                float(min_price),
+                float(max_price),
+                slot,
+                mark,
+            )
+
+    def _check_rows(self, urow: int, seg: int) -> None:
+        if not -1 <= urow < self.n_users or not -1 <= seg < self.n_segments:
+            raise ValueError(f"user row {urow} or segment {seg} outside the bundle")
+
+    def _purchases(self, purchases: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        p_rows, p_times = purchases if purchases is not None else _NO_PURCHASES
+        p_rows = _int32_rows("purchases", p_rows, self.n_items)
+        p_times = np.ascontiguousarray(p_times, np.int64)
+        if p_times.shape != p_rows.shape:
+            raise ValueError("purchases need one time per item row")
+        return p_rows, p_times
+
     @staticmethod
     def _raise_for(status: int) -> None:
         if status == _features.NO_MEMORY:
@@ -207,8 +329,7 @@ class FeatureKernel:
         n = len(index.cands)
         if X.shape != (n, len(COLUMNS)) or X.dtype != np.float32 or not X.flags.c_contiguous:
             raise ValueError(f"X must be a C-contiguous float32 ({n}, {len(COLUMNS)}) array")
-        if not -1 <= urow < self.n_users or not -1 <= seg < self.n_segments:
-            raise ValueError(f"user row {urow} or segment {seg} outside the bundle")
+        self._check_rows(urow, seg)
         if not (0 <= block < self.hour_blocks and 0 <= weekday < 7):
             raise ValueError(f"hour block {block} / weekday {weekday} out of range")
         cols = np.asarray(context_columns, np.int32)
@@ -221,11 +342,7 @@ class FeatureKernel:
             if q.shape != (self.dim,):
                 raise ValueError(f"query vector has shape {q.shape}, expected ({self.dim},)")
         sess = _int32_rows("session", session, self.n_items)
-        p_rows, p_times = purchases if purchases is not None else _NO_PURCHASES
-        p_rows = _int32_rows("purchases", p_rows, self.n_items)
-        p_times = np.ascontiguousarray(p_times, np.int64)
-        if p_times.shape != p_rows.shape:
-            raise ValueError("purchases need one time per item row")
+        p_rows, p_times = self._purchases(purchases)
         recent = 0
         if urow >= 0:
             ptr = self._tables["user_recent_indptr"]

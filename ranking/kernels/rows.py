@@ -127,6 +127,13 @@ class ItemScratch:
         finally:
             self._free.append(buf)
 
+    @contextmanager
+    def buffers(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(slot, mark)`` for the ``with`` block: int32 -1 and uint8 0 over every item row,
+        to be handed back so (the compiled walks that borrow them promise it)."""
+        with self._lend() as buf:
+            yield buf.slot, buf.mark
+
     def unique_in_order(self, rows) -> np.ndarray:
         """Drop -1 and repeated rows, keeping each first occurrence in place (int32)."""
         arr = _int32_rows("rows", rows, self.n_items, allow_missing=True)

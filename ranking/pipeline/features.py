@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ranking.bundle.model import Csr, RankingModel
+from ranking.bundle.model import RankingModel
 from ranking.bundle.schema import CONTEXT_FIELDS, WINDOW_DAYS  # noqa: F401  (WINDOW_DAYS re-exported for the builder)
 from ranking.kernels.features import COLUMNS, FeatureKernel
 from ranking.kernels.rows import ItemScratch
@@ -116,17 +116,6 @@ class Purchases:
         return len(self.rows)
 
 
-@dataclass(frozen=True)
-class BuyStats:
-    """One user's purchase history of some items (the bundle's, real-time purchases added)."""
-
-    baskets: np.ndarray  # float32 baskets with the item, 0 never
-    last: np.ndarray  # int64 unix seconds of the last purchase, -1 never
-    interval: np.ndarray  # float32 days, the user's own mean interval; NaN with one basket
-    in_last: np.ndarray  # float32 1 in the user's last basket
-    n_baskets: int  # the user's baskets of any item
-
-
 def window_counts_at(item_event_keys: np.ndarray, t: int, days: int, n_items: int) -> np.ndarray:
     """Events of every item in the ``days`` before ``t`` (float32, one per item row), from the
     sorted ``item row << 32 | unix seconds`` keys: what a request at ``t`` sees per candidate."""
@@ -165,28 +154,13 @@ class _ContextTable:
 
 
 class FeatureTables:
-    """A request's feature rows through the compiled kernel, and the bundle arrays the
-    pipeline's candidate sources read (memory-mapped, read-only): the kernel holds the rest."""
+    """A request's feature rows through the compiled kernel: it holds the bundle's tables, this
+    the context vocabularies a request's values are resolved against."""
 
     def __init__(self, model: RankingModel, scratch: ItemScratch, kernel: FeatureKernel):
         b = model.bundle
         # Every table is there: the bundle's schema (ranking.bundle.schema) was checked at load.
         self.context = {f: _ContextTable.load(b, f) for f in CONTEXT_FIELDS}
-        self.user_recent = Csr(b.array("user_recent_indptr"), b.array("user_recent_items"))
-        self.touched = Csr(b.array("touched_indptr"), b.array("touched_items"))
-        buy = b.array("user_buy_indptr")
-        self.bought = Csr(buy, b.array("user_buy_items"))
-        self.buy_baskets = b.array("user_buy_baskets")
-        self.buy_last = b.array("user_buy_last")
-        self.buy_interval = b.array("user_buy_interval")
-        self.buy_in_last = b.array("user_buy_in_last")
-        self.user_baskets = b.array("user_baskets")
-        self.item_repeat_interval = b.array("item_repeat_interval")
-        self.item_reoffer = b.array("item_reoffer")
-        self.covis = Csr(b.array("covis_indptr"), b.array("covis_items"), b.array("covis_scores"))
-        self.recent_popular_items = b.array("recent_popular_items")
-        ease = b.array("ease_weights")
-        self.ease = ease if ease.size else None  # absent for catalogs above ease_max_items
         self.data_end = int(model.manifest["data_window"]["end_unix"])
         self.model = model
         self.scratch = scratch
@@ -195,103 +169,6 @@ class FeatureTables:
         # bundle knows nothing later), which is every request a server answers: the
         # builder counted those once, so serving reads them instead of searching keys.
         self._t_end = self.data_end + 1
-
-    # -- pieces used by retrieval as well ------------------------------------------
-    def covis_from(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(items, summed similarity) of the neighbours of ``sources``, best first."""
-        items, total = self.scratch.neighbour_sums(self.covis, sources)
-        order = np.lexsort((items, -total))
-        return items[order], total[order].astype(np.float32)
-
-    def user_recent_items(self, urow: int) -> np.ndarray:
-        if urow < 0:
-            return np.zeros(0, np.int32)
-        return np.asarray(self.user_recent.row(urow))
-
-    def history(self, urow: int, session: np.ndarray) -> np.ndarray:
-        """Items the user touched (all time) plus this session's: the input of the EASE score."""
-        own = np.asarray(self.touched.row(urow)) if urow >= 0 else np.zeros(0, np.int32)
-        return np.unique(np.concatenate([own, session]).astype(np.int32))
-
-    def ease_all(self, hist: np.ndarray) -> np.ndarray | None:
-        """EASE scores of every item for a history, or None without weights or history."""
-        if self.ease is None or len(hist) == 0:
-            return None
-        return np.asarray(self.ease[hist], np.float32).sum(axis=0)
-
-    def buy_stats(self, urow: int, rows: np.ndarray, purchases: Purchases | None) -> BuyStats:
-        """The user's purchase history of ``rows`` (distinct item rows): the bundle's, with the
-        purchases since its data end folded in as one newer basket per day."""
-        n = len(rows)
-        baskets = np.zeros(n, np.float32)
-        last = np.full(n, -1, np.int64)
-        interval = np.full(n, np.nan, np.float32)
-        in_last = np.zeros(n, np.float32)
-        n_baskets = 0
-        if urow >= 0:
-            lo, hi = int(self.bought.indptr[urow]), int(self.bought.indptr[urow + 1])
-            n_baskets = int(self.user_baskets[urow])
-            if hi > lo:
-                own = np.asarray(self.bought.indices[lo:hi])
-                # The CSR row is sorted by item row: one binary search per candidate.
-                at = np.minimum(np.searchsorted(own, rows), len(own) - 1)
-                hit = own[at] == rows
-                src = lo + at[hit]
-                baskets[hit] = self.buy_baskets[src]
-                last[hit] = self.buy_last[src]
-                interval[hit] = self.buy_interval[src]
-                in_last[hit] = self.buy_in_last[src]
-        if purchases is not None and len(purchases):
-            days = purchases.times.astype(np.int64) // DAY
-            n_baskets += len(np.unique(days))
-            # The latest real-time day is now the last basket.
-            in_last[:] = 0.0
-            position = {int(r): j for j, r in enumerate(rows)}
-            latest = int(days.max())
-            for r in np.unique(purchases.rows):
-                j = position.get(int(r))
-                if j is None:
-                    continue
-                mine = purchases.rows == r
-                new_days = np.unique(days[mine])
-                t_new = int(purchases.times[mine].max())
-                n_old = float(baskets[j])
-                if n_old >= 1:
-                    first = last[j] - (float(interval[j]) * DAY * (n_old - 1) if n_old >= 2 else 0.0)
-                    # A purchase on the day of the bundle's last one is the same basket.
-                    new_days = new_days[new_days != last[j] // DAY]
-                    n_new = n_old + len(new_days)
-                    if n_new >= 2:
-                        interval[j] = (t_new - first) / DAY / (n_new - 1)
-                else:
-                    n_new = float(len(new_days))
-                    if n_new >= 2:
-                        interval[j] = (t_new - int(purchases.times[mine].min())) / DAY / (n_new - 1)
-                baskets[j] = n_new
-                last[j] = max(int(last[j]), t_new)
-                in_last[j] = float(latest in set(days[mine].tolist()))
-        return BuyStats(baskets, last, interval, in_last, n_baskets)
-
-    def buy_again(self, urow: int, t: int, purchases: Purchases | None, n: int) -> np.ndarray:
-        """The user's own re-offerable purchases, best first by a cheap due-ness: the buy-again candidates.
-
-        An item scores its baskets times how close it is to due (days since its last purchase
-        over its interval, 1 best, on a log scale), so a staple just bought waits for its turn.
-        """
-        own = self.bought.row(urow) if urow >= 0 else np.zeros(0, np.int32)
-        if purchases is not None and len(purchases):
-            own = np.union1d(own, purchases.rows).astype(np.int32)
-        own = own[self.item_reoffer[own] > 0] if len(own) else own
-        if len(own) == 0 or n <= 0:
-            return np.zeros(0, np.int32)
-        st = self.buy_stats(urow, own, purchases)
-        typical = np.where(np.isnan(st.interval), self.item_repeat_interval[own], st.interval)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            due = (t - st.last) / DAY / typical
-            closeness = np.exp(-np.abs(np.log(np.maximum(due, 1e-3))))
-        score = st.baskets * np.nan_to_num(closeness, nan=0.5)
-        top = np.lexsort((-st.last, -score))[:n]
-        return own[top].astype(np.int32)
 
     # -- the matrix ------------------------------------------------------------------
     def assemble(self, req: Request, cands: np.ndarray) -> np.ndarray:

@@ -99,12 +99,18 @@ class RankOverlay:
     def applied_rules(self) -> list[str]:
         return [r.name for r in self.rules]
 
-    def mask(self, model, cands: np.ndarray) -> np.ndarray:
-        """Candidates to exclude: bought in real time, and by exclusion/restriction/suppress rules."""
-        mask = np.zeros(len(cands), dtype=bool)
-        if len(self.exclude_rows):
-            mask |= np.isin(cands, self.exclude_rows)
+    def rule_mask(self, model, cands: np.ndarray) -> np.ndarray | None:
+        """Candidates the exclusion/restriction/suppress rules exclude; None when no rule does.
+
+        The real-time exclusions (``exclude_rows``) are the ranker's to apply, with the
+        request's own, in the compiled candidate call.
+        """
+        mask = None
         for rule in self.rules:
+            if not (rule.suppress or rule.exclude_categories or rule.only_categories):
+                continue
+            if mask is None:
+                mask = np.zeros(len(cands), dtype=bool)
             if rule.suppress:
                 mask[:] = True
             if rule.exclude_categories:

@@ -22,7 +22,6 @@ from ranking.kernels import scoring
 from ranking.kernels.reranker import TreeScorer
 from ranking.kernels.scoring import TreeCall
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
-from ranking.pipeline.categories import in_categories
 from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Purchases, Request
 from ranking.pipeline.query import RankQuery
 from ranking.pipeline.serving import ServingModel
@@ -32,6 +31,7 @@ from ranking.retrieval.search import Retriever
 if TYPE_CHECKING:
     from ranking.pipeline.overlay import RankOverlay
 
+_NO_ROWS = np.zeros(0, np.int32)
 FEATURES = ("retrieval", "popularity", "recent_popularity", "segment_popularity")
 
 
@@ -123,6 +123,8 @@ class Ranker:
         self.scorer = self.serving.scorer
         self.feature_names = self.serving.feature_names
         self.scratch = self.serving.scratch
+        # Candidate merging and exclusions run in the compiled kernel, whatever the scorer.
+        self.kernel = self.serving.feature_kernel()
         self.tables: FeatureTables | None = None
         if reranker_features:
             self.tables = FeatureTables(model, self.scratch, self.serving.feature_kernel())
@@ -302,46 +304,91 @@ class Ranker:
             return Rung.SEGMENT, reason, urow, None, seg, session
         return Rung.POPULAR, reason, urow, None, -1, session
 
-    # -- retrieve --------------------------------------------------------------
-    def _retrieve(
+    # -- candidates and exclusions ------------------------------------------------
+    def _candidates(
         self,
         q: RankQuery,
         rung: Rung,
         urow: int,
+        personal: int,
         qvec: np.ndarray | None,
         seg: int,
+        session: np.ndarray,
+        purchases: Purchases | None,
+        overlay: RankOverlay | None,
         n_candidates: int,
         effort: int,
         remaining_ms: float = float("inf"),
-    ) -> tuple[np.ndarray, str]:
-        """Candidate rows, and how the embedding search found them ("exact_head", "ann", "none")."""
-        m, cfg = self.model, self.config
-        if q.candidate_item_ids:
-            return self.scratch.unique_in_order(m.items.lookup(q.candidate_item_ids)), "none"
-        pools, path = [], "none"
-        if qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
-            slack = 0
-            if urow >= 0:
-                slack = min(m.consumed.row_len(urow), cfg.max_consumed_slack)
-            rows, exact = self.ann.search(qvec, n_candidates + slack, effort, remaining_ms)
-            pools.append(rows)
-            path = "exact_head" if exact else "ann"
-        if seg >= 0:
-            pools.append(m.segment_popular.row(seg)[:n_candidates])
-        n_pop = min(cfg.popular_candidates, n_candidates) if pools else n_candidates
-        pools.append(m.popular_items[:n_pop])
-        return self.scratch.unique_in_order(np.concatenate(pools)), path
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Candidate rows, which of them to exclude, and how the embedding search found them
+        ("exact_head", "ann", "none").
 
-    # -- rules -----------------------------------------------------------------
-    def _mask(self, q: RankQuery, rung: Rung, urow: int, cands: np.ndarray, session: np.ndarray) -> np.ndarray:
-        m = self.model
-        mask = np.zeros(len(cands), dtype=bool)
-        if urow >= 0:
-            mask |= np.isin(cands, m.consumed.row(urow))
-        if q.exclude_item_ids:
-            mask |= np.isin(cands, m.items.lookup(q.exclude_item_ids))
+        Python resolves the request's small arrays and runs the embedding search; one compiled
+        call (:meth:`ranking.kernels.features.FeatureKernel.candidates`) merges every source and
+        applies the exclusions. The sources: the search's rows (or the caller's own candidates,
+        alone), the segment's and everyone's popular items; with the reranker's tables the
+        extra sources of ``personal``'s history and the session (the due purchases on the
+        ONE_TO_ONE rung, co-visitation neighbours, recent popularity, EASE), each shrunk with
+        the budget's plan as the search is. Excluded: what ``urow`` consumed, the request's
+        and real-time exclusions, the session's own items on the SESSION rung, and the
+        request's category and price filters.
+        """
+        m, cfg = self.model, self.config
+        pool: np.ndarray = _NO_ROWS
+        path, searched = "none", False
+        if q.candidate_item_ids:
+            pool = m.items.lookup(q.candidate_item_ids)
+        elif qvec is not None and effort > 0:  # effort 0: the cheapest plan, no search
+            slack = min(m.consumed.row_len(urow), cfg.max_consumed_slack) if urow >= 0 else 0
+            pool, exact = self.ann.search(qvec, n_candidates + slack, effort, remaining_ms)
+            path, searched = ("exact_head" if exact else "ann"), True
+        sources: dict = {}
+        if not q.candidate_item_ids:
+            sources = {
+                "seg": seg,
+                "n_seg": n_candidates if seg >= 0 else 0,
+                "n_popular": min(cfg.popular_candidates, n_candidates) if searched or seg >= 0 else n_candidates,
+            }
+            if self.tables is not None:
+                scale = n_candidates / max(cfg.n_candidates, 1)
+                n_covis = max(1, int(cfg.covis_candidates * scale))
+                sources |= {
+                    "source_user": personal,
+                    "session": session,
+                    "n_covis": n_covis,
+                    "n_recent_popular": max(1, int(cfg.popular_candidates * scale)),
+                    "n_ease": n_covis,
+                }
+                if rung == Rung.ONE_TO_ONE and cfg.buy_again_candidates > 0:
+                    sources |= {
+                        "n_again": max(1, int(cfg.buy_again_candidates * scale)),
+                        "t": int(q.event_time) if q.event_time is not None else self.tables.data_end + 1,
+                        "purchases": (purchases.rows, purchases.times) if purchases is not None else None,
+                    }
+        excluded = [m.items.lookup(q.exclude_item_ids)] if q.exclude_item_ids else []
         if rung == Rung.SESSION and len(session):
-            mask |= np.isin(cands, session)
+            excluded.append(session)
+        if overlay is not None and len(overlay.exclude_rows):
+            excluded.append(overlay.exclude_rows)
+        cands, mask = self.kernel.candidates(
+            self.scratch,
+            pool,
+            mask_user=urow,
+            exclude=np.concatenate(excluded) if excluded else _NO_ROWS,
+            **sources,
+            **self._category_filter(q),
+            min_price=q.min_price,
+            max_price=q.max_price,
+        )
+        return cands, mask, path
+
+    def _category_filter(self, q: RankQuery) -> dict:
+        """The request's category filters as the kernel's codes: bit 0 excludes, bit 1 must be present."""
+        if not q.include_categories and not q.exclude_categories:
+            return {}
+        m = self.model
+        codes = np.zeros(len(m.category_names), np.uint32)
+        include = 0
         if q.include_categories:
             ids = m.category_names.lookup(q.include_categories)
             unknown = [c for c, i in zip(q.include_categories, ids) if i < 0]
@@ -349,19 +396,12 @@ class Ranker:
                 raise InvalidRequest(
                     [FieldViolation("filter.include_categories", f"no category of the catalog matches {unknown[:5]}")]
                 )
-            mask |= ~in_categories(m, cands, ids[ids >= 0])
+            codes[ids[ids >= 0]] |= np.uint32(2)
+            include = 2
         if q.exclude_categories:
             ids = m.category_names.lookup(q.exclude_categories)
-            mask |= in_categories(m, cands, ids[ids >= 0])
-        if q.min_price > 0 or q.max_price > 0:
-            price = m.item_price[cands]
-            ok = np.isfinite(price)
-            if q.min_price > 0:
-                ok &= price >= q.min_price
-            if q.max_price > 0:
-                ok &= price <= q.max_price
-            mask |= ~ok
-        return mask
+            codes[ids[ids >= 0]] |= np.uint32(1)
+        return {"category_codes": codes, "include_bits": include}
 
     # -- features --------------------------------------------------------------
     def _features(self, cands: np.ndarray, qvec: np.ndarray | None, seg: int) -> np.ndarray:
@@ -386,39 +426,6 @@ class Ranker:
                 hit = seg_items[order][pos] == cands
                 full[:, 3] = np.where(hit, seg_scores[order][pos], 0.0)
         return full[:, self._feature_pos]
-
-    def _more_candidates(
-        self,
-        q: RankQuery,
-        urow: int,
-        session: np.ndarray,
-        cands: np.ndarray,
-        scale: float = 1.0,
-        *,
-        rung: Rung = Rung.POPULAR,
-        purchases: Purchases | None = None,
-    ) -> np.ndarray:
-        """Add the reranker's extra sources: neighbours of the user's recent and session items, recent
-        popularity, and on the ONE_TO_ONE rung the user's own purchases that are due again ("buy again").
-
-        ``scale`` shrinks every source with the budget's plan, as the ANN pool shrinks.
-        """
-        if self.tables is None or q.candidate_item_ids:
-            return cands
-        t, cfg = self.tables, self.config
-        sources = np.concatenate([t.user_recent_items(urow) if urow >= 0 else np.zeros(0, np.int32), session])
-        covis, _ = t.covis_from(sources)
-        n_covis = max(1, int(cfg.covis_candidates * scale))
-        pools = [cands, covis[:n_covis], t.recent_popular_items[: max(1, int(cfg.popular_candidates * scale))]]
-        ease = t.ease_all(t.history(urow, session)) if t.ease is not None else None
-        if ease is not None:
-            n = min(n_covis, len(ease))
-            pools.append(np.argpartition(-ease, n - 1)[:n].astype(np.int32))
-        if rung == Rung.ONE_TO_ONE and cfg.buy_again_candidates > 0:
-            when = int(q.event_time) if q.event_time is not None else t.data_end + 1
-            n_again = max(1, int(cfg.buy_again_candidates * scale))
-            pools.insert(1, t.buy_again(urow, when, purchases, n_again))
-        return self.scratch.unique_in_order(np.concatenate(pools))
 
     def prepare(
         self,
@@ -454,7 +461,6 @@ class Ranker:
         clock.lap("resolve")
         n_cands, effort = (plan.n_candidates, plan.effort) if plan else (cfg.n_candidates, self.ann_effort)
         remaining = budget.remaining_ms() if budget else float("inf")
-        cands, path = self._retrieve(q, rung, urow, qvec, seg, n_cands, effort, remaining)
         purchases = overlay.purchases if overlay is not None else None
         # A variant capped below the user's rung (an experiment's POPULAR or SEGMENT arm) ranks
         # as the lower rung would for a visitor: the user's history feeds neither candidates
@@ -462,15 +468,16 @@ class Ranker:
         personal = -1 if reason == "variant" else urow
         if personal < 0:
             purchases = None
-        cands = self._more_candidates(
-            q, personal, session, cands, n_cands / max(cfg.n_candidates, 1), rung=rung, purchases=purchases
+        cands, mask, path = self._candidates(
+            q, rung, urow, personal, qvec, seg, session, purchases, overlay, n_cands, effort, remaining
         )
         self._debug_delay("retrieve", len(cands))
-        mask = self._mask(q, rung, urow, cands, session)
         offsets: np.ndarray | None = None
         offset_parts: dict[str, np.ndarray] = {}
         if overlay is not None:
-            mask |= overlay.mask(self.model, cands)
+            rules = overlay.rule_mask(self.model, cands)
+            if rules is not None:
+                mask |= rules
             offsets, offset_parts = overlay.offsets(self.model, cands)
         clock.lap("retrieve")
         feats = None

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from feature_oracle import assemble as oracle_assemble
+from feature_oracle import oracle_tables
 from tests_support import SMALL_BUILD
 
 from index_builder.build import build
@@ -23,7 +24,9 @@ from index_builder.synthetic import make_grocery, make_shop, write_shop
 from ranking import FEATURE_NAMES, Ranker, RankerConfig, RankingModel, RankQuery, ServingModel, resolve_current
 from ranking.bundle.schema import CONTEXT_FIELDS
 from ranking.errors import BundleError
+from ranking.kernels.rows import ItemScratch
 from ranking.pipeline.features import DAY, RANKED, Purchases, Request
+from ranking.pipeline.overlay import RankOverlay
 
 COL = {n: j for j, n in enumerate(FEATURE_NAMES)}
 RANK_COLUMNS = {rank for rank, _ in RANKED}
@@ -76,8 +79,9 @@ def _random_request(m: RankingModel, ranker: Ranker, rng: np.random.Generator) -
     for field in CONTEXT_FIELDS:
         known = list(ranker.tables.context[field].index)
         values[field] = str(rng.choice(known + ["", "no-such-value"])) if known else ""
-    own = np.asarray(ranker.tables.bought.row(urow)) if urow >= 0 else np.zeros(0, np.int32)
-    pool = np.unique(np.r_[own, np.asarray(ranker.tables.touched.row(urow)) if urow >= 0 else own])
+    tables = oracle_tables(ranker.tables)
+    own = np.asarray(tables.bought.row(urow)) if urow >= 0 else np.zeros(0, np.int32)
+    pool = np.unique(np.r_[own, np.asarray(tables.touched.row(urow)) if urow >= 0 else own])
     cands = np.unique(np.r_[pool[: rng.integers(0, len(pool) + 1)], rng.integers(0, m.n_items, 40)]).astype(np.int32)
     cands = rng.permutation(cands)[: int(rng.integers(1, len(cands) + 1))]
     purchases = None
@@ -235,3 +239,104 @@ def test_rank_in_one_crossing_equals_features_then_scoring(which, request):
             assert got.item_ids == m.items.id_of(prep.rows[want.indices]), q
             np.testing.assert_array_equal(np.asarray(got.scores, np.float32), want.scores)
             assert {"features", "score"} <= set(got.stage_seconds) and got.stage_seconds["features"] > 0
+
+
+def _random_query(m: RankingModel, rng: np.random.Generator) -> RankQuery:
+    """A Rank request of any shape: every kind of customer, session, filter and time."""
+    end = int(m.manifest["data_window"]["end_unix"])
+    kind = rng.integers(4)
+    user = ["", "nobody", str(m.users.ids[rng.integers(m.n_users)])][min(kind, 2)]
+    if kind == 3:
+        user = str(m.users.ids[rng.choice(np.flatnonzero(np.asarray(m.user_has_history)))])
+    items = [str(i) for i in m.items.ids[rng.integers(0, m.n_items, 8)]] + ["no-such-item"]
+    cats = [str(c) for c in m.category_names.ids]
+    q = RankQuery(
+        user_id=user,
+        session_item_ids=list(rng.choice(items, int(rng.integers(0, 4)))),
+        event_time=[None, float(end + 1), float(end + 5 * DAY), float(end - 20 * DAY)][rng.integers(4)],
+    )
+    if rng.random() < 0.15:
+        q.candidate_item_ids = list(rng.choice(items, int(rng.integers(1, 8))))
+    if rng.random() < 0.4:
+        q.exclude_item_ids = list(rng.choice(items, int(rng.integers(1, 4))))
+    if rng.random() < 0.3:
+        q.include_categories = list(rng.choice(cats, int(rng.integers(1, 3)))) + ["no-such-category"]
+    if rng.random() < 0.3:
+        q.exclude_categories = list(rng.choice(cats + ["no-such-category"], int(rng.integers(1, 3))))
+    if rng.random() < 0.3:
+        prices = np.asarray(m.item_price)
+        lo, hi = np.nanquantile(prices, sorted(rng.random(2)))
+        q.min_price, q.max_price = [(float(lo), 0.0), (0.0, float(hi)), (float(lo), float(hi))][rng.integers(3)]
+    return q
+
+
+@pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
+def test_candidates_in_one_call_equal_the_numpy_oracle(which, request):
+    """The compiled candidate call merges the same sources in the same order and excludes the
+    same items as the NumPy code it replaced (tests/candidate_oracle.py), on random requests:
+    every rung and experiment cap, real-time vectors, purchases and exclusions, the caller's
+    own candidates, category and price filters, and budget-shrunk candidate counts."""
+    from candidate_oracle import candidates as oracle_candidates
+
+    from ranking.pipeline.ranker import Rung
+
+    m = request.getfixturevalue(which)
+    # Every source smaller than the catalog, so what each contributes, and in which order, shows.
+    cfg = RankerConfig(n_candidates=30, popular_candidates=8, covis_candidates=12, buy_again_candidates=6)
+    ranker = Ranker(m, cfg)
+    end = int(m.manifest["data_window"]["end_unix"])
+    rng = np.random.default_rng(11)
+    kinds = set()
+    for _ in range(300):
+        q = _random_query(m, rng)
+        max_rung = Rung(int(rng.integers(1, 5)))
+        vector = rng.standard_normal(m.item_factors.shape[1]).astype(np.float32) if rng.random() < 0.15 else None
+        rung, reason, urow, qvec, seg, session = ranker._resolve(q, max_rung, vector)
+        personal = -1 if reason == "variant" else urow
+        purchases = None
+        if personal >= 0 and rng.random() < 0.5:
+            n_p = int(rng.integers(1, 6))
+            rows = rng.integers(0, m.n_items, n_p).astype(np.int32)
+            purchases = Purchases(rows, (end + rng.integers(-DAY, 4 * DAY, n_p)).astype(np.int64))
+        exclude = rng.integers(0, m.n_items, int(rng.integers(0, 3))).astype(np.int32)
+        n_cands = int(rng.choice([cfg.n_candidates, 15, 6]))
+        pool = None
+        if not q.candidate_item_ids and qvec is not None:
+            slack = min(m.consumed.row_len(urow), ranker.config.max_consumed_slack) if urow >= 0 else 0
+            pool, _ = ranker.ann.search(qvec, n_cands + slack, ranker.ann_effort)
+        overlay = RankOverlay(exclude_rows=exclude, purchases=purchases)
+        got_rows, got_mask, _ = ranker._candidates(
+            q, rung, urow, personal, qvec, seg, session, purchases, overlay, n_cands, ranker.ann_effort
+        )
+        want_rows, want_mask = oracle_candidates(
+            ranker, q, rung, urow, personal, seg, session, purchases, exclude, n_cands, pool
+        )
+        np.testing.assert_array_equal(got_rows, want_rows, err_msg=str(q))
+        np.testing.assert_array_equal(got_mask, want_mask, err_msg=str(q))
+        kinds.add((rung, purchases is not None, bool(q.candidate_item_ids), bool(want_mask.any())))
+    # The draws reached every rung, with and without purchases, and masked something.
+    assert {k[0] for k in kinds} == set(Rung) and {k[1] for k in kinds} == {True, False}
+    assert any(k[2] for k in kinds) and any(k[3] for k in kinds)
+
+
+def test_bad_candidate_arguments_are_refused_with_the_reason(context_bundle):
+    kernel = ServingModel(context_bundle).feature_kernel()
+    scratch = ItemScratch(context_bundle.n_items)
+    n = context_bundle.n_items
+    with pytest.raises(ValueError, match="candidate pool holds row"):
+        kernel.candidates(scratch, np.array([0, n]))
+    with pytest.raises(ValueError, match="candidate counts must be >= 0"):
+        kernel.candidates(scratch, np.array([0]), n_covis=-1)
+    with pytest.raises(ValueError, match="user row"):
+        kernel.candidates(scratch, np.array([0]), mask_user=context_bundle.n_users)
+    with pytest.raises(ValueError, match="one entry per category"):
+        kernel.candidates(scratch, np.array([0]), category_codes=np.zeros(1, np.uint32))
+    with pytest.raises(ValueError, match="price bounds"):
+        kernel.candidates(scratch, np.array([0]), min_price=float("nan"))
+    with pytest.raises(ValueError, match="purchases need one time"):
+        kernel.candidates(scratch, np.array([0]), source_user=0, n_again=3, purchases=(np.array([1]), np.zeros(2)))
+    # Nothing was left behind in the lent scratch: a good call still answers as before.
+    rows, mask = kernel.candidates(scratch, np.array([3, -1, 3, 5]), exclude=np.array([5, -1]))
+    assert rows.tolist() == [3, 5] and mask.tolist() == [False, True]
+    with scratch.buffers() as (slot, mark):
+        assert (slot == -1).all() and not mark.any()
