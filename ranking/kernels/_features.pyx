@@ -350,28 +350,23 @@ cdef class FeatureKernel:
         and the session (each 0: none).
 
         Excluded (the mask): what ``mask_user`` (-1: nobody) consumed, ``exclude`` (item
-        rows, -1 skipped), and by category and price: ``category_codes`` (per category, empty: no
-        category filter) has bit 0 set for an excluded category, and an item must carry
-        each bit of ``include_bits`` (the OR of its categories' codes) to stay; an item
+        rows, -1 skipped), and by category and price: ``category_codes`` (per category,
+        empty: no category filter) has bit 0 set for an excluded category, and an item must
+        carry each bit of ``include_bits`` (the OR of its categories' codes) to stay; an item
         outside ``min_price``..``max_price`` (each 0: no bound), or without a price when
         either is set, is excluded.
 
         Inputs are trusted (``ranking.kernels.features`` checks the request's arrays;
         the bundle's tables were checked at load). ``slot`` (-1 everywhere) and ``mark``
-        (all zero) are scratch over every item row, handed back as they came.
+        (all zero) are scratch over every item row, handed back as they came. The buffers
+        are sized and allocated first; the walks then run without the GIL.
 
         Returns ``(rows, mask)``: int32 item rows and a bool mask, one per candidate.
-        The call keeps the GIL: it is tens of microseconds of walks over small arrays.
         """
-        cdef Py_ssize_t bound, n = 0, i, j
+        cdef Py_ssize_t n = 0, i, j, lo = 0, hi = 0, n_src = 0, n_entries = 0, n_own = 0
+        cdef Py_ssize_t got_again = 0, got_covis = 0, got_ease = 0, status = 0
         cdef uint32_t bits
         cdef float32_t price
-        cdef Py_ssize_t lo = 0, hi = 0
-        # The extra sources, each ranked best first.
-        again = self._buy_again(source_user, t, p_rows, p_times, n_again, slot)
-        covis = self._covis_neighbours(source_user, session, n_covis, slot)
-        ease = self._ease_top(source_user, session, n_ease, mark)
-        cdef const int32_t[::1] again_v = again, covis_v = covis, ease_v = ease
         cdef const int32_t[::1] seg_v = self.seg_items[:0]
         if seg >= 0:
             lo, hi = self.seg_indptr[seg], self.seg_indptr[seg + 1]
@@ -379,167 +374,218 @@ cdef class FeatureKernel:
         cdef const int32_t[::1] pop_v = self.popular_items[:min(n_popular, self.popular_items.shape[0])]
         cdef const int32_t[::1] recent_v = self.recent_popular_items[
             :min(n_recent_popular, self.recent_popular_items.shape[0])]
-        bound = (pool.shape[0] + seg_v.shape[0] + pop_v.shape[0] + again_v.shape[0] + covis_v.shape[0]
-                 + recent_v.shape[0] + ease_v.shape[0])
+        # Sizes: the co-visitation entries of the sources, the purchases, the catalog (EASE).
+        if n_covis > 0:
+            if source_user >= 0:
+                n_src = self.recent_indptr[source_user + 1] - self.recent_indptr[source_user]
+            n_src += session.shape[0]
+            n_entries = self._covis_entries(source_user, session)
+        if n_again > 0 and (source_user >= 0 or p_rows.shape[0]):
+            if source_user >= 0:
+                n_own = self.buy_indptr[source_user + 1] - self.buy_indptr[source_user]
+            n_own += p_rows.shape[0]
+        if not self.has_ease:
+            n_ease = 0
+        n_again, n_covis, n_ease = min(n_again, n_own), min(n_covis, n_entries), min(n_ease, self.n_items)
+        cdef int32_t[::1] again = np.empty(n_again, np.int32)
+        cdef int32_t[::1] covis = np.empty(n_covis, np.int32)
+        cdef int32_t[::1] ease = np.empty(n_ease, np.int32)
+        cdef int32_t[::1] own = np.empty(n_own, np.int32)
+        cdef float32_t[:, ::1] own_X = np.empty((n_own, N_COLUMNS), np.float32)
+        cdef int64_t[::1] own_last = np.empty(n_own, np.int64)
+        cdef int32_t[::1] sources = np.empty(n_src, np.int32)
+        cdef float32_t[::1] ones = np.ones(n_src, np.float32)
+        cdef int32_t[::1] items = np.empty(n_entries, np.int32)
+        cdef float64_t[::1] sums = np.zeros(n_entries, np.float64)
+        cdef float64_t[::1] ease_total = np.zeros(self.n_items if n_ease else 0, np.float64)
+        bound = (pool.shape[0] + seg_v.shape[0] + pop_v.shape[0] + n_again + n_covis
+                 + recent_v.shape[0] + n_ease)
         rows = np.empty(bound, np.int32)
         mask = np.zeros(bound, np.uint8)
         cdef int32_t[::1] out = rows
         cdef uint8_t[::1] excluded = mask
         with nogil:
-            n = _keep_new(pool, slot, out, n)
-            n = _keep_new(seg_v, slot, out, n)
-            n = _keep_new(pop_v, slot, out, n)
-            n = _keep_new(again_v, slot, out, n)
-            n = _keep_new(covis_v, slot, out, n)
-            n = _keep_new(recent_v, slot, out, n)
-            n = _keep_new(ease_v, slot, out, n)
-            for i in range(n):
-                slot[out[i]] = -1
-            # Exclusions by item: mark them, read the marks, clear them.
-            if mask_user >= 0:
-                for j in range(self.consumed_indptr[mask_user], self.consumed_indptr[mask_user + 1]):
-                    mark[self.consumed_items[j]] = 1
-            for j in range(exclude.shape[0]):
-                if exclude[j] >= 0:
-                    mark[exclude[j]] = 1
-            for i in range(n):
-                excluded[i] = mark[out[i]]
-            if mask_user >= 0:
-                for j in range(self.consumed_indptr[mask_user], self.consumed_indptr[mask_user + 1]):
-                    mark[self.consumed_items[j]] = 0
-            for j in range(exclude.shape[0]):
-                if exclude[j] >= 0:
-                    mark[exclude[j]] = 0
-            # By category and price.
-            if category_codes.shape[0]:
+            # The extra sources, each ranked best first.
+            if n_again:
+                got_again = self._buy_again(source_user, t, p_rows, p_times, slot, own, own_X, own_last, again)
+            if n_covis and got_again >= 0:
+                got_covis = self._covis_neighbours(source_user, session, slot, sources, ones, items, sums, covis)
+            if n_ease and got_again >= 0 and got_covis >= 0:
+                got_ease = self._ease_top(source_user, session, mark, ease_total, ease)
+            if got_again < 0 or got_covis < 0 or got_ease < 0:
+                status = -1
+            else:
+                n = _keep_new(pool, slot, out, n)
+                n = _keep_new(seg_v, slot, out, n)
+                n = _keep_new(pop_v, slot, out, n)
+                n = _keep_new(again[:got_again], slot, out, n)
+                n = _keep_new(covis[:got_covis], slot, out, n)
+                n = _keep_new(recent_v, slot, out, n)
+                n = _keep_new(ease[:got_ease], slot, out, n)
                 for i in range(n):
-                    bits = 0
-                    for j in range(self.item_cat_indptr[out[i]], self.item_cat_indptr[out[i] + 1]):
-                        bits |= category_codes[self.item_cat_ids[j]]
-                    if bits & 1 or (bits & include_bits) != include_bits:
-                        excluded[i] = 1
-            if min_price > 0 or max_price > 0:
-                for i in range(n):
-                    price = self.item_rows[out[i], R_PRICE]
-                    if (price != price or price == INFINITY or price == -INFINITY
-                            or (min_price > 0 and price < min_price) or (max_price > 0 and price > max_price)):
-                        excluded[i] = 1
+                    slot[out[i]] = -1
+                self._exclusions(out[:n], excluded, mask_user, exclude, mark)
+                # By category and price.
+                if category_codes.shape[0]:
+                    for i in range(n):
+                        bits = 0
+                        for j in range(self.item_cat_indptr[out[i]], self.item_cat_indptr[out[i] + 1]):
+                            bits |= category_codes[self.item_cat_ids[j]]
+                        if bits & 1 or (bits & include_bits) != include_bits:
+                            excluded[i] = 1
+                if min_price > 0 or max_price > 0:
+                    for i in range(n):
+                        price = self.item_rows[out[i], R_PRICE]
+                        if (price != price or price == INFINITY or price == -INFINITY
+                                or (min_price > 0 and price < min_price) or (max_price > 0 and price > max_price)):
+                            excluded[i] = 1
+        if status < 0:
+            raise MemoryError("no memory for the candidate sources' scratch")
         return rows[:n], mask[:n].view(np.bool_)
 
-    cdef object _buy_again(self, Py_ssize_t urow, int64_t t, const int32_t[::1] p_rows,
-                           const int64_t[::1] p_times, Py_ssize_t n_again, int32_t[::1] slot):
-        """The user's own re-offerable purchases, best first by a cheap due-ness, at most ``n_again``.
+    cdef Py_ssize_t _covis_entries(self, Py_ssize_t urow, const int32_t[::1] session) noexcept nogil:
+        """Co-visitation entries in the rows of the user's recent items and the session's."""
+        cdef Py_ssize_t j, total = 0
+        cdef int32_t src
+        if urow >= 0:
+            for j in range(self.recent_indptr[urow], self.recent_indptr[urow + 1]):
+                src = self.recent_items[j]
+                total += self.covis_indptr[src + 1] - self.covis_indptr[src]
+        for j in range(session.shape[0]):
+            total += self.covis_indptr[session[j] + 1] - self.covis_indptr[session[j]]
+        return total
+
+    cdef void _exclusions(self, const int32_t[::1] cands, uint8_t[::1] excluded, Py_ssize_t urow,
+                          const int32_t[::1] exclude, uint8_t[::1] mark) noexcept nogil:
+        """Mark what ``urow`` consumed and the ``exclude`` rows, read the marks, clear them."""
+        cdef Py_ssize_t i, j, lo = 0, hi = 0
+        if urow >= 0:
+            lo, hi = self.consumed_indptr[urow], self.consumed_indptr[urow + 1]
+        for j in range(lo, hi):
+            mark[self.consumed_items[j]] = 1
+        for j in range(exclude.shape[0]):
+            if exclude[j] >= 0:
+                mark[exclude[j]] = 1
+        for i in range(cands.shape[0]):
+            excluded[i] = mark[cands[i]]
+        for j in range(lo, hi):
+            mark[self.consumed_items[j]] = 0
+        for j in range(exclude.shape[0]):
+            if exclude[j] >= 0:
+                mark[exclude[j]] = 0
+
+    cdef Py_ssize_t _buy_again(
+        self,
+        Py_ssize_t urow,
+        int64_t t,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+        int32_t[::1] slot,
+        int32_t[::1] own,  # scratch (bought + purchases,)
+        float32_t[:, ::1] X,  # scratch (own, N_COLUMNS)
+        int64_t[::1] last,  # scratch (own,)
+        int32_t[::1] best,  # OUT the best rows, as many as it holds
+    ) noexcept nogil:
+        """The user's own re-offerable purchases, best first by a cheap due-ness; how many
+        were written to ``best`` (-1: no memory).
 
         An item scores its baskets times how close it is to due (days since its last purchase
         over its interval, 1 best, on a log scale; 0.5 when either is unknown), so a staple just
         bought waits for its turn; ties go to the more recent purchase, then the lower item row.
         """
-        cdef Py_ssize_t i, j, n = 0, lo = 0, hi = 0, n_p = p_rows.shape[0]
+        cdef Py_ssize_t i, j, n = 0, lo = 0, hi = 0
         cdef float64_t due, closeness
         cdef _Ranked* ranked
-        if n_again <= 0 or (urow < 0 and n_p == 0):
-            return _NO_ROWS
         if urow >= 0:
             lo, hi = self.buy_indptr[urow], self.buy_indptr[urow + 1]
-        own = np.empty(hi - lo + n_p, np.int32)
-        cdef int32_t[::1] own_v = own
-        # The bought items (the CSR row is sorted, distinct) and the newer purchases, each
-        # re-offerable one once, in item row order.
+        # The bought items and the newer purchases, each re-offerable one once, by item row.
         for j in range(lo, hi):
             if self.item_reoffer[self.buy_items[j]]:
-                own_v[n] = self.buy_items[j]
+                own[n] = self.buy_items[j]
                 n += 1
-        for j in range(n_p):
+        for j in range(p_rows.shape[0]):
             if self.item_reoffer[p_rows[j]]:
-                own_v[n] = p_rows[j]
+                own[n] = p_rows[j]
                 n += 1
         if n == 0:
-            return _NO_ROWS
-        qsort(&own_v[0], n, sizeof(int32_t), _cmp_i32)
+            return 0
+        qsort(&own[0], n, sizeof(int32_t), _cmp_i32)
         j = 0
         for i in range(n):
-            if i == 0 or own_v[i] != own_v[i - 1]:
-                own_v[j] = own_v[i]
+            if i == 0 or own[i] != own[i - 1]:
+                own[j] = own[i]
                 j += 1
         n = j
         # Their purchase history, as the re-purchase features see it.
-        X = np.empty((n, N_COLUMNS), np.float32)
-        last = np.empty(n, np.int64)
-        cdef float32_t[:, ::1] X_v = X
-        cdef int64_t[::1] last_v = last
-        cdef int status
         for i in range(n):
-            slot[own_v[i]] = <int32_t>i
-        status = self._repeat(X_v, own_v[:n], slot, urow, t, p_rows, p_times, &last_v[0])
+            slot[own[i]] = <int32_t>i
+        j = self._repeat(X[:n], own[:n], slot, urow, t, p_rows, p_times, &last[0])
         for i in range(n):
-            slot[own_v[i]] = -1
+            slot[own[i]] = -1
         ranked = <_Ranked*>malloc(n * sizeof(_Ranked))
-        if status < 0 or ranked == NULL:
+        if j < 0 or ranked == NULL:
             free(ranked)
-            raise MemoryError("no memory for the buy-again candidates")
+            return -1
         for i in range(n):
             # BUY_INTERVAL: the user's own interval, else the item's typical one.
-            due = (t - last_v[i]) / <float64_t>DAY / X_v[i, BUY_INTERVAL]
+            due = (t - last[i]) / <float64_t>DAY / X[i, BUY_INTERVAL]
             closeness = exp(-fabs(log(due if due > 1e-3 or due != due else 1e-3)))
-            ranked[i].score = X_v[i, BUY_COUNT] * (closeness if closeness == closeness else 0.5)
-            ranked[i].tie = last_v[i]
-            ranked[i].row = own_v[i]
-        return _best(ranked, n, n_again)
+            ranked[i].score = X[i, BUY_COUNT] * (closeness if closeness == closeness else 0.5)
+            ranked[i].tie = last[i]
+            ranked[i].row = own[i]
+        return _best(ranked, n, best)
 
-    cdef object _covis_neighbours(self, Py_ssize_t urow, const int32_t[::1] session, Py_ssize_t n_covis,
-                                  int32_t[::1] slot):
+    cdef Py_ssize_t _covis_neighbours(
+        self,
+        Py_ssize_t urow,
+        const int32_t[::1] session,
+        int32_t[::1] slot,
+        int32_t[::1] sources,  # scratch (recent + session,)
+        const float32_t[::1] ones,  # (recent + session,) all 1
+        int32_t[::1] items,  # scratch (entries,)
+        float64_t[::1] sums,  # scratch (entries,) zero
+        int32_t[::1] best,  # OUT the best rows, as many as it holds
+    ) noexcept nogil:
         """The co-visitation neighbours of the user's recent items and the session's, by summed
-        similarity (each source once per mention), best first, at most ``n_covis``."""
-        cdef Py_ssize_t lo = 0, hi = 0, s, n_src, total = 0, n, i
-        cdef int32_t src
-        if n_covis <= 0:
-            return _NO_ROWS
+        similarity (each source once per mention), best first; how many were written to
+        ``best`` (-1: no memory)."""
+        cdef Py_ssize_t s, n, i, n_recent = 0
+        cdef _Ranked* ranked
         if urow >= 0:
-            lo, hi = self.recent_indptr[urow], self.recent_indptr[urow + 1]
-        n_src = hi - lo + session.shape[0]
-        if n_src == 0:
-            return _NO_ROWS
-        sources = np.empty(n_src, np.int32)
-        cdef int32_t[::1] sources_v = sources
-        for s in range(n_src):
-            src = self.recent_items[lo + s] if s < hi - lo else session[s - (hi - lo)]
-            sources_v[s] = src
-            total += self.covis_indptr[src + 1] - self.covis_indptr[src]
-        if total == 0:
-            return _NO_ROWS
-        items = np.empty(total, np.int32)
-        sums = np.zeros(total, np.float64)
-        ones = np.ones(n_src, np.float32)
-        cdef int32_t[::1] items_v = items
-        cdef float64_t[::1] sums_v = sums
-        n = _sum_rows_loop(self.covis_indptr, self.covis_items, self.covis_scores, sources_v, ones, slot, True,
-                           sums_v, items_v, 0)
-        if n < 0:  # cannot happen with the tables checked at load; the walk cleaned up after itself
-            raise ValueError("the bundle's co-visitation table names a row outside the catalog: rebuild it")
+            n_recent = self.recent_indptr[urow + 1] - self.recent_indptr[urow]
+        for s in range(sources.shape[0]):
+            sources[s] = self.recent_items[self.recent_indptr[urow] + s] if s < n_recent else session[s - n_recent]
+        # The tables were checked at load: the walk meets no row outside the catalog.
+        n = _sum_rows_loop(self.covis_indptr, self.covis_items, self.covis_scores, sources, ones, slot, True,
+                           sums, items, 0)
         for i in range(n):
-            slot[items_v[i]] = -1
-        cdef _Ranked* ranked = <_Ranked*>malloc(n * sizeof(_Ranked))
+            slot[items[i]] = -1
+        ranked = <_Ranked*>malloc((n if n > 0 else 1) * sizeof(_Ranked))
         if ranked == NULL:
-            raise MemoryError("no memory for the co-visitation candidates")
+            return -1
         for i in range(n):
-            ranked[i].score = sums_v[i]
+            ranked[i].score = sums[i]
             ranked[i].tie = 0
-            ranked[i].row = items_v[i]
-        return _best(ranked, n, n_covis)
+            ranked[i].row = items[i]
+        return _best(ranked, n, best)
 
-    cdef object _ease_top(self, Py_ssize_t urow, const int32_t[::1] session, Py_ssize_t n_ease,
-                          uint8_t[::1] mark):
-        """The ``n_ease`` items of highest EASE score (the weights summed over the user's touched
-        items and the session's, each once), best first; none without weights or history."""
+    cdef Py_ssize_t _ease_top(
+        self,
+        Py_ssize_t urow,
+        const int32_t[::1] session,
+        uint8_t[::1] mark,
+        float64_t[::1] total,  # scratch (n_items,) zero
+        int32_t[::1] best,  # OUT the best rows, as many as it holds
+    ) noexcept nogil:
+        """The items of highest EASE score (the weights summed over the user's touched items and
+        the session's, each once), best first; how many were written to ``best`` (0 without
+        history, -1: no memory)."""
         cdef Py_ssize_t lo = 0, hi = 0, j, i, h = 0, n_items = self.n_items
         cdef int32_t r
         cdef const float32_t* row
-        if not self.has_ease or n_ease <= 0:
-            return _NO_ROWS
+        cdef _Ranked* ranked
         if urow >= 0:
             lo, hi = self.touched_indptr[urow], self.touched_indptr[urow + 1]
-        total = np.zeros(n_items, np.float64)
-        cdef float64_t[::1] total_v = total
         for j in range(lo, hi + session.shape[0]):
             r = self.touched_items[j] if j < hi else session[j - hi]
             if mark[r]:
@@ -548,19 +594,19 @@ cdef class FeatureKernel:
             h += 1
             row = &self.ease[r, 0]
             for i in range(n_items):
-                total_v[i] += row[i]
+                total[i] += row[i]
         for j in range(lo, hi + session.shape[0]):
             mark[self.touched_items[j] if j < hi else session[j - hi]] = 0
         if h == 0:
-            return _NO_ROWS
-        cdef _Ranked* ranked = <_Ranked*>malloc(n_items * sizeof(_Ranked))
+            return 0
+        ranked = <_Ranked*>malloc(n_items * sizeof(_Ranked))
         if ranked == NULL:
-            raise MemoryError("no memory for the EASE candidates")
+            return -1
         for i in range(n_items):
-            ranked[i].score = total_v[i]
+            ranked[i].score = total[i]
             ranked[i].tie = 0
             ranked[i].row = <int32_t>i
-        return _best(ranked, n_items, n_ease)
+        return _best(ranked, n_items, best)
 
     def fill_score(
         self,
@@ -1063,8 +1109,6 @@ cdef int64_t _fold_purchases(
 # The candidate sources' helpers (FeatureKernel.candidates)
 # ---------------------------------------------------------------------------
 
-_NO_ROWS = np.zeros(0, np.int32)
-
 ctypedef struct _Ranked:
     float64_t score  # higher first
     int64_t tie  # then higher first
@@ -1110,9 +1154,10 @@ cdef void _sift_down(_Ranked* heap, Py_ssize_t k, Py_ssize_t i) noexcept nogil:
         i = child
 
 
-cdef object _best(_Ranked* ranked, Py_ssize_t n, Py_ssize_t k):
-    """The rows of the ``k`` best of ``ranked[:n]``, best first (int32); frees ``ranked``."""
-    cdef Py_ssize_t i
+cdef Py_ssize_t _best(_Ranked* ranked, Py_ssize_t n, int32_t[::1] out) noexcept nogil:
+    """Write the rows of the best of ``ranked[:n]`` to ``out``, best first, as many as it holds
+    (or ``n``); returns how many. Frees ``ranked``."""
+    cdef Py_ssize_t i, k = out.shape[0]
     if k > n:
         k = n
     if k < n:
@@ -1124,12 +1169,10 @@ cdef object _best(_Ranked* ranked, Py_ssize_t n, Py_ssize_t k):
                 ranked[0] = ranked[i]
                 _sift_down(ranked, k, 0)
     qsort(ranked, k, sizeof(_Ranked), _cmp_ranked)
-    rows = np.empty(k, np.int32)
-    cdef int32_t[::1] out = rows
     for i in range(k):
         out[i] = ranked[i].row
     free(ranked)
-    return rows
+    return k
 
 
 cdef Py_ssize_t _keep_new(const int32_t[::1] rows, int32_t[::1] slot, int32_t[::1] out,
