@@ -356,15 +356,19 @@ def load_times(art: Path, head_items: int):
     }, model
 
 
-def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> tuple[dict, list[str]]:
+def raw_faiss(
+    serving, n_queries: int, k: int, effort: int, head_items: int, refine: float = 1.0
+) -> tuple[dict, list[str]]:
     """In-process retrieval for the same kind of queries: the ANN index alone and the server's
     retriever (exact head first), single and batched, and recall against exact search, on
-    ``serving``, the ServingModel :func:`load_times` loaded."""
+    ``serving``, the ServingModel :func:`load_times` loaded. Both search as the server's ANN
+    path does: at ``effort``, asking for ``ceil(k * refine)`` items re-ranked by the exact inner
+    product (``refine``: the factor the server uses, ``ranking.effective_ann_refine``)."""
     import faiss
 
     from index_builder.ann_tuning import exact_top
     from index_builder.ann_tuning import recall as ann_recall
-    from ranking import Retriever, ann_search
+    from ranking import Retriever
 
     m = serving.model
 
@@ -375,11 +379,14 @@ def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> 
     out: dict = {
         "k": k,
         "effort": effort,
+        "refine": refine,
         "index": type(faiss.downcast_index(m.index)).__name__,
         "exact_head_items": head_items,
     }
-    retriever = Retriever(m.index, serving.exact_head(head_items) if head_items > 0 else None)
-    paths = {"": lambda x: ann_search(m.index, x, k, effort)[1], "served_": lambda x: retriever.search(x, k, effort)[0]}
+    # The ANN index alone is the server's retriever without the head: the same refining.
+    alone = Retriever(m.index, None, m.item_factors, refine)
+    retriever = Retriever(m.index, serving.exact_head(head_items) if head_items > 0 else None, m.item_factors, refine)
+    paths = {"": lambda x: alone.search(x, k, effort)[0], "served_": lambda x: retriever.search(x, k, effort)[0]}
     for prefix, search in paths.items():
         search(q[:20])  # fault in
         out[f"{prefix}single_query_ms"] = _timed_ms(search, q, 1)
@@ -397,7 +404,7 @@ def raw_faiss(serving, n_queries: int, k: int, effort: int, head_items: int) -> 
     out["served_recall"] = ann_recall(exact_top(m.item_factors, q, k), served)
     # Two readings: the overlap of the whole candidate set with the exact top-k, and
     # how many of the exact top-10 (what a response shows) the candidate set holds.
-    for prefix, got in (("", ann_search(m.index, q, k, effort)[1]), ("served_", served)):
+    for prefix, got in (("", alone.search(q, k, effort)[0]), ("served_", served)):
         out[f"{prefix}recall_at_k"] = float(np.mean([len(np.intersect1d(t, g)) / k for t, g in zip(truth, got)]))
         out[f"{prefix}top10_in_candidates"] = float(
             np.mean([len(np.intersect1d(t[:10], g)) / 10 for t, g in zip(truth, got)])
@@ -519,7 +526,7 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
     ``a`` carries the run's flags with this shop's parameters in place. Returns the
     shop's section of the report.
     """
-    from ranking import RankerConfig, effective_ann_effort, effective_second_phase
+    from ranking import RankerConfig, effective_ann_effort, effective_ann_refine, effective_second_phase
 
     report: dict = {
         "shape": {
@@ -539,9 +546,11 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
     report["bundle_phases"] = manifest.get("phases")
     # The effort the server will search with (the bench's --effort, else the bundle's tuned one).
     effort, effort_source = effective_ann_effort(RankerConfig(ann_effort=a.effort), manifest)
+    # The refine factor likewise: the server is left at ann_refine = 0, the bundle's.
+    refine, _ = effective_ann_refine(RankerConfig(ann_effort=a.effort), manifest)
     report["load"], model = load_times(art, a.exact_head_items)
     print("load:", json.dumps(report["load"]), flush=True)
-    report["raw_faiss"], users = raw_faiss(model, 500, a.candidates, effort, a.exact_head_items)
+    report["raw_faiss"], users = raw_faiss(model, 500, a.candidates, effort, a.exact_head_items, refine)
     print("raw faiss:", json.dumps(report["raw_faiss"]), flush=True)
     del model
     users_file = a.work / f"users-{name}.txt"
@@ -964,8 +973,9 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
         "",
         "### In-process retrieval (same queries, caches evicted before each search)",
         "",
-        f"{rf['index']} alone at effort {rf['effort']}: single query {rf['single_query_ms']:.3f} ms; batched per "
-        f"query: 8 -> {rf['batch8_per_query_ms']:.3f} ms, 16 -> {rf['batch16_per_query_ms']:.3f} ms; "
+        f"{rf['index']} alone at effort {rf['effort']}, refine {rf['refine']:g}: single query "
+        f"{rf['single_query_ms']:.3f} ms; batched per query: 8 -> {rf['batch8_per_query_ms']:.3f} ms, "
+        f"16 -> {rf['batch16_per_query_ms']:.3f} ms; "
         f"top-10 within the candidates {rf['top10_in_candidates']:.3f}, set recall {rf['recall_at_k']:.3f}.",
         "",
         f"As served (exact head of {rf['exact_head_items']} items first): single query "

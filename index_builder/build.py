@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from index_builder.ann_tuning import tune_effort
+from index_builder.ann_tuning import tune_index
 from index_builder.config import BuildConfig
 from index_builder.evaluate import EvalConfig, ladder_summary, run_protocol
 from index_builder.fit import FIT_STEPS, Fitted, Inputs, PartFit, build_index, fit, linear_scoring, read_inputs
@@ -280,7 +280,9 @@ def build(
         scoring, ladder_results = _learn(inp, cfg, ladder, steps)
         served = fit(inp, cfg, steps, prefix="fit ", show_progress=show_progress)
         with steps.step("ann eval"):
-            retrieval, evaluation = _ann_evaluation(served, cfg)
+            # The index may be rebuilt stronger here (index_builder.ann_tuning.tune_index): the bundle
+            # ships the one tuned.
+            served.index, retrieval, evaluation = _ann_evaluation(served, cfg)
         evaluation["ladder"] = (
             ladder_summary(ladder_results) if ladder_results is not None else {"skipped": "ladder_report = false"}
         )
@@ -346,17 +348,19 @@ def _event_sources(sources: list[Path | str], streams: list[StreamInput]) -> lis
     return out
 
 
-def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
-    """The effort and refine factor the bundle asks for, and the recall figures, on a sample of users with history.
+def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[faiss.Index, dict, dict]:
+    """The index the bundle ships, the effort and refine factor it asks for, and the recall figures,
+    on a sample of users with history.
 
     Returns
     -------
-    (retrieval, evaluation)
-        The manifest's ``retrieval`` section (``index_builder.ann_tuning.tune_effort``: the
-        pair of effort and refine factor at which the served path reaches ``ann_target_recall``
-        at the lowest measured cost, and the figures of every pair tried), and the ``evaluation``
-        figures at that effort: the ANN index's own recall and the share of users the exact head
-        proves.
+    (index, retrieval, evaluation)
+        The index to publish (``served.index``, or a stronger HNSW graph rebuilt over the same
+        factors), the manifest's ``retrieval`` section (``index_builder.ann_tuning.tune_index``:
+        the index and the pair of effort and refine factor at which the served path reaches
+        ``ann_target_recall`` at the lowest measured cost, and the figures of every index and
+        pair tried), and the ``evaluation`` figures at that effort: the ANN index's own recall
+        and the share of users the exact head proves.
     """
     uf, itf = served.arrays["user_factors"], served.arrays["item_factors"]
     with_hist = np.flatnonzero(served.arrays["user_has_history"])
@@ -364,6 +368,7 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
     sample = rng.choice(with_hist, size=min(cfg.eval_users, len(with_hist)), replace=False)
     k = min(cfg.eval_candidates, len(itf))
     queries = np.ascontiguousarray(uf[sample], dtype=np.float32)
+    index = served.index
     if len(sample) == 0 or k == 0:
         retrieval: dict = {
             "ann_effort": DEFAULT_ANN_EFFORT,
@@ -372,19 +377,10 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
         }
     else:
         # The server's exact_head_items (its default unless the build says otherwise): the path it runs.
-        retrieval = tune_effort(
-            served.index,
-            itf,
-            queries,
-            k,
-            cfg.eval_exact_head_items,
-            cfg.ann_target_recall,
-            cfg.ann_max_effort,
-            cfg.ann_refine_factors,
-        )
+        index, retrieval = tune_index(served.index, served.index_seconds, itf, queries, k, cfg)
     effort = int(retrieval["ann_effort"])
     evaluation = {
-        f"ann_recall_at_{k}": ann_recall(served.index, itf, queries, k, effort),
+        f"ann_recall_at_{k}": ann_recall(index, itf, queries, k, effort),
         "ann_effort": effort,
         "ann_eval_users": len(sample),
         # The share of those users the head proves exact (the rest go to the index).
@@ -396,7 +392,7 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[dict, dict]:
     if "served_recall" in retrieval:
         evaluation[f"served_recall_at_{k}"] = retrieval["served_recall"]
         evaluation["ann_refine"] = retrieval["ann_refine"]
-    return retrieval, evaluation
+    return index, retrieval, evaluation
 
 
 def evaluate(

@@ -11,6 +11,9 @@ from typing import Any
 
 from ranking import RankerConfig, settings_main, settings_table
 
+# The longest ladder of HNSW rebuilds a build may climb (``ann_max_index_rebuilds``).
+MAX_INDEX_REBUILDS = 6
+
 
 def _setting(default: Any, help: str) -> Any:
     """A field with its default and the one line the docs table shows."""
@@ -85,8 +88,15 @@ class BuildConfig:
     alpha: float = _setting(2.0, "ALS confidence scale: confidence = 1 + alpha x weight")
     random_seed: int = _setting(42, "seed of every random step (same data and seed: the same bundle)")
 
-    index_type: str = _setting("HNSW32,Flat", "FAISS index factory string of the inner-product item index")
-    hnsw_ef_construction: int = _setting(80, "HNSW efConstruction (build-time search effort)")
+    index_type: str = _setting(
+        "HNSW32,Flat",
+        "FAISS index factory string of the inner-product item index; for an HNSW index (`HNSW<M>,...`) the "
+        "builder may publish a stronger graph (see `ann_max_index_rebuilds`), recorded in the manifest's "
+        "`retrieval.index`",
+    )
+    hnsw_ef_construction: int = _setting(
+        80, "HNSW efConstruction (build-time search effort) of the first index built; >= 1"
+    )
 
     segment_columns: list[str] = field(
         default_factory=list,
@@ -217,7 +227,8 @@ class BuildConfig:
     ann_max_effort: int = _setting(
         1024,
         "highest search effort tried; when no pair of effort and refine factor reaches `ann_target_recall` "
-        "the bundle gets the one of highest recall and a warning",
+        "an HNSW index is rebuilt stronger (`ann_max_index_rebuilds`), and when no index tried reaches it the "
+        "bundle gets the pair of highest recall and a warning",
     )
     ann_refine_factors: list[float] = field(
         default_factory=lambda: [1.0, 2.0, 4.0],
@@ -227,6 +238,24 @@ class BuildConfig:
             "(recovers what a quantised index such as SQ8 misorders; 1: none). The bundle records the pair "
             "reaching `ann_target_recall` at the lowest measured time per query as `ann_effort` and `ann_refine`"
         },
+    )
+    # The index's own settings (index_builder.ann_tuning.tune_index, docs/builder.md "The index
+    # tuned too"). 1000 us: a fiftieth of the server's default 50 ms budget and a tenth of the
+    # bench's 10 ms budgeted run; a search costing more leaves the reranker less of a tight budget.
+    ann_max_search_us: float = _setting(
+        1000.0,
+        "ceiling on the served path's measured search time per query (microseconds): when the chosen pair of "
+        "effort and refine factor costs more, or none reaches `ann_target_recall`, the builder rebuilds an HNSW "
+        "index with stronger settings (`ann_max_index_rebuilds`). 0: no ceiling (rebuild only when the target "
+        "is missed)",
+    )
+    ann_max_index_rebuilds: int = _setting(
+        2,
+        "times at most an HNSW index is rebuilt when it misses `ann_target_recall` or `ann_max_search_us`, each "
+        "rebuild stronger than the last: efConstruction doubled, then M doubled (`HNSW32,SQ8` -> `HNSW64,SQ8`), "
+        "alternately; the effort and refine factor are tuned on each and the bundle gets the index reaching "
+        "the target at the lowest measured search time (0..6; 0: the configured index only; other index "
+        "types are never rebuilt)",
     )
 
     @classmethod
@@ -272,6 +301,19 @@ class BuildConfig:
             raise ValueError(f"eval_exact_head_items must be >= 0 (0: ANN only), got {self.eval_exact_head_items}")
         if self.ann_max_effort < 1:
             raise ValueError(f"ann_max_effort must be >= 1, got {self.ann_max_effort}")
+        if not self.ann_max_search_us >= 0:  # also NaN
+            raise ValueError(
+                f"ann_max_search_us must be >= 0 microseconds (0: no ceiling), got {self.ann_max_search_us}"
+            )
+        # Each rebuild doubles efConstruction or M: six end at 8 x each (HNSW32 -> HNSW256), where an
+        # item's links on the base layer (2 M int32) take 2 KB, eight times its 64-d float32 factors.
+        if not 0 <= self.ann_max_index_rebuilds <= MAX_INDEX_REBUILDS:
+            raise ValueError(
+                f"ann_max_index_rebuilds must be in 0..{MAX_INDEX_REBUILDS} (0: the configured index only), "
+                f"got {self.ann_max_index_rebuilds}"
+            )
+        if self.hnsw_ef_construction < 1:
+            raise ValueError(f"hnsw_ef_construction must be >= 1, got {self.hnsw_ef_construction}")
         bad_refine = [
             r for r in self.ann_refine_factors if isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 1
         ]

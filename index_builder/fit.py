@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,7 @@ class Fitted:
     index: faiss.Index
     sections: dict[str, Any]
     events: pa.Table  # the events that were fitted (those naming a catalogue item)
+    index_seconds: float = 0.0  # the time building ``index`` took (the builder's index tuning records it)
 
     def model(
         self,
@@ -271,7 +273,9 @@ def fit(
         ftables.update(context_tables(u, i, positive, _context_codes(ev, positive, cfg), n_users, n_items))
 
     with step("index"):
+        t0 = time.perf_counter()
         index = build_index(item_factors, cfg)
+        index_seconds = time.perf_counter() - t0
 
     uid_np = np.asarray(user_ids.to_pylist(), dtype=str)
     iid_np = np.asarray(item_ids.to_pylist(), dtype=str)
@@ -319,4 +323,4 @@ def fit(
         "segments": {**seg.scheme.to_dict(), "users_per_segment": seg.users_per_segment},
         "repeat": repeat.profile,
     }
-    return Fitted(arrays, index, sections, ev)
+    return Fitted(arrays, index, sections, ev, index_seconds)

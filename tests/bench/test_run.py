@@ -96,4 +96,6 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
         serving, tuned = shop["serving"], shop["bundle_retrieval"]["ann_effort"]
         assert serving["ann_effort_source"] == "bundle" and serving["ann_effort"] == tuned
         assert shop["raw_faiss"]["effort"] == tuned
+        # The in-process timing refines as the server does: with the bundle's factor.
+        assert shop["raw_faiss"]["refine"] == shop["bundle_retrieval"]["ann_refine"]
         assert 0.0 <= s["served_recall"] <= 1.0 and 0.0 <= s["ann_top10_in_candidates"] <= 1.0
