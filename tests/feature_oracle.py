@@ -305,11 +305,24 @@ def _fill(self: OracleTables, X: np.ndarray, req: Request, index: CandidateIndex
         if np.isnan(v).all():
             X[:, c[rank_name]] = np.nan
             continue
-        # Stable: ties keep candidate order; NaN (unknown) sorts last.
-        order = np.argsort(-v, kind="stable")
-        r = np.empty(n, np.float32)
-        r[order] = np.arange(n, dtype=np.float32) / n
-        X[:, c[rank_name]] = r
+        X[:, c[rank_name]] = mean_rank(v)
+
+
+def mean_rank(v: np.ndarray) -> np.ndarray:
+    """Rank of each value among ``v``, 0 = largest, over len(v); NaN (unknown) last; tied
+    values (NaN with NaN) share the mean of their ranks; all NaN when every value is."""
+    n = len(v)
+    if np.isnan(v).all():
+        return np.full(n, np.nan, np.float32)
+    key = np.where(np.isnan(v), np.inf, -np.asarray(v, np.float64))
+    order = np.argsort(key, kind="stable")
+    s = key[order]
+    first = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    last = np.r_[first[1:], n] - 1
+    run = np.cumsum(np.r_[True, s[1:] != s[:-1]]) - 1
+    r = np.empty(n, np.float32)
+    r[order] = ((first + last).astype(np.float32) * np.float32(0.5) / np.float32(n))[run]
+    return r
 
 
 def _fill_repeat(self: OracleTables, X: np.ndarray, req: Request, cands: np.ndarray, t: int) -> None:

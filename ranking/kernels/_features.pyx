@@ -995,8 +995,10 @@ cdef class FeatureKernel:
 
 cdef int _ranks(float32_t[:, ::1] X, Py_ssize_t n, int source, int column) noexcept nogil:
     """Rank of each candidate's ``source`` among the request's, 0 = best, over n; NaN last;
-    all NaN when every value is. -1: no memory."""
-    cdef Py_ssize_t i
+    all NaN when every value is. Tied values share the mean of their ranks, so a rank never
+    depends on the order the candidates were merged in. -1: no memory."""
+    cdef Py_ssize_t i, j, start = 0
+    cdef float32_t rank
     cdef bint any_known = False
     cdef uint64_t* keys
     for i in range(n):
@@ -1013,8 +1015,14 @@ cdef int _ranks(float32_t[:, ::1] X, Py_ssize_t n, int source, int column) noexc
     for i in range(n):
         keys[i] = _rank_key(X[i, source], i)
     qsort(keys, n, sizeof(uint64_t), _cmp_u64)
-    for i in range(n):
-        X[<Py_ssize_t>(keys[i] & ((<uint64_t>1 << 32) - 1)), column] = <float32_t>i / <float32_t>n
+    # Runs of equal values (the keys' high halves; every NaN has the same) share their mean rank.
+    for i in range(1, n + 1):
+        if i < n and keys[i] >> 32 == keys[start] >> 32:
+            continue
+        rank = <float32_t>(start + i - 1) * <float32_t>0.5 / <float32_t>n
+        for j in range(start, i):
+            X[<Py_ssize_t>(keys[j] & ((<uint64_t>1 << 32) - 1)), column] = rank
+        start = i
     free(keys)
     return 0
 

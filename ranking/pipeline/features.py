@@ -65,7 +65,7 @@ FEATURE_NAMES = (
     "rung",  # the ladder rung that retrieved the candidates (1 popular .. 4 one-to-one)
     "days_after_data_end",  # request time minus the bundle's last event: how stale the windows are
     # within-request standing: scores differ in scale from user to user, ranks do not
-    "als_rank",  # rank of als_score among this request's candidates, 0 = best, / n
+    "als_rank",  # rank of als_score among this request's candidates, 0 = best, / n; ties share their mean
     "ease_rank",
     "covis_user_rank",
     "popularity_30d_rank",

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from feature_oracle import assemble as oracle_assemble
-from feature_oracle import oracle_tables
+from feature_oracle import mean_rank, oracle_tables
 from tests_support import SMALL_BUILD
 
 from index_builder.build import build
@@ -95,14 +95,6 @@ def _random_request(m: RankingModel, ranker: Ranker, rng: np.random.Generator) -
     return dataclasses.replace(req, purchases=purchases), cands
 
 
-def _rank_of(v: np.ndarray) -> np.ndarray:
-    if np.isnan(v).all():
-        return np.full(len(v), np.nan, np.float32)
-    r = np.empty(len(v), np.float32)
-    r[np.argsort(-v, kind="stable")] = np.arange(len(v), dtype=np.float32) / len(v)
-    return r
-
-
 def _agree(got: np.ndarray, want: np.ndarray, what: str) -> None:
     for name, j in COL.items():
         if name in RANK_COLUMNS:
@@ -110,10 +102,10 @@ def _agree(got: np.ndarray, want: np.ndarray, what: str) -> None:
         np.testing.assert_allclose(
             got[:, j], want[:, j], rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=f"{name}: {what}"
         )
-    # Ranks: exactly the stable order of the kernel's own source column (a source within
+    # Ranks: exactly the mean ranks of the kernel's own source column (a source within
     # rounding of the oracle's may order two near-equal candidates the other way).
     for rank, source in RANKED:
-        np.testing.assert_array_equal(got[:, COL[rank]], _rank_of(got[:, COL[source]]), err_msg=f"{rank}: {what}")
+        np.testing.assert_array_equal(got[:, COL[rank]], mean_rank(got[:, COL[source]]), err_msg=f"{rank}: {what}")
 
 
 @pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
@@ -132,6 +124,23 @@ def test_kernel_equals_the_numpy_oracle_on_random_requests(which, request):
     assert {s[0] for s in seen} == {True, False} and {s[3] for s in seen} == {True, False}
     assert None in {s[4] for s in seen}
     assert not np.isnan(m.item_price).any() or which == "context_bundle"
+
+
+@pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
+def test_a_candidate_s_features_do_not_depend_on_the_candidates_order(which, request):
+    """Shuffling a request's candidates shuffles its rows and changes nothing else: tied
+    values share their mean rank, so the order the sources were merged in is no signal."""
+    m = request.getfixturevalue(which)
+    ranker = Ranker(m, reranker_features=True)
+    rng = np.random.default_rng(5)
+    ties = 0
+    for _ in range(60):
+        req, cands = _random_request(m, ranker, rng)
+        X = ranker.tables.assemble(req, cands)
+        perm = rng.permutation(len(cands))
+        np.testing.assert_array_equal(ranker.tables.assemble(req, cands[perm]), X[perm])
+        ties += len(cands) - len(np.unique(X[:, COL["popularity_30d"]]))
+    assert ties > 0  # the draws had tied values to rank
 
 
 def test_context_bundle_has_what_the_draws_need(context_bundle, grocery_bundle):
