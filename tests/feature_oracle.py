@@ -217,7 +217,6 @@ def window_counts(self: OracleTables, cands: np.ndarray, t: int, days: int) -> n
 def _fill(self: OracleTables, X: np.ndarray, req: Request, index: CandidateIndex) -> None:
     m = self.model
     cands = index.cands
-    n = len(cands)
     # Without an event time (offline callers only: the server fills in its clock) the
     # request is taken to come just after the bundle's data.
     t = int(req.event_time) if req.event_time is not None else self._t_end
