@@ -245,6 +245,12 @@ def test_an_interrupted_run_leaves_nothing_and_a_rerun_succeeds(artifacts, tmp_p
     args = ["--artifacts", str(artifacts), "--campaign", str(tmp_path / "c.toml"), "--out", str(out)]
     proc = _cli([*args, "--workers", "2", "--chunk-size", "1"])
     partial = _wait_for_part(".out.partial-*", tmp_path, proc)
+    # Freeze the workers first, so the run is still going whatever the machine's speed: a
+    # faster Rank once let a whole run finish and publish before the signal was handled.
+    workers = [int(p) for p in os.popen(f"pgrep -P {proc.pid}").read().split()]
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert not out.exists()
