@@ -216,6 +216,12 @@ def test_real_time_purchases_from_the_event_log_apply(ladder_run, artifacts, tmp
     assert all([r["item_id"] for r in again[u]] == [r["item_id"] for r in rows[u]] for u in others)
 
 
+def _default_sigint() -> None:
+    # As from a terminal: a test suite started in the background inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler, so Ctrl-C would never reach the run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "index_builder", "portfolios", *args],
@@ -223,6 +229,7 @@ def _cli(args: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
