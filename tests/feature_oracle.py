@@ -81,7 +81,12 @@ class OracleTables(FeatureTables):
     # -- what the candidate sources and features read, as the pipeline computed them before --
     def covis_from(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(items, summed similarity) of the neighbours of ``sources``, best first."""
-        items, total = self.scratch.neighbour_sums(self.covis, sources)
+        # Each entry of the sources' rows, weight 1, summed per item in float64 in entry order.
+        ptr = np.asarray(self.covis.indptr)
+        at = np.concatenate([np.arange(ptr[s], ptr[s + 1]) for s in sources]) if len(sources) else np.zeros(0, int)
+        items, inv = np.unique(np.asarray(self.covis.indices)[at], return_inverse=True)
+        total = np.bincount(inv, weights=np.asarray(self.covis.values)[at].astype(np.float64), minlength=len(items))
+        items = items.astype(np.int32)
         order = np.lexsort((items, -total))
         return items[order], total[order].astype(np.float32)
 

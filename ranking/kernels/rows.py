@@ -1,4 +1,4 @@
-"""Public API of the per-request row walks: distinct candidates, neighbour sums, category shares.
+"""Public API of the per-request row walks: distinct candidates, CSR sums per candidate, category shares.
 
 This wrapper owns validation, dtype/contiguity fixing, output allocation and the
 scratch arrays the compiled loops in ``ranking.kernels._rows`` need: dense over every
@@ -141,25 +141,6 @@ class ItemScratch:
         with self._lend() as buf:
             n = _check(_rows.unique_in_order(arr, buf.mark, out), "rows")
         return out[:n]
-
-    def neighbour_sums(self, csr, sources, weights=None) -> tuple[np.ndarray, np.ndarray]:
-        """(items, sums) over the entries of the ``sources`` rows of ``csr``: each distinct
-        item once, in the order first seen, with its summed ``value * weight`` (float64)."""
-        indptr, indices, values = _csr_arrays(csr)
-        src = _int32_rows("sources", sources, len(indptr) - 1)
-        if len(src) == 0:
-            return np.zeros(0, np.int32), np.zeros(0, np.float64)
-        total = int((indptr[src.astype(np.int64) + 1] - indptr[src]).sum())
-        items = np.empty(total, np.int32)
-        totals = np.zeros(total, np.float64)
-        with self._lend() as buf:
-            n = _rows.sum_rows(
-                indptr, indices, values, src, _weights(weights, len(src)), buf.slot, True, totals, items, 0
-            )
-            if n >= 0:
-                buf.slot[items[:n]] = -1  # handed back clean (a failed walk cleans up after itself)
-        _check(n, "a CSR row")
-        return items[:n], totals[:n]
 
     @contextmanager
     def index(self, cands) -> Iterator[CandidateIndex]:

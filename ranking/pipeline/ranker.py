@@ -127,7 +127,7 @@ class Ranker:
         self.kernel = self.serving.feature_kernel()
         self.tables: FeatureTables | None = None
         if reranker_features:
-            self.tables = FeatureTables(model, self.scratch, self.serving.feature_kernel())
+            self.tables = FeatureTables(model, self.scratch, self.kernel)
         if self.scorer.kind == "trees":
             # The trees index columns by position: the names must be exactly ours, in order.
             if tuple(self.feature_names) != FEATURE_NAMES:
@@ -135,7 +135,7 @@ class Ranker:
                     f"bundle {model.version} was trained on features {self.feature_names}; "
                     f"this code computes {list(FEATURE_NAMES)}: rebuild the bundle"
                 )
-            self.tables = FeatureTables(model, self.scratch, self.serving.feature_kernel())
+            self.tables = FeatureTables(model, self.scratch, self.kernel)
             self._feature_pos = []
         if self.scorer.kind != "trees":
             missing = [f for f in self.feature_names if f not in FEATURES]

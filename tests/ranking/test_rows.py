@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ranking import Csr
-from ranking.kernels.rows import ItemScratch, max_share
+from ranking.kernels import _rows
+from ranking.kernels.rows import ItemScratch, _csr_arrays, max_share
 
 N_ITEMS = 500
 
@@ -77,41 +78,39 @@ def test_unique_in_order_refuses_a_row_outside_the_catalog_and_stays_clean():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_neighbour_sums_match_bincount(seed):
+def test_growing_row_sums_match_bincount(seed):
+    """The walk the candidate call's co-visitation source takes: each item met gets the next position."""
     rng = np.random.default_rng(seed)
     csr = _random_csr(rng, N_ITEMS, N_ITEMS)
     sources = rng.integers(0, N_ITEMS, 40).astype(np.int32)
     weights = rng.random(40).astype(np.float32)
-    scratch = ItemScratch(N_ITEMS)
-    for w in (None, weights):
-        items, totals = scratch.neighbour_sums(csr, sources, w)
-        nb, sc = _entries(csr, sources, np.ones(40, np.float32) if w is None else w)
-        uniq, first, inv = np.unique(nb, return_index=True, return_inverse=True)
-        want = np.bincount(inv, weights=sc, minlength=len(uniq))
-        order = np.argsort(first)  # first seen first
-        np.testing.assert_array_equal(items, uniq[order])
-        np.testing.assert_array_equal(totals, want[order])  # the same float64 sums, bit for bit
-    _assert_clean(scratch)
-    items, totals = scratch.neighbour_sums(csr, np.zeros(0, np.int32))
-    assert len(items) == len(totals) == 0
+    indptr, indices, values = _csr_arrays(csr)
+    slot = np.full(N_ITEMS, -1, np.int32)
+    total = int((indptr[sources + 1] - indptr[sources]).sum())
+    items, totals = np.empty(total, np.int32), np.zeros(total, np.float64)
+    n = _rows.sum_rows(indptr, indices, values, sources, weights, slot, True, totals, items, 0)
+    nb, sc = _entries(csr, sources, weights)
+    uniq, first, inv = np.unique(nb, return_index=True, return_inverse=True)
+    want = np.bincount(inv, weights=sc, minlength=len(uniq))
+    order = np.argsort(first)  # first seen first
+    np.testing.assert_array_equal(items[:n], uniq[order])
+    np.testing.assert_array_equal(totals[:n], want[order])  # the same float64 sums, bit for bit
+    assert (slot[items[:n]] == np.arange(n)).all()
 
 
-def test_neighbour_sums_refuse_bad_sources_and_tables_naming_unknown_items():
+def test_a_growing_walk_meeting_an_unknown_item_takes_back_its_positions():
     rng = np.random.default_rng(0)
     csr = _random_csr(rng, N_ITEMS, N_ITEMS)
-    scratch = ItemScratch(N_ITEMS)
-    with pytest.raises(ValueError, match=r"sources holds row 500, outside 0..499"):
-        scratch.neighbour_sums(csr, np.array([3, 500]))
-    with pytest.raises(ValueError, match=r"sources holds row -2"):
-        scratch.neighbour_sums(csr, np.array([-2]))
-    with pytest.raises(ValueError, match="one value per source"):
-        scratch.neighbour_sums(csr, np.array([1, 2]), np.ones(3))
-    broken = Csr(csr.indptr, csr.indices.copy(), csr.values)
-    row = int(np.flatnonzero(np.diff(csr.indptr))[0])
-    broken.indices[csr.indptr[row]] = N_ITEMS + 7
-    with pytest.raises(ValueError, match="outside the catalog.*rebuild"):
-        scratch.neighbour_sums(broken, np.array([row]))
-    _assert_clean(scratch)
+    indptr, indices, values = _csr_arrays(csr)
+    rows = np.flatnonzero(np.diff(indptr)).astype(np.int32)[:2]
+    indices = indices.copy()
+    indices[indptr[rows[1]]] = N_ITEMS + 7
+    slot = np.full(N_ITEMS, -1, np.int32)
+    n_entries = int((indptr[rows + 1] - indptr[rows]).sum())
+    items, totals = np.empty(n_entries, np.int32), np.zeros(n_entries, np.float64)
+    status = _rows.sum_rows(indptr, indices, values, rows, np.ones(2, np.float32), slot, True, totals, items, 0)
+    assert status == -1 - indptr[rows[1]]
+    assert (slot == -1).all()
 
 
 @pytest.mark.parametrize("seed", range(5))
