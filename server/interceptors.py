@@ -54,7 +54,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             return handler
         method = _method_name(handler_call_details.method)
         inner = handler.unary_unary
-        in_flight = metrics.RPC_IN_FLIGHT.labels(method)
+        in_flight = metrics.child(metrics.RPC_IN_FLIGHT, method)
         deserialize = handler.request_deserializer
         # A caller is judged before its request (server.guard): whoever may not call gets
         # UNAUTHENTICATED or PERMISSION_DENIED whatever bytes it sent; a behaviour that judges
@@ -78,8 +78,8 @@ class CallInterceptor(grpc.ServerInterceptor):
                 raise
             finally:
                 in_flight.dec()
-                metrics.RPC_REQUESTS.labels(method, code.name).inc()
-                metrics.RPC_DURATION.labels(method).observe((time.monotonic_ns() - arrived) / 1e9)
+                metrics.child(metrics.RPC_REQUESTS, method, code.name).inc()
+                metrics.child(metrics.RPC_DURATION, method).observe((time.monotonic_ns() - arrived) / 1e9)
 
         # A pool chosen by an inner interceptor (server.guard) wins over this one's map.
         pool = getattr(inner, "experimental_thread_pool", None) or self.thread_pools.get(method)

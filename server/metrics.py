@@ -13,6 +13,8 @@ reads 1 only while every live worker serves, "livesum" adds in-flight requests u
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from server.config import ServerConfig
@@ -216,6 +218,23 @@ RANK_BUDGET = Gauge(
 SERVING = Gauge(
     "one2one_serving", "1 while a bundle is loaded and the server answers Rank, else 0.", multiprocess_mode="livemin"
 )
+
+
+# (metric, label values) -> its child: ``labels()`` checks and joins the values under a lock
+# each time, a microsecond or more, and a Rank records a dozen labelled series.
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once per label set (the sets are small and fixed).
+
+    Only for metrics whose series are never removed: a removed child would keep being written.
+    """
+    key = (metric, values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN.setdefault(key, metric.labels(*values))
+    return found
 
 
 def init_label_sets() -> None:

@@ -172,18 +172,19 @@ def events_from_proto(
 
 def observe(result: RankResult) -> None:
     """Record a served ranking in the metrics."""
-    metrics.RANK_RESPONSES.labels(result.rung.name).inc()
+    child = metrics.child
+    child(metrics.RANK_RESPONSES, result.rung.name).inc()
     if result.fallback_reason:
-        metrics.RANK_FALLBACKS.labels(result.fallback_reason).inc()
+        child(metrics.RANK_FALLBACKS, result.fallback_reason).inc()
     for stage in result.degraded_stages:
-        metrics.RANK_DEGRADED.labels(stage).inc()
-    metrics.RANK_RETRIEVAL.labels(result.retrieval).inc()
+        child(metrics.RANK_DEGRADED, stage).inc()
+    child(metrics.RANK_RETRIEVAL, result.retrieval).inc()
     if not result.item_ids:
         metrics.RANK_EMPTY.inc()
     metrics.RANK_CANDIDATES.observe(result.n_candidates)
     metrics.RANK_SCORED.observe(result.n_scored)
     for stage, seconds in result.stage_seconds.items():
-        metrics.STAGE_DURATION.labels(stage).observe(seconds)
+        child(metrics.STAGE_DURATION, stage).observe(seconds)
 
 
 def late(result: RankResult, server_ms: float, budget_ms: float) -> None:
