@@ -26,6 +26,7 @@ from ranking.realtime.user_state import Weighting, fold_in, item_gram
 # without the re-solved vector and skip penalties -- purchases are still excluded.
 SYNC_GRAM_LIMIT = 20_000_000
 MAX_RECENT = 20
+_NEGATIVE = frozenset(NEGATIVE_EVENT_TYPES)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class RankOverlay:
         parts: dict[str, np.ndarray] = {}
         cache = model_cache(model)
         inv_norms = cache.inv_norms if self.variant.use_context and cache.ready.is_set() else None
+        cf = None  # the candidates' unit factors, gathered once for both real-time offsets
         if len(cands) and len(self.negative_rows) and inv_norms is not None:
             cf = np.asarray(model.item_factors[cands], dtype=np.float32) * inv_norms[cands, None]
             nf = (
@@ -142,7 +144,8 @@ class RankOverlay:
             sim[np.isin(cands, self.negative_rows)] = 1.0
             parts["realtime_skip"] = (-self.settings.skip_penalty * sim).astype(np.float32)
         if len(cands) and len(self.recent_rows) and inv_norms is not None and self.settings.interest_boost > 0:
-            cf = np.asarray(model.item_factors[cands], dtype=np.float32) * inv_norms[cands, None]
+            if cf is None:
+                cf = np.asarray(model.item_factors[cands], dtype=np.float32) * inv_norms[cands, None]
             rf = np.asarray(model.item_factors[self.recent_rows], dtype=np.float32) * inv_norms[self.recent_rows, None]
             sim = np.clip((cf @ rf.T).max(axis=1), 0.0, 1.0)
             sim[np.isin(cands, self.recent_rows)] = 0.0
@@ -206,40 +209,40 @@ def build_overlay(
     if not events:
         return ov
     rows = model.items.lookup([e.item_id for e in events])
-    known = rows >= 0
-    if not known.any():
+    known = np.flatnonzero(rows >= 0)
+    if not len(known):
         return ov
     rows = rows[known].astype(np.int64)
-    evs = [e for e, k in zip(events, known) if k]
-    types = np.array([e.event_type for e in evs])
-    is_buy = np.isin(types, w.consumed_event_types)
+    evs = [events[i] for i in known]
+    # Event types are matched in plain Python: a customer has a few events, for which NumPy's
+    # string arrays and isin cost more than the fold-in itself.
+    types = [e.event_type for e in evs]
+    consumed = set(w.consumed_event_types)
+    is_buy = np.array([t in consumed for t in types], dtype=bool)
+    timestamps = np.array([e.timestamp for e in evs], dtype=np.float64)
     bought = rows[is_buy]
     # A purchase ends the need for an item the bundle's policy does not offer again (a durable);
     # a staple stays, and the re-purchase features see it was just bought.
     ov.exclude_rows = np.unique(bought[model.item_reoffer[bought] == 0]).astype(np.int32)
-    ov.purchases = Purchases(
-        bought.astype(np.int32), np.array([e.timestamp for e in evs], dtype=np.float64)[is_buy].astype(np.int64)
-    )
+    ov.purchases = Purchases(bought.astype(np.int32), timestamps[is_buy].astype(np.int64))
     yty = cache.yty if variant.use_context and cache.ready.is_set() else None
     if yty is None:
         return ov
     ov.n_realtime_events = len(evs)
-    ov.negative_rows = np.unique(rows[np.isin(types, NEGATIVE_EVENT_TYPES)]).astype(np.int32)
-    positive = rows[~np.isin(types, NEGATIVE_EVENT_TYPES)][
-        np.argsort([e.timestamp for e, neg in zip(evs, np.isin(types, NEGATIVE_EVENT_TYPES)) if not neg], kind="stable")
-    ]
+    is_negative = np.array([t in _NEGATIVE for t in types], dtype=bool)
+    ov.negative_rows = np.unique(rows[is_negative]).astype(np.int32)
+    positive = rows[~is_negative][np.argsort(timestamps[~is_negative], kind="stable")]
     # Most recent occurrence of each item, oldest first, at most MAX_RECENT.
     last = {int(r): i for i, r in enumerate(positive)}
     ov.recent_rows = np.array(sorted(last, key=last.__getitem__)[-MAX_RECENT:], dtype=np.int32)
-    weights = w.weights(
-        types,
-        np.array([e.value for e in evs], dtype=np.float64),
-        np.array([e.timestamp for e in evs], dtype=np.float64),
-        now,
-    )
-    uniq, inv = np.unique(rows, return_inverse=True)
-    summed = np.zeros(len(uniq))
-    np.add.at(summed, inv, weights)
+    weights = w.weights(types, np.array([e.value for e in evs], dtype=np.float64), timestamps, now)
+    # Summed per distinct item (ascending rows) in event order; a dictionary, not np.unique's
+    # sort, for a customer's few events.
+    row_list = rows.tolist()
+    distinct = sorted(set(row_list))
+    position = {r: i for i, r in enumerate(distinct)}
+    uniq = np.array(distinct, dtype=np.int64)
+    summed = np.bincount([position[r] for r in row_list], weights=weights, minlength=len(uniq))
     nz = summed != 0
     has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
     keep = nz & has_factor
