@@ -16,9 +16,11 @@ Layers (as in sklearn's ``_loss``):
 2. ``FeatureKernel._fill`` and the ``_fill_*`` helpers: loops over the bundle's typed
    memoryviews, nogil; inputs are trusted (checked by the wrapper), and the one walk that
    can meet a bad id (``_sum_rows_loop``) reports it by a negative return value.
-3. ``FeatureKernel.fill_score``: the Python-visible entry; it releases the GIL around
-   ``_fill`` and the tree scoring that follows it (one crossing for a request's
-   features, scores and top-k; without outputs to score into, the rows only).
+3. ``FeatureKernel.candidates``, ``fill_score`` and ``candidates_fill_score``: the
+   Python-visible entries; each sizes its buffers, then releases the GIL around the
+   merge of the candidate sources (``_merge``), ``_fill`` and the tree scoring that
+   follows it. The last does all three: one crossing for a request's candidates,
+   features, scores and top-k.
 4. ``ranking.kernels.features``: the public wrapper.
 """
 from libc.math cimport NAN, exp, fabs, fabsf, log, logf, log1pf, sqrtf, ldexpf, INFINITY
@@ -186,6 +188,18 @@ cdef inline float32_t _linspace_at(Py_ssize_t i, Py_ssize_t n) noexcept nogil:
 # ---------------------------------------------------------------------------
 # Layers 2 and 3: the kernel over one bundle's tables
 # ---------------------------------------------------------------------------
+
+cdef class _Merge:
+    """One request's candidate sources and the merge's scratch, sized before the GIL is let go."""
+    cdef const int32_t[::1] pool, seg_v, pop_v, recent_v
+    cdef int32_t[::1] again, covis, ease, own, sources, items, out
+    cdef float32_t[:, ::1] own_X
+    cdef int64_t[::1] own_last
+    cdef float32_t[::1] ones
+    cdef float64_t[::1] sums, ease_total
+    cdef uint8_t[::1] excluded
+    cdef object rows, mask  # the arrays behind out and excluded
+
 
 cdef class FeatureKernel:
     """The bundle's feature tables as typed views, built once per bundle (before the fork)."""
@@ -363,17 +377,30 @@ cdef class FeatureKernel:
 
         Returns ``(rows, mask)``: int32 item rows and a bool mask, one per candidate.
         """
-        cdef Py_ssize_t n = 0, i, j, lo = 0, hi = 0, n_src = 0, n_entries = 0, n_own = 0
-        cdef Py_ssize_t got_again = 0, got_covis = 0, got_ease = 0, status = 0
-        cdef uint32_t bits
-        cdef float32_t price
-        cdef const int32_t[::1] seg_v = self.seg_items[:0]
+        cdef _Merge b = self._sized(pool, seg, n_seg, n_popular, source_user, session, n_again, p_rows, n_covis,
+                                    n_recent_popular, n_ease)
+        cdef Py_ssize_t n
+        with nogil:
+            n = self._merge(b, source_user, session, t, p_rows, p_times, mask_user, exclude, category_codes,
+                            include_bits, min_price, max_price, slot, mark, False)
+        if n < 0:
+            raise MemoryError("no memory for the candidate sources' scratch")
+        return b.rows[:n], b.mask[:n].view(np.bool_)
+
+    cdef _Merge _sized(self, const int32_t[::1] pool, Py_ssize_t seg, Py_ssize_t n_seg, Py_ssize_t n_popular,
+                       Py_ssize_t source_user, const int32_t[::1] session, Py_ssize_t n_again,
+                       const int32_t[::1] p_rows, Py_ssize_t n_covis, Py_ssize_t n_recent_popular,
+                       Py_ssize_t n_ease):
+        """The merge's sources and scratch, sized and allocated (with the GIL)."""
+        cdef _Merge b = _Merge()
+        cdef Py_ssize_t lo = 0, hi = 0, n_src = 0, n_entries = 0, n_own = 0
+        b.pool = pool
+        b.seg_v = self.seg_items[:0]
         if seg >= 0:
             lo, hi = self.seg_indptr[seg], self.seg_indptr[seg + 1]
-            seg_v = self.seg_items[lo:min(hi, lo + n_seg)]
-        cdef const int32_t[::1] pop_v = self.popular_items[:min(n_popular, self.popular_items.shape[0])]
-        cdef const int32_t[::1] recent_v = self.recent_popular_items[
-            :min(n_recent_popular, self.recent_popular_items.shape[0])]
+            b.seg_v = self.seg_items[lo:min(hi, lo + n_seg)]
+        b.pop_v = self.popular_items[:min(n_popular, self.popular_items.shape[0])]
+        b.recent_v = self.recent_popular_items[:min(n_recent_popular, self.recent_popular_items.shape[0])]
         # Sizes: the co-visitation entries of the sources, the purchases, the catalog (EASE).
         if n_covis > 0:
             if source_user >= 0:
@@ -387,61 +414,88 @@ cdef class FeatureKernel:
         if not self.has_ease:
             n_ease = 0
         n_again, n_covis, n_ease = min(n_again, n_own), min(n_covis, n_entries), min(n_ease, self.n_items)
-        cdef int32_t[::1] again = np.empty(n_again, np.int32)
-        cdef int32_t[::1] covis = np.empty(n_covis, np.int32)
-        cdef int32_t[::1] ease = np.empty(n_ease, np.int32)
-        cdef int32_t[::1] own = np.empty(n_own, np.int32)
-        cdef float32_t[:, ::1] own_X = np.empty((n_own, N_COLUMNS), np.float32)
-        cdef int64_t[::1] own_last = np.empty(n_own, np.int64)
-        cdef int32_t[::1] sources = np.empty(n_src, np.int32)
-        cdef float32_t[::1] ones = np.ones(n_src, np.float32)
-        cdef int32_t[::1] items = np.empty(n_entries, np.int32)
-        cdef float64_t[::1] sums = np.zeros(n_entries, np.float64)
-        cdef float64_t[::1] ease_total = np.zeros(self.n_items if n_ease else 0, np.float64)
-        bound = (pool.shape[0] + seg_v.shape[0] + pop_v.shape[0] + n_again + n_covis
-                 + recent_v.shape[0] + n_ease)
-        rows = np.empty(bound, np.int32)
-        mask = np.zeros(bound, np.uint8)
-        cdef int32_t[::1] out = rows
-        cdef uint8_t[::1] excluded = mask
-        with nogil:
-            # The extra sources, each ranked best first.
-            if n_again:
-                got_again = self._buy_again(source_user, t, p_rows, p_times, slot, own, own_X, own_last, again)
-            if n_covis and got_again >= 0:
-                got_covis = self._covis_neighbours(source_user, session, slot, sources, ones, items, sums, covis)
-            if n_ease and got_again >= 0 and got_covis >= 0:
-                got_ease = self._ease_top(source_user, session, mark, ease_total, ease)
-            if got_again < 0 or got_covis < 0 or got_ease < 0:
-                status = -1
-            else:
-                n = _keep_new(pool, slot, out, n)
-                n = _keep_new(seg_v, slot, out, n)
-                n = _keep_new(pop_v, slot, out, n)
-                n = _keep_new(again[:got_again], slot, out, n)
-                n = _keep_new(covis[:got_covis], slot, out, n)
-                n = _keep_new(recent_v, slot, out, n)
-                n = _keep_new(ease[:got_ease], slot, out, n)
-                for i in range(n):
-                    slot[out[i]] = -1
-                self._exclusions(out[:n], excluded, mask_user, exclude, mark)
-                # By category and price.
-                if category_codes.shape[0]:
-                    for i in range(n):
-                        bits = 0
-                        for j in range(self.item_cat_indptr[out[i]], self.item_cat_indptr[out[i] + 1]):
-                            bits |= category_codes[self.item_cat_ids[j]]
-                        if bits & 1 or (bits & include_bits) != include_bits:
-                            excluded[i] = 1
-                if min_price > 0 or max_price > 0:
-                    for i in range(n):
-                        price = self.item_rows[out[i], R_PRICE]
-                        if (price != price or price == INFINITY or price == -INFINITY
-                                or (min_price > 0 and price < min_price) or (max_price > 0 and price > max_price)):
-                            excluded[i] = 1
-        if status < 0:
-            raise MemoryError("no memory for the candidate sources' scratch")
-        return rows[:n], mask[:n].view(np.bool_)
+        b.again = np.empty(n_again, np.int32)
+        b.covis = np.empty(n_covis, np.int32)
+        b.ease = np.empty(n_ease, np.int32)
+        b.own = np.empty(n_own, np.int32)
+        b.own_X = np.empty((n_own, N_COLUMNS), np.float32)
+        b.own_last = np.empty(n_own, np.int64)
+        b.sources = np.empty(n_src, np.int32)
+        b.ones = np.ones(n_src, np.float32)
+        b.items = np.empty(n_entries, np.int32)
+        b.sums = np.zeros(n_entries, np.float64)
+        b.ease_total = np.zeros(self.n_items if n_ease else 0, np.float64)
+        bound = (pool.shape[0] + b.seg_v.shape[0] + b.pop_v.shape[0] + n_again + n_covis
+                 + b.recent_v.shape[0] + n_ease)
+        b.rows = np.empty(bound, np.int32)
+        b.mask = np.zeros(bound, np.uint8)
+        b.out = b.rows
+        b.excluded = b.mask
+        return b
+
+    cdef Py_ssize_t _merge(
+        self,
+        _Merge b,
+        Py_ssize_t source_user,
+        const int32_t[::1] session,
+        int64_t t,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+        Py_ssize_t mask_user,
+        const int32_t[::1] exclude,
+        const uint32_t[::1] category_codes,
+        uint32_t include_bits,
+        float32_t min_price,
+        float32_t max_price,
+        int32_t[::1] slot,
+        uint8_t[::1] mark,
+        bint keep_slots,
+    ) noexcept nogil:
+        """Merge the sources into ``b.out`` and mark the exclusions; the candidates (-1: no
+        memory). With ``keep_slots`` each candidate's position is left in ``slot`` (the
+        feature walk's index), for the caller to clear; otherwise ``slot`` is handed back
+        as it came."""
+        cdef Py_ssize_t n = 0, i, j, got_again = 0, got_covis = 0, got_ease = 0
+        cdef uint32_t bits
+        cdef float32_t price
+        cdef int32_t[::1] out = b.out
+        cdef uint8_t[::1] excluded = b.excluded
+        # The extra sources, each ranked best first.
+        if b.again.shape[0]:
+            got_again = self._buy_again(source_user, t, p_rows, p_times, slot, b.own, b.own_X, b.own_last, b.again)
+        if b.covis.shape[0] and got_again >= 0:
+            got_covis = self._covis_neighbours(source_user, session, slot, b.sources, b.ones, b.items, b.sums,
+                                               b.covis)
+        if b.ease.shape[0] and got_again >= 0 and got_covis >= 0:
+            got_ease = self._ease_top(source_user, session, mark, b.ease_total, b.ease)
+        if got_again < 0 or got_covis < 0 or got_ease < 0:
+            return -1
+        n = _keep_new(b.pool, slot, out, n)
+        n = _keep_new(b.seg_v, slot, out, n)
+        n = _keep_new(b.pop_v, slot, out, n)
+        n = _keep_new(b.again[:got_again], slot, out, n)
+        n = _keep_new(b.covis[:got_covis], slot, out, n)
+        n = _keep_new(b.recent_v, slot, out, n)
+        n = _keep_new(b.ease[:got_ease], slot, out, n)
+        if not keep_slots:
+            for i in range(n):
+                slot[out[i]] = -1
+        self._exclusions(out[:n], excluded, mask_user, exclude, mark)
+        # By category and price.
+        if category_codes.shape[0]:
+            for i in range(n):
+                bits = 0
+                for j in range(self.item_cat_indptr[out[i]], self.item_cat_indptr[out[i] + 1]):
+                    bits |= category_codes[self.item_cat_ids[j]]
+                if bits & 1 or (bits & include_bits) != include_bits:
+                    excluded[i] = 1
+        if min_price > 0 or max_price > 0:
+            for i in range(n):
+                price = self.item_rows[out[i], R_PRICE]
+                if (price != price or price == INFINITY or price == -INFINITY
+                        or (min_price > 0 and price < min_price) or (max_price > 0 and price > max_price)):
+                    excluded[i] = 1
+        return n
 
     cdef Py_ssize_t _covis_entries(self, Py_ssize_t urow, const int32_t[::1] session) noexcept nogil:
         """Co-visitation entries in the rows of the user's recent items and the session's."""
@@ -676,6 +730,139 @@ cdef class FeatureKernel:
                                              first_acc, first_scores, first_indices, out_scores, out_indices,
                                              &n_kept, &n_done, &n_planned)
         return status, n_kept, n_scored, n_done, n_planned, <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+    def candidates_fill_score(
+        self,
+        const int32_t[::1] pool,
+        Py_ssize_t seg,
+        Py_ssize_t n_seg,
+        Py_ssize_t n_popular,
+        Py_ssize_t source_user,
+        const int32_t[::1] session,
+        Py_ssize_t n_again,
+        int64_t t_again,
+        const int32_t[::1] p_rows,
+        const int64_t[::1] p_times,
+        Py_ssize_t n_covis,
+        Py_ssize_t n_recent_popular,
+        Py_ssize_t n_ease,
+        Py_ssize_t mask_user,
+        const int32_t[::1] exclude,
+        const uint32_t[::1] category_codes,
+        uint32_t include_bits,
+        float32_t min_price,
+        float32_t max_price,
+        int32_t[::1] slot,
+        uint8_t[::1] mark,
+        float32_t[::1] weights,
+        int rung,
+        Py_ssize_t urow,
+        int64_t t,
+        int64_t t_pop,
+        bint at_end,
+        int block,
+        int weekday,
+        const float32_t[::1] qvec,
+        const int32_t[::1] ctx_cols,
+        const int32_t[::1] roots,
+        const int32_t[::1] roots_first,
+        const int32_t[::1] roots_second,
+        bint phased,
+        const int32_t[::1] feature,
+        const float64_t[::1] threshold,
+        const int32_t[::1] left,
+        const int32_t[::1] right,
+        const uint8_t[::1] flags,
+        const float64_t[::1] leaf_value,
+        Py_ssize_t k,
+        Py_ssize_t n_second,
+        int64_t deadline_ns,
+        Py_ssize_t check_every,
+        float64_t first_ms,
+        float64_t rest_ms,
+        float64_t safety,
+    ):
+        """:meth:`candidates`, then :meth:`fill_score` over them, in one call without the GIL.
+
+        The candidate arguments are :meth:`candidates`' (its ``t`` is ``t_again`` here),
+        the request's :meth:`fill_score`'s (``urow``, ``seg``, ``session`` and the purchases
+        are the same for both), the scoring ones ``ranking.kernels.scoring.TreeCall``'s:
+        ``roots`` every tree, ``roots_first``/``roots_second`` the phases when ``phased``.
+        With ``first_ms`` >= 0 and a deadline, the second phase is first cut to what the
+        time left after the merge affords (``CostModel.plan_second_phase``: ``first_ms`` and
+        ``rest_ms`` per row, ``safety`` of the time left). The candidates are written once,
+        where the feature walk reads them (``slot`` keeps their positions until the end).
+
+        Returns ``(rows, mask, X, out_scores, out_indices, status, expired, n_kept, n_scored,
+        n_done, n_planned, n_second, cut, merged_ns, filled_ns)``: ``expired`` when the
+        deadline had passed once the candidates were merged (nothing written or scored);
+        ``n_second`` the second phase's rows (0: one phase) and ``cut`` whether the plan cut
+        it; the times CLOCK_MONOTONIC.
+        """
+        cdef _Merge b = self._sized(pool, seg, n_seg, n_popular, source_user, session, n_again, p_rows, n_covis,
+                                    n_recent_popular, n_ease)
+        cdef Py_ssize_t bound = b.out.shape[0]
+        X_arr = np.empty((bound, N_COLUMNS), np.float32)
+        out_scores_arr = np.empty(min(k, bound), np.float32)
+        out_indices_arr = np.empty(min(k, bound), np.int32)
+        cdef float32_t[:, ::1] X = X_arr
+        cdef float32_t[::1] out_scores = out_scores_arr
+        cdef int32_t[::1] out_indices = out_indices_arr
+        cdef float64_t[::1] work = np.empty(bound, np.float64)
+        cdef float64_t[::1] first_acc = np.empty(bound, np.float64)
+        cdef float32_t[::1] first_scores = np.empty(min(bound, max(n_second, k, 1)), np.float32)
+        cdef int32_t[::1] first_indices = np.empty(min(bound, max(n_second, k, 1)), np.int32)
+        cdef float32_t[::1] offsets = np.zeros(bound, np.float32)
+        cdef Py_ssize_t n, i, kk = 0, m, fit, n2 = n_second, status = 0
+        cdef Py_ssize_t n_kept = 0, n_scored = 0, n_done = 0, n_planned = 0
+        cdef bint cut = False, expired = False
+        cdef timespec ts
+        cdef int64_t merged_ns, filled_ns
+        cdef float64_t usable
+        cdef const int32_t[::1] r_first = roots
+        cdef const int32_t[::1] r_second = roots[:0]
+        with nogil:
+            n = self._merge(b, source_user, session, t_again, p_rows, p_times, mask_user, exclude, category_codes,
+                            include_bits, min_price, max_price, slot, mark, True)
+            clock_gettime(CLOCK_MONOTONIC, &ts)
+            merged_ns = filled_ns = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+            if n < 0:
+                status = _NO_MEMORY
+                n = 0
+            elif deadline_ns and merged_ns >= deadline_ns:
+                expired = True
+            else:
+                kk = min(k, n)
+                if first_ms >= 0 and deadline_ns:
+                    m = n if (n2 <= 0 or n2 >= n) else n2
+                    if m > 1:
+                        usable = (deadline_ns - merged_ns) / 1e6 * safety
+                        if first_ms * n + rest_ms * m > usable:
+                            fit = <Py_ssize_t>((usable - first_ms * n) / rest_ms) if rest_ms > 0 else m
+                            n2 = max(1, min(fit, m - 1))
+                            cut = True
+                if n2 <= 0 or n2 >= n or not phased:
+                    n2 = 0
+                else:
+                    r_first, r_second = roots_first, roots_second
+                if kk == 0:
+                    n_scored = n
+                else:
+                    status = self._fill(X[:n], b.out[:n], slot, mark, work[:n], weights, rung, urow, seg, t, t_pop,
+                                        at_end, block, weekday, qvec, session, ctx_cols, p_rows, p_times)
+                    clock_gettime(CLOCK_MONOTONIC, &ts)
+                    filled_ns = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+                    if status == 0:
+                        m = min(n, max(n2, kk))
+                        n_scored = _score_trees_call(X[:n], r_first, r_second, feature, threshold, left, right,
+                                                     flags, leaf_value, b.excluded[:n], offsets[:n], n2, deadline_ns,
+                                                     check_every, first_acc[:n], first_scores[:m],
+                                                     first_indices[:m], out_scores[:kk], out_indices[:kk],
+                                                     &n_kept, &n_done, &n_planned)
+            for i in range(n):
+                slot[b.out[i]] = -1
+        return (b.rows[:n], b.mask[:n].view(np.bool_), X_arr[:n], out_scores_arr, out_indices_arr, status, expired,
+                n_kept, n_scored, n_done, n_planned, n2, cut, merged_ns, filled_ns)
 
     cdef Py_ssize_t _fill(
         self,

@@ -3,23 +3,57 @@
 :class:`FeatureKernel` is built once per bundle (where the bundle is loaded: before the
 server forks its workers) and checks the bundle's tables once, so a request pays only
 for validating its own small arrays. ``ranking.pipeline.features`` resolves the request
-(time, hour block, context columns) and calls :meth:`FeatureKernel.fill`; the kernel
-writes every cell of the matrix. Other packages import only this module.
+(time, hour block, context columns); the Ranker then merges a request's candidates,
+writes their features and scores them in one call (:meth:`FeatureKernel.candidates_fill_score`),
+or in two when rules or real-time offsets apply between the merge and the features
+(:meth:`FeatureKernel.candidates`, then :meth:`FeatureKernel.fill_score`); the builder's
+training rows come from :meth:`FeatureKernel.fill`. Other packages import only this module.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from ranking.kernels import _features
 from ranking.kernels.rows import CandidateIndex, ItemScratch, _int32_rows
-from ranking.kernels.scoring import TopK, TreeCall
+from ranking.kernels.scoring import TopK, TreeCall, checked_phases, loop_ints
 
-__all__ = ["COLUMNS", "FeatureKernel"]
+__all__ = ["COLUMNS", "Answer", "FeatureKernel"]
+
+
+class Answer(NamedTuple):
+    """What :meth:`FeatureKernel.candidates_fill_score` returns.
+
+    Attributes
+    ----------
+    rows, mask : np.ndarray
+        The candidates (int32 item rows) and which of them are excluded (bool).
+    features : np.ndarray
+        Their feature rows (float32, one per candidate; unwritten when ``top`` is None).
+    top : TopK or None
+        The answer; None when the deadline had passed once the candidates were merged.
+    n_second : int
+        Rows the second phase was to complete (0: one phase).
+    second_cut : bool
+        Whether the plan cut the second phase to the time left.
+    merged_ns, filled_ns : int
+        CLOCK_MONOTONIC nanoseconds when the candidates were merged and their rows written.
+    """
+
+    rows: np.ndarray
+    mask: np.ndarray
+    features: np.ndarray
+    top: TopK | None
+    n_second: int
+    second_cut: bool
+    merged_ns: int
+    filled_ns: int
+
 
 COLUMNS: tuple[str, ...] = tuple(_features.COLUMNS)
 
@@ -191,6 +225,109 @@ class FeatureKernel:
         self._raise_for(status)
         return call.top(n_kept, n_scored, n_done, n_planned), filled_ns
 
+    def candidates_fill_score(
+        self,
+        scratch: ItemScratch,
+        pool,
+        request: dict,
+        *,
+        trees,
+        phases,
+        k: int,
+        n_second: int,
+        deadline_ns: int = 0,
+        plan: tuple[float, float, float] | None = None,
+        check_every: int = 32,
+        **sources,
+    ) -> Answer:
+        """:meth:`candidates`, :meth:`fill` and the trees' top-k over the rows, in one compiled
+        call without the GIL: a request's one crossing.
+
+        ``pool`` and ``sources`` are :meth:`candidates`' arguments (``t`` its buy-again time),
+        ``request`` :meth:`fill`'s (its ``urow``, ``seg``, ``session`` and ``purchases`` serve
+        the merge too); ``trees``, ``phases`` (None: one phase), ``k``, ``n_second`` (0: one
+        phase), ``deadline_ns`` and ``check_every`` are a tree-scoring call's
+        (``ranking.kernels.scoring.TreeCall``). With ``plan`` = (first-phase ms per row, ms per
+        row of the trees the second adds, share of the time left to use) and a deadline, the
+        second phase is first cut to what the time left after the merge affords, as
+        ``ranking.pipeline.budget.CostModel.plan_second_phase`` does.
+
+        Raises
+        ------
+        ValueError
+            An argument is out of range or of the wrong shape.
+        """
+        seg, session, purchases = request["seg"], request["session"], request["purchases"]
+        args = self._candidate_args(
+            pool,
+            seg,
+            sources.pop("n_seg", 0),
+            sources.pop("n_popular", 0),
+            sources.pop("source_user", -1),
+            session,
+            sources.pop("n_again", 0),
+            sources.pop("t", 0),
+            purchases,
+            sources.pop("n_covis", 0),
+            sources.pop("n_recent_popular", 0),
+            sources.pop("n_ease", 0),
+            sources.pop("mask_user", -1),
+            sources.pop("exclude", _I32),
+            sources.pop("category_codes", None),
+            sources.pop("include_bits", 0),
+            sources.pop("min_price", 0.0),
+            sources.pop("max_price", 0.0),
+        )
+        if sources:
+            raise ValueError(f"unknown candidate arguments {sorted(sources)}")
+        weights, req = self._request_args(**request)
+        rung, urow, _, t, t_pop, at_end, block, weekday, qvec, _, ctx_cols, _, _ = req
+        phases = checked_phases(trees, phases, len(COLUMNS))
+        k, n_second, deadline_ns, check_every = loop_ints(k, n_second, deadline_ns, check_every)
+        first_ms, rest_ms, safety = plan if plan is not None else (-1.0, 0.0, 1.0)
+        if plan is not None and not (first_ms >= 0 and rest_ms >= 0 and 0 < safety <= 1):
+            raise ValueError(f"a second-phase plan needs costs >= 0 and a share in (0, 1], got {plan}")
+        with scratch.buffers() as (slot, mark):
+            (rows, mask, X, out_scores, out_indices, status, expired, n_kept, n_scored, n_done, n_planned, n2, cut,
+             merged_ns, filled_ns) = self._kernel.candidates_fill_score(*(
+                *args,
+                slot,
+                mark,
+                weights,
+                rung,
+                urow,
+                t,
+                t_pop,
+                at_end,
+                block,
+                weekday,
+                qvec,
+                ctx_cols,
+                trees.roots,
+                phases.roots_first if phases is not None else _I32,
+                phases.roots_second if phases is not None else _I32,
+                phases is not None,
+                trees.feature,
+                trees.threshold,
+                trees.left,
+                trees.right,
+                trees.flags,
+                trees.leaf_value,
+                k,
+                n_second,
+                deadline_ns,
+                check_every,
+                float(first_ms),
+                float(rest_ms),
+                float(safety),
+            ))  # fmt: skip
+        self._raise_for(status)
+        top = None
+        if not expired:
+            scores, indices = out_scores[:n_kept], out_indices[:n_kept]
+            top = TopK(indices, scores, n_scored, n_done, n_done < n_planned) if n2 else TopK(indices, scores, n_scored)
+        return Answer(rows, mask, X, top, n2, bool(cut), merged_ns, filled_ns)
+
     def candidates(
         self,
         scratch: ItemScratch,
@@ -241,6 +378,51 @@ class FeatureKernel:
         ValueError
             An argument is out of range or of the wrong shape.
         """
+        args = self._candidate_args(
+            pool,
+            seg,
+            n_seg,
+            n_popular,
+            source_user,
+            session,
+            n_again,
+            t,
+            purchases,
+            n_covis,
+            n_recent_popular,
+            n_ease,
+            mask_user,
+            exclude,
+            category_codes,
+            include_bits,
+            min_price,
+            max_price,
+        )
+        with scratch.buffers() as (slot, mark):
+            return self._kernel.candidates(*(*args, slot, mark))
+
+    def _candidate_args(
+        self,
+        pool,
+        seg: int,
+        n_seg: int,
+        n_popular: int,
+        source_user: int,
+        session,
+        n_again: int,
+        t: int,
+        purchases: tuple[np.ndarray, np.ndarray] | None,
+        n_covis: int,
+        n_recent_popular: int,
+        n_ease: int,
+        mask_user: int,
+        exclude,
+        category_codes: np.ndarray | None,
+        include_bits: int,
+        min_price: float,
+        max_price: float,
+    ) -> tuple[Any, ...]:
+        """:meth:`candidates`' arguments, checked, in the compiled entry's order (scratch last, not here)."""
         self._check_rows(source_user, seg)
         self._check_rows(mask_user, -1)
         counts = {"n_seg": n_seg, "n_popular": n_popular, "n_again": n_again, "n_covis": n_covis}
@@ -259,34 +441,28 @@ class FeatureKernel:
                 raise ValueError(f"category codes must have one entry per category ({self.n_categories})")
         if not 0 <= include_bits < 1 << 32:
             raise ValueError(f"include bits {include_bits} do not fit the uint32 category codes")
-        pool = _int32_rows("candidate pool", pool, self.n_items, allow_missing=True)
-        sess = _int32_rows("session", session, self.n_items)
-        excl = _int32_rows("excluded items", exclude, self.n_items, allow_missing=True)
         p_rows, p_times = self._purchases(purchases)
-        with scratch.buffers() as (slot, mark):
-            return self._kernel.candidates(
-                pool,
-                int(seg),
-                int(n_seg),
-                int(n_popular),
-                int(source_user),
-                sess,
-                int(n_again),
-                int(t),
-                p_rows,
-                p_times,
-                int(n_covis),
-                int(n_recent_popular),
-                int(n_ease),
-                int(mask_user),
-                excl,
-                codes,
-                int(include_bits),
-                float(min_price),
-                float(max_price),
-                slot,
-                mark,
-            )
+        return (
+            _int32_rows("candidate pool", pool, self.n_items, allow_missing=True),
+            int(seg),
+            int(n_seg),
+            int(n_popular),
+            int(source_user),
+            _int32_rows("session", session, self.n_items),
+            int(n_again),
+            int(t),
+            p_rows,
+            p_times,
+            int(n_covis),
+            int(n_recent_popular),
+            int(n_ease),
+            int(mask_user),
+            _int32_rows("excluded items", exclude, self.n_items, allow_missing=True),
+            codes,
+            int(include_bits),
+            float(min_price),
+            float(max_price),
+        )
 
     def _check_rows(self, urow: int, seg: int) -> None:
         if not -1 <= urow < self.n_users or not -1 <= seg < self.n_segments:
@@ -329,6 +505,27 @@ class FeatureKernel:
         n = len(index.cands)
         if X.shape != (n, len(COLUMNS)) or X.dtype != np.float32 or not X.flags.c_contiguous:
             raise ValueError(f"X must be a C-contiguous float32 ({n}, {len(COLUMNS)}) array")
+        weights, request = self._request_args(
+            rung, urow, seg, t, t_pop, at_end, block, weekday, qvec, session, context_columns, purchases
+        )
+        return (X, index.cands, index._slot, index.mark, np.empty(n, np.float64), weights, *request)
+
+    def _request_args(
+        self,
+        rung: int,
+        urow: int,
+        seg: int,
+        t: int,
+        t_pop: int,
+        at_end: bool,
+        block: int,
+        weekday: int,
+        qvec: np.ndarray | None,
+        session: np.ndarray,
+        context_columns: Sequence[int],
+        purchases: tuple[np.ndarray, np.ndarray] | None,
+    ) -> tuple[np.ndarray, tuple]:
+        """The feature walk's scratch ``weights`` and its request arguments (``rung`` on), checked."""
         self._check_rows(urow, seg)
         if not (0 <= block < self.hour_blocks and 0 <= weekday < 7):
             raise ValueError(f"hour block {block} / weekday {weekday} out of range")
@@ -347,13 +544,7 @@ class FeatureKernel:
         if urow >= 0:
             ptr = self._tables["user_recent_indptr"]
             recent = int(ptr[urow + 1] - ptr[urow])
-        return (
-            X,
-            index.cands,
-            index._slot,
-            index.mark,
-            np.empty(n, np.float64),
-            np.empty(max(recent, len(sess), 1), np.float32),
+        return np.empty(max(recent, len(sess), 1), np.float32), (
             int(rung),
             int(urow),
             int(seg),

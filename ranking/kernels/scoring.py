@@ -613,6 +613,36 @@ def score_trees_phased_topk(
     return call.top(*_scoring.score_trees_call(features, *call.kernel_args()))
 
 
+def checked_phases(trees, phases, f: int) -> TreePhases | None:
+    """``phases`` (None: one phase), checked against ``trees``, which must read ``f`` features.
+
+    Raises
+    ------
+    ValueError
+        The trees or the phases are not what a scoring call takes; the message says how.
+    """
+    _check_trees(trees, f)
+    if phases is None:
+        return None
+    if not isinstance(phases, TreePhases):
+        raise ValueError(f"phases must be a TreePhases (build it with TreePhases.of), got {type(phases).__name__}")
+    if len(phases.roots_first) + len(phases.roots_second) != trees.n_trees:
+        raise ValueError(
+            f"phases split {len(phases.roots_first) + len(phases.roots_second)} trees; the ensemble has {trees.n_trees}"
+        )
+    return phases
+
+
+def loop_ints(k, n_second, deadline_ns, check_every) -> tuple[int, int, int, int]:
+    """A scoring call's ``k``, ``n_second``, ``deadline_ns`` and ``check_every``, checked."""
+    return (
+        _as_int("k", k, 0, _INT64_MAX),
+        _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX),
+        _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
+        _as_int("check_every", check_every, 1, _INT64_MAX),
+    )
+
+
 @dataclass(slots=True)
 class TreeCall:
     """One tree-scoring call, validated, with its output buffers: what the compiled loops take.
@@ -660,20 +690,11 @@ class TreeCall:
             An argument has the wrong dtype, shape or range; the message names it.
         """
         _check_n("features", n)
-        _check_trees(trees, f)
         n_second = _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX)
-        if n_second <= 0 or n_second >= n or phases is None:
+        phases = checked_phases(trees, phases, f) if 0 < n_second < n else checked_phases(trees, None, f)
+        if phases is None:
             n_second, roots_first, roots_second = 0, trees.roots, _NO_ROOTS
         else:
-            if not isinstance(phases, TreePhases):
-                raise ValueError(
-                    f"phases must be a TreePhases (build it with TreePhases.of), got {type(phases).__name__}"
-                )
-            if len(phases.roots_first) + len(phases.roots_second) != trees.n_trees:
-                raise ValueError(
-                    f"phases split {len(phases.roots_first) + len(phases.roots_second)} trees; "
-                    f"the ensemble has {trees.n_trees}"
-                )
             roots_first, roots_second = phases.roots_first, phases.roots_second
         mask = _as_mask(mask, n)
         k = min(_as_int("k", k, 0, _INT64_MAX), n)

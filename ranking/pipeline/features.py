@@ -184,7 +184,7 @@ class FeatureTables:
         X = np.empty((len(cands), N_FEATURES), dtype=np.float32)
         if len(cands):
             with self.scratch.index(cands) as index:
-                self.kernel.fill(X, index, **self._request(req))
+                self.kernel.fill(X, index, **self.request_args(req))
         return X
 
     def assemble_and_score(self, req: Request, cands: np.ndarray, call: TreeCall) -> tuple[np.ndarray, TopK, int]:
@@ -198,10 +198,10 @@ class FeatureTables:
         """
         X = np.empty((len(cands), N_FEATURES), dtype=np.float32)
         with self.scratch.index(cands) as index:
-            top, filled_ns = self.kernel.fill_score(X, index, call, **self._request(req))
+            top, filled_ns = self.kernel.fill_score(X, index, call, **self.request_args(req))
         return X, top, filled_ns
 
-    def _request(self, req: Request) -> dict:
+    def request_args(self, req: Request) -> dict:
         """The kernel's request arguments."""
         # Without an event time (offline callers only: the server fills in its clock) the
         # request is taken to come just after the bundle's data.

@@ -100,6 +100,15 @@ class RankOverlay:
     def applied_rules(self) -> list[str]:
         return [r.name for r in self.rules]
 
+    def adjusts_candidates(self, model) -> bool:
+        """Whether :meth:`rule_mask` or :meth:`offsets` may change anything for some candidates
+        (False: the ranker merges, writes and scores them in one compiled call)."""
+        if any(r.suppress or r.exclude_categories or r.only_categories or r.demote_categories for r in self.rules):
+            return True
+        if not (len(self.negative_rows) or (len(self.recent_rows) and self.settings.interest_boost > 0)):
+            return False
+        return self.variant.use_context and model_cache(model).ready.is_set()
+
     def rule_mask(self, model, cands: np.ndarray) -> np.ndarray | None:
         """Candidates the exclusion/restriction/suppress rules exclude; None when no rule does.
 

@@ -19,8 +19,9 @@ from ranking.config import (  # re-exported: their home is the light ranking.con
 )
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
+from ranking.kernels.features import Answer
 from ranking.kernels.reranker import TreeScorer
-from ranking.kernels.scoring import TreeCall
+from ranking.kernels.scoring import TopK, TreeCall
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
 from ranking.pipeline.features import FEATURE_NAMES, FeatureTables, Purchases, Request
 from ranking.pipeline.query import RankQuery
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ranking.pipeline.overlay import RankOverlay
 
 _NO_ROWS = np.zeros(0, np.int32)
+_NO_MASK = np.zeros(0, bool)
 FEATURES = ("retrieval", "popularity", "recent_popularity", "segment_popularity")
 
 
@@ -82,6 +84,9 @@ class Prepared:
     retrieval: str = "none"
     # What the feature kernel is to write when rank() fuses features and scoring (prepare(fuse=True)).
     request: Request | None = None
+    # The candidate call's (pool, sources) when rank() is to merge, write and score in one call
+    # (prepare(fuse=True) with nothing to apply between them): rows and mask are then empty.
+    sources: tuple[np.ndarray, dict] | None = None
 
 
 class _StageClock:
@@ -319,9 +324,9 @@ class Ranker:
         n_candidates: int,
         effort: int,
         remaining_ms: float = float("inf"),
-    ) -> tuple[np.ndarray, np.ndarray, str]:
-        """Candidate rows, which of them to exclude, and how the embedding search found them
-        ("exact_head", "ann", "none").
+    ) -> tuple[np.ndarray, dict, str]:
+        """The candidate call's arguments (the pool and the other sources and exclusions), and
+        how the embedding search found the pool ("exact_head", "ann", "none").
 
         Python resolves the request's small arrays and runs the embedding search; one compiled
         call (:meth:`ranking.kernels.features.FeatureKernel.candidates`) merges every source and
@@ -370,17 +375,14 @@ class Ranker:
             excluded.append(session)
         if overlay is not None and len(overlay.exclude_rows):
             excluded.append(overlay.exclude_rows)
-        cands, mask = self.kernel.candidates(
-            self.scratch,
-            pool,
-            mask_user=urow,
-            exclude=np.concatenate(excluded) if excluded else _NO_ROWS,
-            **sources,
+        sources |= {
+            "mask_user": urow,
+            "exclude": np.concatenate(excluded) if excluded else _NO_ROWS,
             **self._category_filter(q),
-            min_price=q.min_price,
-            max_price=q.max_price,
-        )
-        return cands, mask, path
+            "min_price": q.min_price,
+            "max_price": q.max_price,
+        }
+        return pool, sources, path
 
     def _category_filter(self, q: RankQuery) -> dict:
         """The request's category filters as the kernel's codes: bit 0 excludes, bit 1 must be present."""
@@ -404,6 +406,90 @@ class Ranker:
         return {"category_codes": codes, "include_bits": include}
 
     # -- features --------------------------------------------------------------
+    def _score(
+        self,
+        prep: Prepared,
+        k: int,
+        budget: Budget,
+        offsets: np.ndarray | None,
+        clock: _StageClock,
+        timings: dict[str, float],
+    ) -> tuple[TopK, np.ndarray | None, bool]:
+        """The top-k of candidates already merged (and their features, when written here), and
+        whether the second phase was cut to the time left."""
+        cands, mask, feats = prep.rows, prep.mask, prep.features
+        n_second, cut = self.second_phase_candidates, False
+        if self.phase_seconds_per_candidate is not None and budget.deadline_ns:
+            n_second, cut = self.costs.plan_second_phase(budget.remaining_ms(), len(cands), n_second, *self._phase_ms())
+        if prep.request is not None:
+            # One compiled call writes the features and scores them (ranking.kernels.features).
+            scorer = self.scorer
+            assert self.tables is not None and isinstance(scorer, TreeScorer)
+            call = TreeCall.prepare(
+                len(cands),
+                len(FEATURE_NAMES),
+                scorer.trees,
+                scorer.phases,
+                mask,
+                k,
+                n_second,
+                offsets,
+                budget.deadline_ns,
+            )
+            feats, top, filled_ns = self.tables.assemble_and_score(prep.request, cands, call)
+            now = time.perf_counter()
+            scored_s = max(time.monotonic_ns() - filled_ns, 0) / 1e9
+            timings["features"] = max(now - clock.t - scored_s, 0.0)
+            timings["score"] = scored_s
+            clock.t = now
+        else:
+            assert feats is not None
+            top = self.scorer.score_topk(
+                feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns, n_second=n_second
+            )
+            clock.lap("score")
+        return top, feats, cut
+
+    def _merge_fill_score(
+        self, prep: Prepared, k: int, budget: Budget, clock: _StageClock, timings: dict[str, float]
+    ) -> Answer:
+        """The candidates merged, their features written and scored, in one compiled call
+        (``ranking.kernels.features.FeatureKernel.candidates_fill_score``); the stages timed
+        from the call's own clock."""
+        assert prep.sources is not None and prep.request is not None and self.tables is not None
+        scorer = self.scorer
+        assert isinstance(scorer, TreeScorer)
+        pool, sources = prep.sources
+        # The request carries the segment, session and purchases the merge reads too.
+        sources = {name: v for name, v in sources.items() if name not in ("seg", "session", "purchases")}
+        plan = None
+        if self.phase_seconds_per_candidate is not None and budget.deadline_ns:
+            plan = (*self._phase_ms(), self.costs.safety)
+        ans = self.kernel.candidates_fill_score(
+            self.scratch,
+            pool,
+            self.tables.request_args(prep.request),
+            trees=scorer.trees,
+            phases=scorer.phases,
+            k=k,
+            n_second=self.second_phase_candidates,
+            deadline_ns=budget.deadline_ns,
+            plan=plan,
+            **sources,
+        )
+        end_ns, now = time.monotonic_ns(), time.perf_counter()
+        total = now - clock.t
+        if ans.top is None:
+            timings["retrieve"] = total
+        else:
+            scored = max(end_ns - ans.filled_ns, 0) / 1e9
+            filled = max(ans.filled_ns - ans.merged_ns, 0) / 1e9
+            timings["retrieve"] = max(total - scored - filled, 0.0)
+            timings["features"] = filled
+            timings["score"] = scored
+        clock.t = now
+        return ans
+
     def _features(self, cands: np.ndarray, qvec: np.ndarray | None, seg: int) -> np.ndarray:
         m = self.model
         full = np.zeros((len(cands), len(FEATURES)), dtype=np.float32)
@@ -468,9 +554,25 @@ class Ranker:
         personal = -1 if reason == "variant" else urow
         if personal < 0:
             purchases = None
-        cands, mask, path = self._candidates(
+        pool, sources, path = self._candidates(
             q, rung, urow, personal, qvec, seg, session, purchases, overlay, n_cands, effort, remaining
         )
+        scoring = (budget is None or not budget.expired()) and (plan is None or plan.score)
+        if (
+            fuse
+            and scoring
+            and self.tables is not None
+            and self.scorer.kind == "trees"
+            and not self.config.debug_delay_us_per_candidate
+            and (overlay is None or not overlay.adjusts_candidates(self.model))
+        ):
+            # Nothing to apply between the merge and the features: rank() does both, and the
+            # scoring, in one compiled call.
+            request = Request(
+                int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
+            )
+            return Prepared(rung, reason, urow, _NO_ROWS, _NO_MASK, None, None, {}, path, request, (pool, sources))
+        cands, mask = self.kernel.candidates(self.scratch, pool, **sources)
         self._debug_delay("retrieve", len(cands))
         offsets: np.ndarray | None = None
         offset_parts: dict[str, np.ndarray] = {}
@@ -481,7 +583,7 @@ class Ranker:
             offsets, offset_parts = overlay.offsets(self.model, cands)
         clock.lap("retrieve")
         feats = None
-        if (budget is None or not budget.expired()) and (plan is None or plan.score):
+        if scoring and (budget is None or not budget.expired()):
             if self.tables is not None:
                 request = Request(
                     int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
@@ -548,6 +650,12 @@ class Ranker:
         degraded = ["retrieve"] if plan.cut else []
         started = time.perf_counter()
         prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget, fuse=True)
+        fused = None
+        if prep.sources is not None:
+            fused = self._merge_fill_score(prep, k, budget, clock, timings)
+            prep.rows, prep.mask = fused.rows, fused.mask
+            if fused.top is None:  # the deadline passed during the merge
+                prep.request = None
         rung, reason, cands, mask, feats = prep.rung, prep.reason, prep.rows, prep.mask, prep.features
         offsets, offset_parts = prep.offsets, prep.offset_parts
         if offsets is not None and self.offset_scale != 1.0:
@@ -562,40 +670,14 @@ class Ranker:
             degraded.append("retrieval_order")
             feats = None
         else:
-            n_second = self.second_phase_candidates
-            if self.phase_seconds_per_candidate is not None and budget.deadline_ns:
-                n_second, cut = self.costs.plan_second_phase(
-                    budget.remaining_ms(), len(cands), n_second, *self._phase_ms()
-                )
-                if cut:
-                    degraded.append("second_phase")
-            if prep.request is not None:
-                # One compiled call writes the features and scores them (ranking.kernels.features).
-                scorer = self.scorer
-                assert self.tables is not None and isinstance(scorer, TreeScorer)
-                call = TreeCall.prepare(
-                    len(cands),
-                    len(FEATURE_NAMES),
-                    scorer.trees,
-                    scorer.phases,
-                    mask,
-                    k,
-                    n_second,
-                    offsets,
-                    budget.deadline_ns,
-                )
-                feats, top, filled_ns = self.tables.assemble_and_score(prep.request, cands, call)
-                now = time.perf_counter()
-                scored_s = max(time.monotonic_ns() - filled_ns, 0) / 1e9
-                timings["features"] = max(now - clock.t - scored_s, 0.0)
-                timings["score"] = scored_s
-                clock.t = now
+            if fused is not None:
+                # The one compiled call planned the second phase, wrote the features and scored.
+                assert fused.top is not None
+                top, feats, cut = fused.top, fused.features, fused.second_cut
             else:
-                assert feats is not None
-                top = self.scorer.score_topk(
-                    feats, mask, k, offsets=offsets, deadline_ns=budget.deadline_ns, n_second=n_second
-                )
-                clock.lap("score")
+                top, feats, cut = self._score(prep, k, budget, offsets, clock, timings)
+            if cut:
+                degraded.append("second_phase")
             if top.second_cut and "second_phase" not in degraded:
                 degraded.append("second_phase")
             if top.n_scored < len(cands):

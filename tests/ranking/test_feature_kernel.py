@@ -10,6 +10,7 @@ and real-time purchases (some on the day of a bundle purchase) are drawn.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -314,9 +315,10 @@ def test_candidates_in_one_call_equal_the_numpy_oracle(which, request):
             slack = min(m.consumed.row_len(urow), ranker.config.max_consumed_slack) if urow >= 0 else 0
             pool, _ = ranker.ann.search(qvec, n_cands + slack, ranker.ann_effort)
         overlay = RankOverlay(exclude_rows=exclude, purchases=purchases)
-        got_rows, got_mask, _ = ranker._candidates(
+        pool_rows, sources, _ = ranker._candidates(
             q, rung, urow, personal, qvec, seg, session, purchases, overlay, n_cands, ranker.ann_effort
         )
+        got_rows, got_mask = ranker.kernel.candidates(ranker.scratch, pool_rows, **sources)
         want_rows, want_mask = oracle_candidates(
             ranker, q, rung, urow, personal, seg, session, purchases, exclude, n_cands, pool
         )
@@ -326,6 +328,83 @@ def test_candidates_in_one_call_equal_the_numpy_oracle(which, request):
     # The draws reached every rung, with and without purchases, and masked something.
     assert {k[0] for k in kinds} == set(Rung) and {k[1] for k in kinds} == {True, False}
     assert any(k[2] for k in kinds) and any(k[3] for k in kinds)
+
+
+def _scratch_is_clean(scratch: ItemScratch) -> bool:
+    with scratch.buffers() as (slot, mark):
+        return bool((slot == -1).all() and (mark == 0).all())
+
+
+@pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
+def test_one_crossing_equals_the_candidate_call_then_fill_and_score(which, request):
+    """The request's one compiled call (merge, features, scores) answers what the candidate
+    call followed by the feature-and-score call answers, on random requests of every shape:
+    the same candidates, mask, feature rows and top-k, one phase or two, with the deadline
+    already past (merged, nothing scored) and with the second phase cut to the time left."""
+    from ranking.kernels.scoring import TreeCall
+    from ranking.pipeline.ranker import Rung
+
+    m = request.getfixturevalue(which)
+    cfg = RankerConfig(n_candidates=30, popular_candidates=8, covis_candidates=12, buy_again_candidates=6)
+    ranker = Ranker(m, cfg)
+    scorer, kernel, tables, scratch = ranker.scorer, ranker.kernel, ranker.tables, ranker.scratch
+    assert tables is not None and scorer.kind == "trees"
+    phases = scorer.phases if scorer.phases is not None else None
+    end = int(m.manifest["data_window"]["end_unix"])
+    rng = np.random.default_rng(12)
+    seen = set()
+    for i in range(200):
+        q = _random_query(m, rng)
+        rung, reason, urow, qvec, seg, session = ranker._resolve(q, Rung(int(rng.integers(1, 5))))
+        personal = -1 if reason == "variant" else urow
+        purchases = None
+        if personal >= 0 and rng.random() < 0.5:
+            n_p = int(rng.integers(1, 6))
+            purchases = Purchases(
+                rng.integers(0, m.n_items, n_p).astype(np.int32),
+                (end + rng.integers(-DAY, 4 * DAY, n_p)).astype(np.int64),
+            )
+        pool, sources, _ = ranker._candidates(
+            q, rung, urow, personal, qvec, seg, session, purchases, None, int(rng.choice([30, 12])), ranker.ann_effort
+        )
+        req = Request(int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases)
+        k = int(rng.choice([1, 5, 10, 100]))
+        n_second = int(rng.choice([0, 4, 15])) if phases is not None else 0
+        case = ["plain", "expired", "cut"][i % 3] if phases is not None else ["plain", "expired"][i % 2]
+        deadline, plan = 0, None
+        if case == "expired":
+            deadline = 1  # long past
+        elif case == "cut":
+            # 10 s left, 70% of it usable, 1272.7 ms per row of the second phase: it fits 5 rows
+            # for as long as the call takes under 0.9 s.
+            deadline, plan, n_second = time.monotonic_ns() + 10_000_000_000, (0.0, 7000 / 5.5, 0.7), 15
+        merge_only = {name: v for name, v in sources.items() if name not in ("seg", "session", "purchases")}
+        got = kernel.candidates_fill_score(
+            scratch, pool, tables.request_args(req), trees=scorer.trees, phases=phases, k=k, n_second=n_second,
+            deadline_ns=deadline, plan=plan, **merge_only,
+        )  # fmt: skip
+        assert _scratch_is_clean(scratch)
+        rows, mask = kernel.candidates(scratch, pool, **sources)
+        np.testing.assert_array_equal(got.rows, rows, err_msg=str(q))
+        np.testing.assert_array_equal(got.mask, mask, err_msg=str(q))
+        if case == "expired":
+            assert got.top is None
+            continue
+        want_second = 5 if case == "cut" and len(rows) > 15 else n_second
+        if case == "cut" and 5 < len(rows) <= 15:
+            want_second = min(5, len(rows) - 1)
+        call = TreeCall.prepare(len(rows), len(FEATURE_NAMES), scorer.trees, phases, mask, k, want_second)
+        X, want, _ = tables.assemble_and_score(req, rows, call)
+        np.testing.assert_array_equal(got.features, X, err_msg=str(q))
+        np.testing.assert_array_equal(got.top.indices, want.indices, err_msg=str(q))
+        np.testing.assert_array_equal(got.top.scores, want.scores, err_msg=str(q))
+        assert got.top.n_scored == want.n_scored
+        assert got.n_second == call.n_second and got.second_cut == (case == "cut" and call.n_second > 0)
+        seen.add((case, got.n_second > 0, len(rows) > k))
+    # Every case was met, with both phases where the bundle has them, and with more candidates than k.
+    cases = {"plain", "expired", "cut"} if phases is not None else {"plain", "expired"}
+    assert {c for c, _, _ in seen} | {"expired"} == cases and any(more for _, _, more in seen)
+    assert any(two for c, two, _ in seen if c == ("cut" if phases is not None else "plain")) == (phases is not None)
 
 
 def test_bad_candidate_arguments_are_refused_with_the_reason(context_bundle):
