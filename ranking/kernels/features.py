@@ -483,35 +483,17 @@ class FeatureKernel:
         if status < 0:
             raise ValueError("the bundle's feature tables name a row outside the catalog: rebuild it")
 
-    def _args(
-        self,
-        X: np.ndarray,
-        index: CandidateIndex,
-        *,
-        rung: int,
-        urow: int,
-        seg: int,
-        t: int,
-        t_pop: int,
-        at_end: bool,
-        block: int,
-        weekday: int,
-        qvec: np.ndarray | None,
-        session: np.ndarray,
-        context_columns: Sequence[int],
-        purchases: tuple[np.ndarray, np.ndarray] | None,
-    ) -> tuple:
-        """The compiled entries' request arguments, checked."""
+    def _args(self, X: np.ndarray, index: CandidateIndex, **request) -> tuple:
+        """The compiled entries' arguments up to the scoring ones, checked (``request``: :meth:`fill`'s)."""
         n = len(index.cands)
         if X.shape != (n, len(COLUMNS)) or X.dtype != np.float32 or not X.flags.c_contiguous:
             raise ValueError(f"X must be a C-contiguous float32 ({n}, {len(COLUMNS)}) array")
-        weights, request = self._request_args(
-            rung, urow, seg, t, t_pop, at_end, block, weekday, qvec, session, context_columns, purchases
-        )
-        return (X, index.cands, index._slot, index.mark, np.empty(n, np.float64), weights, *request)
+        weights, checked = self._request_args(**request)
+        return (X, index.cands, index._slot, index.mark, np.empty(n, np.float64), weights, *checked)
 
     def _request_args(
         self,
+        *,
         rung: int,
         urow: int,
         seg: int,
