@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     # server does for every customer active since the last build.
     realtime_ms: list[float] = []
     t_end = float(model.manifest["data_window"]["end_unix"])
-    for j, row in enumerate(rows[args.warm : args.warm + min(args.users, 500)]):
+    folded = 0
+    for row in rows[args.warm : args.warm + min(args.users, 500)]:
         uid = str(model.users.ids[row])
         items = model.items.ids[rng.integers(0, len(model.items), args.realtime_events)]
         events = [
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         overlay = build_overlay(model, uid, events, now)
         ranker.rank(RankQuery(user_id=uid), overlay=overlay)
         realtime_ms.append(time.perf_counter() - t0)
-        if j == 0 and overlay.user_vector is None:
-            raise SystemExit("the fold-in is not ready: the bundle carries no Gram matrix")
+        folded += overlay.user_vector is not None
+    if not folded:
+        raise SystemExit("no real-time customer got a re-solved vector: the fold-in was not ready (no Gram matrix?)")
     out = {
         "bundle": path.name,
         "requests": n,

@@ -243,11 +243,11 @@ class FeatureKernel:
         """:meth:`candidates`, :meth:`fill` and the trees' top-k over the rows, in one compiled
         call without the GIL: a request's one crossing.
 
-        ``pool`` and ``sources`` are :meth:`candidates`' arguments (``t`` its buy-again time),
-        ``request`` :meth:`fill`'s (its ``urow``, ``seg``, ``session`` and ``purchases`` serve
-        the merge too); ``trees``, ``phases`` (None: one phase), ``k``, ``n_second`` (0: one
-        phase), ``deadline_ns`` and ``check_every`` are a tree-scoring call's
-        (``ranking.kernels.scoring.TreeCall``). With ``plan`` = (first-phase ms per row, ms per
+        ``pool`` and ``sources`` are :meth:`candidates`' arguments (``t`` its buy-again time)
+        but for ``seg``, ``session`` and ``purchases``, which are ``request``'s (:meth:`fill`'s
+        arguments), checked once for both; ``trees``, ``phases`` (None: one phase), ``k``,
+        ``n_second`` (0: one phase), ``deadline_ns`` and ``check_every`` are a tree-scoring
+        call's (``ranking.kernels.scoring.TreeCall``). With ``plan`` = (first-phase ms per row, ms per
         row of the trees the second adds, share of the time left to use) and a deadline, the
         second phase is first cut to what the time left after the merge affords, as
         ``ranking.pipeline.budget.CostModel.plan_second_phase`` does.
@@ -257,31 +257,9 @@ class FeatureKernel:
         ValueError
             An argument is out of range or of the wrong shape.
         """
-        seg, session, purchases = request["seg"], request["session"], request["purchases"]
-        args = self._candidate_args(
-            pool,
-            seg,
-            sources.pop("n_seg", 0),
-            sources.pop("n_popular", 0),
-            sources.pop("source_user", -1),
-            session,
-            sources.pop("n_again", 0),
-            sources.pop("t", 0),
-            purchases,
-            sources.pop("n_covis", 0),
-            sources.pop("n_recent_popular", 0),
-            sources.pop("n_ease", 0),
-            sources.pop("mask_user", -1),
-            sources.pop("exclude", _I32),
-            sources.pop("category_codes", None),
-            sources.pop("include_bits", 0),
-            sources.pop("min_price", 0.0),
-            sources.pop("max_price", 0.0),
-        )
-        if sources:
-            raise ValueError(f"unknown candidate arguments {sorted(sources)}")
         weights, req = self._request_args(**request)
-        rung, urow, _, t, t_pop, at_end, block, weekday, qvec, _, ctx_cols, _, _ = req
+        rung, urow, seg, t, t_pop, at_end, block, weekday, qvec, session, ctx_cols, p_rows, p_times = req
+        args = self._candidate_args(pool, session, p_rows, p_times, seg=seg, **sources)
         phases = checked_phases(trees, phases, len(COLUMNS))
         k, n_second, deadline_ns, check_every = loop_ints(k, n_second, deadline_ns, check_every)
         first_ms, rest_ms, safety = plan if plan is not None else (-1.0, 0.0, 1.0)
@@ -329,27 +307,7 @@ class FeatureKernel:
         return Answer(rows, mask, X, top, n2, bool(cut), merged_ns, filled_ns)
 
     def candidates(
-        self,
-        scratch: ItemScratch,
-        pool,
-        *,
-        seg: int = -1,
-        n_seg: int = 0,
-        n_popular: int = 0,
-        source_user: int = -1,
-        session=_I32,
-        n_again: int = 0,
-        t: int = 0,
-        purchases: tuple[np.ndarray, np.ndarray] | None = None,
-        n_covis: int = 0,
-        n_recent_popular: int = 0,
-        n_ease: int = 0,
-        mask_user: int = -1,
-        exclude=_I32,
-        category_codes: np.ndarray | None = None,
-        include_bits: int = 0,
-        min_price: float = 0.0,
-        max_price: float = 0.0,
+        self, scratch: ItemScratch, pool, *, session=_I32, purchases: tuple | None = None, **sources
     ) -> tuple[np.ndarray, np.ndarray]:
         """One request's candidates from every source, merged, and which of them to exclude, in one call.
 
@@ -379,24 +337,7 @@ class FeatureKernel:
             An argument is out of range or of the wrong shape.
         """
         args = self._candidate_args(
-            pool,
-            seg,
-            n_seg,
-            n_popular,
-            source_user,
-            session,
-            n_again,
-            t,
-            purchases,
-            n_covis,
-            n_recent_popular,
-            n_ease,
-            mask_user,
-            exclude,
-            category_codes,
-            include_bits,
-            min_price,
-            max_price,
+            pool, _int32_rows("session", session, self.n_items), *self._purchases(purchases), **sources
         )
         with scratch.buffers() as (slot, mark):
             return self._kernel.candidates(*(*args, slot, mark))
@@ -404,25 +345,28 @@ class FeatureKernel:
     def _candidate_args(
         self,
         pool,
-        seg: int,
-        n_seg: int,
-        n_popular: int,
-        source_user: int,
-        session,
-        n_again: int,
-        t: int,
-        purchases: tuple[np.ndarray, np.ndarray] | None,
-        n_covis: int,
-        n_recent_popular: int,
-        n_ease: int,
-        mask_user: int,
-        exclude,
-        category_codes: np.ndarray | None,
-        include_bits: int,
-        min_price: float,
-        max_price: float,
+        session: np.ndarray,
+        p_rows: np.ndarray,
+        p_times: np.ndarray,
+        *,
+        seg: int = -1,
+        n_seg: int = 0,
+        n_popular: int = 0,
+        source_user: int = -1,
+        n_again: int = 0,
+        t: int = 0,
+        n_covis: int = 0,
+        n_recent_popular: int = 0,
+        n_ease: int = 0,
+        mask_user: int = -1,
+        exclude=_I32,
+        category_codes: np.ndarray | None = None,
+        include_bits: int = 0,
+        min_price: float = 0.0,
+        max_price: float = 0.0,
     ) -> tuple[Any, ...]:
-        """:meth:`candidates`' arguments, checked, in the compiled entry's order (scratch last, not here)."""
+        """:meth:`candidates`' arguments, checked (``session`` and the purchases already are), in
+        the compiled entry's order, the scratch left out."""
         self._check_rows(source_user, seg)
         self._check_rows(mask_user, -1)
         counts = {"n_seg": n_seg, "n_popular": n_popular, "n_again": n_again, "n_covis": n_covis}
@@ -441,14 +385,13 @@ class FeatureKernel:
                 raise ValueError(f"category codes must have one entry per category ({self.n_categories})")
         if not 0 <= include_bits < 1 << 32:
             raise ValueError(f"include bits {include_bits} do not fit the uint32 category codes")
-        p_rows, p_times = self._purchases(purchases)
         return (
             _int32_rows("candidate pool", pool, self.n_items, allow_missing=True),
             int(seg),
             int(n_seg),
             int(n_popular),
             int(source_user),
-            _int32_rows("session", session, self.n_items),
+            session,
             int(n_again),
             int(t),
             p_rows,

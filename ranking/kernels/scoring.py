@@ -123,11 +123,11 @@ def _loop_args(offsets, n: int, deadline_ns, check_every) -> tuple[np.ndarray, i
         offsets = _as_float32("offsets", offsets, 1)
         if offsets.shape[0] != n:
             raise ValueError(f"offsets must have shape ({n},) to match features, got shape {offsets.shape}")
-    return (
-        offsets,
-        _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
-        _as_int("check_every", check_every, 1, _INT64_MAX),
-    )
+    return (offsets, *_deadline_ints(deadline_ns, check_every))
+
+
+def _deadline_ints(deadline_ns, check_every) -> tuple[int, int]:
+    return _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX), _as_int("check_every", check_every, 1, _INT64_MAX)
 
 
 _NO_ROOTS = np.zeros(0, np.int32)
@@ -635,12 +635,8 @@ def checked_phases(trees, phases, f: int) -> TreePhases | None:
 
 def loop_ints(k, n_second, deadline_ns, check_every) -> tuple[int, int, int, int]:
     """A scoring call's ``k``, ``n_second``, ``deadline_ns`` and ``check_every``, checked."""
-    return (
-        _as_int("k", k, 0, _INT64_MAX),
-        _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX),
-        _as_int("deadline_ns", deadline_ns, 0, _INT64_MAX),
-        _as_int("check_every", check_every, 1, _INT64_MAX),
-    )
+    k, n_second = _as_int("k", k, 0, _INT64_MAX), _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX)
+    return (k, n_second, *_deadline_ints(deadline_ns, check_every))
 
 
 @dataclass(slots=True)
@@ -691,7 +687,7 @@ class TreeCall:
         """
         _check_n("features", n)
         n_second = _as_int("n_second", n_second, -_INT64_MAX, _INT64_MAX)
-        phases = checked_phases(trees, phases, f) if 0 < n_second < n else checked_phases(trees, None, f)
+        phases = checked_phases(trees, phases if 0 < n_second < n else None, f)
         if phases is None:
             n_second, roots_first, roots_second = 0, trees.roots, _NO_ROOTS
         else:

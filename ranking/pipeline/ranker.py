@@ -325,8 +325,9 @@ class Ranker:
         effort: int,
         remaining_ms: float = float("inf"),
     ) -> tuple[np.ndarray, dict, str]:
-        """The candidate call's arguments (the pool and the other sources and exclusions), and
-        how the embedding search found the pool ("exact_head", "ann", "none").
+        """The candidate call's arguments but the segment, session and purchases (which the
+        request carries to the features too): the pool and the other sources' counts and the
+        exclusions; and how the embedding search found the pool ("exact_head", "ann", "none").
 
         Python resolves the request's small arrays and runs the embedding search; one compiled
         call (:meth:`ranking.kernels.features.FeatureKernel.candidates`) merges every source and
@@ -350,7 +351,6 @@ class Ranker:
         sources: dict = {}
         if not q.candidate_item_ids:
             sources = {
-                "seg": seg,
                 "n_seg": n_candidates if seg >= 0 else 0,
                 "n_popular": min(cfg.popular_candidates, n_candidates) if searched or seg >= 0 else n_candidates,
             }
@@ -359,7 +359,6 @@ class Ranker:
                 n_covis = max(1, int(cfg.covis_candidates * scale))
                 sources |= {
                     "source_user": personal,
-                    "session": session,
                     "n_covis": n_covis,
                     "n_recent_popular": max(1, int(cfg.popular_candidates * scale)),
                     "n_ease": n_covis,
@@ -368,7 +367,6 @@ class Ranker:
                     sources |= {
                         "n_again": max(1, int(cfg.buy_again_candidates * scale)),
                         "t": int(q.event_time) if q.event_time is not None else self.tables.data_end + 1,
-                        "purchases": (purchases.rows, purchases.times) if purchases is not None else None,
                     }
         excluded = [m.items.lookup(q.exclude_item_ids)] if q.exclude_item_ids else []
         if rung == Rung.SESSION and len(session):
@@ -383,6 +381,20 @@ class Ranker:
             "max_price": q.max_price,
         }
         return pool, sources, path
+
+    def _merge(
+        self, pool: np.ndarray, sources: dict, seg: int, session: np.ndarray, purchases: Purchases | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates of :meth:`_candidates`' arguments, merged, and which to exclude, in one
+        compiled call (the request's first of two when something applies before the features)."""
+        return self.kernel.candidates(
+            self.scratch,
+            pool,
+            seg=seg,
+            session=session,
+            purchases=(purchases.rows, purchases.times) if purchases is not None else None,
+            **sources,
+        )
 
     def _category_filter(self, q: RankQuery) -> dict:
         """The request's category filters as the kernel's codes: bit 0 excludes, bit 1 must be present."""
@@ -460,8 +472,6 @@ class Ranker:
         scorer = self.scorer
         assert isinstance(scorer, TreeScorer)
         pool, sources = prep.sources
-        # The request carries the segment, session and purchases the merge reads too.
-        sources = {name: v for name, v in sources.items() if name not in ("seg", "session", "purchases")}
         plan = None
         if self.phase_seconds_per_candidate is not None and budget.deadline_ns:
             plan = (*self._phase_ms(), self.costs.safety)
@@ -572,7 +582,7 @@ class Ranker:
                 int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
             )
             return Prepared(rung, reason, urow, _NO_ROWS, _NO_MASK, None, None, {}, path, request, (pool, sources))
-        cands, mask = self.kernel.candidates(self.scratch, pool, **sources)
+        cands, mask = self._merge(pool, sources, seg, session, purchases)
         self._debug_delay("retrieve", len(cands))
         offsets: np.ndarray | None = None
         offset_parts: dict[str, np.ndarray] = {}
@@ -650,18 +660,22 @@ class Ranker:
         degraded = ["retrieve"] if plan.cut else []
         started = time.perf_counter()
         prep = self.prepare(q, clock, overlay=overlay, plan=plan, budget=budget, fuse=True)
-        fused = None
-        if prep.sources is not None:
-            fused = self._merge_fill_score(prep, k, budget, clock, timings)
-            prep.rows, prep.mask = fused.rows, fused.mask
-            if fused.top is None:  # the deadline passed during the merge
-                prep.request = None
         rung, reason, cands, mask, feats = prep.rung, prep.reason, prep.rows, prep.mask, prep.features
         offsets, offset_parts = prep.offsets, prep.offset_parts
         if offsets is not None and self.offset_scale != 1.0:
             offsets = offsets * np.float32(self.offset_scale)
             offset_parts = {name: part * np.float32(self.offset_scale) for name, part in offset_parts.items()}
-        if (feats is None and prep.request is None) or budget.expired():
+        scored: tuple[TopK, np.ndarray | None, bool] | None = None
+        if prep.sources is not None:
+            # One compiled call merged, planned the second phase, wrote the features and scored;
+            # its answer stands even if the deadline passed during it (its loop stopped there).
+            fused = self._merge_fill_score(prep, k, budget, clock, timings)
+            cands, mask = fused.rows, fused.mask
+            if fused.top is not None:  # None: the deadline had passed once they were merged
+                scored = fused.top, fused.features, fused.second_cut
+        elif (feats is not None or prep.request is not None) and not budget.expired():
+            scored = self._score(prep, k, budget, offsets, clock, timings)
+        if scored is None:
             order = np.linspace(1.0, 0.0, len(cands), endpoint=False, dtype=np.float32)
             if offsets is not None:
                 # Rules and real-time demotions still hold when there is no time to score.
@@ -670,12 +684,7 @@ class Ranker:
             degraded.append("retrieval_order")
             feats = None
         else:
-            if fused is not None:
-                # The one compiled call planned the second phase, wrote the features and scored.
-                assert fused.top is not None
-                top, feats, cut = fused.top, fused.features, fused.second_cut
-            else:
-                top, feats, cut = self._score(prep, k, budget, offsets, clock, timings)
+            top, feats, cut = scored
             if cut:
                 degraded.append("second_phase")
             if top.second_cut and "second_phase" not in degraded:

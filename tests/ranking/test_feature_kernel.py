@@ -26,6 +26,7 @@ from ranking import FEATURE_NAMES, Ranker, RankerConfig, RankingModel, RankQuery
 from ranking.bundle.schema import CONTEXT_FIELDS
 from ranking.errors import BundleError
 from ranking.kernels.rows import ItemScratch
+from ranking.pipeline.budget import Budget
 from ranking.pipeline.features import DAY, RANKED, Purchases, Request
 from ranking.pipeline.overlay import RankOverlay
 
@@ -251,6 +252,33 @@ def test_rank_in_one_crossing_equals_features_then_scoring(which, request):
             assert {"features", "score"} <= set(got.stage_seconds) and got.stage_seconds["features"] > 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _DeadlinePassesAfterMerge(Budget):
+    """A budget whose deadline reads as passed from its second reading on, with no deadline for
+    the compiled loops: time was left when the Rank planned its work, none once the one
+    compiled call had answered."""
+
+    readings: list = dataclasses.field(default_factory=list)
+
+    def expired(self) -> bool:
+        self.readings.append(None)
+        return len(self.readings) > 1
+
+
+def test_an_answer_scored_in_the_one_call_stands_when_the_deadline_passes_during_it(grocery_bundle):
+    """The call stops its own loops at the deadline (and says how far it got); a deadline that
+    passes while it runs must not throw its scored answer away for retrieval order."""
+    ranker = Ranker(grocery_bundle)
+    for user in [str(u) for u in grocery_bundle.users.ids[:10]]:
+        q = RankQuery(user_id=user, num_results=8)
+        want = ranker.rank(q)
+        budget = _DeadlinePassesAfterMerge(deadline_ns=0, total_ms=10.0)
+        got = ranker.rank(q, budget)
+        assert budget.readings, "the Rank never read its budget"
+        assert "retrieval_order" not in got.degraded_stages
+        assert got.item_ids == want.item_ids and got.scores == want.scores
+
+
 def _random_query(m: RankingModel, rng: np.random.Generator) -> RankQuery:
     """A Rank request of any shape: every kind of customer, session, filter and time."""
     end = int(m.manifest["data_window"]["end_unix"])
@@ -318,7 +346,7 @@ def test_candidates_in_one_call_equal_the_numpy_oracle(which, request):
         pool_rows, sources, _ = ranker._candidates(
             q, rung, urow, personal, qvec, seg, session, purchases, overlay, n_cands, ranker.ann_effort
         )
-        got_rows, got_mask = ranker.kernel.candidates(ranker.scratch, pool_rows, **sources)
+        got_rows, got_mask = ranker._merge(pool_rows, sources, seg, session, purchases)
         want_rows, want_mask = oracle_candidates(
             ranker, q, rung, urow, personal, seg, session, purchases, exclude, n_cands, pool
         )
@@ -378,13 +406,12 @@ def test_one_crossing_equals_the_candidate_call_then_fill_and_score(which, reque
             # 10 s left, 70% of it usable, 1272.7 ms per row of the second phase: it fits 5 rows
             # for as long as the call takes under 0.9 s.
             deadline, plan, n_second = time.monotonic_ns() + 10_000_000_000, (0.0, 7000 / 5.5, 0.7), 15
-        merge_only = {name: v for name, v in sources.items() if name not in ("seg", "session", "purchases")}
         got = kernel.candidates_fill_score(
             scratch, pool, tables.request_args(req), trees=scorer.trees, phases=phases, k=k, n_second=n_second,
-            deadline_ns=deadline, plan=plan, **merge_only,
+            deadline_ns=deadline, plan=plan, **sources,
         )  # fmt: skip
         assert _scratch_is_clean(scratch)
-        rows, mask = kernel.candidates(scratch, pool, **sources)
+        rows, mask = ranker._merge(pool, sources, seg, session, purchases)
         np.testing.assert_array_equal(got.rows, rows, err_msg=str(q))
         np.testing.assert_array_equal(got.mask, mask, err_msg=str(q))
         if case == "expired":

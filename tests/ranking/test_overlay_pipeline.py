@@ -91,3 +91,42 @@ def test_a_popular_arm_ranks_as_for_a_visitor_minus_the_users_exclusions(ranker)
         gone = set(m.items.id_of(np.asarray(m.consumed.row(row))))
         assert arm.rung.name == "POPULAR" and arm.fallback_reason == "variant"
         assert arm.item_ids == [i for i in anon.item_ids if i not in gone][:10]
+
+
+def test_an_overlay_adjusts_candidates_exactly_when_its_masks_or_offsets_do(ranker):
+    """The Ranker merges, writes and scores in one compiled call only when the overlay says it
+    adjusts nothing after the merge: that must hold whenever its rule mask and offsets are None,
+    and the one call must be taken whenever they are (random events, rules and variants)."""
+    from ranking import OverlaySettings
+
+    m = ranker.model
+    rng = np.random.default_rng(5)
+    cats = [str(c) for c in m.category_names.ids]
+    rule_kinds = [
+        {},
+        {"suppress": True},
+        {"exclude_categories": [cats[0]]},
+        {"only_categories": [cats[1]]},
+        {"demote_categories": [cats[2]], "demote_by": 0.5},
+    ]
+    now = time.time()
+    seen = set()
+    for _ in range(120):
+        user = f"u{rng.integers(20)}"
+        types = ["view", "click", "purchase", "skip", "dislike"]
+        events = [
+            Event(user, f"i{rng.integers(m.n_items)}", str(rng.choice(types)), now - float(rng.integers(60)))
+            for _ in range(int(rng.integers(0, 5)))
+        ]
+        kind = rule_kinds[rng.integers(len(rule_kinds))]
+        rules = parse_rules([{"name": "r", "when": {"channel": "web"}, **kind}], "t") if kind else []
+        variant = VARIANTS[str(rng.choice(["ONE_TO_ONE", "ONE_TO_ONE_NO_CONTEXT", "POPULAR"]))]
+        settings = OverlaySettings(interest_boost=float(rng.choice([0.0, 2.0])))
+        ov = build_overlay(m, user, events, now, variant, rules, settings)
+        cands = rng.choice(m.n_items, 30, replace=False).astype(np.int32)
+        changes = ov.rule_mask(m, cands) is not None or ov.offsets(m, cands)[0] is not None
+        assert ov.adjusts_candidates(m) == changes, (events, kind, variant, settings)
+        seen.add((changes, bool(events), bool(kind)))
+    # Both answers met, with and without events and rules.
+    assert {(c, e) for c, e, _ in seen} >= {(True, True), (False, True), (False, False)}
+    assert any(c and not e and r for c, e, r in seen)
