@@ -129,6 +129,12 @@ class FeatureKernel:
         first_ms: float,
         rest_ms: float,
         safety: float,
+        skip_rows: npt.NDArray[np.int32],
+        interest_rows: npt.NDArray[np.int32],
+        inv_norms: npt.NDArray[np.float32],
+        skip_penalty: float,
+        interest_boost: float,
+        offset_scale: float,
     ) -> tuple[
         npt.NDArray[np.int32],
         npt.NDArray[np.bool_],
@@ -145,4 +151,6 @@ class FeatureKernel:
         bool,
         int,
         int,
+        npt.NDArray[np.float32] | None,
+        npt.NDArray[np.float32] | None,
     ]: ...

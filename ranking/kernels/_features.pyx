@@ -781,6 +781,12 @@ cdef class FeatureKernel:
         float64_t first_ms,
         float64_t rest_ms,
         float64_t safety,
+        const int32_t[::1] skip_rows,
+        const int32_t[::1] interest_rows,
+        const float32_t[::1] inv_norms,
+        float32_t skip_penalty,
+        float32_t interest_boost,
+        float32_t offset_scale,
     ):
         """:meth:`candidates`, then :meth:`fill_score` over them, in one call without the GIL.
 
@@ -798,6 +804,12 @@ cdef class FeatureKernel:
         deadline had passed once the candidates were merged (nothing written or scored);
         ``n_second`` the second phase's rows (0: one phase) and ``cut`` whether the plan cut
         it; the times CLOCK_MONOTONIC.
+
+        With ``skip_rows`` or ``interest_rows`` (real-time skips and recent items, ``inv_norms``
+        every item's 1/|factor|), every merged candidate's real-time score offset is computed
+        before the time check (``_realtime_offsets``) and added to its score; they come back as
+        ``offsets`` and ``parts`` (the skip penalty's row and the interest boost's), after
+        ``filled_ns``, for the answer in retrieval order and for explain.
         """
         cdef _Merge b = self._sized(pool, seg, n_seg, n_popular, source_user, session, n_again, p_rows, n_covis,
                                     n_recent_popular, n_ease)
@@ -812,7 +824,13 @@ cdef class FeatureKernel:
         cdef float64_t[::1] first_acc = np.empty(bound, np.float64)
         cdef float32_t[::1] first_scores = np.empty(min(bound, max(n_second, k, 1)), np.float32)
         cdef int32_t[::1] first_indices = np.empty(min(bound, max(n_second, k, 1)), np.int32)
-        cdef float32_t[::1] offsets = np.zeros(bound, np.float32)
+        offsets_arr = np.zeros(bound, np.float32)
+        parts_arr = np.zeros((2, bound), np.float32)
+        cdef float32_t[::1] offsets = offsets_arr
+        cdef float32_t[:, ::1] parts = parts_arr
+        cdef bint realtime = skip_rows.shape[0] > 0 or interest_rows.shape[0] > 0
+        cdef Py_ssize_t n_unit = skip_rows.shape[0] + interest_rows.shape[0] + 1 if realtime else 0
+        cdef float32_t[:, ::1] unit = np.empty((n_unit, self.item_factors.shape[1]), np.float32)
         cdef Py_ssize_t n, i, kk = 0, m, fit, n2 = n_second, status = 0
         cdef Py_ssize_t n_kept = 0, n_scored = 0, n_done = 0, n_planned = 0
         cdef bint cut = False, expired = False
@@ -824,6 +842,9 @@ cdef class FeatureKernel:
         with nogil:
             n = self._merge(b, source_user, session, t_again, p_rows, p_times, mask_user, exclude, category_codes,
                             include_bits, min_price, max_price, slot, mark, True)
+            if realtime and n > 0:
+                self._realtime_offsets(b.out[:n], skip_rows, interest_rows, inv_norms, skip_penalty,
+                                       interest_boost, offset_scale, unit, offsets[:n], parts[:, :n])
             clock_gettime(CLOCK_MONOTONIC, &ts)
             merged_ns = filled_ns = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
             if n < 0:
@@ -862,7 +883,76 @@ cdef class FeatureKernel:
             for i in range(n):
                 slot[b.out[i]] = -1
         return (b.rows[:n], b.mask[:n].view(np.bool_), X_arr[:n], out_scores_arr, out_indices_arr, status, expired,
-                n_kept, n_scored, n_done, n_planned, n2, cut, merged_ns, filled_ns)
+                n_kept, n_scored, n_done, n_planned, n2, cut, merged_ns, filled_ns,
+                offsets_arr[:n] if realtime else None, parts_arr[:, :n] if realtime else None)
+
+    cdef void _realtime_offsets(
+        self,
+        const int32_t[::1] cands,
+        const int32_t[::1] skip_rows,
+        const int32_t[::1] interest_rows,
+        const float32_t[::1] inv_norms,
+        float32_t skip_penalty,
+        float32_t interest_boost,
+        float32_t scale,
+        float32_t[:, ::1] unit,
+        float32_t[::1] offsets,
+        float32_t[:, ::1] parts,
+    ) noexcept nogil:
+        """Each candidate's real-time score offset, as ``RankOverlay.offsets`` computes it in NumPy
+        (``ranking.pipeline.overlay``; equal within float32 rounding of the cosines).
+
+        Skip penalty (``parts[0]``): minus ``skip_penalty`` times the candidate's largest cosine
+        with a skipped item, clipped to [0, 1]; 1 for a skipped item itself. Interest boost
+        (``parts[1]``): the largest cosine with a recent item, clipped to [0, 1] (0 for a recent
+        item itself), scaled to this request's candidates (the closest get ``interest_boost``,
+        the farthest none). ``offsets`` is their sum; all three times ``scale``. ``unit`` is
+        scratch of (len(skip_rows) + len(interest_rows) + 1, d) rows; the rows are valid.
+        """
+        cdef Py_ssize_t n = cands.shape[0], d = self.item_factors.shape[1], i, j, r
+        cdef Py_ssize_t n_skip = skip_rows.shape[0], n_interest = interest_rows.shape[0]
+        cdef Py_ssize_t m = n_skip + n_interest
+        cdef int32_t c
+        cdef float32_t w, best, sim, lo = INFINITY, hi = -INFINITY
+        cdef float32_t* cf = &unit[m, 0]
+        cdef bint own
+        # Unit factors of the skipped and recent items, then of each candidate in turn.
+        for r in range(m):
+            c = skip_rows[r] if r < n_skip else interest_rows[r - n_skip]
+            w = inv_norms[c]
+            for j in range(d):
+                unit[r, j] = self.item_factors[c, j] * w
+        for i in range(n):
+            c = cands[i]
+            w = inv_norms[c]
+            for j in range(d):
+                cf[j] = self.item_factors[c, j] * w
+            if n_skip:
+                best, own = -INFINITY, False
+                for r in range(n_skip):
+                    best = max(best, _dot(cf, &unit[r, 0], d))
+                    own = own or skip_rows[r] == c
+                # The skipped item itself may have no factor (the build never saw it): pushed down anyway.
+                sim = 1.0 if own else min(max(best, <float32_t>0.0), <float32_t>1.0)
+                parts[0, i] = -skip_penalty * sim
+            if n_interest:
+                best, own = -INFINITY, False
+                for r in range(n_skip, m):
+                    best = max(best, _dot(cf, &unit[r, 0], d))
+                    own = own or interest_rows[r - n_skip] == c
+                sim = 0.0 if own else min(max(best, <float32_t>0.0), <float32_t>1.0)
+                parts[1, i] = sim
+                lo = min(lo, sim)
+                hi = max(hi, sim)
+        for i in range(n):
+            if n_interest:
+                # Relative to this request's candidates, whatever the embedding's baseline similarity.
+                parts[1, i] = interest_boost * ((parts[1, i] - lo) / (hi - lo)) if hi > lo else 0.0
+            offsets[i] = parts[0, i] + parts[1, i]
+            if scale != 1.0:
+                offsets[i] = offsets[i] * scale
+                parts[0, i] = parts[0, i] * scale
+                parts[1, i] = parts[1, i] * scale
 
     cdef Py_ssize_t _fill(
         self,

@@ -5,7 +5,7 @@ server forks its workers) and checks the bundle's tables once, so a request pays
 for validating its own small arrays. ``ranking.pipeline.features`` resolves the request
 (time, hour block, context columns); the Ranker then merges a request's candidates,
 writes their features and scores them in one call (:meth:`FeatureKernel.candidates_fill_score`),
-or in two when rules or real-time offsets apply between the merge and the features
+or in two when context rules apply between the merge and the features
 (:meth:`FeatureKernel.candidates`, then :meth:`FeatureKernel.fill_score`); the builder's
 training rows come from :meth:`FeatureKernel.fill`. Other packages import only this module.
 """
@@ -23,7 +23,32 @@ from ranking.kernels import _features
 from ranking.kernels.rows import CandidateIndex, ItemScratch, _int32_rows
 from ranking.kernels.scoring import TopK, TreeCall, checked_phases, loop_ints
 
-__all__ = ["COLUMNS", "Answer", "FeatureKernel"]
+__all__ = ["COLUMNS", "Answer", "FeatureKernel", "RealtimeOffsets"]
+
+
+class RealtimeOffsets(NamedTuple):
+    """What a customer's events since the bundle add to their candidates' scores, for
+    :meth:`FeatureKernel.candidates_fill_score` to compute after the merge
+    (``ranking.pipeline.overlay.RankOverlay.offsets`` computes the same in NumPy).
+
+    Attributes
+    ----------
+    skip_rows : np.ndarray
+        Skipped items (int32 rows): a candidate loses ``skip_penalty`` times its largest cosine
+        with them.
+    interest_rows : np.ndarray
+        Recent items (int32 rows): a candidate gains up to ``interest_boost`` by its largest
+        cosine with them, scaled to the request's candidates.
+    inv_norms : np.ndarray
+        1/|factor| of every item (float32).
+    skip_penalty, interest_boost : float
+    """
+
+    skip_rows: np.ndarray
+    interest_rows: np.ndarray
+    inv_norms: np.ndarray
+    skip_penalty: float
+    interest_boost: float
 
 
 class Answer(NamedTuple):
@@ -43,6 +68,11 @@ class Answer(NamedTuple):
         Whether the plan cut the second phase to the time left.
     merged_ns, filled_ns : int
         CLOCK_MONOTONIC nanoseconds when the candidates were merged and their rows written.
+    offsets : np.ndarray or None
+        The real-time score offset of every candidate (float32, scaled), None without
+        :class:`RealtimeOffsets`.
+    offset_parts : dict
+        ``"realtime_skip"`` and ``"realtime_interest"``: what each added, where it applied (explain).
     """
 
     rows: np.ndarray
@@ -53,6 +83,8 @@ class Answer(NamedTuple):
     second_cut: bool
     merged_ns: int
     filled_ns: int
+    offsets: np.ndarray | None
+    offset_parts: dict[str, np.ndarray]
 
 
 COLUMNS: tuple[str, ...] = tuple(_features.COLUMNS)
@@ -238,6 +270,8 @@ class FeatureKernel:
         deadline_ns: int = 0,
         plan: tuple[float, float, float] | None = None,
         check_every: int = 32,
+        realtime: RealtimeOffsets | None = None,
+        offset_scale: float = 1.0,
         **sources,
     ) -> Answer:
         """:meth:`candidates`, :meth:`fill` and the trees' top-k over the rows, in one compiled
@@ -250,7 +284,8 @@ class FeatureKernel:
         call's (``ranking.kernels.scoring.TreeCall``). With ``plan`` = (first-phase ms per row, ms per
         row of the trees the second adds, share of the time left to use) and a deadline, the
         second phase is first cut to what the time left after the merge affords, as
-        ``ranking.pipeline.budget.CostModel.plan_second_phase`` does.
+        ``ranking.pipeline.budget.CostModel.plan_second_phase`` does. With ``realtime``, every
+        candidate's real-time offset, times ``offset_scale``, is added to its score, and returned.
 
         Raises
         ------
@@ -265,9 +300,10 @@ class FeatureKernel:
         first_ms, rest_ms, safety = plan if plan is not None else (-1.0, 0.0, 1.0)
         if plan is not None and not (first_ms >= 0 and rest_ms >= 0 and 0 < safety <= 1):
             raise ValueError(f"a second-phase plan needs costs >= 0 and a share in (0, 1], got {plan}")
+        offset_args = self._offset_args(realtime, offset_scale)
         with scratch.buffers() as (slot, mark):
             (rows, mask, X, out_scores, out_indices, status, expired, n_kept, n_scored, n_done, n_planned, n2, cut,
-             merged_ns, filled_ns) = self._kernel.candidates_fill_score(*(
+             merged_ns, filled_ns, offsets, parts) = self._kernel.candidates_fill_score(*(
                 *args,
                 slot,
                 mark,
@@ -298,13 +334,35 @@ class FeatureKernel:
                 float(first_ms),
                 float(rest_ms),
                 float(safety),
+                *offset_args,
             ))  # fmt: skip
         self._raise_for(status)
         top = None
         if not expired:
             scores, indices = out_scores[:n_kept], out_indices[:n_kept]
             top = TopK(indices, scores, n_scored, n_done, n_done < n_planned) if n2 else TopK(indices, scores, n_scored)
-        return Answer(rows, mask, X, top, n2, bool(cut), merged_ns, filled_ns)
+        named = {}
+        if parts is not None:
+            applied = (("realtime_skip", parts[0], offset_args[0]), ("realtime_interest", parts[1], offset_args[1]))
+            named = {name: part for name, part, rows in applied if len(rows)}
+        return Answer(rows, mask, X, top, n2, bool(cut), merged_ns, filled_ns, offsets, named)
+
+    def _offset_args(self, realtime: RealtimeOffsets | None, scale: float) -> tuple[Any, ...]:
+        """The compiled call's real-time offset arguments, checked: nothing applies without ``realtime``."""
+        if realtime is None:
+            return _I32, _I32, _F32, 0.0, 0.0, 1.0
+        skips = _int32_rows("skipped items", realtime.skip_rows, self.n_items)
+        interests = _int32_rows("recent items", realtime.interest_rows, self.n_items)
+        inv_norms = np.ascontiguousarray(realtime.inv_norms, dtype=np.float32)
+        if inv_norms.shape != (self.n_items,):
+            raise ValueError(f"inverse factor norms need one entry per item ({self.n_items}), got {inv_norms.shape}")
+        numbers = {"skip penalty": realtime.skip_penalty, "interest boost": realtime.interest_boost, "scale": scale}
+        bad = {k: v for k, v in numbers.items() if not (np.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"real-time offsets need finite values >= 0, got {bad}")
+        if realtime.interest_boost == 0:
+            interests = _I32  # no boost: nothing to compute
+        return skips, interests, inv_norms, float(realtime.skip_penalty), float(realtime.interest_boost), float(scale)
 
     def candidates(
         self, scratch: ItemScratch, pool, *, session=_I32, purchases: tuple | None = None, **sources

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ranking.config import OverlaySettings  # re-exported: its home is the light ranking.config
+from ranking.kernels.features import RealtimeOffsets
 from ranking.pipeline.categories import in_categories
 from ranking.pipeline.features import Purchases
 from ranking.policy.experiments import FULL, Variant
@@ -27,6 +28,7 @@ from ranking.realtime.user_state import Weighting, fold_in, item_gram
 SYNC_GRAM_LIMIT = 20_000_000
 MAX_RECENT = 20
 _NEGATIVE = frozenset(NEGATIVE_EVENT_TYPES)
+_NO_ROWS = np.zeros(0, np.int32)
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +103,26 @@ class RankOverlay:
         return [r.name for r in self.rules]
 
     def adjusts_candidates(self, model) -> bool:
-        """Whether :meth:`rule_mask` or :meth:`offsets` may change anything for some candidates
-        (False: the ranker merges, writes and scores them in one compiled call)."""
-        if any(r.suppress or r.exclude_categories or r.only_categories or r.demote_categories for r in self.rules):
-            return True
-        if not (len(self.negative_rows) or (len(self.recent_rows) and self.settings.interest_boost > 0)):
-            return False
-        return self.variant.use_context and model_cache(model).ready.is_set()
+        """Whether :meth:`rule_mask` or :meth:`offsets` may change anything for some candidates."""
+        return self.rules_adjust_candidates() or self.realtime_offsets(model) is not None
+
+    def rules_adjust_candidates(self) -> bool:
+        """Whether a rule masks or demotes categories (False: the ranker merges, writes and scores
+        the candidates in one compiled call, the real-time offsets computed there)."""
+        return any(r.suppress or r.exclude_categories or r.only_categories or r.demote_categories for r in self.rules)
+
+    def realtime_offsets(self, model) -> RealtimeOffsets | None:
+        """What the real-time skip penalty and interest boost need, for the compiled call to
+        compute them as :meth:`offsets` does; None when neither applies (no skips, no recent
+        items or no boost, a variant without context, or the fold-in not ready)."""
+        skips = self.negative_rows
+        recent = self.recent_rows if self.settings.interest_boost > 0 else _NO_ROWS
+        if not (len(skips) or len(recent)) or not self.variant.use_context:
+            return None
+        cache = model_cache(model)
+        if not cache.ready.is_set() or cache.inv_norms is None:
+            return None
+        return RealtimeOffsets(skips, recent, cache.inv_norms, self.settings.skip_penalty, self.settings.interest_boost)
 
     def rule_mask(self, model, cands: np.ndarray) -> np.ndarray | None:
         """Candidates the exclusion/restriction/suppress rules exclude; None when no rule does.
@@ -139,8 +154,8 @@ class RankOverlay:
             ``"realtime_skip"`` and ``"rule:<name>"`` to their per-candidate arrays.
         """
         parts: dict[str, np.ndarray] = {}
-        cache = model_cache(model)
-        inv_norms = cache.inv_norms if self.variant.use_context and cache.ready.is_set() else None
+        realtime = self.realtime_offsets(model)
+        inv_norms = realtime.inv_norms if realtime is not None else None
         cf = None  # the candidates' unit factors, gathered once for both real-time offsets
         if len(cands) and len(self.negative_rows) and inv_norms is not None:
             cf = np.asarray(model.item_factors[cands], dtype=np.float32) * inv_norms[cands, None]

@@ -19,7 +19,7 @@ from ranking.config import (  # re-exported: their home is the light ranking.con
 )
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
-from ranking.kernels.features import Answer
+from ranking.kernels.features import Answer, RealtimeOffsets
 from ranking.kernels.reranker import TreeScorer
 from ranking.kernels.scoring import TopK, TreeCall
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
@@ -85,8 +85,10 @@ class Prepared:
     # What the feature kernel is to write when rank() fuses features and scoring (prepare(fuse=True)).
     request: Request | None = None
     # The candidate call's (pool, sources) when rank() is to merge, write and score in one call
-    # (prepare(fuse=True) with nothing to apply between them): rows and mask are then empty.
+    # (prepare(fuse=True) with no rule to apply between them): rows and mask are then empty.
     sources: tuple[np.ndarray, dict] | None = None
+    # The real-time offsets that one call computes after the merge (None: none apply).
+    realtime: RealtimeOffsets | None = None
 
 
 class _StageClock:
@@ -485,6 +487,8 @@ class Ranker:
             n_second=self.second_phase_candidates,
             deadline_ns=budget.deadline_ns,
             plan=plan,
+            realtime=prep.realtime,
+            offset_scale=self.offset_scale,
             **sources,
         )
         end_ns, now = time.monotonic_ns(), time.perf_counter()
@@ -574,14 +578,17 @@ class Ranker:
             and self.tables is not None
             and self.scorer.kind == "trees"
             and not self.config.debug_delay_us_per_candidate
-            and (overlay is None or not overlay.adjusts_candidates(self.model))
+            and (overlay is None or not overlay.rules_adjust_candidates())
         ):
-            # Nothing to apply between the merge and the features: rank() does both, and the
-            # scoring, in one compiled call.
+            # No rule to apply between the merge and the features: rank() does both, the
+            # real-time offsets and the scoring in one compiled call.
             request = Request(
                 int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
             )
-            return Prepared(rung, reason, urow, _NO_ROWS, _NO_MASK, None, None, {}, path, request, (pool, sources))
+            realtime = overlay.realtime_offsets(self.model) if overlay is not None else None
+            return Prepared(
+                rung, reason, urow, _NO_ROWS, _NO_MASK, None, None, {}, path, request, (pool, sources), realtime
+            )
         cands, mask = self._merge(pool, sources, seg, session, purchases)
         self._debug_delay("retrieve", len(cands))
         offsets: np.ndarray | None = None
@@ -670,7 +677,7 @@ class Ranker:
             # One compiled call merged, planned the second phase, wrote the features and scored;
             # its answer stands even if the deadline passed during it (its loop stopped there).
             fused = self._merge_fill_score(prep, k, budget, clock, timings)
-            cands, mask = fused.rows, fused.mask
+            cands, mask, offsets, offset_parts = fused.rows, fused.mask, fused.offsets, fused.offset_parts
             if fused.top is not None:  # None: the deadline had passed once they were merged
                 scored = fused.top, fused.features, fused.second_cut
         elif (feats is not None or prep.request is not None) and not budget.expired():

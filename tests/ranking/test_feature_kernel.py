@@ -434,6 +434,90 @@ def test_one_crossing_equals_the_candidate_call_then_fill_and_score(which, reque
     assert any(two for c, two, _ in seen if c == ("cut" if phases is not None else "plain")) == (phases is not None)
 
 
+def _same_top_within(got, want, atol: float, what: str) -> None:
+    """Two top-k answers whose scores differ by float32 rounding: equal scores within ``atol``,
+    and the same item at every position but where two scores tie within it."""
+    np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=atol, err_msg=what)
+    for i, (g, w) in enumerate(zip(got.indices, want.indices)):
+        if g != w:
+            near = np.abs(want.scores - got.scores[i]) <= 2 * atol
+            assert near.sum() > 1, f"{what}: position {i} holds candidate {g}, not {w}, and no tie explains it"
+
+
+def _some_rows(rng: np.random.Generator, cands: np.ndarray, n_items: int, n_max: int) -> np.ndarray:
+    """Some of the candidates themselves and some items elsewhere in the catalog, unique."""
+    picks = [rng.choice(cands, int(rng.integers(0, 3))), rng.integers(0, n_items, int(rng.integers(0, n_max)))]
+    return np.unique(np.concatenate(picks)).astype(np.int32)
+
+
+@pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
+def test_real_time_offsets_in_the_one_call_equal_the_overlay_s(which, request):
+    """A customer's skip penalties and interest boost, computed in the one compiled call after
+    the merge, equal what ``RankOverlay.offsets`` computes in NumPy on the same candidates
+    (within float32 rounding of the cosines), scaled the same, and rank the same: skipped and
+    recent items among the candidates and not, either offset alone or both, any scale, and
+    returned when the deadline had passed before anything was scored."""
+    from ranking.config import OverlaySettings
+    from ranking.kernels.scoring import TreeCall
+    from ranking.pipeline.overlay import model_cache
+    from ranking.pipeline.ranker import Rung
+
+    m = request.getfixturevalue(which)
+    assert model_cache(m).ready.wait(30)
+    ranker = Ranker(m, RankerConfig(n_candidates=30, popular_candidates=8, covis_candidates=12))
+    scorer, kernel, tables, scratch = ranker.scorer, ranker.kernel, ranker.tables, ranker.scratch
+    assert tables is not None and scorer.kind == "trees"
+    rng = np.random.default_rng(13)
+    seen = set()
+    for i in range(150):
+        q = _random_query(m, rng)
+        rung, reason, urow, qvec, seg, session = ranker._resolve(q, Rung(int(rng.integers(1, 5))))
+        personal = -1 if reason == "variant" else urow
+        pool, sources, _ = ranker._candidates(
+            q, rung, urow, personal, qvec, seg, session, None, None, 30, ranker.ann_effort
+        )
+        rows, mask = ranker._merge(pool, sources, seg, session, None)
+        if not len(rows):
+            continue
+
+        kind = i % 3  # skips only, recent items only, both
+        skips = _some_rows(rng, rows, m.n_items, 4) if kind != 1 else np.zeros(0, np.int32)
+        recent = _some_rows(rng, rows, m.n_items, 8) if kind != 0 else np.zeros(0, np.int32)
+        settings = OverlaySettings(skip_penalty=float(rng.uniform(0.5, 4)), interest_boost=float(rng.uniform(0.5, 3)))
+        ov = RankOverlay(negative_rows=skips, recent_rows=recent, settings=settings)
+        realtime = ov.realtime_offsets(m)
+        if realtime is None:
+            assert not len(skips) and not len(recent)
+            continue
+        scale = float(rng.choice([1.0, 0.37, 2.5]))
+        req = Request(int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, None)
+        k = int(rng.choice([1, 5, 100]))
+        expired = i % 5 == 4
+        got = kernel.candidates_fill_score(
+            scratch, pool, tables.request_args(req), trees=scorer.trees, phases=scorer.phases, k=k,
+            n_second=0, deadline_ns=1 if expired else 0, realtime=realtime, offset_scale=scale, **sources,
+        )  # fmt: skip
+        assert _scratch_is_clean(scratch)
+        np.testing.assert_array_equal(got.rows, rows)
+        want, parts = ov.offsets(m, rows)
+        assert want is not None and got.offsets is not None
+        want = want * np.float32(scale)
+        np.testing.assert_allclose(got.offsets, want, rtol=0, atol=1e-5, err_msg=str(q))
+        assert set(got.offset_parts) == set(parts)
+        for name, part in parts.items():
+            np.testing.assert_allclose(got.offset_parts[name], part * np.float32(scale), rtol=0, atol=1e-5)
+        if expired:
+            assert got.top is None
+            continue
+        call = TreeCall.prepare(len(rows), len(FEATURE_NAMES), scorer.trees, scorer.phases, mask, k, 0, want)
+        X, want_top, _ = tables.assemble_and_score(req, rows, call)
+        np.testing.assert_array_equal(got.features, X)
+        _same_top_within(got.top, want_top, 1e-5, str(q))
+        seen.add((kind, bool(np.isin(rows, skips).any()), bool(np.isin(rows, recent).any())))
+    # Each kind was drawn, and skipped and recent items were among the candidates.
+    assert {s[0] for s in seen} == {0, 1, 2} and any(s[1] for s in seen) and any(s[2] for s in seen)
+
+
 def test_bad_candidate_arguments_are_refused_with_the_reason(context_bundle):
     kernel = ServingModel(context_bundle).feature_kernel()
     scratch = ItemScratch(context_bundle.n_items)
