@@ -28,6 +28,8 @@ from ranking.realtime.user_state import HeldEvents, HeldPurchases, Weighting, fo
 SYNC_GRAM_LIMIT = 20_000_000
 MAX_RECENT = 20
 DAY_SECONDS = 86_400
+# A customer with fewer events is read by a plain pass over them; with more, through digests.
+DIGEST_MIN_EVENTS = 64
 _NEGATIVE = frozenset(NEGATIVE_EVENT_TYPES)
 
 log = logging.getLogger(__name__)
@@ -292,6 +294,65 @@ def _recent(a: _Digest, b: _Digest, ins: np.ndarray) -> np.ndarray:
     return np.array(out[::-1], dtype=np.int32)
 
 
+def _per_event(
+    ov: RankOverlay, model, cache: _ModelCache, user_id: str, events: Sequence[Event], now: float, variant: Variant
+) -> RankOverlay:
+    """:func:`build_overlay` by one pass over a few events (below ``DIGEST_MIN_EVENTS``, where
+    the digest's arrays cost more than plain Python)."""
+    w = cache.weighting
+    events = [e for e in events if e.timestamp > cache.bundle_end]
+    if not events:
+        return ov
+    rows = model.items.lookup([e.item_id for e in events])
+    known = np.flatnonzero(rows >= 0)
+    if not len(known):
+        return ov
+    rows = rows[known].astype(np.int64)
+    evs = [events[i] for i in known]
+    # Event types are matched in plain Python: a customer has a few events, for which NumPy's
+    # string arrays and isin cost more than the fold-in itself.
+    types = [e.event_type for e in evs]
+    consumed = set(w.consumed_event_types)
+    is_buy = np.array([t in consumed for t in types], dtype=bool)
+    timestamps = np.array([e.timestamp for e in evs], dtype=np.float64)
+    bought = rows[is_buy]
+    # A purchase ends the need for an item the bundle's policy does not offer again (a durable);
+    # a staple stays, and the re-purchase features see it was just bought.
+    ov.exclude_rows = np.unique(bought[model.item_reoffer[bought] == 0]).astype(np.int32)
+    ov.purchases = Purchases(bought.astype(np.int32), timestamps[is_buy].astype(np.int64))
+    yty = cache.yty if variant.use_context and cache.ready.is_set() else None
+    if yty is None:
+        return ov
+    ov.n_realtime_events = len(evs)
+    is_negative = np.array([t in _NEGATIVE for t in types], dtype=bool)
+    ov.negative_rows = np.unique(rows[is_negative]).astype(np.int32)
+    positive = rows[~is_negative][np.argsort(timestamps[~is_negative], kind="stable")]
+    # Most recent occurrence of each item, oldest first, at most MAX_RECENT.
+    last = {int(r): i for i, r in enumerate(positive)}
+    ov.recent_rows = np.array(sorted(last, key=last.__getitem__)[-MAX_RECENT:], dtype=np.int32)
+    weights = w.weights(types, np.array([e.value for e in evs], dtype=np.float64), timestamps, now)
+    # Summed per distinct item (ascending rows) in event order; a dictionary, not np.unique's
+    # sort, for a customer's few events.
+    row_list = rows.tolist()
+    distinct = sorted(set(row_list))
+    position = {r: i for i, r in enumerate(distinct)}
+    uniq = np.array(distinct, dtype=np.int64)
+    summed = np.bincount([position[r] for r in row_list], weights=weights, minlength=len(uniq))
+    nz = summed != 0
+    has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
+    keep = nz & has_factor
+    if not keep.any():
+        return ov
+    urow = model.users.row(user_id)
+    prior = None
+    if urow >= 0 and model.user_has_history[urow]:
+        prior = np.asarray(model.user_factors[urow], dtype=np.float64)
+    vec = fold_in(model.item_factors, yty, uniq[keep], w.alpha * summed[keep], w.regularization, prior)
+    if np.all(np.isfinite(vec)) and np.any(vec != 0):
+        ov.user_vector = vec
+    return ov
+
+
 def build_overlay(
     model,
     user_id: str,
@@ -336,6 +397,10 @@ def build_overlay(
     if not len(events):
         return ov
     cache = model_cache(model)
+    if len(events) < DIGEST_MIN_EVENTS:
+        return _per_event(
+            ov, model, cache, user_id, events.merged() if isinstance(events, HeldEvents) else events, now, variant
+        )
     if isinstance(events, HeldEvents):
         a = _digest(model, cache, events.recent)
         b = _held_digest(model, cache, events.purchases) if len(events.purchases) else None
@@ -363,9 +428,7 @@ def build_overlay(
     # as a pass over the merged list.
     if len(a):
         uniq = np.union1d(b.uniq, a.uniq)
-        inverse = np.insert(
-            np.searchsorted(uniq, b.uniq)[b.inverse], ins, np.searchsorted(uniq, a.uniq)[a.inverse]
-        )
+        inverse = np.insert(np.searchsorted(uniq, b.uniq)[b.inverse], ins, np.searchsorted(uniq, a.uniq)[a.inverse])
         weights = w.decayed(np.insert(b.base, ins, a.base), np.insert(b.times, ins, a.times), now)
     else:
         uniq, inverse, weights = b.uniq, b.inverse, w.decayed(b.base, b.times, now)

@@ -8,7 +8,7 @@ import heapq
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -179,7 +179,7 @@ class HeldPurchases:
     weakly: the overlay keeps its per-bundle digest there) and is dropped with it.
     """
 
-    __slots__ = ("events", "memo", "__weakref__")
+    __slots__ = ("__weakref__", "events", "memo")
 
     def __init__(self, events: tuple[Event, ...] = ()):
         self.events = events
@@ -199,7 +199,7 @@ class HeldEvents:
     """
 
     recent: tuple[Event, ...] = ()
-    purchases: HeldPurchases = HeldPurchases()
+    purchases: HeldPurchases = field(default_factory=HeldPurchases)
 
     def __len__(self) -> int:
         return len(self.recent) + len(self.purchases)

@@ -192,16 +192,21 @@ def test_a_heavy_buyer_is_ranked_as_every_purchase_ranks_them(model):
         store = UserStateStore(durable_types=durable)
         store.add(_heavy_buyer(model, rng, user_id, 3000))
         now = float(model.manifest["data_window"]["end_unix"]) + 7 * DAY
-        got = ranker.rank(RankQuery(user_id=user_id, num_results=30), overlay=build_overlay(model, user_id, store.held(user_id), now))
+        got = ranker.rank(
+            RankQuery(user_id=user_id, num_results=30), overlay=build_overlay(model, user_id, store.held(user_id), now)
+        )
         want = ranker.rank(
-            RankQuery(user_id=user_id, num_results=30), overlay=reference_overlay(model, user_id, store.events(user_id), now)
+            RankQuery(user_id=user_id, num_results=30),
+            overlay=reference_overlay(model, user_id, store.events(user_id), now),
         )
         assert got.item_ids == want.item_ids and got.scores == want.scores, f"customer {i}"
 
 
 def test_kept_purchases_are_one_of_each_item_and_day_and_each_item_s_first_and_last():
     rows = np.array([5, 5, 5, 5, 5, 5, 2, 2, 7, 7], np.int64)
-    times = np.array([4 * DAY + 7, 3 * DAY + 9, 3 * DAY + 1, 3 * DAY + 5, 4 * DAY, 4 * DAY + 3, 10, 10, -1, -DAY], np.int64)
+    times = np.array(
+        [4 * DAY + 7, 3 * DAY + 9, 3 * DAY + 1, 3 * DAY + 5, 4 * DAY, 4 * DAY + 3, 10, 10, -1, -DAY], np.int64
+    )
     got_rows, got_times = overlay_module._compact_purchases(rows, times)
     assert got_rows.dtype == np.int32 and got_times.dtype == np.int64
     assert list(zip(got_rows.tolist(), got_times.tolist())) == [
