@@ -240,7 +240,7 @@ class PortfolioRanker:
 
     def overlay(self, user_id: str, arm: str) -> RankOverlay:
         # The overlay leaves out what the bundle's window already holds, as the server's state does.
-        events = self.state.events(user_id) if self.state is not None else []
+        events = self.state.held(user_id) if self.state is not None else None
         if not events:
             return self.base[arm]
         return build_overlay(

@@ -79,7 +79,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     ),
     "ranking.realtime.redis_store": ("EventStoreError", "RedisEventStore", "StreamOffset"),
     "ranking.realtime.store": ("EventStore", "LocalEventStore"),
-    "ranking.realtime.user_state": ("UserStateStore", "item_gram"),
+    "ranking.realtime.user_state": ("HeldEvents", "UserStateStore", "item_gram"),
     "ranking.policy.experiments": (
         "NO_EXPERIMENT",
         "VARIANTS",
@@ -199,7 +199,7 @@ if TYPE_CHECKING:
     )
     from ranking.realtime.redis_store import EventStoreError, RedisEventStore, StreamOffset
     from ranking.realtime.store import EventStore, LocalEventStore
-    from ranking.realtime.user_state import UserStateStore, item_gram
+    from ranking.realtime.user_state import HeldEvents, UserStateStore, item_gram
     from ranking.retrieval.search import ExactHead, Retriever, ann_search
 
 

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ranking import (
@@ -33,6 +34,7 @@ from ranking import (
     EventStoreError,
     Experiments,
     FieldViolation,
+    HeldEvents,
     InvalidRequest,
     LocalEventStore,
     OverlaySettings,
@@ -361,11 +363,11 @@ class Realtime:
                 metrics.ARM_REVENUE.labels(*arm).inc(e.value)
 
     # -- Rank ------------------------------------------------------------------------
-    def user_events(self, user_id: str) -> tuple[list[Event], bool]:
+    def user_events(self, user_id: str) -> tuple[Sequence[Event] | HeldEvents, bool]:
         """The customer's real-time events, and False when the store could not give them (then
         none: the Rank answers without real-time state, and says so)."""
         try:
-            return self.store.events(user_id), True
+            return self.store.held(user_id), True
         except EventStoreError as exc:
             if exc.reason != "skipped":
                 log.warning("rank without real-time state", extra={"error": str(exc)})

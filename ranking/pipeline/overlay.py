@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from ranking.pipeline.features import Purchases
 from ranking.policy.experiments import FULL, Variant
 from ranking.policy.rules import Rule
 from ranking.realtime.events import NEGATIVE_EVENT_TYPES, Event
-from ranking.realtime.user_state import Weighting, fold_in, item_gram
+from ranking.realtime.user_state import HeldEvents, HeldPurchases, Weighting, fold_in, item_gram
 
 # The builder stores the Gram matrix in the bundle. A bundle without it (made by hand, or
 # by an older builder) gets it computed: up to this many multiply-adds (items × k²) on the
@@ -27,6 +28,9 @@ from ranking.realtime.user_state import Weighting, fold_in, item_gram
 # without the re-solved vector and skip penalties -- purchases are still excluded.
 SYNC_GRAM_LIMIT = 20_000_000
 MAX_RECENT = 20
+DAY_SECONDS = 86_400
+# A customer with fewer events is read by a plain pass over them; with more, through digests.
+DIGEST_MIN_EVENTS = 64
 _NEGATIVE = frozenset(NEGATIVE_EVENT_TYPES)
 _NO_ROWS = np.zeros(0, np.int32)
 
@@ -190,44 +194,126 @@ class RankOverlay:
         return total, parts
 
 
-def build_overlay(
-    model,
-    user_id: str,
-    events: list[Event],
-    now: float,
-    variant: Variant = FULL,
-    rules: list[Rule] | None = None,
-    settings: OverlaySettings | None = None,
-) -> RankOverlay:
-    """The overlay of one request from the user's recent events.
+@dataclass(frozen=True)
+class _Digest:
+    """A run of one customer's events, oldest first, as one bundle sees it: the known events
+    after its data end as arrays, and what the overlay needs of them per distinct item."""
 
-    Events at or before the end of the bundle's data window are already in the bundle
-    and are left out. Items the bundle does not know are ignored. Purchases (the bundle's
-    ``consumed_event_types``) of items its re-purchase policy does not offer again are
-    excluded in every variant, and every purchase feeds the re-purchase features; the re-solved vector and the
-    skip penalties only where the variant uses context.
+    rows: np.ndarray  # int64 item rows, in the run's order
+    times: np.ndarray  # float64 unix seconds
+    base: np.ndarray  # float64 weights before time decay (Weighting.base_weights)
+    uniq: np.ndarray  # int64 distinct rows, ascending
+    inverse: np.ndarray  # intp: each event's position in uniq
+    bought_rows: np.ndarray  # int32 purchases, the first and last of each item and day
+    bought_times: np.ndarray  # int64 their unix seconds
+    exclude_rows: np.ndarray  # int32 sorted: bought items the bundle does not offer again
+    negative_rows: np.ndarray  # int32 sorted: items of negative events
+    last_rows: np.ndarray  # int64: positive items by their latest event, oldest first, the last MAX_RECENT
+    last_index: np.ndarray  # intp: that latest event's index in the run
 
-    Parameters
-    ----------
-    model : RankingModel
-    user_id : str
-    events : list of Event
-        The user's unexpired events from the :class:`~ranking.realtime.user_state.UserStateStore`.
-    now : float
-        Unix seconds (time decay of the events' weights).
-    variant : Variant
-    rules : list of Rule
-        The context rules matching this request.
-    settings : OverlaySettings
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    Returns
-    -------
-    RankOverlay
+
+_I64, _I32 = np.zeros(0, np.int64), np.zeros(0, np.int32)
+_NO_EVENTS = _Digest(
+    _I64, np.zeros(0), np.zeros(0), _I64, np.zeros(0, np.intp), _I32, _I64, _I32, _I32, _I64, np.zeros(0, np.intp)
+)
+
+
+def _compact_purchases(rows: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The purchases the feature kernel needs to give the answer all of them give: one of
+    each item and day, and each item's first and last.
+
+    The kernel's re-purchase features and buy-again source read of an item's purchases only
+    its distinct days (the baskets, and whether one is the latest day of all), its first and
+    its last time (the interval); of all purchases, their distinct days. Those are unchanged,
+    and what the kernel sorts per Rank is bounded by the items' days, not the purchases.
     """
-    ov = RankOverlay(variant=variant, rules=list(rules or []), settings=settings or OverlaySettings())
-    if not events:
-        return ov
-    cache = model_cache(model)
+    if not len(rows):
+        return rows.astype(np.int32), times
+    order = np.lexsort((times, rows))
+    r, t = rows[order], times[order]
+    day = t // DAY_SECONDS  # floor, as the kernel's _day
+    new_item = r[1:] != r[:-1]
+    first_of_day = np.concatenate(([True], new_item | (day[1:] != day[:-1])))
+    keep = first_of_day | np.concatenate((new_item, [True]))  # and the item's last
+    return r[keep].astype(np.int32), t[keep]
+
+
+def _digest(model, cache: _ModelCache, events: Sequence[Event]) -> _Digest:
+    """The digest of ``events`` (in their order); O(events) in Python, once per run."""
+    w = cache.weighting
+    evs = [e for e in events if e.timestamp > cache.bundle_end]
+    n = len(evs)
+    # Each distinct item id looked up once: a heavy buyer repeats the same items.
+    ids: dict[str, int] = {}
+    codes = np.fromiter((ids.setdefault(e.item_id, len(ids)) for e in evs), np.int64, n)
+    id_rows = model.items.lookup(list(ids)).astype(np.int64) if ids else np.zeros(0, np.int64)
+    known = np.flatnonzero(id_rows[codes] >= 0) if n else np.zeros(0, np.intp)
+    rows = id_rows[codes][known]
+    types = [e.event_type for e in evs]
+    times = np.fromiter((e.timestamp for e in evs), np.float64, n)[known]
+    base = w.base_weights(types, np.fromiter((e.value for e in evs), np.float64, n))[known]
+    consumed = set(w.consumed_event_types)
+    is_buy = np.array([t in consumed for t in types], dtype=bool)[known]
+    is_negative = np.array([t in _NEGATIVE for t in types], dtype=bool)[known]
+    bought = rows[is_buy]
+    bought_rows, bought_times = _compact_purchases(bought, times[is_buy].astype(np.int64))
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    # Positive items by their latest event in time order (a run handed in out of order is
+    # read as the overlay always read it: positives by time, the sums in the given order).
+    positive = np.flatnonzero(~is_negative)
+    positive = positive[np.argsort(times[positive], kind="stable")]
+    latest_first, first_seen = np.unique(rows[positive][::-1], return_index=True)
+    latest = len(positive) - 1 - first_seen
+    pick = np.argsort(latest)[-MAX_RECENT:]
+    return _Digest(
+        rows=rows,
+        times=times,
+        base=base,
+        uniq=uniq,
+        inverse=inverse.reshape(-1),
+        bought_rows=bought_rows,
+        bought_times=bought_times,
+        exclude_rows=np.unique(bought[model.item_reoffer[bought] == 0]).astype(np.int32),
+        negative_rows=np.unique(rows[is_negative]).astype(np.int32),
+        last_rows=latest_first[pick],
+        last_index=positive[latest[pick]],
+    )
+
+
+def _held_digest(model, cache: _ModelCache, held: HeldPurchases) -> _Digest:
+    """The digest of a customer's held purchases, made on the first Rank after they changed."""
+    d = held.memo.get(model)
+    if not isinstance(d, _Digest):
+        d = held.memo[model] = _digest(model, cache, held.events)
+    return d
+
+
+def _recent(a: _Digest, b: _Digest, ins: np.ndarray) -> np.ndarray:
+    """The positive items by their latest event, oldest first, at most MAX_RECENT, of the two
+    runs merged (``a``'s event k lands before ``b``'s ``ins[k]``); only each run's own latest
+    MAX_RECENT can be among them."""
+    rows = np.concatenate((a.last_rows, b.last_rows))
+    at = np.concatenate((ins[a.last_index] + a.last_index, b.last_index + np.searchsorted(ins, b.last_index, "right")))
+    out: list[int] = []
+    seen: set[int] = set()
+    for i in np.argsort(at)[::-1].tolist():
+        r = int(rows[i])
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+            if len(out) == MAX_RECENT:
+                break
+    return np.array(out[::-1], dtype=np.int32)
+
+
+def _per_event(
+    ov: RankOverlay, model, cache: _ModelCache, user_id: str, events: Sequence[Event], now: float, variant: Variant
+) -> RankOverlay:
+    """:func:`build_overlay` by one pass over a few events (below ``DIGEST_MIN_EVENTS``, where
+    the digest's arrays cost more than plain Python)."""
     w = cache.weighting
     events = [e for e in events if e.timestamp > cache.bundle_end]
     if not events:
@@ -267,6 +353,101 @@ def build_overlay(
     position = {r: i for i, r in enumerate(distinct)}
     uniq = np.array(distinct, dtype=np.int64)
     summed = np.bincount([position[r] for r in row_list], weights=weights, minlength=len(uniq))
+    nz = summed != 0
+    has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
+    keep = nz & has_factor
+    if not keep.any():
+        return ov
+    urow = model.users.row(user_id)
+    prior = None
+    if urow >= 0 and model.user_has_history[urow]:
+        prior = np.asarray(model.user_factors[urow], dtype=np.float64)
+    vec = fold_in(model.item_factors, yty, uniq[keep], w.alpha * summed[keep], w.regularization, prior)
+    if np.all(np.isfinite(vec)) and np.any(vec != 0):
+        ov.user_vector = vec
+    return ov
+
+
+def build_overlay(
+    model,
+    user_id: str,
+    events: Sequence[Event] | HeldEvents,
+    now: float,
+    variant: Variant = FULL,
+    rules: list[Rule] | None = None,
+    settings: OverlaySettings | None = None,
+) -> RankOverlay:
+    """The overlay of one request from the user's recent events.
+
+    Events at or before the end of the bundle's data window are already in the bundle
+    and are left out. Items the bundle does not know are ignored. Purchases (the bundle's
+    ``consumed_event_types``) of items its re-purchase policy does not offer again are
+    excluded in every variant, and every purchase feeds the re-purchase features; the re-solved vector and the
+    skip penalties only where the variant uses context.
+
+    A customer's held purchases (``events`` as :class:`~ranking.realtime.user_state.HeldEvents`)
+    are read through a digest made once per bundle until they change: a Rank then costs what
+    their distinct items cost (and a vectorised pass over the purchases' weights), however many
+    purchases the customer made since the bundle. The overlay is the one the merged list gives.
+
+    Parameters
+    ----------
+    model : RankingModel
+    user_id : str
+    events : list of Event, or HeldEvents
+        The user's unexpired events, oldest first, from the
+        :class:`~ranking.realtime.user_state.UserStateStore` (``held`` or ``events``).
+    now : float
+        Unix seconds (time decay of the events' weights).
+    variant : Variant
+    rules : list of Rule
+        The context rules matching this request.
+    settings : OverlaySettings
+
+    Returns
+    -------
+    RankOverlay
+    """
+    ov = RankOverlay(variant=variant, rules=list(rules or []), settings=settings or OverlaySettings())
+    if not len(events):
+        return ov
+    cache = model_cache(model)
+    if len(events) < DIGEST_MIN_EVENTS:
+        return _per_event(
+            ov, model, cache, user_id, events.merged() if isinstance(events, HeldEvents) else events, now, variant
+        )
+    if isinstance(events, HeldEvents):
+        a = _digest(model, cache, events.recent)
+        b = _held_digest(model, cache, events.purchases) if len(events.purchases) else None
+    else:
+        a, b = _digest(model, cache, events), None
+    if b is None or not len(b):
+        a, b = _NO_EVENTS, a
+    if not len(a) + len(b):
+        return ov
+    # The two runs merged as the one list held.merged() gives: a's events before b's at equal times.
+    ins = np.searchsorted(b.times, a.times, side="left")
+    ov.exclude_rows = np.union1d(a.exclude_rows, b.exclude_rows).astype(np.int32)
+    # The kernel reads purchases in any order (it sorts them by item and time).
+    ov.purchases = Purchases(
+        np.concatenate((b.bought_rows, a.bought_rows)), np.concatenate((b.bought_times, a.bought_times))
+    )
+    yty = cache.yty if variant.use_context and cache.ready.is_set() else None
+    if yty is None:
+        return ov
+    w = cache.weighting
+    ov.n_realtime_events = len(a) + len(b)
+    ov.negative_rows = np.union1d(a.negative_rows, b.negative_rows).astype(np.int32)
+    ov.recent_rows = _recent(a, b, ins) if len(a) else b.last_rows.astype(np.int32)
+    # Summed per distinct item (ascending rows) in event order: the same sums, bit for bit,
+    # as a pass over the merged list.
+    if len(a):
+        uniq = np.union1d(b.uniq, a.uniq)
+        inverse = np.insert(np.searchsorted(uniq, b.uniq)[b.inverse], ins, np.searchsorted(uniq, a.uniq)[a.inverse])
+        weights = w.decayed(np.insert(b.base, ins, a.base), np.insert(b.times, ins, a.times), now)
+    else:
+        uniq, inverse, weights = b.uniq, b.inverse, w.decayed(b.base, b.times, now)
+    summed = np.bincount(inverse, weights=weights, minlength=len(uniq))
     nz = summed != 0
     has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
     keep = nz & has_factor

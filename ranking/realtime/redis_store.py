@@ -374,6 +374,11 @@ class RedisEventStore:
         out.sort(key=lambda e: e.timestamp)
         return out
 
+    def held(self, user_id: str) -> list[Event]:
+        """:meth:`events`: the overlay reads a long list through the same digest as a local store's
+        purchases, made per Rank (the store keeps no snapshot of them here)."""
+        return self.events(user_id)
+
     def impression(self, record: dict) -> None:
         """Log a served ranking to its customer's stream; remember its arm for attribution."""
         lay = self.layout

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from ranking.config import UserStateSettings
 from ranking.realtime.eventlog import LogTailer, open_writer, read_all
 from ranking.realtime.events import Event
-from ranking.realtime.user_state import UserStateStore
+from ranking.realtime.user_state import HeldEvents, UserStateStore
 
 Arm = tuple[str, str]
 
@@ -50,6 +50,11 @@ class EventStore(Protocol):
 
     def events(self, user_id: str) -> list[Event]:
         """The customer's real-time events, oldest first."""
+        ...
+
+    def held(self, user_id: str) -> Sequence[Event] | HeldEvents:
+        """The customer's real-time events as a Rank's overlay reads them: :meth:`events`, or
+        the recent events and the purchases apart (whose digest the overlay keeps)."""
         ...
 
     def impression(self, record: dict) -> None:
@@ -180,6 +185,10 @@ class LocalEventStore:
     def events(self, user_id: str) -> list[Event]:
         self.catch_up()
         return self.state.events(user_id)
+
+    def held(self, user_id: str) -> HeldEvents:
+        self.catch_up()
+        return self.state.held(user_id)
 
     def impression(self, record: dict) -> None:
         """Remember the arm, then write the record at once without an fsync of its own (one

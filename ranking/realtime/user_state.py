@@ -4,9 +4,11 @@ that turns them into this user's vector for the next Rank."""
 from __future__ import annotations
 
 import collections
+import heapq
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,7 +53,13 @@ class Weighting:
         The types are matched in plain Python: a Rank's customer has a few events, for which
         NumPy's string ``unique`` and ``isin`` cost more than the rest of the overlay.
         """
-        per_type = {t: self.weight(Event("", "", str(t), now, 1.0), now) for t in set(types)}
+        return self.decayed(self.base_weights(types, values), timestamps, now)
+
+    def base_weights(self, types: Sequence[str], values: np.ndarray) -> np.ndarray:
+        """Each event's weight before time decay (float64): what :meth:`decayed` turns into
+        :meth:`weights`, kept apart so a customer's held purchases are weighed once, not per Rank."""
+        # weight() at age 0 decays by exactly 1.0.
+        per_type = {t: self.weight(Event("", "", str(t), 0.0, 1.0), 0.0) for t in set(types)}
         w = np.array([per_type[t] for t in types], dtype=np.float64)
         if self.value_event_types:
             # weight() above used value 1.0; scale by the real value as the builder does.
@@ -59,8 +67,12 @@ class Weighting:
             is_value = np.array([t in value_types for t in types], dtype=bool)
             v = np.where(values > 0, values, self.value_scale / 2)
             w = np.where(is_value, w * v, w)
+        return w
+
+    def decayed(self, base: np.ndarray, timestamps: np.ndarray, now: float) -> np.ndarray:
+        """:meth:`base_weights` decayed to ``now`` by each event's age."""
         age_days = np.maximum(now - timestamps, 0.0) / DAY
-        return w * 0.5 ** (age_days / self.half_life_days)
+        return base * 0.5 ** (age_days / self.half_life_days)
 
     def weight(self, ev: Event, now: float) -> float:
         """The event's weight as the builder computes it (type weight, value scaling, time decay)."""
@@ -155,6 +167,51 @@ def fold_in(
     return np.linalg.solve(a, b).astype(np.float32)
 
 
+def _time(ev: Event) -> float:
+    return ev.timestamp
+
+
+class HeldPurchases:
+    """A customer's held purchases at one moment, oldest first (arrival order among equal times).
+
+    Immutable: the store makes a new one when the customer's purchases change, so what is
+    derived from it can be kept in ``memo`` (keyed by whatever it was derived for, held
+    weakly: the overlay keeps its per-bundle digest there) and is dropped with it.
+    """
+
+    __slots__ = ("__weakref__", "events", "memo")
+
+    def __init__(self, events: tuple[Event, ...] = ()):
+        self.events = events
+        self.memo: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+@dataclass(frozen=True)
+class HeldEvents:
+    """A customer's held events: the few recent ones and the purchases, each oldest first.
+
+    :meth:`merged` is the one list :meth:`UserStateStore.events` answers; a Rank reads the
+    two parts as they are, so a customer with thousands of purchases since the bundle costs
+    the overlay what their distinct items cost once the purchases' digest is made.
+    """
+
+    recent: tuple[Event, ...] = ()
+    purchases: HeldPurchases = field(default_factory=HeldPurchases)
+
+    def __len__(self) -> int:
+        return len(self.recent) + len(self.purchases)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self.merged())
+
+    def merged(self) -> list[Event]:
+        """Every event, oldest first; at equal times the recent ones first, as both parts were appended."""
+        return list(heapq.merge(self.recent, self.purchases.events, key=_time))
+
+
 class UserStateStore:
     """Each customer's events after the served bundle's data end, until a bundle holding them is served.
 
@@ -193,6 +250,8 @@ class UserStateStore:
         self.durable_types = frozenset(durable_types)
         self._users: collections.OrderedDict[str, collections.deque] = collections.OrderedDict()
         self._purchases: dict[str, list[Event]] = {}
+        # Each customer's purchases as last read, oldest first; dropped when they change.
+        self._held: dict[str, HeldPurchases] = {}
         self._lock = threading.Lock()
         self.evicted_users = 0
         self.horizon = float("-inf")
@@ -223,6 +282,7 @@ class UserStateStore:
                         self._n_customers += ev.user_id not in self._users
                         bought = self._purchases[ev.user_id] = []
                     bought.append(ev)
+                    self._held.pop(ev.user_id, None)
                     continue
                 q = self._users.get(ev.user_id)
                 if q is None:
@@ -247,6 +307,7 @@ class UserStateStore:
             if horizon <= self.horizon:
                 return 0
             self.horizon = horizon
+            self._held.clear()
             for uid in list(self._purchases):
                 keep = [e for e in self._purchases[uid] if e.timestamp > horizon]
                 dropped += len(self._purchases[uid]) - len(keep)
@@ -267,12 +328,27 @@ class UserStateStore:
 
     def events(self, user_id: str) -> list[Event]:
         """The customer's held events after the horizon, oldest first (a copy)."""
+        return self.held(user_id).merged()
+
+    def held(self, user_id: str) -> HeldEvents:
+        """The customer's held events after the horizon, recent ones and purchases apart, each
+        oldest first (arrival order among equal times); the purchases' snapshot is the same
+        object from one read to the next until they change."""
         if not user_id:
-            return []
+            return HeldEvents()
         with self._lock:
             q = self._users.get(user_id)
             if q is not None:
                 self._users.move_to_end(user_id)
-            held = [*(q or ()), *self._purchases.get(user_id, ())]
-        held.sort(key=lambda e: e.timestamp)  # arrival order is not event-time order
-        return held
+            recent = tuple(q or ())
+            snap = self._held.get(user_id)
+            bought = self._purchases.get(user_id) if snap is None else None
+            raw = tuple(bought) if bought else ()
+        if snap is None:
+            # Sorted outside the lock; kept unless the purchases changed meanwhile.
+            snap = HeldPurchases(tuple(sorted(raw, key=_time)))
+            with self._lock:
+                if bought and self._purchases.get(user_id) is bought and len(bought) == len(raw):
+                    self._held[user_id] = snap
+        # Arrival order is not event-time order.
+        return HeldEvents(tuple(sorted(recent, key=_time)), snap)
