@@ -5,7 +5,7 @@ server forks its workers) and checks the bundle's tables once, so a request pays
 for validating its own small arrays. ``ranking.pipeline.features`` resolves the request
 (time, hour block, context columns); the Ranker then merges a request's candidates,
 writes their features and scores them in one call (:meth:`FeatureKernel.candidates_fill_score`),
-or in two when context rules apply between the merge and the features
+or in two when a context rule demotes categories between the merge and the features
 (:meth:`FeatureKernel.candidates`, then :meth:`FeatureKernel.fill_score`); the builder's
 training rows come from :meth:`FeatureKernel.fill`. Other packages import only this module.
 """

@@ -33,6 +33,10 @@ DAY_SECONDS = 86_400
 DIGEST_MIN_EVENTS = 64
 _NEGATIVE = frozenset(NEGATIVE_EVENT_TYPES)
 _NO_ROWS = np.zeros(0, np.int32)
+# The merge's category codes are uint32: bit 0 excludes, bit 1 is the request's own include
+# filter (ranking.pipeline.ranker), the rest carry the rules' (RankOverlay.category_codes).
+_FIRST_RULE_BIT = 1 << 2
+_RULE_BITS = 30
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +112,46 @@ class RankOverlay:
 
     def adjusts_candidates(self, model) -> bool:
         """Whether :meth:`rule_mask` or :meth:`offsets` may change anything for some candidates."""
-        return self.rules_adjust_candidates() or self.realtime_offsets(model) is not None
+        return bool(self._masking_rules()) or self.rules_adjust_candidates() or self.realtime_offsets(model) is not None
 
     def rules_adjust_candidates(self) -> bool:
-        """Whether a rule masks or demotes categories (False: the ranker merges, writes and scores
-        the candidates in one compiled call, the real-time offsets computed there)."""
-        return any(r.suppress or r.exclude_categories or r.only_categories or r.demote_categories for r in self.rules)
+        """Whether a rule applies anything between the merge and the features: a demotion, or
+        masks beyond what the merge's category codes can carry (:meth:`category_codes`). False:
+        the ranker merges, writes and scores the candidates in one compiled call, the rules'
+        masks applied in the merge and the real-time offsets computed there."""
+        return any(r.demote_categories for r in self.rules) or not self.masks_in_merge()
+
+    def _masking_rules(self) -> list[Rule]:
+        return [r for r in self.rules if r.suppress or r.exclude_categories or r.only_categories]
+
+    def masks_in_merge(self) -> bool:
+        """Whether the merge applies the masking rules (:meth:`category_codes` carries them all)."""
+        rules = self._masking_rules()
+        return sum(bool(r.only_categories) for r in rules) + any(r.suppress for r in rules) <= _RULE_BITS
+
+    def category_codes(self, model, codes: np.ndarray | None, include_bits: int) -> tuple[np.ndarray | None, int]:
+        """The merge's category codes (per category: bit 0 excludes it, and an item must carry
+        every bit of ``include_bits``, OR-ed over its categories, to stay) with the masking
+        rules folded in, so that the merge masks what :meth:`rule_mask` would: a rule's excluded
+        categories get bit 0; each rule's allowed categories get a bit of their own that every
+        item must carry; a suppressing rule a bit no category has. Unchanged when no rule masks
+        or when the rules need more bits than the codes have (:meth:`rule_mask` then applies them).
+        """
+        rules = self._masking_rules()
+        if not rules or not self.masks_in_merge():
+            return codes, include_bits
+        out = np.zeros(len(model.category_names), np.uint32) if codes is None else codes.copy()
+        bit = _FIRST_RULE_BIT
+        for rule in rules:
+            if rule.exclude_categories:
+                out[category_rows(model, rule.exclude_categories)] |= np.uint32(1)
+            if rule.only_categories:
+                out[category_rows(model, rule.only_categories)] |= np.uint32(bit)
+                include_bits |= bit
+                bit <<= 1
+        if any(r.suppress for r in rules):
+            include_bits |= bit
+        return out, include_bits
 
     def realtime_offsets(self, model) -> RealtimeOffsets | None:
         """What the real-time skip penalty and interest boost need, for the compiled call to
@@ -353,9 +391,15 @@ def _per_event(
     position = {r: i for i, r in enumerate(distinct)}
     uniq = np.array(distinct, dtype=np.int64)
     summed = np.bincount([position[r] for r in row_list], weights=weights, minlength=len(uniq))
-    nz = summed != 0
-    has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
-    keep = nz & has_factor
+    return _fold_in(ov, model, w, yty, user_id, uniq, summed)
+
+
+def _fold_in(
+    ov: RankOverlay, model, w: Weighting, yty: np.ndarray, user_id: str, uniq: np.ndarray, summed: np.ndarray
+) -> RankOverlay:
+    """``ov`` with the customer's re-solved vector from their events' summed weights per
+    distinct item (``uniq``), where any is nonzero on an item with a factor."""
+    keep = (summed != 0) & np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
     if not keep.any():
         return ov
     urow = model.users.row(user_id)
@@ -448,16 +492,4 @@ def build_overlay(
     else:
         uniq, inverse, weights = b.uniq, b.inverse, w.decayed(b.base, b.times, now)
     summed = np.bincount(inverse, weights=weights, minlength=len(uniq))
-    nz = summed != 0
-    has_factor = np.any(np.asarray(model.item_factors[uniq], dtype=np.float32) != 0, axis=1)
-    keep = nz & has_factor
-    if not keep.any():
-        return ov
-    urow = model.users.row(user_id)
-    prior = None
-    if urow >= 0 and model.user_has_history[urow]:
-        prior = np.asarray(model.user_factors[urow], dtype=np.float64)
-    vec = fold_in(model.item_factors, yty, uniq[keep], w.alpha * summed[keep], w.regularization, prior)
-    if np.all(np.isfinite(vec)) and np.any(vec != 0):
-        ov.user_vector = vec
-    return ov
+    return _fold_in(ov, model, w, yty, user_id, uniq, summed)

@@ -378,7 +378,7 @@ class Ranker:
         sources |= {
             "mask_user": urow,
             "exclude": np.concatenate(excluded) if excluded else _NO_ROWS,
-            **self._category_filter(q),
+            **self._category_filter(q, overlay),
             "min_price": q.min_price,
             "max_price": q.max_price,
         }
@@ -398,10 +398,17 @@ class Ranker:
             **sources,
         )
 
-    def _category_filter(self, q: RankQuery) -> dict:
-        """The request's category filters as the kernel's codes: bit 0 excludes, bit 1 must be present."""
+    def _category_filter(self, q: RankQuery, overlay: RankOverlay | None = None) -> dict:
+        """The request's category filters as the kernel's codes: bit 0 excludes, bit 1 must be
+        present; then the overlay's masking rules folded in (``RankOverlay.category_codes``)."""
+        codes, include = self._request_codes(q)
+        if overlay is not None and overlay.rules:
+            codes, include = overlay.category_codes(self.model, codes, include)
+        return {} if codes is None else {"category_codes": codes, "include_bits": include}
+
+    def _request_codes(self, q: RankQuery) -> tuple[np.ndarray | None, int]:
         if not q.include_categories and not q.exclude_categories:
-            return {}
+            return None, 0
         m = self.model
         codes = np.zeros(len(m.category_names), np.uint32)
         include = 0
@@ -417,7 +424,7 @@ class Ranker:
         if q.exclude_categories:
             ids = m.category_names.lookup(q.exclude_categories)
             codes[ids[ids >= 0]] |= np.uint32(1)
-        return {"category_codes": codes, "include_bits": include}
+        return codes, include
 
     # -- features --------------------------------------------------------------
     def _score(
@@ -594,7 +601,8 @@ class Ranker:
         offsets: np.ndarray | None = None
         offset_parts: dict[str, np.ndarray] = {}
         if overlay is not None:
-            rules = overlay.rule_mask(self.model, cands)
+            # The masking rules were applied in the merge, unless they need more bits than the codes have.
+            rules = None if overlay.masks_in_merge() else overlay.rule_mask(self.model, cands)
             if rules is not None:
                 mask |= rules
             offsets, offset_parts = overlay.offsets(self.model, cands)

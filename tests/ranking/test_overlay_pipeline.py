@@ -130,3 +130,61 @@ def test_an_overlay_adjusts_candidates_exactly_when_its_masks_or_offsets_do(rank
     # Both answers met, with and without events and rules.
     assert {(c, e) for c, e, _ in seen} >= {(True, True), (False, True), (False, False)}
     assert any(c and not e and r for c, e, r in seen)
+
+
+def test_the_merge_masks_what_the_rules_mask(ranker):
+    """The masking rules, folded into the merge's category codes, mask exactly what
+    ``RankOverlay.rule_mask`` masks on top of the request's own filters: excluded and allowed
+    categories (unknown names among them), several rules at once, suppression. Rules needing
+    more bits than the codes have stay out of the merge, and the Ranker applies them after it."""
+    from ranking import RankOverlay
+    from ranking.pipeline.overlay import category_rows
+
+    m = ranker.model
+    rng = np.random.default_rng(17)
+    cats = [str(c) for c in m.category_names.ids] + ["no-such-category"]
+    seen = set()
+    for _ in range(150):
+        docs = []
+        for j in range(int(rng.integers(1, 4))):
+            kind = rng.choice(
+                ["exclude_categories", "only_categories", "demote_categories", "suppress"], p=[0.4, 0.4, 0.1, 0.1]
+            )
+            doc = {"name": f"r{j}", "when": {"channel": "web"}}
+            doc[str(kind)] = (
+                True if kind == "suppress" else list(rng.choice(cats, int(rng.integers(1, 3)), replace=False))
+            )
+            docs.append(doc)
+        ov = RankOverlay(rules=parse_rules(docs, "t"))
+        q = RankQuery(user_id=f"u{rng.integers(30)}", num_results=10)
+        if rng.random() < 0.3:
+            q.include_categories = list(rng.choice(cats[:-1], 2, replace=False))
+        if rng.random() < 0.3:
+            q.exclude_categories = [str(rng.choice(cats))]
+        rung, _, urow, qvec, seg, session = ranker._resolve(q)
+        args = (q, rung, urow, urow, qvec, seg, session, None)
+        pool, sources, _ = ranker._candidates(*args, ov, 30, ranker.ann_effort)
+        rows, mask = ranker._merge(pool, sources, seg, session, None)
+        pool0, sources0, _ = ranker._candidates(*args, None, 30, ranker.ann_effort)
+        rows0, mask0 = ranker._merge(pool0, sources0, seg, session, None)
+        np.testing.assert_array_equal(rows, rows0)
+        by_rules = ov.rule_mask(m, rows0)
+        want = mask0 | by_rules if by_rules is not None else mask0
+        np.testing.assert_array_equal(mask, want, err_msg=str(docs))
+        assert ov.masks_in_merge()
+        seen.add((by_rules is not None and bool((by_rules & ~mask0).any()), bool(want.all())))
+    assert (True, False) in seen and (True, True) in seen  # rules masked some candidates, and all
+
+    # More allowed-category rules than the codes have bits: the merge leaves them, the Ranker
+    # applies them after it, and the answer holds to every one.
+    some = [str(c) for c in m.category_names.ids]
+    docs = [{"name": f"o{j}", "when": {"channel": "web"}, "only_categories": some} for j in range(31)]
+    docs.append({"name": "x", "when": {"channel": "web"}, "exclude_categories": [some[0]]})
+    ov = RankOverlay(rules=parse_rules(docs, "t"))
+    assert not ov.masks_in_merge() and ov.rules_adjust_candidates()
+    got = ranker.rank(RankQuery(user_id="u3", num_results=10), overlay=ov)
+    assert got.item_ids
+    banned = set(category_rows(m, (some[0],)).tolist())
+    for item in got.item_ids:
+        row = int(m.items.lookup([item])[0])
+        assert not banned & set(np.asarray(m.item_categories.row(row)).tolist())
