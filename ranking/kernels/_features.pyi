@@ -135,6 +135,8 @@ class FeatureKernel:
         skip_penalty: float,
         interest_boost: float,
         offset_scale: float,
+        demote_codes: npt.NDArray[np.uint32],
+        demote_by: npt.NDArray[np.float32],
     ) -> tuple[
         npt.NDArray[np.int32],
         npt.NDArray[np.bool_],

@@ -787,6 +787,8 @@ cdef class FeatureKernel:
         float32_t skip_penalty,
         float32_t interest_boost,
         float32_t offset_scale,
+        const uint32_t[::1] demote_codes,
+        const float32_t[::1] demote_by,
     ):
         """:meth:`candidates`, then :meth:`fill_score` over them, in one call without the GIL.
 
@@ -807,9 +809,10 @@ cdef class FeatureKernel:
 
         With ``skip_rows`` or ``interest_rows`` (real-time skips and recent items, ``inv_norms``
         every item's 1/|factor|), every merged candidate's real-time score offset is computed
-        before the time check (``_realtime_offsets``) and added to its score; they come back as
-        ``offsets`` and ``parts`` (the skip penalty's row and the interest boost's), after
-        ``filled_ns``, for the answer in retrieval order and for explain.
+        before the time check (``_offsets``) and added to its score, with the rules' demotions
+        (``demote_codes``: per category, bit b for the b-th demotion of ``demote_by``); they come
+        back as ``offsets`` and ``parts`` (the skip penalty's row, the interest boost's, then one
+        per demotion), after ``filled_ns``, for the answer in retrieval order and for explain.
         """
         cdef _Merge b = self._sized(pool, seg, n_seg, n_popular, source_user, session, n_again, p_rows, n_covis,
                                     n_recent_popular, n_ease)
@@ -825,10 +828,11 @@ cdef class FeatureKernel:
         cdef float32_t[::1] first_scores = np.empty(min(bound, max(n_second, k, 1)), np.float32)
         cdef int32_t[::1] first_indices = np.empty(min(bound, max(n_second, k, 1)), np.int32)
         offsets_arr = np.zeros(bound, np.float32)
-        parts_arr = np.zeros((2, bound), np.float32)
+        parts_arr = np.zeros((2 + demote_by.shape[0], bound), np.float32)
         cdef float32_t[::1] offsets = offsets_arr
         cdef float32_t[:, ::1] parts = parts_arr
         cdef bint realtime = skip_rows.shape[0] > 0 or interest_rows.shape[0] > 0
+        cdef bint offset = realtime or demote_by.shape[0] > 0
         cdef Py_ssize_t n_unit = skip_rows.shape[0] + interest_rows.shape[0] + 1 if realtime else 0
         cdef float32_t[:, ::1] unit = np.empty((n_unit, self.item_factors.shape[1]), np.float32)
         cdef Py_ssize_t n, i, kk = 0, m, fit, n2 = n_second, status = 0
@@ -842,9 +846,9 @@ cdef class FeatureKernel:
         with nogil:
             n = self._merge(b, source_user, session, t_again, p_rows, p_times, mask_user, exclude, category_codes,
                             include_bits, min_price, max_price, slot, mark, True)
-            if realtime and n > 0:
-                self._realtime_offsets(b.out[:n], skip_rows, interest_rows, inv_norms, skip_penalty,
-                                       interest_boost, offset_scale, unit, offsets[:n], parts[:, :n])
+            if offset and n > 0:
+                self._offsets(b.out[:n], skip_rows, interest_rows, inv_norms, skip_penalty, interest_boost,
+                              offset_scale, demote_codes, demote_by, unit, offsets[:n], parts[:, :n])
             clock_gettime(CLOCK_MONOTONIC, &ts)
             merged_ns = filled_ns = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
             if n < 0:
@@ -884,9 +888,9 @@ cdef class FeatureKernel:
                 slot[b.out[i]] = -1
         return (b.rows[:n], b.mask[:n].view(np.bool_), X_arr[:n], out_scores_arr, out_indices_arr, status, expired,
                 n_kept, n_scored, n_done, n_planned, n2, cut, merged_ns, filled_ns,
-                offsets_arr[:n] if realtime else None, parts_arr[:, :n] if realtime else None)
+                offsets_arr[:n] if offset else None, parts_arr[:, :n] if offset else None)
 
-    cdef void _realtime_offsets(
+    cdef void _offsets(
         self,
         const int32_t[::1] cands,
         const int32_t[::1] skip_rows,
@@ -895,26 +899,31 @@ cdef class FeatureKernel:
         float32_t skip_penalty,
         float32_t interest_boost,
         float32_t scale,
+        const uint32_t[::1] demote_codes,
+        const float32_t[::1] demote_by,
         float32_t[:, ::1] unit,
         float32_t[::1] offsets,
         float32_t[:, ::1] parts,
     ) noexcept nogil:
-        """Each candidate's real-time score offset, as ``RankOverlay.offsets`` computes it in NumPy
+        """Each candidate's score offset, as ``RankOverlay.offsets`` computes it in NumPy
         (``ranking.pipeline.overlay``; equal within float32 rounding of the cosines).
 
         Skip penalty (``parts[0]``): minus ``skip_penalty`` times the candidate's largest cosine
         with a skipped item, clipped to [0, 1]; 1 for a skipped item itself. Interest boost
         (``parts[1]``): the largest cosine with a recent item, clipped to [0, 1] (0 for a recent
         item itself), scaled to this request's candidates (the closest get ``interest_boost``,
-        the farthest none). ``offsets`` is their sum; all three times ``scale``. ``unit`` is
-        scratch of (len(skip_rows) + len(interest_rows) + 1, d) rows; the rows are valid.
+        the farthest none). Demotion b (``parts[2 + b]``): minus ``demote_by[b]`` for a candidate
+        in a category whose ``demote_codes`` carries bit b. ``offsets`` is their sum, in that
+        order; all of them times ``scale``. ``unit`` is scratch of (len(skip_rows) +
+        len(interest_rows) + 1, d) rows when either is given; the rows are valid.
         """
         cdef Py_ssize_t n = cands.shape[0], d = self.item_factors.shape[1], i, j, r
         cdef Py_ssize_t n_skip = skip_rows.shape[0], n_interest = interest_rows.shape[0]
-        cdef Py_ssize_t m = n_skip + n_interest
+        cdef Py_ssize_t m = n_skip + n_interest, n_demote = demote_by.shape[0], n_parts = 2 + n_demote
         cdef int32_t c
+        cdef uint32_t bits
         cdef float32_t w, best, sim, lo = INFINITY, hi = -INFINITY
-        cdef float32_t* cf = &unit[m, 0]
+        cdef float32_t* cf = &unit[m, 0] if m else NULL
         cdef bint own
         # Unit factors of the skipped and recent items, then of each candidate in turn.
         for r in range(m):
@@ -922,7 +931,7 @@ cdef class FeatureKernel:
             w = inv_norms[c]
             for j in range(d):
                 unit[r, j] = self.item_factors[c, j] * w
-        for i in range(n):
+        for i in range(n if m else 0):
             c = cands[i]
             w = inv_norms[c]
             for j in range(d):
@@ -948,11 +957,19 @@ cdef class FeatureKernel:
             if n_interest:
                 # Relative to this request's candidates, whatever the embedding's baseline similarity.
                 parts[1, i] = interest_boost * ((parts[1, i] - lo) / (hi - lo)) if hi > lo else 0.0
+            if n_demote:
+                bits = 0
+                for j in range(self.item_cat_indptr[cands[i]], self.item_cat_indptr[cands[i] + 1]):
+                    bits |= demote_codes[self.item_cat_ids[j]]
+                for r in range(n_demote):
+                    parts[2 + r, i] = -demote_by[r] if bits & ((<uint32_t>1) << r) else 0.0
             offsets[i] = parts[0, i] + parts[1, i]
+            for r in range(2, n_parts):
+                offsets[i] = offsets[i] + parts[r, i]
             if scale != 1.0:
                 offsets[i] = offsets[i] * scale
-                parts[0, i] = parts[0, i] * scale
-                parts[1, i] = parts[1, i] * scale
+                for r in range(n_parts):
+                    parts[r, i] = parts[r, i] * scale
 
     cdef Py_ssize_t _fill(
         self,

@@ -5,7 +5,7 @@ server forks its workers) and checks the bundle's tables once, so a request pays
 for validating its own small arrays. ``ranking.pipeline.features`` resolves the request
 (time, hour block, context columns); the Ranker then merges a request's candidates,
 writes their features and scores them in one call (:meth:`FeatureKernel.candidates_fill_score`),
-or in two when a context rule demotes categories between the merge and the features
+or in two when a request's rules need more bits than the category codes have
 (:meth:`FeatureKernel.candidates`, then :meth:`FeatureKernel.fill_score`); the builder's
 training rows come from :meth:`FeatureKernel.fill`. Other packages import only this module.
 """
@@ -23,7 +23,7 @@ from ranking.kernels import _features
 from ranking.kernels.rows import CandidateIndex, ItemScratch, _int32_rows
 from ranking.kernels.scoring import TopK, TreeCall, checked_phases, loop_ints
 
-__all__ = ["COLUMNS", "Answer", "FeatureKernel", "RealtimeOffsets"]
+__all__ = ["COLUMNS", "Answer", "Demotions", "FeatureKernel", "RealtimeOffsets"]
 
 
 class RealtimeOffsets(NamedTuple):
@@ -51,6 +51,25 @@ class RealtimeOffsets(NamedTuple):
     interest_boost: float
 
 
+class Demotions(NamedTuple):
+    """Rules' demotions for :meth:`FeatureKernel.candidates_fill_score` to apply after the merge
+    (at most 32).
+
+    Attributes
+    ----------
+    codes : np.ndarray
+        uint32 per category: bit b set where demotion b applies.
+    amounts : np.ndarray
+        float32 per demotion: what a candidate in its categories loses.
+    names : tuple of str
+        Each demotion's name among the answer's offset parts.
+    """
+
+    codes: np.ndarray
+    amounts: np.ndarray
+    names: tuple[str, ...]
+
+
 class Answer(NamedTuple):
     """What :meth:`FeatureKernel.candidates_fill_score` returns.
 
@@ -72,7 +91,8 @@ class Answer(NamedTuple):
         The real-time score offset of every candidate (float32, scaled), None without
         :class:`RealtimeOffsets`.
     offset_parts : dict
-        ``"realtime_skip"`` and ``"realtime_interest"``: what each added, where it applied (explain).
+        ``"realtime_skip"``, ``"realtime_interest"`` and each demotion's name: what each added,
+        where it applied (explain).
     """
 
     rows: np.ndarray
@@ -272,6 +292,7 @@ class FeatureKernel:
         check_every: int = 32,
         realtime: RealtimeOffsets | None = None,
         offset_scale: float = 1.0,
+        demotions: Demotions | None = None,
         **sources,
     ) -> Answer:
         """:meth:`candidates`, :meth:`fill` and the trees' top-k over the rows, in one compiled
@@ -285,7 +306,8 @@ class FeatureKernel:
         row of the trees the second adds, share of the time left to use) and a deadline, the
         second phase is first cut to what the time left after the merge affords, as
         ``ranking.pipeline.budget.CostModel.plan_second_phase`` does. With ``realtime``, every
-        candidate's real-time offset, times ``offset_scale``, is added to its score, and returned.
+        candidate's real-time offset, and with ``demotions`` the rules', times ``offset_scale``,
+        is added to its score, and returned.
 
         Raises
         ------
@@ -300,7 +322,7 @@ class FeatureKernel:
         first_ms, rest_ms, safety = plan if plan is not None else (-1.0, 0.0, 1.0)
         if plan is not None and not (first_ms >= 0 and rest_ms >= 0 and 0 < safety <= 1):
             raise ValueError(f"a second-phase plan needs costs >= 0 and a share in (0, 1], got {plan}")
-        offset_args = self._offset_args(realtime, offset_scale)
+        offset_args = self._offset_args(realtime, offset_scale, demotions)
         with scratch.buffers() as (slot, mark):
             (rows, mask, X, out_scores, out_indices, status, expired, n_kept, n_scored, n_done, n_planned, n2, cut,
              merged_ns, filled_ns, offsets, parts) = self._kernel.candidates_fill_score(*(
@@ -345,24 +367,48 @@ class FeatureKernel:
         if parts is not None:
             applied = (("realtime_skip", parts[0], offset_args[0]), ("realtime_interest", parts[1], offset_args[1]))
             named = {name: part for name, part, rows in applied if len(rows)}
+            if demotions is not None:
+                named.update(zip(demotions.names, parts[2:]))
         return Answer(rows, mask, X, top, n2, bool(cut), merged_ns, filled_ns, offsets, named)
 
-    def _offset_args(self, realtime: RealtimeOffsets | None, scale: float) -> tuple[Any, ...]:
-        """The compiled call's real-time offset arguments, checked: nothing applies without ``realtime``."""
+    def _offset_args(
+        self, realtime: RealtimeOffsets | None, scale: float, demotions: Demotions | None
+    ) -> tuple[Any, ...]:
+        """The compiled call's offset arguments, checked: nothing applies without ``realtime``
+        and ``demotions``."""
+        if not (np.isfinite(scale) and scale >= 0):
+            raise ValueError(f"the offsets' scale must be finite and >= 0, got {scale}")
+        demote: tuple[Any, ...] = (_U32, _F32)
+        if demotions is not None:
+            codes = np.ascontiguousarray(demotions.codes, np.uint32)
+            amounts = np.ascontiguousarray(demotions.amounts, np.float32)
+            if codes.shape != (self.n_categories,):
+                raise ValueError(f"demotion codes need one entry per category ({self.n_categories}), got {codes.shape}")
+            if not (amounts.ndim == 1 and len(amounts) == len(demotions.names) <= 32 and np.isfinite(amounts).all()):
+                raise ValueError(f"demotions need at most 32 finite amounts, one per name, got {amounts!r}")
+            demote = (codes, amounts)
         if realtime is None:
-            return _I32, _I32, _F32, 0.0, 0.0, 1.0
+            return _I32, _I32, _F32, 0.0, 0.0, float(scale), *demote
         skips = _int32_rows("skipped items", realtime.skip_rows, self.n_items)
         interests = _int32_rows("recent items", realtime.interest_rows, self.n_items)
         inv_norms = np.ascontiguousarray(realtime.inv_norms, dtype=np.float32)
         if inv_norms.shape != (self.n_items,):
             raise ValueError(f"inverse factor norms need one entry per item ({self.n_items}), got {inv_norms.shape}")
-        numbers = {"skip penalty": realtime.skip_penalty, "interest boost": realtime.interest_boost, "scale": scale}
+        numbers = {"skip penalty": realtime.skip_penalty, "interest boost": realtime.interest_boost}
         bad = {k: v for k, v in numbers.items() if not (np.isfinite(v) and v >= 0)}
         if bad:
             raise ValueError(f"real-time offsets need finite values >= 0, got {bad}")
         if realtime.interest_boost == 0:
             interests = _I32  # no boost: nothing to compute
-        return skips, interests, inv_norms, float(realtime.skip_penalty), float(realtime.interest_boost), float(scale)
+        return (
+            skips,
+            interests,
+            inv_norms,
+            float(realtime.skip_penalty),
+            float(realtime.interest_boost),
+            float(scale),
+            *demote,
+        )
 
     def candidates(
         self, scratch: ItemScratch, pool, *, session=_I32, purchases: tuple | None = None, **sources

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ranking.config import OverlaySettings  # re-exported: its home is the light ranking.config
-from ranking.kernels.features import RealtimeOffsets
+from ranking.kernels.features import Demotions, RealtimeOffsets
 from ranking.pipeline.categories import in_categories
 from ranking.pipeline.features import Purchases
 from ranking.policy.experiments import FULL, Variant
@@ -37,6 +37,7 @@ _NO_ROWS = np.zeros(0, np.int32)
 # filter (ranking.pipeline.ranker), the rest carry the rules' (RankOverlay.category_codes).
 _FIRST_RULE_BIT = 1 << 2
 _RULE_BITS = 30
+_DEMOTIONS = 32  # the compiled call's demotions: one bit each of a uint32 code
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,27 @@ class RankOverlay:
 
     def adjusts_candidates(self, model) -> bool:
         """Whether :meth:`rule_mask` or :meth:`offsets` may change anything for some candidates."""
-        return bool(self._masking_rules()) or self.rules_adjust_candidates() or self.realtime_offsets(model) is not None
+        return bool(self.rules) or self.realtime_offsets(model) is not None  # every rule masks or demotes
 
     def rules_adjust_candidates(self) -> bool:
-        """Whether a rule applies anything between the merge and the features: a demotion, or
-        masks beyond what the merge's category codes can carry (:meth:`category_codes`). False:
-        the ranker merges, writes and scores the candidates in one compiled call, the rules'
-        masks applied in the merge and the real-time offsets computed there."""
-        return any(r.demote_categories for r in self.rules) or not self.masks_in_merge()
+        """Whether the rules need NumPy between the merge and the features: more masks than the
+        merge's category codes can carry (:meth:`category_codes`) or more demotions than the
+        compiled call takes (:meth:`demotions`). False: the ranker merges, writes and scores the
+        candidates in one compiled call, the rules' masks applied in the merge and the
+        real-time offsets and demotions computed there."""
+        return sum(bool(r.demote_categories) for r in self.rules) > _DEMOTIONS or not self.masks_in_merge()
+
+    def demotions(self, model) -> Demotions | None:
+        """The rules' demotions for the compiled call to apply as :meth:`offsets` does; None
+        when no rule demotes, or when more do than the call takes (:meth:`offsets` applies them)."""
+        rules = [r for r in self.rules if r.demote_categories]
+        if not rules or len(rules) > _DEMOTIONS:
+            return None
+        codes = np.zeros(len(model.category_names), np.uint32)
+        for b, rule in enumerate(rules):
+            codes[category_rows(model, rule.demote_categories)] |= np.uint32(1 << b)
+        amounts = np.array([r.demote_by for r in rules], np.float32)
+        return Demotions(codes, amounts, tuple(f"rule:{r.name}" for r in rules))
 
     def _masking_rules(self) -> list[Rule]:
         return [r for r in self.rules if r.suppress or r.exclude_categories or r.only_categories]

@@ -19,7 +19,7 @@ from ranking.config import (  # re-exported: their home is the light ranking.con
 )
 from ranking.errors import BundleError, FieldViolation, InvalidRequest
 from ranking.kernels import scoring
-from ranking.kernels.features import Answer, RealtimeOffsets
+from ranking.kernels.features import Answer, Demotions, RealtimeOffsets
 from ranking.kernels.reranker import TreeScorer
 from ranking.kernels.scoring import TopK, TreeCall
 from ranking.pipeline.budget import Budget, CostModel, RetrievalPlan
@@ -85,10 +85,11 @@ class Prepared:
     # What the feature kernel is to write when rank() fuses features and scoring (prepare(fuse=True)).
     request: Request | None = None
     # The candidate call's (pool, sources) when rank() is to merge, write and score in one call
-    # (prepare(fuse=True) with no rule to apply between them): rows and mask are then empty.
+    # (prepare(fuse=True) with nothing to apply between them in NumPy): rows and mask are then empty.
     sources: tuple[np.ndarray, dict] | None = None
-    # The real-time offsets that one call computes after the merge (None: none apply).
+    # The real-time offsets and the rules' demotions that one call applies after the merge.
     realtime: RealtimeOffsets | None = None
+    demotions: Demotions | None = None
 
 
 class _StageClock:
@@ -496,6 +497,7 @@ class Ranker:
             plan=plan,
             realtime=prep.realtime,
             offset_scale=self.offset_scale,
+            demotions=prep.demotions,
             **sources,
         )
         end_ns, now = time.monotonic_ns(), time.perf_counter()
@@ -587,14 +589,27 @@ class Ranker:
             and not self.config.debug_delay_us_per_candidate
             and (overlay is None or not overlay.rules_adjust_candidates())
         ):
-            # No rule to apply between the merge and the features: rank() does both, the
-            # real-time offsets and the scoring in one compiled call.
+            # Nothing to apply between the merge and the features in NumPy: rank() does both, the
+            # real-time offsets, the rules' demotions and the scoring in one compiled call.
             request = Request(
                 int(rung), personal, qvec, seg, session, q.event_time, q.channel, q.device, q.region, purchases
             )
             realtime = overlay.realtime_offsets(self.model) if overlay is not None else None
+            demotions = overlay.demotions(self.model) if overlay is not None else None
             return Prepared(
-                rung, reason, urow, _NO_ROWS, _NO_MASK, None, None, {}, path, request, (pool, sources), realtime
+                rung,
+                reason,
+                urow,
+                _NO_ROWS,
+                _NO_MASK,
+                None,
+                None,
+                {},
+                path,
+                request,
+                (pool, sources),
+                realtime,
+                demotions,
             )
         cands, mask = self._merge(pool, sources, seg, session, purchases)
         self._debug_delay("retrieve", len(cands))

@@ -451,12 +451,14 @@ def _some_rows(rng: np.random.Generator, cands: np.ndarray, n_items: int, n_max:
 
 
 @pytest.mark.parametrize("which", ["context_bundle", "grocery_bundle"])
-def test_real_time_offsets_in_the_one_call_equal_the_overlay_s(which, request):
-    """A customer's skip penalties and interest boost, computed in the one compiled call after
-    the merge, equal what ``RankOverlay.offsets`` computes in NumPy on the same candidates
-    (within float32 rounding of the cosines), scaled the same, and rank the same: skipped and
-    recent items among the candidates and not, either offset alone or both, any scale, and
+def test_offsets_in_the_one_call_equal_the_overlay_s(which, request):
+    """A customer's skip penalties and interest boost and the rules' demotions, computed in the
+    one compiled call after the merge, equal what ``RankOverlay.offsets`` computes in NumPy on
+    the same candidates (within float32 rounding of the cosines), scaled the same, and rank
+    the same: skipped and recent items among the candidates and not, each offset alone or
+    with others, one demotion or several (unknown categories among them), any scale, and
     returned when the deadline had passed before anything was scored."""
+    from ranking import parse_rules
     from ranking.config import OverlaySettings
     from ranking.kernels.scoring import TreeCall
     from ranking.pipeline.overlay import model_cache
@@ -468,8 +470,9 @@ def test_real_time_offsets_in_the_one_call_equal_the_overlay_s(which, request):
     scorer, kernel, tables, scratch = ranker.scorer, ranker.kernel, ranker.tables, ranker.scratch
     assert tables is not None and scorer.kind == "trees"
     rng = np.random.default_rng(13)
+    cats = [str(c) for c in m.category_names.ids] + ["no-such-category"]
     seen = set()
-    for i in range(150):
+    for i in range(200):
         q = _random_query(m, rng)
         rung, reason, urow, qvec, seg, session = ranker._resolve(q, Rung(int(rng.integers(1, 5))))
         personal = -1 if reason == "variant" else urow
@@ -480,13 +483,19 @@ def test_real_time_offsets_in_the_one_call_equal_the_overlay_s(which, request):
         if not len(rows):
             continue
 
-        kind = i % 3  # skips only, recent items only, both
-        skips = _some_rows(rng, rows, m.n_items, 4) if kind != 1 else np.zeros(0, np.int32)
-        recent = _some_rows(rng, rows, m.n_items, 8) if kind != 0 else np.zeros(0, np.int32)
+        kind = i % 4  # skips only, recent items only, both, demotions only
+        skips = _some_rows(rng, rows, m.n_items, 4) if kind in (0, 2) else np.zeros(0, np.int32)
+        recent = _some_rows(rng, rows, m.n_items, 8) if kind in (1, 2) else np.zeros(0, np.int32)
         settings = OverlaySettings(skip_penalty=float(rng.uniform(0.5, 4)), interest_boost=float(rng.uniform(0.5, 3)))
-        ov = RankOverlay(negative_rows=skips, recent_rows=recent, settings=settings)
-        realtime = ov.realtime_offsets(m)
-        if realtime is None:
+        docs = [
+            {"name": f"d{j}", "when": {"channel": "web"}, "demote_by": float(rng.uniform(0.1, 2)),
+             "demote_categories": list(rng.choice(cats, int(rng.integers(1, 4)), replace=False))}
+            for j in range(int(rng.integers(1, 4)) if kind == 3 or rng.random() < 0.3 else 0)
+        ]  # fmt: skip
+        ov = RankOverlay(negative_rows=skips, recent_rows=recent, settings=settings, rules=parse_rules(docs, "t"))
+        realtime, demotions = ov.realtime_offsets(m), ov.demotions(m)
+        assert (demotions is None) == (not docs)
+        if realtime is None and demotions is None:
             assert not len(skips) and not len(recent)
             continue
         scale = float(rng.choice([1.0, 0.37, 2.5]))
@@ -495,7 +504,8 @@ def test_real_time_offsets_in_the_one_call_equal_the_overlay_s(which, request):
         expired = i % 5 == 4
         got = kernel.candidates_fill_score(
             scratch, pool, tables.request_args(req), trees=scorer.trees, phases=scorer.phases, k=k,
-            n_second=0, deadline_ns=1 if expired else 0, realtime=realtime, offset_scale=scale, **sources,
+            n_second=0, deadline_ns=1 if expired else 0, realtime=realtime, offset_scale=scale,
+            demotions=demotions, **sources,
         )  # fmt: skip
         assert _scratch_is_clean(scratch)
         np.testing.assert_array_equal(got.rows, rows)
@@ -513,9 +523,10 @@ def test_real_time_offsets_in_the_one_call_equal_the_overlay_s(which, request):
         X, want_top, _ = tables.assemble_and_score(req, rows, call)
         np.testing.assert_array_equal(got.features, X)
         _same_top_within(got.top, want_top, 1e-5, str(q))
-        seen.add((kind, bool(np.isin(rows, skips).any()), bool(np.isin(rows, recent).any())))
-    # Each kind was drawn, and skipped and recent items were among the candidates.
-    assert {s[0] for s in seen} == {0, 1, 2} and any(s[1] for s in seen) and any(s[2] for s in seen)
+        demoted = any((p != 0).any() for n, p in parts.items() if n.startswith("rule:"))
+        seen.add((kind, bool(np.isin(rows, skips).any()), bool(np.isin(rows, recent).any()), demoted))
+    # Each kind was drawn; skipped and recent items were among the candidates, and demoted ones.
+    assert {s[0] for s in seen} == {0, 1, 2, 3} and all(any(s[j] for s in seen) for j in (1, 2, 3))
 
 
 def test_bad_candidate_arguments_are_refused_with_the_reason(context_bundle):
