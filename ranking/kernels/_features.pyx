@@ -121,6 +121,9 @@ cdef enum:
 
 assert len(COLUMNS) == N_COLUMNS
 
+# Scratch of no rows, for a request without offsets (written by nobody).
+_NO_ROWS_2D = np.zeros((0, 0), np.float32)
+
 
 # ---------------------------------------------------------------------------
 # Layer 1: scalars
@@ -827,14 +830,16 @@ cdef class FeatureKernel:
         cdef float64_t[::1] first_acc = np.empty(bound, np.float64)
         cdef float32_t[::1] first_scores = np.empty(min(bound, max(n_second, k, 1)), np.float32)
         cdef int32_t[::1] first_indices = np.empty(min(bound, max(n_second, k, 1)), np.int32)
-        offsets_arr = np.zeros(bound, np.float32)
-        parts_arr = np.zeros((2 + demote_by.shape[0], bound), np.float32)
-        cdef float32_t[::1] offsets = offsets_arr
-        cdef float32_t[:, ::1] parts = parts_arr
         cdef bint realtime = skip_rows.shape[0] > 0 or interest_rows.shape[0] > 0
         cdef bint offset = realtime or demote_by.shape[0] > 0
-        cdef Py_ssize_t n_unit = skip_rows.shape[0] + interest_rows.shape[0] + 1 if realtime else 0
-        cdef float32_t[:, ::1] unit = np.empty((n_unit, self.item_factors.shape[1]), np.float32)
+        offsets_arr = np.zeros(bound, np.float32)
+        # The parts only where an offset applies: most requests have none.
+        parts_arr = np.zeros((2 + demote_by.shape[0], bound), np.float32) if offset else _NO_ROWS_2D
+        cdef float32_t[::1] offsets = offsets_arr
+        cdef float32_t[:, ::1] parts = parts_arr
+        cdef float32_t[:, ::1] unit = _NO_ROWS_2D
+        if realtime:
+            unit = np.empty((skip_rows.shape[0] + interest_rows.shape[0] + 1, self.item_factors.shape[1]), np.float32)
         cdef Py_ssize_t n, i, kk = 0, m, fit, n2 = n_second, status = 0
         cdef Py_ssize_t n_kept = 0, n_scored = 0, n_done = 0, n_planned = 0
         cdef bint cut = False, expired = False

@@ -111,10 +111,6 @@ class RankOverlay:
     def applied_rules(self) -> list[str]:
         return [r.name for r in self.rules]
 
-    def adjusts_candidates(self, model) -> bool:
-        """Whether :meth:`rule_mask` or :meth:`offsets` may change anything for some candidates."""
-        return bool(self.rules) or self.realtime_offsets(model) is not None  # every rule masks or demotes
-
     def rules_adjust_candidates(self) -> bool:
         """Whether the rules need NumPy between the merge and the features: more masks than the
         merge's category codes can carry (:meth:`category_codes`) or more demotions than the
