@@ -30,7 +30,9 @@ def _realtime_ranks(model, ranker, uids, rng, n_events: int, n_purchases: int = 
     """Customers with ``n_events`` real-time events since the bundle (views, every third a
     purchase) and ``n_purchases`` more purchases (of a tenth as many items, over a week), read
     from the real-time state, their overlay built and ranked with, as the server does, twice
-    each: the milliseconds of each round, and how many got a re-solved vector."""
+    each: the milliseconds of each round, and how many got a re-solved vector. With
+    ``n_purchases``, the customer is ranked once (not timed) and then buys one more item a
+    minute after their last purchase, so the first round is the Rank right after a purchase."""
     t_end = float(model.manifest["data_window"]["end_unix"])
     state = UserStateStore(durable_types=tuple(model.manifest["config"].get("consumed_event_types", ["purchase"])))
     rounds: list[list[float]] = [[], []]
@@ -46,6 +48,10 @@ def _realtime_ranks(model, ranker, uids, rng, n_events: int, n_purchases: int = 
             events += [Event(uid, str(it), "purchase", float(t)) for it, t in zip(rng.choice(bought, n_purchases), at)]
         state.add(events)
         now = max(e.timestamp for e in events) + 1
+        if n_purchases:
+            ranker.rank(RankQuery(user_id=uid), overlay=build_overlay(model, uid, state.held(uid), now))
+            state.add([Event(uid, str(rng.choice(bought)), "purchase", now + 59)])
+            now += 60
         for times in rounds:
             t0 = time.perf_counter()
             overlay = build_overlay(model, uid, state.held(uid), now)

@@ -331,11 +331,85 @@ def _digest(model, cache: _ModelCache, events: Sequence[Event]) -> _Digest:
     )
 
 
+def _merge_purchases(old: _Digest, tail: _Digest) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_compact_purchases` of both runs' purchases, ``tail``'s at or after ``old``'s in
+    time, from what each kept: the items ``tail`` bought are compacted anew (an item's earlier
+    days keep their first purchase, its last is now ``tail``'s), the others are as ``old`` kept
+    them; both parts are sorted by item and time and share no item, so they interleave by item."""
+    if not len(tail.bought_rows):
+        return old.bought_rows, old.bought_times
+    touched = np.isin(old.bought_rows, tail.bought_rows)
+    rows, times = _compact_purchases(
+        np.concatenate((old.bought_rows[touched], tail.bought_rows)),
+        np.concatenate((old.bought_times[touched], tail.bought_times)),
+    )
+    rest = ~touched
+    at = np.searchsorted(old.bought_rows[rest], rows)
+    return np.insert(old.bought_rows[rest], at, rows), np.insert(old.bought_times[rest], at, times)
+
+
+def _extended(model, cache: _ModelCache, old: _Digest, tail: Sequence[Event]) -> _Digest:
+    """The digest of a run that continues ``old``'s with ``tail`` (every event of it at or after
+    ``old``'s last in time): equal, array by array and bit for bit, to :func:`_digest` of the
+    whole run. Python touches the new events only; the rest is NumPy over the customer's
+    distinct items and kept purchases, and one copy of the per-event arrays.
+
+    Exact because the digest keeps no sums: the per-event arrays (rows, times, weights before
+    decay) are elementwise and concatenate; the distinct rows are a union, every event's
+    position in them re-read; kept purchases, exclusions and negatives are as
+    :func:`_merge_purchases` and unions give them; and the latest positive items are
+    ``tail``'s then ``old``'s not bought again, since ``tail``'s events sort after ``old``'s
+    (a stable sort by time keeps ``old``'s first at equal times).
+    """
+    t = _digest(model, cache, tail)
+    if not len(t):
+        return old
+    if not len(old):
+        return t
+    n = len(old)
+    at = np.searchsorted(old.uniq, t.uniq)
+    known = at < len(old.uniq)
+    known[known] = old.uniq[at[known]] == t.uniq[known]
+    if known.all():
+        uniq, inverse = old.uniq, np.concatenate((old.inverse, at[t.inverse]))
+    else:
+        uniq = np.union1d(old.uniq, t.uniq)
+        inverse = np.concatenate(
+            (np.searchsorted(uniq, old.uniq)[old.inverse], np.searchsorted(uniq, t.uniq)[t.inverse])
+        )
+    bought_rows, bought_times = _merge_purchases(old, t)
+    stays = ~np.isin(old.last_rows, t.last_rows)
+    return _Digest(
+        rows=np.concatenate((old.rows, t.rows)),
+        times=np.concatenate((old.times, t.times)),
+        base=np.concatenate((old.base, t.base)),
+        uniq=uniq,
+        inverse=inverse,
+        bought_rows=bought_rows,
+        bought_times=bought_times,
+        exclude_rows=np.union1d(old.exclude_rows, t.exclude_rows).astype(np.int32),
+        negative_rows=np.union1d(old.negative_rows, t.negative_rows).astype(np.int32),
+        last_rows=np.concatenate((old.last_rows[stays], t.last_rows))[-MAX_RECENT:],
+        last_index=np.concatenate((old.last_index[stays], t.last_index + n))[-MAX_RECENT:],
+    )
+
+
 def _held_digest(model, cache: _ModelCache, held: HeldPurchases) -> _Digest:
-    """The digest of a customer's held purchases, made on the first Rank after they changed."""
+    """The digest of a customer's held purchases, made on the first Rank after they changed:
+    extended from the snapshot they continue when that one has this bundle's digest (the
+    common case: a purchase after the last, the customer ranked in between), else anew."""
     d = held.memo.get(model)
-    if not isinstance(d, _Digest):
-        d = held.memo[model] = _digest(model, cache, held.events)
+    if isinstance(d, _Digest):
+        return d
+    base = held.extends
+    old = base.memo.get(model) if base is not None else None
+    if base is not None and isinstance(old, _Digest):
+        d = _extended(model, cache, old, held.events[len(base.events) :])
+    else:
+        d = _digest(model, cache, held.events)
+    held.memo[model] = d
+    # This snapshot's digest is what a later one extends; the earlier snapshot can go.
+    held.release_extends()
     return d
 
 

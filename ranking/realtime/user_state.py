@@ -177,16 +177,71 @@ class HeldPurchases:
     Immutable: the store makes a new one when the customer's purchases change, so what is
     derived from it can be kept in ``memo`` (keyed by whatever it was derived for, held
     weakly: the overlay keeps its per-bundle digest there) and is dropped with it.
+
+    ``extends`` names an earlier snapshot of the same customer that this one continues, so
+    that what was derived from it (its ``memo``) can be extended by the new events instead
+    of derived anew. The contract, which is all a reader may rely on: ``events[:n]``, with
+    ``n = len(extends.events)``, are exactly ``extends.events`` (the same events in the same
+    order), and every later event is at or after the last of those in time. A store passes
+    it when purchases were appended in time order since ``extends`` was made; after one
+    arrives out of order, or a prune drops some, it makes a snapshot without it.
+
+    The reference is kept at most one level deep and only until it is used: when
+    ``extends`` itself still holds the snapshot it extends (nothing was derived from it, as
+    for a customer whose purchases were read but not ranked through a digest), this
+    snapshot extends that one instead, which the contract allows (it is a prefix of a
+    prefix); and a reader that has derived what it needs calls :meth:`release_extends`.
+    So a customer's snapshots never form a chain longer than two, whatever they buy.
+
+    Parameters
+    ----------
+    events : tuple of Event
+        The purchases, oldest first.
+    extends : HeldPurchases, optional
+        An earlier snapshot this one continues (see above).
+
+    Raises
+    ------
+    ValueError
+        ``extends`` holds more events than ``events``, its last event is not the one at the
+        same place in ``events``, or a later event is before it in time.
     """
 
-    __slots__ = ("__weakref__", "events", "memo")
+    __slots__ = ("__weakref__", "events", "extends", "memo")
+    extends: HeldPurchases | None
 
-    def __init__(self, events: tuple[Event, ...] = ()):
+    def __init__(self, events: tuple[Event, ...] = (), extends: HeldPurchases | None = None):
         self.events = events
         self.memo: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+        if extends is not None:
+            # Checked where it costs the new events only; the prefix beyond its last event is
+            # the caller's word.
+            n = len(extends.events)
+            if n > len(events):
+                raise ValueError(f"HeldPurchases: extends holds {n} events, more than the {len(events)} given")
+            if n:
+                last = extends.events[-1]
+                if events[n - 1] != last:
+                    raise ValueError(f"HeldPurchases: event {n - 1} is not extends' last event {last!r}")
+                for i in range(n, len(events)):
+                    if events[i].timestamp < last.timestamp:
+                        raise ValueError(
+                            f"HeldPurchases: event {i} at {events[i].timestamp} is before extends' last "
+                            f"event at {last.timestamp}; a purchase out of order needs a snapshot without extends"
+                        )
+            # One level deep: skip a snapshot nothing was derived from.
+            further = extends.extends
+            if further is not None:
+                extends = further
+        self.extends = extends
 
     def __len__(self) -> int:
         return len(self.events)
+
+    def release_extends(self) -> None:
+        """Drop the reference to ``extends`` (and the events it holds) once what was needed
+        of it is derived: this snapshot's own ``memo`` is what a later one extends."""
+        self.extends = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +307,11 @@ class UserStateStore:
         self._purchases: dict[str, list[Event]] = {}
         # Each customer's purchases as last read, oldest first; dropped when they change.
         self._held: dict[str, HeldPurchases] = {}
+        # The snapshot the next one extends, while every purchase appended since it was read
+        # is at or after the latest before it (HeldPurchases' contract); and each customer's
+        # latest purchase time, which decides that.
+        self._extends: dict[str, HeldPurchases] = {}
+        self._latest: dict[str, float] = {}
         self._lock = threading.Lock()
         self.evicted_users = 0
         self.horizon = float("-inf")
@@ -282,7 +342,15 @@ class UserStateStore:
                         self._n_customers += ev.user_id not in self._users
                         bought = self._purchases[ev.user_id] = []
                     bought.append(ev)
-                    self._held.pop(ev.user_id, None)
+                    snap = self._held.pop(ev.user_id, None)
+                    latest = self._latest.get(ev.user_id, float("-inf"))
+                    if ev.timestamp >= latest:
+                        self._latest[ev.user_id] = ev.timestamp
+                        if snap is not None:
+                            self._extends[ev.user_id] = snap
+                    else:
+                        # Out of order: the next snapshot is sorted anew, not a continuation.
+                        self._extends.pop(ev.user_id, None)
                     continue
                 q = self._users.get(ev.user_id)
                 if q is None:
@@ -307,7 +375,9 @@ class UserStateStore:
             if horizon <= self.horizon:
                 return 0
             self.horizon = horizon
+            # What a prune drops is a prefix of the snapshots: none continues an earlier one.
             self._held.clear()
+            self._extends.clear()
             for uid in list(self._purchases):
                 keep = [e for e in self._purchases[uid] if e.timestamp > horizon]
                 dropped += len(self._purchases[uid]) - len(keep)
@@ -315,6 +385,7 @@ class UserStateStore:
                     self._purchases[uid] = keep
                 else:
                     del self._purchases[uid]
+                    self._latest.pop(uid, None)
             for uid in list(self._users):
                 q = self._users[uid]
                 keep_q = [e for e in q if e.timestamp > horizon]
@@ -344,11 +415,18 @@ class UserStateStore:
             snap = self._held.get(user_id)
             bought = self._purchases.get(user_id) if snap is None else None
             raw = tuple(bought) if bought else ()
+            base = self._extends.get(user_id) if snap is None else None
         if snap is None:
-            # Sorted outside the lock; kept unless the purchases changed meanwhile.
-            snap = HeldPurchases(tuple(sorted(raw, key=_time)))
+            # Made outside the lock; kept unless the purchases changed meanwhile. Purchases
+            # appended in time order since ``base`` continue it as they are.
+            if base is not None and len(base.events) <= len(raw):
+                snap = HeldPurchases(base.events + raw[len(base.events) :], extends=base)
+            else:
+                snap = HeldPurchases(tuple(sorted(raw, key=_time)))
             with self._lock:
                 if bought and self._purchases.get(user_id) is bought and len(bought) == len(raw):
                     self._held[user_id] = snap
+                    if self._extends.get(user_id) is base:
+                        self._extends.pop(user_id, None)
         # Arrival order is not event-time order.
         return HeldEvents(tuple(sorted(recent, key=_time)), snap)

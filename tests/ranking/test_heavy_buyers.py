@@ -19,7 +19,7 @@ from ranking.pipeline.features import DAY, Purchases, Request
 from ranking.pipeline.overlay import MAX_RECENT, RankOverlay, model_cache
 from ranking.policy.experiments import FULL, Variant
 from ranking.realtime.events import NEGATIVE_EVENT_TYPES
-from ranking.realtime.user_state import HeldEvents, UserStateStore
+from ranking.realtime.user_state import HeldEvents, HeldPurchases, UserStateStore
 
 
 def reference_overlay(model, user_id: str, events: list[Event], now: float, variant: Variant = FULL) -> RankOverlay:
@@ -236,3 +236,214 @@ def test_held_purchases_are_one_snapshot_until_they_change():
     store.prune(1.5)
     assert [e.item_id for e in store.held("u").purchases.events] == ["e", "a"]
     assert len(store.held("")) == 0 and store.held("nobody").merged() == []
+
+
+# -- A digest extended by the purchases since the last one ----------------------------------
+
+
+def _same_digest(got: overlay_module._Digest, want: overlay_module._Digest, what: str) -> None:
+    """Every array of both digests equal, bit for bit, with the same dtype."""
+    for f in dataclasses.fields(want):
+        a, b = getattr(got, f.name), getattr(want, f.name)
+        assert a.dtype == b.dtype, f"{f.name} is {a.dtype}, not {b.dtype}: {what}"
+        assert a.shape == b.shape and np.array_equal(a, b), f"{f.name}: {what}"
+
+
+def _purchases_after(
+    model, rng: np.random.Generator, user_id: str, items: list[str], at: float, kinds: tuple[str, ...] = ()
+) -> list[Event]:
+    """The next step of a customer's purchases, all at or after ``at`` and in time order: one
+    purchase, a basket of many at one time (often ``at`` itself), or a few over days; of the
+    customer's items, items the bundle does not know, and now and then a rating (or one of
+    ``kinds``, events a store might hold that are no purchase)."""
+    kind = int(rng.integers(0, 3))
+    n = 1 if kind == 0 else int(rng.integers(2, 40))
+    if kind == 1:
+        times = np.full(n, at + float(rng.choice([0.0, 0.25, 60.0, DAY])))
+    else:
+        times = at + np.sort(rng.choice([0.0, 0.25, 30.0, 3600.0, DAY, 2.5 * DAY], n))
+    return [
+        Event(
+            user_id,
+            str(rng.choice(items)),
+            str(rng.choice(["purchase", "purchase", "purchase", "rating", *kinds])),
+            float(t),
+            v,
+        )
+        for t, v in zip(times, rng.choice([0.0, 1.0, 4.0, 12.5], n))
+    ]
+
+
+def _recent_events(rng: np.random.Generator, user_id: str, items: list[str], bought: tuple[Event, ...]) -> tuple:
+    """A few views, clicks, ratings and skips among a customer's purchases, oldest first."""
+    kinds = ["view", "click", "add_to_cart", "rating", "skip", *NEGATIVE_EVENT_TYPES]
+    at = [e.timestamp for e in bought]
+    evs = [
+        Event(
+            user_id, str(rng.choice(items)), str(rng.choice(kinds)), float(rng.choice(at)) + float(rng.integers(-2, 3))
+        )
+        for _ in range(int(rng.integers(0, 30)))
+    ]
+    return tuple(sorted(evs, key=lambda e: e.timestamp))
+
+
+def _customer_items(model, rng: np.random.Generator) -> list[str]:
+    ids = [str(i) for i in model.items.ids]
+    return list(rng.choice(ids, int(rng.integers(1, 50)), replace=False)) + ["no-such-item"]
+
+
+@pytest.mark.slow
+def test_a_digest_extended_purchase_by_purchase_is_the_digest_of_all_of_them(model, monkeypatch):
+    """Snapshots made one from the last (as a store that appends in time order makes them):
+    each one's digest, extended from the last one's by the new purchases alone, is the digest
+    of all of its purchases, and the overlay with recent events is the oracle's."""
+    rng = np.random.default_rng(21)
+    cache = model_cache(model)
+    end = float(model.manifest["data_window"]["end_unix"])
+    with_history = [str(model.users.ids[r]) for r in np.flatnonzero(np.asarray(model.user_has_history))]
+    digested: list[int] = []  # how many events each digest made in Python read
+    real_digest = overlay_module._digest
+    monkeypatch.setattr(
+        overlay_module, "_digest", lambda m, c, evs: (digested.append(len(evs)), real_digest(m, c, evs))[1]
+    )
+    extended = from_scratch = 0
+    for i in range(25):
+        user_id = str(rng.choice(with_history)) if i % 3 else f"visitor-{i}"
+        items = _customer_items(model, rng)
+        # A first run of purchases, some inside the bundle's window, sorted as a store sorts them.
+        first = _purchases_after(model, rng, user_id, items, end - float(rng.choice([0.0, DAY])))
+        first += _heavy_buyer(model, rng, user_id, int(rng.choice([10, 80, 300])))
+        first = sorted((e for e in first if e.event_type in ("purchase", "rating")), key=lambda e: e.timestamp)
+        snap = HeldPurchases(tuple(first))
+        for step in range(12):
+            if rng.random() < 0.8:  # ranked: a digest made (sometimes a customer is not)
+                digested.clear()
+                base = snap.extends
+                had = base is not None and isinstance(base.memo.get(model), overlay_module._Digest)
+                got = overlay_module._held_digest(model, cache, snap)
+                _same_digest(got, real_digest(model, cache, snap.events), f"customer {i}, step {step}")
+                if had:  # read in Python: the new purchases alone
+                    assert base is not None and digested == [len(snap.events) - len(base.events)]
+                    extended += 1
+                else:
+                    assert digested == [len(snap.events)]
+                    from_scratch += 1
+                assert snap.extends is None  # released once the digest is made
+                recent = _recent_events(rng, user_id, items, snap.events)
+                now = snap.events[-1].timestamp + float(rng.integers(0, 10 * DAY))
+                variant = FULL if step % 3 else dataclasses.replace(FULL, use_context=False)
+                held = HeldEvents(recent, snap)
+                _same_overlay(
+                    build_overlay(model, user_id, held, now, variant),
+                    reference_overlay(model, user_id, held.merged(), now, variant),
+                    f"customer {i}, step {step}",
+                )
+            # Now and then a step of few purchases among views and skips: the contract is about
+            # order, not types.
+            kinds = ("view", "view", "view", "skip", "dislike") * 3 if step % 4 == 3 else ()
+            snap = HeldPurchases(
+                snap.events + tuple(_purchases_after(model, rng, user_id, items, snap.events[-1].timestamp, kinds)),
+                extends=snap,
+            )
+    assert extended > 100 and from_scratch >= 25
+
+
+def test_the_store_continues_a_snapshot_only_while_purchases_come_in_time_order():
+    store = UserStateStore(durable_types=("purchase", "rating"))
+    store.add([Event("u", "a", "purchase", 5.0), Event("u", "b", "purchase", 1.0), Event("u", "v", "view", 9.0)])
+    first = store.held("u").purchases
+    assert first.extends is None and [e.item_id for e in first.events] == ["b", "a"]
+    # At the latest time, and after it: the new snapshot continues the last one.
+    store.add([Event("u", "c", "purchase", 5.0), Event("u", "v", "view", 2.0), Event("u", "d", "rating", 7.0, 4.0)])
+    second = store.held("u").purchases
+    assert second.extends is first and [e.item_id for e in second.events] == ["b", "a", "c", "d"]
+    assert store.held("u").purchases is second
+    second.release_extends()  # as the overlay does once it has the digest
+    # Before the latest: sorted anew, a snapshot of its own.
+    store.add([Event("u", "e", "purchase", 8.0), Event("u", "f", "purchase", 6.0), Event("u", "g", "purchase", 9.0)])
+    third = store.held("u").purchases
+    assert third.extends is None and [e.item_id for e in third.events] == ["b", "a", "c", "f", "d", "e", "g"]
+    # In order again: continued.
+    store.add([Event("u", "h", "purchase", 9.0)])
+    fourth = store.held("u").purchases
+    assert fourth.extends is third and fourth.events == (*third.events, Event("u", "h", "purchase", 9.0))
+    # A snapshot read but never digested is skipped: the next one continues the one before it.
+    store.add([Event("u", "i", "purchase", 10.0)])
+    fifth = store.held("u").purchases
+    assert fifth.extends is third and fifth.events[: len(third.events)] == third.events
+    # A prune drops a prefix: the next snapshot is a plain one, even when the last was to be continued.
+    store.add([Event("u", "j", "purchase", 10.0)])
+    store.prune(4.0)
+    store.add([Event("u", "k", "purchase", 11.0)])
+    pruned = store.held("u").purchases
+    assert pruned.extends is None
+    assert [e.item_id for e in pruned.events] == ["a", "c", "f", "d", "e", "g", "h", "i", "j", "k"]
+    # A new customer's first purchases have nothing to continue.
+    store.add([Event("w", "a", "purchase", 20.0)])
+    store.held("w")
+    store.add([Event("w", "b", "purchase", 3.0)])
+    assert store.held("w").purchases.extends is None
+
+
+def test_a_snapshot_that_breaks_the_contract_is_refused():
+    old = HeldPurchases((Event("u", "a", "purchase", 5.0), Event("u", "b", "purchase", 7.0)))
+    with pytest.raises(ValueError, match="more than"):
+        HeldPurchases(old.events[:1], extends=old)
+    with pytest.raises(ValueError, match="not extends' last event"):
+        HeldPurchases((old.events[0], Event("u", "x", "purchase", 7.0), Event("u", "c", "purchase", 8.0)), extends=old)
+    with pytest.raises(ValueError, match="event 2 at 6.0 is before"):
+        HeldPurchases((*old.events, Event("u", "c", "purchase", 6.0)), extends=old)
+    same_time = HeldPurchases((*old.events, Event("u", "c", "purchase", 7.0)), extends=old)
+    assert same_time.extends is old
+
+
+@pytest.mark.slow
+def test_a_heavy_buyer_ranked_between_purchases_in_and_out_of_order_and_prunes(model):
+    """Through the store as the server reads it: purchases in time order continue the last
+    snapshot and its digest; one out of order, or a prune, makes a snapshot of its own; every
+    overlay is the oracle's and every digest the one all purchases give."""
+    rng = np.random.default_rng(34)
+    cache = model_cache(model)
+    end = float(model.manifest["data_window"]["end_unix"])
+    durable = tuple(cache.weighting.consumed_event_types)
+    with_history = [str(model.users.ids[r]) for r in np.flatnonzero(np.asarray(model.user_has_history))]
+    kinds: set[str] = set()
+    for i in range(10):
+        user_id = str(rng.choice(with_history))
+        items = _customer_items(model, rng)
+        store = UserStateStore(durable_types=durable)
+        store.add(_heavy_buyer(model, rng, user_id, 200))
+        latest, horizon = end + 6 * DAY, end
+        for step in range(15):
+            before = store.held(user_id).purchases
+            kind = str(rng.choice(["in order", "in order", "in order", "out of order", "prune"]))
+            if kind == "prune":
+                horizon += float(rng.integers(1, DAY // 2))  # drops the purchases up to it
+                store.prune(horizon)
+                store.add(_purchases_after(model, rng, user_id, items, latest))
+            elif kind == "out of order":
+                # Before the latest purchase, after what the last prune dropped.
+                back = float(rng.integers(1, int(min(3 * DAY, latest - horizon))))
+                late = Event(user_id, str(rng.choice(items)), "purchase", latest - back)
+                assert store.add([late]) == 1
+                store.add(_purchases_after(model, rng, user_id, items, latest))
+            else:
+                store.add(_purchases_after(model, rng, user_id, items, latest))
+            latest = max(e.timestamp for e in store.held(user_id).purchases.events)
+            held = store.held(user_id)
+            # In order it continues the snapshot ranked last; otherwise none.
+            assert (held.purchases.extends is before) == (kind == "in order"), f"{kind}, customer {i}"
+            kinds.add(kind)
+            now = latest + float(rng.integers(0, 5 * DAY))
+            _same_overlay(
+                build_overlay(model, user_id, held, now),
+                reference_overlay(model, user_id, store.events(user_id), now),
+                f"customer {i}, step {step} ({kind})",
+            )
+            if len(held) >= overlay_module.DIGEST_MIN_EVENTS:
+                _same_digest(
+                    held.purchases.memo[model],  # type: ignore[arg-type]
+                    overlay_module._digest(model, cache, held.purchases.events),
+                    f"customer {i}, step {step} ({kind})",
+                )
+    assert kinds == {"in order", "out of order", "prune"}
