@@ -168,6 +168,7 @@ class Realtime:
                 attribution_ttl_seconds=config.attribution_ttl_seconds,
                 retry_seconds=config.event_store_retry_seconds,
                 observe=_observe_store,
+                held_purchases=config.event_store_held_purchases,
             )
             self._checked = False
             self._check_shared()
