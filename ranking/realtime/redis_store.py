@@ -57,8 +57,8 @@ DURABLE_SETTINGS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-pol
 #        epoch token, then n records, n members ("" when not applied), n scores.
 # Appends every record, applies the members, trims each customer's recent events to the
 # latest ones and both keys to after the horizon, renews the buys' epoch unless the set
-# only grew at its end (a new member last by (score, member), the set not new), refreshes
-# every expiry; returns the arms.
+# only grew at its end (a new member last by (score, member)), refreshes every expiry;
+# returns the arms.
 _APPEND_LUA = """#!lua
 local n, u, maxr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl, hz, na, epoch = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
@@ -69,10 +69,7 @@ for i = 1, n do
   local m, key = ARGV[7 + n + i], KEYS[n + i]
   if m ~= '' then
     redis.call('ZADD', key, ARGV[7 + 2 * n + i], m)
-    if buys[key] then
-      local card = redis.call('ZCARD', key)
-      if card == 1 or redis.call('ZRANK', key, m) ~= card - 1 then renew[key] = true end
-    end
+    if buys[key] and redis.call('ZRANK', key, m) ~= redis.call('ZCARD', key) - 1 then renew[key] = true end
   end
 end
 for j = 1, u do
@@ -95,18 +92,20 @@ return arms
 
 # A customer's state for one Rank. KEYS = recent, buys, buys_epoch; ARGV = the horizon
 # (exclusive, as ZRANGEBYSCORE takes it), the buys' epoch the reader holds ("" for none), the
-# rank its held purchases end at, and the horizon inclusive (for ZCOUNT). A set smaller than
-# that rank (expired and written anew within the epoch's last milliseconds) is read whole.
+# rank its held purchases end at, the last of them (its member), and the horizon inclusive
+# (for ZCOUNT). The rest after the held ones is read only when the epoch is the one held
+# AND the held last member is still at its rank: a set written by a server that keeps no
+# epoch, deleted or expired and written anew is read whole.
 # Returns {recent after the horizon, the epoch ("" for none), purchases, whether they are the
 # rest after the held ones (1) or all of them after the horizon (0), the rank they start at}.
 _READ_LUA = """#!lua flags=no-writes
 local recent = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
 local e = redis.call('HGET', KEYS[3], 'e')
-if e and e == ARGV[2] and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[3]) then
-  local rest = redis.call('ZRANGE', KEYS[2], ARGV[3], -1)
-  return {recent, e, rest, 1, tonumber(ARGV[3])}
+local ends = tonumber(ARGV[3])
+if e and e == ARGV[2] and ends > 0 and redis.call('ZRANGE', KEYS[2], ends - 1, ends - 1)[1] == ARGV[4] then
+  return {recent, e, redis.call('ZRANGE', KEYS[2], ends, -1), 1, ends}
 end
-local first = redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[4])
+local first = redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[5])
 return {recent, e or '', redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf'), 0, first}
 """
 
@@ -117,6 +116,7 @@ class _Held(NamedTuple):
     horizon: float  # the horizon they were read after
     epoch: bytes  # the buys set's epoch then
     end: int  # the set's rank just after the last of them
+    last: bytes  # the last one's member
     purchases: HeldPurchases
 
 
@@ -422,8 +422,9 @@ class RedisEventStore:
         next read names the buys' epoch and where the held purchases end, and Redis answers
         with only the purchases after them (none: the same :class:`HeldPurchases`, whose
         digest the overlay already has; some: a snapshot that extends the held one). A new
-        epoch (a purchase sorting before one held, purchases dropped at the horizon, a set
-        written anew) or another horizon reads them whole.
+        epoch (a purchase sorting before one held, purchases dropped at the horizon), the
+        last held purchase no longer at its rank (a set deleted, or expired and written anew,
+        or written by a server that keeps no epoch), or another horizon reads them whole.
 
         Raises
         ------
@@ -441,7 +442,7 @@ class RedisEventStore:
         if held is not None and held.horizon != horizon:
             held = None
         keys = [self.layout.recent(user_id), self.layout.buys(user_id), self.layout.buys_epoch(user_id)]
-        args = [low, held.epoch if held else "", held.end if held else 0, through]
+        args = [low, held.epoch if held else "", held.end if held else 0, held.last if held else "", through]
         try:
             recent, epoch, bought, rest, first = self._call(
                 "rank_read", lambda: self._read_script(keys=keys, args=args)
@@ -457,7 +458,8 @@ class RedisEventStore:
         else:
             purchases = HeldPurchases(self._events(bought))
         # The rank after the last purchase read: where the next read of this epoch starts.
-        self._keep(user_id, _Held(horizon, epoch, int(first) + len(bought), purchases) if epoch else None)
+        last = bought[-1] if bought else held.last if held is not None and rest else b""
+        self._keep(user_id, _Held(horizon, epoch, int(first) + len(bought), last, purchases) if epoch else None)
         return HeldEvents(self._events(recent), purchases)
 
     def _keep(self, user_id: str, held: _Held | None) -> None:

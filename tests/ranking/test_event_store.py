@@ -3,6 +3,7 @@ state, and a real redis-server (two store objects on it stand for two pods)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -310,3 +311,28 @@ def test_the_held_purchases_are_bounded_and_few_are_never_kept(shop, redis):
     assert "light" not in reader._held
     with pytest.raises(ValueError, match="held_purchases must be >= 0 and held_min_purchases >= 1, got -1 and 64"):
         RedisEventStore(redis.url, held_purchases=-1)
+
+
+@pytest.mark.parametrize("old_server_does", ["the insert", "the drop"])
+def test_one_purchase_dropped_and_one_inserted_before_the_end_renew_the_epoch(shop, redis, old_server_does):
+    """One purchase dropped at the front (a writer on a newer bundle) and one inserted among the
+    held ones (out of order): the last held purchase stays at its rank, so only the epoch tells
+    the reader the set changed. One of the two is done as a server that keeps no epoch would
+    (during a rolling upgrade); the other, by this one, must renew the epoch."""
+    writer, reader, fresh = shop
+    writer.append(bought(10, 1001.0))
+    assert len(reader.held("u1").purchases) == 10
+    client, buys = redis.client(), writer.layout.buys("u1")
+    if old_server_does == "the insert":
+        member = b"old-server.1|" + json.dumps(Event("u1", "out-of-order", "purchase", 1005.5).to_record()).encode()
+        client.zadd(buys, {member: 1005.5})
+        writer.set_bundle(1001.0, PURCHASE)
+        writer.append([Event("u1", "click", "view", 1020.0)])  # drops p0 from the purchases
+    else:
+        client.zremrangebyscore(buys, "-inf", 1001.0)
+        writer.append([Event("u1", "out-of-order", "purchase", 1005.5)])
+    got = reader.held("u1")
+    assert [e.item_id for e in got.purchases.events] == ["p1", "p2", "p3", "p4", "out-of-order"] + [
+        f"p{k}" for k in range(5, 10)
+    ]
+    same_events(got, fresh())
