@@ -179,6 +179,9 @@ class RedisEventStore:
         (:meth:`held`). The least recently ranked customers are let go first.
     held_min_purchases : int
         Fewer purchases than this are read whole on every Rank (cheaper than keeping them).
+    observe_purchases : callable(read, purchases, held), optional
+        Told after every Rank's read how many purchases it decoded (``read``: ``whole`` or
+        ``rest``) and how many this process now keeps.
     """
 
     kind = "redis"
@@ -196,6 +199,7 @@ class RedisEventStore:
         observe: Callable[[str, float, str | None], None] | None = None,
         held_purchases: int = 200_000,
         held_min_purchases: int = 64,
+        observe_purchases: Callable[[str, int, int], None] | None = None,
     ):
         import redis
         from redis.backoff import NoBackoff
@@ -222,6 +226,7 @@ class RedisEventStore:
         self._held: OrderedDict[str, _Held] = OrderedDict()
         self._held_count = 0
         self._held_lock = threading.Lock()
+        self._observe_purchases = observe_purchases or (lambda read, purchases, held: None)
         self._errors = (redis.RedisError, OSError)
         self._timeout = (redis.TimeoutError, TimeoutError)
         self._connection = (redis.ConnectionError, ConnectionError)
@@ -460,6 +465,7 @@ class RedisEventStore:
         # The rank after the last purchase read: where the next read of this epoch starts.
         last = bought[-1] if bought else held.last if held is not None and rest else b""
         self._keep(user_id, _Held(horizon, epoch, int(first) + len(bought), last, purchases) if epoch else None)
+        self._observe_purchases("rest" if rest else "whole", len(bought), self._held_count)
         return HeldEvents(self._events(recent), purchases)
 
     def _keep(self, user_id: str, held: _Held | None) -> None:
