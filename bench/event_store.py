@@ -13,7 +13,10 @@
      server's mean and p99 round trip to the store per Rank (its metrics);
    - RecordEvents closed loop at ``--record-concurrency`` for batches of 1 and of 100 events:
      batches/s, events/s, p50 and p99 latency;
-4. prints and writes ``<out>/event_store.json``: every figure, and the ratio of Redis's Rank
+4. times, in process, a Rank's read of heavy buyers' state (``--heavy-purchases``): read
+   whole on every Rank (a store that keeps none), a pod's first read, kept, and right after
+   another pod wrote one more purchase;
+5. prints and writes ``<out>/event_store.json``: every figure, and the ratio of Redis's Rank
    throughput to the local store's (target >= 0.8).
 """
 
@@ -188,6 +191,51 @@ def measure(
     return out
 
 
+def heavy_buyers(url: str, sizes: list[int], rounds: int = 15) -> dict:
+    """A Rank's read of a heavy buyer's state, in process on the bench's redis-server: median
+    milliseconds of ``held`` over ``rounds`` reads each, with the customer's purchases read
+    whole on every Rank (a store that keeps none: how every read went before stores kept
+    them), by a pod that holds nothing yet, kept (nothing new), and right after another pod
+    wrote one more purchase."""
+    from ranking import Event, RedisEventStore
+
+    def timed(store: RedisEventStore, user: str) -> float:
+        t = time.perf_counter()
+        store.held(user)
+        return time.perf_counter() - t
+
+    writer = RedisEventStore(url, read_timeout_s=5.0)
+    writer.check_meta()
+    whole_every_time = RedisEventStore(url, read_timeout_s=5.0, held_purchases=0)
+    out: dict = {}
+    for n in sizes:
+        user = f"heavy-{n}"
+        t0 = 1.7e9
+        bought = [Event(user, f"item-{k % max(n // 5, 1)}", "purchase", t0 + 3600.0 * k) for k in range(n)]
+        for k in range(0, n, 500):
+            writer.append(bought[k : k + 500])
+        times: dict[str, list[float]] = {"whole_every_rank": [], "first": [], "kept": [], "after_a_purchase": []}
+        for _ in range(rounds):
+            times["whole_every_rank"].append(timed(whole_every_time, user))
+            first = RedisEventStore(url, read_timeout_s=5.0)
+            times["first"].append(timed(first, user))
+            first.close()
+        pod = RedisEventStore(url, read_timeout_s=5.0)
+        pod.held(user)
+        times["kept"] = [timed(pod, user) for _ in range(rounds)]
+        for r in range(rounds):
+            writer.append([Event(user, "one-more", "purchase", t0 + 3600.0 * (n + r))])
+            times["after_a_purchase"].append(timed(pod, user))
+        if len(pod.held(user).purchases) != n + rounds:
+            raise RuntimeError(f"{user}: read {len(pod.held(user).purchases)} purchases, wrote {n + rounds}")
+        pod.close()
+        out[str(n)] = {k: 1000.0 * float(np.median(v)) for k, v in times.items()}
+        print("heavy buyer", n, json.dumps({k: round(v, 3) for k, v in out[str(n)].items()}), flush=True)
+    writer.close()
+    whole_every_time.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.event_store", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,7 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--record-concurrency", type=int, default=4, help="RecordEvents in flight (below the events role ceiling)"
     )
+    p.add_argument(
+        "--heavy-purchases",
+        default="1000,5000",
+        help="purchases of the heavy buyers whose state read is timed in process (empty: none)",
+    )
     a, workers, report = parse_bench_args(p, argv)
+    heavy = [int(x) for x in a.heavy_purchases.split(",") if x.strip()]
+    if any(n < 1 for n in heavy):
+        p.error(f"--heavy-purchases {a.heavy_purchases!r}: every count must be >= 1")
 
     art = build_bundle(a, a.work)
     tmp = Path(tempfile.mkdtemp(prefix="one2one-bench-store-"))
@@ -215,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     with RedisServer(tmp / "redis") as redis:
         report["redis"] = {"version": redis.client().info("server")["redis_version"], "appendfsync": "always"}
         assert redis.proc is not None
+        report["heavy_buyers"] = heavy_buyers(f"{redis.url}?prefix=heavy", heavy) if heavy else {}
         report["local"] = measure("local", a, art, users_file, users, items, tmp, redis.proc.pid, workers)
         report["shared"] = measure(
             f"{redis.url}?prefix=bench", a, art, users_file, users, items, tmp, redis.proc.pid, workers
@@ -247,6 +304,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {report[f'record_ratio_redis_to_local_batch_{size}']:.2f} |"
         )
         print(f"| RecordEvents, batches of {size}: p99 (ms) | {lo['p99_ms']:.2f} | {sh['p99_ms']:.2f} | |")
+    if report["heavy_buyers"]:
+        print()
+        print("| heavy buyer's state read (ms) | whole on every Rank | first read | kept | after a purchase |")
+        print("|---|---|---|---|---|")
+        for n, f in report["heavy_buyers"].items():
+            print(
+                f"| {n} purchases | {f['whole_every_rank']:.2f} | {f['first']:.2f} | {f['kept']:.2f} "
+                f"| {f['after_a_purchase']:.2f} ({f['whole_every_rank'] / f['after_a_purchase']:.0f}x fewer ms) |"
+            )
     return 0
 
 

@@ -361,6 +361,19 @@ EVENT_STORE_CONSUMER_LAG = Gauge(
     "or not read), sampled by the server.",
     multiprocess_mode="livemax",
 )
+EVENT_STORE_PURCHASE_READS = ("whole", "rest")
+EVENT_STORE_PURCHASES_READ = Counter(
+    "one2one_event_store_purchases_read",
+    "Purchases Ranks read from the shared event store, by read: whole (a customer's purchases since "
+    "the bundle, on a pod's first Rank of them, after their set changed other than by growing, or "
+    "for customers too light to keep) or rest (only those written since the pod's previous Rank).",
+    ["read"],
+)
+EVENT_STORE_HELD_PURCHASES = Gauge(
+    "one2one_event_store_held_purchases",
+    "Purchases of heavy buyers the server's processes keep between Ranks (event_store_held_purchases each at most).",
+    multiprocess_mode="livesum",
+)
 EVENTS_STALE = Counter(
     "one2one_events_stale",
     "Accepted events timed at or before the served bundle's data end: logged, already in the "

@@ -105,6 +105,11 @@ def current_data_end(artifacts: str) -> float | None:
         return None
 
 
+def _observe_purchases(read: str, purchases: int, held: int) -> None:
+    metrics.child(metrics.EVENT_STORE_PURCHASES_READ, read).inc(purchases)
+    metrics.EVENT_STORE_HELD_PURCHASES.set(held)
+
+
 def _observe_store(op: str, seconds: float, reason: str | None) -> None:
     metrics.EVENT_STORE_ROUND_TRIP.labels(op).observe(seconds)
     if reason is None:
@@ -168,7 +173,12 @@ class Realtime:
                 attribution_ttl_seconds=config.attribution_ttl_seconds,
                 retry_seconds=config.event_store_retry_seconds,
                 observe=_observe_store,
+                held_purchases=config.event_store_held_purchases,
+                observe_purchases=_observe_purchases,
             )
+            for read in metrics.EVENT_STORE_PURCHASE_READS:
+                metrics.EVENT_STORE_PURCHASES_READ.labels(read)
+            metrics.EVENT_STORE_HELD_PURCHASES.set(0)
             self._checked = False
             self._check_shared()
         metrics.EVENT_STORE_INFO.labels(self.store.kind).set(1)

@@ -51,6 +51,8 @@ EVENT_STORE_SERIES = (
     "one2one_event_store_durable",
     "one2one_event_store_stream_entries",
     "one2one_event_store_consumer_lag_entries",
+    "one2one_event_store_purchases_read_total",
+    "one2one_event_store_held_purchases",
 )
 
 
@@ -333,6 +335,17 @@ ROWS: list[tuple[str, list[timeseries.Panel]]] = [
                 description="The lag grows between builds and falls when a build publishes and acknowledges "
                 "(index_builder build --events redis://...); alert One2oneEventStoreNotConsumed when it has not "
                 "fallen below a million in 26 hours.",
+            ),
+            panel(
+                "Purchases read per second by Ranks, and heavy buyers' purchases held",
+                [
+                    (rate("one2one_event_store_purchases_read_total", by="read"), "read {{read}} /s"),
+                    (f"sum(one2one_event_store_held_purchases{{{J}}})", "held between Ranks"),
+                ],
+                description="whole: a customer's purchases read in full (a pod's first Rank of them, a set "
+                "changed other than by growing, or a customer under 64 purchases); rest: only those since "
+                "the pod's previous Rank. Whole reads of thousands take tens of ms: if they climb while "
+                "held sits at event_store_held_purchases times the processes, raise that setting.",
             ),
         ],
     ),

@@ -15,6 +15,11 @@ shops can share one Redis. Under a prefix ``P`` with ``S`` shards:
   newest first (a list of JSON records, trimmed to the configured count).
 - ``P:{s<k>}:u:<user_id>:buys``: every purchase (``consumed`` event type) of theirs since
   the served bundle's data end, oldest first; never trimmed by count.
+- ``P:{s<k>}:u:<user_id>:buys_epoch``: a hash whose field ``e`` names the buys set's epoch, a
+  token renewed by every write that changes the set other than by appending after its last
+  member (a purchase that sorts before one held, or purchases dropped at the horizon). Within
+  one epoch the set only grows at its end, so a reader holding its first members reads only
+  the rest (:meth:`ranking.realtime.redis_store.RedisEventStore.held`).
 - ``P:arm:<request_id>``: ``experiment<TAB>arm`` of a Rank served in an experiment, with
   an expiry, so a purchase recorded on any pod is attributed to the arm that was served.
 
@@ -68,6 +73,9 @@ class RedisLayout:
 
     def buys(self, user_id: str) -> str:
         return f"{self.prefix}:{{s{self.shard(user_id)}}}:u:{user_id}:buys"
+
+    def buys_epoch(self, user_id: str) -> str:
+        return f"{self.prefix}:{{s{self.shard(user_id)}}}:u:{user_id}:buys_epoch"
 
     def arm(self, request_id: str) -> str:
         return f"{self.prefix}:arm:{request_id}"

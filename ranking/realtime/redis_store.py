@@ -22,7 +22,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -42,6 +44,7 @@ from ranking.realtime.redis_layout import (
     redacted,
     split_store_url,
 )
+from ranking.realtime.user_state import HeldEvents, HeldPurchases
 
 # The settings under which an acknowledged write survives a crash of redis-server.
 DURABLE_SETTINGS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
@@ -49,41 +52,72 @@ DURABLE_SETTINGS = {"appendonly": "yes", "appendfsync": "always", "maxmemory-pol
 
 # RecordEvents' transaction, run atomically by Redis. With n events and u customers applied:
 # KEYS = n stream keys, n state keys (a sorted set, or the stream key when not applied),
-#        2u per-customer keys (recent, buys), then the arm keys of the events' request ids;
-# ARGV = n, u, max recent events, key ttl (ms), horizon, number of arm keys,
-#        then n records, n members ("" when not applied), n scores.
+#        3u per-customer keys (recent, buys, buys_epoch), then the arm keys of the events' request ids;
+# ARGV = n, u, max recent events, key ttl (ms), horizon, number of arm keys, this batch's
+#        epoch token, then n records, n members ("" when not applied), n scores.
 # Appends every record, applies the members, trims each customer's recent events to the
-# latest ones and both keys to after the horizon, refreshes their expiry; returns the arms.
+# latest ones and both keys to after the horizon, renews the buys' epoch unless the set
+# only grew at its end (a new member last by (score, member)), refreshes every expiry;
+# returns the arms.
 _APPEND_LUA = """#!lua
 local n, u, maxr = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, hz, na = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local ttl, hz, na, epoch = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local buys, renew = {}, {}
+for j = 1, u do buys[KEYS[2 * n + 3 * j - 1]] = true end
 for i = 1, n do
-  redis.call('XADD', KEYS[i], '*', '{field}', ARGV[6 + i])
-  local m = ARGV[6 + n + i]
-  if m ~= '' then redis.call('ZADD', KEYS[n + i], ARGV[6 + 2 * n + i], m) end
+  redis.call('XADD', KEYS[i], '*', '{field}', ARGV[7 + i])
+  local m, key = ARGV[7 + n + i], KEYS[n + i]
+  if m ~= '' then
+    redis.call('ZADD', key, ARGV[7 + 2 * n + i], m)
+    if buys[key] and redis.call('ZRANK', key, m) ~= redis.call('ZCARD', key) - 1 then renew[key] = true end
+  end
 end
 for j = 1, u do
-  local recent, buys = KEYS[2 * n + 2 * j - 1], KEYS[2 * n + 2 * j]
+  local recent, bought, ep = KEYS[2 * n + 3 * j - 2], KEYS[2 * n + 3 * j - 1], KEYS[2 * n + 3 * j]
   redis.call('ZREMRANGEBYRANK', recent, 0, -(maxr + 1))
   if hz ~= '-inf' then
     redis.call('ZREMRANGEBYSCORE', recent, '-inf', hz)
-    redis.call('ZREMRANGEBYSCORE', buys, '-inf', hz)
+    if redis.call('ZREMRANGEBYSCORE', bought, '-inf', hz) > 0 then renew[bought] = true end
   end
+  if renew[bought] or redis.call('EXISTS', ep) == 0 then redis.call('HSET', ep, 'e', epoch .. ':' .. j) end
   redis.call('PEXPIRE', recent, ttl)
-  redis.call('PEXPIRE', buys, ttl)
+  redis.call('PEXPIRE', bought, ttl)
+  redis.call('PEXPIRE', ep, ttl)
 end
 local arms = {}
-for k = 1, na do arms[k] = redis.call('GET', KEYS[2 * n + 2 * u + k]) end
+for k = 1, na do arms[k] = redis.call('GET', KEYS[2 * n + 3 * u + k]) end
 return arms
 """.replace("{field}", RECORD_FIELD)
 
 
-# A customer's state for one Rank: both sorted sets after the horizon (ARGV[1], exclusive).
+# A customer's state for one Rank. KEYS = recent, buys, buys_epoch; ARGV = the horizon
+# (exclusive, as ZRANGEBYSCORE takes it), the buys' epoch the reader holds ("" for none), the
+# rank its held purchases end at, the last of them (its member), and the horizon inclusive
+# (for ZCOUNT). The rest after the held ones is read only when the epoch is the one held
+# AND the held last member is still at its rank: a set written by a server that keeps no
+# epoch, deleted or expired and written anew is read whole.
+# Returns {recent after the horizon, the epoch ("" for none), purchases, whether they are the
+# rest after the held ones (1) or all of them after the horizon (0), the rank they start at}.
 _READ_LUA = """#!lua flags=no-writes
-local out = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf')) do out[#out + 1] = m end
-return out
+local recent = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+local e = redis.call('HGET', KEYS[3], 'e')
+local ends = tonumber(ARGV[3])
+if e and e == ARGV[2] and ends > 0 and redis.call('ZRANGE', KEYS[2], ends - 1, ends - 1)[1] == ARGV[4] then
+  return {recent, e, redis.call('ZRANGE', KEYS[2], ends, -1), 1, ends}
+end
+local first = redis.call('ZCOUNT', KEYS[2], '-inf', ARGV[5])
+return {recent, e or '', redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], '+inf'), 0, first}
 """
+
+
+class _Held(NamedTuple):
+    """What a Rank last read of one customer's purchases."""
+
+    horizon: float  # the horizon they were read after
+    epoch: bytes  # the buys set's epoch then
+    end: int  # the set's rank just after the last of them
+    last: bytes  # the last one's member
+    purchases: HeldPurchases
 
 
 class EventStoreError(Unavailable):
@@ -139,6 +173,15 @@ class RedisEventStore:
         instead of trying on every Rank; a read that timed out is not held against the next.
     observe : callable(op, seconds, reason or None), optional
         Told about every round trip (the server's metrics).
+    held_purchases : int
+        Purchases this process keeps between Ranks (0: none), of customers with at least
+        ``held_min_purchases``: a Rank of one of them reads only the purchases written since
+        (:meth:`held`). The least recently ranked customers are let go first.
+    held_min_purchases : int
+        Fewer purchases than this are read whole on every Rank (cheaper than keeping them).
+    observe_purchases : callable(read, purchases, held), optional
+        Told after every Rank's read how many purchases it decoded (``read``: ``whole`` or
+        ``rest``) and how many this process now keeps.
     """
 
     kind = "redis"
@@ -154,6 +197,9 @@ class RedisEventStore:
         attribution_ttl_seconds: float = 7 * 86_400.0,
         retry_seconds: float = 1.0,
         observe: Callable[[str, float, str | None], None] | None = None,
+        held_purchases: int = 200_000,
+        held_min_purchases: int = 64,
+        observe_purchases: Callable[[str, int, int], None] | None = None,
     ):
         import redis
         from redis.backoff import NoBackoff
@@ -170,6 +216,17 @@ class RedisEventStore:
         self.horizon = float("-inf")
         self.durable_types = frozenset(UserStateSettings.durable_types)
         self._observe = observe or (lambda op, seconds, reason: None)
+        if held_purchases < 0 or held_min_purchases < 1:
+            raise ValueError(
+                "held_purchases must be >= 0 and held_min_purchases >= 1, "
+                f"got {held_purchases} and {held_min_purchases}"
+            )
+        self.held_purchases, self.held_min_purchases = held_purchases, held_min_purchases
+        # user id -> what a Rank last read of their purchases; least recently ranked first.
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        self._held_count = 0
+        self._held_lock = threading.Lock()
+        self._observe_purchases = observe_purchases or (lambda read, purchases, held: None)
         self._errors = (redis.RedisError, OSError)
         self._timeout = (redis.TimeoutError, TimeoutError)
         self._connection = (redis.ConnectionError, ConnectionError)
@@ -237,11 +294,16 @@ class RedisEventStore:
         return out
 
     def _member(self, ev: Event) -> bytes:
-        return f"{self._token}.{next(self._seq)}|".encode() + encode(ev.to_record())
+        # A fixed-width sequence: one process's members at equal times sort in arrival order.
+        return f"{self._token}.{next(self._seq):012x}|".encode() + encode(ev.to_record())
 
     @staticmethod
-    def _event(member: bytes) -> Event:
-        return Event.from_record(decode(member.split(b"|", 1)[1]))
+    def _events(members: list[bytes]) -> tuple[Event, ...]:
+        """The members' events, decoded as one JSON array (one parse instead of one per member)."""
+        if not members:
+            return ()
+        records = decode(b"[" + b",".join(m.split(b"|", 1)[1] for m in members) + b"]")
+        return tuple(Event.from_record(r) for r in records)
 
     # -- start-up ---------------------------------------------------------------------
     def check_meta(self) -> None:
@@ -329,11 +391,12 @@ class RedisEventStore:
             members.append(self._member(ev))
             scores.append(repr(ev.timestamp))
             touched[ev.user_id] = None
-        per_user = [key for uid in touched for key in (lay.recent(uid), lay.buys(uid))]
+        per_user = [key for uid in touched for key in (lay.recent(uid), lay.buys(uid), lay.buys_epoch(uid))]
         asked = [i for i, ev in enumerate(events) if ev.request_id]
         arm_keys = [lay.arm(events[i].request_id) for i in asked]
         args: list[bytes | str | int] = [n, len(touched), self.max_events_per_user, self.key_ttl_ms, repr(horizon)]
         args.append(len(arm_keys))
+        args.append(f"{self._token}.{next(self._seq):012x}")  # a new epoch's token (a customer's adds :j)
         args.extend(records)
         args.extend(members)
         args.extend(scores)
@@ -346,8 +409,27 @@ class RedisEventStore:
 
     # -- Rank ---------------------------------------------------------------------------
     def events(self, user_id: str) -> list[Event]:
-        """The customer's events after the horizon, oldest first, in one round trip (one script
-        call reading both keys).
+        """The customer's events after the horizon, oldest first (at equal times the purchases
+        last), in one round trip: :meth:`held`, merged.
+
+        Raises
+        ------
+        EventStoreError
+            The read failed, or one failed less than ``retry_seconds`` ago.
+        """
+        return self.held(user_id).merged()
+
+    def held(self, user_id: str) -> HeldEvents:
+        """The customer's recent events and purchases after the horizon, each oldest first, in one
+        round trip (one script call reading the three keys).
+
+        A customer with at least ``held_min_purchases`` purchases is kept between Ranks: the
+        next read names the buys' epoch and where the held purchases end, and Redis answers
+        with only the purchases after them (none: the same :class:`HeldPurchases`, whose
+        digest the overlay already has; some: a snapshot that extends the held one). A new
+        epoch (a purchase sorting before one held, purchases dropped at the horizon), the
+        last held purchase no longer at its rank (a set deleted, or expired and written anew,
+        or written by a server that keeps no epoch), or another horizon reads them whole.
 
         Raises
         ------
@@ -355,29 +437,52 @@ class RedisEventStore:
             The read failed, or one failed less than ``retry_seconds`` ago.
         """
         if not user_id:
-            return []
+            return HeldEvents()
         if time.monotonic() < self._retry_at:
             raise EventStoreError(f"event store {self.url}: skipped after a recent failure", "skipped")
         horizon = self.horizon
-        low = f"({horizon}" if horizon > float("-inf") else "-inf"
-
-        keys = [self.layout.recent(user_id), self.layout.buys(user_id)]
+        low, through = (f"({horizon}", repr(horizon)) if horizon > float("-inf") else ("-inf", "-inf")
+        with self._held_lock:
+            held = self._held.get(user_id)
+        if held is not None and held.horizon != horizon:
+            held = None
+        keys = [self.layout.recent(user_id), self.layout.buys(user_id), self.layout.buys_epoch(user_id)]
+        args = [low, held.epoch if held else "", held.end if held else 0, held.last if held else "", through]
         try:
-            members = self._call("rank_read", lambda: self._read_script(keys=keys, args=[low]))
+            recent, epoch, bought, rest, first = self._call(
+                "rank_read", lambda: self._read_script(keys=keys, args=args)
+            )
         except EventStoreError as exc:
             # A store that refuses connections is skipped for a while; one slow read under load
             # is not a reason to drop every customer's state for a second.
             if exc.reason == "connection":
                 self._retry_at = time.monotonic() + self.retry_seconds
             raise
-        out = [self._event(m) for m in members]
-        out.sort(key=lambda e: e.timestamp)
-        return out
+        if rest and held is not None:
+            purchases = held.purchases if not bought else HeldPurchases(held.purchases.events + self._events(bought))
+        else:
+            purchases = HeldPurchases(self._events(bought))
+        # The rank after the last purchase read: where the next read of this epoch starts.
+        last = bought[-1] if bought else held.last if held is not None and rest else b""
+        self._keep(user_id, _Held(horizon, epoch, int(first) + len(bought), last, purchases) if epoch else None)
+        self._observe_purchases("rest" if rest else "whole", len(bought), self._held_count)
+        return HeldEvents(self._events(recent), purchases)
 
-    def held(self, user_id: str) -> list[Event]:
-        """:meth:`events`: the overlay reads a long list through the same digest as a local store's
-        purchases, made per Rank (the store keeps no snapshot of them here)."""
-        return self.events(user_id)
+    def _keep(self, user_id: str, held: _Held | None) -> None:
+        """Keep (or let go) what a Rank read of a customer's purchases, within ``held_purchases``."""
+        keep = held is not None and self.held_min_purchases <= len(held.purchases) <= self.held_purchases
+        with self._held_lock:
+            old = self._held.pop(user_id, None)
+            if old is not None:
+                self._held_count -= len(old.purchases)
+            if not keep:
+                return
+            assert held is not None
+            self._held[user_id] = held
+            self._held_count += len(held.purchases)
+            while self._held_count > self.held_purchases:
+                _, gone = self._held.popitem(last=False)
+                self._held_count -= len(gone.purchases)
 
     def impression(self, record: dict) -> None:
         """Log a served ranking to its customer's stream; remember its arm for attribution."""

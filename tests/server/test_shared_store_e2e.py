@@ -267,3 +267,44 @@ def test_a_slow_redis_costs_a_rank_its_timeout_not_its_budget(pods, redis):
     time.sleep(1.8)  # the pause is over and event_store_retry_seconds (0.2 s) has passed
     again = a.stub.Rank(pb.RankRequest(user_id="u8", num_results=5), timeout=10)
     assert "realtime" not in again.degraded_stages
+
+
+def _series(text: str, name: str) -> dict[str, float]:
+    """label text (or "") -> value of every sample of ``name`` in an exposition."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, value = line.rsplit(" ", 1)
+            out[key[len(name) :]] = float(value)
+    return out
+
+
+def test_a_heavy_buyers_next_rank_on_the_other_pod_reads_only_the_new_purchase(pods, shop):
+    a, b = pods
+    user = "u12"
+    rng = np.random.default_rng(12)
+    items = [f"i{int(i)}" for i in rng.choice(len(shop.item_category), 80)]
+    for half in (items[:40], items[40:]):
+        resp = a.stub.RecordEvents(pb.RecordEventsRequest(events=[ev(user, i, "purchase") for i in half]), timeout=10)
+        assert resp.accepted_count == 40
+
+    def reads() -> tuple[dict[str, float], float]:
+        text = b.metrics()
+        return _series(text, "one2one_event_store_purchases_read_total"), _series(
+            text, "one2one_event_store_held_purchases"
+        )[""]
+
+    r0, _ = reads()
+    first = b.stub.Rank(pb.RankRequest(user_id=user, num_results=20), timeout=10)
+    r1, held = reads()
+    assert r1['{read="whole"}'] - r0['{read="whole"}'] == 80 and held >= 80
+    again = b.stub.Rank(pb.RankRequest(user_id=user, num_results=20), timeout=10)
+    r2, _ = reads()
+    assert r2 == r1 and ids(again) == ids(first)  # nothing new: nothing read, the same answer
+    bought = first.items[0].item_id
+    a.stub.RecordEvents(pb.RecordEventsRequest(events=[ev(user, bought, "purchase")]), timeout=10)
+    after = b.stub.Rank(pb.RankRequest(user_id=user, num_results=20), timeout=10)
+    r3, held = reads()
+    assert r3['{read="rest"}'] - r2['{read="rest"}'] == 1 and r3['{read="whole"}'] == r2['{read="whole"}']
+    assert held >= 81 and "realtime" not in after.degraded_stages
+    assert bought not in ids(after)  # the new purchase reached the Rank
