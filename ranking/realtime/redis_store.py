@@ -459,7 +459,10 @@ class RedisEventStore:
                 self._retry_at = time.monotonic() + self.retry_seconds
             raise
         if rest and held is not None:
-            purchases = held.purchases if not bought else HeldPurchases(held.purchases.events + self._events(bought))
+            old = held.purchases
+            # The rest sorts after the held ones by (time, member): a continuation, so the
+            # overlay extends the held snapshot's digest by the new purchases.
+            purchases = old if not bought else HeldPurchases(old.events + self._events(bought), extends=old)
         else:
             purchases = HeldPurchases(self._events(bought))
         # The rank after the last purchase read: where the next read of this epoch starts.

@@ -218,6 +218,7 @@ def test_a_heavy_buyer_is_read_whole_once_then_only_what_came_since(shop):
     later = reader.held("u1")
     assert later.purchases.events[:20] == first.purchases.events
     assert all(a is b for a, b in zip(later.purchases.events, first.purchases.events))  # read only the rest
+    assert later.purchases.extends is first.purchases  # whose digest the overlay extends
     assert [e.item_id for e in later.purchases.events[20:]] == [
         "basket0",
         "basket1",
@@ -236,7 +237,7 @@ def test_a_purchase_before_a_held_one_or_a_new_horizon_reads_them_whole(shop):
     held = reader.held("u1").purchases
     writer.append([Event("u1", "late-arrival", "purchase", 1004.5)])  # sorts among the held ones
     got = reader.held("u1")
-    assert got.purchases.events[0] is not held.events[0]
+    assert got.purchases.events[0] is not held.events[0] and got.purchases.extends is None
     assert [e.item_id for e in got.purchases.events][3:5] == ["p3", "late-arrival"]
     same_events(got, fresh())
     held = got.purchases
