@@ -459,10 +459,7 @@ class RedisEventStore:
                 self._retry_at = time.monotonic() + self.retry_seconds
             raise
         if rest and held is not None:
-            old = held.purchases
-            # The rest sorts after the held ones by (time, member): a continuation, so the
-            # overlay extends the held snapshot's digest by the new purchases.
-            purchases = old if not bought else HeldPurchases(old.events + self._events(bought), extends=old)
+            purchases = held.purchases if not bought else _continued(held.purchases, self._events(bought))
         else:
             purchases = HeldPurchases(self._events(bought))
         # The rank after the last purchase read: where the next read of this epoch starts.
@@ -612,6 +609,17 @@ class RedisEventStore:
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
+
+
+def _continued(old: HeldPurchases, rest: tuple[Event, ...]) -> HeldPurchases:
+    """The held purchases and the rest after them. The rest sorts after the held ones by (time,
+    member), so the snapshot extends the held one and the overlay extends its digest by the
+    new purchases; a member whose time disagrees with its score (written by hand) makes a
+    plain snapshot instead, which costs a digest made anew and loses nothing."""
+    try:
+        return HeldPurchases(old.events + rest, extends=old)
+    except ValueError:
+        return HeldPurchases(old.events + rest)
 
 
 def _arm(value: bytes | None) -> tuple[str, str] | None:

@@ -337,3 +337,15 @@ def test_one_purchase_dropped_and_one_inserted_before_the_end_renew_the_epoch(sh
         f"p{k}" for k in range(5, 10)
     ]
     same_events(got, fresh())
+
+
+def test_a_member_whose_time_disagrees_with_its_score_is_kept_without_extending(shop, redis):
+    """Written by hand: sorted last by its score, its own time earlier than the held purchases'.
+    The snapshot cannot continue the held one, so it is made plain, with every purchase."""
+    writer, reader, _ = shop
+    writer.append(bought(10, 1001.0))
+    held = reader.held("u1").purchases
+    member = b"by-hand.1|" + json.dumps(Event("u1", "odd", "purchase", 1002.5).to_record()).encode()
+    redis.client().zadd(writer.layout.buys("u1"), {member: 1500.0})
+    got = reader.held("u1").purchases
+    assert got.extends is None and got.events[:10] == held.events and got.events[-1].item_id == "odd"
