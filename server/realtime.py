@@ -106,7 +106,8 @@ def current_data_end(artifacts: str) -> float | None:
 
 
 def _observe_purchases(read: str, purchases: int, held: int) -> None:
-    metrics.child(metrics.EVENT_STORE_PURCHASES_READ, read).inc(purchases)
+    if purchases:  # most Ranks read none: no write to the shared metrics file for them
+        metrics.child(metrics.EVENT_STORE_PURCHASES_READ, read).inc(purchases)
     metrics.EVENT_STORE_HELD_PURCHASES.set(held)
 
 

@@ -308,10 +308,8 @@ class UserStateStore:
         # Each customer's purchases as last read, oldest first; dropped when they change.
         self._held: dict[str, HeldPurchases] = {}
         # The snapshot the next one extends, while every purchase appended since it was read
-        # is at or after the latest before it (HeldPurchases' contract); and each customer's
-        # latest purchase time, which decides that.
+        # is at or after the latest before it (HeldPurchases' contract).
         self._extends: dict[str, HeldPurchases] = {}
-        self._latest: dict[str, float] = {}
         self._lock = threading.Lock()
         self.evicted_users = 0
         self.horizon = float("-inf")
@@ -343,9 +341,15 @@ class UserStateStore:
                         bought = self._purchases[ev.user_id] = []
                     bought.append(ev)
                     snap = self._held.pop(ev.user_id, None)
-                    latest = self._latest.get(ev.user_id, float("-inf"))
-                    if ev.timestamp >= latest:
-                        self._latest[ev.user_id] = ev.timestamp
+                    # The latest purchase before this one: the snapshot's last (it is sorted), or
+                    # while purchases continue a snapshot, the one appended before (they are in order).
+                    if snap is not None:
+                        latest = snap.events[-1]
+                    elif ev.user_id in self._extends and len(bought) > 1:
+                        latest = bought[-2]
+                    else:
+                        continue  # no snapshot to continue
+                    if ev.timestamp >= latest.timestamp:
                         if snap is not None:
                             self._extends[ev.user_id] = snap
                     else:
@@ -385,7 +389,6 @@ class UserStateStore:
                     self._purchases[uid] = keep
                 else:
                     del self._purchases[uid]
-                    self._latest.pop(uid, None)
             for uid in list(self._users):
                 q = self._users[uid]
                 keep_q = [e for e in q if e.timestamp > horizon]
