@@ -6,7 +6,10 @@ over the limit wait for a slot, and the wait counts against their budget: one th
 has waited until only its reserve is left (a fifth of its budget, at least
 :data:`MIN_RESERVE_MS`) is answered without a slot by the pipeline's cheapest path
 (no ANN search, no features: precomputed lists in retrieval order), which the
-reserve pays for, so it still answers within its budget.
+reserve pays for, so it still answers within its budget. The same holds for a request
+that spent its budget down to the reserve before it reached the slot, waiting for a
+Rank thread (:meth:`Admission.waited_out`): a slot free by then would otherwise start a
+pipeline that has no time left to run.
 """
 
 from __future__ import annotations
@@ -40,13 +43,33 @@ class Admission:
         # release (a Python-level condition notify) cost a few per cent of the GIL.
         self._slots = threading.Lock() if limit == 1 else threading.Semaphore(limit) if limit > 1 else None
 
+    @staticmethod
+    def reserve_ms(budget: Budget) -> float:
+        """What ``budget`` keeps back for the cheapest path (inf: unlimited)."""
+        return max(MIN_RESERVE_MS, RESERVE_FRACTION * budget.total_ms)
+
+    @classmethod
+    def waited_out(cls, budget: Budget) -> bool:
+        """Whether no more than the reserve of ``budget`` is left, of a budget larger than it.
+
+        A budget no larger than its reserve (1 ms and less) never is: it was all reserve
+        from the start, and its request is ranked as well as that time allows.
+        """
+        reserve_ms = cls.reserve_ms(budget)
+        return reserve_ms < budget.total_ms and budget.remaining_ms() <= reserve_ms
+
     @contextmanager
-    def slot(self, budget: Budget) -> Iterator[tuple[float, bool]]:
+    def slot(self, budget: Budget, waited_out: bool = False) -> Iterator[tuple[float, bool]]:
         """Hold a slot for the body; yields (seconds spent waiting, whether a slot was had).
 
         The wait stops when only the budget's reserve is left: the body then runs
-        anyway, holding no slot, and must take the cheapest path.
+        anyway, holding no slot, and must take the cheapest path. ``waited_out``: the
+        request already spent its budget down to the reserve before it came here (see
+        :meth:`waited_out`), so it takes no slot, whatever the limit.
         """
+        if waited_out:
+            yield 0.0, False
+            return
         if self._slots is None:
             yield 0.0, True
             return
@@ -55,8 +78,7 @@ class Admission:
         if math.isinf(remaining_ms):
             admitted = self._slots.acquire()
         else:
-            reserve_ms = max(MIN_RESERVE_MS, RESERVE_FRACTION * budget.total_ms)
-            admitted = self._slots.acquire(timeout=max(remaining_ms - reserve_ms, 0.0) / 1000.0)
+            admitted = self._slots.acquire(timeout=max(remaining_ms - self.reserve_ms(budget), 0.0) / 1000.0)
         try:
             yield time.perf_counter() - t0, admitted
         finally:

@@ -2,6 +2,7 @@
 
 import contextlib
 import threading
+import time
 
 import pytest
 
@@ -53,6 +54,31 @@ def test_a_wait_never_outlasts_the_budget_and_the_slot_is_not_lost(limit):
     # Both slots given back properly: the next caller gets in at once.
     with adm.slot(Budget.start(1)) as (waited, admitted):
         assert admitted and waited < 0.5
+
+
+def _spent(total_ms: float, spent_ms: float) -> Budget:
+    """A budget of ``total_ms`` whose request arrived ``spent_ms`` ago."""
+    return Budget.start(total_ms, now_ns=time.monotonic_ns() - int(spent_ms * 1e6))
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2])
+def test_a_request_that_spent_its_budget_before_the_slot_takes_none(limit):
+    adm = Admission(limit)
+    # A 10 ms budget keeps 2 ms for the cheapest path: 8.5 ms spent waiting for a thread
+    # leaves only the reserve, and no slot is taken, however many are free.
+    queued = _spent(10, 8.5)
+    assert Admission.reserve_ms(queued) == 2.0 and Admission.waited_out(queued)
+    with adm.slot(queued, Admission.waited_out(queued)) as (waited, admitted):
+        assert not admitted and waited == 0.0
+        # It held none: every slot is still there for the next request.
+        with contextlib.ExitStack() as held:
+            for _ in range(limit or 3):
+                assert held.enter_context(adm.slot(Budget.start(10)))[1]
+    # Still more than the reserve left, or a budget that is all reserve (1 ms at least),
+    # or none at all: ranked as the time allows.
+    assert not Admission.waited_out(_spent(10, 7.5))
+    assert not Admission.waited_out(_spent(1, 0.9)) and not Admission.waited_out(_spent(0, 0.0))
+    assert Admission.waited_out(_spent(2, 1.2)) and not Admission.waited_out(Budget.unlimited())
 
 
 def test_no_limit_never_waits():

@@ -123,6 +123,32 @@ def test_an_unbudgeted_request_waits_for_the_slot_and_is_served_in_full(one_at_a
 
 
 @pytest.fixture(scope="module")
+def one_thread(artifacts, tmp_path_factory):
+    """As ``one_at_a_time``, with a single Rank thread: a second request waits for the thread
+    itself, where the slot's budget-aware wait never sees it."""
+    yield from _serve(
+        artifacts,
+        tmp_path_factory.mktemp("one-thread"),
+        'max_concurrent_ranks = 1\nrank_threads = 1\ndebug_delay_us_per_candidate = "features:6000"\n',
+    )
+
+
+def test_a_request_that_waited_out_its_budget_for_a_thread_takes_the_cheapest_path(one_thread):
+    ready, stub = one_thread
+    holder = stub.Rank.future(pb.RankRequest(user_id="u1"), timeout=30)
+    time.sleep(0.3)  # the unbudgeted request now holds the only Rank thread for over a second
+    assert not holder.done()
+    resp, call = stub.Rank.with_call(pb.RankRequest(user_id="u2", budget_ms=200), timeout=10)
+    assert holder.done() and not holder.result().degraded  # nobody could start it before
+    # The slot was free when a thread took it, but its budget was spent: no pipeline (which
+    # would have cut the search and still searched), the cheapest path, said so.
+    assert list(resp.degraded_stages) == ["queue", "retrieve", "retrieval_order"] and len(resp.items) == 10
+    assert float(dict(call.trailing_metadata())["one2one-server-ms"]) >= 500
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ready['metrics_port']}/metrics", timeout=5).read().decode()
+    assert 'one2one_rank_degraded_total{stage="queue"} 1.0' in text
+
+
+@pytest.fixture(scope="module")
 def late_server(artifacts, tmp_path_factory):
     """Every Rank first sleeps 30 ms (test-only, before any stage), so a 10 ms budget cannot hold."""
     tmp = tmp_path_factory.mktemp("late")
