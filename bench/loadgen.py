@@ -134,15 +134,24 @@ async def run_open_loop(
     errors: dict[str, int] = {}
     degraded = overflow = in_flight = 0
     late_sends: list[float] = []  # how far behind its schedule each send went out (ms)
+    server_ms: list[float] = []
+    outside_ms: list[float] = []  # per request with a server time: latency from the send, less it
     tasks = []
 
     async def one(i: int, due: float) -> None:
         nonlocal degraded, in_flight
-        late_sends.append((time.perf_counter() - due) * 1000)
+        sent = time.perf_counter()
+        late_sends.append((sent - due) * 1000)
         try:
-            resp = await stubs[i % len(stubs)].Rank(reqs[i % len(reqs)], timeout=10)
-            lat.append((time.perf_counter() - due) * 1000)
+            call = stubs[i % len(stubs)].Rank(reqs[i % len(reqs)], timeout=10)
+            resp = await call
+            done = time.perf_counter()
+            lat.append((done - due) * 1000)
             degraded += resp.degraded
+            for key, value in await call.trailing_metadata() or ():
+                if key == "one2one-server-ms":
+                    server_ms.append(float(value))
+                    outside_ms.append((done - sent) * 1000 - float(value))
         except grpc.aio.AioRpcError as exc:
             errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
         finally:
@@ -179,6 +188,9 @@ async def run_open_loop(
         "degraded": degraded,
         "overflow": overflow,
         "send_late_p99_ms": float(np.percentile(late_sends, 99)) if late_sends else 0.0,
+        "send_late": percentiles(np.asarray(late_sends)),
+        "server": percentiles(np.asarray(server_ms)),
+        "outside_server": percentiles(np.asarray(outside_ms)),
     }
 
 

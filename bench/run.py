@@ -714,6 +714,22 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
             r = measured_load(floor_pids, finfo["grpc_port"], users_file, c, a.requests, a.duration)
             report[floor].append(r)
             print(floor, json.dumps(r), flush=True)
+        if floor == "bare":
+            # The empty server at the server's open-loop rates: what the generator, the wire and
+            # gRPC alone make of the same arrivals, the reference the open-loop tail is read against.
+            report["bare_open_loop"] = []
+            for o in report["open_loop"]:
+                r = measured_load(
+                    floor_pids,
+                    finfo["grpc_port"],
+                    users_file,
+                    0,
+                    max(int(o["rate"] * a.duration), 1),
+                    a.duration,
+                    rate=o["rate"],
+                )
+                report["bare_open_loop"].append(r)
+                print("bare open loop", json.dumps(r), flush=True)
         stop(fproc)
 
     report["summary"] = summarize(report, a.budget_ms, startup)
@@ -758,8 +774,14 @@ def summarize(report: dict, budget_ms: int, startup: float) -> dict:
                 "overflow": r["overflow"],
                 "errors": sum(r["errors"].values()),
                 "send_late_p99_ms": r.get("send_late_p99_ms", nan),
+                "server_p99_ms": r.get("server", {}).get("p99_ms", nan),
+                "outside_server_p99_ms": r.get("outside_server", {}).get("p99_ms", nan),
+                "bare_p50_ms": bare.get("p50_ms", nan),
+                "bare_p99_ms": bare.get("p99_ms", nan),
+                "bare_p999_ms": bare.get("p999_ms", nan),
+                "p99_vs_bare": r.get("p99_ms", nan) / bare.get("p99_ms", nan),
             }
-            for r in report["open_loop"]
+            for r, bare in zip(report["open_loop"], report.get("bare_open_loop") or [{}] * len(report["open_loop"]))
         ],
         "budgeted_p999_ms": budgeted["p999_ms"],
         "budget_ms": budget_ms,
@@ -811,6 +833,15 @@ def targets(s: dict) -> list[dict]:
         )
         rows.append(
             (f"open_loop_{pct}_p999_ms", f"open loop at {pct}% of saturation: p99.9 (ms)", o["p999_ms"], "", None)
+        )
+        rows.append(
+            (
+                f"open_loop_{pct}_p99_vs_bare",
+                f"open loop at {pct}% of saturation: p99 / the empty server's (bare gRPC) at the same rate",
+                o["p99_vs_bare"],
+                "",
+                None,
+            )
         )
     rows += [
         (
@@ -954,17 +985,21 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
         "Poisson arrivals at a fixed share of the saturation above (`bench.loadgen --rate`); latency "
         "from each scheduled arrival. Overflow: arrivals that found the generator's in-flight limit full. "
         "Send lateness: how far behind its schedule the generator itself sent (p99), the machine's share "
-        "of the tail.",
+        "of the tail. Server p99: the server's own time (its trailer); outside: latency from the send "
+        "less it. Bare: the empty server (the framework floor) at the same rate, the same generator.",
         "",
-        "| share of saturation | rate (/s) | requests | p50 | p99 | p99.9 | degraded | overflow | errors "
-        "| send lateness p99 | CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| share of saturation | rate (/s) | requests | p50 | p99 | p99.9 | server p99 | outside server p99 "
+        "| degraded | overflow | errors | send lateness p99 | CPU ms/req | bare p50 / p99 / p99.9 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for o, run in zip(s["open_loop"], r["open_loop"]):
         lines.append(
             f"| {100 * o['share']:.0f}% | {o['rate']:.0f} | {o['requests']} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | "
-            f"{o['p999_ms']:.2f} | {100 * o['degraded_ratio']:.1f}% | {o['overflow']} | {o['errors']} | "
-            f"{o['send_late_p99_ms']:.2f} ms | {run['server_cpu_ms_per_request']:.3f} |"
+            f"{o['p999_ms']:.2f} | {o.get('server_p99_ms', float('nan')):.2f} | "
+            f"{o.get('outside_server_p99_ms', float('nan')):.2f} | {100 * o['degraded_ratio']:.1f}% | "
+            f"{o['overflow']} | {o['errors']} | {o['send_late_p99_ms']:.2f} ms | "
+            f"{run['server_cpu_ms_per_request']:.3f} | {o.get('bare_p50_ms', float('nan')):.2f} / "
+            f"{o.get('bare_p99_ms', float('nan')):.2f} / {o.get('bare_p999_ms', float('nan')):.2f} |"
         )
     rf = r["raw_faiss"]
     pauses = r.get("gc_during_loads", {})

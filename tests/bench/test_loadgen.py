@@ -79,6 +79,11 @@ def test_open_loop_keeps_its_arrival_rate_and_counts_overflow(server, users_file
     # 60 Poisson arrivals at 50/s take about 1.2 s, whatever the answers do.
     assert 25 <= r["achieved_rate"] <= 100, r
     assert r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
+    # Each answer's server time (its trailer), the time from the send outside it, and how late
+    # the generator sent: together at most the latency from the scheduled arrival.
+    srv, out, late = r["server"], r["outside_server"], r["send_late"]
+    assert 0 < srv["p50_ms"] and 0 <= late["p50_ms"] <= late["p99_ms"] == r["send_late_p99_ms"]
+    assert srv["p50_ms"] + out["p50_ms"] <= r["max_ms"] and srv["max_ms"] <= r["max_ms"]
     # Far more arrivals than two outstanding requests can absorb: the rest overflow, and are
     # counted rather than sent late (a closed loop would have slowed down instead).
     flood = asyncio.run(

@@ -17,15 +17,23 @@ TARGETS = {
     "p99_c8_vs_score_floor",
     "open_loop_50_p99_ms",
     "open_loop_50_p999_ms",
+    "open_loop_50_p99_vs_bare",
     "open_loop_80_p99_ms",
     "open_loop_80_p999_ms",
+    "open_loop_80_p99_vs_bare",
     "served_recall",
     "budgeted_server_p999_ms",
     "late_share",
     "startup_s",
     "memory_ratio",
 }
-BOUNDED = TARGETS - {"open_loop_50_p999_ms", "open_loop_80_p99_ms", "open_loop_80_p999_ms"}
+BOUNDED = TARGETS - {
+    "open_loop_50_p999_ms",
+    "open_loop_50_p99_vs_bare",
+    "open_loop_80_p99_ms",
+    "open_loop_80_p999_ms",
+    "open_loop_80_p99_vs_bare",
+}
 
 
 @pytest.mark.slow
@@ -92,6 +100,13 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
             assert run["requests"] + sum(run["errors"].values()) + run["overflow"] == run["arrivals"]
             assert o["errors"] == sum(run["errors"].values())
             assert o["rate"] == pytest.approx(o["share"] * s["saturation_qps"])
+            # The server's own time and the rest, per request; the empty server at the same rate.
+            assert 0 < o["server_p99_ms"] <= o["p99_ms"] and math.isfinite(o["outside_server_p99_ms"])
+        for o, bare in zip(s["open_loop"], shop["bare_open_loop"]):
+            assert bare["mode"] == "open" and bare["rate"] == o["rate"] and bare["requests"] > 0, (name, bare)
+            assert o["bare_p99_ms"] == bare["p99_ms"] and o["p99_vs_bare"] == pytest.approx(
+                o["p99_ms"] / bare["p99_ms"]
+            )
         # Served with the bundle's own tuned effort (the bench forced none), and the floors with it.
         serving, tuned = shop["serving"], shop["bundle_retrieval"]["ann_effort"]
         assert serving["ann_effort_source"] == "bundle" and serving["ann_effort"] == tuned
