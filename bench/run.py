@@ -2,6 +2,12 @@
 server under load (closed loop, then open loop at fixed arrival rates), against the
 bare-gRPC floor, two work floors (bench.bare_server) and raw FAISS, in one run.
 
+The server and the three floors serve side by side and take turns: at each concurrency,
+``--rounds`` rounds of one closed-loop run each, the order turned every round, and each
+figure is a server's median round. On a shared machine whose speed drifts by a third
+within minutes, a ratio of runs taken one after another would read the drift; runs
+interleaved read the servers.
+
 Each shop (``SHOPS``) is built once per parameter set and served with its bundle's own
 tuned settings (the builder's search effort and phased scoring) unless flags override
 them. Prints every figure and writes ``<out>/report.json`` and ``<out>/report.md``: one
@@ -458,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-concurrent-ranks", type=int, default=1, help="server max_concurrent_ranks (0: no limit)")
     p.add_argument("--concurrency", default="1,4,8,16,32")
     p.add_argument("--requests", type=int, default=3000, help="per closed-loop run, upper bound")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="closed-loop runs per server and concurrency, the servers taking turns; each figure is the median",
+    )
     p.add_argument("--duration", type=float, default=15.0, help="per load run, upper bound (s)")
     p.add_argument(
         "--open-loop",
@@ -495,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     shares = [float(x) for x in a.open_loop.split(",") if x.strip()]
     if any(not 0 < x for x in shares):
         p.error(f"--open-loop {a.open_loop!r}: every share must be > 0")
+    if a.rounds < 1:
+        p.error(f"--rounds {a.rounds}: at least one run per server and concurrency")
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "shops": {}}
@@ -643,48 +657,17 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
         flush=True,
     )
     levels = [int(c) for c in a.concurrency.split(",")]
-    report["real"] = []
     server_pids = [proc.pid, *pids]
     loads_start = scrape_counters(port)
-    for c in levels:
-        r = measured_load(server_pids, info["grpc_port"], users_file, c, a.requests, a.duration)
-        report["real"].append(r)
-        print("real", json.dumps(r), flush=True)
-    # Open loop at fixed shares of the saturation just measured: requests arrive whatever the
-    # answers do, so a slow answer cannot hide the queue behind it.
-    saturation = max(r["qps"] for r in report["real"])
-    report["open_loop"] = []
-    for share in a.open_loop_shares:
-        rate = share * saturation
-        r = measured_load(
-            server_pids, info["grpc_port"], users_file, 0, max(int(rate * a.duration), 1), a.duration, rate=rate
-        )
-        r["share_of_saturation"] = share
-        report["open_loop"].append(r)
-        print("open loop", json.dumps(r), flush=True)
-    before = scrape_counters(port)
-    budgeted = loadgen(info["grpc_port"], users_file, 8, a.budget_requests, a.duration, budget_ms=a.budget_ms)
-    after = scrape_counters(port)
-    # The server's own count over the same run (its warm-up requests included).
-    budgeted["late_ratio"] = (after["late"] - before["late"]) / max(after["responses"] - before["responses"], 1.0)
-    searches = after.get("retrieval_exact_head", 0.0) + after.get("retrieval_ann", 0.0)
-    report["served_exact_share"] = after.get("retrieval_exact_head", 0.0) / max(searches, 1.0)
-    report["budgeted"] = budgeted
-    print("budgeted", json.dumps(budgeted), flush=True)
-    # Garbage-collector pauses over every load run: the collector holds the GIL, so a pause
-    # stalls every request in flight on its worker (server.gc_policy).
-    report["gc_during_loads"] = {
-        key: after.get(key, 0.0) - loads_start.get(key, 0.0) for key in after if key.startswith("gc_")
-    }
-    print("gc during loads", json.dumps(report["gc_during_loads"]), flush=True)
-    report["stage_mean_ms"] = scrape_stages(port)
-    stop(proc)
 
     # The floors, in the same process model: the framework alone, then with the request's
     # candidate search, then with the scorer too (bench.bare_server), searching and scoring
-    # with the settings the server reported.
+    # with the settings the server reported. They serve beside the server, idle but for their
+    # own runs, so every ratio is read between runs minutes apart at most (module docstring).
     work = ["--artifacts", str(art), "--second-phase", str(report["serving"]["second_phase_candidates"])]
     floors = {"bare": [], "floor_search": [*work, "--work", "search"], "floor_score": [*work, "--work", "score"]}
+    served = {"real": (server_pids, info["grpc_port"])}
+    floor_procs = []
     for floor, extra in floors.items():
         fready = tmp / f"ready-{floor}.json"
         cmd = [
@@ -708,29 +691,59 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
             *extra,
         ]
         fproc, finfo, _ = start(cmd, fready, tmp / f"{floor}.log")
-        report[floor] = []
-        floor_pids = [fproc.pid, *finfo.get("worker_pids", [])]
-        for c in levels:
-            r = measured_load(floor_pids, finfo["grpc_port"], users_file, c, a.requests, a.duration)
-            report[floor].append(r)
-            print(floor, json.dumps(r), flush=True)
-        if floor == "bare":
-            # The empty server at the server's open-loop rates: what the generator, the wire and
-            # gRPC alone make of the same arrivals, the reference the open-loop tail is read against.
-            report["bare_open_loop"] = []
-            for o in report["open_loop"]:
-                r = measured_load(
-                    floor_pids,
-                    finfo["grpc_port"],
-                    users_file,
-                    0,
-                    max(int(o["rate"] * a.duration), 1),
-                    a.duration,
-                    rate=o["rate"],
-                )
-                report["bare_open_loop"].append(r)
-                print("bare open loop", json.dumps(r), flush=True)
+        floor_procs.append(fproc)
+        served[floor] = ([fproc.pid, *finfo.get("worker_pids", [])], finfo["grpc_port"])
+    for _, grpc_port in served.values():  # every process warm before the first measured run
+        loadgen(grpc_port, users_file, 4, 200, 10)
+
+    # Closed loop: at each concurrency, rounds of one run per server, the order turned each
+    # round; each server's figure at that level is its median round (by throughput).
+    report["rounds_qps"] = {name: {} for name in served}
+    for c in levels:
+        runs: dict[str, list[dict]] = {name: [] for name in served}
+        for i in range(a.rounds):
+            order = list(served) if i % 2 == 0 else list(served)[::-1]
+            for name in order:
+                r = measured_load(served[name][0], served[name][1], users_file, c, a.requests, a.duration)
+                runs[name].append(r)
+                print(name, f"round {i}", json.dumps(r), flush=True)
+        for name, rs in runs.items():
+            report.setdefault(name, []).append(sorted(rs, key=lambda r: r["qps"])[len(rs) // 2])
+            report["rounds_qps"][name][str(c)] = [r["qps"] for r in rs]
+
+    # Open loop at fixed shares of the saturation just measured: requests arrive whatever the
+    # answers do, so a slow answer cannot hide the queue behind it. Each rate then goes to the
+    # empty server too: what the generator, the wire and gRPC alone make of the same arrivals.
+    saturation = max(r["qps"] for r in report["real"])
+    report["open_loop"], report["bare_open_loop"] = [], []
+    for share in a.open_loop_shares:
+        rate = share * saturation
+        for name, key in (("real", "open_loop"), ("bare", "bare_open_loop")):
+            r = measured_load(
+                served[name][0], served[name][1], users_file, 0, max(int(rate * a.duration), 1), a.duration, rate=rate
+            )
+            r["share_of_saturation"] = share
+            report[key].append(r)
+            print(key, json.dumps(r), flush=True)
+    for fproc in floor_procs:
         stop(fproc)
+    before = scrape_counters(port)
+    budgeted = loadgen(info["grpc_port"], users_file, 8, a.budget_requests, a.duration, budget_ms=a.budget_ms)
+    after = scrape_counters(port)
+    # The server's own count over the same run (its warm-up requests included).
+    budgeted["late_ratio"] = (after["late"] - before["late"]) / max(after["responses"] - before["responses"], 1.0)
+    searches = after.get("retrieval_exact_head", 0.0) + after.get("retrieval_ann", 0.0)
+    report["served_exact_share"] = after.get("retrieval_exact_head", 0.0) / max(searches, 1.0)
+    report["budgeted"] = budgeted
+    print("budgeted", json.dumps(budgeted), flush=True)
+    # Garbage-collector pauses over every load run: the collector holds the GIL, so a pause
+    # stalls every request in flight on its worker (server.gc_policy).
+    report["gc_during_loads"] = {
+        key: after.get(key, 0.0) - loads_start.get(key, 0.0) for key in after if key.startswith("gc_")
+    }
+    print("gc during loads", json.dumps(report["gc_during_loads"]), flush=True)
+    report["stage_mean_ms"] = scrape_stages(port)
+    stop(proc)
 
     report["summary"] = summarize(report, a.budget_ms, startup)
     report["targets"] = targets(report["summary"])
@@ -956,7 +969,9 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
         "Client latency, the server's own time (its trailer) and, request by request, the difference: "
         "time outside the server's measure (load generator, wire, and the worker before the call reaches "
         "its Python code, whose clock starts before the call waits for a Rank thread, and after the "
-        "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run.",
+        "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run. "
+        f"Each row is a server's median of {params.get('rounds', 1)} rounds, the servers taking turns "
+        "(`rounds_qps` in report.json has every round).",
         "",
         "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside server p50 / p99 "
         "| CPU ms/req | worker CPU split | bare qps | bare p99 | bare CPU ms/req "

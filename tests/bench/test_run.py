@@ -56,6 +56,8 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
         "1,8",
         "--requests",
         "150",
+        "--rounds",
+        "2",
         "--duration",
         "2",
         "--budget-requests",
@@ -89,6 +91,10 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
         for runs in ("real", "bare", "floor_search", "floor_score"):
             assert [r["concurrency"] for r in shop[runs]] == [1, 8]
             assert all(r["requests"] > 0 and r["errors"] == {} for r in shop[runs]), (name, runs)
+            # Two rounds each, the servers taking turns; the figure is one of them (the median).
+            rounds = shop["rounds_qps"][runs]
+            assert set(rounds) == {"1", "8"} and all(len(q) == 2 for q in rounds.values()), (name, runs)
+            assert all(r["qps"] in rounds[str(r["concurrency"])] for r in shop[runs]), (name, runs)
         s = shop["summary"]
         shares = [o["share"] for o in s["open_loop"]]
         assert shares == [0.5, 0.8]
