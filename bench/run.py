@@ -725,8 +725,6 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
             r["share_of_saturation"] = share
             report[key].append(r)
             print(key, json.dumps(r), flush=True)
-    for fproc in floor_procs:
-        stop(fproc)
     before = scrape_counters(port)
     budgeted = loadgen(info["grpc_port"], users_file, 8, a.budget_requests, a.duration, budget_ms=a.budget_ms)
     after = scrape_counters(port)
@@ -743,6 +741,10 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
     }
     print("gc during loads", json.dumps(report["gc_during_loads"]), flush=True)
     report["stage_mean_ms"] = scrape_stages(port)
+    # Stopped only now: a process exiting with a bundle mapped frees gigabytes, which is
+    # no background to measure a tail against.
+    for fproc in floor_procs:
+        stop(fproc)
     stop(proc)
 
     report["summary"] = summarize(report, a.budget_ms, startup)
