@@ -349,3 +349,15 @@ def test_a_member_whose_time_disagrees_with_its_score_is_kept_without_extending(
     redis.client().zadd(writer.layout.buys("u1"), {member: 1500.0})
     got = reader.held("u1").purchases
     assert got.extends is None and got.events[:10] == held.events and got.events[-1].item_id == "odd"
+
+
+def test_replies_are_parsed_by_hiredis(shop):
+    # A dependency (pyproject): without it redis-py parses in Python, and a heavy buyer's
+    # first read of thousands of purchases takes about 30% longer (bench/README).
+    _, reader, _ = shop
+    reader.held("u1")
+    conn = reader.reader.connection_pool.get_connection()
+    try:
+        assert type(conn._parser).__name__ == "_HiredisParser"
+    finally:
+        reader.reader.connection_pool.release(conn)
