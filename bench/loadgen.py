@@ -32,6 +32,14 @@ from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
 
 
+async def server_ms_of(call: grpc.aio.UnaryUnaryCall) -> float | None:
+    """The server's own time of an answered call (its ``one2one-server-ms`` trailer), if sent."""
+    for key, value in await call.trailing_metadata() or ():
+        if key == "one2one-server-ms":
+            return float(value)
+    return None
+
+
 def percentiles(lat_ms: np.ndarray) -> dict[str, float]:
     if len(lat_ms) == 0:
         return {}
@@ -80,10 +88,10 @@ async def run(
                 ms = (time.perf_counter() - t0) * 1000
                 lat.append(ms)
                 degraded += resp.degraded
-                for key, value in await call.trailing_metadata() or ():
-                    if key == "one2one-server-ms":
-                        server_ms.append(float(value))
-                        outside_ms.append(ms - float(value))
+                srv = await server_ms_of(call)
+                if srv is not None:
+                    server_ms.append(srv)
+                    outside_ms.append(ms - srv)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
@@ -148,10 +156,10 @@ async def run_open_loop(
             done = time.perf_counter()
             lat.append((done - due) * 1000)
             degraded += resp.degraded
-            for key, value in await call.trailing_metadata() or ():
-                if key == "one2one-server-ms":
-                    server_ms.append(float(value))
-                    outside_ms.append((done - sent) * 1000 - float(value))
+            srv = await server_ms_of(call)
+            if srv is not None:
+                server_ms.append(srv)
+                outside_ms.append((done - sent) * 1000 - srv)
         except grpc.aio.AioRpcError as exc:
             errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
         finally:

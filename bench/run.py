@@ -789,14 +789,14 @@ def summarize(report: dict, budget_ms: int, startup: float) -> dict:
                 "overflow": r["overflow"],
                 "errors": sum(r["errors"].values()),
                 "send_late_p99_ms": r.get("send_late_p99_ms", nan),
-                "server_p99_ms": r.get("server", {}).get("p99_ms", nan),
-                "outside_server_p99_ms": r.get("outside_server", {}).get("p99_ms", nan),
+                "server_p99_ms": r["server"].get("p99_ms", nan),
+                "outside_server_p99_ms": r["outside_server"].get("p99_ms", nan),
                 "bare_p50_ms": bare.get("p50_ms", nan),
                 "bare_p99_ms": bare.get("p99_ms", nan),
                 "bare_p999_ms": bare.get("p999_ms", nan),
                 "p99_vs_bare": r.get("p99_ms", nan) / bare.get("p99_ms", nan),
             }
-            for r, bare in zip(report["open_loop"], report.get("bare_open_loop") or [{}] * len(report["open_loop"]))
+            for r, bare in zip(report["open_loop"], report["bare_open_loop"])
         ],
         "budgeted_p999_ms": budgeted["p999_ms"],
         "budget_ms": budget_ms,
@@ -972,7 +972,7 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
         "time outside the server's measure (load generator, wire, and the worker before the call reaches "
         "its Python code, whose clock starts before the call waits for a Rank thread, and after the "
         "handler returns). Worker CPU split: each worker's share of the workers' CPU in the run. "
-        f"Each row is a server's median of {params.get('rounds', 1)} rounds, the servers taking turns "
+        f"Each row is a server's median of {params['rounds']} rounds, the servers taking turns "
         "(`rounds_qps` in report.json has every round).",
         "",
         "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside server p50 / p99 "
@@ -1012,11 +1012,11 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
     for o, run in zip(s["open_loop"], r["open_loop"]):
         lines.append(
             f"| {100 * o['share']:.0f}% | {o['rate']:.0f} | {o['requests']} | {o['p50_ms']:.2f} | {o['p99_ms']:.2f} | "
-            f"{o['p999_ms']:.2f} | {o.get('server_p99_ms', float('nan')):.2f} | "
-            f"{o.get('outside_server_p99_ms', float('nan')):.2f} | {100 * o['degraded_ratio']:.1f}% | "
+            f"{o['p999_ms']:.2f} | {o['server_p99_ms']:.2f} | "
+            f"{o['outside_server_p99_ms']:.2f} | {100 * o['degraded_ratio']:.1f}% | "
             f"{o['overflow']} | {o['errors']} | {o['send_late_p99_ms']:.2f} ms | "
-            f"{run['server_cpu_ms_per_request']:.3f} | {o.get('bare_p50_ms', float('nan')):.2f} / "
-            f"{o.get('bare_p99_ms', float('nan')):.2f} / {o.get('bare_p999_ms', float('nan')):.2f} |"
+            f"{run['server_cpu_ms_per_request']:.3f} | {o['bare_p50_ms']:.2f} / "
+            f"{o['bare_p99_ms']:.2f} / {o['bare_p999_ms']:.2f} |"
         )
     rf = r["raw_faiss"]
     pauses = r.get("gc_during_loads", {})

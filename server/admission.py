@@ -9,7 +9,7 @@ has waited until only its reserve is left (a fifth of its budget, at least
 reserve pays for, so it still answers within its budget. The same holds for a request
 that spent its budget down to the reserve before it reached the slot, waiting for a
 Rank thread (:meth:`Admission.waited_out`): a slot free by then would otherwise start a
-pipeline that has no time left to run.
+pipeline that has no time left to run, so such a request takes none.
 """
 
 from __future__ import annotations
@@ -59,15 +59,14 @@ class Admission:
         return reserve_ms < budget.total_ms and budget.remaining_ms() <= reserve_ms
 
     @contextmanager
-    def slot(self, budget: Budget, waited_out: bool = False) -> Iterator[tuple[float, bool]]:
+    def slot(self, budget: Budget) -> Iterator[tuple[float, bool]]:
         """Hold a slot for the body; yields (seconds spent waiting, whether a slot was had).
 
         The wait stops when only the budget's reserve is left: the body then runs
-        anyway, holding no slot, and must take the cheapest path. ``waited_out``: the
-        request already spent its budget down to the reserve before it came here (see
-        :meth:`waited_out`), so it takes no slot, whatever the limit.
+        anyway, holding no slot, and must take the cheapest path. A request that comes
+        with only the reserve left (:meth:`waited_out`) takes no slot, whatever the limit.
         """
-        if waited_out:
+        if self.waited_out(budget):
             yield 0.0, False
             return
         if self._slots is None:

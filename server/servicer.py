@@ -242,16 +242,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     self.config.reply_margin_ms,
                 )
                 budget = Budget.start(max(budget_ms, 0.0), now_ns=arrived)
-                # The wait for a Rank thread left only the reserve: the cheapest path, as if the
-                # wait had been for the slot (a pipeline started now would run past the budget).
-                waited_out = self.admission.waited_out(budget)
                 if self.config.debug_rank_delay_ms > 0:
                     # Test/debug only (default 0): a slow dependency eating the budget, so the
                     # drain test can hold a request in flight and the alert tests can make
                     # Rank slow and degraded on purpose.
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
                 q = query_from_proto(request)
-                with self.admission.slot(budget, waited_out) as (waited, admitted):
+                with self.admission.slot(budget) as (waited, admitted):
                     overlay, fresh, t0 = None, True, time.perf_counter()
                     if self.realtime is not None:
                         overlay, assignment, fresh = self.realtime.prepare(ranker.model, q, request.variant)

@@ -68,7 +68,7 @@ def test_a_request_that_spent_its_budget_before_the_slot_takes_none(limit):
     # leaves only the reserve, and no slot is taken, however many are free.
     queued = _spent(10, 8.5)
     assert Admission.reserve_ms(queued) == 2.0 and Admission.waited_out(queued)
-    with adm.slot(queued, Admission.waited_out(queued)) as (waited, admitted):
+    with adm.slot(queued) as (waited, admitted):
         assert not admitted and waited == 0.0
         # It held none: every slot is still there for the next request.
         with contextlib.ExitStack() as held:
