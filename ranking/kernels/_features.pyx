@@ -25,7 +25,7 @@ Layers (as in sklearn's ``_loss``):
 """
 from libc.math cimport NAN, exp, fabs, fabsf, log, logf, log1pf, sqrtf, ldexpf, INFINITY
 from libc.stdlib cimport malloc, free, qsort
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 import numpy as np
 
@@ -157,11 +157,6 @@ cdef inline uint64_t _rank_key(float32_t v, Py_ssize_t i) noexcept nogil:
         bits = (<uint32_t*>&w)[0]
         bits = ~bits if bits & sign else bits | sign
     return (<uint64_t>bits << 32) | <uint64_t>i
-
-
-cdef int _cmp_u64(const void* a, const void* b) noexcept nogil:
-    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
-    return (x > y) - (x < y)
 
 
 cdef int _cmp_i64(const void* a, const void* b) noexcept nogil:
@@ -1292,6 +1287,39 @@ cdef class FeatureKernel:
                 X[i, CTX_USER_SHARE + f] = share
 
 
+cdef void _sort_by_high_half(uint64_t* keys, uint64_t* tmp, Py_ssize_t n) noexcept nogil:
+    """Sort ``keys`` (n, written in the order of their low halves) by their high halves, a
+    byte at a time from the lowest (a stable radix sort): the same order as sorting the
+    whole keys, in a few passes over them rather than a comparison sort's calls; a byte
+    every key shares is skipped. ``tmp``: scratch of n keys."""
+    cdef Py_ssize_t count[256]
+    cdef Py_ssize_t i, total, c
+    cdef int shift
+    cdef uint64_t* src = keys
+    cdef uint64_t* dst = tmp
+    cdef uint64_t* swap
+    for shift in range(32, 64, 8):
+        memset(count, 0, sizeof(count))
+        for i in range(n):
+            count[(src[i] >> shift) & 0xFF] += 1
+        if count[(src[0] >> shift) & 0xFF] == n:
+            continue
+        total = 0
+        for i in range(256):
+            c = count[i]
+            count[i] = total
+            total += c
+        for i in range(n):
+            c = (src[i] >> shift) & 0xFF
+            dst[count[c]] = src[i]
+            count[c] += 1
+        swap = src
+        src = dst
+        dst = swap
+    if src != keys:
+        memcpy(keys, src, n * sizeof(uint64_t))
+
+
 cdef int _ranks(float32_t[:, ::1] X, Py_ssize_t n, int source, int column) noexcept nogil:
     """Rank of each candidate's ``source`` among the request's, 0 = best, over n; NaN last;
     all NaN when every value is. Tied values share the mean of their ranks, so a rank never
@@ -1308,12 +1336,12 @@ cdef int _ranks(float32_t[:, ::1] X, Py_ssize_t n, int source, int column) noexc
         for i in range(n):
             X[i, column] = NAN
         return 0
-    keys = <uint64_t*>malloc(n * sizeof(uint64_t))
+    keys = <uint64_t*>malloc(2 * n * sizeof(uint64_t))
     if keys == NULL:
         return -1
     for i in range(n):
         keys[i] = _rank_key(X[i, source], i)
-    qsort(keys, n, sizeof(uint64_t), _cmp_u64)
+    _sort_by_high_half(keys, keys + n, n)
     # Runs of equal values (the keys' high halves; every NaN has the same) share their mean rank.
     for i in range(1, n + 1):
         if i < n and keys[i] >> 32 == keys[start] >> 32:
