@@ -117,12 +117,21 @@ class ExactHead:
             raise ValueError(f"k must be in 1..{self.size} for this head, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+        first = None
+        lo, index, after = self.tiers[0]
+        if len(queries) == 1 and k <= index.ntotal:
+            # A served request's one query: most are proven by the first tier alone, and
+            # answered without the bookkeeping of a batch (the same answer as below).
+            first = index.search(queries, k)
+            s, p = first
+            if (self.complete and len(self.tiers) == 1) or s[0, k - 1] >= qnorm[0] * after:
+                return s, self.rows[p + lo], np.ones(1, bool)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         pos = np.full((len(queries), k), -1, np.int64)
         todo = np.arange(len(queries))
         certified = np.zeros(len(queries), bool)
         for i, (lo, index, after) in enumerate(self.tiers):
-            s, p = index.search(queries[todo], min(k, index.ntotal))
+            s, p = first if i == 0 and first is not None else index.search(queries[todo], min(k, index.ntotal))
             p = np.where(p >= 0, p + lo, -1)
             if i == 0:
                 scores[:, : s.shape[1]], pos[:, : p.shape[1]] = s, p
