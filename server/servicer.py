@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING
 
 import grpc
@@ -100,14 +100,7 @@ def query_from_proto(req: ranking_pb2.RankRequest, now: float | None = None) -> 
 
 def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.RankResponse:
     """The RankResponse for a pipeline result."""
-    items = []
-    for i, (item_id, score) in enumerate(zip(result.item_ids, result.scores)):
-        item = ranking_pb2.RankedItem(item_id=item_id, score=score)
-        if result.contributions is not None:
-            item.contributions.update(result.contributions[i])
-        items.append(item)
-    return ranking_pb2.RankResponse(
-        items=items,
+    response = ranking_pb2.RankResponse(
         request_id=request_id,
         model_version=result.model_version,
         strategy=result.rung.name,  # Rung's names are Strategy's (tests/server/test_servicer_units.py)
@@ -116,6 +109,15 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
         fallback_reason=result.fallback_reason,
         applied_rules=result.applied_rules,
     )
+    # Each item written in place (a list of RankedItems passed in is copied once more).
+    add = response.items.add
+    if result.contributions is None:
+        for item_id, score in zip(result.item_ids, result.scores):
+            add(item_id=item_id, score=score)
+    else:
+        for item_id, score, contributions in zip(result.item_ids, result.scores, result.contributions):
+            add(item_id=item_id, score=score).contributions.update(contributions)
+    return response
 
 
 def events_from_proto(
@@ -229,7 +231,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         started = time.monotonic_ns()
         arrived = call_arrived_ns() or started
         thread_wait = (started - arrived) / 1e9
-        request_id = uuid.uuid4().hex
+        # 128 random bits in hex, as uuid4().hex without its version bits, at a fifth of its cost.
+        request_id = os.urandom(16).hex()
         with logs.request_context(request_id):
             try:
                 ranker = self.models.current()
