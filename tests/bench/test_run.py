@@ -24,6 +24,8 @@ TARGETS = {
     "served_recall",
     "budgeted_server_p999_ms",
     "late_share",
+    "shared_budgeted_server_p999_ms",
+    "shared_late_share",
     "startup_s",
     "memory_ratio",
 }
@@ -33,6 +35,8 @@ BOUNDED = TARGETS - {
     "open_loop_80_p99_ms",
     "open_loop_80_p999_ms",
     "open_loop_80_p99_vs_bare",
+    "shared_budgeted_server_p999_ms",
+    "shared_late_share",
 }
 
 
@@ -113,6 +117,13 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
             assert o["bare_p99_ms"] == bare["p99_ms"] and o["p99_vs_bare"] == pytest.approx(
                 o["p99_ms"] / bare["p99_ms"]
             )
+        # The budgeted run twice: the generator at the lower priority (the targets) and as an equal.
+        assert shop["budgeted"]["generator_nice"] == 10 and shop["budgeted_shared"]["generator_nice"] == 0
+        for key in ("budgeted", "budgeted_shared"):
+            assert shop[key]["requests"] > 0 and shop[key]["errors"] == {}, (name, key)
+            assert 0.0 <= shop[key]["late_ratio"] <= 1.0, (name, key)
+        assert s["shared_budgeted_server_p999_ms"] == shop["budgeted_shared"]["server"]["p999_ms"]
+        assert s["shared_budgeted_late_ratio"] == shop["budgeted_shared"]["late_ratio"]
         # Served with the bundle's own tuned effort (the bench forced none), and the floors with it.
         serving, tuned = shop["serving"], shop["bundle_retrieval"]["ann_effort"]
         assert serving["ann_effort_source"] == "bundle" and serving["ann_effort"] == tuned
@@ -120,3 +131,21 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
         # The in-process timing refines as the server does: with the bundle's factor.
         assert shop["raw_faiss"]["refine"] == shop["bundle_retrieval"]["ann_refine"]
         assert 0.0 <= s["served_recall"] <= 1.0 and 0.0 <= s["ann_top10_in_candidates"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--budget-nice", "20"], "--budget-nice 20: a niceness from 0"),
+        (["--budget-nice", "-1"], "--budget-nice -1: a niceness from 0"),
+        (["--rounds", "0"], "--rounds 0: at least one run"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work_with_the_reason(args, named, tmp_path, capsys):
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()
