@@ -37,6 +37,7 @@ from ranking import (
     ExactHead,
     ann_search,
     check_arrays,
+    choose_first_tier,
     tree_arrays,
 )
 
@@ -379,7 +380,7 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[faiss.Index, dict
         # The server's exact_head_items (its default unless the build says otherwise): the path it runs.
         index, retrieval = tune_index(served.index, served.index_seconds, itf, queries, k, cfg)
     effort = int(retrieval["ann_effort"])
-    evaluation = {
+    evaluation: dict = {
         f"ann_recall_at_{k}": ann_recall(index, itf, queries, k, effort),
         "ann_effort": effort,
         "ann_eval_users": len(sample),
@@ -389,6 +390,12 @@ def _ann_evaluation(served: Fitted, cfg: BuildConfig) -> tuple[faiss.Index, dict
             exact_head_share(itf, queries, k, cfg.eval_exact_head_items) if cfg.eval_exact_head_items else 0.0
         ),
     }
+    if cfg.eval_exact_head_items and len(sample) and k:
+        # The head's first tier for this bundle (ranking.retrieval.search.choose_first_tier):
+        # the server splits a head of this size there.
+        tier, shares = choose_first_tier(itf, queries, k, cfg.eval_exact_head_items)
+        evaluation["exact_head_first_tier"] = tier
+        evaluation["exact_head_first_tier_shares"] = {str(m): share for m, share in shares.items()}
     if "served_recall" in retrieval:
         evaluation[f"served_recall_at_{k}"] = retrieval["served_recall"]
         evaluation["ann_refine"] = retrieval["ann_refine"]

@@ -55,7 +55,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
         "tree_contributions",
     ),
     "ranking.kernels.reranker": ("concat_trees", "tree_arrays", "trees_from_lightgbm"),
-    "ranking.retrieval.search": ("ExactHead", "Retriever", "ann_search"),
+    "ranking.retrieval.search": ("ExactHead", "Retriever", "ann_search", "choose_first_tier"),
     "ranking.realtime.events": ("Event", "EventLimits", "Rejection", "validate_batch"),
     "ranking.realtime.eventlog": (
         "FSYNC_POLICIES",
@@ -200,7 +200,7 @@ if TYPE_CHECKING:
     from ranking.realtime.redis_store import EventStoreError, RedisEventStore, StreamOffset
     from ranking.realtime.store import EventStore, LocalEventStore
     from ranking.realtime.user_state import HeldEvents, UserStateStore, item_gram
-    from ranking.retrieval.search import ExactHead, Retriever, ann_search
+    from ranking.retrieval.search import ExactHead, Retriever, ann_search, choose_first_tier
 
 
 def __getattr__(name: str) -> Any:

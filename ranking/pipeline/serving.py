@@ -62,9 +62,25 @@ class ServingModel:
         """The exact-search head of the ``size`` largest-norm items, built once per size.
 
         Built where the model is loaded: the server's supervisor builds it before forking,
-        so the workers share it copy-on-write like the index.
+        so the workers share it copy-on-write like the index. Its first tier is the one the
+        builder chose for this bundle when it measured a head of this size
+        (``evaluation.exact_head_first_tier``), else half the head.
+
+        Raises
+        ------
+        BundleError
+            The bundle's first tier is not a number of items within the head.
         """
         head = self._heads.get(size)
         if head is None:
-            head = self._heads[size] = ExactHead(self.model.item_factors, size)
+            m = self.model
+            evaluation = m.manifest.get("evaluation") or {}
+            first = evaluation.get("exact_head_first_tier") if evaluation.get("exact_head_items") == size else None
+            where = f"bundle {m.version}: evaluation.exact_head_first_tier"
+            if first is not None and (isinstance(first, bool) or not isinstance(first, int)):
+                raise BundleError(f"{where} must be an integer, got {first!r}")
+            try:
+                head = self._heads[size] = ExactHead(m.item_factors, size, first)
+            except ValueError as exc:
+                raise BundleError(f"{where}: {exc}") from exc
         return head

@@ -66,11 +66,12 @@ class ExactHead:
     head cannot prove goes to the ANN index (:class:`Retriever`); the builder reports
     the share it proves for each bundle (``evaluation.exact_head_share``).
 
-    The head is scanned in tiers of falling norm (the first half, then the rest), each
-    tier with its own bound: most queries are proven by the first tier alone and never
-    read the second (on the bench shop the first 8 192 items prove the top 200 of every
-    user), and a query the first cannot prove gets the same answer as from one scan of
-    the whole head.
+    The head is scanned in tiers of falling norm (the first ``first_tier`` items, by
+    default half the head, then the rest), each tier with its own bound: most queries are
+    proven by the first tier alone and never read the second (on the bench shop the first
+    7 168 items prove the top 200 of every user), and a query the first cannot prove
+    gets the same answer as from one scan of the whole head. The builder learns the first
+    tier per bundle (:func:`choose_first_tier`).
 
     Parameters
     ----------
@@ -78,12 +79,17 @@ class ExactHead:
         (n_items, d) float32, possibly memory-mapped.
     size : int
         Items in the head; more than the catalogue means all of it (always exact).
+    first_tier : int, optional
+        Items in the first tier, 1..size (size: one tier); None: half the head. Cut to
+        the catalogue with the head.
     """
 
-    def __init__(self, item_factors: np.ndarray, size: int):
+    def __init__(self, item_factors: np.ndarray, size: int, first_tier: int | None = None):
         n, d = item_factors.shape
         if size < 1:
             raise ValueError(f"exact head size must be >= 1, got {size}")
+        if first_tier is not None and not 1 <= first_tier <= size:
+            raise ValueError(f"the exact head's first tier must be 1..{size} items (its size), got {first_tier}")
         norms = row_norms(item_factors)
         size = min(size, n)
         # Head rows by norm, largest first (ties by row), and the largest norm outside them.
@@ -99,7 +105,9 @@ class ExactHead:
         self.bound = outside * (1.0 + _BOUND_SLACK)
         # Tiers: (first position, flat index over its items, bound on every item after it).
         self.tiers: list[tuple[int, faiss.IndexFlatIP, float]] = []
-        cuts = [0, size // 2, size] if size >= 2 else [0, size]
+        first = size // 2 if first_tier is None else min(first_tier, size)
+        cuts = [0, first, size] if 0 < first < size else [0, size]
+        self.first_tier = cuts[1]
         for lo, hi in itertools.pairwise(cuts):
             index = faiss.IndexFlatIP(d)
             index.add(np.ascontiguousarray(item_factors[rows[lo:hi]], dtype=np.float32))
@@ -151,6 +159,53 @@ class ExactHead:
             if len(todo) == 0:
                 break
         return scores, self.rows[pos], certified
+
+
+def first_tier_shares(item_factors: np.ndarray, queries: np.ndarray, k: int, size: int, tiers) -> dict[int, float]:
+    """For each first tier of ``tiers`` (items, each below the head's ``size``), the share of
+    ``queries`` whose exact top ``k`` that tier alone proves (:class:`ExactHead`'s certificate)."""
+    head = ExactHead(item_factors, size)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(queries) == 0 or not 0 < k:
+        return {int(m): float("nan") for m in tiers}
+    norms = row_norms(np.asarray(item_factors[head.rows], dtype=np.float32))
+    qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+    out = {}
+    for m in tiers:
+        m = int(m)
+        if not k <= m < head.size:
+            raise ValueError(f"a first tier must hold k={k} to {head.size - 1} items, got {m}")
+        flat = faiss.IndexFlatIP(queries.shape[1])
+        flat.add(np.ascontiguousarray(item_factors[head.rows[:m]], dtype=np.float32))
+        kth = flat.search(queries, k)[0][:, k - 1]
+        out[m] = float(np.mean(kth >= qnorm * float(norms[m]) * (1.0 + _BOUND_SLACK)))
+    return out
+
+
+def choose_first_tier(
+    item_factors: np.ndarray, queries: np.ndarray, k: int, size: int, keep: float = 0.999
+) -> tuple[int, dict[int, float]]:
+    """The exact head's first tier for these queries: the smallest, in sixteenths of the
+    head up to its half, that proves at least ``keep`` of the queries the half proves.
+
+    A smaller first tier scans fewer items for every query it proves, and sends the rest
+    on to the second tier, which costs them about one more search: ``keep`` is high, so
+    that stays rare. The half is kept when no smaller tier proves nearly as many. Returns
+    the tier (items) and the share each candidate proved.
+    """
+    head_size = min(size, item_factors.shape[0])
+    half = head_size // 2
+    if len(queries) == 0 or k <= 0:
+        return half, {}
+    tiers = sorted({head_size * j // 16 for j in range(1, 9)} | {half})
+    tiers = [m for m in tiers if k <= m < head_size]
+    if not tiers:
+        return half, {}
+    shares = first_tier_shares(item_factors, queries, k, size, tiers)
+    if half not in shares:
+        return half, shares
+    enough = keep * shares[half]
+    return next(m for m in tiers if shares[m] >= enough), shares
 
 
 def refine_search(

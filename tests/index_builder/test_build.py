@@ -28,6 +28,8 @@ def test_manifest_records_window_counts_checksums_and_evaluation(bundle_path, sh
     assert 0.95 <= recall <= 1.0
     # 200 items fit in the default exact head: the server answers every user exactly.
     assert m["evaluation"]["exact_head_items"] == 16384 and m["evaluation"]["exact_head_share"] == 1.0
+    # No tier smaller than the half of these 200 items holds the 200 candidates: the half.
+    assert m["evaluation"]["exact_head_first_tier"] == 100 and m["evaluation"]["exact_head_first_tier_shares"] == {}
 
 
 def test_cli_build_prints_the_published_path(shop_files, tmp_path):

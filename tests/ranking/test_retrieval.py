@@ -6,8 +6,20 @@ import faiss
 import numpy as np
 import pytest
 
-from ranking import ExactHead, Ranker, RankerConfig, RankingModel, RankQuery, Retriever, ServingModel, ann_search
+from ranking import (
+    ExactHead,
+    Ranker,
+    RankerConfig,
+    RankingModel,
+    RankQuery,
+    Retriever,
+    ServingModel,
+    ann_search,
+    choose_first_tier,
+)
+from ranking.errors import BundleError
 from ranking.realtime.user_state import row_norms
+from ranking.retrieval.search import first_tier_shares
 
 D = 24
 
@@ -85,6 +97,72 @@ def test_a_query_the_first_tier_cannot_prove_gets_one_scan_of_the_whole_head(ite
         s1, r1, p1 = head.search(queries[i : i + 1], k)
         np.testing.assert_array_equal(s1[0], scores[i])
         assert set(r1[0]) == set(rows[i]) and p1[0] == proven[i]
+
+
+def test_a_first_tier_of_any_size_answers_as_the_halves_do(items, queries):
+    halves = ExactHead(items, 1800)
+    assert halves.first_tier == 900
+    want_scores, want_rows, want_proven = halves.search(queries, 50)
+    for first in (300, 600, 1200, 1800):
+        head = ExactHead(items, 1800, first_tier=first)
+        assert head.first_tier == first and [t[1].ntotal for t in head.tiers] == (
+            [first, 1800 - first] if first < 1800 else [1800]
+        )
+        scores, rows, proven = head.search(queries, 50)
+        np.testing.assert_array_equal(scores, want_scores)
+        np.testing.assert_array_equal(proven, want_proven)
+        for got, want in zip(rows, want_rows):
+            assert set(got) == set(want)
+        for i in range(3):  # one query at a time, as the server searches
+            s1, r1, p1 = head.search(queries[i : i + 1], 50)
+            np.testing.assert_array_equal(s1[0], want_scores[i])
+            assert set(r1[0]) == set(want_rows[i]) and p1[0] == want_proven[i]
+
+
+def test_a_first_tier_outside_the_head_is_refused(items):
+    for bad in (0, -3, 1801):
+        with pytest.raises(ValueError, match=rf"first tier must be 1..1800 items \(its size\), got {bad}"):
+            ExactHead(items, 1800, first_tier=bad)
+
+
+def test_the_chosen_first_tier_is_the_smallest_proving_nearly_what_the_half_proves(items, queries):
+    k = 50
+    tier, shares = choose_first_tier(items, queries, k, 4000)
+    assert sorted(shares) == list(range(250, 2001, 250))  # sixteenths of the head up to its half
+    # Each share is what a head split there proves by its first tier alone.
+    qnorm = np.linalg.norm(queries.astype(np.float64), axis=1)
+    for m in (1000, 2000):
+        _, first, after = ExactHead(items, 4000, first_tier=m).tiers[0]
+        assert shares[m] == pytest.approx(np.mean(first.search(queries, k)[0][:, k - 1] >= qnorm * after))
+    assert shares[tier] >= 0.999 * shares[2000]
+    assert all(shares[m] < 0.999 * shares[2000] for m in shares if m < tier)
+    assert shares[2000] > 0.5 and tier < 2000  # this catalogue's norms fall fast: a smaller tier serves
+    # A head whose half proves only some queries keeps its half when nothing smaller comes close.
+    assert choose_first_tier(items, queries, k, 1800)[0] == 900
+    # Nothing smaller than the half holds k, no queries: the half.
+    assert choose_first_tier(items, queries, 1000, 1800) == (900, {})
+    assert choose_first_tier(items, queries[:0], k, 1800) == (900, {})
+    with pytest.raises(ValueError, match="a first tier must hold k=50 to 1799 items, got 40"):
+        first_tier_shares(items, queries, k, 1800, [40])
+
+
+def test_the_server_splits_the_head_where_the_builder_chose(bundle_path):
+    model = RankingModel(bundle_path, verify=False)
+    size = model.manifest["evaluation"]["exact_head_items"]
+    assert model.manifest["evaluation"]["exact_head_first_tier"] == ServingModel(model).exact_head(size).first_tier
+    evaluation = model.manifest["evaluation"]
+    try:
+        evaluation["exact_head_first_tier"] = 7
+        assert ServingModel(model).exact_head(size).first_tier == 7
+        assert ServingModel(model).exact_head(40).first_tier == 20  # another size than measured: halves
+        for bad, why in ((0, "must be 1..16384 items"), ("7", "must be an integer, got '7'"), (True, "got True")):
+            evaluation["exact_head_first_tier"] = bad
+            with pytest.raises(BundleError, match=rf"evaluation.exact_head_first_tier.*{why}"):
+                ServingModel(model).exact_head(size)
+        del evaluation["exact_head_first_tier"]  # a bundle built before the builder chose one
+        assert ServingModel(model).exact_head(size).first_tier == min(size, len(model.items.ids)) // 2
+    finally:
+        model.manifest["evaluation"] = evaluation
 
 
 def test_answers_proven_exact_are_the_exact_top_k(items, queries, exact, hnsw):
