@@ -190,8 +190,8 @@ def choose_first_tier(
 
     A smaller first tier scans fewer items for every query it proves, and sends the rest
     on to the second tier, which costs them about one more search: ``keep`` is high, so
-    that stays rare. The half is kept when no smaller tier proves nearly as many. Returns
-    the tier (items) and the share each candidate proved.
+    that stays rare. The half is kept when no smaller tier proves nearly as many, and when
+    the half proves none. Returns the tier (items) and the share each candidate proved.
     """
     head_size = min(size, item_factors.shape[0])
     half = head_size // 2
@@ -202,8 +202,8 @@ def choose_first_tier(
     if not tiers:
         return half, {}
     shares = first_tier_shares(item_factors, queries, k, size, tiers)
-    if half not in shares:
-        return half, shares
+    if half not in shares or not shares[half] > 0:
+        return half, shares  # no smaller tier holds k, or even the half proves none: nothing to gain
     enough = keep * shares[half]
     return next(m for m in tiers if shares[m] >= enough), shares
 
