@@ -100,6 +100,7 @@ class ExactHead:
             top, outside = np.arange(n), 0.0
         rows = top[np.lexsort((top, -norms[top]))].astype(np.int64)
         self.rows = rows
+        self._norms = norms[rows]  # the head's norms, falling
         self.size = size
         self.complete = size >= n
         self.bound = outside * (1.0 + _BOUND_SLACK)
@@ -111,8 +112,18 @@ class ExactHead:
         for lo, hi in itertools.pairwise(cuts):
             index = faiss.IndexFlatIP(d)
             index.add(np.ascontiguousarray(item_factors[rows[lo:hi]], dtype=np.float32))
-            after = float(norms[rows[hi]]) * (1.0 + _BOUND_SLACK) if hi < size else self.bound
-            self.tiers.append((lo, index, after))
+            self.tiers.append((lo, index, self.bound_after(hi)))
+
+    def bound_after(self, position: int) -> float:
+        """The largest norm of any item after the head's first ``position`` (with the float32
+        slack): a query whose k-th best score among them reaches |query| x this is proven."""
+        return float(self._norms[position]) * (1.0 + _BOUND_SLACK) if position < self.size else self.bound
+
+    def _proven(self, tier: int, kth: np.ndarray, qnorm: np.ndarray) -> np.ndarray:
+        """Which queries the head's tiers up to ``tier`` prove, from their k-th best scores."""
+        if self.complete and tier == len(self.tiers) - 1:
+            return np.ones(len(kth), bool)  # every item has been scanned
+        return kth >= qnorm * self.tiers[tier][2]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top ``k <= size`` head items per query and whether each query's answer is exact.
@@ -126,19 +137,18 @@ class ExactHead:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
         first = None
-        lo, index, after = self.tiers[0]
-        if len(queries) == 1 and k <= index.ntotal:
+        if len(queries) == 1 and k <= self.tiers[0][1].ntotal:
             # A served request's one query: most are proven by the first tier alone, and
             # answered without the bookkeeping of a batch (the same answer as below).
-            first = index.search(queries, k)
+            first = self.tiers[0][1].search(queries, k)
             s, p = first
-            if (self.complete and len(self.tiers) == 1) or s[0, k - 1] >= qnorm[0] * after:
-                return s, self.rows[p + lo], np.ones(1, bool)
+            if self._proven(0, s[:, k - 1], qnorm)[0]:
+                return s, self.rows[p], np.ones(1, bool)
         scores = np.full((len(queries), k), -np.inf, np.float32)
         pos = np.full((len(queries), k), -1, np.int64)
         todo = np.arange(len(queries))
         certified = np.zeros(len(queries), bool)
-        for i, (lo, index, after) in enumerate(self.tiers):
+        for i, (lo, index, _) in enumerate(self.tiers):
             s, p = first if i == 0 and first is not None else index.search(queries[todo], min(k, index.ntotal))
             p = np.where(p >= 0, p + lo, -1)
             if i == 0:
@@ -150,10 +160,7 @@ class ExactHead:
                 best = np.argsort(-s, axis=1, kind="stable")[:, :k]
                 scores[todo] = np.take_along_axis(s, best, axis=1)
                 pos[todo] = np.take_along_axis(p, best, axis=1)
-            if self.complete and i == len(self.tiers) - 1:
-                certified[todo] = True  # every item has been scanned
-                break
-            proven = scores[todo, k - 1] >= qnorm[todo] * after
+            proven = self._proven(i, scores[todo, k - 1], qnorm[todo])
             certified[todo] = proven
             todo = todo[~proven]
             if len(todo) == 0:
@@ -168,7 +175,6 @@ def first_tier_shares(item_factors: np.ndarray, queries: np.ndarray, k: int, siz
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if len(queries) == 0 or not 0 < k:
         return {int(m): float("nan") for m in tiers}
-    norms = row_norms(np.asarray(item_factors[head.rows], dtype=np.float32))
     qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
     out = {}
     for m in tiers:
@@ -178,7 +184,7 @@ def first_tier_shares(item_factors: np.ndarray, queries: np.ndarray, k: int, siz
         flat = faiss.IndexFlatIP(queries.shape[1])
         flat.add(np.ascontiguousarray(item_factors[head.rows[:m]], dtype=np.float32))
         kth = flat.search(queries, k)[0][:, k - 1]
-        out[m] = float(np.mean(kth >= qnorm * float(norms[m]) * (1.0 + _BOUND_SLACK)))
+        out[m] = float(np.mean(kth >= qnorm * head.bound_after(m)))
     return out
 
 
