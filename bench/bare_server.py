@@ -1,9 +1,8 @@
 """The floors: a RankingService doing only part of what a Rank request needs.
 
 ``--work framework`` (the framework floor) answers a canned response of the real shape.
-With a bundle (``--artifacts``) two work floors do the irreducible work the benchmark's
-targets name, and nothing around it (no budget, rules, real-time state, features,
-metrics or logs):
+With a bundle (``--artifacts``) three work floors do the work of a Rank, one part more at
+each, and nothing around it (no budget, rules, real-time state, metrics or logs):
 
 - ``search``: the request's user vector and the same candidate search the server runs
   for it (exact head first, then the ANN index; as many candidates, the same effort);
@@ -14,6 +13,16 @@ metrics or logs):
   computed per request); it answers that matrix's top 10. It scores as the server does:
   phased (the first phase over every candidate, the full model over the best
   ``--second-phase``) when the bundle records phases and the second phase is on.
+- ``features``: that search, then the one compiled call the server makes after its
+  search (``Ranker.fill_score``: the candidate sources merged, the exclusions applied,
+  every candidate's feature row written and scored, the top 10 kept) on requests the
+  pipeline prepared at start-up for users of the bundle, taken in turn. More of them than
+  the score floor's matrices (``FEATURE_POOL_USERS``), drawn across the bundle's users, so
+  that the per-customer rows the call reads (history, co-visitation and EASE rows, the
+  customer's tables) are as far from the cache as a live request's.
+  Between this floor and the score floor: what computing the features costs; between it
+  and the server, the Python service around the work (resolving the request and its rung,
+  real-time state, rules, budget, metrics, logs, the response).
 
 ``--effort 0`` and ``--second-phase -1`` take the bundle's own choices, as the server does;
 the bench passes the values the server it compares with reports, so both do the same work.
@@ -38,8 +47,10 @@ from server.config import ServerConfig, allowed_cpus
 from server.ready import write_ready
 from server.workers import count_listening, pin_worker, worker_cpus
 
-WORK = ("framework", "search", "score")
+WORK = ("framework", "search", "score", "features")
 POOL_USERS = 64  # feature matrices prepared at start-up for the "score" floor
+# Requests prepared at start-up for the "features" floor, drawn across the bundle's users.
+FEATURE_POOL_USERS = 1024
 
 
 class Work:
@@ -50,7 +61,7 @@ class Work:
     artifacts : Path
         A bundle root with ``CURRENT``.
     level : str
-        "search" or "score".
+        "search", "score" or "features".
     n_candidates, effort, head_items : int
         The server's ``n_candidates``, ``ann_effort`` (0: the bundle's) and ``exact_head_items``.
     batch_size, batch_wait_us : int, float
@@ -91,6 +102,17 @@ class Work:
         )
         self.model, self.level = m, level
         self.pool: list[tuple] = []
+        self.prepared: list = []
+        if level == "features":
+            rows = np.flatnonzero(np.asarray(m.user_has_history))
+            if len(rows) > FEATURE_POOL_USERS:
+                rows = np.random.default_rng(0).choice(rows, FEATURE_POOL_USERS, replace=False)
+            for row in rows:
+                prep = self.ranker.prepare(RankQuery(user_id=str(m.users.ids[row])), fuse=True)
+                if prep.sources is not None:  # a rung the call serves (not the cheapest path)
+                    self.prepared.append(prep)
+            if not self.prepared:
+                raise SystemExit(f"{artifacts}: no user with history to prepare requests from")
         if level == "score":
             for row in np.flatnonzero(np.asarray(m.user_has_history))[:POOL_USERS]:
                 prep = self.ranker.prepare(RankQuery(user_id=str(m.users.ids[row])))
@@ -114,6 +136,11 @@ class Work:
         if self.level == "search":
             first = rows[rows >= 0][:10]
             return m.items.id_of(first), [1.0 - i / 10 for i in range(len(first))]
+        if self.level == "features":
+            prep = self.prepared[self.served % len(self.prepared)]
+            self.served += 1  # racy between threads, as below
+            ans = self.ranker.fill_score(prep, 10)
+            return m.items.id_of(ans.rows[ans.top.indices]), [float(s) for s in ans.top.scores]
         cands, mask, feats = self.pool[self.served % len(self.pool)]
         self.served += 1  # racy between threads; any matrix of the pool will do
         # The server's scoring call without a deadline: phased when its ranker is.
@@ -168,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-workers", type=int, default=16, help="threads per process, as the real server")
     p.add_argument("--ready-file", required=True)
     p.add_argument("--work", choices=WORK, default="framework", help="what each request does (module docstring)")
-    p.add_argument("--artifacts", type=Path, help="bundle root, for --work search / score")
+    p.add_argument("--artifacts", type=Path, help="bundle root, for --work search, score or features")
     p.add_argument("--candidates", type=int, default=ServerConfig.n_candidates, help="the server's n_candidates")
     p.add_argument(
         "--effort", type=int, default=ServerConfig.ann_effort, help="the server's ann_effort (0: the bundle's)"
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     if (a.work == "framework") != (a.artifacts is None):
-        p.error("--artifacts goes with --work search or score, and only with them")
+        p.error("--artifacts goes with a work floor (--work search, score or features), and only with one")
     work = (
         Work(
             a.artifacts,

@@ -1,8 +1,8 @@
 """The serving benchmark: synthetic shops of two shapes at scale, the real builder, the real
 server under load (closed loop, then open loop at fixed arrival rates), against the
-bare-gRPC floor, two work floors (bench.bare_server) and raw FAISS, in one run.
+bare-gRPC floor, three work floors (bench.bare_server) and raw FAISS, in one run.
 
-The server and the three floors serve side by side and take turns: at each concurrency,
+The server and the four floors serve side by side and take turns: at each concurrency,
 ``--rounds`` rounds of one closed-loop run each, the order turned every round, and each
 figure is a server's median round. On a shared machine whose speed drifts by a third
 within minutes, a ratio of runs taken one after another would read the drift; runs
@@ -38,6 +38,8 @@ import numpy as np
 from server.config import ServerConfig, allowed_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
+# The work floors (bench.bare_server --work), each doing more of a Rank's work than the one before.
+WORK_FLOORS = ("floor_search", "floor_score", "floor_features")
 
 
 @dataclass(frozen=True)
@@ -673,11 +675,17 @@ def run_shop(a: argparse.Namespace, name: str, shape: Shop) -> dict:
     loads_start = scrape_counters(port)
 
     # The floors, in the same process model: the framework alone, then with the request's
-    # candidate search, then with the scorer too (bench.bare_server), searching and scoring
-    # with the settings the server reported. They serve beside the server, idle but for their
+    # candidate search, then with the scorer too, then with the server's whole compiled call
+    # (features written and scored) instead (bench.bare_server), searching and scoring with
+    # the settings the server reported. They serve beside the server, idle but for their
     # own runs, so every ratio is read between runs minutes apart at most (module docstring).
     work = ["--artifacts", str(art), "--second-phase", str(report["serving"]["second_phase_candidates"])]
-    floors = {"bare": [], "floor_search": [*work, "--work", "search"], "floor_score": [*work, "--work", "score"]}
+    floors = {
+        "bare": [],
+        "floor_search": [*work, "--work", "search"],
+        "floor_score": [*work, "--work", "score"],
+        "floor_features": [*work, "--work", "features"],
+    }
     served = {"real": (server_pids, info["grpc_port"])}
     floor_procs = []
     for floor, extra in floors.items():
@@ -779,7 +787,7 @@ def summarize(report: dict, budget_ms: int, startup: float) -> dict:
     """The figures the targets and the report's first table read, from one shop's runs."""
     best_real = max(r["qps"] for r in report["real"])
     best_bare = max(r["qps"] for r in report["bare"])
-    best_floor = {name: max(r["qps"] for r in report[name]) for name in ("floor_search", "floor_score")}
+    best_floor = {name: max(r["qps"] for r in report[name]) for name in WORK_FLOORS}
     c8 = _at_concurrency(report["real"], 8)
     floor_c8 = _at_concurrency(report["floor_score"], 8)
     budgeted, shared = report["budgeted"], report["budgeted_shared"]
@@ -789,6 +797,8 @@ def summarize(report: dict, budget_ms: int, startup: float) -> dict:
         "bare_saturation_qps": best_bare,
         "throughput_ratio_vs_bare": best_real / best_bare,
         "throughput_ratio_vs_floor_score": best_real / best_floor["floor_score"],
+        "throughput_ratio_vs_floor_features": best_real / best_floor["floor_features"],
+        "floor_features_ratio_vs_floor_score": best_floor["floor_features"] / best_floor["floor_score"],
         **{f"{name}_saturation_qps": qps for name, qps in best_floor.items()},
         **{f"{name}_ratio_vs_bare": qps / best_bare for name, qps in best_floor.items()},
         "p99_ms_at_c8": c8["p99_ms"],
@@ -837,7 +847,7 @@ def summarize(report: dict, budget_ms: int, startup: float) -> dict:
         "server_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report["real"]),
         **{
             f"{name}_cpu_ms_per_request": statistics.median(r["server_cpu_ms_per_request"] for r in report[name])
-            for name in ("bare", "floor_search", "floor_score")
+            for name in ("bare", *WORK_FLOORS)
         },
     }
 
@@ -862,6 +872,20 @@ def targets(s: dict) -> list[dict]:
             0.45,
         ),
         ("p99_c8_vs_score_floor", "p99 at concurrency 8 / the score floor's", s["p99_at_c8_vs_floor_score"], "<=", 1.3),
+        (
+            "features_floor_vs_score_floor",
+            "features floor saturation throughput / the score floor's (the features' cost, with no service around)",
+            s["floor_features_ratio_vs_floor_score"],
+            "",
+            None,
+        ),
+        (
+            "saturation_vs_features_floor",
+            "server saturation throughput / the features floor's (the service around the work)",
+            s["throughput_ratio_vs_floor_features"],
+            "",
+            None,
+        ),
     ]
     for o in s["open_loop"]:
         pct = f"{100 * o['share']:g}"
@@ -1013,6 +1037,9 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
         f"| work floor: + the scorer over a served-size feature matrix | "
         f"{s['floor_score_saturation_qps']:.0f} qps = {s['floor_score_ratio_vs_bare']:.2f} of bare; "
         f"{s['floor_score_cpu_ms_per_request']:.3f} ms CPU per request |",
+        f"| work floor: the search + the server's compiled call (merge, features, scoring) on prepared requests | "
+        f"{s['floor_features_saturation_qps']:.0f} qps = {s['floor_features_ratio_vs_bare']:.2f} of bare; "
+        f"{s['floor_features_cpu_ms_per_request']:.3f} ms CPU per request |",
         "",
         "### Closed loop",
         "",
@@ -1025,10 +1052,11 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
         "",
         "| concurrency | real qps | p50 | p90 | p99 | p99.9 | server p50 / p99 | outside server p50 / p99 "
         "| CPU ms/req | worker CPU split | bare qps | bare p99 | bare CPU ms/req "
-        "| search floor qps / p99 / CPU ms/req | score floor qps / p99 / CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| search floor qps / p99 / CPU ms/req | score floor qps / p99 / CPU ms/req "
+        "| features floor qps / p99 / CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for real, bare, search, score in zip(r["real"], r["bare"], r["floor_search"], r["floor_score"]):
+    for real, bare, *floors in zip(r["real"], r["bare"], *(r[name] for name in WORK_FLOORS)):
         srv, out = real.get("server", {}), real.get("outside_server", {})
         split = " / ".join(f"{100 * v:.0f}%" for v in real.get("worker_cpu_shares", [])) or "-"
         lines.append(
@@ -1038,9 +1066,7 @@ def shop_markdown(name: str, r: dict, params: dict) -> list[str]:
             f"{out.get('p50_ms', float('nan')):.2f} / {out.get('p99_ms', float('nan')):.2f} | "
             f"{real['server_cpu_ms_per_request']:.3f} | {split} | "
             f"{bare['qps']:.0f} | {bare['p99_ms']:.2f} | {bare['server_cpu_ms_per_request']:.3f} | "
-            + " | ".join(
-                f"{f['qps']:.0f} / {f['p99_ms']:.2f} / {f['server_cpu_ms_per_request']:.3f}" for f in (search, score)
-            )
+            + " | ".join(f"{f['qps']:.0f} / {f['p99_ms']:.2f} / {f['server_cpu_ms_per_request']:.3f}" for f in floors)
             + " |"
         )
     lines += [

@@ -472,20 +472,21 @@ class Ranker:
             clock.lap("score")
         return top, feats, cut
 
-    def _merge_fill_score(
-        self, prep: Prepared, k: int, budget: Budget, clock: _StageClock, timings: dict[str, float]
-    ) -> Answer:
-        """The candidates merged, their features written and scored, in one compiled call
-        (``ranking.kernels.features.FeatureKernel.candidates_fill_score``); the stages timed
-        from the call's own clock."""
-        assert prep.sources is not None and prep.request is not None and self.tables is not None
+    def fill_score(self, prep: Prepared, k: int, budget: Budget | None = None) -> Answer:
+        """The candidates of ``prep`` (from ``prepare(fuse=True)``, with ``sources`` set)
+        merged, their features written and scored, the top ``k`` kept, in one compiled call
+        (``ranking.kernels.features.FeatureKernel.candidates_fill_score``) under ``budget``'s
+        deadline: the work of a Rank between the search and the response."""
+        if prep.sources is None or prep.request is None or self.tables is None:
+            raise ValueError("fill_score takes a request prepared with fuse=True that left its sources to the call")
         scorer = self.scorer
         assert isinstance(scorer, TreeScorer)
+        budget = budget or Budget.unlimited()
         pool, sources = prep.sources
         plan = None
         if self.phase_seconds_per_candidate is not None and budget.deadline_ns:
             plan = (*self._phase_ms(), self.costs.safety)
-        ans = self.kernel.candidates_fill_score(
+        return self.kernel.candidates_fill_score(
             self.scratch,
             pool,
             self.tables.request_args(prep.request),
@@ -500,6 +501,12 @@ class Ranker:
             demotions=prep.demotions,
             **sources,
         )
+
+    def _merge_fill_score(
+        self, prep: Prepared, k: int, budget: Budget, clock: _StageClock, timings: dict[str, float]
+    ) -> Answer:
+        """:meth:`fill_score`, its stages timed from the call's own clock."""
+        ans = self.fill_score(prep, k, budget)
         end_ns, now = time.monotonic_ns(), time.perf_counter()
         total = now - clock.t
         if ans.top is None:

@@ -152,11 +152,49 @@ def test_score_floor_scores_phased_as_the_server_does_when_given_its_second_phas
         assert proc.wait(timeout=30) == 0
 
 
+def test_features_floor_answers_the_servers_fused_call_on_a_request_the_pipeline_prepared(artifacts, tmp_path):
+    m = RankingModel(resolve_current(artifacts), verify=False)
+    ranker = Ranker(m, RankerConfig(n_candidates=50, ann_effort=40, exact_head_items=64))
+    first = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
+    query = RankQuery(user_id=str(m.users.ids[first]))
+    prep = ranker.prepare(query, fuse=True)
+    assert prep.sources is not None and len(prep.rows) == 0  # merged, written and scored by the call
+    ans = ranker.fill_score(prep, 10)
+    # The call is the server's work after its search: its top 10 is what rank() serves.
+    served = ranker.rank(query)
+    assert m.items.id_of(ans.rows[ans.top.indices]) == served.item_ids
+    assert np.allclose(ans.top.scores, served.scores)
+    with pytest.raises(ValueError, match="prepared with fuse=True"):
+        ranker.fill_score(ranker.prepare(query), 10)
+    proc, info, _ = _floor(
+        tmp_path,
+        "--artifacts",
+        str(artifacts),
+        "--work",
+        "features",
+        "--candidates",
+        "50",
+        "--effort",
+        "40",
+        "--exact-head-items",
+        "64",
+    )
+    try:
+        # The bundle has fewer users than the floor's pool: every one with history, in row
+        # order, so the first request (whoever asks) is answered for the first user's request.
+        got = _rank(info["grpc_port"], str(m.users.ids[first + 1]))
+        assert [i.item_id for i in got.items] == served.item_ids
+        assert np.allclose([i.score for i in got.items], served.scores)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--work", "search"], "--artifacts goes with --work search or score"),
-        (["--artifacts", "somewhere"], "--artifacts goes with --work search or score"),
+        (["--work", "search"], "--artifacts goes with a work floor"),
+        (["--artifacts", "somewhere"], "--artifacts goes with a work floor"),
         (["--work", "sort"], "invalid choice: 'sort'"),
     ],
 )

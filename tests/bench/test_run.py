@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.run import SHOPS
+from bench.run import SHOPS, WORK_FLOORS
 
 # Every target row a shop's table must carry (issue 24's list, the open loop at 50% and 80%).
 TARGETS = {
@@ -15,6 +15,8 @@ TARGETS = {
     "saturation_vs_bare",
     "score_floor_vs_bare",
     "p99_c8_vs_score_floor",
+    "features_floor_vs_score_floor",
+    "saturation_vs_features_floor",
     "open_loop_50_p99_ms",
     "open_loop_50_p999_ms",
     "open_loop_50_p99_vs_bare",
@@ -30,6 +32,8 @@ TARGETS = {
     "memory_ratio",
 }
 BOUNDED = TARGETS - {
+    "features_floor_vs_score_floor",
+    "saturation_vs_features_floor",
     "open_loop_50_p999_ms",
     "open_loop_50_p99_vs_bare",
     "open_loop_80_p99_ms",
@@ -91,8 +95,8 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
             if t["met"] is not None:
                 assert t["met"] == (t["figure"] >= t["bound"] if t["op"] == ">=" else t["figure"] <= t["bound"])
             assert t["what"] in md
-        # Every load run really ran: closed loop at each level on the server and the three floors.
-        for runs in ("real", "bare", "floor_search", "floor_score"):
+        # Every load run really ran: closed loop at each level on the server and the four floors.
+        for runs in ("real", "bare", *WORK_FLOORS):
             assert [r["concurrency"] for r in shop[runs]] == [1, 8]
             assert all(r["requests"] > 0 and r["errors"] == {} for r in shop[runs]), (name, runs)
             # Two rounds each, the servers taking turns; the figure is one of them (the median).
@@ -130,6 +134,10 @@ def test_bench_run_reports_every_target_of_both_shops_with_measured_figures(tmp_
         assert shop["raw_faiss"]["effort"] == tuned
         # The in-process timing refines as the server does: with the bundle's factor.
         assert shop["raw_faiss"]["refine"] == shop["bundle_retrieval"]["ann_refine"]
+        # The features floor's ratios are its runs' best throughputs against the others'.
+        best = {runs: max(r["qps"] for r in shop[runs]) for runs in ("real", *WORK_FLOORS)}
+        assert s["floor_features_ratio_vs_floor_score"] == pytest.approx(best["floor_features"] / best["floor_score"])
+        assert s["throughput_ratio_vs_floor_features"] == pytest.approx(best["real"] / best["floor_features"])
         assert 0.0 <= s["served_recall"] <= 1.0 and 0.0 <= s["ann_top10_in_candidates"] <= 1.0
 
 
