@@ -49,6 +49,24 @@ def _floor(tmp_path, *args):
     )
 
 
+def _work_floor(tmp_path, artifacts, work: str, *args):
+    """A one-worker work floor on the test bundle, searching as the tests' rankers do."""
+    return _floor(
+        tmp_path,
+        "--artifacts",
+        str(artifacts),
+        "--work",
+        work,
+        "--candidates",
+        "50",
+        "--effort",
+        "40",
+        "--exact-head-items",
+        "64",
+        *args,
+    )
+
+
 def _rank(port: int, user_id: str):
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         return RankingServiceStub(ch).Rank(pb.RankRequest(user_id=user_id, num_results=10), timeout=30)
@@ -58,19 +76,7 @@ def test_search_floor_answers_the_servers_candidate_search_for_the_user(artifact
     m = RankingModel(resolve_current(artifacts), verify=False)
     retriever = Retriever(m.index, ServingModel(m).exact_head(64))
     users = np.flatnonzero(np.asarray(m.user_has_history))[:5]
-    proc, info, _ = _floor(
-        tmp_path,
-        "--artifacts",
-        str(artifacts),
-        "--work",
-        "search",
-        "--candidates",
-        "50",
-        "--effort",
-        "40",
-        "--exact-head-items",
-        "64",
-    )
+    proc, info, _ = _work_floor(tmp_path, artifacts, "search")
     try:
         for urow in users:
             slack = m.consumed.row_len(urow)
@@ -93,19 +99,7 @@ def test_score_floor_answers_the_learned_scorers_top10_of_a_matrix_the_pipeline_
     first = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
     prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[first])))
     top = ranker.scorer.score_topk(prep.features, prep.mask, 10)
-    proc, info, _ = _floor(
-        tmp_path,
-        "--artifacts",
-        str(artifacts),
-        "--work",
-        "score",
-        "--candidates",
-        "50",
-        "--effort",
-        "40",
-        "--exact-head-items",
-        "64",
-    )
+    proc, info, _ = _work_floor(tmp_path, artifacts, "score")
     try:
         # The first request of the one worker scores the pool's first matrix (its first user's),
         # whoever asks: the floor times the scorer, it does not compute features per request.
@@ -128,21 +122,7 @@ def test_score_floor_scores_phased_as_the_server_does_when_given_its_second_phas
     phased = ranker.scorer.score_topk(prep.features, prep.mask, 10, n_second=3)
     one = ranker.scorer.score_topk(prep.features, prep.mask, 10)
     assert not np.allclose(phased.scores, one.scores)
-    proc, info, _ = _floor(
-        tmp_path,
-        "--artifacts",
-        str(artifacts),
-        "--work",
-        "score",
-        "--candidates",
-        "50",
-        "--effort",
-        "40",
-        "--exact-head-items",
-        "64",
-        "--second-phase",
-        "3",
-    )
+    proc, info, _ = _work_floor(tmp_path, artifacts, "score", "--second-phase", "3")
     try:
         got = _rank(info["grpc_port"], str(m.users.ids[first]))
         assert [i.item_id for i in got.items] == m.items.id_of(prep.rows[phased.indices])
@@ -166,19 +146,7 @@ def test_features_floor_answers_the_servers_fused_call_on_a_request_the_pipeline
     assert np.allclose(ans.top.scores, served.scores)
     with pytest.raises(ValueError, match="prepared with fuse=True"):
         ranker.fill_score(ranker.prepare(query), 10)
-    proc, info, _ = _floor(
-        tmp_path,
-        "--artifacts",
-        str(artifacts),
-        "--work",
-        "features",
-        "--candidates",
-        "50",
-        "--effort",
-        "40",
-        "--exact-head-items",
-        "64",
-    )
+    proc, info, _ = _work_floor(tmp_path, artifacts, "features")
     try:
         # The bundle has fewer users than the floor's pool: every one with history, in row
         # order, so the first request (whoever asks) is answered for the first user's request.
