@@ -53,10 +53,12 @@ cdef enum:
 # context field's values).
 cdef enum:
     R_POP = 0
-    R_END_7D
-    R_END_30D
+    R_END_POP_7D  # the three popularity-window features at the data end (_pop_windows)
+    R_END_POP_30D
+    R_END_TREND
     R_AGE_AT_END
     R_PRICE
+    R_LOG_PRICE  # logf of the price, for the price fit
     R_REPEAT_RATE
     R_REPEAT_INTERVAL
     R_HOUR
@@ -174,6 +176,15 @@ cdef inline Py_ssize_t _count_before(const int64_t* keys, Py_ssize_t n, int64_t 
         else:
             hi = mid
     return lo
+
+
+cdef inline void _pop_windows(float32_t c7, float32_t c30, float32_t* out) noexcept nogil:
+    """The features of an item's events in the last 7 and 30 days: log1p of each and their
+    trend, into ``out[0:3]``. Packed once per item for the data end, computed per request
+    otherwise: one expression for both, so both give the same bits."""
+    out[0] = log1pf(c7)
+    out[1] = log1pf(c30)
+    out[2] = logf((c7 + 1.0) / (c30 * <float32_t>(7.0 / 30.0) + 1.0))
 
 
 cdef inline float32_t _linspace_at(Py_ssize_t i, Py_ssize_t n) noexcept nogil:
@@ -308,9 +319,12 @@ cdef class FeatureKernel:
         first = np.asarray(t["item_first_seen"])
         # Days from the item's first event to the data end; NaN when it was never seen.
         age = np.where(first >= 0, (data_end - first) / DAY, np.nan)
+        price = np.asarray(t["item_price"])
+        # The data end's window features and the log price are filled in below, by the
+        # functions a request uses (the same bits); the window counts stand in their place.
         columns = [
-            t["item_popularity"], t["item_events_7d_at_end"], t["item_events_30d_at_end"], age,
-            t["item_price"], t["item_repeat_rate"], t["item_repeat_interval"], t["item_hour_lift"],
+            t["item_popularity"], t["item_events_7d_at_end"], t["item_events_30d_at_end"], price, age,
+            price, price, t["item_repeat_rate"], t["item_repeat_interval"], t["item_hour_lift"],
             t["item_weekday_lift"],
             *[np.asarray(t[f"item_{f}_lift"]).view(np.float16) for f in ("channel", "device", "region")],
         ]
@@ -321,6 +335,12 @@ cdef class FeatureKernel:
             w = 1 if col.ndim == 1 else col.shape[1]
             table[:, j : j + w] = col.reshape(self.n_items, w)
             j += w
+        cdef float32_t[:, ::1] rows = table
+        cdef Py_ssize_t i
+        with nogil:
+            for i in range(rows.shape[0]):
+                _pop_windows(rows[i, R_END_POP_7D], rows[i, R_END_POP_30D], &rows[i, R_END_POP_7D])
+                rows[i, R_LOG_PRICE] = logf(rows[i, R_PRICE])
         self.item_table = table
         self.item_rows = table
 
@@ -995,7 +1015,6 @@ cdef class FeatureKernel:
     ) noexcept nogil:
         cdef Py_ssize_t n = cands.shape[0], i, j, c, d = self.item_factors.shape[1]
         cdef bint known = urow >= 0 and self.user_has_history[urow] != 0
-        cdef float32_t c7, c30
         cdef const float32_t* row
         cdef float64_t after_end = (t - self.data_end) / <float64_t>DAY
         cdef int64_t base
@@ -1036,15 +1055,12 @@ cdef class FeatureKernel:
             row = &self.item_rows[c, 0]
             X[i, POP] = row[R_POP]
             if at_end:
-                c7 = row[R_END_7D]
-                c30 = row[R_END_30D]
+                X[i, POP_7D] = row[R_END_POP_7D]
+                X[i, POP_30D] = row[R_END_POP_30D]
+                X[i, TREND] = row[R_END_TREND]
             else:
                 base = <int64_t>c << 32
-                c7 = self._window(base, t_pop, 7)
-                c30 = self._window(base, t_pop, 30)
-            X[i, POP_7D] = log1pf(c7)
-            X[i, POP_30D] = log1pf(c30)
-            X[i, TREND] = logf((c7 + 1.0) / (c30 * <float32_t>(7.0 / 30.0) + 1.0))
+                _pop_windows(self._window(base, t_pop, 7), self._window(base, t_pop, 30), &X[i, POP_7D])
             X[i, ITEM_AGE] = <float32_t>(after_end + row[R_AGE_AT_END])  # NaN: never seen
             X[i, PRICE] = row[R_PRICE]
             X[i, ITEM_REPEAT_RATE] = row[R_REPEAT_RATE]
@@ -1183,7 +1199,7 @@ cdef class FeatureKernel:
             X[i, CAT_AFFINITY] = _row_max(
                 &self.item_cat_ids[0] + start if self.item_cat_ids.shape[0] else NULL,
                 self.item_cat_indptr[cands[i] + 1] - start, share, k, &bad)
-            X[i, PRICE_FIT] = fabsf(logf(self.item_rows[cands[i], R_PRICE]) - ulp)
+            X[i, PRICE_FIT] = fabsf(self.item_rows[cands[i], R_LOG_PRICE] - ulp)
             X[i, USER_STAGE] = stage
             X[i, USER_VALUE] = value
             X[i, USER_RECENCY] = recency
@@ -1458,14 +1474,6 @@ cdef inline bint _better(const _Ranked* a, const _Ranked* b) noexcept nogil:
     return a.row < b.row
 
 
-cdef int _cmp_ranked(const void* a, const void* b) noexcept nogil:
-    cdef const _Ranked* x = <const _Ranked*>a
-    cdef const _Ranked* y = <const _Ranked*>b
-    if _better(x, y):
-        return -1
-    return 1 if _better(y, x) else 0
-
-
 cdef int _cmp_i32(const void* a, const void* b) noexcept nogil:
     cdef int32_t x = (<const int32_t*>a)[0], y = (<const int32_t*>b)[0]
     return (x > y) - (x < y)
@@ -1493,17 +1501,23 @@ cdef Py_ssize_t _best(_Ranked* ranked, Py_ssize_t n, int32_t[::1] out) noexcept 
     """Write the rows of the best of ``ranked[:n]`` to ``out``, best first, as many as it holds
     (or ``n``); returns how many. Frees ``ranked``."""
     cdef Py_ssize_t i, k = out.shape[0]
+    cdef _Ranked tmp
     if k > n:
         k = n
-    if k < n:
-        # Keep the k best in a heap whose root is the worst of them: O(n log k).
-        for i in range(k // 2 - 1, -1, -1):
-            _sift_down(ranked, k, i)
-        for i in range(k, n):
-            if _better(&ranked[i], &ranked[0]):
-                ranked[0] = ranked[i]
-                _sift_down(ranked, k, 0)
-    qsort(ranked, k, sizeof(_Ranked), _cmp_ranked)
+    # Keep the k best in a heap whose root is the worst of them: O(n log k).
+    for i in range(k // 2 - 1, -1, -1):
+        _sift_down(ranked, k, i)
+    for i in range(k, n):
+        if _better(&ranked[i], &ranked[0]):
+            ranked[0] = ranked[i]
+            _sift_down(ranked, k, 0)
+    # Then sort them by taking the worst off the root to the end, k times (heapsort): the
+    # comparisons inline, where qsort calls a comparator through a pointer for each.
+    for i in range(k - 1, 0, -1):
+        tmp = ranked[0]
+        ranked[0] = ranked[i]
+        ranked[i] = tmp
+        _sift_down(ranked, i, 0)
     for i in range(k):
         out[i] = ranked[i].row
     free(ranked)
