@@ -319,12 +319,12 @@ cdef class FeatureKernel:
         first = np.asarray(t["item_first_seen"])
         # Days from the item's first event to the data end; NaN when it was never seen.
         age = np.where(first >= 0, (data_end - first) / DAY, np.nan)
-        price = np.asarray(t["item_price"])
-        # The data end's window features and the log price are filled in below, by the
-        # functions a request uses (the same bits); the window counts stand in their place.
+        # The data end's window features and the log price are computed below, by the functions
+        # a request uses (the same bits): the window counts go in first, the rest is unset.
+        unset = np.broadcast_to(np.float32(np.nan), (self.n_items,))
         columns = [
-            t["item_popularity"], t["item_events_7d_at_end"], t["item_events_30d_at_end"], price, age,
-            price, price, t["item_repeat_rate"], t["item_repeat_interval"], t["item_hour_lift"],
+            t["item_popularity"], t["item_events_7d_at_end"], t["item_events_30d_at_end"], unset, age,
+            t["item_price"], unset, t["item_repeat_rate"], t["item_repeat_interval"], t["item_hour_lift"],
             t["item_weekday_lift"],
             *[np.asarray(t[f"item_{f}_lift"]).view(np.float16) for f in ("channel", "device", "region")],
         ]

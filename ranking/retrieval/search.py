@@ -170,16 +170,15 @@ class ExactHead:
 
 def first_tier_shares(item_factors: np.ndarray, queries: np.ndarray, k: int, size: int, tiers) -> dict[int, float]:
     """For each first tier of ``tiers`` (items, each below the head's ``size``), the share of
-    ``queries`` whose exact top ``k`` that tier alone proves (:class:`ExactHead`'s certificate)."""
+    ``queries`` (at least one) whose exact top ``k`` that tier alone proves (:class:`ExactHead`'s
+    certificate)."""
     head = ExactHead(item_factors, size)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if len(queries) == 0 or not 0 < k:
-        return {int(m): float("nan") for m in tiers}
     qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
     out = {}
     for m in tiers:
         m = int(m)
-        if not k <= m < head.size:
+        if not 0 < k <= m < head.size:
             raise ValueError(f"a first tier must hold k={k} to {head.size - 1} items, got {m}")
         flat = faiss.IndexFlatIP(queries.shape[1])
         flat.add(np.ascontiguousarray(item_factors[head.rows[:m]], dtype=np.float32))

@@ -139,7 +139,7 @@ def test_the_chosen_first_tier_is_the_smallest_proving_nearly_what_the_half_prov
     assert shares[2000] > 0.5 and tier < 2000  # this catalogue's norms fall fast: a smaller tier serves
     # A head whose half proves only some queries keeps its half when nothing smaller comes close.
     assert choose_first_tier(items, queries, k, 1800)[0] == 900
-    # One whose half proves none keeps it too (every smaller tier "proves as much": nothing).
+    # One whose half proves none keeps it too, though every smaller tier proves as much (nothing).
     tier, shares = choose_first_tier(items, queries, k, 1000)
     assert shares[500] == 0.0 and tier == 500
     # Nothing smaller than the half holds k, no queries: the half.
