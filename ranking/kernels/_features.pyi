@@ -6,6 +6,22 @@ import numpy.typing as npt
 COLUMNS: tuple[str, ...]
 NO_MEMORY: int
 
+class TreeArgs:
+    phased: bool
+    def __init__(
+        self,
+        roots: npt.NDArray[np.int32],
+        roots_first: npt.NDArray[np.int32],
+        roots_second: npt.NDArray[np.int32],
+        phased: bool,
+        feature: npt.NDArray[np.int32],
+        threshold: npt.NDArray[np.float64],
+        left: npt.NDArray[np.int32],
+        right: npt.NDArray[np.int32],
+        flags: npt.NDArray[np.uint8],
+        leaf_value: npt.NDArray[np.float64],
+    ) -> None: ...
+
 class FeatureKernel:
     item_table: npt.NDArray[np.float32]
     n_items: int
@@ -112,16 +128,7 @@ class FeatureKernel:
         weekday: int,
         qvec: npt.NDArray[np.float32],
         ctx_cols: npt.NDArray[np.int32],
-        roots: npt.NDArray[np.int32],
-        roots_first: npt.NDArray[np.int32],
-        roots_second: npt.NDArray[np.int32],
-        phased: bool,
-        feature: npt.NDArray[np.int32],
-        threshold: npt.NDArray[np.float64],
-        left: npt.NDArray[np.int32],
-        right: npt.NDArray[np.int32],
-        flags: npt.NDArray[np.uint8],
-        leaf_value: npt.NDArray[np.float64],
+        trees: TreeArgs,
         k: int,
         n_second: int,
         deadline_ns: int,

@@ -210,6 +210,24 @@ cdef class _Merge:
     cdef object rows, mask  # the arrays behind out and excluded
 
 
+cdef class TreeArgs:
+    """A tree ensemble's arrays (``ranking.kernels.scoring.TreeArrays``) and its phases as typed
+    views, for :meth:`FeatureKernel.candidates_fill_score`: taken once per model and reused,
+    where ten arrays were converted on every call. ``ranking.kernels.features`` builds it from
+    checked arrays; ``roots_first``/``roots_second`` are read when ``phased``."""
+    cdef const int32_t[::1] roots, roots_first, roots_second, feature, left, right
+    cdef const float64_t[::1] threshold, leaf_value
+    cdef const uint8_t[::1] flags
+    cdef readonly bint phased
+
+    def __init__(self, const int32_t[::1] roots, const int32_t[::1] roots_first, const int32_t[::1] roots_second,
+                 bint phased, const int32_t[::1] feature, const float64_t[::1] threshold,
+                 const int32_t[::1] left, const int32_t[::1] right, const uint8_t[::1] flags,
+                 const float64_t[::1] leaf_value):
+        self.roots, self.roots_first, self.roots_second, self.phased = roots, roots_first, roots_second, phased
+        self.feature, self.threshold, self.left, self.right = feature, threshold, left, right
+        self.flags, self.leaf_value = flags, leaf_value
+
 cdef class FeatureKernel:
     """The bundle's feature tables as typed views, built once per bundle (before the fork)."""
 
@@ -432,17 +450,26 @@ cdef class FeatureKernel:
         if not self.has_ease:
             n_ease = 0
         n_again, n_covis, n_ease = min(n_again, n_own), min(n_covis, n_entries), min(n_ease, self.n_items)
-        b.again = np.empty(n_again, np.int32)
-        b.covis = np.empty(n_covis, np.int32)
-        b.ease = np.empty(n_ease, np.int32)
-        b.own = np.empty(n_own, np.int32)
+        # One array per type, cut in views: each allocation and view costs more than its size.
+        cdef int32_t[::1] ints = np.empty(n_again + n_covis + n_ease + n_own + n_src + n_entries, np.int32)
+        cdef float64_t[::1] sums = np.zeros(n_entries + (self.n_items if n_ease else 0), np.float64)
+        cdef Py_ssize_t at = 0
+        b.again = ints[at:at + n_again]
+        at += n_again
+        b.covis = ints[at:at + n_covis]
+        at += n_covis
+        b.ease = ints[at:at + n_ease]
+        at += n_ease
+        b.own = ints[at:at + n_own]
+        at += n_own
+        b.sources = ints[at:at + n_src]
+        at += n_src
+        b.items = ints[at:at + n_entries]
         b.own_X = np.empty((n_own, N_COLUMNS), np.float32)
         b.own_last = np.empty(n_own, np.int64)
-        b.sources = np.empty(n_src, np.int32)
         b.ones = np.ones(n_src, np.float32)
-        b.items = np.empty(n_entries, np.int32)
-        b.sums = np.zeros(n_entries, np.float64)
-        b.ease_total = np.zeros(self.n_items if n_ease else 0, np.float64)
+        b.sums = sums[:n_entries]
+        b.ease_total = sums[n_entries:]
         bound = (pool.shape[0] + b.seg_v.shape[0] + b.pop_v.shape[0] + n_again + n_covis
                  + b.recent_v.shape[0] + n_ease)
         b.rows = np.empty(bound, np.int32)
@@ -782,16 +809,7 @@ cdef class FeatureKernel:
         int weekday,
         const float32_t[::1] qvec,
         const int32_t[::1] ctx_cols,
-        const int32_t[::1] roots,
-        const int32_t[::1] roots_first,
-        const int32_t[::1] roots_second,
-        bint phased,
-        const int32_t[::1] feature,
-        const float64_t[::1] threshold,
-        const int32_t[::1] left,
-        const int32_t[::1] right,
-        const uint8_t[::1] flags,
-        const float64_t[::1] leaf_value,
+        TreeArgs trees,
         Py_ssize_t k,
         Py_ssize_t n_second,
         int64_t deadline_ns,
@@ -812,8 +830,8 @@ cdef class FeatureKernel:
 
         The candidate arguments are :meth:`candidates`' (its ``t`` is ``t_again`` here),
         the request's :meth:`fill_score`'s (``urow``, ``seg``, ``session`` and the purchases
-        are the same for both), the scoring ones ``ranking.kernels.scoring.TreeCall``'s:
-        ``roots`` every tree, ``roots_first``/``roots_second`` the phases when ``phased``.
+        are the same for both), the scoring ones ``ranking.kernels.scoring.TreeCall``'s, the
+        ensemble and its phases in ``trees``.
         With ``first_ms`` >= 0 and a deadline, the second phase is first cut to what the
         time left after the merge affords (``CostModel.plan_second_phase``: ``first_ms`` and
         ``rest_ms`` per row, ``safety`` of the time left). The candidates are written once,
@@ -841,8 +859,9 @@ cdef class FeatureKernel:
         cdef float32_t[:, ::1] X = X_arr
         cdef float32_t[::1] out_scores = out_scores_arr
         cdef int32_t[::1] out_indices = out_indices_arr
-        cdef float64_t[::1] work = np.empty(bound, np.float64)
-        cdef float64_t[::1] first_acc = np.empty(bound, np.float64)
+        cdef float64_t[::1] work_acc = np.empty(2 * bound, np.float64)  # the walk's scratch, the first phase's sums
+        cdef float64_t[::1] work = work_acc[:bound]
+        cdef float64_t[::1] first_acc = work_acc[bound:]
         cdef float32_t[::1] first_scores = np.empty(min(bound, max(n_second, k, 1)), np.float32)
         cdef int32_t[::1] first_indices = np.empty(min(bound, max(n_second, k, 1)), np.int32)
         cdef bint realtime = skip_rows.shape[0] > 0 or interest_rows.shape[0] > 0
@@ -861,8 +880,8 @@ cdef class FeatureKernel:
         cdef timespec ts
         cdef int64_t merged_ns, filled_ns
         cdef float64_t usable
-        cdef const int32_t[::1] r_first = roots
-        cdef const int32_t[::1] r_second = roots[:0]
+        cdef const int32_t[::1] r_first = trees.roots
+        cdef const int32_t[::1] r_second = trees.roots[:0]
         with nogil:
             n = self._merge(b, source_user, session, t_again, p_rows, p_times, mask_user, exclude, category_codes,
                             include_bits, min_price, max_price, slot, mark, True)
@@ -886,10 +905,10 @@ cdef class FeatureKernel:
                             fit = <Py_ssize_t>((usable - first_ms * n) / rest_ms) if rest_ms > 0 else m
                             n2 = max(1, min(fit, m - 1))
                             cut = True
-                if n2 <= 0 or n2 >= n or not phased:
+                if n2 <= 0 or n2 >= n or not trees.phased:
                     n2 = 0
                 else:
-                    r_first, r_second = roots_first, roots_second
+                    r_first, r_second = trees.roots_first, trees.roots_second
                 if kk == 0:
                     n_scored = n
                 else:
@@ -899,8 +918,9 @@ cdef class FeatureKernel:
                     filled_ns = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
                     if status == 0:
                         m = min(n, max(n2, kk))
-                        n_scored = _score_trees_call(X[:n], r_first, r_second, feature, threshold, left, right,
-                                                     flags, leaf_value, b.excluded[:n], offsets[:n], n2, deadline_ns,
+                        n_scored = _score_trees_call(X[:n], r_first, r_second, trees.feature, trees.threshold,
+                                                     trees.left, trees.right, trees.flags, trees.leaf_value,
+                                                     b.excluded[:n], offsets[:n], n2, deadline_ns,
                                                      check_every, first_acc[:n], first_scores[:m],
                                                      first_indices[:m], out_scores[:kk], out_indices[:kk],
                                                      &n_kept, &n_done, &n_planned)

@@ -150,3 +150,24 @@ def max_share(const int64_t[::1] indptr, const int32_t[::1] indices, const int32
     cdef Py_ssize_t status
     status = _max_share_loop(indptr, indices, rows, share, out)
     return status
+
+
+ctypedef fused _row_int:
+    int32_t
+    int64_t
+
+
+def row_bounds(const _row_int[::1] rows):
+    """``(min, max)`` of a non-empty array of rows, in one pass (``_int32_rows``' range check)."""
+    cdef Py_ssize_t i, n = rows.shape[0]
+    cdef int64_t lo, hi, v
+    if n == 0:
+        raise ValueError("row_bounds needs at least one row")
+    lo = hi = rows[0]
+    for i in range(1, n):  # with the GIL, as the walks above: too short to be worth letting go
+        v = rows[i]
+        if v < lo:
+            lo = v
+        elif v > hi:
+            hi = v
+    return lo, hi

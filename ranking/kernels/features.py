@@ -175,6 +175,7 @@ _NO_PURCHASES = (np.zeros(0, np.int32), np.zeros(0, np.int64))
 _NO_VECTOR = np.zeros(0, np.float32)
 _I32, _F64, _F32, _U8 = (np.zeros(0, t) for t in (np.int32, np.float64, np.float32, np.uint8))
 _U32: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
+_NO_ROOTS: npt.NDArray[np.int32] = np.zeros(0, np.int32)  # a phase of no trees
 # fill_score's scoring arguments (in TreeCall.kernel_args' order) with nothing to score into: rows only.
 _NO_SCORING: tuple = (_I32, _I32, _I32, _F64, _I32, _I32, _U8, _F64, _U8, _F32, 0, 0, 1, _F64, _F32, _I32, _F32, _I32)
 
@@ -228,6 +229,7 @@ class FeatureKernel:
         self.hour_blocks = t["item_hour_lift"].shape[1]
         self.n_segments = len(t["segment_pop_indptr"]) - 1
         self._tables = t  # the kernel holds views of these; keep them alive with it
+        self._bound_trees: tuple[Any, Any, _features.TreeArgs] | None = None  # _tree_args' last pair
         self._kernel = _features.FeatureKernel(t, int(n_categories), int(data_end))
 
     @staticmethod
@@ -317,7 +319,7 @@ class FeatureKernel:
         weights, req = self._request_args(**request)
         rung, urow, seg, t, t_pop, at_end, block, weekday, qvec, session, ctx_cols, p_rows, p_times = req
         args = self._candidate_args(pool, session, p_rows, p_times, seg=seg, **sources)
-        phases = checked_phases(trees, phases, len(COLUMNS))
+        tree_args = self._tree_args(trees, phases)
         k, n_second, deadline_ns, check_every = loop_ints(k, n_second, deadline_ns, check_every)
         first_ms, rest_ms, safety = plan if plan is not None else (-1.0, 0.0, 1.0)
         if plan is not None and not (first_ms >= 0 and rest_ms >= 0 and 0 < safety <= 1):
@@ -339,16 +341,7 @@ class FeatureKernel:
                 weekday,
                 qvec,
                 ctx_cols,
-                trees.roots,
-                phases.roots_first if phases is not None else _I32,
-                phases.roots_second if phases is not None else _I32,
-                phases is not None,
-                trees.feature,
-                trees.threshold,
-                trees.left,
-                trees.right,
-                trees.flags,
-                trees.leaf_value,
+                tree_args,
                 k,
                 n_second,
                 deadline_ns,
@@ -370,6 +363,29 @@ class FeatureKernel:
             if demotions is not None:
                 named.update(zip(demotions.names, parts[2:]))
         return Answer(rows, mask, X, top, n2, bool(cut), merged_ns, filled_ns, offsets, named)
+
+    def _tree_args(self, trees, phases) -> _features.TreeArgs:
+        """``trees`` and ``phases`` (None: one phase) checked and taken as the compiled call's
+        typed views once, then reused while the same pair is passed (a ranker passes its own
+        model's on every request)."""
+        bound = self._bound_trees
+        if bound is not None and bound[0] is trees and bound[1] is phases:
+            return bound[2]
+        checked = checked_phases(trees, phases, len(COLUMNS))
+        args = _features.TreeArgs(
+            trees.roots,
+            checked.roots_first if checked is not None else _NO_ROOTS,
+            checked.roots_second if checked is not None else _NO_ROOTS,
+            checked is not None,
+            trees.feature,
+            trees.threshold,
+            trees.left,
+            trees.right,
+            trees.flags,
+            trees.leaf_value,
+        )
+        self._bound_trees = (trees, phases, args)  # one assignment: threads see the old pair or the new
+        return args
 
     def _offset_args(
         self, realtime: RealtimeOffsets | None, scale: float, demotions: Demotions | None

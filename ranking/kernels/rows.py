@@ -19,6 +19,7 @@ from ranking.kernels import _rows
 __all__ = ["ItemScratch", "CandidateIndex", "max_share"]
 
 _NO_ITEMS = np.zeros(0, np.int32)  # sum_rows without grow records no items
+_BOUNDED = (np.dtype(np.int32), np.dtype(np.int64))  # the dtypes _rows.row_bounds reads
 
 
 class _Buffers:
@@ -29,13 +30,35 @@ class _Buffers:
         self.mark = np.zeros(n_items, np.uint8)
 
 
+class _Lease:
+    """A set of an ``ItemScratch``'s buffers lent for one ``with`` block: the set itself, or
+    its ``(slot, mark)`` with ``pair``. A class rather than a generator context manager: it is
+    entered once or twice per request, and a generator's frames cost several times more."""
+
+    __slots__ = ("buf", "pair", "scratch")
+
+    def __init__(self, scratch: ItemScratch, pair: bool):
+        self.scratch, self.pair = scratch, pair
+
+    def __enter__(self):
+        free = self.scratch._free
+        self.buf = free.pop() if free else _Buffers(self.scratch.n_items)  # pop is atomic under the GIL
+        return (self.buf.slot, self.buf.mark) if self.pair else self.buf
+
+    def __exit__(self, *exc) -> None:
+        self.scratch._free.append(self.buf)
+
+
 def _int32_rows(name: str, rows, n_rows: int, allow_missing: bool = False) -> np.ndarray:
     """``rows`` as contiguous int32, each in 0..n_rows-1 (or -1, "none", with ``allow_missing``)."""
-    arr = np.asarray(rows)
+    arr = rows if type(rows) is np.ndarray else np.asarray(rows)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise ValueError(f"{name} must be a 1-d array of integer rows, got shape {arr.shape} dtype {arr.dtype}")
     if arr.size:
-        lo, hi = int(arr.min()), int(arr.max())
+        if arr.dtype in _BOUNDED and arr.flags.c_contiguous:
+            lo, hi = _rows.row_bounds(arr)  # one compiled pass, not two NumPy reductions
+        else:
+            lo, hi = int(arr.min()), int(arr.max())
         if hi >= n_rows or (lo < 0 and not (allow_missing and lo == -1)):
             bad = hi if hi >= n_rows else lo
             raise ValueError(f"{name} holds row {bad}, outside 0..{n_rows - 1}")
@@ -116,23 +139,14 @@ class ItemScratch:
         self.n_items = int(n_items)
         self._free: list[_Buffers] = []
 
-    @contextmanager
-    def _lend(self) -> Iterator[_Buffers]:
-        try:
-            buf = self._free.pop()  # atomic under the GIL
-        except IndexError:
-            buf = _Buffers(self.n_items)
-        try:
-            yield buf
-        finally:
-            self._free.append(buf)
+    def _lend(self) -> _Lease:
+        """One set of buffers for the ``with`` block, handed back at its end."""
+        return _Lease(self, False)
 
-    @contextmanager
-    def buffers(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def buffers(self) -> _Lease:
         """``(slot, mark)`` for the ``with`` block: int32 -1 and uint8 0 over every item row,
         to be handed back so (the compiled walks that borrow them promise it)."""
-        with self._lend() as buf:
-            yield buf.slot, buf.mark
+        return _Lease(self, True)
 
     def unique_in_order(self, rows) -> np.ndarray:
         """Drop -1 and repeated rows, keeping each first occurrence in place (int32)."""

@@ -550,3 +550,40 @@ def test_bad_candidate_arguments_are_refused_with_the_reason(context_bundle):
     assert rows.tolist() == [3, 5] and mask.tolist() == [False, True]
     with scratch.buffers() as (slot, mark):
         assert (slot == -1).all() and not mark.any()
+
+
+def test_the_one_call_scores_with_the_trees_it_is_given_each_time(grocery_bundle):
+    """The call binds an ensemble's arrays once and reuses them while the same trees come; other
+    trees (a reloaded model) are bound anew and scored with, and trees it cannot read are refused
+    even after a good pair was bound."""
+    from ranking.kernels.scoring import TreeArrays, TreeCall
+
+    m = grocery_bundle
+    ranker = Ranker(m, RankerConfig(n_candidates=30))
+    scorer, kernel, tables, scratch = ranker.scorer, ranker.kernel, ranker.tables, ranker.scratch
+    assert tables is not None and scorer.kind == "trees"
+    t = scorer.trees
+    flipped = TreeArrays.checked(
+        t.roots, t.feature, t.threshold, t.left, t.right, t.flags, -t.node_value, -t.leaf_value, t.n_features
+    )
+    row = int(np.flatnonzero(np.asarray(m.user_has_history))[0])
+    prep = ranker.prepare(RankQuery(user_id=str(m.users.ids[row])), fuse=True)
+    assert prep.sources is not None and prep.request is not None
+    pool, sources = prep.sources
+    for trees, phases in ((t, scorer.phases), (flipped, None), (t, scorer.phases), (flipped, None)):
+        got = kernel.candidates_fill_score(
+            scratch, pool, tables.request_args(prep.request), trees=trees, phases=phases, k=10, n_second=0, **sources
+        )
+        call = TreeCall.prepare(len(got.rows), len(FEATURE_NAMES), trees, None, got.mask, 10, 0)
+        _, want, _ = tables.assemble_and_score(prep.request, got.rows, call)
+        np.testing.assert_array_equal(got.top.indices, want.indices)
+        np.testing.assert_array_equal(got.top.scores, want.scores)
+    assert kernel._bound_trees is not None and kernel._bound_trees[0] is flipped
+    narrow = TreeArrays.checked(
+        t.roots, np.zeros_like(t.feature), t.threshold, t.left, t.right, t.flags, t.node_value, t.leaf_value, 3
+    )
+    with pytest.raises(ValueError, match="trees read 3 features"):
+        kernel.candidates_fill_score(
+            scratch, pool, tables.request_args(prep.request), trees=narrow, phases=None, k=10, n_second=0, **sources
+        )
+    assert _scratch_is_clean(scratch)

@@ -9,7 +9,7 @@ import pytest
 
 from ranking import Csr
 from ranking.kernels import _rows
-from ranking.kernels.rows import ItemScratch, _csr_arrays, max_share
+from ranking.kernels.rows import ItemScratch, _csr_arrays, _int32_rows, max_share
 
 N_ITEMS = 500
 
@@ -192,3 +192,59 @@ def test_max_share_refuses_a_category_outside_the_shares():
     item_cats = Csr(np.array([0, 1, 3], np.int64), np.array([0, 1, 5], np.int32))
     with pytest.raises(ValueError, match=r"row 1 names a category outside the 4 known"):
         max_share(item_cats, np.array([0, 1]), np.zeros(4, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_row_bounds_is_min_and_max_in_one_pass(dtype):
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 300):
+        rows = rng.integers(-5, 1000, n).astype(dtype)
+        assert _rows.row_bounds(rows) == (int(rows.min()), int(rows.max()))
+    with pytest.raises(ValueError, match="at least one row"):
+        _rows.row_bounds(np.zeros(0, dtype))
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.array([3, 900, 5], np.int64),  # the compiled bounds
+        np.array([3, 900, 5], np.int32),
+        np.array([3, 0, 900, 0, 5], np.int64)[::2],  # not contiguous: NumPy's reductions
+        np.array([3, 900, 5], np.uint16),  # another integer dtype: likewise
+        [3, 900, 5],  # not an array at all
+    ],
+)
+def test_rows_outside_the_catalog_are_refused_whatever_their_layout(rows):
+    with pytest.raises(ValueError, match=r"pool holds row 900, outside 0\.\.99"):
+        _int32_rows("pool", rows, 100)
+    low = np.array(rows, np.int64) - 903  # -900, -3, -898
+    with pytest.raises(ValueError, match=r"pool holds row -900"):
+        _int32_rows("pool", low.astype(np.int64), 100, allow_missing=True)
+    ok = np.array([3, -1, 5])
+    np.testing.assert_array_equal(_int32_rows("pool", ok, 100, allow_missing=True), ok)
+    assert _int32_rows("pool", ok, 100, allow_missing=True).dtype == np.int32
+    with pytest.raises(ValueError, match="pool holds row -1"):
+        _int32_rows("pool", ok, 100)
+
+
+def test_lent_buffers_come_back_after_an_error_and_apart_in_threads():
+    scratch = ItemScratch(N_ITEMS)
+    with pytest.raises(RuntimeError):
+        with scratch.buffers():
+            raise RuntimeError("stage failed")
+    assert len(scratch._free) == 1
+    barrier = threading.Barrier(2)
+    held = []
+
+    def one():
+        with scratch.buffers() as (slot, _):
+            held.append(slot)
+            barrier.wait(timeout=10)  # both lent at once: two sets
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert held[0] is not held[1] and len(scratch._free) == 2
+    _assert_clean(scratch)
