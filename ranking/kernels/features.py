@@ -12,6 +12,7 @@ training rows come from :meth:`FeatureKernel.fill`. Other packages import only t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -173,6 +174,7 @@ _CSRS = (
 )
 _NO_PURCHASES = (np.zeros(0, np.int32), np.zeros(0, np.int64))
 _NO_VECTOR = np.zeros(0, np.float32)
+_NO_CONTEXT = np.full(3, -1, np.int32)  # no context field's column (the kernel only reads it)
 _I32, _F64, _F32, _U8 = (np.zeros(0, t) for t in (np.int32, np.float64, np.float32, np.uint8))
 _U32: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
 _NO_ROOTS: npt.NDArray[np.int32] = np.zeros(0, np.int32)  # a phase of no trees
@@ -392,7 +394,7 @@ class FeatureKernel:
     ) -> tuple[Any, ...]:
         """The compiled call's offset arguments, checked: nothing applies without ``realtime``
         and ``demotions``."""
-        if not (np.isfinite(scale) and scale >= 0):
+        if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"the offsets' scale must be finite and >= 0, got {scale}")
         demote: tuple[Any, ...] = (_U32, _F32)
         if demotions is not None:
@@ -489,11 +491,10 @@ class FeatureKernel:
         the compiled entry's order, the scratch left out."""
         self._check_rows(source_user, seg)
         self._check_rows(mask_user, -1)
-        counts = {"n_seg": n_seg, "n_popular": n_popular, "n_again": n_again, "n_covis": n_covis}
-        counts |= {"n_recent_popular": n_recent_popular, "n_ease": n_ease}
-        bad = {k: v for k, v in counts.items() if v < 0}
-        if bad:
-            raise ValueError(f"candidate counts must be >= 0, got {bad}")
+        if min(n_seg, n_popular, n_again, n_covis, n_recent_popular, n_ease) < 0:
+            counts = {"n_seg": n_seg, "n_popular": n_popular, "n_again": n_again, "n_covis": n_covis}
+            counts |= {"n_recent_popular": n_recent_popular, "n_ease": n_ease}
+            raise ValueError(f"candidate counts must be >= 0, got { {k: v for k, v in counts.items() if v < 0} }")
         if not (min_price >= 0 and max_price >= 0):  # NaN too
             raise ValueError(f"price bounds must be >= 0 (0: none), got {min_price}, {max_price}")
         codes: npt.NDArray[np.uint32]
@@ -532,7 +533,9 @@ class FeatureKernel:
             raise ValueError(f"user row {urow} or segment {seg} outside the bundle")
 
     def _purchases(self, purchases: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        p_rows, p_times = purchases if purchases is not None else _NO_PURCHASES
+        if purchases is None:
+            return _NO_PURCHASES
+        p_rows, p_times = purchases
         p_rows = _int32_rows("purchases", p_rows, self.n_items)
         p_times = np.ascontiguousarray(p_times, np.int64)
         if p_times.shape != p_rows.shape:
@@ -574,8 +577,10 @@ class FeatureKernel:
         self._check_rows(urow, seg)
         if not (0 <= block < self.hour_blocks and 0 <= weekday < 7):
             raise ValueError(f"hour block {block} / weekday {weekday} out of range")
-        cols = np.asarray(context_columns, np.int32)
-        if cols.shape != (3,) or any(c >= w for c, w in zip(cols, self.widths)):
+        none = type(context_columns) is tuple and context_columns == (-1, -1, -1)
+        cols = _NO_CONTEXT if none else np.asarray(context_columns, np.int32)
+        w0, w1, w2 = self.widths
+        if cols.shape != (3,) or not (cols[0] < w0 and cols[1] < w1 and cols[2] < w2):
             raise ValueError(f"context columns {tuple(cols)} outside the bundle's {self.widths}")
         if qvec is None:
             q = _NO_VECTOR
