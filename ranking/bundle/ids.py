@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from ranking.kernels.rows import sorted_codes, sorted_row
+
 
 class IdMap:
     """Maps external string ids to the dense int32 rows used by every array of a bundle.
@@ -28,8 +30,9 @@ class IdMap:
         self.ids = ids
         if order is None:
             order = np.argsort(ids, kind="stable").astype(np.int32)
-        self.order = order
-        self._sorted = ids[order]
+        self.order = np.ascontiguousarray(order, dtype=np.int32)
+        self._sorted = ids[self.order]
+        self._codes = sorted_codes(self._sorted)  # the same bytes as code points, for row()
         self._width = ids.dtype.itemsize // 4  # characters in the longest id
         if len(ids) > 1 and np.any(self._sorted[1:] == self._sorted[:-1]):
             dup = self._sorted[1:][self._sorted[1:] == self._sorted[:-1]][0]
@@ -60,10 +63,7 @@ class IdMap:
         """Row of one key, -1 when unknown."""
         if not key or len(key) > self._width or len(self._sorted) == 0:
             return -1
-        pos = int(np.searchsorted(self._sorted, key))
-        if pos < len(self._sorted) and self._sorted[pos] == key:
-            return int(self.order[pos])
-        return -1
+        return sorted_row(self._codes, self.order, key)
 
     def id_of(self, rows: np.ndarray) -> list[str]:
         """External ids of ``rows``."""

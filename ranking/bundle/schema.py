@@ -25,8 +25,7 @@ SCHEMA_VERSION = 2  # 2: the re-purchase tables (index_builder.repeat)
 CONTEXT_FIELDS = ("channel", "device", "region")
 # Item popularity windows, in days, counted at the data end.
 WINDOW_DAYS = (7, 30)
-# The tree ensemble's flat arrays, stored as ``rerank_<name>``.
-TREE_ARRAYS = ("roots", "feature", "threshold", "left", "right", "flags", "node_value", "leaf_value")
+# The tree ensemble's flat arrays (ranking.kernels.scoring.TREE_ARRAYS) are stored as ``rerank_<name>``.
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ Sums match ``np.bincount``: each entry's ``value * weight`` is formed in
 float32, then added in float64 in entry order (sources in order, each row in
 stored order).
 """
+from libc.stdlib cimport calloc, free
+
 from ranking.kernels._common cimport _first_visit, _row_max
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint8_t
 
@@ -171,3 +173,46 @@ def row_bounds(const _row_int[::1] rows):
         elif v > hi:
             hi = v
     return lo, hi
+
+
+ctypedef unsigned int uint32_t
+
+
+cdef inline int _cmp_codes(const uint32_t* a, const uint32_t* b, Py_ssize_t w) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(w):
+        if a[j] != b[j]:
+            return -1 if a[j] < b[j] else 1
+    return 0
+
+
+def sorted_row(const uint32_t[:, ::1] codes, const int32_t[::1] order, str key):
+    """The row of ``key`` (``order`` of its position among ``codes``), -1 when absent.
+
+    ``codes`` is a sorted fixed-width NumPy unicode array of distinct ids viewed as its UCS4
+    code points, one id per row, NUL-padded: a binary search comparing code points, which
+    is NumPy's order for such arrays. ``IdMap.row`` without NumPy's conversion of the key to
+    a scalar of the array's dtype, which cost several microseconds per lookup.
+    """
+    cdef Py_ssize_t n = codes.shape[0], w = codes.shape[1], lo = 0, hi = n, mid, j = 0
+    cdef uint32_t* probe
+    cdef Py_UCS4 ch
+    cdef Py_ssize_t found = -1
+    if n == 0 or w == 0 or len(key) > w or len(key) == 0:
+        return -1
+    probe = <uint32_t*>calloc(w, sizeof(uint32_t))
+    if probe == NULL:
+        raise MemoryError("no memory for an id lookup")
+    for ch in key:
+        probe[j] = <uint32_t>ch
+        j += 1
+    while lo < hi:  # the first position whose id is >= key
+        mid = (lo + hi) // 2
+        if _cmp_codes(&codes[mid, 0], probe, w) < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    if lo < n and _cmp_codes(&codes[lo, 0], probe, w) == 0:
+        found = order[lo]
+    free(probe)
+    return found

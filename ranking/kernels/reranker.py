@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ranking.bundle.schema import TREE_ARRAYS
 from ranking.errors import BundleError
 from ranking.kernels import scoring
-from ranking.kernels.scoring import TopK, TreeArrays, TreePhases
+from ranking.kernels.scoring import TREE_ARRAYS, TopK, TreeArrays, TreePhases
 
 __all__ = [
     "TreeScorer",

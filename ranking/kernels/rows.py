@@ -16,7 +16,7 @@ import numpy as np
 
 from ranking.kernels import _rows
 
-__all__ = ["ItemScratch", "CandidateIndex", "max_share"]
+__all__ = ["ItemScratch", "CandidateIndex", "max_share", "sorted_codes", "sorted_row"]
 
 _NO_ITEMS = np.zeros(0, np.int32)  # sum_rows without grow records no items
 _BOUNDED = (np.dtype(np.int32), np.dtype(np.int64))  # the dtypes _rows.row_bounds reads
@@ -193,3 +193,18 @@ def max_share(csr, rows, share) -> np.ndarray:
             "the bundle's tables disagree: rebuild it"
         )
     return out
+
+
+def sorted_codes(sorted_ids: np.ndarray) -> np.ndarray:
+    """A sorted NumPy unicode array of ids as the (n, width) uint32 code points :func:`sorted_row`
+    searches (a view, no copy)."""
+    arr = np.ascontiguousarray(sorted_ids)
+    if arr.dtype.kind != "U":
+        raise ValueError(f"ids must be a unicode array, got dtype {arr.dtype}")
+    return arr.view(np.uint32).reshape(len(arr), arr.dtype.itemsize // 4)
+
+
+def sorted_row(codes: np.ndarray, order: np.ndarray, key: str) -> int:
+    """``order[i]`` for the id ``key`` at position ``i`` of the sorted ids :func:`sorted_codes`
+    gave ``codes``, -1 when it is not there (a binary search in compiled code)."""
+    return _rows.sorted_row(codes, order, key if type(key) is str else str(key))  # numpy.str_ too

@@ -306,6 +306,10 @@ def linear_contributions(features_rows, weights) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
+# A tree ensemble's flat arrays, as TreeArrays names them (a bundle stores them as ``rerank_<name>``).
+TREE_ARRAYS = ("roots", "feature", "threshold", "left", "right", "flags", "node_value", "leaf_value")
+
+
 class TreeArrays(NamedTuple):
     """A tree ensemble as flat arrays, the form the compiled loop walks.
 

@@ -66,3 +66,23 @@ def test_a_long_key_does_not_copy_the_map():
         tracemalloc.stop()
     # The map's sorted ids hold 200,000 x 8 x 4 bytes; a cast to 44 characters would be 35 MB.
     assert peak < 1_000_000, f"a lookup allocated {peak} bytes"
+
+
+def test_one_key_finds_what_the_batch_lookup_finds_for_any_characters():
+    """row() searches the ids' code points in compiled code; lookup() through NumPy. Both agree on
+    every known id, on its prefixes and extensions, and on characters beyond ASCII and the BMP
+    (a map wider than the compiled search's stack probe too)."""
+    rng = np.random.default_rng(11)
+    alphabet = list("ab01-_") + ["é", "ß", "中", "\U0001f600", "\x00"]
+    for width in (3, 9, 70):
+        made = {"".join(rng.choice(alphabet, int(rng.integers(1, width + 1)))) for _ in range(400)}
+        known = sorted(k for k in made if k and not k.endswith("\x00"))  # NumPy drops trailing NULs
+        ids = np.array([known[i] for i in rng.permutation(len(known))])
+        m = IdMap(ids)
+        for row, key in enumerate(ids.tolist()):
+            assert m.row(key) == row == m.row(ids[row]), key  # a str, and NumPy's own str_
+        keys = [k[:-1] for k in known if len(k) > 1] + [k + "b" for k in known] + ["a" * (width + 1), "zzz"]
+        want = m.lookup(keys).tolist()
+        assert [m.row(k) for k in keys] == want
+        assert any(w >= 0 for w in want) and any(w < 0 for w in want)
+    assert IdMap(np.array([], dtype=str)).row("a") == -1
