@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +207,13 @@ class Bundle:
         missing = sorted(set(listed) - present)
         if missing:
             raise BundleError(f"{self.path} is missing {', '.join(missing)}")
-        for name, meta in listed.items():
-            digest = sha256_file(self.path / name)
+        # Hashed on every core, the largest files first: hashlib and file reads let go of the
+        # GIL, and the hashing is most of a server's start (a 1M-item bundle: 1.3 GB).
+        names = sorted(listed, key=lambda n: -(self.path / n).stat().st_size)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), len(os.sched_getaffinity(0))))) as pool:
+            digests = dict(zip(names, pool.map(lambda n: sha256_file(self.path / n), names)))
+        for name, meta in listed.items():  # the first corrupt file in the manifest's order
+            digest = digests[name]
             if digest != meta.get("sha256"):
                 raise BundleError(
                     f"{self.path / name} is corrupt: sha256 {digest[:12]}… does not match "

@@ -48,6 +48,23 @@ def test_corrupt_file_is_refused(tmp_path):
         Bundle(path)
 
 
+def test_of_several_corrupt_files_the_manifest_s_first_is_named(tmp_path):
+    """The files are hashed in parallel, largest first; the refusal still names the first
+    corrupt file in the manifest's order, whichever finished hashing first, and a bundle
+    whose files are all intact loads."""
+    arrays = {f"a{i}": np.arange(10 ** (1 + i % 4), dtype=np.int64) for i in range(8)}
+    path = publish(tmp_path, arrays, "v1")
+    Bundle(path)
+    listed = list(json.loads((path / "manifest.json").read_text())["files"])
+    bad = [n for n in listed if n.endswith(".npy")][2:5]  # a small, larger and largest among them
+    for name in bad:
+        raw = bytearray((path / name).read_bytes())
+        raw[-1] ^= 0xFF
+        (path / name).write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=f"{bad[0]} is corrupt"):
+        Bundle(path)
+
+
 def test_missing_file_and_schema_mismatch(tmp_path):
     path = publish(tmp_path, {"x": np.arange(3), "y": np.arange(2)}, "v1")
     (path / "y.npy").unlink()
