@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ranking import Budget
 
@@ -58,28 +56,42 @@ class Admission:
         reserve_ms = cls.reserve_ms(budget)
         return reserve_ms < budget.total_ms and budget.remaining_ms() <= reserve_ms
 
-    @contextmanager
-    def slot(self, budget: Budget) -> Iterator[tuple[float, bool]]:
-        """Hold a slot for the body; yields (seconds spent waiting, whether a slot was had).
+    def slot(self, budget: Budget) -> _Slot:
+        """Hold a slot for the body; the ``with`` gives (seconds spent waiting, whether a slot
+        was had).
 
         The wait stops when only the budget's reserve is left: the body then runs
         anyway, holding no slot, and must take the cheapest path. A request that comes
         with only the reserve left (:meth:`waited_out`) takes no slot, whatever the limit.
         """
-        if self.waited_out(budget):
-            yield 0.0, False
-            return
-        if self._slots is None:
-            yield 0.0, True
-            return
+        return _Slot(self, budget)
+
+
+class _Slot:
+    """The ``with`` block of :meth:`Admission.slot` (a class: a generator context manager's
+    frames cost several times more on every Rank)."""
+
+    __slots__ = ("admission", "budget", "held")
+
+    def __init__(self, admission: Admission, budget: Budget):
+        self.admission, self.budget, self.held = admission, budget, False
+
+    def __enter__(self) -> tuple[float, bool]:
+        a, budget = self.admission, self.budget
+        if a.waited_out(budget):
+            return 0.0, False
+        if a._slots is None:
+            return 0.0, True
         t0 = time.perf_counter()
         remaining_ms = budget.remaining_ms()
         if math.isinf(remaining_ms):
-            admitted = self._slots.acquire()
+            self.held = a._slots.acquire()
         else:
-            admitted = self._slots.acquire(timeout=max(remaining_ms - self.reserve_ms(budget), 0.0) / 1000.0)
-        try:
-            yield time.perf_counter() - t0, admitted
-        finally:
-            if admitted:
-                self._slots.release()
+            self.held = a._slots.acquire(timeout=max(remaining_ms - a.reserve_ms(budget), 0.0) / 1000.0)
+        return time.perf_counter() - t0, self.held
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.held = False
+            assert self.admission._slots is not None
+            self.admission._slots.release()
