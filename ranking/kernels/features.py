@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from ranking.kernels import _features
 from ranking.kernels.rows import CandidateIndex, ItemScratch, _int32_rows
-from ranking.kernels.scoring import TopK, TreeCall, checked_phases, loop_ints
+from ranking.kernels.scoring import _NO_ROOTS, TopK, TreeCall, checked_phases, loop_ints
 
 __all__ = ["COLUMNS", "Answer", "Demotions", "FeatureKernel", "RealtimeOffsets"]
 
@@ -177,7 +177,6 @@ _NO_VECTOR = np.zeros(0, np.float32)
 _NO_CONTEXT = np.full(3, -1, np.int32)  # no context field's column (the kernel only reads it)
 _I32, _F64, _F32, _U8 = (np.zeros(0, t) for t in (np.int32, np.float64, np.float32, np.uint8))
 _U32: npt.NDArray[np.uint32] = np.zeros(0, np.uint32)
-_NO_ROOTS: npt.NDArray[np.int32] = np.zeros(0, np.int32)  # a phase of no trees
 # fill_score's scoring arguments (in TreeCall.kernel_args' order) with nothing to score into: rows only.
 _NO_SCORING: tuple = (_I32, _I32, _I32, _F64, _I32, _I32, _U8, _F64, _U8, _F32, 0, 0, 1, _F64, _F32, _I32, _F32, _I32)
 

@@ -744,7 +744,7 @@ class Ranker:
                     c[name] = float(v)
         return RankResult(
             item_ids=m.items.id_of(rows),
-            scores=np.asarray(top.scores, dtype=np.float32).tolist(),  # Python floats, as float() of each
+            scores=top.scores.tolist(),  # Python floats, as float() of each
             rung=rung,
             model_version=m.version,
             fallback_reason=reason,
