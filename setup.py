@@ -69,7 +69,7 @@ def _kernel(name: str) -> Extension:
     )
 
 
-extensions = [_kernel("_scoring"), _kernel("_rows"), _kernel("_features")]
+extensions = [_kernel("_scoring"), _kernel("_rows"), _kernel("_features"), _kernel("_search")]
 
 # Metadata, dependencies and packages are in pyproject.toml; only what must be code is here.
 setup(

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from ranking.config import DEFAULT_EXACT_HEAD_ITEMS  # noqa: F401  (re-exported; written once there)
+from ranking.kernels.search import FlatScan
 from ranking.realtime.user_state import row_norms
 
 # Relative slack on the certificate, for float32 rounding in the scores and the norms
@@ -59,8 +60,9 @@ class ExactHead:
     For an item ``x`` outside the head, ``q.x <= |q| |x| <= |q| bound``, where ``bound``
     is the largest norm outside the head. When the k-th best score in the head reaches
     ``|q| bound``, no other item can beat it: the head's top k is the exact top k of the
-    whole catalogue, found by a sequential scan of a few MB that stays in cache, rather
-    than by a graph walk over the whole index that mostly misses it. Factors trained on
+    whole catalogue, found by a sequential scan of a few MB (``FlatScan``: half precision
+    first, then exactly the rows that may belong) rather than by a graph walk over the
+    whole index that mostly misses the caches. Factors trained on
     implicit feedback have norms that follow popularity: on the 1M-item bench shop the
     6 912 largest-norm items proved the top 200 of every one of 2 000 users. A query the
     head cannot prove goes to the ANN index (:class:`Retriever`); the builder reports
@@ -85,7 +87,7 @@ class ExactHead:
     """
 
     def __init__(self, item_factors: np.ndarray, size: int, first_tier: int | None = None):
-        n, d = item_factors.shape
+        n = item_factors.shape[0]
         if size < 1:
             raise ValueError(f"exact head size must be >= 1, got {size}")
         if first_tier is not None and not 1 <= first_tier <= size:
@@ -105,14 +107,12 @@ class ExactHead:
         self.complete = size >= n
         self.bound = outside * (1.0 + _BOUND_SLACK)
         # Tiers: (first position, flat index over its items, bound on every item after it).
-        self.tiers: list[tuple[int, faiss.IndexFlatIP, float]] = []
+        self.tiers: list[tuple[int, FlatScan, float]] = []
         first = size // 2 if first_tier is None else min(first_tier, size)
         cuts = [0, first, size] if 0 < first < size else [0, size]
         self.first_tier = cuts[1]
         for lo, hi in itertools.pairwise(cuts):
-            index = faiss.IndexFlatIP(d)
-            index.add(np.ascontiguousarray(item_factors[rows[lo:hi]], dtype=np.float32))
-            self.tiers.append((lo, index, self.bound_after(hi)))
+            self.tiers.append((lo, FlatScan(item_factors[rows[lo:hi]]), self.bound_after(hi)))
 
     def bound_after(self, position: int) -> float:
         """The largest norm of any item after the head's first ``position`` (with the float32
@@ -180,9 +180,7 @@ def first_tier_shares(item_factors: np.ndarray, queries: np.ndarray, k: int, siz
         m = int(m)
         if not 0 < k <= m < head.size:
             raise ValueError(f"a first tier must hold k={k} to {head.size - 1} items, got {m}")
-        flat = faiss.IndexFlatIP(queries.shape[1])
-        flat.add(np.ascontiguousarray(item_factors[head.rows[:m]], dtype=np.float32))
-        kth = flat.search(queries, k)[0][:, k - 1]
+        kth = FlatScan(item_factors[head.rows[:m]]).search(queries, k)[0][:, k - 1]
         out[m] = float(np.mean(kth >= qnorm * head.bound_after(m)))
     return out
 

@@ -18,6 +18,7 @@ from ranking import (
     choose_first_tier,
 )
 from ranking.errors import BundleError
+from ranking.kernels.search import FlatScan
 from ranking.realtime.user_state import row_norms
 from ranking.retrieval.search import first_tier_shares
 
@@ -75,9 +76,7 @@ def test_the_head_is_scanned_in_tiers_of_falling_norm_each_bounding_what_follows
 @pytest.mark.parametrize("k", [50, 100])
 def test_a_query_the_first_tier_cannot_prove_gets_one_scan_of_the_whole_head(items, queries, k):
     head = ExactHead(items, 1800)
-    flat = faiss.IndexFlatIP(D)
-    flat.add(items[head.rows])
-    want_scores, want_pos = flat.search(queries, k)
+    want_scores, want_pos = FlatScan(items[head.rows]).search(queries, k)
     qnorm = np.linalg.norm(queries.astype(np.float64), axis=1)
     _, first, after1 = head.tiers[0]
     by_first = first.search(queries, k)[0][:, k - 1] >= qnorm * after1
