@@ -29,7 +29,7 @@ $(VENV)/bin/python:
 	$(PIP) install -q --upgrade pip
 
 # Stamp: reinstall when the build inputs change.
-$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(LOCK) $(wildcard ranking/kernels/*.pyx) ranking/kernels/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
+$(VENV)/.installed: $(VENV)/bin/python setup.py pyproject.toml $(LOCK) $(wildcard ranking/kernels/*.pyx server/*.pyx) ranking/kernels/_typedefs.pxd $(wildcard proto/one2one/v1/*.proto)
 	$(PIP) install -q -c $(LOCK) $(BUILD_DEPS)
 	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[test,report,lint,spark]"
 	touch $@
@@ -100,7 +100,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	PATH="$(abspath $(VENV))/bin:$$PATH" cython-lint ranking/kernels/*.pyx ranking/kernels/*.pxd
+	PATH="$(abspath $(VENV))/bin:$$PATH" cython-lint ranking/kernels/*.pyx ranking/kernels/*.pxd server/*.pyx
 
 # Re-pin the lock: install from pyproject's ranges into a fresh venv and freeze it
 # (pip itself is left out: the venv's own pip is upgraded before installing).

@@ -57,11 +57,11 @@ directives = {
 }
 
 
-def _kernel(name: str) -> Extension:
-    """A compiled module of ranking/kernels/ built from its .pyx, with the shared flags."""
+def _kernel(name: str, package: str = "ranking.kernels") -> Extension:
+    """A compiled module of ``package`` (ranking/kernels/ by default) built from its .pyx, with the shared flags."""
     return Extension(
-        f"ranking.kernels.{name}",
-        [f"ranking/kernels/{name}.pyx"],
+        f"{package}.{name}",
+        [f"{package.replace('.', '/')}/{name}.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"] if not DEBUG else ["-O0", "-g"],
@@ -69,7 +69,13 @@ def _kernel(name: str) -> Extension:
     )
 
 
-extensions = [_kernel("_scoring"), _kernel("_rows"), _kernel("_features"), _kernel("_search")]
+extensions = [
+    _kernel("_scoring"),
+    _kernel("_rows"),
+    _kernel("_features"),
+    _kernel("_search"),
+    _kernel("_metric_values", "server"),
+]
 
 # Metadata, dependencies and packages are in pyproject.toml; only what must be code is here.
 setup(
