@@ -22,8 +22,6 @@ file, as the library's values do (``os.register_at_fork``).
 import os
 import weakref
 
-from ranking.kernels._typedefs cimport float64_t
-
 # The library's multiprocess value class these wrap, and every live value, to rebind after a fork.
 _base_class = None
 _live = weakref.WeakSet()
@@ -32,17 +30,17 @@ _live = weakref.WeakSet()
 cdef class LocalValue:
     """A metric value in one process: prometheus_client's ``MutexValue`` without the lock."""
 
-    cdef float64_t _value
+    cdef double _value
     cdef object _exemplar
 
     def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text, **kwargs):
         self._value = 0.0
         self._exemplar = None
 
-    def inc(self, float64_t amount):
+    def inc(self, double amount):
         self._value += amount
 
-    def set(self, float64_t value, timestamp=None):
+    def set(self, double value, timestamp=None):
         self._value = value
 
     def set_exemplar(self, exemplar):
@@ -59,8 +57,8 @@ cdef class MmapedValue:
     """A metric value in its process's file of prometheus_client's multiprocess directory."""
 
     cdef object _base  # the library's value: its file, key, and the reads
-    cdef float64_t[::1] _slot  # (value, timestamp) in the file's map
-    cdef float64_t _value
+    cdef double[::1] _slot  # (value, timestamp) in the file's map
+    cdef double _value
     cdef object __weakref__
 
     def __init__(self, typ, metric_name, name, labelnames, labelvalues, help_text, multiprocess_mode="", **kwargs):
@@ -80,12 +78,12 @@ cdef class MmapedValue:
         self._slot = memoryview(file._m)[pos : pos + 16].cast("d")
         self._value = base._value
 
-    def inc(self, float64_t amount):
+    def inc(self, double amount):
         self._value += amount
         self._slot[0] = self._value
         self._slot[1] = 0.0
 
-    def set(self, float64_t value, timestamp=None):
+    def set(self, double value, timestamp=None):
         self._value = value
         self._slot[0] = value
         self._slot[1] = 0.0 if timestamp is None else timestamp

@@ -7,7 +7,7 @@ def top_inner(
     items: npt.NDArray[np.float32],
     queries: npt.NDArray[np.float32],
     scores: npt.NDArray[np.float32],
-    positions: npt.NDArray[np.int64],
+    positions: npt.NDArray[np.int32],
 ) -> None: ...
 def top_inner_two_pass(
     items: npt.NDArray[np.float32],
@@ -16,6 +16,6 @@ def top_inner_two_pass(
     norm_bound: float,
     queries: npt.NDArray[np.float32],
     scores: npt.NDArray[np.float32],
-    positions: npt.NDArray[np.int64],
+    positions: npt.NDArray[np.int32],
 ) -> int: ...
 def use_avx2(on: bool) -> bool: ...

@@ -22,8 +22,9 @@ Layers:
    partial sums over the dimensions taken eight at a time, added pairwise, then the
    dimensions left over. ``o2o_scores_half`` needs AVX2, F16C and FMA; without
    them the scan is the one exact pass.
-2. ``_exact_loop`` / ``_two_pass_loop``: one query over every row, nogil; a heap
-   keeps the k best by score, ties by the lower position.
+2. ``_exact_loop`` / ``_two_pass_loop``: one query over every row, nogil; the
+   scoring kernels' heap (``_common.pxd``) keeps the k best by score, ties by the
+   lower position.
 3. ``top_inner`` / ``top_inner_two_pass``: the Python-visible entries, one query
    after another.
 4. ``ranking.kernels.search``: the public wrapper.
@@ -31,7 +32,8 @@ Layers:
 from libc.math cimport fabs, sqrt
 from libc.stdlib cimport free, malloc
 
-from ranking.kernels._typedefs cimport float32_t, float64_t, int64_t
+from ranking.kernels._common cimport _heap_offer_any, _heap_sort_best_first
+from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t
 
 cdef extern from *:
     """
@@ -157,31 +159,6 @@ cdef enum:
     BLOCK = 64
 
 
-cdef inline bint _worse(float32_t s1, int64_t p1, float32_t s2, int64_t p2) noexcept nogil:
-    """(s1, p1) ranks below (s2, p2): a lower score, or the same score at a later position."""
-    return s1 < s2 or (s1 == s2 and p1 > p2)
-
-
-cdef void _sift_down(float32_t *hs, int64_t *hp, Py_ssize_t k, Py_ssize_t i) noexcept nogil:
-    """Restore the min-heap (the worst entry at 0) below ``i``."""
-    cdef Py_ssize_t child
-    cdef float32_t s = hs[i]
-    cdef int64_t p = hp[i]
-    while True:
-        child = 2 * i + 1
-        if child >= k:
-            break
-        if child + 1 < k and _worse(hs[child + 1], hp[child + 1], hs[child], hp[child]):
-            child += 1
-        if not _worse(hs[child], hp[child], s, p):
-            break
-        hs[i] = hs[child]
-        hp[i] = hp[child]
-        i = child
-    hs[i] = s
-    hp[i] = p
-
-
 cdef void _sift_down_scores(float32_t *hs, Py_ssize_t k, Py_ssize_t i) noexcept nogil:
     """Restore the min-heap of bare scores (the lowest at 0) below ``i``."""
     cdef Py_ssize_t child
@@ -213,44 +190,9 @@ cdef float32_t _kth_best(const float32_t *scores, Py_ssize_t n, Py_ssize_t k, fl
     return heap[0]
 
 
-cdef inline Py_ssize_t _offer(
-    float32_t *hs, int64_t *hp, Py_ssize_t k, Py_ssize_t filled, float32_t s, int64_t p
-) noexcept nogil:
-    """Offer (s, p) to the k-heap holding ``filled`` entries; returns the entries it holds after.
-    Filled in the order offered; made a heap once full."""
-    cdef Py_ssize_t i
-    if filled < k:
-        hs[filled] = s
-        hp[filled] = p
-        filled += 1
-        if filled == k:
-            for i in range(k // 2 - 1, -1, -1):
-                _sift_down(hs, hp, k, i)
-    elif _worse(hs[0], hp[0], s, p):
-        hs[0] = s
-        hp[0] = p
-        _sift_down(hs, hp, k, 0)
-    return filled
-
-
-cdef void _best_first(float32_t *hs, int64_t *hp, Py_ssize_t k) noexcept nogil:
-    """A full k-heap to best first: pop the worst to the end, one at a time."""
-    cdef Py_ssize_t last
-    cdef float32_t ts
-    cdef int64_t tp
-    for last in range(k - 1, 0, -1):
-        ts = hs[0]
-        tp = hp[0]
-        hs[0] = hs[last]
-        hp[0] = hp[last]
-        hs[last] = ts
-        hp[last] = tp
-        _sift_down(hs, hp, last, 0)
-
-
 cdef void _exact_loop(
     const float32_t *items, Py_ssize_t n, Py_ssize_t d, const float32_t *q, Py_ssize_t k,
-    float32_t *hs, int64_t *hp,
+    float32_t *hs, int32_t *hp,
 ) noexcept nogil:
     """The k best (score, position) of ``items`` (n x d) for one query, best first (k <= n)."""
     cdef Py_ssize_t i, b = 0, m, filled = 0
@@ -259,15 +201,15 @@ cdef void _exact_loop(
         m = min(<Py_ssize_t>BLOCK, n - b)
         o2o_dots(items + b * d, NULL, m, d, q, block)
         for i in range(m):
-            filled = _offer(hs, hp, k, filled, block[i], b + i)
+            _heap_offer_any(hs, hp, &filled, k, block[i], <int32_t>(b + i))
         b += m
-    _best_first(hs, hp, k)
+    _heap_sort_best_first(hs, hp, k)
 
 
 cdef Py_ssize_t _two_pass_loop(
     const float32_t *items, const unsigned short *half, const float64_t *err, float64_t norm_bound,
     Py_ssize_t n, Py_ssize_t d, const float32_t *q, Py_ssize_t k,
-    float32_t *hs, int64_t *hp, float32_t *approx, int64_t *cand, float32_t *exact,
+    float32_t *hs, int32_t *hp, float32_t *approx, int64_t *cand, float32_t *exact,
 ) noexcept nogil:
     """The same answer as ``_exact_loop`` from the half-precision rows, re-checked exactly.
 
@@ -298,8 +240,8 @@ cdef Py_ssize_t _two_pass_loop(
     o2o_dots(items, cand, n_cand, d, q, exact)
     filled = 0
     for i in range(n_cand):
-        filled = _offer(hs, hp, k, filled, exact[i], cand[i])
-    _best_first(hs, hp, k)
+        _heap_offer_any(hs, hp, &filled, k, exact[i], <int32_t>cand[i])
+    _heap_sort_best_first(hs, hp, k)
     return n_cand
 
 
@@ -307,10 +249,10 @@ def top_inner(
     const float32_t[:, ::1] items,
     const float32_t[:, ::1] queries,
     float32_t[:, ::1] scores,
-    int64_t[:, ::1] positions,
+    int32_t[:, ::1] positions,
 ):
     """Each query's k best items by inner product (k = scores' columns, 1..n items), best
-    first, ties by the lower position, into ``scores``/``positions``; one exact pass, without
+    first, ties by the lower position, into ``scores``/``positions`` (n < 2^31); one exact pass, without
     the GIL."""
     cdef Py_ssize_t r, k = scores.shape[1], n = items.shape[0], d = items.shape[1]
     with nogil:
@@ -325,7 +267,7 @@ def top_inner_two_pass(
     float64_t norm_bound,
     const float32_t[:, ::1] queries,
     float32_t[:, ::1] scores,
-    int64_t[:, ::1] positions,
+    int32_t[:, ::1] positions,
 ):
     """``top_inner``'s answer, from a pass over ``half`` and an exact pass over the rows
     that may belong. ``half`` is ``items`` in half precision (uint16 bits) in blocks of

@@ -37,6 +37,8 @@ class FlatScan:
         x = np.ascontiguousarray(rows, dtype=np.float32)
         if x.ndim != 2:
             raise ValueError(f"FlatScan needs a 2-d array of rows, got shape {x.shape}")
+        if x.shape[0] >= 2**31:
+            raise ValueError(f"FlatScan positions are int32: at most 2^31 - 1 rows, got {x.shape[0]}")
         self.rows = x
         self.ntotal, self.d = x.shape
         self.half: np.ndarray | None = None
@@ -55,7 +57,7 @@ class FlatScan:
         self.checked = 0  # rows the exact pass scored, over every search (for the bench's figures)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each query row's ``k`` best rows, best first: (scores float32 (n, k), positions int64
+        """Each query row's ``k`` best rows, best first: (scores float32 (n, k), positions int32
         (n, k)); -inf and -1 past the last row when ``k`` exceeds them."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.d:
@@ -64,11 +66,11 @@ class FlatScan:
             raise ValueError(f"k must be >= 1, got {k}")
         kk = min(k, self.ntotal)
         scores = np.full((len(q), k), -np.inf, np.float32)
-        positions = np.full((len(q), k), -1, np.int64)
+        positions = np.full((len(q), k), -1, np.int32)
         if kk == 0 or len(q) == 0:
             return scores, positions
         s = scores if kk == k else np.empty((len(q), kk), np.float32)
-        p = positions if kk == k else np.empty((len(q), kk), np.int64)
+        p = positions if kk == k else np.empty((len(q), kk), np.int32)
         if self.half is not None:
             self.checked += _search.top_inner_two_pass(self.rows, self.half, self.err, self.norm_bound, q, s, p)
         else:

@@ -31,7 +31,7 @@ def _rows(rng, n: int, d: int) -> np.ndarray:
 
 def _one_exact_pass(rows: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     s = np.empty((len(queries), k), np.float32)
-    p = np.empty((len(queries), k), np.int64)
+    p = np.empty((len(queries), k), np.int32)
     _search.top_inner(np.ascontiguousarray(rows), np.ascontiguousarray(queries), s, p)
     return s, p
 
