@@ -116,10 +116,10 @@ def tune_effort(
                 break  # dominated: a smaller factor reached the target with no more effort
             rows, _ = retriever.search(queries, k, effort)
             for i in range(min(len(timed), 20)):
-                retriever.search(timed[i : i + 1], k, effort)  # warm up, off the clock
+                retriever.search_one(timed[i], k, effort)  # warm up, off the clock
             t0 = time.perf_counter()
             for i in range(len(timed)):
-                retriever.search(timed[i : i + 1], k, effort)
+                retriever.search_one(timed[i], k, effort)  # one query alone, as the server searches
             us = (time.perf_counter() - t0) / max(len(timed), 1) * 1e6
             r = recall(truth, rows)
             entry = {

@@ -125,6 +125,9 @@ assert len(COLUMNS) == N_COLUMNS
 
 # Scratch of no rows, for a request without offsets (written by nobody).
 _NO_ROWS_2D = np.zeros((0, 0), np.float32)
+# The co-visitation sources' weights, all 1 and read only: cut to each request's sources,
+# replaced by a longer one when a request has more (a request holding the old keeps it).
+cdef const float32_t[::1] _ONES = np.ones(256, np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -204,7 +207,7 @@ cdef class _Merge:
     cdef int32_t[::1] again, covis, ease, own, sources, items, out
     cdef float32_t[:, ::1] own_X
     cdef int64_t[::1] own_last
-    cdef float32_t[::1] ones
+    cdef const float32_t[::1] ones
     cdef float64_t[::1] sums, ease_total
     cdef uint8_t[::1] excluded
     cdef object rows, mask  # the arrays behind out and excluded
@@ -467,7 +470,10 @@ cdef class FeatureKernel:
         b.items = ints[at:at + n_entries]
         b.own_X = np.empty((n_own, N_COLUMNS), np.float32)
         b.own_last = np.empty(n_own, np.int64)
-        b.ones = np.ones(n_src, np.float32)
+        global _ONES
+        if n_src > _ONES.shape[0]:
+            _ONES = np.ones(2 * n_src, np.float32)
+        b.ones = _ONES[:n_src]
         b.sums = sums[:n_entries]
         b.ease_total = sums[n_entries:]
         bound = (pool.shape[0] + b.seg_v.shape[0] + b.pop_v.shape[0] + n_again + n_covis

@@ -26,11 +26,13 @@ Layers:
    scoring kernels' heap (``_common.pxd``) keeps the k best by score, ties by the
    lower position.
 3. ``top_inner`` / ``top_inner_two_pass``: the Python-visible entries, one query
-   after another.
+   after another; ``norms``, the queries' norms the exact head's certificate reads.
 4. ``ranking.kernels.search``: the public wrapper.
 """
 from libc.math cimport fabs, sqrt
 from libc.stdlib cimport free, malloc
+
+import numpy as np
 
 from ranking.kernels._common cimport _heap_offer_any, _heap_sort_best_first
 from ranking.kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t
@@ -302,6 +304,23 @@ def top_inner_two_pass(
         free(cand)
         free(exact)
     return checked
+
+
+def norms(const float32_t[:, ::1] x):
+    """Each row's Euclidean norm, its squares summed in double in dimension order (float32
+    products are exact in double), without the GIL."""
+    cdef Py_ssize_t i, j, n = x.shape[0], d = x.shape[1]
+    cdef float64_t acc, v
+    out = np.empty(n, np.float64)
+    cdef float64_t[::1] o = out
+    with nogil:
+        for i in range(n):
+            acc = 0.0
+            for j in range(d):
+                v = x[i, j]
+                acc += v * v
+            o[i] = sqrt(acc)
+    return out
 
 
 def use_avx2(bint on):

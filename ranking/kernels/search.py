@@ -11,7 +11,7 @@ import numpy as np
 
 from ranking.kernels import _search
 
-__all__ = ["FlatScan"]
+__all__ = ["FlatScan", "norms"]
 
 _HALF_MAX = float(np.finfo(np.float16).max)
 
@@ -65,8 +65,10 @@ class FlatScan:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         kk = min(k, self.ntotal)
-        scores = np.full((len(q), k), -np.inf, np.float32)
-        positions = np.full((len(q), k), -1, np.int32)
+        if kk == k:  # the scan writes every entry
+            scores, positions = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int32)
+        else:
+            scores, positions = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int32)
         if kk == 0 or len(q) == 0:
             return scores, positions
         s = scores if kk == k else np.empty((len(q), kk), np.float32)
@@ -79,6 +81,15 @@ class FlatScan:
         if kk < k:
             scores[:, :kk], positions[:, :kk] = s, p
         return scores, positions
+
+
+def norms(queries: np.ndarray) -> np.ndarray:
+    """Each row's Euclidean norm in float64 (its squares summed in double, in dimension order):
+    the one norm the exact head's certificate and the builder's tier choice both read."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2:
+        raise ValueError(f"norms needs a 2-d array of rows, got shape {q.shape}")
+    return _search.norms(q)
 
 
 def use_avx2(on: bool) -> bool:

@@ -500,12 +500,16 @@ class LogTailer:
         self._followed: list[Path] = []
 
     def _signature(self) -> tuple | None:
+        w = self._watch
+        sig: list[int] = []
         try:
-            return tuple(
-                os.stat(p).st_mtime_ns if i % 2 == 0 else os.stat(p).st_size for i, p in enumerate(self._watch)
-            )
+            for i in range(0, len(w), 2):
+                st = os.stat(w[i])
+                # A pair of one path (the root, a writer without a segment) is one stat.
+                sig += (st.st_mtime_ns, (st if w[i + 1] == w[i] else os.stat(w[i + 1])).st_size)
         except OSError:
             return None
+        return tuple(sig)
 
     def _watch_list(self) -> tuple[str, ...]:
         # Pairs of (directory, its current segment or itself): the root, then every writer

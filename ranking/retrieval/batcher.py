@@ -56,8 +56,7 @@ class AnnBatcher:
         """Rows of the ``k`` nearest items to ``query`` (int64, -1 padded), and whether the
         exact head found them (:class:`~ranking.retrieval.Retriever`)."""
         if self.max_batch == 1:
-            rows, exact = self.retriever.search(query[None, :], k, effort)
-            return rows[0], bool(exact[0])
+            return self.retriever.search_one(query, k, effort)
         slot = _Slot(np.asarray(query, dtype=np.float32), k, effort)
         with self._cv:
             self._queue.append(slot)

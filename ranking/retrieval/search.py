@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 
 from ranking.config import DEFAULT_EXACT_HEAD_ITEMS  # noqa: F401  (re-exported; written once there)
-from ranking.kernels.search import FlatScan
+from ranking.kernels.search import FlatScan, norms
 from ranking.realtime.user_state import row_norms
 
 # Relative slack on the certificate, for float32 rounding in the scores and the norms
@@ -135,15 +135,34 @@ class ExactHead:
         if not 0 < k <= self.size:
             raise ValueError(f"k must be in 1..{self.size} for this head, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+        return self._search(queries, k, norms(queries), None)
+
+    def search_one(self, query: np.ndarray, k: int) -> tuple[np.ndarray, bool]:
+        """:meth:`search` for one query (float32, (d,)): its top ``k`` head rows (int64, (k,))
+        and whether they are exact.
+
+        A served request's one query: most are proven by the first tier alone, and answered
+        with a scalar certificate instead of a batch's arrays (the same answer as
+        :meth:`search`'s, which the rest get, the first tier's scan not repeated).
+        """
+        if not 0 < k <= self.size:
+            raise ValueError(f"k must be in 1..{self.size} for this head, got {k}")
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        qnorm = norms(q)
+        _, scan, bound = self.tiers[0]
         first = None
-        if len(queries) == 1 and k <= self.tiers[0][1].ntotal:
-            # A served request's one query: most are proven by the first tier alone, and
-            # answered without the bookkeeping of a batch (the same answer as below).
-            first = self.tiers[0][1].search(queries, k)
-            s, p = first
-            if self._proven(0, s[:, k - 1], qnorm)[0]:
-                return s, self.rows[p], np.ones(1, bool)
+        if k <= scan.ntotal:
+            first = scan.search(q, k)
+            if (self.complete and len(self.tiers) == 1) or float(first[0][0, k - 1]) >= float(qnorm[0]) * bound:
+                return self.rows.take(first[1][0]), True
+        _, rows, certified = self._search(q, k, qnorm, first)
+        return rows[0], bool(certified[0])
+
+    def _search(
+        self, queries: np.ndarray, k: int, qnorm: np.ndarray, first: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`search` of checked ``queries`` with norms ``qnorm``; ``first``: the first
+        tier's answer for them, when already scanned."""
         scores = np.full((len(queries), k), -np.inf, np.float32)
         pos = np.full((len(queries), k), -1, np.int64)
         todo = np.arange(len(queries))
@@ -174,7 +193,7 @@ def first_tier_shares(item_factors: np.ndarray, queries: np.ndarray, k: int, siz
     certificate)."""
     head = ExactHead(item_factors, size)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    qnorm = np.sqrt(np.einsum("ij,ij->i", queries, queries, dtype=np.float64))
+    qnorm = norms(queries)
     out = {}
     for m in tiers:
         m = int(m)
@@ -321,3 +340,15 @@ class Retriever:
             miss = ~exact
             rows[miss] = self._ann(queries[miss], k, effort)
         return rows, exact
+
+    def search_one(self, query: np.ndarray, k: int, effort: int) -> tuple[np.ndarray, bool]:
+        """:meth:`search` for one query (float32, (d,)): its item rows (int64, (k,)) and whether
+        the head answered exactly, without a batch's arrays when the head proves it."""
+        head = self.head
+        if head is None or not 0 < k <= head.size or k > self.index.ntotal:
+            rows, exact = self.search(query[None, :], k, effort)
+            return rows[0], bool(exact[0])
+        rows, proven = head.search_one(query, int(k))
+        if not proven:
+            rows = self._ann(np.ascontiguousarray(query[None, :], dtype=np.float32), int(k), effort)[0]
+        return rows, proven

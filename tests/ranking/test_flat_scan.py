@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ranking.kernels import _search
-from ranking.kernels.search import FlatScan, use_avx2
+from ranking.kernels.search import FlatScan, norms, use_avx2
 
 HAS_AVX2 = use_avx2(True)
 
@@ -161,3 +161,13 @@ def test_threads_scan_at_once_and_each_gets_its_own_answer():
     for t in range(4):
         for g, w in zip(got[t], want[t::4]):
             np.testing.assert_array_equal(g, w)
+
+
+def test_norms_are_float64_norms_of_the_rows_and_other_shapes_are_refused():
+    x = np.random.default_rng(5).standard_normal((50, 37)).astype(np.float32) * 1e3
+    x[3] = 0.0
+    np.testing.assert_allclose(norms(x), np.linalg.norm(x.astype(np.float64), axis=1), rtol=1e-14)
+    assert norms(x)[3] == 0.0 and norms(x).dtype == np.float64
+    assert norms(np.zeros((0, 5), np.float32)).shape == (0,)
+    with pytest.raises(ValueError, match=r"norms needs a 2-d array of rows, got shape \(5,\)"):
+        norms(np.ones(5, np.float32))

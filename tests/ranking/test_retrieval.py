@@ -98,6 +98,37 @@ def test_a_query_the_first_tier_cannot_prove_gets_one_scan_of_the_whole_head(ite
         assert set(r1[0]) == set(rows[i]) and p1[0] == proven[i]
 
 
+@pytest.mark.parametrize("first_tier, k", [(None, 50), (None, 100), (300, 50), (1800, 50), (None, 1500)])
+def test_one_query_alone_gets_the_batch_answer(items, queries, first_tier, k):
+    # The server's lone search: through the first tier alone, on to the second, unproven after
+    # both, and k beyond the first tier (which then is not scanned alone).
+    head = ExactHead(items, 1800, first_tier=first_tier)
+    _, rows, proven = head.search(queries, k)
+    if first_tier is None and k == 100:
+        assert 0.05 < proven.mean() < 0.95
+    for i in range(len(queries)):
+        got, exact = head.search_one(queries[i], k)
+        assert got.dtype == np.int64 and got.shape == (k,)
+        np.testing.assert_array_equal(got, rows[i])
+        assert exact is bool(proven[i])
+
+
+def test_the_retrievers_lone_search_gets_its_batch_answer(items, queries, hnsw):
+    cases = [
+        (Retriever(hnsw, ExactHead(items, 1800)), 100),  # proven by the head, or by the index
+        (Retriever(hnsw, ExactHead(items, 200)), 300),  # k beyond the head: the index
+        (Retriever(hnsw, None), 50),  # no head
+    ]
+    for retriever, k in cases:
+        rows, proven = retriever.search(queries[:60], k, 64)
+        if retriever.head is not None and k == 100:
+            assert 0 < proven.mean() < 1
+        for i in range(60):
+            got, exact = retriever.search_one(queries[i], k, 64)
+            np.testing.assert_array_equal(got, rows[i])
+            assert exact is bool(proven[i])
+
+
 def test_a_first_tier_of_any_size_answers_as_the_halves_do(items, queries):
     halves = ExactHead(items, 1800)
     assert halves.first_tier == 900
