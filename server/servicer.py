@@ -105,10 +105,14 @@ def response_from_result(result: RankResult, request_id: str) -> ranking_pb2.Ran
         model_version=result.model_version,
         strategy=result.rung.name,  # Rung's names are Strategy's (tests/server/test_servicer_units.py)
         degraded=result.degraded,
-        degraded_stages=result.degraded_stages,
-        fallback_reason=result.fallback_reason,
-        applied_rules=result.applied_rules,
     )
+    # The fields most answers leave empty are set only when they are not (each costs a call).
+    if result.degraded_stages:
+        response.degraded_stages.extend(result.degraded_stages)
+    if result.fallback_reason:
+        response.fallback_reason = result.fallback_reason
+    if result.applied_rules:
+        response.applied_rules.extend(result.applied_rules)
     # Each item written in place (a list of RankedItems passed in is copied once more).
     add = response.items.add
     if result.contributions is None:

@@ -292,8 +292,10 @@ class Ranker:
         """
         m = self.model
         urow = m.users.row(q.user_id)
-        session = m.items.lookup(q.session_item_ids) if q.session_item_ids else np.zeros(0, np.int32)
-        session = session[session >= 0]
+        session = _NO_ROWS
+        if q.session_item_ids:
+            session = m.items.lookup(q.session_item_ids)
+            session = session[session >= 0]
         if max_rung >= Rung.ONE_TO_ONE and user_vector is not None:
             return Rung.ONE_TO_ONE, "", urow, user_vector, -1, session
         if urow >= 0 and m.user_has_history[urow] and max_rung >= Rung.ONE_TO_ONE:
@@ -731,7 +733,7 @@ class Ranker:
             else:
                 self.costs.observe(len(cands), 0.0, (time.perf_counter() - started) * 1000.0)
 
-        rows = cands[top.indices]
+        rows = cands.take(top.indices)
         contributions = None
         if q.explain and feats is not None:
             contrib, bias = self.scorer.contributions(feats[top.indices])
