@@ -65,14 +65,14 @@ class FlatScan:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         kk = min(k, self.ntotal)
-        if kk == k:  # the scan writes every entry
-            scores, positions = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int32)
+        # The scan writes every entry of s and p; past the last row the answer is padded.
+        s, p = np.empty((len(q), kk), np.float32), np.empty((len(q), kk), np.int32)
+        if kk == k:
+            scores, positions = s, p
         else:
             scores, positions = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int32)
         if kk == 0 or len(q) == 0:
             return scores, positions
-        s = scores if kk == k else np.empty((len(q), kk), np.float32)
-        p = positions if kk == k else np.empty((len(q), kk), np.int32)
         if self.half is not None:
             self.checked += _search.top_inner_two_pass(self.rows, self.half, self.err, self.norm_bound, q, s, p)
         else:

@@ -119,10 +119,11 @@ class ExactHead:
         slack): a query whose k-th best score among them reaches |query| x this is proven."""
         return float(self._norms[position]) * (1.0 + _BOUND_SLACK) if position < self.size else self.bound
 
-    def _proven(self, tier: int, kth: np.ndarray, qnorm: np.ndarray) -> np.ndarray:
-        """Which queries the head's tiers up to ``tier`` prove, from their k-th best scores."""
+    def _proven(self, tier: int, kth, qnorm):
+        """Which queries the head's tiers up to ``tier`` prove, from their k-th best scores
+        (arrays, or one query's floats: then one bool)."""
         if self.complete and tier == len(self.tiers) - 1:
-            return np.ones(len(kth), bool)  # every item has been scanned
+            return np.ones(np.shape(kth), bool)  # every item has been scanned
         return kth >= qnorm * self.tiers[tier][2]
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -149,11 +150,11 @@ class ExactHead:
             raise ValueError(f"k must be in 1..{self.size} for this head, got {k}")
         q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         qnorm = norms(q)
-        _, scan, bound = self.tiers[0]
+        scan = self.tiers[0][1]
         first = None
         if k <= scan.ntotal:
             first = scan.search(q, k)
-            if (self.complete and len(self.tiers) == 1) or float(first[0][0, k - 1]) >= float(qnorm[0]) * bound:
+            if self._proven(0, float(first[0][0, k - 1]), float(qnorm[0])):
                 return self.rows.take(first[1][0]), True
         _, rows, certified = self._search(q, k, qnorm, first)
         return rows[0], bool(certified[0])
@@ -344,11 +345,11 @@ class Retriever:
     def search_one(self, query: np.ndarray, k: int, effort: int) -> tuple[np.ndarray, bool]:
         """:meth:`search` for one query (float32, (d,)): its item rows (int64, (k,)) and whether
         the head answered exactly, without a batch's arrays when the head proves it."""
-        head = self.head
-        if head is None or not 0 < k <= head.size or k > self.index.ntotal:
-            rows, exact = self.search(query[None, :], k, effort)
+        head, k = self.head, int(k)
+        if head is None or not 0 < k <= min(head.size, self.index.ntotal):
+            rows, exact = self.search(query[None, :], k, effort)  # the index's own search, or a clamped k
             return rows[0], bool(exact[0])
-        rows, proven = head.search_one(query, int(k))
+        rows, proven = head.search_one(query, k)
         if not proven:
-            rows = self._ann(np.ascontiguousarray(query[None, :], dtype=np.float32), int(k), effort)[0]
+            rows = self._ann(np.ascontiguousarray(query[None, :], dtype=np.float32), k, effort)[0]
         return rows, proven

@@ -144,9 +144,8 @@ def test_a_first_tier_of_any_size_answers_as_the_halves_do(items, queries):
         for got, want in zip(rows, want_rows):
             assert set(got) == set(want)
         for i in range(3):  # one query at a time, as the server searches
-            s1, r1, p1 = head.search(queries[i : i + 1], 50)
-            np.testing.assert_array_equal(s1[0], want_scores[i])
-            assert set(r1[0]) == set(want_rows[i]) and p1[0] == want_proven[i]
+            r1, p1 = head.search_one(queries[i], 50)
+            assert set(r1) == set(want_rows[i]) and p1 == want_proven[i]
 
 
 def test_a_first_tier_outside_the_head_is_refused(items):
@@ -226,9 +225,16 @@ def test_a_head_covering_the_catalogue_is_always_exact(items, queries, exact, hn
     small = items[:300]
     flat = faiss.IndexFlatIP(D)
     flat.add(small)
-    rows, proven = Retriever(flat, ExactHead(small, 10_000)).search(queries, 50, 64)
+    retriever = Retriever(flat, ExactHead(small, 10_000))
+    rows, proven = retriever.search(queries, 50, 64)
     assert proven.all()
     np.testing.assert_array_equal(rows, flat.search(queries, 50)[1])
+    # One query alone, its k-th best score below zero (the bound): proven all the same.
+    want = flat.search(queries[:20], 290)
+    assert (want[0][:, -1] < 0).all()
+    for i in range(20):
+        got, exact = retriever.search_one(queries[i], 290, 64)
+        assert exact and set(got) == set(want[1][i])
 
 
 def test_k_beyond_the_head_or_no_head_searches_the_index(items, queries, hnsw):
