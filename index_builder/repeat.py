@@ -150,8 +150,9 @@ def repeat_tables(
     pu, pi = lu[pair], li[pair]
     count = np.diff(np.r_[starts, len(lu)]).astype(np.int64)
     first_start = b_start[lb[starts]]
-    ends = np.r_[starts[1:], len(lu)] - 1
-    last_basket_start = b_start[lb[ends]] if len(ends) else np.zeros(0, np.int64)
+    # No purchase line (a shop of views only, or a fitted part before its first purchase): no pair.
+    ends = np.r_[starts[1:], len(lu)] - 1 if len(starts) else np.zeros(0, np.int64)
+    last_basket_start = b_start[lb[ends]] if len(starts) else np.zeros(0, np.int64)
     last_t = np.maximum.reduceat(line_last_t, starts) if len(starts) else np.zeros(0, np.int64)
     in_last = (
         np.maximum.reduceat((lb == last_bid[lu]).astype(np.uint8), starts) if len(starts) else np.zeros(0, np.uint8)

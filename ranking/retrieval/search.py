@@ -217,7 +217,7 @@ def choose_first_tier(
     the half proves none. Returns the tier (items) and the share each candidate proved.
     """
     head_size = min(size, item_factors.shape[0])
-    half = head_size // 2
+    half = max(head_size // 2, 1)  # a one-item head is its own first tier: a tier holds an item
     if len(queries) == 0 or k <= 0:
         return half, {}
     tiers = sorted({head_size * j // 16 for j in range(1, 9)} | {half})
