@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import gzip
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from index_builder.event_archive import ArchiveError, archive_records, is_archive
+from ranking import QueryLimits
 
 __all__ = [
     "CONTEXT_COLUMNS",
@@ -33,6 +36,14 @@ CONTEXT_COLUMNS = ("channel", "device", "region")
 # The length RecordEvents accepts for the same fields (ranking.realtime.events.EventLimits.max_text_chars),
 # so a history export and the server's own log agree on what a context value can be.
 MAX_CONTEXT_CHARS = 64
+# The longest user or item id a Rank or RecordEvents request may carry (ranking.QueryLimits):
+# a longer one could never be asked for, and widens every id of the bundle's fixed-width arrays.
+MAX_ID_CHARS = QueryLimits().max_id_chars
+# An event's value (a rating, a basket's worth in any currency) is far below this; one above it
+# is an export error, and as a rating's weight it would overflow the ALS solve's float32 sums.
+MAX_ABS_VALUE = 1e12
+# How far past the reading clock an event may be dated (clocks and time zones disagree).
+FUTURE_SLACK_SECONDS = 86_400
 CONTEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
 
 _MAX_EXAMPLES = 5
@@ -112,11 +123,16 @@ class ReadOptions:
         still an error.
     csv_delimiter : str
         One-character field delimiter for CSV files.
+    latest : int, optional
+        Unix seconds after which an event's timestamp is a bad row; None: a day after the
+        clock when the file is read. One event dated years ahead would make the data end
+        that far away, and every real event too old to weigh anything.
     """
 
     on_bad_row: str = "error"
     max_bad_fraction: float = 0.01
     csv_delimiter: str = ","
+    latest: int | None = None
 
     def __post_init__(self):
         if self.on_bad_row not in ("error", "skip"):
@@ -187,15 +203,19 @@ def read_events(path, options: ReadOptions | None = None) -> tuple[pa.Table, Ski
     options = options or ReadOptions()
     raw = _read_raw(path, options, "events")
     _require(raw, ["user_id", "item_id", "event_type", "timestamp"], "events")
-    user_ids, user_check = _ids(raw, "user_id")
-    item_ids, item_check = _ids(raw, "item_id")
-    event_types, type_check = _ids(raw, "event_type")
+    user_ids, user_checks = _ids(raw, "user_id")
+    item_ids, item_checks = _ids(raw, "item_id")
+    event_types, type_checks = _ids(raw, "event_type", max_chars=None)
     event_types = pc.utf8_lower(event_types)
-    seconds, time_checks = _timestamps(raw, "timestamp")
-    checks = [user_check, item_check, type_check, *time_checks]
+    latest = options.latest if options.latest is not None else int(time.time()) + FUTURE_SLACK_SECONDS
+    seconds, time_checks = _timestamps(raw, "timestamp", latest)
+    checks = [*user_checks, *item_checks, *type_checks, *time_checks]
     if "value" in raw.table.column_names:
         values, value_bad = _numbers(raw, "value")
         checks.append(_quoting_check(raw, "bad value", "value", value_bad, "must be a finite number"))
+        huge = _np_bool(pc.greater(pc.abs(values), MAX_ABS_VALUE)) & ~value_bad
+        rule = f"must be at most {MAX_ABS_VALUE:g} in magnitude"
+        checks.append(_quoting_check(raw, "bad value", "value", huge, rule))
     else:
         values = pa.nulls(raw.table.num_rows, pa.float64())
     context = []
@@ -268,8 +288,7 @@ def read_items(path, options: ReadOptions | None = None) -> tuple[pa.Table, Skip
         raise InputError(
             raw.path, "column 'categories' clashes with the list built from 'category'; rename it", column="categories"
         )
-    item_ids, id_check = _ids(raw, "item_id")
-    checks = [id_check]
+    item_ids, checks = _ids(raw, "item_id")
     n = raw.table.num_rows
     title = _attribute(raw, "title") if "title" in names else pa.nulls(n, pa.string())
     categories = _categories(raw, "category") if "category" in names else _empty_lists(n)
@@ -317,10 +336,10 @@ def read_users(path, options: ReadOptions | None = None) -> tuple[pa.Table, Skip
     options = options or ReadOptions()
     raw = _read_raw(path, options, "users")
     _require(raw, ["user_id"], "users")
-    user_ids, id_check = _ids(raw, "user_id")
+    user_ids, id_checks = _ids(raw, "user_id")
     extra = [name for name in raw.table.column_names if name != "user_id"]
     table = pa.Table.from_arrays([user_ids, *(_attribute(raw, name) for name in extra)], names=["user_id", *extra])
-    keep, report = _settle(raw, [id_check], options, "users")
+    keep, report = _settle(raw, id_checks, options, "users")
     table = _keep(table, keep)
     _require_unique(raw, table.column("user_id"), keep, "user_id")
     return table, report
@@ -742,11 +761,17 @@ def _text(raw: _Raw, name: str) -> pa.ChunkedArray:
         raise InputError(raw.path, f"cannot read {column.type} values as text", column=name) from e
 
 
-def _ids(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
+def _ids(raw: _Raw, name: str, max_chars: int | None = MAX_ID_CHARS) -> tuple[pa.ChunkedArray, list[_Check]]:
+    """An id column, trimmed, and its checks: not empty, and (with ``max_chars``) no longer
+    than the API takes, so every id the bundle holds can be asked for."""
     # Surrounding whitespace in an id is an export accident, never meaning.
     ids = pc.utf8_trim_whitespace(_text(raw, name))
     empty = _np_bool(pc.fill_null(pc.equal(ids, ""), True))
-    return ids, _Check(f"empty {name}", name, empty, lambda i: f"{name} is empty")
+    checks = [_Check(f"empty {name}", name, empty, lambda i: f"{name} is empty")]
+    if max_chars is not None:
+        too_long = _np_bool(pc.greater(pc.utf8_length(ids), max_chars))
+        checks.append(_quoting_check(raw, f"long {name}", name, too_long, f"must be at most {max_chars} characters"))
+    return ids, checks
 
 
 def _context(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, _Check]:
@@ -831,7 +856,7 @@ def _numbers(raw: _Raw, name: str) -> tuple[pa.ChunkedArray, np.ndarray]:
     return numbers, bad
 
 
-def _timestamps(raw: _Raw, name: str) -> tuple[np.ndarray, list[_Check]]:
+def _timestamps(raw: _Raw, name: str, latest: int) -> tuple[np.ndarray, list[_Check]]:
     column = raw.table.column(name)
     kind = column.type
     if pa.types.is_integer(kind):
@@ -855,6 +880,8 @@ def _timestamps(raw: _Raw, name: str) -> tuple[np.ndarray, list[_Check]]:
     else:
         raise InputError(raw.path, f"cannot read {kind} values as timestamps", column=name)
     out_of_range = ~unparsed & ((seconds < _MIN_UNIX_SECONDS) | (seconds > _MAX_UNIX_SECONDS))
+    future = ~unparsed & ~out_of_range & (seconds > latest)
+    latest_iso = datetime.fromtimestamp(latest, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     def unparsed_reason(i: int) -> str:
         value = _raw_value(raw, name, i)
@@ -869,6 +896,12 @@ def _timestamps(raw: _Raw, name: str) -> tuple[np.ndarray, list[_Check]]:
             name,
             out_of_range,
             lambda i: f"{_raw_value(raw, name, i)!r} is outside years 1-9999 as unix seconds (milliseconds?)",
+        ),
+        _Check(
+            "bad timestamp",
+            name,
+            future,
+            lambda i: f"{_raw_value(raw, name, i)!r} is in the future (after {latest_iso})",
         ),
     ]
 
