@@ -23,11 +23,12 @@ from index_builder.evaluate import EvalConfig, ladder_summary, run_protocol
 from index_builder.fit import FIT_STEPS, Fitted, Inputs, PartFit, build_index, fit, linear_scoring, read_inputs
 from index_builder.io import EventRecords
 from index_builder.profile import data_profile
-from index_builder.repeat import rebought_pairs
+from index_builder.repeat import check_repeat_categories, rebought_pairs
 from index_builder.rerank_train import RerankOutcome, attributes_of, train_reranker
 from index_builder.splits import Protocol, SplitError, split
 from index_builder.steps import Steps
 from index_builder.stream_input import StreamInput, is_store_url
+from index_builder.tables import item_categories
 from ranking import (
     DEFAULT_ANN_EFFORT,
     DEFAULT_EXACT_HEAD_ITEMS,
@@ -278,6 +279,10 @@ def build(
         with steps.step("read"):
             read = _event_sources(sources, streams)
             inp = read_inputs(read if isinstance(events, list) else read[0], items, users, cfg)
+            if cfg.repeat_categories:
+                # Settings that name the catalogue are checked against it before any fit, so
+                # their error comes first and alone (not after a fallback's warning).
+                check_repeat_categories(cfg, item_categories(inp.items)[2])
         scoring, ladder_results = _learn(inp, cfg, ladder, steps)
         served = fit(inp, cfg, steps, prefix="fit ", show_progress=show_progress)
         with steps.step("ann eval"):

@@ -243,6 +243,24 @@ def repeat_tables(
     return RepeatTables(arrays, profile)
 
 
+def check_repeat_categories(cfg: BuildConfig, cat_names) -> dict[str, int]:
+    """The catalogue's categories by name, once ``repeat_categories`` is known to name only them.
+
+    Raises
+    ------
+    ValueError
+        ``repeat_categories`` names a category the catalogue does not have.
+    """
+    index = {str(name): c for c, name in enumerate(cat_names)}
+    unknown = sorted(n for n in cfg.repeat_categories if n not in index)
+    if unknown:
+        raise ValueError(
+            f"repeat_categories names categories the catalogue does not have: {unknown[:10]}; "
+            f"known: {sorted(index)[:20]}"
+        )
+    return index
+
+
 def _policy(
     item_rate: np.ndarray, cat_indptr: np.ndarray, cat_ids: np.ndarray, cat_names: np.ndarray, cfg: BuildConfig
 ) -> np.ndarray:
@@ -255,13 +273,7 @@ def _policy(
     else:
         reoffer = np.full(len(item_rate), cfg.repeat_policy == "always")
     if cfg.repeat_categories:
-        index = {str(name): c for c, name in enumerate(cat_names)}
-        unknown = sorted(n for n in cfg.repeat_categories if n not in index)
-        if unknown:
-            raise ValueError(
-                f"repeat_categories names categories the catalogue does not have: {unknown[:10]}; "
-                f"known: {sorted(index)[:20]}"
-            )
+        index = check_repeat_categories(cfg, cat_names)
         owner = np.repeat(np.arange(len(item_rate)), np.diff(cat_indptr))
         for setting in ("always", "never"):  # never last: it wins
             cats = [index[n] for n, v in cfg.repeat_categories.items() if v == setting]

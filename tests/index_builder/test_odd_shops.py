@@ -150,3 +150,14 @@ def test_an_event_dated_in_the_future_is_a_bad_row(tmp_path):
     # The bound is the reader's to set: an hour before now refuses the event an hour ahead too.
     _, report = read_events(path, ReadOptions(on_bad_row="skip", max_bad_fraction=0.3, latest=now - 3_600))
     assert report.counts == {"bad timestamp": 2}
+
+
+def test_a_setting_naming_a_category_the_catalogue_lacks_is_refused_before_any_fit(tmp_path, caplog):
+    rng = np.random.default_rng(8)
+    items = [f"i{n}" for n in range(30)]
+    files = _shop(tmp_path, _random_events(rng, 80, items, 900, ["view", "purchase"]), items)
+    cfg = BuildConfig.load(overrides={**SMALL_BUILD, "repeat_categories": {"dairy": "always"}})
+    with pytest.raises(ValueError, match=r"repeat_categories names categories the catalogue does not have: .'dairy'"):
+        build(files["events"], files["items"], None, tmp_path / "art", cfg, show_progress=False)
+    # Its error alone: no fit ran, so no fallback was announced first.
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
