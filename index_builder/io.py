@@ -18,7 +18,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from index_builder.event_archive import ArchiveError, archive_records, is_archive
-from ranking import QueryLimits
+from ranking import ID_NUL, EventLimits, QueryLimits
 
 __all__ = [
     "CONTEXT_COLUMNS",
@@ -41,7 +41,8 @@ MAX_CONTEXT_CHARS = 64
 MAX_ID_CHARS = QueryLimits().max_id_chars
 # An event's value (a rating, a basket's worth in any currency) is far below this; one above it
 # is an export error, and as a rating's weight it would overflow the ALS solve's float32 sums.
-MAX_ABS_VALUE = 1e12
+# RecordEvents takes the same bound, so the server's own log always builds.
+MAX_ABS_VALUE = EventLimits().max_value
 # How far past the reading clock an event may be dated (clocks and time zones disagree).
 FUTURE_SLACK_SECONDS = 86_400
 CONTEXT_TYPE = pa.dictionary(pa.int32(), pa.string())
@@ -771,6 +772,8 @@ def _ids(raw: _Raw, name: str, max_chars: int | None = MAX_ID_CHARS) -> tuple[pa
     if max_chars is not None:
         too_long = _np_bool(pc.greater(pc.utf8_length(ids), max_chars))
         checks.append(_quoting_check(raw, f"long {name}", name, too_long, f"must be at most {max_chars} characters"))
+        nul = _np_bool(pc.match_substring(ids, "\x00"))
+        checks.append(_Check(f"bad {name}", name, nul, lambda i: f"{name} {ID_NUL}"))
     return ids, checks
 
 

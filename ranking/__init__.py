@@ -95,6 +95,7 @@ _MODULES: dict[str, tuple[str, ...]] = {
     "ranking.config": (
         "DEFAULT_ANN_EFFORT",
         "DEFAULT_EXACT_HEAD_ITEMS",
+        "ID_NUL",
         "EventLogSettings",
         "OverlaySettings",
         "QueryLimits",
@@ -126,6 +127,7 @@ if TYPE_CHECKING:
     from ranking.config import (
         DEFAULT_ANN_EFFORT,
         DEFAULT_EXACT_HEAD_ITEMS,
+        ID_NUL,
         EventLogSettings,
         OverlaySettings,
         QueryLimits,

@@ -22,6 +22,11 @@ DEFAULT_EXACT_HEAD_ITEMS = 16384
 DEFAULT_ANN_EFFORT = 128
 
 
+# Why an id with a NUL character is refused: the bundle's id arrays are fixed-width NumPy text,
+# which drops trailing NULs, so "u1\x00" would be served as "u1" while real-time state keeps it.
+ID_NUL = "holds a NUL character"
+
+
 @dataclass(frozen=True)
 class QueryLimits:
     """Request limits; every default is written down here once (see docs/api.md)."""

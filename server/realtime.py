@@ -384,9 +384,8 @@ class Realtime:
                 log.warning("rank without real-time state", extra={"error": str(exc)})
             return [], False
 
-    def prepare(self, model, q: RankQuery, variant: str) -> tuple[RankOverlay, Assignment, bool]:
-        """The overlay and experiment assignment of one Rank request, and whether the customer's
-        real-time state was read (False: the shared store failed; the Rank degrades).
+    def assign(self, model, q: RankQuery, variant: str) -> Assignment:
+        """The experiment arm (or forced variant) of one Rank request, reading no customer state.
 
         Raises
         ------
@@ -400,11 +399,20 @@ class Realtime:
             urow = model.users.row(q.user_id)
             return model.consumed.row_len(urow) if urow >= 0 else 0
 
-        assignment = (
-            self.experiments.assign(q.user_id, q.channel, consumed, variant)
-            if (self.experiments.experiments or variant)
-            else NO_EXPERIMENT
-        )
+        if self.experiments.experiments or variant:
+            return self.experiments.assign(q.user_id, q.channel, consumed, variant)
+        return NO_EXPERIMENT
+
+    def prepare(self, model, q: RankQuery, variant: str) -> tuple[RankOverlay, Assignment, bool]:
+        """The overlay and experiment assignment of one Rank request, and whether the customer's
+        real-time state was read (False: the shared store failed; the Rank degrades).
+
+        Raises
+        ------
+        InvalidRequest
+            ``variant`` is too long or names neither an arm nor a variant.
+        """
+        assignment = self.assign(model, q, variant)
         self.sync_model(model)
         events, fresh = self.user_events(q.user_id)
         now = time.time()

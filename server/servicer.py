@@ -20,6 +20,7 @@ from ranking import (
     FieldViolation,
     InvalidRequest,
     QueryLimits,
+    Ranker,
     RankingError,
     RankQuery,
     RankResult,
@@ -60,7 +61,13 @@ def timestamp_problem(ts: Timestamp) -> str | None:
     return None
 
 
-def query_from_proto(req: ranking_pb2.RankRequest, now: float | None = None) -> RankQuery:
+def _trimmed(ids) -> list[str]:
+    return [x.strip() for x in ids] if ids else []
+
+
+def query_from_proto(
+    req: ranking_pb2.RankRequest, now: float | None = None, problems: list[FieldViolation] | None = None
+) -> RankQuery:
     """The domain query of a RankRequest (no validation; the pipeline validates).
 
     An untimed request happens now, by the server's clock (``now``, default the current
@@ -73,22 +80,30 @@ def query_from_proto(req: ranking_pb2.RankRequest, now: float | None = None) -> 
     Raises
     ------
     InvalidRequest
-        ``context.event_time`` is not a valid Timestamp.
+        ``context.event_time`` is not a valid Timestamp, unless ``problems`` is given: the
+        violation is then added to it and the query takes the time as untimed.
     """
     ctx = req.context
-    if ctx.HasField("event_time") and (problem := timestamp_problem(ctx.event_time)) is not None:
-        raise InvalidRequest([FieldViolation("context.event_time", problem)])
+    timed = ctx.HasField("event_time")
+    if timed and (problem := timestamp_problem(ctx.event_time)) is not None:
+        violation = FieldViolation("context.event_time", problem)
+        if problems is None:
+            raise InvalidRequest([violation])
+        problems.append(violation)
+        timed = False
+    # Ids are trimmed as RecordEvents and the builder trim them (ranking.realtime.events.normalise),
+    # so " u1 " ranks with the events recorded for it.
     return RankQuery(
-        user_id=req.user_id,
+        user_id=req.user_id.strip(),
         num_results=req.num_results,
-        event_time=ctx.event_time.ToSeconds() if ctx.HasField("event_time") else (time.time() if now is None else now),
+        event_time=ctx.event_time.ToSeconds() if timed else (time.time() if now is None else now),
         channel=ctx.channel,
         device=ctx.device,
         region=ctx.region,
-        session_item_ids=list(ctx.session_item_ids),
+        session_item_ids=_trimmed(ctx.session_item_ids),
         attributes=dict(ctx.attributes),
-        candidate_item_ids=list(req.candidate_item_ids),
-        exclude_item_ids=list(req.exclude_item_ids),
+        candidate_item_ids=_trimmed(req.candidate_item_ids),
+        exclude_item_ids=_trimmed(req.exclude_item_ids),
         include_categories=list(req.filter.include_categories),
         exclude_categories=list(req.filter.exclude_categories),
         min_price=req.filter.min_price,
@@ -254,11 +269,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     # drain test can hold a request in flight and the alert tests can make
                     # Rank slow and degraded on purpose.
                     time.sleep(self.config.debug_rank_delay_ms / 1000.0)
-                q = query_from_proto(request)
+                problems: list[FieldViolation] = []
+                q = query_from_proto(request, problems=problems)
+                if problems:  # refused, naming every bad field, before it takes a slot
+                    raise InvalidRequest(problems + self._violations(ranker, q, request.variant))
                 with self.admission.slot(budget) as (waited, admitted):
                     overlay, fresh, t0 = None, True, time.perf_counter()
                     if self.realtime is not None:
-                        overlay, assignment, fresh = self.realtime.prepare(ranker.model, q, request.variant)
+                        try:
+                            overlay, assignment, fresh = self.realtime.prepare(ranker.model, q, request.variant)
+                        except InvalidRequest as exc:  # the variant's: named with every other bad field
+                            raise InvalidRequest(exc.violations + ranker.violations(q)) from None
                     realtime_seconds = time.perf_counter() - t0
                     result = ranker.rank(q, budget, overlay, cheapest=not admitted)
                 if not fresh:
@@ -295,6 +316,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             # Server time of this call, for clients and load tests checking the budget.
             context.set_trailing_metadata(((SERVER_TIME_KEY, f"{server_ms:.3f}"),))
             return response
+
+    def _violations(self, ranker: Ranker, q: RankQuery, variant: str) -> list[FieldViolation]:
+        """Every problem of a request besides those its translation found: the query's own
+        and its variant's."""
+        out = ranker.violations(q)
+        if self.realtime is not None:
+            try:
+                self.realtime.assign(ranker.model, q, variant)
+            except InvalidRequest as exc:
+                out.extend(exc.violations)
+        return out
 
     def RecordEvents(
         self, request: ranking_pb2.RecordEventsRequest, context: grpc.ServicerContext

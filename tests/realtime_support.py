@@ -11,6 +11,8 @@ import urllib.request
 import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from one2one.v1 import ranking_pb2 as pb
@@ -134,3 +136,15 @@ def ids(resp):
 
 def category_share(resp, cat_of, c):
     return float(np.mean([cat_of[i] == c for i in ids(resp)]))
+
+
+def bad_request_fields(err: grpc.RpcError) -> dict[str, str]:
+    """The field violations an INVALID_ARGUMENT carries (google.rpc.BadRequest), by field."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "INVALID_ARGUMENT must carry google.rpc.Status details"
+    out = {}
+    for detail in status.details:
+        br = error_details_pb2.BadRequest()
+        assert detail.Unpack(br)
+        out.update({v.field: v.description for v in br.field_violations})
+    return out

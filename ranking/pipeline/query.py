@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ranking.config import QueryLimits  # re-exported: its home is the light ranking.config
+from ranking.config import ID_NUL, QueryLimits  # QueryLimits re-exported: its home is the light ranking.config
 from ranking.errors import FieldViolation, InvalidRequest
 
 
@@ -55,9 +55,14 @@ class RankQuery:
                 if len(x) > limits.max_id_chars:
                     bad.append(FieldViolation(f"{name}[{i}]", f"is longer than {limits.max_id_chars} characters"))
                     return
+                if "\x00" in x:
+                    bad.append(FieldViolation(f"{name}[{i}]", ID_NUL))
+                    return
 
         if len(self.user_id) > limits.max_id_chars:
             bad.append(FieldViolation("user_id", f"is longer than {limits.max_id_chars} characters"))
+        elif "\x00" in self.user_id:
+            bad.append(FieldViolation("user_id", ID_NUL))
         if self.num_results < 0:
             bad.append(
                 FieldViolation(

@@ -105,6 +105,10 @@ class _StageClock:
         self.t = now
 
 
+def _no_category(include: list[str]) -> FieldViolation:
+    return FieldViolation("filter.include_categories", f"no category of the catalog matches {include[:5]}")
+
+
 class Ranker:
     """Ranks items for one request against one loaded model.
 
@@ -409,6 +413,18 @@ class Ranker:
             codes, include = overlay.category_codes(self.model, codes, include)
         return {} if codes is None else {"category_codes": codes, "include_bits": include}
 
+    def violations(self, q: RankQuery) -> list[FieldViolation]:
+        """Every problem of ``q``, none when it can be ranked: its fields' (``RankQuery.validate``)
+        and an include filter that names no category of this bundle's catalogue."""
+        out = []
+        try:
+            q.validate(self.config.limits)
+        except InvalidRequest as exc:
+            out.extend(exc.violations)
+        if q.include_categories and not (self.model.category_names.lookup(q.include_categories) >= 0).any():
+            out.append(_no_category(q.include_categories))
+        return out
+
     def _request_codes(self, q: RankQuery) -> tuple[np.ndarray | None, int]:
         if not q.include_categories and not q.exclude_categories:
             return None, 0
@@ -417,11 +433,8 @@ class Ranker:
         include = 0
         if q.include_categories:
             ids = m.category_names.lookup(q.include_categories)
-            unknown = [c for c, i in zip(q.include_categories, ids) if i < 0]
-            if len(unknown) == len(ids):
-                raise InvalidRequest(
-                    [FieldViolation("filter.include_categories", f"no category of the catalog matches {unknown[:5]}")]
-                )
+            if not (ids >= 0).any():
+                raise InvalidRequest([_no_category(q.include_categories)])
             codes[ids[ids >= 0]] |= np.uint32(2)
             include = 2
         if q.exclude_categories:
@@ -678,7 +691,10 @@ class Ranker:
         """
         budget = budget or Budget.unlimited()
         m = self.model
-        k = q.validate(self.config.limits)
+        try:
+            k = q.validate(self.config.limits)
+        except InvalidRequest:
+            raise InvalidRequest(self.violations(q)) from None
         timings: dict[str, float] = {}
         clock = _StageClock(timings)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ranking.config import QueryLimits
+from ranking.config import ID_NUL, QueryLimits
 
 # What the server accepts unless configured otherwise. "dislike" is an explicit
 # negative signal like "skip"; both push similar items down.
@@ -29,6 +29,9 @@ class EventLimits:
     max_attribute_chars: int = QueryLimits.max_attribute_chars
     max_future_seconds: float = 300.0
     max_events_per_batch: int = 1000
+    # No rating or basket is worth more; as a rating's weight a larger value would overflow the
+    # fold-in here and the ALS solve of the builder, whose reader takes the same bound.
+    max_value: float = 1e12
 
 
 @dataclass
@@ -107,6 +110,8 @@ def check_event(event: Event, limits: EventLimits, now: float) -> tuple[str, str
             return name, "is empty"
         if len(v) > limits.max_id_chars:
             return name, f"is longer than {limits.max_id_chars} characters"
+        if "\x00" in v:
+            return name, ID_NUL
     if not event.event_type:
         return "event_type", "is empty"
     if event.event_type not in limits.event_types:
@@ -120,8 +125,8 @@ def check_event(event: Event, limits: EventLimits, now: float) -> tuple[str, str
         )
     if event.timestamp < 0:
         return "event_time", "is before 1970"
-    if not math.isfinite(event.value) or event.value < 0:
-        return "value", f"is {event.value}; it must be a finite number >= 0"
+    if not (0 <= event.value <= limits.max_value):  # NaN too
+        return "value", f"is {event.value}; it must be a number from 0 to {limits.max_value:g}"
     if len(event.request_id) > limits.max_request_id_chars:
         return "request_id", f"is longer than {limits.max_request_id_chars} characters"
     for name in ("channel", "device", "region"):

@@ -161,3 +161,13 @@ def test_a_setting_naming_a_category_the_catalogue_lacks_is_refused_before_any_f
         build(files["events"], files["items"], None, tmp_path / "art", cfg, show_progress=False)
     # Its error alone: no fit ran, so no fallback was announced first.
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_an_id_holding_a_nul_is_a_bad_row(tmp_path):
+    # The bundle's fixed-width id arrays drop trailing NULs: "u1\0" would become "u1".
+    path = tmp_path / "events.csv"
+    rows = [(f"u{n}", "i1", "view", T0 + n) for n in range(10)]
+    rows[3] = ("u1\x00", "i1", "view", T0)
+    _write(path, "user_id,item_id,event_type,timestamp", rows)
+    with pytest.raises(InputError, match=r"row 5, column 'user_id': user_id holds a NUL character"):
+        read_events(path)

@@ -10,10 +10,9 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
+from realtime_support import bad_request_fields
 
 from one2one.v1 import ranking_pb2 as pb
 from one2one.v1 import ranking_pb2_grpc
@@ -35,17 +34,6 @@ def running(artifacts, tmp_path_factory):
 @pytest.fixture
 def stub(running):
     return ranking_pb2_grpc.RankingServiceStub(running[2])
-
-
-def bad_request_fields(err: grpc.RpcError) -> dict[str, str]:
-    status = rpc_status.from_call(err)
-    assert status is not None, "INVALID_ARGUMENT must carry google.rpc.Status details"
-    out = {}
-    for detail in status.details:
-        br = error_details_pb2.BadRequest()
-        assert detail.Unpack(br)
-        out.update({v.field: v.description for v in br.field_violations})
-    return out
 
 
 def test_known_user_gets_their_category(stub, shop):
