@@ -31,6 +31,15 @@ def _method_name(full: str) -> str:
     return full.lstrip("/")
 
 
+def _unset_code(context) -> grpc.StatusCode:
+    """The status a call the handler answered without setting one ends with: OK, unless the
+    client's deadline passed or the client cancelled first (the answer is then never read)."""
+    if context.is_active():
+        return grpc.StatusCode.OK
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+
 class CallInterceptor(grpc.ServerInterceptor):
     """Times every unary call from its arrival, counts it by method and final status code,
     and runs the methods given in ``thread_pools`` on their own threads.
@@ -69,7 +78,7 @@ class CallInterceptor(grpc.ServerInterceptor):
                 if isinstance(request, errors.Undecodable) and not judged_first:
                     errors.abort(context, request.error)
                 response = inner(request, context)
-                code = context.code() or grpc.StatusCode.OK
+                code = context.code() or _unset_code(context)
                 return response
             except BaseException:
                 code = context.code()

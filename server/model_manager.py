@@ -87,7 +87,8 @@ class ModelManager:
         """The ranker to serve with; raises Unavailable while no bundle is loaded."""
         ranker = self._ranker
         if ranker is None:
-            raise Unavailable(f"no bundle loaded yet from {self.artifacts}")
+            # The client is told no more than that: the artifacts path is the operator's (logs, /admin).
+            raise Unavailable("no bundle loaded yet")
         return ranker
 
     @property

@@ -181,3 +181,20 @@ def test_responses_sent_after_their_budget_are_counted_and_logged_once_a_second(
     assert first["outside_stages_ms"] >= 25 and first["late_not_logged"] == 0
     assert first["degraded_stages"] == list(late.degraded_stages) and "retrieve" in first["stages_ms"]
     assert first["request_id"]
+
+
+def test_an_answer_after_the_clients_deadline_is_counted_as_the_client_saw_it(artifacts, tmp_path):
+    # The handler sleeps past the caller's deadline and then answers: the client got
+    # DEADLINE_EXCEEDED, and so must the request count, not OK.
+    method = "one2one.v1.RankingService/Rank"
+    for ready, stub in _serve(artifacts, tmp_path, "debug_rank_delay_ms = 400\n"):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Rank(pb.RankRequest(user_id="u1"), timeout=0.1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        url = f"http://127.0.0.1:{ready['metrics_port']}/metrics"
+        wanted = f'one2one_rpc_requests_total{{code="DEADLINE_EXCEEDED",method="{method}"}} 1.0'
+        deadline = time.monotonic() + 10
+        while wanted not in (text := urllib.request.urlopen(url, timeout=5).read().decode()):
+            assert time.monotonic() < deadline, "the late answer was never counted"
+            time.sleep(0.1)
+        assert f'one2one_rpc_requests_total{{code="OK",method="{method}"}}' not in text
