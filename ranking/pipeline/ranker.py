@@ -312,7 +312,10 @@ class Ranker:
             # Recent items weigh more: the session says what the visitor wants now.
             w = np.linspace(0.5, 1.0, len(session), dtype=np.float32)
             qvec = (vec * w[:, None]).sum(axis=0)
-            return Rung.SESSION, reason, urow, qvec, self._segment_for(urow, q.attributes), session
+            # Items the bundle never saw an event of have no factors: a session of only those
+            # says nothing, and a zero vector would rank every item alike.
+            if qvec.any():
+                return Rung.SESSION, reason, urow, qvec, self._segment_for(urow, q.attributes), session
         seg = self._segment_for(urow, q.attributes)
         if seg >= 0 and max_rung >= Rung.SEGMENT:
             return Rung.SEGMENT, reason, urow, None, seg, session

@@ -171,3 +171,16 @@ def test_an_id_holding_a_nul_is_a_bad_row(tmp_path):
     _write(path, "user_id,item_id,event_type,timestamp", rows)
     with pytest.raises(InputError, match=r"row 5, column 'user_id': user_id holds a NUL character"):
         read_events(path)
+
+
+def test_a_session_of_items_never_seen_is_not_a_session(tmp_path):
+    # Items listed in the catalogue but never in an event have no factors: a session of only
+    # those gives no direction, and is served from the next rung down.
+    rng = np.random.default_rng(9)
+    items = [f"i{n}" for n in range(40)]
+    files = _shop(tmp_path, _random_events(rng, 100, items, 1_500, ["view", "click"]), [*items, "ghost1", "ghost2"])
+    ranker = _serves(_build(files, tmp_path / "art"))
+    seen = ranker.rank(RankQuery(session_item_ids=["i1"], num_results=5))
+    assert seen.rung == Rung.SESSION and len(seen.item_ids) == 5
+    ghosts = ranker.rank(RankQuery(session_item_ids=["ghost1", "ghost2"], num_results=5))
+    assert ghosts.rung == Rung.POPULAR and ghosts.fallback_reason == "no_user_id" and len(ghosts.item_ids) == 5
