@@ -152,10 +152,13 @@ class Experiments:
         """
         exp = next((e for e in self.experiments if e.targets(user_id, channel, consumed)), None)
         if override:
+            # A forced arm or variant is not a sample of the experiment (the caller chose it): it
+            # is labelled with the arm's name but counted in no arm, so testing an arm by hand
+            # leaves the experiment's figures as its random assignment made them.
             if exp is not None:
                 arm = next((a for a in exp.arms if a.name == override), None)
                 if arm is not None:
-                    return Assignment(exp.name, arm.name, arm.variant)
+                    return Assignment("", arm.name, arm.variant)
             variant = VARIANTS.get(override.strip().upper())
             if variant is None:
                 arms = [a.name for a in exp.arms] if exp else []
@@ -170,7 +173,6 @@ class Experiments:
                         )
                     ]
                 )
-            # A forced variant is not a sample of the experiment: it is labelled but not in an arm.
             return Assignment("", variant.name.lower(), variant)
         if exp is None:
             return NO_EXPERIMENT

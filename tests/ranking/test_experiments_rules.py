@@ -67,8 +67,9 @@ def test_targeting_pilot_cohort_channels_and_fraction():
 
 def test_variant_override():
     exps = Experiments(parse_experiments(CONFIG, "t"))
+    # Forcing an arm serves it, counted in no experiment: the caller chose it, not the split.
     a = exps.assign("u1", "", lambda: 0, override="segment")
-    assert (a.experiment, a.arm, a.variant.name) == ("ladder", "segment", "SEGMENT")
+    assert (a.experiment, a.arm, a.variant.name) == ("", "segment", "SEGMENT")
     a = exps.assign("u1", "", lambda: 0, override="session")
     assert (a.experiment, a.arm, a.variant.max_rung) == ("", "session", 3)
     with pytest.raises(InvalidRequest) as err:

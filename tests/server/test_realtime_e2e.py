@@ -9,6 +9,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from realtime_support import Server, bad_request_fields, category_share, ev, ids, sample
 
 from one2one.v1 import ranking_pb2 as pb
@@ -238,15 +239,28 @@ def test_arm_in_response_and_metrics_with_variant_override(server):
     assert sample(text, "one2one_experiment_events_total", {**arm, "event_type": "purchase"}) == 1
     assert sample(text, "one2one_experiment_events_total", {**arm, "event_type": "click"}) == 1
     assert sample(text, "one2one_experiment_revenue_total", arm) == 12.5
+    counted = _impressions(server, "ladder")
     forced = server.stub.Rank(
         pb.RankRequest(user_id="u40", variant="popular", context=pb.Context(channel="web")), timeout=10
     )
     assert forced.arm == "popular" and forced.strategy == pb.POPULAR and forced.fallback_reason == "variant"
+    # Forced by hand, it is no sample of the experiment: no experiment named, no impression in any arm.
+    assert forced.experiment == "" and _impressions(server, "ladder") == counted
     off = server.stub.Rank(pb.RankRequest(user_id="u40"), timeout=10)  # not on the targeted channel
     assert off.experiment == "" and off.arm == ""
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Rank(pb.RankRequest(user_id="u40", variant="nonsense"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _impressions(server, experiment: str) -> float:
+    """Impressions counted in every arm of ``experiment``."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(server.metrics())
+        for s in family.samples
+        if s.name == "one2one_experiment_impressions_total" and s.labels.get("experiment") == experiment
+    )
 
 
 def test_kill_9_loses_no_accepted_event(artifacts, tmp_path, shop, cat_of):
