@@ -152,7 +152,7 @@ def repeat_tables(
     first_start = b_start[lb[starts]]
     # No purchase line (a shop of views only, or a fitted part before its first purchase): no pair.
     ends = np.r_[starts[1:], len(lu)] - 1 if len(starts) else np.zeros(0, np.int64)
-    last_basket_start = b_start[lb[ends]] if len(starts) else np.zeros(0, np.int64)
+    last_basket_start = b_start[lb[ends]]
     last_t = np.maximum.reduceat(line_last_t, starts) if len(starts) else np.zeros(0, np.int64)
     in_last = (
         np.maximum.reduceat((lb == last_bid[lu]).astype(np.uint8), starts) if len(starts) else np.zeros(0, np.uint8)

@@ -27,6 +27,15 @@ DEFAULT_ANN_EFFORT = 128
 ID_NUL = "holds a NUL character"
 
 
+def id_problem(v: str, max_chars: int) -> str | None:
+    """Why an id (user or item, in a Rank or RecordEvents request) cannot be taken, or None."""
+    if len(v) > max_chars:
+        return f"is longer than {max_chars} characters"
+    if "\x00" in v:
+        return ID_NUL
+    return None
+
+
 @dataclass(frozen=True)
 class QueryLimits:
     """Request limits; every default is written down here once (see docs/api.md)."""

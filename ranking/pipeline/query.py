@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ranking.config import ID_NUL, QueryLimits  # QueryLimits re-exported: its home is the light ranking.config
+from ranking.config import QueryLimits, id_problem  # QueryLimits re-exported: its home is the light ranking.config
 from ranking.errors import FieldViolation, InvalidRequest
 
 
@@ -52,17 +52,12 @@ class RankQuery:
                 if not x:
                     bad.append(FieldViolation(f"{name}[{i}]", "is empty"))
                     return
-                if len(x) > limits.max_id_chars:
-                    bad.append(FieldViolation(f"{name}[{i}]", f"is longer than {limits.max_id_chars} characters"))
-                    return
-                if "\x00" in x:
-                    bad.append(FieldViolation(f"{name}[{i}]", ID_NUL))
+                if (problem := id_problem(x, limits.max_id_chars)) is not None:
+                    bad.append(FieldViolation(f"{name}[{i}]", problem))
                     return
 
-        if len(self.user_id) > limits.max_id_chars:
-            bad.append(FieldViolation("user_id", f"is longer than {limits.max_id_chars} characters"))
-        elif "\x00" in self.user_id:
-            bad.append(FieldViolation("user_id", ID_NUL))
+        if (problem := id_problem(self.user_id, limits.max_id_chars)) is not None:
+            bad.append(FieldViolation("user_id", problem))
         if self.num_results < 0:
             bad.append(
                 FieldViolation(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ranking.config import ID_NUL, QueryLimits
+from ranking.config import QueryLimits, id_problem
 
 # What the server accepts unless configured otherwise. "dislike" is an explicit
 # negative signal like "skip"; both push similar items down.
@@ -108,10 +108,8 @@ def check_event(event: Event, limits: EventLimits, now: float) -> tuple[str, str
         v = getattr(event, name)
         if not v:
             return name, "is empty"
-        if len(v) > limits.max_id_chars:
-            return name, f"is longer than {limits.max_id_chars} characters"
-        if "\x00" in v:
-            return name, ID_NUL
+        if (problem := id_problem(v, limits.max_id_chars)) is not None:
+            return name, problem
     if not event.event_type:
         return "event_type", "is empty"
     if event.event_type not in limits.event_types:
